@@ -1,0 +1,39 @@
+# The two README commands, `make demo` and `make test`, bootstrap everything:
+# the virtual environment with the pinned packages, and the Debian RISC-V
+# toolchain.  A second run finds both in place and starts at once.
+
+PYTHON  ?= $(shell command -v python3.11 || command -v python3)
+VENV    := .venv
+BIN     := $(VENV)/bin
+# the stamp's name carries a hash of pyproject.toml: editing the pins reinstalls
+STAMP   := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
+DEMO    := build/demo
+
+.PHONY: setup toolchain demo test lint bench clean
+
+setup: $(STAMP) toolchain
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev,zoo]"
+	@rm -f $(VENV)/.installed-* && touch $@
+
+toolchain:
+	@scripts/install-toolchain.sh
+
+demo: setup
+	$(BIN)/lowbit zoo export digits_cnn -o $(DEMO)/digits_cnn.onnx --calib $(DEMO)/digits_cnn.calib.npz
+	$(BIN)/lowbit compile $(DEMO)/digits_cnn.onnx -o $(DEMO)/digits_cnn
+	$(BIN)/python -m runtime.demo $(DEMO)/digits_cnn $(DEMO)/digits_cnn.onnx
+
+lint: setup
+	$(BIN)/ruff check .
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/lowbit bench resnet18 --vs ort --json build/bench-resnet18.json
+
+clean:
+	rm -rf build .pytest_cache

@@ -1,0 +1,21 @@
+"""lowbit compiler: ``compiler.compile(model, target=...) -> Artifact``.
+
+Imports are lazy so that ``lowbit --help`` and the CLI's environment set-up run
+before TVM, numpy and onnxruntime load.
+"""
+
+
+def __getattr__(name):
+    if name == "compile":
+        from compiler.driver import compile
+
+        return compile
+    if name == "CompileOptions":
+        from compiler.options import CompileOptions
+
+        return CompileOptions
+    if name == "UserError":
+        from compiler.errors import UserError
+
+        return UserError
+    raise AttributeError(name)

@@ -1,0 +1,256 @@
+"""The ``lowbit`` command line.  Every subcommand is a thin wrapper over the Python API.
+
+User errors print one line, ``error: ...``, and exit 2.  Heavy imports happen
+inside the subcommands, after the environment (thread counts) is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+
+def _add_shape_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME=D1,D2,...",
+                   help="fix an input's shape (repeatable), e.g. input=1,3,224,224")
+
+
+def _shapes(args) -> dict[str, tuple[int, ...]]:
+    from compiler.options import parse_input_shape
+
+    return dict(parse_input_shape(s) for s in args.input_shape)
+
+
+def cmd_compile(args) -> int:
+    import compiler
+    from runtime.artifact import check_outdir
+
+    check_outdir(args.output)                       # fail before a long compile, not after
+    t0 = time.perf_counter()
+    art = compiler.compile(args.model, target=args.target, input_shapes=_shapes(args))
+    art.save(args.output)
+    size = os.path.getsize(os.path.join(args.output, art.manifest.library))
+    _say(args, f"wrote {args.output}: {len(art.manifest.kernels)} kernels, {size / 1024:.0f} KiB library, "
+               f"{art.manifest.precision} for {art.manifest.target['kind']} ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def cmd_run(args) -> int:
+    import runtime
+    from runtime.io import check_inputs, read_tensors, write_npz
+
+    art = runtime.load(args.artifact)
+    feeds = check_inputs(read_tensors(args.input, art.manifest.inputs), art.manifest.inputs, where=args.input)
+    outs = art.run(feeds)
+    write_npz(args.output, outs)
+    _say(args, f"wrote {args.output}: " + ", ".join(f"{k} {v.shape} {v.dtype}" for k, v in outs.items()))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    # must precede the first import of numpy / TVM's thread pool
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    import tempfile
+
+    import compiler
+    from runtime import bench, ort
+
+    model_path, calib, eval_inputs = _bench_inputs(args)
+    shapes = _shapes(args)
+    first = {k: v[:1] for k, v in calib.items()} if not eval_inputs else eval_inputs[0]
+    for name, arr in first.items():
+        shapes.setdefault(name, tuple(arr.shape))
+    art = compiler.compile(model_path, target="llvm", input_shapes=shapes)
+    with tempfile.TemporaryDirectory() as tmp:
+        runners = {"lowbit-fp32": art.run}
+        for r in ort.baselines(model_path, calib, args.threads, tmp):
+            runners[r.name] = r
+        result = bench.compare(os.path.basename(args.model), runners, first, eval_inputs, args.threads, args.seconds)
+    print(result.table())
+    if args.json:
+        _write_text(args.json, result.to_json())
+    return 0
+
+
+def _bench_inputs(args):
+    """(model path, calibration dict, evaluation inputs) for a file or a zoo name."""
+    import numpy as np
+
+    from compiler.errors import UserError
+    from compiler.frontend import input_specs, load
+    from models import zoo
+    from runtime.io import read_tensors
+
+    if not os.path.exists(args.model) and args.model in zoo.ENTRIES:
+        files = zoo.ensure(args.model)
+        entry = zoo.get(args.model)
+        calib = files.calibration()
+        samples = entry.samples(args.eval_samples, seed=entry.seed + 3)
+        return str(files.onnx), calib, [{zoo.INPUT: samples[i : i + 1]} for i in range(len(samples))]
+    specs = input_specs(load(args.model))
+    if args.calib:
+        calib = read_tensors(args.calib, specs)
+    else:
+        logging.getLogger("lowbit").warning(
+            "no --calib given: ORT INT8 is calibrated on random normal inputs, so its fidelity numbers mean little")
+        rng = np.random.default_rng(0)
+        calib = {}
+        for s in specs:
+            shape = [8] + [d if isinstance(d, int) else 1 for d in s.shape[1:]]
+            if not np.issubdtype(np.dtype(s.dtype), np.floating):
+                raise UserError(f"{args.model}: input {s.name!r} is {s.dtype}; pass --calib with real inputs")
+            calib[s.name] = rng.normal(size=shape).astype(s.dtype)
+    n = min(args.eval_samples, len(next(iter(calib.values()))))
+    return args.model, calib, [{k: v[i : i + 1] for k, v in calib.items()} for i in range(n)]
+
+
+def cmd_inspect(args) -> int:
+    import json
+
+    import runtime
+
+    art = runtime.load(args.artifact)
+    m = art.manifest
+    lib_bytes = os.path.getsize(os.path.join(args.artifact, m.library))
+    if args.json:
+        print(json.dumps({"manifest": json.loads(m.to_json()), "library_bytes": lib_bytes}, indent=2))
+        return 0
+    print(f"model      {m.model} (sha256 {m.model_sha256[:12]})")
+    print(f"target     {json.dumps(m.target)}")
+    print(f"precision  {m.precision}")
+    for kind, specs in (("input", m.inputs), ("output", m.outputs)):
+        for s in specs:
+            q = f"  quant {m.quant[s.name]}" if m.quant and s.name in m.quant else ""
+            print(f"{kind:<10} {s.name} {s.shape_str()} {s.dtype}{q}")
+    print(f"sizes      library {lib_bytes / 1024:.1f} KiB, weights {m.weight_bytes / 1024:.1f} KiB")
+    print(f"versions   {', '.join(f'{k} {v}' for k, v in m.versions.items())}")
+    print(f"kernels    {len(m.kernels)}")
+    for k in m.kernels:
+        print(f"  {k}")
+    print(f"ops        {sum(m.op_histogram.values())} Relax op calls before lowering")
+    for op, n in m.op_histogram.items():
+        print(f"  {n:>5}  {op}")
+    return 0
+
+
+def cmd_zoo_list(args) -> int:
+    from models import zoo
+
+    for e in zoo.ENTRIES.values():
+        shape = "x".join(map(str, e.sample_shape))
+        print(f"{e.name:<18}{e.kind:<11}{shape:<12}{e.summary}")
+    return 0
+
+
+def cmd_zoo_export(args) -> int:
+    from models import zoo
+
+    f = zoo.export(args.name, args.output, args.calib)
+    info = f.info_dict()
+    acc = "".join(f", {k} {100 * info[k]:.1f}%" for k in ("torch_test_accuracy", "torch_perturbed_accuracy") if k in info)
+    _say(args, f"wrote {args.output}" + (f" and {args.calib}" if args.calib else "") + f" (recipe {info['recipe_hash']}{acc})")
+    return 0
+
+
+def _say(args, msg: str) -> None:
+    if not args.quiet:
+        print(msg)
+
+
+def _write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: a flag given before or after the subcommand must not be reset by the other parser's default
+    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                        help="-v: pipeline stages with timings; -vv: also TVM's own log")
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="no progress bars or status lines")
+
+    p = argparse.ArgumentParser(prog="lowbit", parents=[common],
+                                description="Compile ONNX models to integer-only low-precision code.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser("compile", parents=[common], help="compile an ONNX model into an artifact directory")
+    c.add_argument("model", metavar="MODEL.onnx")
+    c.add_argument("--target", default="llvm", help="code generation target (default: llvm, the host CPU)")
+    _add_shape_arg(c)
+    c.add_argument("-o", "--output", required=True, metavar="OUTDIR")
+    c.set_defaults(func=cmd_compile)
+
+    r = sub.add_parser("run", parents=[common], help="run an artifact on inputs from .npz/.npy")
+    r.add_argument("artifact", metavar="OUTDIR")
+    r.add_argument("--input", required=True, metavar="IN.npz")
+    r.add_argument("-o", "--output", required=True, metavar="OUT.npz")
+    r.set_defaults(func=cmd_run)
+
+    b = sub.add_parser("bench", parents=[common], help="time lowbit against ONNX Runtime, interleaved")
+    b.add_argument("model", metavar="MODEL.onnx", help="an ONNX file or a zoo model name")
+    b.add_argument("--vs", choices=["ort"], default="ort", help="baseline runtime (default: ort)")
+    b.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for every runtime")
+    b.add_argument("--calib", metavar="DATA.npz", help="calibration data for the INT8 baselines")
+    b.add_argument("--seconds", type=float, default=20.0, help="time budget for the timed rounds")
+    b.add_argument("--eval-samples", type=int, default=8, help="samples used for the fidelity columns")
+    b.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    _add_shape_arg(b)
+    b.set_defaults(func=cmd_bench)
+
+    i = sub.add_parser("inspect", parents=[common], help="show an artifact's kernels, op histogram and sizes")
+    i.add_argument("artifact", metavar="OUTDIR")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.set_defaults(func=cmd_inspect)
+
+    z = sub.add_parser("zoo", parents=[common], help="the bundled model zoo")
+    zsub = z.add_subparsers(dest="zoo_command", required=True, metavar="ZOO_COMMAND")
+    zl = zsub.add_parser("list", parents=[common], help="list zoo models")
+    zl.set_defaults(func=cmd_zoo_list)
+    ze = zsub.add_parser("export", parents=[common], help="build (cached) and write a zoo model")
+    ze.add_argument("name", metavar="NAME")
+    ze.add_argument("-o", "--output", required=True, metavar="FILE.onnx")
+    ze.add_argument("--calib", metavar="FILE.npz", help="also write its calibration set")
+    ze.set_defaults(func=cmd_zoo_export)
+    return p
+
+
+def _configure_logging(verbose: int) -> None:
+    log = logging.getLogger("lowbit")
+    for h in [h for h in log.handlers if getattr(h, "lowbit_cli", False)]:
+        log.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("lowbit: %(message)s"))
+    handler.lowbit_cli = True
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG)
+    log.propagate = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # flags may sit before or after the subcommand; absent ones are not set at all (SUPPRESS)
+    args.verbose, args.quiet = getattr(args, "verbose", 0), getattr(args, "quiet", False)
+    _configure_logging(args.verbose)
+    from compiler.errors import UserError
+    from compiler.progress import set_quiet
+
+    set_quiet(args.quiet)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

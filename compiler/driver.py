@@ -1,0 +1,53 @@
+"""The lowbit pipeline, top to bottom.  Each stage is one call.
+
+    ONNX file --load/check--> ONNX proto --import--> Relax IRModule
+      --analyze--> op histogram, weights --build (fuse, lower, LLVM)--> VM executable
+      --> Artifact (library + manifest)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import onnx
+
+from codegen import llvm
+from compiler import frontend
+from compiler.options import CompileOptions
+from compiler.progress import native_stderr_to_debug, stage
+from passes.analysis import op_histogram, weight_bytes
+from runtime.artifact import Artifact, Manifest, versions
+
+
+def compile(model: str | os.PathLike | onnx.ModelProto, target: str = "llvm", *,
+            input_shapes: dict[str, tuple[int, ...]] | None = None,
+            options: CompileOptions | None = None) -> Artifact:
+    """Compile an ONNX model.  Raises ``UserError`` for problems with the model or options."""
+    opts = options or CompileOptions(target=target, input_shapes=dict(input_shapes or {}))
+    with native_stderr_to_debug():
+        return _compile(model, opts)
+
+
+def _compile(model, opts: CompileOptions) -> Artifact:
+
+    with stage("load + check"):
+        src = frontend.load(model)
+        frontend.check_supported(src)
+        frontend.validate(src)
+        inputs = frontend.input_specs(src, opts.input_shapes)
+    with stage("import to Relax"):
+        mod = frontend.to_relax(src, inputs)
+        outputs = frontend.relax_output_specs(mod, [o.name for o in src.proto.graph.output])
+    with stage("analyze"):
+        histogram, nbytes = op_histogram(mod), weight_bytes(mod)
+    with stage("build llvm"):
+        target_dict = llvm.host_target()
+        executable, kernels = llvm.build(mod, target_dict)
+
+    manifest = Manifest(
+        model=Path(src.path).name, model_sha256=src.sha256, target=target_dict, precision="fp32",
+        inputs=inputs, outputs=outputs, kernels=kernels, op_histogram=histogram, weight_bytes=nbytes,
+        versions=versions(),
+    )
+    return Artifact(manifest, executable)

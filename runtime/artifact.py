@@ -1,0 +1,189 @@
+"""The compiled artifact: a library plus ``manifest.json``, saved atomically.
+
+Layout of an artifact directory::
+
+    OUTDIR/
+      manifest.json   what was compiled, for which target, with which tensors
+      model.so        the Relax VM executable (kernels + graph), loadable by TVM's runtime
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compiler.errors import UserError
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+LIBRARY = "model.so"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int | str, ...]    # a str is a symbolic dimension, e.g. "batch"
+    dtype: str
+
+    def shape_str(self) -> str:
+        return "(" + ", ".join(map(str, self.shape)) + ")"
+
+
+@dataclass(frozen=True)
+class QuantParams:
+    """Affine quantization of a graph input or output: real = scale * (q - zero_point)."""
+    scale: float
+    zero_point: int
+    dtype: str
+
+
+@dataclass
+class Manifest:
+    model: str                      # source model file name
+    model_sha256: str
+    target: dict
+    precision: str                  # "fp32" | "int8" | "mixed"
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    kernels: list[str]
+    op_histogram: dict[str, int]
+    weight_bytes: int
+    versions: dict[str, str]
+    quant: dict[str, QuantParams] | None = None
+    format: int = FORMAT
+    library: str = LIBRARY
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Manifest:
+        d = dict(d)
+        for key in ("inputs", "outputs"):
+            d[key] = [TensorSpec(t["name"], tuple(t["shape"]), t["dtype"]) for t in d[key]]
+        if d.get("quant"):
+            d["quant"] = {k: QuantParams(**v) for k, v in d["quant"].items()}
+        return cls(**d)
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for dist in ("lowbit", "apache-tvm", "apache-tvm-ffi", "onnx"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            out[dist] = "unknown"
+    return out
+
+
+class Artifact:
+    """A compiled model.  ``run`` executes it; ``save`` writes it as a directory."""
+
+    def __init__(self, manifest: Manifest, module: Any, library_path: Path | None = None):
+        self.manifest = manifest
+        self._module = module               # tvm Executable (fresh) or runtime.Module (loaded)
+        self._library_path = library_path
+        self._vm = None
+
+    @property
+    def vm(self):
+        if self._vm is None:
+            import tvm
+            from tvm import relax
+
+            from compiler.progress import native_stderr_to_debug
+
+            with native_stderr_to_debug():
+                self._vm = relax.VirtualMachine(self._module, tvm.cpu())
+        return self._vm
+
+    def run(self, inputs: Mapping[str, np.ndarray] | np.ndarray) -> dict[str, np.ndarray]:
+        """Run on numpy inputs keyed by ONNX input name (a bare array for a single-input model)."""
+        import tvm
+
+        from runtime.io import check_inputs
+
+        feeds = check_inputs(inputs, self.manifest.inputs, where="inputs")
+        out = self.vm["main"](*[tvm.runtime.tensor(feeds[s.name]) for s in self.manifest.inputs])
+        outs = list(out) if not hasattr(out, "numpy") else [out]
+        return {s.name: o.numpy() for s, o in zip(self.manifest.outputs, outs, strict=True)}
+
+    def save(self, outdir: str | os.PathLike) -> Path:
+        """Write the artifact directory atomically: a failure leaves no OUTDIR behind."""
+        with atomic_directory(outdir) as tmp:
+            if self._library_path is not None:
+                shutil.copyfile(self._library_path, tmp / LIBRARY)
+            else:
+                self._module.export_library(str(tmp / LIBRARY))
+            (tmp / MANIFEST).write_text(self.manifest.to_json())
+        return Path(outdir)
+
+
+def check_outdir(outdir: str | os.PathLike) -> Path:
+    """Refuse to replace anything that is not an earlier lowbit artifact (or an empty directory)."""
+    out = Path(outdir)
+    if out.exists():
+        if not out.is_dir():
+            raise UserError(f"{out}: exists and is not a directory; choose another -o")
+        if any(out.iterdir()) and not (out / MANIFEST).is_file():
+            raise UserError(f"{out}: exists and is not a lowbit artifact; refusing to overwrite it, choose another -o")
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"{parent}: directory is not writable; choose another -o")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_directory(outdir: str | os.PathLike) -> Iterator[Path]:
+    out = check_outdir(outdir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():                    # swap: the old artifact stays valid until the rename
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "a")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load(directory: str | os.PathLike) -> Artifact:
+    """Load an artifact directory written by ``Artifact.save`` / ``lowbit compile``."""
+    d = Path(directory)
+    mpath = d / MANIFEST
+    if not mpath.is_file():
+        raise UserError(f"{d}: not a lowbit artifact (no {MANIFEST}); create one with `lowbit compile`")
+    try:
+        manifest = Manifest.from_dict(json.loads(mpath.read_text()))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise UserError(f"{mpath}: unreadable manifest ({exc}); recompile the model") from None
+    if manifest.format != FORMAT:
+        raise UserError(f"{mpath}: artifact format {manifest.format}, this lowbit reads {FORMAT}; recompile the model")
+    lib = d / manifest.library
+    if not lib.is_file():
+        raise UserError(f"{d}: {manifest.library} is missing; recompile the model")
+    import tvm
+
+    from compiler.progress import native_stderr_to_debug
+
+    with native_stderr_to_debug():
+        module = tvm.runtime.load_module(str(lib))
+    return Artifact(manifest, module, library_path=lib)

@@ -1,0 +1,50 @@
+"""Shared fixtures: small hand-built ONNX graphs and a CLI runner."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_model(nodes, inputs, outputs, inits=(), opset=17, name="test") -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, name, inputs, outputs, initializer=list(inits))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model
+
+
+def mlp_model(batch="N", seed=0) -> onnx.ModelProto:
+    """x[N,8] -> MatMul -> Add -> Relu -> MatMul -> y[N,4]."""
+    rng = np.random.default_rng(seed)
+    w1 = numpy_helper.from_array(rng.normal(size=(8, 16)).astype(np.float32), "w1")
+    b1 = numpy_helper.from_array(rng.normal(size=(16,)).astype(np.float32), "b1")
+    w2 = numpy_helper.from_array(rng.normal(size=(16, 4)).astype(np.float32), "w2")
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h0"], name="fc1"),
+        helper.make_node("Add", ["h0", "b1"], ["h1"], name="bias1"),
+        helper.make_node("Relu", ["h1"], ["h2"], name="relu1"),
+        helper.make_node("MatMul", ["h2", "w2"], ["y"], name="fc2"),
+    ]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 8])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 4])], [w1, b1, w2])
+
+
+@pytest.fixture
+def mlp_path(tmp_path) -> Path:
+    p = tmp_path / "mlp.onnx"
+    onnx.save(mlp_model(), p)
+    return p
+
+
+def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
+    """The real console entry point in a subprocess: exit codes and stderr as a user sees them."""
+    return subprocess.run([sys.executable, "-m", "compiler.cli", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd or ROOT, timeout=600)

@@ -1,0 +1,99 @@
+"""Interleaved timing and the ORT baselines (structure and fidelity math; no timed assertions)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+from conftest import make_model, mlp_model
+from onnx import TensorProto, helper, numpy_helper
+
+from compiler.cli import main
+from runtime import bench, ort
+
+
+def test_time_interleaved_rotates_and_samples_every_runner():
+    order = []
+
+    def mk(name):
+        return lambda feeds: order.append(name) or {"y": feeds["x"]}
+
+    runners = {n: mk(n) for n in ("a", "b", "c")}
+    samples, calls = bench.time_interleaved(runners, {"x": np.zeros(1)}, budget_s=0.0, min_rounds=6)
+    assert {n: len(s) for n, s in samples.items()} == {"a": 6, "b": 6, "c": 6}
+    assert all(c >= 1 for c in calls.values())
+    timed = order[6:]                           # after two warm-up calls each
+    firsts = [timed[sum(calls[n] for n in "abc") * r] for r in range(3)]
+    assert firsts == ["a", "b", "c"]            # each round starts with the next runner
+
+
+def test_fidelity_math():
+    ref = lambda f: {"y": np.array([[1.0, 2.0, 3.0]])}                 # noqa: E731
+    off = lambda f: {"y": np.array([[1.0, 3.5, 3.0]])}                 # noqa: E731
+    d, cos, top1 = bench.fidelity(off, ref, [{}])
+    assert d == 1.5 and top1 == 0.0
+    assert abs(cos - (1 + 7 + 9) / (np.sqrt(14) * np.sqrt(1 + 12.25 + 9))) < 1e-12
+    d, cos, top1 = bench.fidelity(ref, ref, [{}, {}])
+    assert d == 0.0 and abs(cos - 1.0) < 1e-12 and top1 == 1.0
+
+
+def _attention_model() -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(size=(8, 8)).astype(np.float32), "w")
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["q"], name="proj"),
+        helper.make_node("Transpose", ["q"], ["kt"], perm=[0, 2, 1], name="t"),
+        helper.make_node("MatMul", ["q", "kt"], ["s"], name="scores"),
+        helper.make_node("Softmax", ["s"], ["y"], axis=-1, name="softmax"),
+    ]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 4])], [w])
+
+
+def test_weight_op_selection_skips_activation_matmuls():
+    assert ort.weight_op_nodes(_attention_model()) == ["proj"]
+    assert ort.is_transformer(_attention_model()) and not ort.is_transformer(mlp_model())
+
+
+def test_ort_baseline_variants(tmp_path):
+    rng = np.random.default_rng(1)
+    for model, x, expect in [
+        (mlp_model(), rng.normal(size=(16, 8)), ["ort-fp32", "ort-int8"]),
+        (_attention_model(), rng.normal(size=(16, 4, 8)), ["ort-fp32", "ort-int8", "ort-int8-wonly", "ort-int8-dyn"]),
+    ]:
+        path = tmp_path / "m.onnx"
+        onnx.save(model, path)
+        calib = {"x": x.astype(np.float32)}
+        runners = ort.baselines(str(path), calib, threads=1, workdir=str(tmp_path))
+        assert [r.name for r in runners] == expect
+        ref = runners[0](calib)
+        for r in runners[1:]:
+            q = onnx.load(r.path)
+            assert any(n.op_type in ("QuantizeLinear", "DynamicQuantizeLinear") for n in q.graph.node), r.name
+            got = r(calib)
+            assert got.keys() == ref.keys()
+            # int8 is approximate; a scale or layout bug would be far off
+            for k in ref:
+                rel = np.abs(got[k] - ref[k]).max() / (np.abs(ref[k]).max() + 1e-9)
+                assert rel < 0.15, (r.name, rel)
+        static = onnx.load(runners[1].path)
+        zp_types = {i.data_type for i in static.graph.initializer if i.name.endswith("_zero_point")}
+        assert TensorProto.UINT8 in zp_types           # u8 activations, as asked for explicitly
+
+
+def test_bench_cli_writes_table_and_json(tmp_path, capsys):
+    path = tmp_path / "m.onnx"
+    onnx.save(mlp_model(), path)
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).normal(size=(16, 8)).astype(np.float32))
+    argv = ["bench", str(path), "--vs", "ort", "--threads", "1", "--calib", str(tmp_path / "calib.npz"),
+            "--seconds", "0.5", "--json", str(tmp_path / "b.json")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    for name in ("lowbit-fp32", "ort-fp32", "ort-int8"):
+        assert name in out
+    res = json.loads((tmp_path / "b.json").read_text())
+    rows = {r["name"]: r for r in res["rows"]}
+    assert rows["ort-fp32"]["speedup_vs_ort_fp32"] == 1.0 and rows["lowbit-fp32"]["time_vs_lowbit"] == 1.0
+    assert rows["lowbit-fp32"]["max_abs_diff"] < 1e-4
+    assert res["rounds"] >= 10 and res["threads"] == 1
