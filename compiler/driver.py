@@ -15,7 +15,7 @@ import onnx
 from codegen import llvm
 from compiler import frontend
 from compiler.options import CompileOptions
-from compiler.progress import native_stderr_to_debug, stage
+from compiler.progress import native_stderr_to_debug, stage, steps
 from passes.analysis import op_histogram, weight_bytes
 from runtime.artifact import Artifact, Manifest, versions
 
@@ -25,7 +25,7 @@ def compile(model: str | os.PathLike | onnx.ModelProto, target: str = "llvm", *,
             options: CompileOptions | None = None) -> Artifact:
     """Compile an ONNX model.  Raises ``UserError`` for problems with the model or options."""
     opts = options or CompileOptions(target=target, input_shapes=dict(input_shapes or {}))
-    with native_stderr_to_debug():
+    with native_stderr_to_debug(), steps(4, "compiling"):
         return _compile(model, opts)
 
 

@@ -33,11 +33,34 @@ def bar(iterable: Iterable[T], desc: str, total: int | None = None) -> Iterator[
     return iter(tqdm(iterable, desc=desc, total=total, disable=not bars_enabled(), leave=False, file=sys.stderr))
 
 
+_steps = None     # the bar of the enclosing ``steps`` block, advanced by ``stage``
+
+
+@contextlib.contextmanager
+def steps(total: int, desc: str) -> Iterator[None]:
+    """A bar over a fixed number of ``stage`` blocks (e.g. the compile pipeline)."""
+    global _steps
+    from tqdm.auto import tqdm
+
+    outer = _steps
+    _steps = tqdm(total=total, desc=desc, disable=not bars_enabled(), leave=False, file=sys.stderr,
+                  bar_format="{desc}: {n}/{total} [{elapsed}] {postfix}")
+    try:
+        yield
+    finally:
+        _steps.close()
+        _steps = outer
+
+
 @contextlib.contextmanager
 def stage(name: str) -> Iterator[None]:
+    if _steps is not None:
+        _steps.set_postfix_str(name)
     t0 = time.perf_counter()
     yield
     log.info("%-22s %8.2f s", name, time.perf_counter() - t0)
+    if _steps is not None:
+        _steps.update(1)
 
 
 @contextlib.contextmanager
