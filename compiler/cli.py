@@ -57,6 +57,7 @@ def cmd_bench(args) -> int:
     import tempfile
 
     import compiler
+    from compiler.progress import stage
     from runtime import bench, ort
 
     model_path, calib, eval_inputs = _bench_inputs(args)
@@ -67,8 +68,8 @@ def cmd_bench(args) -> int:
     art = compiler.compile(model_path, target="llvm", input_shapes=shapes)
     with tempfile.TemporaryDirectory() as tmp:
         runners = {"lowbit-fp32": art.run}
-        for r in ort.baselines(model_path, calib, args.threads, tmp):
-            runners[r.name] = r
+        with stage("ORT baselines (quantize)"):
+            runners.update((r.name, r) for r in ort.baselines(model_path, calib, args.threads, tmp))
         result = bench.compare(os.path.basename(args.model), runners, first, eval_inputs, args.threads, args.seconds)
     print(result.table())
     if args.json:

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from compiler.progress import bar
+from compiler.progress import bar, stage
 
 Runner = Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
 REFERENCE = "ort-fp32"
@@ -99,11 +99,13 @@ def fidelity(run: Runner, ref: Runner, inputs: list[Mapping[str, np.ndarray]]) -
 
 def compare(model: str, runners: Mapping[str, Runner], feeds: Mapping[str, np.ndarray],
             eval_inputs: list[Mapping[str, np.ndarray]], threads: int, budget_s: float = 20.0) -> BenchResult:
-    samples, calls = time_interleaved(runners, feeds, budget_s)
+    with stage("interleaved timing"):
+        samples, calls = time_interleaved(runners, feeds, budget_s)
     med = {n: float(np.median(s)) for n, s in samples.items()}
     rows = []
     for name, s in samples.items():
-        d, cos, top1 = fidelity(runners[name], runners[REFERENCE], eval_inputs)
+        with stage(f"fidelity {name}"):
+            d, cos, top1 = fidelity(runners[name], runners[REFERENCE], eval_inputs)
         rows.append(Row(name, med[name], float(np.percentile(s, 10)), float(np.percentile(s, 90)),
                         med[REFERENCE] / med[name], med[name] / med["lowbit-fp32"], d, cos, top1))
     return BenchResult(model, threads, len(next(iter(samples.values()))), calls, len(eval_inputs), rows)

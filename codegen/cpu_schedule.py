@@ -1,0 +1,151 @@
+"""Default CPU schedules for fused kernels (what TVM 0.27 leaves unscheduled).
+
+Relax's CPU pipeline legalizes and fuses, but dlight's CPU rules cover only
+GEMV and plain reductions, so conv and matmul kernels reach LLVM as naive
+loop nests: reduction innermost, scalar, one thread.  This rule gives every
+kernel a schedule that needs no tuning:
+
+* the main reduction block (conv2d, matmul, pooling sums) becomes
+  ``parallel(outer spatial) -> spatial tile -> reduction -> T x V register tile``,
+  where the innermost spatial axis is vectorized with V lanes and the one
+  before it unrolled T times, so each loaded operand feeds T*V accumulators;
+* epilogues (bias, ReLU, residual add, requantization) are computed at the
+  tile they consume, while the tile is still in cache;
+* injective kernels are flattened, vectorized and parallelized.
+
+Tuned or tensorized kernels (VNNI) replace this where they exist; this is the floor.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight as dl
+from tvm.s_tir.schedule import ScheduleError
+
+VECTOR_BYTES = 64          # AVX-512; LLVM splits wider vectors on narrower ISAs
+ROW_TILE = 4               # rows unrolled per register tile
+MIN_PARALLEL = 2           # parallel loops below this extent are not worth a fork/join
+
+
+def _const(extent) -> int | None:
+    """A loop extent as an int, or None when it is symbolic (a dynamic batch)."""
+    if isinstance(extent, int):
+        return extent
+    return int(extent.value) if hasattr(extent, "value") else None
+
+
+def _vector_lanes(sch: s_tir.Schedule, block) -> int:
+    bits = max((tvm.DataType(str(w.source.dtype)).bits for w in sch.get(block).writes), default=32)
+    return max(1, VECTOR_BYTES * 8 // bits)
+
+
+def _divisor_at_most(extent: int | None, limit: int) -> int:
+    """Largest divisor of ``extent`` that is <= limit (1 if unknown).  Odd lane counts
+    (7, 14) are fine: LLVM widens them, and a divisor avoids a predicated tail."""
+    if extent is None:
+        return 1
+    return max(d for d in range(1, min(extent, limit) + 1) if extent % d == 0)
+
+
+class CPUDefault(dl.ScheduleRule):
+    def apply(self, func, target, tunable):
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        blocks = dl.analysis.normalize_prim_func(sch)
+        if blocks is None:
+            return None
+        reductions = [b for b in blocks if b.is_reduction()]
+        if not reductions:
+            blocks = dl.try_inline_contiguous_spatial(sch, blocks)
+            for b in blocks:
+                self._injective(sch, b.block_rv)
+            return sch
+        if len(reductions) > 1 or not all(b.is_injective() for b in blocks if b is not reductions[0]):
+            return None         # softmax / layernorm style multi-reduction kernels: left to LLVM as is
+        red = reductions[0]
+        idx = blocks.index(red)
+        epilogues = []
+        for b in blocks[idx + 1 : -1]:         # fold elementwise chains into their last block
+            try:
+                sch.compute_inline(b.block_rv)
+            except ScheduleError:     # not inlinable: keep it as its own stage
+                epilogues.append(b)
+        epilogues += blocks[idx + 1 :][-1:]
+        self._reduction(sch, red, epilogues)
+        # producers (padding, layout copies) run once, outside the reduction's tiles:
+        # inlined, the padding test would sit in the innermost loop
+        for b in blocks[:idx]:
+            self._injective(sch, b.block_rv)
+        return sch
+
+    def is_target_available(self, target) -> bool:
+        return target is not None and target.kind.name == "llvm"
+
+    def _injective(self, sch: s_tir.Schedule, block) -> None:
+        loops = sch.get_loops(block)
+        if not loops:
+            return
+        fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+        extent = _const(sch.get(fused).extent)
+        lanes = _divisor_at_most(extent, _vector_lanes(sch, block))
+        if lanes > 1:
+            outer, inner = sch.split(fused, [None, lanes])
+            sch.vectorize(inner)
+        else:
+            outer = fused
+        if extent is None or extent // max(lanes, 1) >= MIN_PARALLEL:
+            sch.parallel(outer)
+
+    def _reduction(self, sch: s_tir.Schedule, red, epilogues) -> s_tir.Schedule:
+        block = red.block_rv
+        kinds = red.dom_kind()
+        loops = sch.get_loops(block)
+        spatial = [lp for lp, k in zip(loops, kinds, strict=True) if k == "S"]
+        reduce_ = [lp for lp, k in zip(loops, kinds, strict=True) if k == "R"]
+        if not spatial or not reduce_:
+            return sch
+        ext = [_const(sch.get(lp).extent) for lp in spatial]
+        lanes = _divisor_at_most(ext[-1], _vector_lanes(sch, block))
+        v_out, v_in = sch.split(spatial[-1], [None, lanes])
+        tiles_outer, tiles_inner, outer = [v_out], [v_in], spatial[:-1]
+        # the register tile's second axis: the widest other spatial axis that ROW_TILE
+        # divides (output channels of a conv, rows of a matmul); each vector load of
+        # the input then feeds ROW_TILE accumulators
+        known = [i for i in range(len(spatial) - 1) if ext[i]]
+        # prefer an axis ROW_TILE divides; else (197 tokens) accept a predicated tail tile
+        rows = [i for i in known if ext[i] % ROW_TILE == 0] or [i for i in known if ext[i] > ROW_TILE]
+        if rows:
+            r = max(rows, key=lambda i: ext[i])
+            r_out, r_in = sch.split(spatial[r], [None, ROW_TILE])
+            outer = [lp for i, lp in enumerate(spatial[:-1]) if i != r]
+            tiles_outer, tiles_inner = [r_out, v_out], [r_in, v_in]
+        sch.reorder(*outer, *tiles_outer, *reduce_, *tiles_inner)
+        par = outer + tiles_outer[:1]
+        fused = sch.fuse(*par) if len(par) > 1 else par[0]
+        sch.parallel(fused)
+        anchor = tiles_outer[-1] if len(tiles_outer) > 1 else fused
+        # accumulate the T x V tile in a local buffer: constant indices after
+        # unroll/vectorize let LLVM keep it in registers across the reduction
+        acc = sch.cache_write(block, 0, "local")
+        sch.reverse_compute_at(acc, anchor)
+        aloops = sch.get_loops(acc)
+        if lanes > 1:
+            sch.vectorize(aloops[-1])
+        for epi in epilogues:
+            try:
+                sch.reverse_compute_at(epi.block_rv, anchor)
+            except ScheduleError:     # an epilogue reading the whole output stays a separate nest
+                continue
+            eloops = sch.get_loops(epi.block_rv)
+            if eloops and lanes > 1 and _const(sch.get(eloops[-1]).extent) == lanes:
+                sch.vectorize(eloops[-1])
+        # annotate before decomposing: afterwards the init block also writes the
+        # accumulator and the update block no longer passes vectorize's dataflow check
+        if len(tiles_inner) == 2:
+            sch.unroll(tiles_inner[0])
+        if lanes > 1:
+            sch.vectorize(tiles_inner[-1])
+        sch.decompose_reduction(block, reduce_[0])
+        return sch
