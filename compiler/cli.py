@@ -51,9 +51,9 @@ def cmd_run(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    # must precede the first import of numpy / TVM's thread pool
-    os.environ["OPENBLAS_NUM_THREADS"] = "1"
-    os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    from runtime.threads import configure_threads
+
+    configure_threads(args.threads)
     import tempfile
 
     import compiler

@@ -9,6 +9,7 @@ one run are meaningful even when absolute times drift.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -16,9 +17,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from compiler.progress import bar, stage
+from runtime.threads import TIMING_ENV
 
 Runner = Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
 REFERENCE = "ort-fp32"
+SWITCH_PAUSE_S = 0.02
 
 
 @dataclass
@@ -42,6 +45,7 @@ class BenchResult:
     calls_per_sample: dict[str, int]
     eval_samples: int
     rows: list[Row]
+    env: dict[str, str | None]
 
     def table(self) -> str:
         head = f"{'runner':<16}{'median ms':>11}{'p10':>9}{'p90':>9}{'x ort-fp32':>12}{'t/lowbit':>10}" \
@@ -81,6 +85,9 @@ def time_interleaved(runners: Mapping[str, Runner], feeds: Mapping[str, np.ndarr
     for r in bar(range(rounds), desc="benchmark rounds"):
         for name in names[r % len(names):] + names[: r % len(names)]:
             run, k = runners[name], calls[name]
+            # both runtimes' thread pools spin after a parallel region; an untimed pause
+            # lets the previous runner's spinners sleep before the next one is timed
+            time.sleep(SWITCH_PAUSE_S)
             t0 = time.perf_counter()
             for _ in range(k):
                 run(feeds)
@@ -108,4 +115,5 @@ def compare(model: str, runners: Mapping[str, Runner], feeds: Mapping[str, np.nd
             d, cos, top1 = fidelity(runners[name], runners[REFERENCE], eval_inputs)
         rows.append(Row(name, med[name], float(np.percentile(s, 10)), float(np.percentile(s, 90)),
                         med[REFERENCE] / med[name], med[name] / med["lowbit-fp32"], d, cos, top1))
-    return BenchResult(model, threads, len(next(iter(samples.values()))), calls, len(eval_inputs), rows)
+    env = {k: os.environ.get(k) for k in TIMING_ENV}
+    return BenchResult(model, threads, len(next(iter(samples.values()))), calls, len(eval_inputs), rows, env)

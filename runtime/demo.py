@@ -12,7 +12,9 @@ from __future__ import annotations
 import os
 import sys
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+from runtime.threads import configure_threads
+
+configure_threads(os.cpu_count() or 1)
 
 import numpy as np  # noqa: E402
 

@@ -1,0 +1,18 @@
+"""Thread settings for timing runs.  No numpy here: this must run before numpy loads."""
+
+import os
+
+TIMING_ENV = ("OPENBLAS_NUM_THREADS", "TVM_NUM_THREADS", "TVM_THREAD_POOL_SPIN_COUNT")
+
+
+def configure_threads(threads: int) -> None:
+    """Thread settings for timing; call before numpy or TVM's thread pool start.
+
+    TVM's pool workers spin after each parallel region; interleaved with ORT,
+    that spinning steals the cores ORT's next run needs (ORT's p90 doubled in
+    our runs), and on 2 cores it slows lowbit itself.  A spin count of 0 makes
+    the workers sleep at once.  Values already set in the environment win.
+    """
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
