@@ -21,7 +21,6 @@ from runtime.threads import TIMING_ENV
 
 Runner = Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
 REFERENCE = "ort-fp32"
-SWITCH_PAUSE_S = 0.02
 
 
 @dataclass
@@ -85,9 +84,6 @@ def time_interleaved(runners: Mapping[str, Runner], feeds: Mapping[str, np.ndarr
     for r in bar(range(rounds), desc="benchmark rounds"):
         for name in names[r % len(names):] + names[: r % len(names)]:
             run, k = runners[name], calls[name]
-            # both runtimes' thread pools spin after a parallel region; an untimed pause
-            # lets the previous runner's spinners sleep before the next one is timed
-            time.sleep(SWITCH_PAUSE_S)
             t0 = time.perf_counter()
             for _ in range(k):
                 run(feeds)

@@ -11,7 +11,9 @@ def configure_threads(threads: int) -> None:
     TVM's pool workers spin after each parallel region; interleaved with ORT,
     that spinning steals the cores ORT's next run needs (ORT's p90 doubled in
     our runs), and on 2 cores it slows lowbit itself.  A spin count of 0 makes
-    the workers sleep at once.  Values already set in the environment win.
+    the workers sleep at once.  (Untimed pauses between runners are no cure: on
+    this VM a run after an idle gap is 2-6x slower for both runtimes.)  Values
+    already set in the environment win.
     """
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     os.environ["TVM_NUM_THREADS"] = str(threads)
