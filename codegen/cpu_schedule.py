@@ -5,14 +5,18 @@ GEMV and plain reductions, so conv and matmul kernels reach LLVM as naive
 loop nests: reduction innermost, scalar, one thread.  This rule gives every
 kernel a schedule that needs no tuning:
 
-* the main reduction block (conv2d, matmul, pooling sums) becomes
-  ``parallel(outer spatial) -> spatial tile -> reduction -> T x V register tile``,
-  where the innermost spatial axis is vectorized with V lanes and the one
-  before it unrolled T times, so each loaded operand feeds T*V accumulators;
-* epilogues (bias, ReLU, residual add, requantization) are computed at the
-  tile they consume, while the tile is still in cache;
+* the main reduction block (conv2d, matmul, pooling) becomes
+  ``parallel(outer spatial) -> tile -> reduction -> T x V register tile``:
+  the innermost spatial axis is vectorized with V lanes, and the widest other
+  spatial axis (output channels, matmul rows) is unrolled T times, so each
+  vector load of the input feeds T accumulators kept in a local buffer;
+* epilogues (bias, ReLU, residual add, requantization) are inlined into one
+  block and computed at the tile they consume, while it is still in cache;
+* producers (padding) run once as their own parallel, vectorized nest, so the
+  padding test stays out of the innermost loop;
 * injective kernels are flattened, vectorized and parallelized.
 
+Kernels with several reductions (softmax, LayerNorm) are left as TVM lowers them.
 Tuned or tensorized kernels (VNNI) replace this where they exist; this is the floor.
 """
 
@@ -24,7 +28,7 @@ from tvm.s_tir import dlight as dl
 from tvm.s_tir.schedule import ScheduleError
 
 VECTOR_BYTES = 64          # AVX-512; LLVM splits wider vectors on narrower ISAs
-ROW_TILE = 4               # rows unrolled per register tile
+ROW_TILES = (8, 4)         # rows unrolled per register tile, largest first
 MIN_PARALLEL = 2           # parallel loops below this extent are not worth a fork/join
 
 
@@ -110,15 +114,20 @@ class CPUDefault(dl.ScheduleRule):
         lanes = _divisor_at_most(ext[-1], _vector_lanes(sch, block))
         v_out, v_in = sch.split(spatial[-1], [None, lanes])
         tiles_outer, tiles_inner, outer = [v_out], [v_in], spatial[:-1]
-        # the register tile's second axis: the widest other spatial axis that ROW_TILE
+        # the register tile's second axis: the widest other spatial axis a tile in ROW_TILES
         # divides (output channels of a conv, rows of a matmul); each vector load of
-        # the input then feeds ROW_TILE accumulators
+        # the input then feeds that many accumulators
         known = [i for i in range(len(spatial) - 1) if ext[i]]
-        # prefer an axis ROW_TILE divides; else (197 tokens) accept a predicated tail tile
-        rows = [i for i in known if ext[i] % ROW_TILE == 0] or [i for i in known if ext[i] > ROW_TILE]
+        rows: list[int] = []
+        for tile in ROW_TILES:        # prefer the largest tile that divides some axis
+            rows = [i for i in known if ext[i] % tile == 0]
+            if rows:
+                break
+        if not rows:                  # 197 tokens: the smallest tile, with a predicated tail
+            tile, rows = ROW_TILES[-1], [i for i in known if ext[i] > ROW_TILES[-1]]
         if rows:
             r = max(rows, key=lambda i: ext[i])
-            r_out, r_in = sch.split(spatial[r], [None, ROW_TILE])
+            r_out, r_in = sch.split(spatial[r], [None, tile])
             outer = [lp for i, lp in enumerate(spatial[:-1]) if i != r]
             tiles_outer, tiles_inner = [r_out, v_out], [r_in, v_in]
         sch.reorder(*outer, *tiles_outer, *reduce_, *tiles_inner)
