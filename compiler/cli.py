@@ -13,6 +13,16 @@ import sys
 import time
 
 
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    return parse
+
+
 def _add_shape_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME=D1,D2,...",
                    help="fix an input's shape (repeatable), e.g. input=1,3,224,224")
@@ -62,7 +72,7 @@ def cmd_bench(args) -> int:
 
     model_path, calib, eval_inputs = _bench_inputs(args)
     shapes = _shapes(args)
-    first = {k: v[:1] for k, v in calib.items()} if not eval_inputs else eval_inputs[0]
+    first = eval_inputs[0]
     for name, arr in first.items():
         shapes.setdefault(name, tuple(arr.shape))
     art = compiler.compile(model_path, target="llvm", input_shapes=shapes)
@@ -197,10 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", parents=[common], help="time lowbit against ONNX Runtime, interleaved")
     b.add_argument("model", metavar="MODEL.onnx", help="an ONNX file or a zoo model name")
     b.add_argument("--vs", choices=["ort"], default="ort", help="baseline runtime (default: ort)")
-    b.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for every runtime")
+    b.add_argument("--threads", type=_positive(int), default=os.cpu_count() or 1, help="threads for every runtime")
     b.add_argument("--calib", metavar="DATA.npz", help="calibration data for the INT8 baselines")
-    b.add_argument("--seconds", type=float, default=20.0, help="time budget for the timed rounds")
-    b.add_argument("--eval-samples", type=int, default=8, help="samples used for the fidelity columns")
+    b.add_argument("--seconds", type=_positive(float), default=20.0, help="time budget for the timed rounds")
+    b.add_argument("--eval-samples", type=_positive(int), default=8, help="samples used for the fidelity columns")
     b.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     _add_shape_arg(b)
     b.set_defaults(func=cmd_bench)

@@ -15,7 +15,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +44,6 @@ class Entry:
     sampler: Callable[[np.random.Generator, int], np.ndarray] | None = None
     train: TrainConfig | None = None
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
     def recipe(self) -> dict:
         src = "".join((Path(__file__).parent / f).read_text() for f in ("nets.py", "data.py", "train.py"))
