@@ -1,0 +1,97 @@
+"""Dyadic requantization (HAWQ-V3 §3.4 / I-ViT §3.1): the one home of the multiplier.
+
+A real rescale ``y = x * r`` (r = s_in / s_out, one per tensor or per channel)
+becomes integer-only as ``y = round(x * m / 2^e)`` with a 31-bit multiplier
+``m`` and a right shift ``e``, both computed offline from the float32 scales:
+
+    r          = double(float32(s_in)) / double(float32(s_out))
+    r          = mant * 2^ex,  mant in [0.5, 1)                    (frexp)
+    m          = round_half_up(mant * 2^31)   in [2^30, 2^31]
+    m == 2^31  -> m = 2^30, ex += 1           (m must fit int32)
+    e          = 31 - ex
+
+Scales are cast to float32 first, as HAWQ-V3 does, so m and e are what any
+backend derives from the float32 constants in the graph.
+
+Rounding is **half up** (ties toward +inf), the same in every backend:
+
+    y = (x * m + 2^(e-1)) >> e        (64-bit product, arithmetic shift)
+
+|x| < 2^31 and m <= 2^31 - 1 keep |x*m| < 2^62, so the sum fits int64 for any
+e <= 62.  A ratio below 2^-32 maps every int32 to 0 and is stored as m = 0;
+ratios >= 2^31 are rejected: no quantized graph needs them.
+
+``requantize`` builds the Relax expression.  ``runtime/golden.py`` re-implements
+the integer formula in numpy, separately, so each checks the other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from tvm import relax
+
+MAX_SHIFT = 62
+
+
+@dataclass(frozen=True)
+class Dyadic:
+    """``x * m / 2^e`` with int32-range ``m`` and a shift in [0, 62]; arrays for per-channel."""
+    m: np.ndarray        # int64, values in [0, 2^31 - 1]
+    e: np.ndarray        # int64, values in [0, 62]
+
+    def value(self) -> np.ndarray:
+        """The real multiplier this pair represents (for error reporting)."""
+        return self.m.astype(np.float64) * np.exp2(-self.e.astype(np.float64))
+
+
+def dyadic(s_in, s_out) -> Dyadic:
+    """Multiplier and shift for rescaling from ``s_in`` to ``s_out`` (scalars or per-channel arrays)."""
+    ratio = (np.asarray(s_in, np.float32).astype(np.float64)
+             / np.asarray(s_out, np.float32).astype(np.float64))
+    return dyadic_from_ratio(ratio)
+
+
+def dyadic_from_ratio(ratio) -> Dyadic:
+    """Multiplier and shift for a real ratio given in float64.
+
+    Folded constants (an average pool's 1/(H*W), attention's 1/sqrt(d)) make
+    ratios that are not a quotient of two float32 scales; for those the
+    mantissa can round up to 2^31, which is renormalized to m = 2^30, e - 1.
+    (For a quotient of two float32 values it cannot: 24-bit mantissas keep
+    the ratio at least 2^-25 away from the next power of two.)
+    """
+    ratio = np.atleast_1d(np.asarray(ratio, np.float64))
+    if not np.all(np.isfinite(ratio)) or np.any(ratio < 0):
+        raise ValueError(f"requantization ratio must be finite and >= 0, got {ratio}")
+    if np.any(ratio >= 2.0**31):
+        raise ValueError(f"requantization ratio {ratio.max():g} >= 2^31 is not representable")
+    mant, ex = np.frexp(ratio)
+    m = np.floor(mant * 2.0**31 + 0.5).astype(np.int64)        # round half up
+    full = m == 2**31
+    m = np.where(full, 2**30, m)
+    ex = np.where(full, ex + 1, ex).astype(np.int64)
+    e = 31 - ex
+    # below 2^-32 every int32 input rounds to 0; so does m = 0
+    zero = (ratio == 0) | (e > MAX_SHIFT)
+    return Dyadic(np.where(zero, 0, m).astype(np.int64), np.where(zero, 0, e).astype(np.int64))
+
+
+def requantize(x: relax.Expr, d: Dyadic, qmin: int, qmax: int, out_dtype: str, axis: int = -1) -> relax.Expr:
+    """``clip((x * m + 2^(e-1)) >> e, qmin, qmax)`` as Relax integer ops.
+
+    ``x`` is an int32 (or int64) tensor; per-channel ``d`` broadcasts along ``axis``.
+    Clamping before the final cast matters: ``astype`` wraps, it does not saturate.
+    """
+    op = relax.op
+    ndim = x.ty.ndim
+    shape = [1] * ndim
+    if d.m.size > 1:
+        shape[axis] = d.m.size
+    m = relax.const(d.m.reshape(shape), "int64")
+    e = relax.const(d.e.reshape(shape), "int64")
+    half = relax.const(np.where(d.e > 0, np.left_shift(1, np.maximum(d.e, 1) - 1), 0).reshape(shape), "int64")
+    acc = op.add(op.multiply(op.astype(x, "int64"), m), half)
+    y = op.clip(op.right_shift(acc, e), qmin, qmax)
+    return op.astype(y, out_dtype)
