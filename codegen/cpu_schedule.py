@@ -68,6 +68,11 @@ class CPUDefault(dl.ScheduleRule):
             return sch
         if len(reductions) > 1 or not all(b.is_injective() for b in blocks if b is not reductions[0]):
             return None         # softmax / layernorm style multi-reduction kernels: left to LLVM as is
+        if self._pad_to_tiles(sch, reductions[0]):
+            blocks = dl.analysis.normalize_prim_func(sch)
+            if blocks is None:
+                return None
+            reductions = [b for b in blocks if b.is_reduction()]
         red = reductions[0]
         idx = blocks.index(red)
         epilogues = []
@@ -83,6 +88,34 @@ class CPUDefault(dl.ScheduleRule):
         for b in blocks[:idx]:
             self._injective(sch, b.block_rv)
         return sch
+
+    def _pad_to_tiles(self, sch: s_tir.Schedule, red) -> bool:
+        """Pad a matmul-like block whose vector or row axis has no good divisor
+        (197 tokens) up to whole vectors and row tiles; padded copies of the
+        operands cost far less than scalar or predicated inner loops.  Convolutions (h + ry indexing)
+        are not einsums and are left alone."""
+        kinds = red.dom_kind()
+        spatial = [i for i, k in enumerate(kinds) if k == "S"]
+        ext = [_const(it.dom) for it in red.iters]
+        if not spatial or any(ext[i] is None for i in spatial):
+            return False
+        want = _vector_lanes(sch, red.block_rv)
+        last = spatial[-1]
+        pad_last = ext[last] > want and _divisor_at_most(ext[last], want) < want // 2
+        others = [i for i in spatial[:-1] if ext[i] > ROW_TILES[-1]]
+        pad_rows = bool(others) and all(ext[i] % ROW_TILES[-1] for i in others)
+        if not (pad_last or pad_rows):
+            return False
+        padding = [1] * len(kinds)
+        if pad_last:
+            padding[last] = want
+        if pad_rows:
+            padding[max(others, key=lambda i: ext[i])] = ROW_TILES[0]
+        try:
+            sch.pad_einsum(red.block_rv, padding)
+        except ScheduleError:
+            return False
+        return True
 
     def is_target_available(self, target) -> bool:
         return target is not None and target.kind.name == "llvm"
