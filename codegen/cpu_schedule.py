@@ -26,6 +26,8 @@ import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.schedule import ScheduleError
+from tvm.sym import detect_linear_equation
+from tvm.tirx.analysis import undefined_vars
 
 VECTOR_BYTES = 64          # AVX-512; LLVM splits wider vectors on narrower ISAs
 ROW_TILES = (8, 4)         # rows unrolled per register tile, largest first
@@ -37,6 +39,10 @@ def _const(extent) -> int | None:
     if isinstance(extent, int):
         return extent
     return int(extent.value) if hasattr(extent, "value") else None
+
+
+def _uses(expr, var) -> bool:
+    return any(v.same_as(var) for v in undefined_vars(expr, []))
 
 
 def _vector_lanes(sch: s_tir.Schedule, block) -> int:
@@ -73,6 +79,12 @@ class CPUDefault(dl.ScheduleRule):
             if blocks is None:
                 return None
             reductions = [b for b in blocks if b.is_reduction()]
+        vec = self._channels_last_weights(sch, reductions[0])
+        if vec is not None:
+            blocks = dl.analysis.normalize_prim_func(sch)
+            if blocks is None:
+                return None
+            reductions = [b for b in blocks if b.is_reduction()]
         red = reductions[0]
         idx = blocks.index(red)
         epilogues = []
@@ -82,7 +94,7 @@ class CPUDefault(dl.ScheduleRule):
             except ScheduleError:     # not inlinable: keep it as its own stage
                 epilogues.append(b)
         epilogues += blocks[idx + 1 :][-1:]
-        self._reduction(sch, red, epilogues)
+        self._reduction(sch, red, epilogues, -1 if vec is None else vec)
         # producers (padding, layout copies) run once, outside the reduction's tiles:
         # inlined, the padding test would sit in the innermost loop
         for b in blocks[:idx]:
@@ -117,6 +129,45 @@ class CPUDefault(dl.ScheduleRule):
             return False
         return True
 
+    def _channels_last_weights(self, sch: s_tir.Schedule, red) -> int | None:
+        """For a strided convolution, vectorize over output channels instead of width.
+
+        With stride s the input is read at ``s*x + rx``, so a vector over a wide
+        output row is a gather.  Output channels index only the weights: a copy of the
+        weights with channels innermost (made once per call) turns each step into a
+        contiguous weight vector times a broadcast input value.  Returns the
+        position of the channel axis among the spatial axes, or None.
+        """
+        block = sch.get(red.block_rv)
+        data_par = [iv for iv in block.iter_vars if iv.iter_type == tirx.IterVar.DataPar]
+        spatial = [iv.var for iv in data_par]
+        # narrow outputs (14, 7 wide) keep the width vector: there the row tile over
+        # channels wins and the gathers are few
+        width = _const(data_par[-1].dom.extent) if data_par else None
+        if len(spatial) < 2 or width is None or width < 2 * ROW_TILES[0]:
+            return None
+        last = spatial[-1]
+
+        strided = False
+        for region in block.reads:
+            for rng in region.region:
+                if _uses(rng.min, last):
+                    coef = detect_linear_equation(rng.min, [last])
+                    strided |= not coef or _const(coef[0]) not in (0, 1)
+        if not strided:
+            return None
+        for i, region in enumerate(block.reads):
+            mins = [rng.min for rng in region.region]
+            if any(_uses(m, last) for m in mins) or not mins:
+                continue
+            users = [p for p, v in enumerate(spatial) if _uses(mins[0], v)]
+            if len(users) != 1 or not isinstance(mins[0], tirx.Var):
+                continue
+            cache = sch.cache_read(red.block_rv, i, "global")
+            sch.transform_layout(cache, ("write", 0), lambda *ax: (*ax[1:], ax[0]))
+            return users[0]
+        return None
+
     def is_target_available(self, target) -> bool:
         return target is not None and target.kind.name == "llvm"
 
@@ -135,7 +186,8 @@ class CPUDefault(dl.ScheduleRule):
         if extent is None or extent // max(lanes, 1) >= MIN_PARALLEL:
             sch.parallel(outer)
 
-    def _reduction(self, sch: s_tir.Schedule, red, epilogues) -> s_tir.Schedule:
+    def _reduction(self, sch: s_tir.Schedule, red, epilogues, vec: int = -1) -> s_tir.Schedule:
+        """``vec`` is the spatial axis (position among the spatial axes) to vectorize."""
         block = red.block_rv
         kinds = red.dom_kind()
         loops = sch.get_loops(block)
@@ -143,14 +195,16 @@ class CPUDefault(dl.ScheduleRule):
         reduce_ = [lp for lp, k in zip(loops, kinds, strict=True) if k == "R"]
         if not spatial or not reduce_:
             return sch
+        vec %= len(spatial)
         ext = [_const(sch.get(lp).extent) for lp in spatial]
-        lanes = _divisor_at_most(ext[-1], _vector_lanes(sch, block))
-        v_out, v_in = sch.split(spatial[-1], [None, lanes])
-        tiles_outer, tiles_inner, outer = [v_out], [v_in], spatial[:-1]
+        lanes = _divisor_at_most(ext[vec], _vector_lanes(sch, block))
+        v_out, v_in = sch.split(spatial[vec], [None, lanes])
+        tiles_outer, tiles_inner = [v_out], [v_in]
+        outer = [lp for i, lp in enumerate(spatial) if i != vec]
         # the register tile's second axis: the widest other spatial axis a tile in ROW_TILES
         # divides (output channels of a conv, rows of a matmul); each vector load of
         # the input then feeds that many accumulators
-        known = [i for i in range(len(spatial) - 1) if ext[i]]
+        known = [i for i in range(len(spatial)) if i != vec and ext[i]]
         rows: list[int] = []
         for tile in ROW_TILES:        # prefer the largest tile that divides some axis
             rows = [i for i in known if ext[i] % tile == 0]
@@ -159,9 +213,12 @@ class CPUDefault(dl.ScheduleRule):
         if not rows:                  # 197 tokens: the smallest tile, with a predicated tail
             tile, rows = ROW_TILES[-1], [i for i in known if ext[i] > ROW_TILES[-1]]
         if rows:
-            r = max(rows, key=lambda i: ext[i])
+            # vectorized over channels: tile the contiguous width, so the write-back
+            # and epilogue still store whole rows
+            last = len(spatial) - 1
+            r = last if vec != last and last in rows else max(rows, key=lambda i: ext[i])
             r_out, r_in = sch.split(spatial[r], [None, tile])
-            outer = [lp for i, lp in enumerate(spatial[:-1]) if i != r]
+            outer = [lp for i, lp in enumerate(spatial) if i not in (r, vec)]
             tiles_outer, tiles_inner = [r_out, v_out], [r_in, v_in]
         sch.reorder(*outer, *tiles_outer, *reduce_, *tiles_inner)
         par = outer + tiles_outer[:1]
@@ -171,6 +228,12 @@ class CPUDefault(dl.ScheduleRule):
         # accumulate the T x V tile in a local buffer: constant indices after
         # unroll/vectorize let LLVM keep it in registers across the reduction
         acc = sch.cache_write(block, 0, "local")
+        if vec != len(spatial) - 1:
+            # keep the vector axis innermost in the accumulator, or its lanes are strided
+            stmt = sch.get(block)
+            var = [iv.var for iv in stmt.iter_vars if iv.iter_type == tirx.IterVar.DataPar][vec]
+            dim = next(d for d, r in enumerate(stmt.writes[0].region) if _uses(r.min, var))
+            sch.transform_layout(block, ("write", 0), lambda *ax: (*ax[:dim], *ax[dim + 1:], ax[dim]))
         sch.reverse_compute_at(acc, anchor)
         aloops = sch.get_loops(acc)
         if lanes > 1:
