@@ -41,6 +41,7 @@ def _matmul_model(m, k, n, batch):
 CASES = {
     "conv3x3": _conv_model(16, 32, 14, 3, 1, 1, 1, 1),
     "conv7x7-s2": _conv_model(3, 8, 23, 7, 2, 3, 1, 1),
+    "conv3x3-s2-wide": _conv_model(3, 32, 64, 3, 2, 1, 1, 1),   # vectorized over output channels
     "conv1x1-s2": _conv_model(12, 20, 9, 1, 2, 0, 1, 2),
     "depthwise": _conv_model(24, 24, 11, 3, 1, 1, 24, 1),
     "grouped": _conv_model(8, 12, 6, 3, 2, 1, 4, 1),
@@ -71,11 +72,13 @@ def _scheduled_kernels(model) -> dict[str, str]:
     return {gv.name_hint: f.script() for gv, f in scheduled.functions_items() if isinstance(f, tirx.PrimFunc)}
 
 
-@pytest.mark.parametrize("name, padded", [
-    ("conv3x3", False), ("depthwise", False), ("conv-dynamic-batch", False),
-    ("matmul-197", True),       # 197 rows: padded to whole row tiles instead of a predicated tail
+@pytest.mark.parametrize("name, padded, channels_last", [
+    ("conv3x3", False, False), ("depthwise", False, False), ("conv-dynamic-batch", False, False),
+    ("matmul-197", True, False),        # 197 rows: padded to whole row tiles, no predicated tail
+    ("conv3x3-s2-wide", False, True),   # stride 2, 32 wide: weights copied channels-last
+    ("conv7x7-s2", False, False),       # 12 wide: stays vectorized over the width
 ])
-def test_reduction_kernels_are_parallel_and_vectorized(name, padded):
+def test_reduction_kernels_are_parallel_and_vectorized(name, padded, channels_last):
     kernels = _scheduled_kernels(CASES[name])
     main = [s for n, s in kernels.items() if "conv2d" in n or "matmul" in n]
     assert main, kernels.keys()
@@ -83,3 +86,4 @@ def test_reduction_kernels_are_parallel_and_vectorized(name, padded):
         assert "T.parallel" in script and "T.vectorized" in script
         assert '"local"' in script                  # register-tile accumulator
         assert ("_pad" in script) == padded
+        assert ("_global" in script) == channels_last          # the transposed weight copy
