@@ -22,6 +22,7 @@ Tuned or tensorized kernels (VNNI) replace this where they exist; this is the fl
 
 from __future__ import annotations
 
+import numpy as np
 import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
@@ -31,7 +32,9 @@ from tvm.tirx.analysis import undefined_vars
 
 VECTOR_BYTES = 64          # AVX-512; LLVM splits wider vectors on narrower ISAs
 ROW_TILES = (8, 4)         # rows unrolled per register tile, largest first
-MIN_PARALLEL = 2           # parallel loops below this extent are not worth a fork/join
+# a fork/join costs a thread wake-up (tens of microseconds with the pool asleep);
+# kernels with less work than this run on the calling thread
+MIN_PARALLEL_WORK = 1 << 17
 
 
 def _const(extent) -> int | None:
@@ -183,7 +186,7 @@ class CPUDefault(dl.ScheduleRule):
             sch.vectorize(inner)
         else:
             outer = fused
-        if extent is None or extent // max(lanes, 1) >= MIN_PARALLEL:
+        if extent is None or extent >= MIN_PARALLEL_WORK:
             sch.parallel(outer)
 
     def _reduction(self, sch: s_tir.Schedule, red, epilogues, vec: int = -1) -> s_tir.Schedule:
@@ -197,6 +200,8 @@ class CPUDefault(dl.ScheduleRule):
             return sch
         vec %= len(spatial)
         ext = [_const(sch.get(lp).extent) for lp in spatial]
+        dims = ext + [_const(sch.get(lp).extent) for lp in reduce_]
+        work = None if None in dims else int(np.prod(dims, dtype=np.int64))     # MACs
         lanes = _divisor_at_most(ext[vec], _vector_lanes(sch, block))
         v_out, v_in = sch.split(spatial[vec], [None, lanes])
         tiles_outer, tiles_inner = [v_out], [v_in]
@@ -223,7 +228,8 @@ class CPUDefault(dl.ScheduleRule):
         sch.reorder(*outer, *tiles_outer, *reduce_, *tiles_inner)
         par = outer + tiles_outer[:1]
         fused = sch.fuse(*par) if len(par) > 1 else par[0]
-        sch.parallel(fused)
+        if work is None or work >= MIN_PARALLEL_WORK:
+            sch.parallel(fused)
         anchor = tiles_outer[-1] if len(tiles_outer) > 1 else fused
         # accumulate the T x V tile in a local buffer: constant indices after
         # unroll/vectorize let LLVM keep it in registers across the reduction
