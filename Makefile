@@ -15,7 +15,8 @@ setup: $(STAMP) toolchain
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev,zoo]"
+	@# -qq: errors only; pip configs that name absent index folders warn once per package
+	$(BIN)/python -m pip install -qq --disable-pip-version-check -e ".[dev,zoo]"
 	@rm -f $(VENV)/.installed-* && touch $@
 
 toolchain:
