@@ -133,6 +133,7 @@ def cmd_inspect(args) -> int:
     print(f"model      {m.model} (sha256 {m.model_sha256[:12]})")
     print(f"target     {json.dumps(m.target)}")
     print(f"precision  {m.precision}")
+    print(f"integer-only: {'yes' if m.integer_only else 'no'} ({m.integer_region})")
     for kind, specs in (("input", m.inputs), ("output", m.outputs)):
         for s in specs:
             q = f"  quant {m.quant[s.name]}" if m.quant and s.name in m.quant else ""

@@ -1,7 +1,7 @@
 """The lowbit pipeline, top to bottom.  Each stage is one call.
 
     ONNX file --load/check--> ONNX proto --import--> Relax IRModule
-      --analyze--> op histogram, weights --build (fuse, lower, LLVM)--> VM executable
+      --analyze--> op histogram, weights, integer-only verdict --build (fuse, lower, LLVM)--> VM executable
       --> Artifact (library + manifest)
 """
 
@@ -17,6 +17,7 @@ from compiler import frontend
 from compiler.options import CompileOptions
 from compiler.progress import native_stderr_to_debug, stage, steps
 from passes.analysis import op_histogram, weight_bytes
+from passes.verify_integer import check_integer_only
 from runtime.artifact import Artifact, Manifest, versions
 
 
@@ -41,13 +42,22 @@ def _compile(model, opts: CompileOptions) -> Artifact:
         outputs = frontend.relax_output_specs(mod, [o.name for o in src.proto.graph.output])
     with stage("analyze"):
         histogram, nbytes = op_histogram(mod), weight_bytes(mod)
+        verdict = check_integer_only(mod)
     with stage("build llvm"):
         target_dict = llvm.host_target()
         executable, kernels = llvm.build(mod, target_dict)
 
     manifest = Manifest(
-        model=Path(src.path).name, model_sha256=src.sha256, target=target_dict, precision="fp32",
+        model=Path(src.path).name, model_sha256=src.sha256, target=target_dict, precision=_precision(histogram, verdict),
         inputs=inputs, outputs=outputs, kernels=kernels, op_histogram=histogram, weight_bytes=nbytes,
-        versions=versions(),
+        versions=versions(), integer_only=verdict.integer_only, integer_region=verdict.reason,
     )
     return Artifact(manifest, executable)
+
+
+def _precision(histogram: dict[str, int], verdict) -> str:
+    """What the artifact computes in: QDQ models that still do float math between
+    their quantize/dequantize pairs are "fake-quant", not int8."""
+    if "relax.quantize" not in histogram and "relax.dequantize" not in histogram:
+        return "fp32"
+    return "int8" if verdict.integer_only else "fake-quant"

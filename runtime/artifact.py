@@ -59,6 +59,8 @@ class Manifest:
     weight_bytes: int
     versions: dict[str, str]
     quant: dict[str, QuantParams] | None = None
+    integer_only: bool = False
+    integer_region: str = ""        # the verifier's one-line verdict (passes/verify_integer.py)
     format: int = FORMAT
     library: str = LIBRARY
 

@@ -44,6 +44,7 @@ def test_manifest_describes_the_build(mlp_artifact):
     assert any("matmul" in k and "relu" in k for k in m.kernels), m.kernels
     assert m.versions["apache-tvm"] == "0.27.0.post1"
     assert m.quant is None
+    assert not m.integer_only and "no quantized region" in m.integer_region
 
 
 def test_save_load_roundtrip(mlp_artifact, tmp_path):

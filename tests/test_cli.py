@@ -36,6 +36,7 @@ def test_compile_run_inspect(tmp_path, mlp_path, capsys):
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
     assert "precision  fp32" in text and "relax.matmul" in text and "kernels" in text
+    assert "integer-only: no (no quantized region (float model))" in text
     assert main(["inspect", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["manifest"]["inputs"][0]["name"] == "x" and info["library_bytes"] > 0
