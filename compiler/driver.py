@@ -1,6 +1,6 @@
 """The lowbit pipeline, top to bottom.  Each stage is one call.
 
-    ONNX file --load/check--> ONNX proto --import--> Relax IRModule
+    ONNX file --load, QOperator->QDQ, check--> ONNX proto --import--> Relax IRModule
       --analyze--> op histogram, weights, integer-only verdict --build (fuse, lower, LLVM)--> VM executable
       --> Artifact (library + manifest)
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import onnx
 
 from codegen import llvm
-from compiler import frontend
+from compiler import frontend, qoperator
 from compiler.options import CompileOptions
 from compiler.progress import native_stderr_to_debug, stage, steps
 from passes.analysis import op_histogram, weight_bytes
@@ -34,6 +34,7 @@ def _compile(model, opts: CompileOptions) -> Artifact:
 
     with stage("load + check"):
         src = frontend.load(model)
+        src = frontend.OnnxModel(qoperator.to_qdq(src.proto), src.path, src.sha256)
         frontend.check_supported(src)
         frontend.validate(src)
         inputs = frontend.input_specs(src, opts.input_shapes)

@@ -1,0 +1,105 @@
+"""QOperator and ConvInteger models (ORT's quantizer output) compile and agree with ORT
+to within one output step (the dequantized LSB)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+from conftest import make_model
+from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+import compiler
+from compiler import qoperator
+
+
+def _residual_cnn() -> onnx.ModelProto:
+    """Conv-Relu-Conv + identity Add, Relu, global pool, Gemm: every QOperator ORT emits for CNNs."""
+    rng = np.random.default_rng(3)
+
+    def init(name, *shape, scale=0.3):
+        return numpy_helper.from_array((rng.normal(size=shape) * scale).astype(np.float32), name)
+
+    inits = [init("w1", 8, 4, 3, 3), init("b1", 8), init("w2", 8, 8, 3, 3), init("b2", 8),
+             init("wfc", 5, 8), init("bfc", 5)]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+        helper.make_node("Add", ["c2", "r1"], ["s"], name="add"),
+        helper.make_node("Relu", ["s"], ["r2"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flat"),
+        helper.make_node("Gemm", ["f", "wfc", "bfc"], ["y"], transB=1, name="fc"),
+    ]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 10, 10])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])], inits)
+
+
+def _mlp_matmul() -> onnx.ModelProto:
+    rng = np.random.default_rng(4)
+    w = numpy_helper.from_array(rng.normal(size=(16, 12)).astype(np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+             helper.make_node("Relu", ["h"], ["y"], name="relu")]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 12])], [w])
+
+
+class _Reader:
+    def __init__(self, x):
+        self.it = iter([{"x": x[i : i + 4]} for i in range(0, len(x), 4)])
+
+    def get_next(self):
+        return next(self.it, None)
+
+
+def _quantize(model, tmp_path, mode, per_channel):
+    src, dst = tmp_path / "f.onnx", tmp_path / f"{mode}.onnx"
+    onnx.save(model, src)
+    shape = [d.dim_value or 8 for d in model.graph.input[0].type.tensor_type.shape.dim]
+    x = np.random.default_rng(5).normal(size=shape).astype(np.float32)
+    if mode == "dynamic":
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QUInt8)
+    else:
+        quantize_static(str(src), str(dst), _Reader(x), quant_format=QuantFormat.QOperator, per_channel=per_channel,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return dst, x
+
+
+def _output_lsb(path) -> float:
+    """The scale of the DequantizeLinear that produces the graph output (one output step)."""
+    m = onnx.load(path)
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    out = m.graph.output[0].name
+    node = next(n for n in m.graph.node if out in n.output)
+    return float(np.max(inits[node.input[1]])) if node.op_type == "DequantizeLinear" else 0.0
+
+
+@pytest.mark.parametrize("model_fn, per_channel, expect_ops", [
+    (_residual_cnn, False, {"QLinearConv", "QLinearAdd", "QGemm"}),
+    (_residual_cnn, True, {"QLinearConv", "QLinearAdd", "QGemm"}),
+    (_mlp_matmul, False, {"QLinearMatMul"}),
+    (_mlp_matmul, True, {"QLinearMatMul"}),
+])
+def test_qoperator_models_match_ort(tmp_path, model_fn, per_channel, expect_ops):
+    path, x = _quantize(model_fn(), tmp_path, "static", per_channel)
+    ops = {n.op_type for n in onnx.load(path).graph.node}
+    assert expect_ops <= ops, ops
+    art = compiler.compile(path)
+    assert not ({n.op_type for n in qoperator.to_qdq(onnx.load(path)).graph.node} & set(qoperator.CONVERTERS))
+    want = onnxruntime.InferenceSession(str(path)).run(None, {"x": x})[0]
+    got = art.run({"x": x})["y"]
+    lsb = _output_lsb(path)
+    assert lsb > 0
+    assert np.abs(got - want).max() <= lsb + 1e-6, (np.abs(got - want).max(), lsb)
+
+
+def test_conv_integer_matches_ort(tmp_path):
+    path, x = _quantize(_residual_cnn(), tmp_path, "dynamic", False)
+    assert "ConvInteger" in {n.op_type for n in onnx.load(path).graph.node}
+    want = onnxruntime.InferenceSession(str(path)).run(None, {"x": x})[0]
+    got = compiler.compile(path).run({"x": x})["y"]
+    # ConvInteger itself is exact; the float epilogue (scale multiply, bias) may differ in the last bits
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
