@@ -14,6 +14,7 @@ import onnx
 
 from codegen import llvm
 from compiler import frontend, qoperator
+from compiler.errors import UserError
 from compiler.options import CompileOptions
 from compiler.progress import native_stderr_to_debug, stage, steps
 from passes.analysis import op_histogram, weight_bytes
@@ -46,7 +47,14 @@ def _compile(model, opts: CompileOptions) -> Artifact:
         verdict = check_integer_only(mod)
     with stage("build llvm"):
         target_dict = llvm.host_target()
-        executable, kernels = llvm.build(mod, target_dict)
+        try:
+            executable, kernels = llvm.build(mod, target_dict)
+        except Exception as exc:
+            hint = frontend.symbolic_hint(inputs)
+            if not hint:        # static shapes: a build failure is a lowbit bug, keep the traceback
+                raise
+            raise UserError(f"{src.path}: building with symbolic shapes failed: "
+                            f"{frontend.first_line(exc)}{hint}") from None
 
     manifest = Manifest(
         model=Path(src.path).name, model_sha256=src.sha256, target=target_dict, precision=_precision(histogram, verdict),

@@ -46,7 +46,7 @@ def load(model: str | os.PathLike | onnx.ModelProto) -> OnnxModel:
             if proto.graph.node or proto.graph.input:
                 onnx.load_external_data_for_model(proto, os.path.dirname(os.path.abspath(path)))
         except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning, ... on garbage
-            raise UserError(f"{path}: not a readable ONNX model ({_first_line(exc)}); "
+            raise UserError(f"{path}: not a readable ONNX model ({first_line(exc)}); "
                             "the file is truncated or corrupt, re-export it") from None
     if not proto.graph.node:
         raise UserError(f"{path}: the ONNX graph has no nodes; the file is truncated, empty or not an ONNX model")
@@ -59,7 +59,7 @@ def validate(model: OnnxModel) -> None:
     try:
         onnx.checker.check_model(model.proto)
     except onnx.checker.ValidationError as exc:
-        raise UserError(f"{model.path}: invalid ONNX model: {_first_line(exc)}") from None
+        raise UserError(f"{model.path}: invalid ONNX model: {first_line(exc)}") from None
 
 
 def supported_op_types() -> frozenset[str]:
@@ -147,7 +147,20 @@ def to_relax(model: OnnxModel, specs: list[TensorSpec]):
     try:
         return from_onnx(model.proto, shape_dict=shape_dict, dtype_dict=dtype_dict)
     except Exception as exc:  # the importer raises bare TVM errors for unsupported attribute combinations
-        raise UserError(f"{model.path}: TVM's ONNX importer rejected the model: {_first_line(exc)}") from None
+        raise UserError(f"{model.path}: TVM's ONNX importer rejected the model: {first_line(exc)}"
+                        f"{symbolic_hint(specs)}") from None
+
+
+def symbolic_hint(specs: list[TensorSpec]) -> str:
+    """When dynamic dimensions are involved, name them and show the --input-shape that fixes them."""
+    for s in specs:
+        dyn = [(i, d) for i, d in enumerate(s.shape) if isinstance(d, str)]
+        if dyn:
+            i, d = dyn[0]
+            example = ",".join(str(x) if isinstance(x, int) else "1" for x in s.shape)
+            return (f"; input {s.name!r} dimension {i} is dynamic ({d!r}): if the model cannot be compiled "
+                    f"with it symbolic, pass --input-shape {s.name}={example}")
+    return ""
 
 
 def relax_output_specs(mod, names: list[str]) -> list[TensorSpec]:
@@ -162,7 +175,7 @@ def relax_output_specs(mod, names: list[str]) -> list[TensorSpec]:
             for n, f in zip(names, fields, strict=True)]
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     # TVM errors put the useful sentence last, after a C++ backtrace

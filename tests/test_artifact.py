@@ -109,3 +109,16 @@ def test_static_override_rejects_other_batches(tmp_path):
     art.run(np.zeros((3, 8), np.float32))
     with pytest.raises(UserError, match=r"shape \(5, 8\), the model expects \(3, 8\)"):
         art.run(np.zeros((5, 8), np.float32))
+
+
+def test_build_failure_names_the_dynamic_dimension(monkeypatch):
+    from codegen import llvm
+
+    def fail(*a, **k):
+        raise RuntimeError("InternalError: Check failed: symbolic extent in a static-only schedule")
+
+    monkeypatch.setattr(llvm, "build", fail)
+    with pytest.raises(UserError, match=r"symbolic shapes failed: .*dimension 0 is dynamic \('N'\).*x=1,8"):
+        compiler.compile(mlp_model(batch="N"))
+    with pytest.raises(RuntimeError, match="static-only"):      # static shapes: a real bug, not hidden
+        compiler.compile(mlp_model(batch="N"), input_shapes={"x": (2, 8)})

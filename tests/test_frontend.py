@@ -119,3 +119,22 @@ def test_input_dtype_comes_from_the_model():
                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
     specs = frontend.input_specs(frontend.OnnxModel(m, "m.onnx", "0"))
     assert specs[0].dtype == np.dtype(np.int8).name
+
+
+def test_import_failure_with_dynamic_dims_suggests_input_shape(monkeypatch):
+    import tvm.relax.frontend.onnx as rfo
+
+    def fail(*a, **k):
+        raise RuntimeError("Check failed: cannot infer shape of symbolic reshape")
+
+    monkeypatch.setattr(rfo, "from_onnx", fail)
+    src = frontend.OnnxModel(mlp_model(batch="N"), "m.onnx", "0")
+    with pytest.raises(UserError) as e:
+        frontend.to_relax(src, frontend.input_specs(src))
+    msg = str(e.value)
+    assert "\n" not in msg and "cannot infer shape" in msg
+    assert "input 'x' dimension 0 is dynamic ('N')" in msg and "--input-shape x=1,8" in msg
+    # with every dimension fixed, no hint
+    with pytest.raises(UserError) as e:
+        frontend.to_relax(src, frontend.input_specs(src, {"x": (2, 8)}))
+    assert "--input-shape" not in str(e.value)
