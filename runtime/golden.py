@@ -30,3 +30,232 @@ def requantize(x: np.ndarray, m: np.ndarray, e: np.ndarray, qmin: int, qmax: int
         num = x[index].astype(object) * mc + ((1 << ec) >> 1)
         out[index] = (num // (1 << ec)).astype(np.int64)
     return np.clip(out, qmin, qmax).astype(dtype)
+
+
+# --------------------------------------------------------------------------------------
+# The integer semantics of a QDQ ONNX graph
+# --------------------------------------------------------------------------------------
+# Between the input QuantizeLinear and the output DequantizeLinear, every value is an
+# integer tensor.  A QDQ graph spells integer layers as DQ -> float op -> Q; here each
+# such group is evaluated as the integer program lowbit compiles it to:
+#
+#   conv / matmul / gemm:  acc = sum((q_x - z_x) * (q_w - z_w)) + q_bias     (int64, exact)
+#                          q_y = clamp(requantize(acc, s_x*s_w[c] / s_y) + z_y)
+#   residual add:          q_y = clamp(sum_t requantize(q_t - z_t, s_t / s_y) + z_y)
+#   global average pool:   q_y = clamp(requantize(sum(q - z), s_x / (n * s_y)) + z_y)
+#   max pool, views:       on the integers, parameters unchanged
+#   ReLU / Clip before Q:  folded into the clamp bounds
+#
+# ``requantize`` is the dyadic multiply-shift with ties rounded up (passes/dyadic.py
+# computes m and e; the integer arithmetic here is independent of the Relax builder).
+
+class QDQUnsupported(ValueError):
+    pass
+
+
+class _Q:
+    """An integer tensor with its affine parameters (scale/zero point per tensor or per ``axis``)."""
+
+    def __init__(self, q, scale, zero, axis=None):
+        self.q = np.asarray(q, np.int64)
+        self.scale = np.atleast_1d(np.asarray(scale, np.float32))
+        self.zero = np.atleast_1d(np.asarray(zero, np.int64))
+        self.axis = axis
+
+    def centered(self, channel_axis: int | None = None) -> np.ndarray:
+        if self.zero.size == 1:
+            return self.q - int(self.zero[0])
+        shape = [1] * self.q.ndim
+        shape[self.axis % self.q.ndim] = -1
+        return self.q - self.zero.reshape(shape)
+
+
+class _Pending:
+    """An integer value awaiting its output QuantizeLinear: one or more (int tensor, scale) terms
+    summed after each is requantized, plus real-valued clamp bounds from ReLU/Clip."""
+
+    def __init__(self, terms, lo=-np.inf, hi=np.inf):
+        self.terms = terms            # list of (int64 array, float64 ratio numerator array, channel axis)
+        self.lo, self.hi = lo, hi
+
+
+def _conv_int(x, w, strides, pads, dilations, group):
+    """Exact int64 NCHW convolution (im2col), any stride, padding, dilation and group count."""
+    n, c, h, wd = x.shape
+    m, cg, kh, kw = w.shape
+    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    oh = (xp.shape[2] - dilations[0] * (kh - 1) - 1) // strides[0] + 1
+    ow = (xp.shape[3] - dilations[1] * (kw - 1) - 1) // strides[1] + 1
+    out = np.zeros((n, m, oh, ow), np.int64)
+    mg = m // group
+    for g in range(group):
+        xs = xp[:, g * cg:(g + 1) * cg]
+        cols = np.empty((n, cg, kh, kw, oh, ow), np.int64)
+        for i in range(kh):
+            for j in range(kw):
+                hi0, wj0 = i * dilations[0], j * dilations[1]
+                cols[:, :, i, j] = xs[:, :, hi0:hi0 + strides[0] * oh:strides[0], wj0:wj0 + strides[1] * ow:strides[1]]
+        wg = w[g * mg:(g + 1) * mg].reshape(mg, -1)
+        out[:, g * mg:(g + 1) * mg] = np.einsum("mk,nkhw->nmhw", wg, cols.reshape(n, cg * kh * kw, oh, ow))
+    return out
+
+
+def _maxpool_int(q, kernel, strides, pads, fill):
+    n, c, h, w = q.shape
+    qp = np.pad(q, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])), constant_values=fill)
+    oh = (qp.shape[2] - kernel[0]) // strides[0] + 1
+    ow = (qp.shape[3] - kernel[1]) // strides[1] + 1
+    out = np.full((n, c, oh, ow), fill, np.int64)
+    for i in range(kernel[0]):
+        for j in range(kernel[1]):
+            out = np.maximum(out, qp[:, :, i:i + strides[0] * oh:strides[0], j:j + strides[1] * ow:strides[1]])
+    return out
+
+
+def run_qdq(model, feeds: dict) -> dict:
+    """Interpret a QDQ ONNX model with lowbit's integer semantics.  Returns float outputs
+    (the final DequantizeLinear) keyed by output name."""
+    from onnx import helper, numpy_helper
+
+    from passes.dyadic import dyadic_from_ratio
+
+    g = model.graph
+    env: dict = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    env.update({k: np.asarray(v) for k, v in feeds.items()})
+
+    def attrs(n):
+        return {a.name: helper.get_attribute_value(a) for a in n.attribute}
+
+    def requant(p: _Pending, scale_out: float, zero_out: int, qmin: int, qmax: int) -> np.ndarray:
+        total = 0
+        for acc, num, axis in p.terms:
+            ratio = num.astype(np.float32).astype(np.float64) / np.float64(np.float32(scale_out))
+            d = dyadic_from_ratio(ratio)
+            total = total + requantize(acc, d.m, d.e, -(2**62), 2**62, axis=axis if axis is not None else -1,
+                                       dtype=np.int64)
+        # ReLU / Clip bounds are real values; in the output's integer domain they are
+        # z + round(bound / s) (round half to even, as QuantizeLinear rounds)
+        lo, hi = qmin, qmax
+        if np.isfinite(p.lo):
+            lo = max(lo, zero_out + int(np.round(p.lo / np.float32(scale_out))))
+        if np.isfinite(p.hi):
+            hi = min(hi, zero_out + int(np.round(p.hi / np.float32(scale_out))))
+        return np.clip(total + zero_out, lo, hi)
+
+    def deq_of(v) -> _Q:
+        if not isinstance(v, tuple) or v[0] != "deq":
+            raise QDQUnsupported(f"expected a dequantized tensor, got {type(v).__name__}")
+        return v[1]
+
+    outputs = {o.name for o in g.output}
+    for n in g.node:
+        a = attrs(n)
+        ins = [env.get(i) if i else None for i in n.input]
+        op = n.op_type
+        if op == "QuantizeLinear":
+            x, s, z = ins[0], np.float32(np.asarray(ins[1]).reshape(-1)[0]), ins[2] if len(ins) > 2 else np.uint8(0)
+            zdt = np.asarray(z).dtype
+            info = np.iinfo(zdt)
+            if isinstance(x, _Pending):
+                val = requant(x, float(s), int(np.asarray(z).reshape(-1)[0]), info.min, info.max)
+            elif isinstance(x, tuple):                          # Q(DQ(q)) with other params: a requantize
+                src = deq_of(x)
+                val = requant(_Pending([(src.centered(), src.scale.astype(np.float64), src.axis)]),
+                              float(s), int(np.asarray(z).reshape(-1)[0]), info.min, info.max)
+            else:                                               # the input quantize: float boundary
+                val = np.clip(np.round(np.asarray(x, np.float32) / s) + int(np.asarray(z).reshape(-1)[0]),
+                              info.min, info.max)
+            env[n.output[0]] = ("q", _Q(val, s, np.asarray(z).reshape(-1)[0]), zdt)
+        elif op == "DequantizeLinear":
+            src = ins[0]
+            scale, zero = ins[1], (ins[2] if len(ins) > 2 and ins[2] is not None else 0)
+            if isinstance(src, tuple) and src[0] == "q":
+                qv = _Q(src[1].q, scale, zero, a.get("axis", 1))
+            else:                                               # an initializer (weights, bias)
+                qv = _Q(src, scale, zero, a.get("axis", 1))
+            if n.output[0] in outputs:
+                shape = [1] * qv.q.ndim
+                if qv.scale.size > 1:
+                    shape[qv.axis % qv.q.ndim] = -1
+                env[n.output[0]] = (qv.centered() * qv.scale.reshape(shape)).astype(np.float32)
+            else:
+                env[n.output[0]] = ("deq", qv)
+        elif op in ("Conv", "MatMul", "Gemm"):
+            x, w = deq_of(ins[0]), deq_of(ins[1])
+            if x.scale.size != 1:
+                raise QDQUnsupported(f"{op} {n.name}: per-axis activation parameters are not supported")
+            xi, wi = x.centered(), w.centered()
+            if op == "Conv":
+                acc = _conv_int(xi, wi, a.get("strides", [1, 1]), a.get("pads", [0, 0, 0, 0]),
+                                a.get("dilations", [1, 1]), a.get("group", 1))
+                axis, wscale = 1, w.scale
+            elif op == "MatMul":
+                acc, axis, wscale = xi @ wi, -1, w.scale
+            else:
+                xa = xi.T if a.get("transA", 0) else xi
+                wb = wi.T if a.get("transB", 0) else wi
+                if a.get("alpha", 1.0) != 1.0:
+                    raise QDQUnsupported(f"Gemm {n.name}: alpha != 1 is not supported")
+                acc, axis, wscale = xa @ wb, -1, w.scale
+            num = (x.scale[0].astype(np.float32) * wscale.astype(np.float32)).astype(np.float64)
+            bias_in = 2 if op in ("Conv", "Gemm") else None
+            if bias_in is not None and len(ins) > bias_in and ins[bias_in] is not None:
+                b = deq_of(ins[bias_in])
+                shape = [1] * acc.ndim
+                shape[axis] = -1
+                acc = acc + b.centered().reshape(shape)
+            env[n.output[0]] = _Pending([(acc, num, axis)])
+        elif op == "Add":
+            x, y = ins
+            if isinstance(x, tuple) and isinstance(y, tuple):
+                terms = []
+                for v in (x, y):
+                    qv = deq_of(v)
+                    terms.append((qv.centered(), qv.scale.astype(np.float64), qv.axis if qv.scale.size > 1 else None))
+                env[n.output[0]] = _Pending(terms)
+            elif isinstance(x, _Pending) and isinstance(y, tuple):   # matmul + bias (int32 at s_x*s_w)
+                b = deq_of(y)
+                acc, num, axis = x.terms[0]
+                env[n.output[0]] = _Pending([(acc + b.centered(), num, axis)], x.lo, x.hi)
+            else:
+                raise QDQUnsupported(f"Add {n.name}: operands are not a supported integer pattern")
+        elif op in ("Relu", "Clip"):
+            p = ins[0]
+            if not isinstance(p, _Pending):
+                raise QDQUnsupported(f"{op} {n.name}: only supported right before a QuantizeLinear")
+            lo, hi = 0.0, np.inf
+            if op == "Clip":
+                lo = float(ins[1]) if len(ins) > 1 and ins[1] is not None else -np.inf
+                hi = float(ins[2]) if len(ins) > 2 and ins[2] is not None else np.inf
+            env[n.output[0]] = _Pending(p.terms, max(p.lo, lo), min(p.hi, hi))
+        elif op in ("GlobalAveragePool", "ReduceMean"):
+            x = deq_of(ins[0])
+            axes = (2, 3) if op == "GlobalAveragePool" else tuple(a.get("axes", ins[1] if len(ins) > 1 else ()))
+            keep = op == "GlobalAveragePool" or a.get("keepdims", 1)
+            total = x.centered().sum(axis=axes, keepdims=bool(keep))
+            count = int(np.prod([x.q.shape[i] for i in axes]))
+            num = (x.scale.astype(np.float64) / count)
+            env[n.output[0]] = _Pending([(total, num, None)])
+        elif op == "MaxPool":
+            x = deq_of(ins[0])
+            k = a["kernel_shape"]
+            fill = np.iinfo(np.int64).min
+            pooled = _maxpool_int(x.q, k, a.get("strides", [1, 1]), a.get("pads", [0, 0, 0, 0]), fill)
+            env[n.output[0]] = ("deq", _Q(pooled, x.scale, x.zero, x.axis))
+        elif op in ("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze"):
+            x = deq_of(ins[0])
+            if op == "Flatten":
+                ax = a.get("axis", 1)
+                q = x.q.reshape(int(np.prod(x.q.shape[:ax])), -1)
+            elif op == "Reshape":
+                q = x.q.reshape([d if d else x.q.shape[i] for i, d in enumerate(np.asarray(ins[1]).tolist())])
+            elif op == "Transpose":
+                q = x.q.transpose(a.get("perm"))
+            elif op == "Squeeze":
+                q = np.squeeze(x.q, axis=tuple(np.asarray(ins[1]).tolist()) if len(ins) > 1 else None)
+            else:
+                q = np.expand_dims(x.q, tuple(np.asarray(ins[1]).tolist()))
+            env[n.output[0]] = ("deq", _Q(q, x.scale, x.zero, x.axis))
+        else:
+            raise QDQUnsupported(f"{op} {n.name}: no integer semantics for this op yet")
+    return {o.name: env[o.name] for o in g.output}

@@ -1,0 +1,101 @@
+"""The golden integer interpreter of QDQ graphs: its kernels against naive loops, and its
+results against ONNX Runtime (which requantizes in float32, so ties and fp32 rounding may
+differ by one output step; the integers lowbit must produce are the golden ones)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+from conftest import make_model, mlp_model
+from onnx import TensorProto, helper, numpy_helper
+from test_qoperator import _residual_cnn
+
+from models import zoo
+from runtime import golden, ort
+
+
+def _naive_conv(x, w, stride, pad, dil, group):
+    n, c, h, wd = x.shape
+    m, cg, kh, kw = w.shape
+    xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    oh = (h + 2 * pad - dil * (kh - 1) - 1) // stride + 1
+    ow = (wd + 2 * pad - dil * (kw - 1) - 1) // stride + 1
+    out = np.zeros((n, m, oh, ow), np.int64)
+    for b in range(n):
+        for o in range(m):
+            g = o // (m // group)
+            for i in range(oh):
+                for j in range(ow):
+                    for ci in range(cg):
+                        for p in range(kh):
+                            for q in range(kw):
+                                out[b, o, i, j] += (xp[b, g * cg + ci, i * stride + p * dil, j * stride + q * dil]
+                                                    * w[o, ci, p, q])
+    return out
+
+
+@pytest.mark.parametrize("stride, pad, dil, group", [(1, 1, 1, 1), (2, 0, 1, 1), (1, 2, 2, 2), (2, 1, 1, 4)])
+def test_integer_conv_matches_naive_loops(stride, pad, dil, group):
+    rng = np.random.default_rng(stride * 10 + group)
+    x = rng.integers(-128, 128, size=(2, 4, 7, 6))
+    w = rng.integers(-127, 128, size=(8, 4 // group, 3, 3))
+    got = golden._conv_int(x, w, [stride] * 2, [pad] * 4, [dil] * 2, group)
+    np.testing.assert_array_equal(got, _naive_conv(x, w, stride, pad, dil, group))
+
+
+def test_integer_maxpool():
+    x = np.random.default_rng(0).integers(0, 256, size=(1, 2, 5, 5))
+    got = golden._maxpool_int(x, [3, 3], [2, 2], [1, 1, 1, 1], fill=-(2**62))
+    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=-(2**62))
+    want = np.array([[[[xp[0, c, 2 * i:2 * i + 3, 2 * j:2 * j + 3].max() for j in range(3)] for i in range(3)]
+                      for c in range(2)]])
+    np.testing.assert_array_equal(got, want)
+
+
+def _output_lsb(m: onnx.ModelProto) -> float:
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    node = next(n for n in m.graph.node if m.graph.output[0].name in n.output)
+    return float(np.max(inits[node.input[1]]))
+
+
+def _qdq(model, x, tmp_path, name="m"):
+    path = tmp_path / f"{name}.onnx"
+    onnx.save(model, path)
+    feeds = {model.graph.input[0].name: x}
+    return onnx.load(ort.quantize(str(path), feeds, str(tmp_path / f"{name}_qdq.onnx"), "static")), feeds
+
+
+@pytest.mark.parametrize("name", ["mlp", "residual_cnn"])
+def test_golden_agrees_with_ort_to_one_output_step(tmp_path, name):
+    model, shape = {"mlp": (mlp_model(), (16, 8)), "residual_cnn": (_residual_cnn(), (8, 4, 10, 10))}[name]
+    x = np.random.default_rng(1).normal(size=shape).astype(np.float32)
+    q, feeds = _qdq(model, x, tmp_path)
+    got = golden.run_qdq(q, feeds)[q.graph.output[0].name]
+    want = onnxruntime.InferenceSession(q.SerializeToString()).run(None, feeds)[0]
+    assert got.shape == want.shape and got.dtype == np.float32
+    assert np.abs(got - want).max() <= _output_lsb(q) * (1 + 1e-5)
+
+
+def test_golden_digits_cnn(tmp_path):
+    files = zoo.ensure("digits_cnn")
+    x = files.calibration()[zoo.INPUT]
+    q, feeds = _qdq(onnx.load(files.onnx), x[:64], tmp_path, "digits")
+    got = golden.run_qdq(q, {zoo.INPUT: x})[zoo.OUTPUT]
+    want = onnxruntime.InferenceSession(q.SerializeToString()).run(None, {zoo.INPUT: x})[0]
+    lsb = _output_lsb(q)
+    assert np.abs(got - want).max() <= lsb * (1 + 1e-5)
+    assert (np.abs(got - want) > lsb / 2).mean() < 0.25        # most outputs identical
+    assert (got.argmax(1) == want.argmax(1)).mean() >= 0.97
+
+
+def test_unsupported_op_is_named():
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], name="q"),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"], name="dq"),
+             helper.make_node("Softmax", ["d"], ["y"], name="smax")]
+    inits = [numpy_helper.from_array(np.float32(0.1), "s"), numpy_helper.from_array(np.uint8(128), "z")]
+    m = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], inits)
+    with pytest.raises(golden.QDQUnsupported, match="Softmax smax"):
+        golden.run_qdq(m, {"x": np.zeros((2, 3), np.float32)})
