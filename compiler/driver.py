@@ -1,6 +1,7 @@
 """The lowbit pipeline, top to bottom.  Each stage is one call.
 
     ONNX file --load, QOperator->QDQ, check--> ONNX proto --import--> Relax IRModule
+      --lower QDQ to integer (quantized models)--> integer-only Relax
       --analyze--> op histogram, weights, integer-only verdict --build (fuse, lower, LLVM)--> VM executable
       --> Artifact (library + manifest)
 """
@@ -16,8 +17,9 @@ from codegen import llvm
 from compiler import frontend, qoperator
 from compiler.errors import UserError
 from compiler.options import CompileOptions
-from compiler.progress import native_stderr_to_debug, stage, steps
+from compiler.progress import log, native_stderr_to_debug, stage, steps
 from passes.analysis import op_histogram, weight_bytes
+from passes.lower_qdq import QDQLoweringError, is_qdq, lower_qdq
 from passes.verify_integer import check_integer_only
 from runtime.artifact import Artifact, Manifest, versions
 
@@ -27,7 +29,7 @@ def compile(model: str | os.PathLike | onnx.ModelProto, target: str = "llvm", *,
             options: CompileOptions | None = None) -> Artifact:
     """Compile an ONNX model.  Raises ``UserError`` for problems with the model or options."""
     opts = options or CompileOptions(target=target, input_shapes=dict(input_shapes or {}))
-    with native_stderr_to_debug(), steps(4, "compiling"):
+    with native_stderr_to_debug(), steps(5, "compiling"):
         return _compile(model, opts)
 
 
@@ -42,6 +44,13 @@ def _compile(model, opts: CompileOptions) -> Artifact:
     with stage("import to Relax"):
         mod = frontend.to_relax(src, inputs)
         outputs = frontend.relax_output_specs(mod, [o.name for o in src.proto.graph.output])
+    if is_qdq(mod):
+        with stage("lower QDQ to integer"):
+            try:
+                mod = lower_qdq(mod)
+            except QDQLoweringError as exc:
+                # still a correct program: the float math between the Q/DQ pairs runs as is
+                log.warning("%s: integer lowering not possible (%s); compiled as fake-quant", src.path, exc)
     with stage("analyze"):
         histogram, nbytes = op_histogram(mod), weight_bytes(mod)
         verdict = check_integer_only(mod)

@@ -78,20 +78,24 @@ def dyadic_from_ratio(ratio) -> Dyadic:
     return Dyadic(np.where(zero, 0, m).astype(np.int64), np.where(zero, 0, e).astype(np.int64))
 
 
-def requantize(x: relax.Expr, d: Dyadic, qmin: int, qmax: int, out_dtype: str, axis: int = -1) -> relax.Expr:
-    """``clip((x * m + 2^(e-1)) >> e, qmin, qmax)`` as Relax integer ops.
+def rescale(x: relax.Expr, d: Dyadic, axis: int = -1) -> relax.Expr:
+    """``(x * m + 2^(e-1)) >> e`` in int64, unclamped (terms of a residual sum are added first).
 
     ``x`` is an int32 (or int64) tensor; per-channel ``d`` broadcasts along ``axis``.
-    Clamping before the final cast matters: ``astype`` wraps, it does not saturate.
     """
     op = relax.op
-    ndim = x.ty.ndim
-    shape = [1] * ndim
+    shape = [1] * x.ty.ndim
     if d.m.size > 1:
         shape[axis] = d.m.size
     m = relax.const(d.m.reshape(shape), "int64")
     e = relax.const(d.e.reshape(shape), "int64")
     half = relax.const(np.where(d.e > 0, np.left_shift(1, np.maximum(d.e, 1) - 1), 0).reshape(shape), "int64")
-    acc = op.add(op.multiply(op.astype(x, "int64"), m), half)
-    y = op.clip(op.right_shift(acc, e), qmin, qmax)
-    return op.astype(y, out_dtype)
+    return op.right_shift(op.add(op.multiply(op.astype(x, "int64"), m), half), e)
+
+
+def requantize(x: relax.Expr, d: Dyadic, qmin: int, qmax: int, out_dtype: str, axis: int = -1) -> relax.Expr:
+    """``clip((x * m + 2^(e-1)) >> e, qmin, qmax)`` cast to ``out_dtype``.
+
+    Clamping before the final cast matters: ``astype`` wraps, it does not saturate.
+    """
+    return relax.op.astype(relax.op.clip(rescale(x, d, axis), qmin, qmax), out_dtype)

@@ -112,6 +112,18 @@ def _maxpool_int(q, kernel, strides, pads, fill):
     return out
 
 
+def _on_integers(v, deq_of):
+    """Max-pool and views act on the integers: QOperator graphs apply them to quantized
+    tensors ("q"), QDQ graphs to dequantized ones ("deq"); the result keeps the form."""
+    if isinstance(v, tuple) and v[0] == "q":
+        return "q", v[1]
+    return "deq", deq_of(v)
+
+
+def _same_kind(v, kind, q: _Q):
+    return ("q", q, v[2]) if kind == "q" else ("deq", q)
+
+
 def run_qdq(model, feeds: dict) -> dict:
     """Interpret a QDQ ONNX model with lowbit's integer semantics.  Returns float outputs
     (the final DequantizeLinear) keyed by output name."""
@@ -237,13 +249,13 @@ def run_qdq(model, feeds: dict) -> dict:
             num = (x.scale.astype(np.float64) / count)
             env[n.output[0]] = _Pending([(total, num, None)])
         elif op == "MaxPool":
-            x = deq_of(ins[0])
+            kind, x = _on_integers(ins[0], deq_of)
             k = a["kernel_shape"]
             fill = np.iinfo(np.int64).min
             pooled = _maxpool_int(x.q, k, a.get("strides", [1, 1]), a.get("pads", [0, 0, 0, 0]), fill)
-            env[n.output[0]] = ("deq", _Q(pooled, x.scale, x.zero, x.axis))
+            env[n.output[0]] = _same_kind(ins[0], kind, _Q(pooled, x.scale, x.zero, x.axis))
         elif op in ("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze"):
-            x = deq_of(ins[0])
+            kind, x = _on_integers(ins[0], deq_of)
             if op == "Flatten":
                 ax = a.get("axis", 1)
                 q = x.q.reshape(int(np.prod(x.q.shape[:ax])), -1)
@@ -255,7 +267,7 @@ def run_qdq(model, feeds: dict) -> dict:
                 q = np.squeeze(x.q, axis=tuple(np.asarray(ins[1]).tolist()) if len(ins) > 1 else None)
             else:
                 q = np.expand_dims(x.q, tuple(np.asarray(ins[1]).tolist()))
-            env[n.output[0]] = ("deq", _Q(q, x.scale, x.zero, x.axis))
+            env[n.output[0]] = _same_kind(ins[0], kind, _Q(q, x.scale, x.zero, x.axis))
         else:
             raise QDQUnsupported(f"{op} {n.name}: no integer semantics for this op yet")
     return {o.name: env[o.name] for o in g.output}
