@@ -77,10 +77,12 @@ def cmd_bench(args) -> int:
         shapes.setdefault(name, tuple(arr.shape))
     art = compiler.compile(model_path, target="llvm", input_shapes=shapes)
     with tempfile.TemporaryDirectory() as tmp:
-        runners = {"lowbit-fp32": art.run}
+        runners = {f"lowbit-{art.manifest.precision}": art.run}     # first: the row t/lowbit refers to
         with stage("ORT baselines (quantize)"):
-            runners.update((r.name, r) for r in ort.baselines(model_path, calib, args.threads, tmp))
-        result = bench.compare(os.path.basename(args.model), runners, first, eval_inputs, args.threads, args.seconds)
+            baselines = ort.baselines(model_path, calib, args.threads, tmp)
+        runners.update((r.name, r) for r in baselines)
+        result = bench.compare(os.path.basename(args.model), runners, first, eval_inputs, args.threads, args.seconds,
+                               reference=baselines[0].name)
     print(result.table())
     if args.json:
         _write_text(args.json, result.to_json())

@@ -20,7 +20,6 @@ from compiler.progress import bar, stage
 from runtime.threads import TIMING_ENV
 
 Runner = Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
-REFERENCE = "ort-fp32"
 
 
 @dataclass
@@ -29,11 +28,11 @@ class Row:
     median_ms: float
     p10_ms: float
     p90_ms: float
-    speedup_vs_ort_fp32: float      # ort-fp32 median / this median (> 1 is faster)
-    time_vs_lowbit: float           # this median / lowbit-fp32 median
-    max_abs_diff: float             # vs ort-fp32 outputs over the evaluation samples
+    speedup_vs_reference: float     # reference median / this median (> 1 is faster)
+    time_vs_lowbit: float           # this median / the lowbit runner's median (the first runner)
+    max_abs_diff: float             # vs the reference's outputs over the evaluation samples
     cosine: float
-    top1_agreement: float | None    # share of samples whose argmax matches ort-fp32 (classifiers)
+    top1_agreement: float | None    # share of samples whose argmax matches the reference (classifiers)
 
 
 @dataclass
@@ -45,16 +44,17 @@ class BenchResult:
     eval_samples: int
     rows: list[Row]
     env: dict[str, str | None]
+    reference: str = "ort-fp32"
 
     def table(self) -> str:
-        head = f"{'runner':<16}{'median ms':>11}{'p10':>9}{'p90':>9}{'x ort-fp32':>12}{'t/lowbit':>10}" \
+        head = f"{'runner':<16}{'median ms':>11}{'p10':>9}{'p90':>9}{'x ' + self.reference:>12}{'t/lowbit':>10}" \
                f"{'max|d|':>11}{'cosine':>9}{'top1':>7}"
         lines = [f"{self.model}: {self.threads} thread(s), {self.rounds} interleaved rounds, "
-                 f"fidelity on {self.eval_samples} samples vs {REFERENCE}", head, "-" * len(head)]
+                 f"fidelity on {self.eval_samples} samples vs {self.reference}", head, "-" * len(head)]
         for r in self.rows:
             top1 = "-" if r.top1_agreement is None else f"{100 * r.top1_agreement:.0f}%"
             lines.append(f"{r.name:<16}{r.median_ms:>11.3f}{r.p10_ms:>9.3f}{r.p90_ms:>9.3f}"
-                         f"{r.speedup_vs_ort_fp32:>11.2f}x{r.time_vs_lowbit:>10.2f}"
+                         f"{r.speedup_vs_reference:>11.2f}x{r.time_vs_lowbit:>10.2f}"
                          f"{r.max_abs_diff:>11.2e}{r.cosine:>9.5f}{top1:>7}")
         return "\n".join(lines)
 
@@ -101,15 +101,19 @@ def fidelity(run: Runner, ref: Runner, inputs: list[Mapping[str, np.ndarray]]) -
 
 
 def compare(model: str, runners: Mapping[str, Runner], feeds: Mapping[str, np.ndarray],
-            eval_inputs: list[Mapping[str, np.ndarray]], threads: int, budget_s: float = 20.0) -> BenchResult:
+            eval_inputs: list[Mapping[str, np.ndarray]], threads: int, budget_s: float = 20.0,
+            reference: str = "ort-fp32") -> BenchResult:
+    """Time and compare; the first runner is lowbit's, ``reference`` must be among them."""
     with stage("interleaved timing"):
         samples, calls = time_interleaved(runners, feeds, budget_s)
     med = {n: float(np.median(s)) for n, s in samples.items()}
+    lowbit = next(iter(runners))
     rows = []
     for name, s in samples.items():
         with stage(f"fidelity {name}"):
-            d, cos, top1 = fidelity(runners[name], runners[REFERENCE], eval_inputs)
+            d, cos, top1 = fidelity(runners[name], runners[reference], eval_inputs)
         rows.append(Row(name, med[name], float(np.percentile(s, 10)), float(np.percentile(s, 90)),
-                        med[REFERENCE] / med[name], med[name] / med["lowbit-fp32"], d, cos, top1))
+                        med[reference] / med[name], med[name] / med[lowbit], d, cos, top1))
     env = {k: os.environ.get(k) for k in TIMING_ENV}
-    return BenchResult(model, threads, len(next(iter(samples.values()))), calls, len(eval_inputs), rows, env)
+    return BenchResult(model, threads, len(next(iter(samples.values()))), calls, len(eval_inputs), rows, env,
+                       reference)

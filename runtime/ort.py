@@ -23,6 +23,9 @@ import numpy as np
 import onnx
 
 TRANSFORMER_OPS = {"Softmax", "LayerNormalization"}
+QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
+                 "QGemm", "ConvInteger", "MatMulInteger"}
+AS_GIVEN = "ort-as-given"
 
 
 @dataclass
@@ -73,6 +76,10 @@ def weight_op_nodes(model: onnx.ModelProto) -> list[str]:
             if n.op_type in ("Conv", "Gemm") or (n.op_type == "MatMul" and any(i in consts for i in n.input))]
 
 
+def is_quantized(model: onnx.ModelProto) -> bool:
+    return any(n.op_type in QUANTIZED_OPS for n in model.graph.node)
+
+
 def is_transformer(model: onnx.ModelProto) -> bool:
     return any(n.op_type in TRANSFORMER_OPS for n in model.graph.node)
 
@@ -114,8 +121,11 @@ def _quantize(model_path: str, calib: Mapping[str, np.ndarray], out_path: str, v
 
 
 def baselines(model_path: str, calib: Mapping[str, np.ndarray], threads: int, workdir: str) -> list[OrtRunner]:
-    """FP32 plus the INT8 variants that apply to this model, all with ``threads`` intra-op threads."""
+    """FP32 plus the INT8 variants that apply to this model, all with ``threads`` intra-op threads.
+    The first runner is the reference: ``ort-fp32``, or ``ort-as-given`` for a quantized model."""
     model = onnx.load(model_path, load_external_data=False)
+    if is_quantized(model):         # already quantized: ORT runs it as given (re-quantizing breaks it)
+        return [OrtRunner(AS_GIVEN, model_path, threads)]
     variants = [("ort-int8", "static")]
     if is_transformer(model):
         variants += [("ort-int8-wonly", "wonly"), ("ort-int8-dyn", "dynamic")]

@@ -94,6 +94,23 @@ def test_bench_cli_writes_table_and_json(tmp_path, capsys):
         assert name in out
     res = json.loads((tmp_path / "b.json").read_text())
     rows = {r["name"]: r for r in res["rows"]}
-    assert rows["ort-fp32"]["speedup_vs_ort_fp32"] == 1.0 and rows["lowbit-fp32"]["time_vs_lowbit"] == 1.0
+    assert rows["ort-fp32"]["speedup_vs_reference"] == 1.0 and rows["lowbit-fp32"]["time_vs_lowbit"] == 1.0
     assert rows["lowbit-fp32"]["max_abs_diff"] < 1e-4
     assert res["rounds"] >= 10 and res["threads"] == 1
+
+
+def test_bench_of_a_quantized_model_labels_lowbit_int8(tmp_path, capsys):
+    fp32 = tmp_path / "m.onnx"
+    onnx.save(mlp_model(), fp32)
+    x = np.random.default_rng(0).normal(size=(16, 8)).astype(np.float32)
+    qdq = ort.quantize(str(fp32), {"x": x}, str(tmp_path / "q.onnx"), "static")
+    np.savez(tmp_path / "calib.npz", x=x)
+    assert main(["bench", qdq, "--threads", "1", "--calib", str(tmp_path / "calib.npz"), "--seconds", "0.3",
+                 "--json", str(tmp_path / "b.json")]) == 0
+    rows = {r["name"]: r for r in json.loads((tmp_path / "b.json").read_text())["rows"]}
+    assert rows["lowbit-int8"]["time_vs_lowbit"] == 1.0
+    assert rows["ort-as-given"]["speedup_vs_reference"] == 1.0 and set(rows) == {"lowbit-int8", "ort-as-given"}
+    q = onnx.load(qdq)
+    out_dq = next(n for n in q.graph.node if q.graph.output[0].name in n.output)
+    lsb = float(next(numpy_helper.to_array(t) for t in q.graph.initializer if t.name == out_dq.input[1]))
+    assert rows["lowbit-int8"]["max_abs_diff"] <= lsb * (1 + 1e-5)   # integer-only vs ORT's QDQ: one step
