@@ -109,7 +109,7 @@ class _Lowering:
         raise QDQLoweringError(f"{what}: operand is not a dequantized integer tensor")
 
     # ---- one binding ------------------------------------------------------------
-    def lower(self, var, call) -> object:
+    def lower(self, call) -> object:
         name = _name(call)
         if name == "relax.quantize":
             return self.quantize(call)
@@ -279,7 +279,7 @@ def lower_qdq(mod: tvm.IRModule) -> tvm.IRModule:
                                                             b.value.attrs))
                         result = low.env[b.var]
                         continue
-                    low.env[b.var] = low.lower(b.var, b.value)
+                    low.env[b.var] = low.lower(b.value)
             if result is None:
                 raise QDQLoweringError("no output dequantize found")
             out = bb.emit_output(result)
