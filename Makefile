@@ -25,7 +25,7 @@ toolchain:
 demo: setup
 	$(BIN)/lowbit zoo export digits_cnn -o $(DEMO)/digits_cnn.onnx --calib $(DEMO)/digits_cnn.calib.npz
 	$(BIN)/lowbit compile $(DEMO)/digits_cnn.onnx -o $(DEMO)/digits_cnn
-	$(BIN)/python -m runtime.demo $(DEMO)/digits_cnn $(DEMO)/digits_cnn.onnx
+	$(BIN)/python -m runtime.demo $(DEMO)/digits_cnn $(DEMO)/digits_cnn.onnx $(DEMO)/digits_cnn.calib.npz
 
 lint: setup
 	$(BIN)/ruff check .
