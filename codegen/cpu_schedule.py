@@ -77,13 +77,10 @@ class CPUDefault(dl.ScheduleRule):
             return sch
         if len(reductions) > 1 or not all(b.is_injective() for b in blocks if b is not reductions[0]):
             return None         # softmax / layernorm style multi-reduction kernels: left to LLVM as is
-        if self._pad_to_tiles(sch, reductions[0]):
-            blocks = dl.analysis.normalize_prim_func(sch)
-            if blocks is None:
-                return None
-            reductions = [b for b in blocks if b.is_reduction()]
-        vec = self._channels_last_weights(sch, reductions[0])
-        if vec is not None:
+        # padding applies to einsums (matmul), channels-last weights to strided convs
+        padded = self._pad_to_tiles(sch, reductions[0])
+        vec = None if padded else self._channels_last_weights(sch, reductions[0])
+        if padded or vec is not None:           # new producer blocks: analyze again
             blocks = dl.analysis.normalize_prim_func(sch)
             if blocks is None:
                 return None

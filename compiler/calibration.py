@@ -100,9 +100,6 @@ class MSEObserver(_ReservoirObserver):
         return best
 
 
-OBSERVERS = {"minmax": MinMaxObserver, "percentile": PercentileObserver, "mse": MSEObserver}
-
-
 def activation_params(lo: float, hi: float, scheme: str = "u8", bits: int = 8) -> QuantParams:
     """Per-tensor activation parameters for a range (widened to include 0)."""
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)

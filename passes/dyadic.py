@@ -93,9 +93,17 @@ def rescale(x: relax.Expr, d: Dyadic, axis: int = -1) -> relax.Expr:
     return op.right_shift(op.add(op.multiply(op.astype(x, "int64"), m), half), e)
 
 
-def requantize(x: relax.Expr, d: Dyadic, qmin: int, qmax: int, out_dtype: str, axis: int = -1) -> relax.Expr:
-    """``clip((x * m + 2^(e-1)) >> e, qmin, qmax)`` cast to ``out_dtype``.
+def saturate(total: relax.Expr, zero_point: int, qmin: int, qmax: int, out_dtype: str) -> relax.Expr:
+    """``clip(total + zero_point, qmin, qmax)`` cast to ``out_dtype`` (``total`` is int64).
 
     Clamping before the final cast matters: ``astype`` wraps, it does not saturate.
     """
-    return relax.op.astype(relax.op.clip(rescale(x, d, axis), qmin, qmax), out_dtype)
+    if zero_point:
+        total = relax.op.add(total, relax.const(zero_point, "int64"))
+    return relax.op.astype(relax.op.clip(total, qmin, qmax), out_dtype)
+
+
+def requantize(x: relax.Expr, d: Dyadic, qmin: int, qmax: int, out_dtype: str, axis: int = -1,
+               zero_point: int = 0) -> relax.Expr:
+    """One rescaled term, saturated: ``clip(((x * m + 2^(e-1)) >> e) + zero_point, qmin, qmax)``."""
+    return saturate(rescale(x, d, axis), zero_point, qmin, qmax, out_dtype)

@@ -32,7 +32,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from passes.dyadic import dyadic_from_ratio, rescale
+from passes.dyadic import dyadic_from_ratio, rescale, saturate
 
 op = relax.op
 VIEWS = {"relax.reshape", "relax.permute_dims", "relax.flatten", "relax.squeeze", "relax.expand_dims"}
@@ -176,8 +176,7 @@ class _Lowering:
             lo = max(lo, z_out + int(np.round(src.lo / np.float32(s_out))))
         if np.isfinite(src.hi):
             hi = min(hi, z_out + int(np.round(src.hi / np.float32(s_out))))
-        expr = op.astype(op.clip(op.add(total, relax.const(z_out, "int64")), lo, hi), dtype)
-        return _Int(self.bb.emit(expr), scale, zero, dtype)
+        return _Int(self.bb.emit(saturate(total, z_out, lo, hi, dtype)), scale, zero, dtype)
 
     def dequantize(self, call):
         src = self.val(call.args[0])

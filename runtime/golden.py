@@ -112,6 +112,14 @@ def _maxpool_int(q, kernel, strides, pads, fill):
     return out
 
 
+def _bias(b: _Q, acc_scale: np.ndarray, node) -> np.ndarray:
+    """An int32 bias adds to the accumulator only at the accumulator's scale s_x*s_w (as ORT
+    writes it); any other scale would need its own rescale, which is not defined here."""
+    if np.any(b.zero != 0) or not np.allclose(b.scale, acc_scale.astype(np.float32), rtol=1e-6):
+        raise QDQUnsupported(f"{node.op_type} {node.name}: bias not quantized at scale s_x*s_w with zero point 0")
+    return b.centered()
+
+
 def _on_integers(v, deq_of):
     """Max-pool and views act on the integers: QOperator graphs apply them to quantized
     tensors ("q"), QDQ graphs to dequantized ones ("deq"); the result keeps the form."""
@@ -212,10 +220,10 @@ def run_qdq(model, feeds: dict) -> dict:
             num = (x.scale[0].astype(np.float32) * wscale.astype(np.float32)).astype(np.float64)
             bias_in = 2 if op in ("Conv", "Gemm") else None
             if bias_in is not None and len(ins) > bias_in and ins[bias_in] is not None:
-                b = deq_of(ins[bias_in])
+                b = _bias(deq_of(ins[bias_in]), num, n)
                 shape = [1] * acc.ndim
                 shape[axis] = -1
-                acc = acc + b.centered().reshape(shape)
+                acc = acc + b.reshape(shape)
             env[n.output[0]] = _Pending([(acc, num, axis)])
         elif op == "Add":
             x, y = ins
@@ -226,9 +234,8 @@ def run_qdq(model, feeds: dict) -> dict:
                     terms.append((qv.centered(), qv.scale.astype(np.float64), qv.axis if qv.scale.size > 1 else None))
                 env[n.output[0]] = _Pending(terms)
             elif isinstance(x, _Pending) and isinstance(y, tuple):   # matmul + bias (int32 at s_x*s_w)
-                b = deq_of(y)
                 acc, num, axis = x.terms[0]
-                env[n.output[0]] = _Pending([(acc + b.centered(), num, axis)], x.lo, x.hi)
+                env[n.output[0]] = _Pending([(acc + _bias(deq_of(y), num, n), num, axis)], x.lo, x.hi)
             else:
                 raise QDQUnsupported(f"Add {n.name}: operands are not a supported integer pattern")
         elif op in ("Relu", "Clip"):

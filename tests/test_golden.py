@@ -99,3 +99,17 @@ def test_unsupported_op_is_named():
                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], inits)
     with pytest.raises(golden.QDQUnsupported, match="Softmax smax"):
         golden.run_qdq(m, {"x": np.zeros((2, 3), np.float32)})
+
+
+def test_bias_at_another_scale_is_rejected_by_both(tmp_path):
+    """The golden interpreter and the lowering refuse the same thing: a bias whose scale is not s_x*s_w."""
+    import compiler
+
+    q, feeds = _qdq(mlp_model(), np.random.default_rng(2).normal(size=(16, 8)).astype(np.float32), tmp_path)
+    gemm = next(n for n in q.graph.node if n.op_type in ("Gemm", "Conv") and len(n.input) > 2)
+    bias_dq = next(n for n in q.graph.node if n.output[0] == gemm.input[2])
+    init = next(t for t in q.graph.initializer if t.name == bias_dq.input[1])
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 2, init.name))
+    with pytest.raises(golden.QDQUnsupported, match="bias not quantized at scale"):
+        golden.run_qdq(q, feeds)
+    assert compiler.compile(q).manifest.precision == "fake-quant"
