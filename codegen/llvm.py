@@ -2,12 +2,16 @@
 
 ``tvm.compile`` on a CPU target does not fuse by default (its "default" Relax
 pipeline only legalizes).  We run TVM's CPU pipeline, which fuses elementwise
-chains into their producer's kernel (FuseOps/FuseTIR), with one stage added
-after fusion: ``CPUDefault`` schedules, since TVM 0.27 leaves CPU kernels
-as naive loop nests.
+chains into their producer's kernel (FuseOps/FuseTIR), with three stages of
+ours: ``ReduceEpilogue`` before fusion (a pool's requantize joins its sum),
+``CountKernels``/``RecordFusion`` around it (for ``lowbit inspect``), and
+``CPUDefault`` schedules after it, since TVM 0.27 leaves CPU kernels as naive
+loop nests.
 """
 
 from __future__ import annotations
+
+import re
 
 import tvm
 from tvm import tirx
@@ -15,6 +19,8 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu
 from tvm.s_tir import dlight as dl
 
 from codegen.cpu_schedule import CPUDefault
+from passes.fusion_report import CountKernels, FusionReport, RecordFusion
+from passes.reduce_epilogue import ReduceEpilogue
 
 
 def host_target() -> dict:
@@ -23,18 +29,27 @@ def host_target() -> dict:
     return {"kind": "llvm", "mcpu": mcpu}
 
 
-def pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
-    """TVM's CPU pipeline (relax.backend.cpu_generic) with our schedules after fusion."""
-    stages = (cpu.library_dispatch_passes(target) + cpu.legalize_passes(target)
-              + [dl.ApplyDefaultSchedule(CPUDefault())]
+def pipeline(target: tvm.target.Target, report: FusionReport) -> tvm.transform.Pass:
+    """TVM's CPU pipeline (relax.backend.cpu_generic) with our schedules after fusion,
+    and the fusion recorded for ``lowbit inspect``."""
+    legalize = []
+    for p in cpu.legalize_passes(target):
+        if p.info.name == "FuseOps":
+            legalize += [ReduceEpilogue(), CountKernels(report)]
+        legalize.append(p)
+        if p.info.name == "FuseOps":
+            legalize.append(RecordFusion(report))
+    stages = (cpu.library_dispatch_passes(target) + legalize + [dl.ApplyDefaultSchedule(CPUDefault())]
               + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))
     return tvm.transform.Sequential(stages, name="lowbit_llvm")
 
 
 def build(mod: tvm.IRModule, target: dict):
-    """Fuse, schedule, lower and build.  Returns (executable, kernel names)."""
+    """Fuse, schedule, lower and build.  Returns (executable, {kernel: source ops}, kernels before fusion)."""
     tgt = tvm.target.Target(target)
+    report = FusionReport()
     with tgt:
-        lowered = pipeline(tgt)(mod)
-    kernels = sorted(gv.name_hint for gv, f in lowered.functions_items() if isinstance(f, tirx.PrimFunc))
-    return tvm.compile(lowered, target=tgt, relax_pipeline=None), kernels
+        lowered = pipeline(tgt, report)(mod)
+    names = sorted(gv.name_hint for gv, f in lowered.functions_items() if isinstance(f, tirx.PrimFunc))
+    kernels = {n: report.groups.get(n, [re.sub(r"\d+$", "", n)]) for n in names}
+    return tvm.compile(lowered, target=tgt, relax_pipeline=None), kernels, report.before

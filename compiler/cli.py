@@ -40,7 +40,11 @@ def cmd_compile(args) -> int:
 
     check_outdir(args.output)                       # fail before a long compile, not after
     t0 = time.perf_counter()
-    art = compiler.compile(args.model, target=args.target, input_shapes=_shapes(args))
+    from compiler.options import CompileOptions
+
+    opts = CompileOptions(target=args.target, input_shapes=_shapes(args), calib=args.calib,
+                          weight_bits=args.bits, observer=args.observer)
+    art = compiler.compile(args.model, options=opts)
     art.save(args.output)
     size = os.path.getsize(os.path.join(args.output, art.manifest.library))
     _say(args, f"wrote {args.output}: {len(art.manifest.kernels)} kernels, {size / 1024:.0f} KiB library, "
@@ -142,9 +146,14 @@ def cmd_inspect(args) -> int:
             print(f"{kind:<10} {s.name} {s.shape_str()} {s.dtype}{q}")
     print(f"sizes      library {lib_bytes / 1024:.1f} KiB, weights {m.weight_bytes / 1024:.1f} KiB")
     print(f"versions   {', '.join(f'{k} {v}' for k, v in m.versions.items())}")
-    print(f"kernels    {len(m.kernels)}")
+    if m.quantization:
+        print("quantized  " + ", ".join(f"{k} {v}" for k, v in m.quantization.items()))
+    compute = m.compute_kernels()
+    print(f"kernels    {len(m.kernels)} after fusion ({m.kernels_unfused} before): {len(compute)} compute, "
+          f"{len(m.kernels) - len(compute)} boundary quantize/dequantize or shape")
     for k in m.kernels:
-        print(f"  {k}")
+        ops = (m.kernel_ops or {}).get(k)
+        print(f"  {k}" + (f"\n      fuses {len(ops)} ops: {' '.join(ops)}" if ops and len(ops) > 1 else ""))
     print(f"ops        {sum(m.op_histogram.values())} Relax op calls before lowering")
     for op, n in m.op_histogram.items():
         print(f"  {n:>5}  {op}")
@@ -198,6 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model", metavar="MODEL.onnx")
     c.add_argument("--target", default="llvm", help="code generation target (default: llvm, the host CPU)")
     _add_shape_arg(c)
+    c.add_argument("--calib", metavar="DATA.npz",
+                   help="quantize an FP32 model to integer-only, calibrating on these inputs (any sample count)")
+    c.add_argument("--bits", type=int, metavar="{8,4,2}", help="with --calib: weight bit-width (default 8)")
+    c.add_argument("--observer", default="minmax", choices=["minmax", "percentile", "mse"],
+                   help="with --calib: activation range estimator (default minmax)")
     c.add_argument("-o", "--output", required=True, metavar="OUTDIR")
     c.set_defaults(func=cmd_compile)
 
@@ -248,6 +262,10 @@ def _configure_logging(verbose: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
+    if hasattr(signal, "SIGPIPE"):      # `lowbit inspect X | head` ends quietly, like any Unix tool
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = build_parser().parse_args(argv)
     # flags may sit before or after the subcommand; absent ones are not set at all (SUPPRESS)
     args.verbose, args.quiet = getattr(args, "verbose", 0), getattr(args, "quiet", False)

@@ -1,6 +1,7 @@
 """The lowbit pipeline, top to bottom.  Each stage is one call.
 
-    ONNX file --load, QOperator->QDQ, check--> ONNX proto --import--> Relax IRModule
+    ONNX file --load, QOperator->QDQ, check--> ONNX proto
+      --calibrate + quantize (FP32 models given calibration data)--> QDQ ONNX --import--> Relax IRModule
       --lower QDQ to integer (quantized models)--> integer-only Relax
       --analyze--> op histogram, weights, integer-only verdict --build (fuse, lower, LLVM)--> VM executable
       --> Artifact (library + manifest)
@@ -14,7 +15,7 @@ from pathlib import Path
 import onnx
 
 from codegen import llvm
-from compiler import frontend, qoperator
+from compiler import frontend, qoperator, quantize
 from compiler.errors import UserError
 from compiler.options import CompileOptions
 from compiler.progress import log, native_stderr_to_debug, stage, steps
@@ -29,11 +30,12 @@ def compile(model: str | os.PathLike | onnx.ModelProto, target: str = "llvm", *,
             options: CompileOptions | None = None) -> Artifact:
     """Compile an ONNX model.  Raises ``UserError`` for problems with the model or options."""
     opts = options or CompileOptions(target=target, input_shapes=dict(input_shapes or {}))
+    config = opts.quant_config() if opts.calib is not None else None      # bad --bits fail before any work
     with native_stderr_to_debug(), steps(5, "compiling"):
-        return _compile(model, opts)
+        return _compile(model, opts, config)
 
 
-def _compile(model, opts: CompileOptions) -> Artifact:
+def _compile(model, opts: CompileOptions, config) -> Artifact:
 
     with stage("load + check"):
         src = frontend.load(model)
@@ -41,13 +43,33 @@ def _compile(model, opts: CompileOptions) -> Artifact:
         frontend.check_supported(src)
         frontend.validate(src)
         inputs = frontend.input_specs(src, opts.input_shapes)
+        given_quantized = quantize.is_quantized(src.proto)
+    if config is not None:
+        if given_quantized:
+            raise UserError(f"{src.path}: the model is already quantized; drop --calib (and --bits), "
+                            "its own scales are used")
+        with stage("calibrate + quantize"):
+            is_file = isinstance(opts.calib, (str, os.PathLike))
+            calib = quantize.load_calibration(opts.calib) if is_file else opts.calib
+            proto, report = quantize.quantize(src.proto, calib, config, where=src.path,
+                                              calib_where=os.fspath(opts.calib) if is_file else "calibration data")
+            src = frontend.OnnxModel(proto, src.path, src.sha256)
+        quantization = {"source": "calibrated", "observer": config.observer, "activations": config.activations,
+                        "weight_bits": config.weight_bits, "calibration_samples": report.samples,
+                        "quantized_tensors": report.tensors, "batchnorm_folded": report.bn_folded}
+    else:
+        quantization = {"source": "as given"} if given_quantized else None
+    frontend.check_qdq_params(src)
     with stage("import to Relax"):
         mod = frontend.to_relax(src, inputs)
         outputs = frontend.relax_output_specs(mod, [o.name for o in src.proto.graph.output])
     if is_qdq(mod):
         with stage("lower QDQ to integer"):
             try:
-                mod = lower_qdq(mod)
+                mod, overflow = lower_qdq(mod)
+                quantization["accumulators"] = overflow.summary()
+                if overflow.int64:
+                    log.warning("%s: %s", src.path, overflow.summary())
             except QDQLoweringError as exc:
                 # still a correct program: the float math between the Q/DQ pairs runs as is
                 log.warning("%s: integer lowering not possible (%s); compiled as fake-quant", src.path, exc)
@@ -57,7 +79,7 @@ def _compile(model, opts: CompileOptions) -> Artifact:
     with stage("build llvm"):
         target_dict = llvm.host_target()
         try:
-            executable, kernels = llvm.build(mod, target_dict)
+            executable, kernel_ops, unfused = llvm.build(mod, target_dict)
         except Exception as exc:
             hint = frontend.symbolic_hint(inputs)
             if not hint:        # static shapes: a build failure is a lowbit bug, keep the traceback
@@ -67,8 +89,10 @@ def _compile(model, opts: CompileOptions) -> Artifact:
 
     manifest = Manifest(
         model=Path(src.path).name, model_sha256=src.sha256, target=target_dict, precision=_precision(histogram, verdict),
-        inputs=inputs, outputs=outputs, kernels=kernels, op_histogram=histogram, weight_bytes=nbytes,
+        inputs=inputs, outputs=outputs, kernels=list(kernel_ops), op_histogram=histogram, weight_bytes=nbytes,
         versions=versions(), integer_only=verdict.integer_only, integer_region=verdict.reason,
+        quant=quantize.boundary_params(src.proto) or None, quantization=quantization,
+        kernel_ops=kernel_ops, kernels_unfused=unfused,
     )
     return Artifact(manifest, executable)
 

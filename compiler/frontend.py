@@ -181,3 +181,37 @@ def first_line(exc: BaseException) -> str:
     # TVM errors put the useful sentence last, after a C++ backtrace
     msg = next((ln for ln in reversed(lines) if "Error" in ln or "Check failed" in ln), lines[0])
     return msg[:300]
+
+
+def check_qdq_params(model: OnnxModel) -> None:
+    """Reject quantization parameters the integer lowering cannot honour, naming the node:
+    per-axis scales on activations (one scale per tensor is what a requantize applies),
+    blocked quantization, and per-channel weights not along the output channel."""
+    g = model.proto.graph
+    inits = {t.name: t for t in g.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    for n in g.node:
+        if n.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(n.input) < 2:
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        scale = inits.get(n.input[1])
+        size = int(np.prod(scale.dims)) if scale is not None else 1
+        where = f"{model.path}: node {n.name or n.output[0]!r} ({n.op_type})"
+        if attrs.get("block_size", 0):
+            raise UserError(f"{where}: blocked quantization (block_size={attrs['block_size']}) is not supported; "
+                            "quantize weights per output channel instead")
+        if size <= 1:
+            continue
+        if n.input[0] not in inits:
+            raise UserError(f"{where}: per-axis parameters ({size} scales, axis={attrs.get('axis', 1)}) on an "
+                            "activation are not supported; quantize activations per tensor")
+        for user in consumers.get(n.output[0], []):
+            dims = inits[n.input[0]].dims
+            axis = attrs.get("axis", 1) % max(len(dims), 1)
+            want = {"Conv": 0, "MatMul": len(dims) - 1}.get(user.op_type)
+            if want is not None and user.input[1:2] == [n.output[0]] and axis != want:
+                raise UserError(f"{where}: {user.op_type} weights quantized along axis {axis}; the integer "
+                                f"lowering needs per-output-channel scales (axis {want})")

@@ -2,21 +2,38 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from compiler.errors import UserError
 
 TARGETS = ("llvm",)
+# activation encoding each target's int8 dot product wants: x86 VNNI (vpdpbusd) multiplies u8 x s8
+ACTIVATIONS = {"llvm": "u8"}
 
 
 @dataclass(frozen=True)
 class CompileOptions:
     target: str = "llvm"
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    calib: str | os.PathLike | Mapping[str, np.ndarray] | None = None    # FP32 models: quantize on this data
+    weight_bits: int | None = None          # with calib: 8 (default), 4 or 2
+    observer: str = "minmax"                # with calib: minmax, percentile or mse
 
     def __post_init__(self):
         if self.target not in TARGETS:
             raise UserError(f"unknown target {self.target!r}; choose one of: {', '.join(TARGETS)}")
+        if self.calib is None and (self.weight_bits is not None or self.observer != "minmax"):
+            raise UserError("--bits and --observer choose how an FP32 model is quantized; add --calib DATA.npz")
+
+    def quant_config(self):
+        from compiler.quantize import QuantConfig
+
+        return QuantConfig(activations=ACTIVATIONS[self.target], weight_bits=self.weight_bits or 8,
+                           observer=self.observer)
 
 
 def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:

@@ -69,6 +69,7 @@ class _Pending:
     terms: list             # (int expr, ratio numerator array (float64), channel axis or None)
     lo: float = -np.inf
     hi: float = np.inf
+    bound: int = 0          # a linear layer's proven |accumulator| bound
 
 
 def _np(c) -> np.ndarray:
@@ -83,6 +84,8 @@ class _Lowering:
     def __init__(self, bb: relax.BlockBuilder):
         self.bb = bb
         self.env: dict = {}
+        self.layers = 0
+        self.widened: list[str] = []        # accumulators the range analysis could not keep in int32
 
     def val(self, expr):
         if isinstance(expr, relax.Var) and expr in self.env:
@@ -125,7 +128,7 @@ class _Lowering:
                 raise QDQLoweringError(f"{name} is supported only between a linear op and its quantize")
             lo, hi = (0.0, np.inf) if name == "relax.nn.relu" else (
                 float(call.args[1].value), float(call.args[2].value))
-            return _Pending(p.terms, max(p.lo, lo), min(p.hi, hi))
+            return _Pending(p.terms, max(p.lo, lo), min(p.hi, hi), p.bound)
         if name == "relax.mean":
             x = self.deq(self.val(call.args[0]), name)
             axes = [int(a) for a in call.attrs.axis]
@@ -169,7 +172,11 @@ class _Lowering:
         total = None
         for acc, num, axis in src.terms:
             ratio = num.astype(np.float32).astype(np.float64) / np.float64(np.float32(s_out))
-            term = rescale(acc, dyadic_from_ratio(ratio), axis if axis is not None else -1)
+            d = dyadic_from_ratio(ratio)
+            if src.bound * int(d.m.max()) >= 2**62:     # x * m + 2^(e-1) must stay inside int64
+                raise QDQLoweringError(f"requantize: accumulator bound {src.bound} times multiplier "
+                                       f"{int(d.m.max())} may overflow int64")
+            term = rescale(acc, d, axis if axis is not None else -1)
             total = term if total is None else op.add(total, term)
         lo, hi = int(info.min), int(info.max)
         if np.isfinite(src.lo):
@@ -205,27 +212,51 @@ class _Lowering:
         raise QDQLoweringError(f"{name} of a per-channel constant is not supported")
 
     def linear(self, call, name):
+        """acc = sum(q_x * w) + (bias - z_x * sum(w)): the input's zero point is folded into the bias
+        offline, so the kernel reads the raw 8-bit input (padding it with z_x, which is real 0)
+        and the int8 weights: the u8 x s8 -> int32 product VNNI and dp4a execute."""
         x = self.deq(self.val(call.args[0]), name)
         w = self.val(call.args[1])
         if not isinstance(w, _ConstDeq):
             raise QDQLoweringError(f"{name} with a non-constant second operand is not supported yet")
         if w.scale.size > 1 and np.any(w.zero != 0):
             raise QDQLoweringError(f"{name}: per-channel weights need zero points of 0")
-        out_axis = 0 if name == "relax.nn.conv2d" else w.q.ndim - 1
+        if x.zero.size != 1:
+            raise QDQLoweringError("per-axis zero points on activations are not supported")
+        is_conv = name == "relax.nn.conv2d"
+        out_axis = 0 if is_conv else w.q.ndim - 1
         if w.scale.size > 1 and w.axis % w.q.ndim != out_axis:
             raise QDQLoweringError(f"{name}: weights must be quantized per output channel")
-        wq = relax.const((w.q - (w.zero.reshape(-1)[0] if w.zero.size == 1 else 0)).astype(np.int32), "int32")
-        xi = self.centered(x)
-        if name == "relax.nn.conv2d":
+        wq = w.q - (w.zero.reshape(-1)[0] if w.zero.size == 1 else 0)
+        zx = int(x.zero.reshape(-1)[0])
+        # per output channel: sum of |w| over the reduction, and the zero-point correction
+        red = tuple(i for i in range(wq.ndim) if i != out_axis)
+        w_abs, w_sum = np.abs(wq).sum(axis=red), wq.sum(axis=red)
+        correction = -zx * w_sum
+        info = np.iinfo(x.dtype)
+        x_max = max(abs(int(info.min)), abs(int(info.max)))
+        bound = int((w_abs * x_max + np.abs(correction)).max())
+        acc_dtype = "int32" if bound < 2**31 else "int64"
+        if acc_dtype == "int64":
+            self.widened.append(f"{name.split('.')[-1]} #{self.layers} (bound 2^{np.log2(bound):.1f})")
+        self.layers += 1
+        w_dtype = next(t for t in ("int8", "int16", "int32") if np.iinfo(t).min <= wq.min() and wq.max() <= np.iinfo(t).max)
+        wc = relax.const(wq.astype(w_dtype), w_dtype)
+        if is_conv:
             a = call.attrs
-            acc = op.nn.conv2d(xi, wq, strides=a.strides, padding=a.padding, dilation=a.dilation, groups=a.groups,
-                               data_layout=a.data_layout, kernel_layout=a.kernel_layout, out_dtype="int32")
-            axis = 1
+            if str(a.data_layout) != "NCHW" or str(a.kernel_layout) != "OIHW":
+                raise QDQLoweringError(f"{name}: only NCHW/OIHW layouts are supported")
+            acc = self.bb.emit_te(_conv_zero_padded, x.expr, wc, [int(v) for v in a.strides],
+                                  [int(v) for v in a.padding], [int(v) for v in a.dilation], int(a.groups), zx,
+                                  acc_dtype, primfunc_name_hint="conv2d")
+            axis, shape = 1, (1, -1, 1, 1)
         else:
-            acc = op.matmul(xi, wq, out_dtype="int32")
-            axis = -1
+            acc = self.bb.emit(op.matmul(x.expr, wc, out_dtype=acc_dtype))
+            axis, shape = -1, (-1,)
+        if zx:
+            acc = self.bb.emit(op.add(acc, relax.const(correction.reshape(shape).astype(acc_dtype), acc_dtype)))
         num = (x.scale.reshape(-1)[0].astype(np.float32) * w.scale.astype(np.float32)).astype(np.float64)
-        return _Pending([(self.bb.emit(acc), num, axis)])
+        return _Pending([(acc, num, axis)], bound=bound)
 
     def add(self, call):
         a, b = self.val(call.args[0]), self.val(call.args[1])
@@ -237,8 +268,13 @@ class _Lowering:
             if b.scale.size not in (1, expect.size) or not np.allclose(b.scale, expect, rtol=1e-6) \
                     or np.any(b.zero != 0):
                 raise QDQLoweringError("bias add: the bias must be int32 at scale s_x*s_w (as ORT writes it)")
-            bias = relax.const(b.q.astype(np.int32), "int32")
-            return _Pending([(self.bb.emit(op.add(acc, bias)), num, axis)], a.lo, a.hi)
+            bound = a.bound + int(np.abs(b.q).max())
+            dtype = str(acc.ty.dtype)
+            if bound >= 2**31 and dtype == "int32":     # the sum may not fit: add in int64
+                acc, dtype = self.bb.emit(op.astype(acc, "int64")), "int64"
+                self.widened.append(f"bias add #{self.layers - 1} (bound 2^{np.log2(bound):.1f})")
+            bias = relax.const(b.q.astype(dtype), dtype)
+            return _Pending([(self.bb.emit(op.add(acc, bias)), num, axis)], a.lo, a.hi, bound)
         if isinstance(a, (_Deq, _ConstDeq)) and isinstance(b, (_Deq, _ConstDeq)):
             # residual add (or QLinearAdd with a constant operand): each term rescaled to the output
             terms = []
@@ -254,7 +290,32 @@ class _Lowering:
         raise QDQLoweringError("add: operands are not a supported integer pattern")
 
 
-def lower_qdq(mod: tvm.IRModule) -> tvm.IRModule:
+def _conv_zero_padded(x, w, strides, padding, dilation, groups, pad_value, out_dtype):
+    """NCHW convolution of the raw quantized input, padded with its zero point (real 0)."""
+    from tvm import topi
+
+    top, left, bottom, right = padding
+    xp = topi.nn.pad(x, [0, 0, top, left], [0, 0, bottom, right], pad_value=pad_value, name="pad_temp")
+    if groups == 1:
+        return topi.nn.conv2d_nchw(xp, w, strides, 0, dilation, out_dtype=out_dtype)
+    return topi.nn.group_conv2d_nchw(xp, w, strides, 0, dilation, groups, out_dtype=out_dtype)
+
+
+@dataclass(frozen=True)
+class Overflow:
+    """The static range analysis' result: every linear layer's accumulator bound is
+    max_c(sum_k |w[c,k]| * max|q_x| + |z_x * sum_k w[c,k]|) (+ |bias|); layers whose bound
+    reaches 2^31 accumulate in int64 and are listed here."""
+    layers: int
+    int64: tuple[str, ...]
+
+    def summary(self) -> str:
+        if not self.int64:
+            return f"all {self.layers} accumulators proven to fit int32"
+        return f"{len(self.int64)} of {self.layers} accumulators widened to int64: {', '.join(self.int64)}"
+
+
+def lower_qdq(mod: tvm.IRModule) -> tuple[tvm.IRModule, Overflow]:
     """Rebuild ``main`` with integer ops; raises QDQLoweringError on an unknown pattern."""
     func = mod["main"]
     bb = relax.BlockBuilder()
@@ -284,8 +345,9 @@ def lower_qdq(mod: tvm.IRModule) -> tvm.IRModule:
             out = bb.emit_output(result)
         bb.emit_func_output(out)
     new = bb.get()
-    return tvm.IRModule({**{gv: f for gv, f in mod.functions_items() if gv.name_hint != "main"},
-                         new.get_global_var("main"): new["main"]})
+    lowered = tvm.IRModule({**{gv: f for gv, f in mod.functions_items() if gv.name_hint != "main"},
+                            **{gv: f for gv, f in new.functions_items()}})
+    return lowered, Overflow(low.layers, tuple(low.widened))
 
 
 def is_qdq(mod: tvm.IRModule) -> bool:

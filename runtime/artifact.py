@@ -24,6 +24,7 @@ import numpy as np
 from compiler.errors import UserError
 
 FORMAT = 1
+NON_COMPUTE_OPS = {"quantize", "dequantize", "shape_func"}    # float boundary, symbolic-shape arithmetic
 MANIFEST = "manifest.json"
 LIBRARY = "model.so"
 
@@ -61,8 +62,17 @@ class Manifest:
     quant: dict[str, QuantParams] | None = None
     integer_only: bool = False
     integer_region: str = ""        # the verifier's one-line verdict (passes/verify_integer.py)
+    quantization: dict | None = None    # where the scales came from: calibration settings, or "as given"
+    kernel_ops: dict[str, list[str]] | None = None     # kernel -> the source ops fused into it
+    kernels_unfused: int = 0        # kernels without fusion (one per op)
     format: int = FORMAT
     library: str = LIBRARY
+
+    def compute_kernels(self) -> list[str]:
+        """Kernels that do more than the float boundary (input quantize, output dequantize) or
+        the VM's shape arithmetic for symbolic dimensions."""
+        ops = self.kernel_ops or {}
+        return [k for k in self.kernels if not set(ops.get(k, [k])) <= NON_COMPUTE_OPS]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

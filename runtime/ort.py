@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from compiler.quantize import is_quantized
+
 TRANSFORMER_OPS = {"Softmax", "LayerNormalization"}
-QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
-                 "QGemm", "ConvInteger", "MatMulInteger"}
 AS_GIVEN = "ort-as-given"
 
 
@@ -74,10 +74,6 @@ def weight_op_nodes(model: onnx.ModelProto) -> list[str]:
     consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
     return [n.name for n in model.graph.node
             if n.op_type in ("Conv", "Gemm") or (n.op_type == "MatMul" and any(i in consts for i in n.input))]
-
-
-def is_quantized(model: onnx.ModelProto) -> bool:
-    return any(n.op_type in QUANTIZED_OPS for n in model.graph.node)
 
 
 def is_transformer(model: onnx.ModelProto) -> bool:

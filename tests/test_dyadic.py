@@ -84,8 +84,8 @@ def _compile_requant(shape, d: Dyadic, qmin, qmax, out_dtype, axis):
             y = bb.emit_output(requantize(x, d, qmin, qmax, out_dtype, axis))
         bb.emit_func_output(y)
     mod = bb.get()
-    ex, kernels = llvm.build(mod, llvm.host_target())
-    return relax.VirtualMachine(ex, tvm.cpu()), kernels
+    ex, kernels, _ = llvm.build(mod, llvm.host_target())
+    return relax.VirtualMachine(ex, tvm.cpu()), list(kernels)
 
 
 @pytest.mark.parametrize("per_channel, out_dtype, qmin, qmax", [

@@ -1,0 +1,366 @@
+"""Post-training static quantization: FP32 ONNX + calibration data -> QDQ ONNX.
+
+The output is an ordinary QDQ model (the format ORT's ``quantize_static``
+writes), so it takes the same road through ``passes/lower_qdq.py`` and
+``runtime/golden.run_qdq`` as a model the user quantized elsewhere, and the
+user can open it in any ONNX tool.
+
+    1. fold BatchNormalization into Conv/Gemm            (compiler/fold_batchnorm.py)
+    2. plan: which float tensors carry a quantize/dequantize pair
+    3. calibrate: run the FP32 model (ORT) over the data, observe those tensors
+    4. rewrite: Q/DQ on activations, per-channel int8 weights, int32 biases
+
+The plan quantizes every tensor an integer kernel reads or writes: graph
+inputs, the inputs of Conv/Gemm/MatMul, residual-Add operands, pooling and
+Concat operands, and each kernel's output *after* its bias, ReLU and Clip (so
+those fold into the requantize clamp).  Max-pool and shape views keep their
+operand's parameters and get no pair of their own.
+
+Weights are symmetric per output channel at ``QuantConfig.weight_bits``
+(stored in int8); biases are int32 at scale s_x * s_w[c] (HAWQ-V3 §3.2).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from compiler import calibration
+from compiler.errors import UserError
+from compiler.fold_batchnorm import fold_batchnorm
+from runtime.artifact import QuantParams
+
+WEIGHT_BITS = (8, 4, 2)
+OBSERVERS = {"minmax": calibration.MinMaxObserver, "percentile": calibration.PercentileObserver,
+             "mse": calibration.MSEObserver}
+LINEAR = ("Conv", "Gemm", "MatMul")
+VIEWS = ("MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze")
+POOLS = ("GlobalAveragePool", "ReduceMean")
+ACTIVATIONS = ("Relu", "Clip")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What ``quantize`` produces.  ``activations``: "u8" (asymmetric; x86 VNNI multiplies
+    u8 x s8) or "s8" (symmetric; Arm sdot, dp4a).  Weights are always s8 per channel."""
+    activations: str = "u8"
+    weight_bits: int = 8
+    observer: str = "minmax"
+    batch: int = 32                 # calibration batch when the model's batch axis is symbolic
+
+    def __post_init__(self):
+        if self.weight_bits not in WEIGHT_BITS:
+            raise UserError(f"--bits {self.weight_bits}: weights can be quantized to 8, 4 or 2 bits; "
+                            "choose one of those")
+        if self.observer not in OBSERVERS:
+            raise UserError(f"unknown observer {self.observer!r}; choose one of: {', '.join(OBSERVERS)}")
+        if self.activations not in ("u8", "s8"):
+            raise UserError(f"unknown activation scheme {self.activations!r}; choose u8 or s8")
+
+
+class CalibrationDataReader(Protocol):
+    """ORT's calibration interface: ``get_next()`` returns one feed dict, then None."""
+
+    def get_next(self) -> dict[str, np.ndarray] | None: ...
+
+
+@dataclass(frozen=True)
+class QuantReport:
+    samples: int
+    tensors: int                    # activation tensors with a Q/DQ pair
+    bn_folded: int
+    config: QuantConfig
+
+
+def load_calibration(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: cannot read calibration data ({exc}); expected an .npz of input arrays") from None
+
+
+def quantize(model: onnx.ModelProto, calib: Mapping[str, np.ndarray] | CalibrationDataReader,
+             config: QuantConfig = QuantConfig(), *, where: str = "model",
+             calib_where: str = "calibration data") -> tuple[onnx.ModelProto, QuantReport]:
+    """Quantize an FP32 model.  ``calib`` is a dict of stacked samples (any count, batched
+    here) or an ORT-style reader.  ``where`` and ``calib_where`` name the model and the
+    data in error messages."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 13:
+        raise UserError(f"{where}: opset {opset} has no per-channel DequantizeLinear; re-export with opset >= 13")
+    folded = fold_batchnorm(model)
+    n_bn = sum(n.op_type == "BatchNormalization" for n in model.graph.node) - \
+        sum(n.op_type == "BatchNormalization" for n in folded.graph.node)
+    plan = _plan(folded)
+    batches = iter(calib.get_next, None) if hasattr(calib, "get_next") else \
+        _batches(folded, calib, config.batch, where, calib_where)
+    params, samples = _calibrate(folded, plan, batches, config, where)
+    qdq = _rewrite(folded, plan, params, config)
+    return qdq, QuantReport(samples, len(plan.act), n_bn, config)
+
+
+# ---- 2. plan ---------------------------------------------------------------------------
+
+@dataclass
+class _Plan:
+    act: list[str]                          # tensors that get Q -> DQ, in graph order
+    root: dict[str, str]                    # quantized tensor -> tensor whose parameters it carries
+    weights: dict[str, int]                 # initializer -> output-channel axis
+    biases: dict[str, tuple[str, str]]      # initializer -> (activation input, weight initializer)
+
+
+def _plan(m: onnx.ModelProto) -> _Plan:
+    g = m.graph
+    inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    outputs = {o.name for o in g.output}
+    plan = _Plan([], {}, {}, {})
+
+    def need(t: str) -> None:
+        if t not in plan.root:
+            plan.act.append(t)
+            plan.root[t] = t
+
+    def single_next(t: str, ops) -> onnx.NodeProto | None:
+        users = consumers.get(t, [])
+        if len(users) == 1 and users[0].op_type in ops and t not in outputs:
+            return users[0]
+        return None
+
+    def chain_end(n: onnx.NodeProto, bias_ok: bool) -> str:
+        """The tensor after the layer's bias Add (MatMul) and ReLU/Clip, which fold into its requantize."""
+        t = n.output[0]
+        if bias_ok and (add := single_next(t, ("Add",))) is not None:
+            other = add.input[1] if add.input[0] == t else add.input[0]
+            w = inits[n.input[1]]
+            if other in inits and inits[other].size == w.shape[-1] and inits[other].ndim <= 2:
+                plan.biases[other] = (n.input[0], n.input[1])
+                skip.add(id(add))
+                t = add.output[0]
+        if (act := single_next(t, ACTIVATIONS)) is not None and all(i in inits for i in act.input[1:] if i):
+            skip.add(id(act))
+            t = act.output[0]
+        return t
+
+    for i in g.input:
+        if i.name not in inits and i.type.tensor_type.elem_type == TensorProto.FLOAT:
+            need(i.name)
+    skip: set[int] = set()
+    for n in g.node:
+        if id(n) in skip:
+            continue
+        op = n.op_type
+        if op in LINEAR and (axis := _weight_axis(n, inits)) is not None:
+            need(n.input[0])
+            plan.weights[n.input[1]] = axis
+            if op != "MatMul" and len(n.input) > 2 and n.input[2]:
+                plan.biases[n.input[2]] = (n.input[0], n.input[1])
+            need(chain_end(n, bias_ok=op == "MatMul"))
+        elif op == "Add" and not any(i in inits for i in n.input):
+            need(n.input[0])
+            need(n.input[1])
+            need(chain_end(n, bias_ok=False))
+        elif op in POOLS or op == "Concat":
+            for i in n.input[:1] if op in POOLS else n.input:
+                need(i)
+            need(n.output[0])
+        elif op in VIEWS and n.input[0] in plan.root:
+            plan.root[n.output[0]] = plan.root[n.input[0]]
+    for o in g.output:
+        if o.name not in plan.act:      # the output dequantize must follow a quantize
+            plan.act.append(o.name)
+            plan.root[o.name] = o.name
+    return plan
+
+
+def _weight_axis(n: onnx.NodeProto, inits: dict) -> int | None:
+    """Output-channel axis of the layer's weight initializer, or None if the layer stays float."""
+    if len(n.input) < 2 or n.input[1] not in inits:
+        return None
+    w = inits[n.input[1]]
+    if n.op_type == "Conv":
+        return 0 if w.ndim == 4 else None
+    if w.ndim != 2:
+        return None
+    if n.op_type == "MatMul":
+        return 1
+    a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
+    if a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0 or a.get("transA", 0):
+        return None
+    return 0 if a.get("transB", 0) else 1
+
+
+# ---- 3. calibrate ----------------------------------------------------------------------
+
+def _batches(m: onnx.ModelProto, calib: Mapping[str, np.ndarray], batch: int, where: str,
+             calib_where: str) -> Iterator[dict]:
+    """Check the calibration arrays against the model's inputs and cut them into batches
+    the model accepts: any size when its batch axis is symbolic, else its fixed size
+    (the last batch wraps around to the first samples)."""
+    inits = {t.name for t in m.graph.initializer}
+    specs = [i for i in m.graph.input if i.name not in inits]
+    names = {s.name for s in specs}
+    extra = sorted(set(calib) - names)
+    missing = sorted(names - set(calib))
+    if missing or extra:
+        raise UserError(f"{calib_where}: arrays {sorted(calib)} but {where} takes inputs {sorted(names)}; "
+                        "name each .npz array after the model input it feeds")
+    n = None
+    fixed = None
+    for s in specs:
+        x = calib[s.name]
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in s.type.tensor_type.shape.dim]
+        expect = "(" + ", ".join(str(d) if d else "N" for d in dims) + ")"
+        if x.ndim != len(dims) or any(d and d != x.shape[i] for i, d in enumerate(dims) if i > 0):
+            raise UserError(f"{calib_where}: array {s.name!r} has shape {tuple(x.shape)} but {where} input "
+                            f"{s.name!r} is {expect}; give samples stacked along the batch axis")
+        if not np.issubdtype(x.dtype, np.floating):
+            raise UserError(f"{calib_where}: array {s.name!r} is {x.dtype}; {where} takes float32")
+        if n is not None and len(x) != n:
+            raise UserError(f"{calib_where}: arrays hold different sample counts ({n} and {len(x)})")
+        n, fixed = len(x), dims[0] or fixed
+    if not n:
+        raise UserError(f"{calib_where}: no samples")
+    step = fixed or batch
+    for start in range(0, n, step):
+        idx = np.arange(start, start + step) % n if fixed else np.arange(start, min(start + step, n))
+        yield {s.name: calib[s.name][idx].astype(np.float32) for s in specs}
+
+
+def _calibrate(m: onnx.ModelProto, plan: _Plan, batches, config: QuantConfig, where: str):
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(m)
+    inputs = {i.name for i in m.graph.input}
+    have = {o.name for o in probe.graph.output}
+    for t in plan.act:
+        if t not in inputs and t not in have:
+            probe.graph.output.append(helper.make_empty_tensor_value_info(t))
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL   # keep every tensor observable
+    try:
+        sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    except Exception as exc:                                        # noqa: BLE001 - ORT raises its own types
+        raise UserError(f"{where}: ONNX Runtime cannot run the FP32 model for calibration: "
+                        f"{str(exc).splitlines()[0]}") from None
+    names = [o.name for o in sess.get_outputs()]
+    kwargs = {"bits": 8, "scheme": config.activations} if config.observer == "mse" else {}
+    observers = {t: OBSERVERS[config.observer](**kwargs) for t in plan.act}
+    samples = 0
+    for feeds in batches:
+        try:
+            values = dict(zip(names, sess.run(None, feeds), strict=True))
+        except Exception as exc:                                    # noqa: BLE001
+            raise UserError(f"{where}: calibration batch failed to run: {str(exc).splitlines()[0]}") from None
+        values.update(feeds)
+        for t, obs in observers.items():
+            obs.update(values[t])
+        samples += len(next(iter(feeds.values())))
+    if not samples:
+        raise UserError("calibration data is empty")
+    params = {t: calibration.activation_params(*obs.range(), scheme=config.activations)
+              for t, obs in observers.items()}
+    return params, samples
+
+
+# ---- 4. rewrite ------------------------------------------------------------------------
+
+def _rewrite(m: onnx.ModelProto, plan: _Plan, params: dict[str, QuantParams], config: QuantConfig):
+    g = m.graph
+    inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    new_inits: list[onnx.TensorProto] = []
+    dq_consts: list[onnx.NodeProto] = []
+
+    def const(name: str, value: np.ndarray) -> str:
+        new_inits.append(numpy_helper.from_array(value, name))
+        return name
+
+    for w_name, axis in plan.weights.items():
+        q, scale = calibration.weight_params(inits[w_name], axis=axis, bits=config.weight_bits)
+        dq_consts.append(helper.make_node(
+            "DequantizeLinear", [const(w_name + "_quantized", q), const(w_name + "_scale", scale),
+                                 const(w_name + "_zero_point", np.zeros(scale.shape, np.int8))],
+            [w_name], name=w_name + "_DequantizeLinear", axis=axis))
+    for b_name, (x_name, w_name) in plan.biases.items():
+        s_x = np.float32(params[plan.root[x_name]].scale)
+        _, s_w = calibration.weight_params(inits[w_name], axis=plan.weights[w_name], bits=config.weight_bits)
+        scale = (s_x * s_w).astype(np.float32)
+        b = inits[b_name].astype(np.float64).reshape(-1)
+        q = np.clip(np.round(b / scale.astype(np.float64)), -(2**31 - 1), 2**31 - 1).astype(np.int32)
+        dq_consts.append(helper.make_node(
+            "DequantizeLinear", [const(b_name + "_quantized", q.reshape(inits[b_name].shape)),
+                                 const(b_name + "_scale", scale), const(b_name + "_zero_point",
+                                                                        np.zeros(scale.shape, np.int32))],
+            [b_name], name=b_name + "_DequantizeLinear", axis=inits[b_name].ndim - 1))
+
+    def qdq(t: str, src: str, dst: str) -> list[onnx.NodeProto]:
+        p = params[t]
+        zero = np.array(p.zero_point, np.uint8 if p.dtype == "uint8" else np.int8)
+        s, z = const(t + "_scale", np.array(p.scale, np.float32)), const(t + "_zero_point", zero)
+        return [helper.make_node("QuantizeLinear", [src, s, z], [t + "_quantized"], name=t + "_QuantizeLinear"),
+                helper.make_node("DequantizeLinear", [t + "_quantized", s, z], [dst], name=t + "_DequantizeLinear")]
+
+    quantized = set(plan.act)
+    graph_inputs = {i.name for i in g.input}
+    nodes: list[onnx.NodeProto] = list(dq_consts)
+    rename = {}
+    for t in plan.act:
+        if t in graph_inputs:                   # consumers read the dequantized copy
+            rename[t] = t + "_dequantized"
+            nodes += qdq(t, t, rename[t])
+    for n in g.node:
+        for i, name in enumerate(n.input):
+            if name in rename:
+                n.input[i] = rename[name]
+        outs = [o for o in n.output if o in quantized]
+        for o in outs:                          # the producer writes the float value under a new name
+            n.output[list(n.output).index(o)] = o + "_float"
+        nodes.append(n)
+        for o in outs:
+            nodes += qdq(o, o + "_float", o)
+    weights = set(plan.weights) | set(plan.biases)
+    keep = [t for t in g.initializer if t.name not in weights]
+    del g.initializer[:]
+    g.initializer.extend(keep + new_inits)
+    del g.node[:]
+    g.node.extend(nodes)
+    del g.value_info[:]                         # stale: the float tensors moved to new names
+    return m
+
+
+QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
+                 "QGemm", "ConvInteger", "MatMulInteger")
+
+
+def is_quantized(model: onnx.ModelProto) -> bool:
+    return any(n.op_type in QUANTIZED_OPS for n in model.graph.node)
+
+
+def boundary_params(model: onnx.ModelProto) -> dict[str, QuantParams]:
+    """The per-tensor parameters of each graph input's QuantizeLinear and each graph output's
+    DequantizeLinear: what a caller feeding or reading integers directly needs."""
+    g = model.graph
+    inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    ends = {i.name for i in g.input} | {o.name for o in g.output}
+    out = {}
+    for n in g.node:
+        tensor = n.input[0] if n.op_type == "QuantizeLinear" else n.output[0] \
+            if n.op_type == "DequantizeLinear" else None
+        if tensor not in ends or n.input[1] not in inits or inits[n.input[1]].size != 1:
+            continue
+        zero = inits.get(n.input[2]) if len(n.input) > 2 else None
+        zero = np.zeros((), np.uint8) if zero is None else zero
+        out[tensor] = QuantParams(float(inits[n.input[1]].reshape(-1)[0]), int(zero.reshape(-1)[0]), str(zero.dtype))
+    return out

@@ -1,0 +1,217 @@
+"""FP32 model + calibration data -> integer-only artifact (compiler/quantize.py).
+
+Every compiled output is compared bit for bit with the golden interpreter run on
+the QDQ model the quantizer wrote; the FP32 side is checked against ORT."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import make_model, mlp_model, run_cli
+from onnx import TensorProto, helper, numpy_helper
+
+import compiler
+from compiler import quantize
+from compiler.errors import UserError
+from compiler.fold_batchnorm import fold_batchnorm
+from compiler.options import CompileOptions
+from models import zoo
+from runtime import golden
+from runtime import ort as ort_baseline
+
+
+def _rand(*shape, seed=0):
+    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+def _ort(model: onnx.ModelProto, feeds: dict) -> np.ndarray:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+def basic_block(c=16, hw=8, seed=0) -> onnx.ModelProto:
+    """ResNet basic block: conv-bn-relu-conv-bn + identity add + relu, BN not folded."""
+    rng = np.random.default_rng(seed)
+    inits, nodes = [], []
+
+    def param(name, a):
+        inits.append(numpy_helper.from_array(a.astype(np.float32), name))
+        return name
+
+    def conv_bn(i, src, out):
+        w = param(f"w{i}", rng.normal(0, (2 / (9 * c)) ** 0.5, (c, c, 3, 3)))
+        nodes.append(helper.make_node("Conv", [src, w], [f"conv{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]))
+        nodes.append(helper.make_node("BatchNormalization", [
+            f"conv{i}", param(f"gamma{i}", rng.uniform(0.5, 1.5, c)), param(f"beta{i}", rng.normal(0, 0.1, c)),
+            param(f"mean{i}", rng.normal(0, 0.1, c)), param(f"var{i}", rng.uniform(0.5, 2, c))], [out], name=f"bn{i}"))
+
+    conv_bn(1, "x", "bn1")
+    nodes.append(helper.make_node("Relu", ["bn1"], ["relu1"], name="relu1"))
+    conv_bn(2, "relu1", "bn2")
+    nodes.append(helper.make_node("Add", ["bn2", "x"], ["sum"], name="add"))
+    nodes.append(helper.make_node("Relu", ["sum"], ["y"], name="relu2"))
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", c, hw, hw]) for n in ("x", "y")]
+    return make_model(nodes, io[:1], io[1:], inits)
+
+
+def _compile_and_check(model, calib, x, config=None, **opts):
+    """Compile FP32 + calibration through the public API; bit-exact against golden on the
+    QDQ model the quantizer produces; returns (artifact, qdq model)."""
+    config = config or quantize.QuantConfig()
+    qdq, _ = quantize.quantize(model, calib, config)
+    if config.activations == "u8":
+        art = compiler.compile(model, options=CompileOptions(calib=calib, weight_bits=config.weight_bits,
+                                                             observer=config.observer, **opts))
+    else:                                   # no CPU target picks s8 yet: compile the QDQ model directly
+        art = compiler.compile(qdq, options=CompileOptions(**opts))
+    m = art.manifest
+    assert m.precision == "int8" and m.integer_only, m.integer_region
+    name = model.graph.input[0].name
+    want = golden.run_qdq(qdq, {name: x})[model.graph.output[0].name]
+    got = art.run({name: x})[m.outputs[0].name]
+    np.testing.assert_array_equal(got, want)
+    return art, qdq
+
+
+@pytest.mark.parametrize("name", ["digits_cnn", "resnet8", "ds_cnn", "mobilenet_v1_025", "fc_autoencoder"])
+def test_zoo_models_bit_exact(name, tmp_path):
+    files = zoo.ensure(name)
+    model = onnx.load(files.onnx)
+    x = zoo.get(name).samples(8, seed=7)
+    art, _ = _compile_and_check(model, files.calibration(), x)
+    # fidelity: no worse than ORT's own static INT8 on the same calibration data
+    ref = _ort(model, {zoo.INPUT: x})
+    ort_int8 = _ort(onnx.load(ort_baseline.quantize(str(files.onnx), files.calibration(), str(tmp_path / "q.onnx"),
+                                                    "static")), {zoo.INPUT: x})
+    ours = np.abs(art.run({zoo.INPUT: x})[zoo.OUTPUT] - ref).mean()
+    step = art.manifest.quant[zoo.OUTPUT].scale
+    assert ours <= 1.1 * np.abs(ort_int8 - ref).mean() + step
+
+
+def test_mlp_bit_exact_and_reader_interface():
+    class Reader:                           # ORT's CalibrationDataReader protocol
+        def __init__(self):
+            self.batches = iter([{"x": _rand(3, 8, seed=i)} for i in range(4)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    model = mlp_model()
+    by_reader, report = quantize.quantize(model, Reader())
+    by_dict, _ = quantize.quantize(model, {"x": np.concatenate([_rand(3, 8, seed=i) for i in range(4)])})
+    assert report.samples == 12
+    assert by_reader.SerializeToString() == by_dict.SerializeToString()
+    _compile_and_check(model, {"x": _rand(12, 8)}, _rand(5, 8, seed=9))
+
+
+@pytest.mark.parametrize("config", [
+    quantize.QuantConfig(activations="s8"), quantize.QuantConfig(weight_bits=4), quantize.QuantConfig(weight_bits=2),
+    quantize.QuantConfig(observer="percentile"), quantize.QuantConfig(observer="mse")],
+    ids=lambda c: f"{c.activations}-w{c.weight_bits}-{c.observer}")
+def test_configs_bit_exact(config):
+    model = basic_block()
+    _, qdq = _compile_and_check(model, {"x": _rand(16, 16, 8, 8)}, _rand(2, 16, 8, 8, seed=3), config)
+    inits = {t.name: numpy_helper.to_array(t) for t in qdq.graph.initializer}
+    qmax = 2 ** (config.weight_bits - 1) - 1
+    weights = [inits[n.input[0]] for n in qdq.graph.node
+               if n.op_type == "DequantizeLinear" and inits.get(n.input[0], np.zeros(0)).dtype == np.int8]
+    assert weights and all(np.abs(w).max() == qmax for w in weights)
+    zero_points = [inits[n.input[2]] for n in qdq.graph.node if n.op_type == "QuantizeLinear"]
+    assert all(z.dtype == (np.int8 if config.activations == "s8" else np.uint8) for z in zero_points)
+
+
+def test_basic_block_is_two_kernels():
+    art, _ = _compile_and_check(basic_block(), {"x": _rand(16, 16, 8, 8)}, _rand(1, 16, 8, 8, seed=3),
+                                input_shapes={"x": (1, 16, 8, 8)})
+    m = art.manifest
+    assert m.quantization["batchnorm_folded"] == 2
+    compute = m.compute_kernels()
+    assert len(compute) == 2, m.kernel_ops
+    ops = [m.kernel_ops[k] for k in compute]
+    # each kernel is one conv with its requantize; the second also holds the residual add
+    assert sorted(o.count("conv2d") for o in ops) == [1, 1]
+    assert all("right_shift" in o and "tir_clip" in o for o in ops)
+    assert m.kernels_unfused > 4 * len(m.kernels)
+
+
+def test_batchnorm_folding_preserves_fp32():
+    for model, x in ((basic_block(), _rand(2, 16, 8, 8)),
+                     (onnx.load(zoo.ensure("fc_autoencoder").onnx), zoo.get("fc_autoencoder").samples(4, seed=1))):
+        folded = fold_batchnorm(model)
+        assert not any(n.op_type == "BatchNormalization" for n in folded.graph.node)
+        name = model.graph.input[0].name
+        want = _ort(model, {name: x})
+        np.testing.assert_allclose(_ort(folded, {name: x}), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+def test_calibration_batch_is_independent_of_compiled_shape():
+    """7 calibration samples, a model compiled for batch 1, and a model whose batch is fixed at 2
+    (the last calibration batch wraps around): all quantize and stay bit-exact."""
+    calib = {"x": _rand(7, 8)}
+    _compile_and_check(mlp_model(), calib, _rand(1, 8, seed=4), input_shapes={"x": (1, 8)})
+    fixed = mlp_model(batch=2)
+    _, report = quantize.quantize(fixed, calib)
+    assert report.samples == 8
+    _compile_and_check(fixed, calib, _rand(2, 8, seed=4))
+
+
+def test_large_reduction_widens_to_int64():
+    """K = 70000 with all-positive weights and x at the top of its range: the sum reaches
+    255 * 127 * 70000 > 2^31, which int32 would wrap; the range analysis must widen it."""
+    k = 70000
+    w = np.ones((k, 2), np.float32)
+    w[:, 1] = -1
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+                       [numpy_helper.from_array(w, "w")])
+    calib = {"x": np.random.default_rng(0).uniform(0, 1, (4, k)).astype(np.float32)}
+    calib["x"][0] = 1.0
+    art, _ = _compile_and_check(model, calib, np.ones((1, k), np.float32))
+    assert "1 of 1 accumulators widened to int64" in art.manifest.quantization["accumulators"]
+
+
+def test_small_reductions_proven_int32():
+    art, _ = _compile_and_check(mlp_model(), {"x": _rand(8, 8)}, _rand(2, 8))
+    assert art.manifest.quantization["accumulators"] == "all 2 accumulators proven to fit int32"
+
+
+def _per_axis_activation_model(tmp_path):
+    """A QDQ model whose activation DequantizeLinear has per-channel scales."""
+    scale = numpy_helper.from_array(np.full(4, 0.1, np.float32), "s")
+    zero = numpy_helper.from_array(np.zeros(4, np.uint8), "z")
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="q_in", axis=1),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["y"], name="dq_in", axis=1)]
+    path = tmp_path / "per_axis.onnx"
+    onnx.save(make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 2, 2])],
+                         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 2, 2])], [scale, zero]), path)
+    return path
+
+
+def test_bad_inputs_exit_2_without_artifact(tmp_path, mlp_path):
+    good = tmp_path / "calib.npz"
+    np.savez(good, x=_rand(4, 8))
+    bad_shape, bad_name = tmp_path / "shape.npz", tmp_path / "name.npz"
+    np.savez(bad_shape, x=_rand(4, 9))
+    np.savez(bad_name, input=_rand(4, 8))
+    cases = [
+        ([mlp_path, "--calib", good, "--bits", "3"], "--bits 3"),
+        ([mlp_path, "--calib", bad_shape], "has shape (4, 9)"),
+        ([mlp_path, "--calib", bad_name], "['input']"),
+        ([mlp_path, "--bits", "4"], "add --calib"),
+        ([_per_axis_activation_model(tmp_path)], "node 'q_in' (QuantizeLinear): per-axis"),
+    ]
+    for i, (args, message) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        r = run_cli("compile", *args, "-o", out)
+        assert r.returncode == 2, r.stderr
+        assert message in r.stderr and "Traceback" not in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+        assert not out.exists()
+
+
+def test_calib_on_a_quantized_model_is_refused(tmp_path):
+    qdq, _ = quantize.quantize(mlp_model(), {"x": _rand(4, 8)})
+    with pytest.raises(UserError, match="already quantized"):
+        compiler.compile(qdq, options=CompileOptions(calib={"x": _rand(4, 8)}))
