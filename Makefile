@@ -24,8 +24,10 @@ toolchain:
 
 demo: setup
 	$(BIN)/lowbit zoo export digits_cnn -o $(DEMO)/digits_cnn.onnx --calib $(DEMO)/digits_cnn.calib.npz
-	$(BIN)/lowbit compile $(DEMO)/digits_cnn.onnx -o $(DEMO)/digits_cnn
-	$(BIN)/python -m runtime.demo $(DEMO)/digits_cnn $(DEMO)/digits_cnn.onnx $(DEMO)/digits_cnn.calib.npz
+	$(BIN)/lowbit compile $(DEMO)/digits_cnn.onnx --calib $(DEMO)/digits_cnn.calib.npz -o $(DEMO)/digits_cnn_int8
+	$(BIN)/lowbit inspect $(DEMO)/digits_cnn_int8 | sed -n '/^integer-only/p;/^quantized/p;/^kernels/p'
+	$(BIN)/lowbit eval $(DEMO)/digits_cnn.onnx --data digits --calib $(DEMO)/digits_cnn.calib.npz
+	$(BIN)/lowbit bench $(DEMO)/digits_cnn.onnx --calib $(DEMO)/digits_cnn.calib.npz --seconds 6 -q
 
 lint: setup
 	$(BIN)/ruff check .

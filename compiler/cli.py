@@ -79,9 +79,17 @@ def cmd_bench(args) -> int:
     first = eval_inputs[0]
     for name, arr in first.items():
         shapes.setdefault(name, tuple(arr.shape))
-    art = compiler.compile(model_path, target="llvm", input_shapes=shapes)
+    from compiler.frontend import load
+    from compiler.options import CompileOptions
+    from compiler.quantize import is_quantized
+
+    arts = []
+    if not is_quantized(load(model_path).proto):    # FP32 model: lowbit's integer-only build, then its FP32 one
+        arts.append(compiler.compile(model_path, options=CompileOptions(input_shapes=shapes, calib=calib)))
+    arts.append(compiler.compile(model_path, options=CompileOptions(input_shapes=shapes)))
     with tempfile.TemporaryDirectory() as tmp:
-        runners = {f"lowbit-{art.manifest.precision}": art.run}     # first: the row t/lowbit refers to
+        # first: the row t/lowbit refers to
+        runners = {f"lowbit-{a.manifest.precision}": a.run for a in arts}
         with stage("ORT baselines (quantize)"):
             baselines = ort.baselines(model_path, calib, args.threads, tmp)
         runners.update((r.name, r) for r in baselines)
@@ -123,6 +131,39 @@ def _bench_inputs(args):
             calib[s.name] = rng.normal(size=shape).astype(s.dtype)
     n = min(args.eval_samples, len(next(iter(calib.values()))))
     return args.model, calib, [{k: v[i : i + 1] for k, v in calib.items()} for i in range(n)]
+
+
+def cmd_eval(args) -> int:
+    from runtime.threads import configure_threads
+
+    configure_threads(args.threads)
+    import numpy as np
+
+    from compiler.frontend import input_specs, load
+    from models import data, zoo
+    from runtime.evaluate import evaluate, labeled_splits
+    from runtime.io import read_tensors
+
+    labeled_splits(args.data)                       # unknown dataset: fail before any work
+    model_path = args.model
+    if not os.path.exists(model_path) and model_path in zoo.ENTRIES:
+        files = zoo.ensure(model_path)
+        model_path = str(files.onnx)
+        calib = files.calibration() if not args.calib else None
+    else:
+        calib = None
+    specs = input_specs(load(model_path))
+    if args.calib:
+        calib = read_tensors(args.calib, specs)
+    elif calib is None:                             # the dataset's training split, never its test splits
+        train = data.digits("train").x
+        pick = np.random.default_rng(0).choice(len(train), size=min(256, len(train)), replace=False)
+        calib = {specs[0].name: train[pick]}
+    result = evaluate(model_path, calib, args.data, args.threads, args.observer)
+    print(result.table())
+    if args.json:
+        _write_text(args.json, result.to_json())
+    return 0
 
 
 def cmd_inspect(args) -> int:
@@ -231,6 +272,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     _add_shape_arg(b)
     b.set_defaults(func=cmd_bench)
+
+    e = sub.add_parser("eval", parents=[common], help="accuracy of ORT FP32, ORT INT8 and lowbit integer-only")
+    e.add_argument("model", metavar="MODEL.onnx", help="an ONNX classifier or a zoo model name")
+    e.add_argument("--data", required=True, help="labeled dataset: digits")
+    e.add_argument("--calib", metavar="DATA.npz", help="calibration inputs (default: 256 training images)")
+    e.add_argument("--observer", default="minmax", choices=["minmax", "percentile", "mse"],
+                   help="lowbit's activation range estimator (default minmax, as ORT's)")
+    e.add_argument("--threads", type=_positive(int), default=os.cpu_count() or 1, help="threads for every runtime")
+    e.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    e.set_defaults(func=cmd_eval)
 
     i = sub.add_parser("inspect", parents=[common], help="show an artifact's kernels, op histogram and sizes")
     i.add_argument("artifact", metavar="OUTDIR")

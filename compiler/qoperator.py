@@ -106,6 +106,15 @@ def _qlinear_pool(op: str):
     return rewrite
 
 
+def _qlinear_concat(rw: _Rewriter, n: onnx.NodeProto, out: list) -> None:
+    """com.microsoft QLinearConcat(Y_scale, Y_zero_point, (X, X_scale, X_zero_point)...)."""
+    ys, yz = n.input[:2]
+    parts = [rw.dq(out, *n.input[i:i + 3], base=n.name + "_x") for i in range(2, len(n.input), 3)]
+    yf = rw.name(n.name + "_y")
+    out.append(helper.make_node("Concat", parts, [yf], name=rw.name(n.name), axis=_attrs(n)["axis"]))
+    out.append(helper.make_node("QuantizeLinear", [yf, ys, yz], [n.output[0]], name=rw.name(n.name + "_q")))
+
+
 def _qgemm(rw: _Rewriter, n: onnx.NodeProto, out: list) -> None:
     a, as_, az, b, bs, bz = n.input[:6]
     c = n.input[6] if len(n.input) > 6 else ""
@@ -161,6 +170,7 @@ CONVERTERS = {
     "QLinearAdd": _qlinear_binary("Add"),
     "QLinearMul": _qlinear_binary("Mul"),
     "QGemm": _qgemm,
+    "QLinearConcat": _qlinear_concat,
     "QLinearGlobalAveragePool": _qlinear_pool("GlobalAveragePool"),
     "QLinearAveragePool": _qlinear_pool("AveragePool"),
     "ConvInteger": _conv_integer,

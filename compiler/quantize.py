@@ -41,7 +41,7 @@ OBSERVERS = {"minmax": calibration.MinMaxObserver, "percentile": calibration.Per
              "mse": calibration.MSEObserver}
 LINEAR = ("Conv", "Gemm", "MatMul")
 VIEWS = ("MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze")
-POOLS = ("GlobalAveragePool", "ReduceMean")
+POOLS = ("GlobalAveragePool", "ReduceMean", "AveragePool")
 ACTIVATIONS = ("Relu", "Clip")
 
 

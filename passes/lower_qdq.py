@@ -14,7 +14,8 @@ and emits the integer program (HAWQ-V3, with the dyadic multiplier of
     conv2d / matmul:  acc = (q_x - z_x) * (q_w - z_w) + q_bias                int32
                       q_y = clamp(rescale(acc, s_x*s_w[c] / s_y) + z_y)
     residual add:     q_y = clamp(sum_t rescale(q_t - z_t, s_t / s_y) + z_y)
-    mean (pooling):   q_y = clamp(rescale(sum(q - z), s_x / (n*s_y)) + z_y)
+    concat:           q_y = concat_t(clamp(rescale(q_t - z_t, s_t / s_y) + z_y))   (as is if equal)
+    mean, avg pool:   q_y = clamp(rescale(sum(q - z), s_x / (n*s_y)) + z_y)
     max-pool, views:  on the integers, parameters unchanged
     relu / clip:      folded into the clamp: z_y + round(bound / s_y)
 
@@ -61,6 +62,14 @@ class _ConstDeq:
     q: np.ndarray           # int64 values
     scale: np.ndarray
     zero: np.ndarray
+    axis: int
+
+
+@dataclass
+class _Concat:
+    """A concatenation of integer tensors awaiting its output quantize: each part is
+    requantized to the common output scale first (HAWQ-V3 §3.4, multi-branch)."""
+    parts: list             # _Int
     axis: int
 
 
@@ -139,6 +148,13 @@ class _Lowering:
             except TypeError:
                 raise QDQLoweringError("mean over a dynamic dimension has no fixed divisor") from None
             return _Pending([(total, x.scale.astype(np.float64) / n, None)])
+        if name == "relax.nn.avg_pool2d":
+            return self.avg_pool(call)
+        if name == "relax.concat":
+            fields = call.args[0].fields if isinstance(call.args[0], relax.Tuple) else None
+            if fields is None:
+                raise QDQLoweringError("concat of a tuple variable is not supported")
+            return _Concat([self.deq(self.val(f), name) for f in fields], int(call.attrs.axis))
         if name == "relax.nn.max_pool2d" or name in VIEWS:
             # on the integers; QOperator graphs apply these to quantized tensors directly,
             # QDQ graphs to their dequantization: the result keeps the operand's form
@@ -166,6 +182,9 @@ class _Lowering:
             if np.array_equal(x.scale, scale) and np.array_equal(x.zero, zero) and x.dtype == dtype:
                 return x                                           # Q(DQ(q)) with the same params
             src = _Pending([(self.centered(x), x.scale.astype(np.float64), None)])
+        if isinstance(src, _Concat):
+            return _Int(self.bb.emit(op.concat([self.quantize_like(p, scale, zero, dtype) for p in src.parts],
+                                               axis=src.axis)), scale, zero, dtype)
         if not isinstance(src, _Pending):
             raise QDQLoweringError("quantize of an unsupported value")
         s_out, z_out = float(scale.reshape(-1)[0]), int(zero.reshape(-1)[0])
@@ -184,6 +203,34 @@ class _Lowering:
         if np.isfinite(src.hi):
             hi = min(hi, z_out + int(np.round(src.hi / np.float32(s_out))))
         return _Int(self.bb.emit(saturate(total, z_out, lo, hi, dtype)), scale, zero, dtype)
+
+    def avg_pool(self, call):
+        """A window sum as a depthwise convolution with a ones kernel, then rescale by s_x / (kh*kw).
+        The divisor is one constant only when padding counts (or there is none)."""
+        x = self.deq(self.val(call.args[0]), "relax.nn.avg_pool2d")
+        a = call.attrs
+        kh, kw = (int(v) for v in a.pool_size)
+        padding = [int(v) for v in a.padding]
+        if str(a.layout) != "NCHW" or bool(a.ceil_mode) or (any(padding) and not bool(a.count_include_pad)):
+            raise QDQLoweringError("avg_pool2d: only NCHW, floor mode, and padding that counts "
+                                   "(count_include_pad=1) have a constant divisor")
+        channels = int(x.expr.ty.shape.values[1])
+        zx = int(x.zero.reshape(-1)[0])
+        ones = relax.const(np.ones((channels, 1, kh, kw), np.int8), "int8")
+        total = self.bb.emit_te(_conv_zero_padded, x.expr, ones, [int(v) for v in a.strides], padding,
+                                [int(v) for v in a.dilation], channels, zx, "int32", primfunc_name_hint="sum_pool")
+        if zx:
+            total = self.bb.emit(op.subtract(total, relax.const(zx * kh * kw, "int32")))
+        return _Pending([(total, x.scale.astype(np.float64) / (kh * kw), None)])
+
+    def quantize_like(self, x: _Int, scale, zero, dtype) -> relax.Expr:
+        """``x`` requantized to (scale, zero, dtype); as is when it already has them."""
+        if np.array_equal(x.scale, scale) and np.array_equal(x.zero, zero) and x.dtype == dtype:
+            return x.expr
+        d = dyadic_from_ratio(x.scale.astype(np.float64) / np.float64(np.float32(scale.reshape(-1)[0])))
+        info = np.iinfo(dtype)
+        return self.bb.emit(saturate(rescale(self.centered(x), d), int(zero.reshape(-1)[0]), int(info.min),
+                                     int(info.max), dtype))
 
     def dequantize(self, call):
         src = self.val(call.args[0])

@@ -42,7 +42,8 @@ def requantize(x: np.ndarray, m: np.ndarray, e: np.ndarray, qmin: int, qmax: int
 #   conv / matmul / gemm:  acc = sum((q_x - z_x) * (q_w - z_w)) + q_bias     (int64, exact)
 #                          q_y = clamp(requantize(acc, s_x*s_w[c] / s_y) + z_y)
 #   residual add:          q_y = clamp(sum_t requantize(q_t - z_t, s_t / s_y) + z_y)
-#   global average pool:   q_y = clamp(requantize(sum(q - z), s_x / (n * s_y)) + z_y)
+#   concat:                q_y = concat_t(clamp(requantize(q_t - z_t, s_t / s_y) + z_y))
+#   (global) average pool: q_y = clamp(requantize(sum(q - z), s_x / (n * s_y)) + z_y)
 #   max pool, views:       on the integers, parameters unchanged
 #   ReLU / Clip before Q:  folded into the clamp bounds
 #
@@ -77,6 +78,14 @@ class _Pending:
     def __init__(self, terms, lo=-np.inf, hi=np.inf):
         self.terms = terms            # list of (int64 array, float64 ratio numerator array, channel axis)
         self.lo, self.hi = lo, hi
+
+
+class _Concat:
+    """Integer tensors awaiting the output QuantizeLinear of their concatenation: each is
+    requantized to the output's parameters, then they are joined."""
+
+    def __init__(self, parts, axis):
+        self.parts, self.axis = parts, axis
 
 
 def _conv_int(x, w, strides, pads, dilations, group):
@@ -178,6 +187,10 @@ def run_qdq(model, feeds: dict) -> dict:
             info = np.iinfo(zdt)
             if isinstance(x, _Pending):
                 val = requant(x, float(s), int(np.asarray(z).reshape(-1)[0]), info.min, info.max)
+            elif isinstance(x, _Concat):
+                val = np.concatenate([requant(_Pending([(p.centered(), p.scale.astype(np.float64), None)]), float(s),
+                                              int(np.asarray(z).reshape(-1)[0]), info.min, info.max)
+                                      for p in x.parts], axis=x.axis)
             elif isinstance(x, tuple):                          # Q(DQ(q)) with other params: a requantize
                 src = deq_of(x)
                 val = requant(_Pending([(src.centered(), src.scale.astype(np.float64), src.axis)]),
@@ -255,6 +268,18 @@ def run_qdq(model, feeds: dict) -> dict:
             count = int(np.prod([x.q.shape[i] for i in axes]))
             num = (x.scale.astype(np.float64) / count)
             env[n.output[0]] = _Pending([(total, num, None)])
+        elif op == "AveragePool":
+            x = deq_of(ins[0])
+            k = a["kernel_shape"]
+            pads = a.get("pads", [0, 0, 0, 0])
+            if a.get("ceil_mode", 0) or (any(pads) and not a.get("count_include_pad", 0)):
+                raise QDQUnsupported(f"AveragePool {n.name}: the divisor is not one constant")
+            channels = x.q.shape[1]
+            total = _conv_int(x.centered(), np.ones((channels, 1, *k), np.int64), a.get("strides", [1, 1]), pads,
+                              a.get("dilations", [1, 1]), channels)
+            env[n.output[0]] = _Pending([(total, x.scale.astype(np.float64) / (k[0] * k[1]), None)])
+        elif op == "Concat":
+            env[n.output[0]] = _Concat([deq_of(v) for v in ins], a["axis"])
         elif op == "MaxPool":
             kind, x = _on_integers(ins[0], deq_of)
             k = a["kernel_shape"]

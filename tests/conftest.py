@@ -48,3 +48,19 @@ def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
     """The real console entry point in a subprocess: exit codes and stderr as a user sees them."""
     return subprocess.run([sys.executable, "-m", "compiler.cli", *map(str, args)], capture_output=True,
                           text=True, cwd=cwd or ROOT, timeout=600)
+
+
+def concat_cnn(c=4, seed=0) -> onnx.ModelProto:
+    """Two conv branches of x (1x1 and 3x3, the second without ReLU) -> Concat -> 1x1 conv."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.5, s).astype(np.float32), n) for n, s in
+             (("wa", (c, c, 1, 1)), ("wb", (2 * c, c, 3, 3)), ("wc", (c, 3 * c, 1, 1)), ("bc", (c,)))]
+    nodes = [
+        helper.make_node("Conv", ["x", "wa"], ["a0"], name="conv_a"),
+        helper.make_node("Relu", ["a0"], ["a"], name="relu_a"),
+        helper.make_node("Conv", ["x", "wb"], ["b"], name="conv_b", pads=[1, 1, 1, 1]),
+        helper.make_node("Concat", ["a", "b"], ["cat"], name="concat", axis=1),
+        helper.make_node("Conv", ["cat", "wc", "bc"], ["y"], name="conv_c"),
+    ]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c, 6, 6])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", c, 6, 6])], inits)

@@ -109,3 +109,21 @@ def test_zoo_list(capsys):
     names = [ln.split()[0] for ln in capsys.readouterr().out.splitlines()]
     assert names == ["digits_cnn", "digits_vit", "deit_tiny", "resnet18", "ds_cnn", "resnet8",
                      "mobilenet_v1_025", "fc_autoencoder"]
+
+
+def test_eval_digits_cnn_meets_the_accuracy_bar(tmp_path):
+    """The issue's bar: lowbit integer-only top-1 within 0.5 point of FP32 on clean digits, and
+    perturbed-set agreement with FP32 at least ORT INT8's, on the same calibration data."""
+    out = tmp_path / "eval.json"
+    r = run_cli("eval", "digits_cnn", "--data", "digits", "--json", out)
+    assert r.returncode == 0, r.stderr
+    rows = {row["runner"]: row for row in json.loads(out.read_text())["rows"]}
+    fp32, ort_int8, ours = rows["ORT FP32"], rows["ORT INT8 (QDQ)"], rows["lowbit int8"]
+    assert abs(ours["top1"]["test"] - fp32["top1"]["test"]) <= 0.005
+    assert ours["agreement"]["perturbed"] >= ort_int8["agreement"]["perturbed"]
+    assert "integer-only: yes" in r.stdout
+
+
+def test_eval_unknown_dataset(tmp_path, mlp_path):
+    r = run_cli("eval", mlp_path, "--data", "imagenet")
+    assert r.returncode == 2 and "unknown dataset 'imagenet'" in r.stderr

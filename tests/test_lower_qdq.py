@@ -8,7 +8,7 @@ import logging
 import numpy as np
 import onnx
 import pytest
-from conftest import mlp_model
+from conftest import concat_cnn, mlp_model
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 from test_qoperator import _residual_cnn
 
@@ -63,6 +63,11 @@ def test_mlp(tmp_path, fmt):
 def test_residual_cnn(tmp_path, fmt, per_channel):
     path = _quantized(tmp_path, _residual_cnn(), _rand(8, 4, 10, 10), fmt, per_channel)
     _check_bit_exact(path, _rand(3, 4, 10, 10, seed=2))
+
+
+@pytest.mark.parametrize("fmt", ["qdq", "qoperator"])
+def test_concat(tmp_path, fmt):
+    _check_bit_exact(_quantized(tmp_path, concat_cnn(), _rand(8, 4, 6, 6), fmt), _rand(2, 4, 6, 6, seed=3))
 
 
 @pytest.mark.parametrize("name", ["digits_cnn", "resnet8", "ds_cnn", "mobilenet_v1_025"])

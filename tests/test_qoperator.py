@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import onnxruntime
 import pytest
-from conftest import make_model
+from conftest import concat_cnn, make_model
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
@@ -80,6 +80,7 @@ def _output_lsb(path) -> float:
 @pytest.mark.parametrize("model_fn, per_channel, expect_ops", [
     (_residual_cnn, False, {"QLinearConv", "QLinearAdd", "QGemm"}),
     (_residual_cnn, True, {"QLinearConv", "QLinearAdd", "QGemm"}),
+    (concat_cnn, True, {"QLinearConv", "QLinearConcat"}),
     (_mlp_matmul, False, {"QLinearMatMul"}),
     (_mlp_matmul, True, {"QLinearMatMul"}),
 ])

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import make_model, mlp_model, run_cli
+from conftest import concat_cnn, make_model, mlp_model, run_cli
 from onnx import TensorProto, helper, numpy_helper
 
 import compiler
@@ -119,6 +119,29 @@ def test_configs_bit_exact(config):
     assert weights and all(np.abs(w).max() == qmax for w in weights)
     zero_points = [inits[n.input[2]] for n in qdq.graph.node if n.op_type == "QuantizeLinear"]
     assert all(z.dtype == (np.int8 if config.activations == "s8" else np.uint8) for z in zero_points)
+
+
+def test_concat_requantizes_branches_to_a_common_scale():
+    art, qdq = _compile_and_check(concat_cnn(), {"x": _rand(16, 4, 6, 6)}, _rand(2, 4, 6, 6, seed=5))
+    assert "relax.concat" in art.manifest.op_histogram
+    scales = {n.input[0]: n.input[1] for n in qdq.graph.node if n.op_type == "QuantizeLinear"}
+    assert len({scales["a_float"], scales["b_float"], scales["cat_float"]}) == 3     # three scales, one concat
+
+
+def _avgpool_cnn(out_hw: int, **pool) -> onnx.ModelProto:
+    w = numpy_helper.from_array(_rand(4, 3, 3, 3, seed=6) * 0.4, "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("AveragePool", ["c"], ["y"], name="pool", **pool)]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 9, 9])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, out_hw, out_hw])], [w])
+
+
+@pytest.mark.parametrize("out_hw, pool", [
+    (4, dict(kernel_shape=[2, 2], strides=[2, 2])),
+    (5, dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], count_include_pad=1))])
+def test_average_pool_is_an_integer_window_sum(out_hw, pool):
+    art, _ = _compile_and_check(_avgpool_cnn(out_hw, **pool), {"x": _rand(8, 3, 9, 9)}, _rand(2, 3, 9, 9, seed=2))
+    assert len(art.manifest.compute_kernels()) == 2
 
 
 def test_basic_block_is_two_kernels():

@@ -1,0 +1,97 @@
+"""Accuracy report: ORT FP32, ORT INT8 (QDQ) and lowbit integer-only on a labeled dataset.
+
+    lowbit eval MODEL --data digits [--calib DATA.npz]
+
+All three are calibrated on the same data (by default the zoo's calibration
+set, drawn from the training split) and evaluated on the clean and perturbed
+test splits.  Columns: top-1 accuracy, top-1 agreement with ORT FP32, and mean
+|logit - FP32 logit|.  The perturbed split is where decisions sit near class
+boundaries, so it separates quantizers that the clean split cannot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+DATASETS = ("digits",)
+REFERENCE = "ORT FP32"
+
+
+@dataclass(frozen=True)
+class EvalRow:
+    runner: str
+    top1: dict[str, float]              # split -> accuracy
+    agreement: dict[str, float]         # split -> top-1 agreement with ORT FP32
+    mean_abs_dlogit: dict[str, float]   # split -> mean |logit - ORT FP32 logit|
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    model: str
+    dataset: str
+    samples: dict[str, int]
+    calibration_samples: int
+    rows: list[EvalRow]
+    notes: dict[str, str]
+
+    def table(self) -> str:
+        splits = list(self.samples)
+        head = f"{'runner':<18}" + "".join(f"{'top-1 ' + s:>17}" for s in splits) + \
+            "".join(f"{'agree ' + s:>17}" for s in splits) + "".join(f"{'|dlogit| ' + s:>20}" for s in splits)
+        lines = [f"{self.model} on {self.dataset} ({', '.join(f'{n} {s}' for s, n in self.samples.items())}; "
+                 f"calibrated on {self.calibration_samples} samples)", head, "-" * len(head)]
+        for r in self.rows:
+            lines.append(f"{r.runner:<18}" + "".join(f"{100 * r.top1[s]:>16.1f}%" for s in splits)
+                         + "".join(f"{100 * r.agreement[s]:>16.1f}%" for s in splits)
+                         + "".join(f"{r.mean_abs_dlogit[s]:>20.4f}" for s in splits))
+        lines += ["agree: top-1 agreement with ORT FP32; |dlogit|: mean |logit - ORT FP32 logit|"]
+        lines += [f"{k}: {v}" for k, v in self.notes.items()]
+        return "\n".join(lines)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def labeled_splits(dataset: str):
+    from compiler.errors import UserError
+    from models import data
+
+    if dataset != "digits":
+        raise UserError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
+    return {s: data.digits(s) for s in ("test", "perturbed")}
+
+
+def evaluate(model_path: str, calib: Mapping[str, np.ndarray], dataset: str = "digits",
+             threads: int = 1, observer: str = "minmax") -> EvalResult:
+    import onnx
+
+    import compiler
+    from compiler.options import CompileOptions
+    from runtime import ort
+
+    splits = labeled_splits(dataset)
+    name = onnx.load(model_path, load_external_data=False).graph.input[0].name
+    with tempfile.TemporaryDirectory() as tmp:
+        qdq = ort.quantize(model_path, calib, os.path.join(tmp, "ort_int8.onnx"), "static")
+        art = compiler.compile(model_path, options=CompileOptions(calib=dict(calib), observer=observer))
+        runners = {REFERENCE: ort.OrtRunner(REFERENCE, model_path, threads),
+                   "ORT INT8 (QDQ)": ort.OrtRunner("ORT INT8 (QDQ)", qdq, threads),
+                   f"lowbit {art.manifest.precision}": art.run}
+        logits = {r: {s: next(iter(run({name: d.x}).values())) for s, d in splits.items()}
+                  for r, run in runners.items()}
+    ref = logits[REFERENCE]
+    rows = [EvalRow(r, {s: float((out[s].argmax(1) == d.y).mean()) for s, d in splits.items()},
+                    {s: float((out[s].argmax(1) == ref[s].argmax(1)).mean()) for s in splits},
+                    {s: float(np.abs(out[s] - ref[s]).mean()) for s in splits})
+            for r, out in logits.items()]
+    notes = {"ORT INT8": "quant_pre_process + quantize_static, QDQ, u8 activations / s8 per-channel weights, MinMax",
+             "lowbit": f"{art.manifest.precision}, integer-only: {'yes' if art.manifest.integer_only else 'no'}, "
+                       f"observer {observer}, {art.manifest.quantization.get('accumulators', '')}"}
+    return EvalResult(os.path.basename(model_path), dataset, {s: len(d.y) for s, d in splits.items()},
+                      len(next(iter(calib.values()))), rows, notes)
