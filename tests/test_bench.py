@@ -90,12 +90,15 @@ def test_bench_cli_writes_table_and_json(tmp_path, capsys):
             "--seconds", "0.5", "--json", str(tmp_path / "b.json")]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    for name in ("lowbit-fp32", "ort-fp32", "ort-int8"):
+    for name in ("lowbit-int8", "lowbit-fp32", "ort-fp32", "ort-int8"):
         assert name in out
     res = json.loads((tmp_path / "b.json").read_text())
     rows = {r["name"]: r for r in res["rows"]}
-    assert rows["ort-fp32"]["speedup_vs_reference"] == 1.0 and rows["lowbit-fp32"]["time_vs_lowbit"] == 1.0
+    # an FP32 model with calibration data: lowbit's integer-only build is the row the ratios refer to
+    assert res["rows"][0]["name"] == "lowbit-int8" and rows["lowbit-int8"]["time_vs_lowbit"] == 1.0
+    assert rows["ort-fp32"]["speedup_vs_reference"] == 1.0
     assert rows["lowbit-fp32"]["max_abs_diff"] < 1e-4
+    assert rows["lowbit-int8"]["cosine"] > 0.99
     assert res["rounds"] >= 10 and res["threads"] == 1
 
 
