@@ -78,6 +78,21 @@ def dyadic_from_ratio(ratio) -> Dyadic:
     return Dyadic(np.where(zero, 0, m).astype(np.int64), np.where(zero, 0, e).astype(np.int64))
 
 
+FINE_BITS = 16
+
+
+def fine_offset(offset, max_abs_x: int) -> tuple[int, np.ndarray]:
+    """A real per-channel offset, in units of an integer tensor's step, added at a grid
+    2^k times finer: ``x * 2^k + round(offset * 2^k)``.  k is the largest in [0, 16]
+    keeping ``|x| * 2^k + |offset| * 2^k`` inside int32, so the offset's rounding error
+    shrinks to 2^-(k+1) of a step instead of half a step."""
+    offset = np.asarray(offset, np.float64)
+    for k in range(FINE_BITS, -1, -1):
+        if (max_abs_x + np.abs(offset).max(initial=0.0) + 1) * 2.0**k < 2.0**31:
+            return k, np.round(offset * 2.0**k).astype(np.int64)
+    raise ValueError("offset does not fit int32 at any grid")
+
+
 def rescale(x: relax.Expr, d: Dyadic, axis: int = -1) -> relax.Expr:
     """``(x * m + 2^(e-1)) >> e`` in int64, unclamped (terms of a residual sum are added first).
 

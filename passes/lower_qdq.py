@@ -16,6 +16,7 @@ and emits the integer program (HAWQ-V3, with the dyadic multiplier of
     residual add:     q_y = clamp(sum_t rescale(q_t - z_t, s_t / s_y) + z_y)
     concat:           q_y = concat_t(clamp(rescale(q_t - z_t, s_t / s_y) + z_y))   (as is if equal)
     mean, avg pool:   q_y = clamp(rescale(sum(q - z), s_x / (n*s_y)) + z_y)
+    batch norm:       q_y = clamp(rescale(sign(g) * ((q - z) 2^k + B), s_x*|g| / (2^k s_y)) + z_y)
     max-pool, views:  on the integers, parameters unchanged
     relu / clip:      folded into the clamp: z_y + round(bound / s_y)
 
@@ -33,7 +34,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from passes.dyadic import dyadic_from_ratio, rescale, saturate
+from passes.dyadic import dyadic_from_ratio, fine_offset, rescale, saturate
 
 op = relax.op
 VIEWS = {"relax.reshape", "relax.permute_dims", "relax.flatten", "relax.squeeze", "relax.expand_dims"}
@@ -63,6 +64,10 @@ class _ConstDeq:
     scale: np.ndarray
     zero: np.ndarray
     axis: int
+
+
+class _BatchNormStats:
+    """batch_norm's running-statistics outputs: unused at inference; any use fails lowering."""
 
 
 @dataclass
@@ -148,6 +153,13 @@ class _Lowering:
             except TypeError:
                 raise QDQLoweringError("mean over a dynamic dimension has no fixed divisor") from None
             return _Pending([(total, x.scale.astype(np.float64) / n, None)])
+        if name == "relax.nn.batch_norm":
+            return self.batch_norm(call)
+        if isinstance(call, relax.TupleGetItem):
+            v = self.val(call.tuple_value)
+            if isinstance(v, _Pending):     # batch_norm: 0 is the output; 1, 2 (running stats) go unused
+                return v if call.index == 0 else _BatchNormStats()
+            raise QDQLoweringError("tuple access of an unsupported value")
         if name == "relax.nn.avg_pool2d":
             return self.avg_pool(call)
         if name == "relax.concat":
@@ -203,6 +215,44 @@ class _Lowering:
         if np.isfinite(src.hi):
             hi = min(hi, z_out + int(np.round(src.hi / np.float32(s_out))))
         return _Int(self.bb.emit(saturate(total, z_out, lo, hi, dtype)), scale, zero, dtype)
+
+    def const_value(self, expr) -> np.ndarray:
+        """A constant operand as float32: a plain constant, or DequantizeLinear of one."""
+        v = self.val(expr)
+        if isinstance(v, tvm.ir.GenericConst):
+            return _np(v).astype(np.float32)
+        if isinstance(v, _ConstDeq):
+            shape = [1] * v.q.ndim
+            if v.scale.size > 1:
+                shape[v.axis % v.q.ndim] = -1
+            return ((v.q - v.zero.reshape(shape)).astype(np.float32) * v.scale.reshape(shape)).astype(np.float32)
+        raise QDQLoweringError("batch_norm: parameters must be constants")
+
+    def batch_norm(self, call):
+        """Inference BatchNormalization of a dequantized tensor, y = g*x + b per channel with
+        g = gamma/sqrt(var+eps), b = beta - mean*g.  With the shift written on the input's grid,
+        refined 2^k times (``dyadic.fine_offset``):
+
+            y = sign(g) * ((q - z) * 2^k + B) * (s_x * |g| / 2^k),   B = round(2^k * b / (s_x * g))
+
+        one requantize term with per-channel ratio s_x*|g| / (2^k s_y): HAWQ-V3's bias at the
+        accumulator scale, with the "weight" g.  Rounding B is the only approximation."""
+        x = self.deq(self.val(call.args[0]), "relax.nn.batch_norm")
+        gamma, beta, mean, var = (self.const_value(a).astype(np.float64).reshape(-1) for a in call.args[1:5])
+        g = gamma / np.sqrt(var + float(call.attrs.epsilon))
+        if np.any(g == 0):
+            raise QDQLoweringError("batch_norm with a zero scale (gamma = 0) has no integer form")
+        s_x = np.float64(np.float32(x.scale.reshape(-1)[0]))
+        info = np.iinfo(x.dtype)
+        k, bias = fine_offset((beta - mean * g) / (s_x * g), int(info.max) - int(info.min))
+        axis = int(call.attrs.axis)
+        shape = [1] * x.expr.ty.ndim
+        shape[axis] = -1
+        term = op.add(op.left_shift(self.centered(x), relax.const(k, "int32")),
+                      relax.const(bias.astype(np.int32).reshape(shape), "int32"))
+        if np.any(g < 0):
+            term = op.multiply(term, relax.const(np.sign(g).astype(np.int32).reshape(shape), "int32"))
+        return _Pending([(self.bb.emit(term), s_x * np.abs(g) / 2.0**k, axis)])
 
     def avg_pool(self, call):
         """A window sum as a depthwise convolution with a ones kernel, then rescale by s_x / (kh*kw).

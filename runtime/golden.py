@@ -57,11 +57,12 @@ class QDQUnsupported(ValueError):
 class _Q:
     """An integer tensor with its affine parameters (scale/zero point per tensor or per ``axis``)."""
 
-    def __init__(self, q, scale, zero, axis=None):
+    def __init__(self, q, scale, zero, axis=None, dtype=None):
         self.q = np.asarray(q, np.int64)
         self.scale = np.atleast_1d(np.asarray(scale, np.float32))
         self.zero = np.atleast_1d(np.asarray(zero, np.int64))
         self.axis = axis
+        self.dtype = np.dtype(dtype) if dtype is not None else None     # the stored integer type
 
     def centered(self, channel_axis: int | None = None) -> np.ndarray:
         if self.zero.size == 1:
@@ -129,6 +130,17 @@ def _bias(b: _Q, acc_scale: np.ndarray, node) -> np.ndarray:
     return b.centered()
 
 
+def _float(v) -> np.ndarray:
+    """A constant operand's real value: an initializer, or the DequantizeLinear of one."""
+    if isinstance(v, tuple) and v[0] == "deq":
+        q = v[1]
+        shape = [1] * q.q.ndim
+        if q.scale.size > 1:
+            shape[q.axis % q.q.ndim] = -1
+        return (q.centered().astype(np.float32) * q.scale.reshape(shape)).astype(np.float32)
+    return np.asarray(v, np.float32)
+
+
 def _on_integers(v, deq_of):
     """Max-pool and views act on the integers: QOperator graphs apply them to quantized
     tensors ("q"), QDQ graphs to dequantized ones ("deq"); the result keeps the form."""
@@ -146,7 +158,7 @@ def run_qdq(model, feeds: dict) -> dict:
     (the final DequantizeLinear) keyed by output name."""
     from onnx import helper, numpy_helper
 
-    from passes.dyadic import dyadic_from_ratio
+    from passes.dyadic import dyadic_from_ratio, fine_offset
 
     g = model.graph
     env: dict = {t.name: numpy_helper.to_array(t) for t in g.initializer}
@@ -203,7 +215,7 @@ def run_qdq(model, feeds: dict) -> dict:
             src = ins[0]
             scale, zero = ins[1], (ins[2] if len(ins) > 2 and ins[2] is not None else 0)
             if isinstance(src, tuple) and src[0] == "q":
-                qv = _Q(src[1].q, scale, zero, a.get("axis", 1))
+                qv = _Q(src[1].q, scale, zero, a.get("axis", 1), src[2])
             else:                                               # an initializer (weights, bias)
                 qv = _Q(src, scale, zero, a.get("axis", 1))
             if n.output[0] in outputs:
@@ -268,6 +280,20 @@ def run_qdq(model, feeds: dict) -> dict:
             count = int(np.prod([x.q.shape[i] for i in axes]))
             num = (x.scale.astype(np.float64) / count)
             env[n.output[0]] = _Pending([(total, num, None)])
+        elif op == "BatchNormalization":
+            # y = g*x + b, g = gamma/sqrt(var+eps), b = beta - mean*g; the shift b is put on the input's
+            # grid refined 2^k times: y = sign(g) * ((q - z) * 2^k + round(2^k * b / (s_x*g))) * s_x*|g| / 2^k
+            x = deq_of(ins[0])
+            gamma, beta, mean, var = (np.asarray(_float(v), np.float64).reshape(-1) for v in ins[1:5])
+            gain = gamma / np.sqrt(var + np.float64(np.float32(a.get("epsilon", 1e-5))))
+            s_x = np.float64(x.scale[0])
+            shape = [1] * x.q.ndim
+            shape[1] = -1
+            info = np.iinfo(x.dtype)
+            k, offset = fine_offset((beta - mean * gain) / (s_x * gain), int(info.max) - int(info.min))
+            shifted = x.centered() * (1 << k) + offset.reshape(shape)
+            env[n.output[0]] = _Pending([(shifted * np.sign(gain).astype(np.int64).reshape(shape),
+                                          s_x * np.abs(gain) / 2.0**k, 1)])
         elif op == "AveragePool":
             x = deq_of(ins[0])
             k = a["kernel_shape"]
@@ -285,7 +311,7 @@ def run_qdq(model, feeds: dict) -> dict:
             k = a["kernel_shape"]
             fill = np.iinfo(np.int64).min
             pooled = _maxpool_int(x.q, k, a.get("strides", [1, 1]), a.get("pads", [0, 0, 0, 0]), fill)
-            env[n.output[0]] = _same_kind(ins[0], kind, _Q(pooled, x.scale, x.zero, x.axis))
+            env[n.output[0]] = _same_kind(ins[0], kind, _Q(pooled, x.scale, x.zero, x.axis, x.dtype))
         elif op in ("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze"):
             kind, x = _on_integers(ins[0], deq_of)
             if op == "Flatten":
@@ -299,7 +325,7 @@ def run_qdq(model, feeds: dict) -> dict:
                 q = np.squeeze(x.q, axis=tuple(np.asarray(ins[1]).tolist()) if len(ins) > 1 else None)
             else:
                 q = np.expand_dims(x.q, tuple(np.asarray(ins[1]).tolist()))
-            env[n.output[0]] = _same_kind(ins[0], kind, _Q(q, x.scale, x.zero, x.axis))
+            env[n.output[0]] = _same_kind(ins[0], kind, _Q(q, x.scale, x.zero, x.axis, x.dtype))
         else:
             raise QDQUnsupported(f"{op} {n.name}: no integer semantics for this op yet")
     return {o.name: env[o.name] for o in g.output}

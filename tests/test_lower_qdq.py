@@ -8,12 +8,14 @@ import logging
 import numpy as np
 import onnx
 import pytest
-from conftest import concat_cnn, mlp_model
+from conftest import concat_cnn, make_model, mlp_model
+from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 from test_qoperator import _residual_cnn
 
 import compiler
 from compiler import qoperator
+from compiler.options import CompileOptions
 from models import zoo
 from runtime import golden, ort
 
@@ -70,7 +72,7 @@ def test_concat(tmp_path, fmt):
     _check_bit_exact(_quantized(tmp_path, concat_cnn(), _rand(8, 4, 6, 6), fmt), _rand(2, 4, 6, 6, seed=3))
 
 
-@pytest.mark.parametrize("name", ["digits_cnn", "resnet8", "ds_cnn", "mobilenet_v1_025"])
+@pytest.mark.parametrize("name", ["digits_cnn", "resnet8", "ds_cnn", "mobilenet_v1_025", "fc_autoencoder"])
 def test_zoo_cnn(tmp_path, name):
     files = zoo.ensure(name)
     calib = files.calibration()[zoo.INPUT]
@@ -78,10 +80,16 @@ def test_zoo_cnn(tmp_path, name):
     _check_bit_exact(path, zoo.get(name).samples(3, seed=7))
 
 
-def test_unsupported_pattern_falls_back_to_fake_quant(tmp_path, caplog):
-    files = zoo.ensure("fc_autoencoder")        # Gemm -> BatchNormalization: BN is not folded yet
-    path = _quantized(tmp_path, onnx.load(files.onnx), files.calibration()[zoo.INPUT][:16])
+def test_unsupported_pattern_falls_back_to_fake_quant(caplog):
+    """A float op with no integer form between Q/DQ pairs: still a correct program, compiled as
+    fake-quant with a warning that names the op, and the verifier says no."""
+    w = numpy_helper.from_array(_rand(4, 3, 3, 3), "w")
+    model = make_model([helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+                        helper.make_node("Sigmoid", ["c"], ["y"], name="sigmoid")],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 4, 4])], [w])
     with caplog.at_level(logging.WARNING, logger="lowbit"):
-        art = compiler.compile(path)
+        art = compiler.compile(model, options=CompileOptions(calib={"x": _rand(8, 3, 6, 6)}))
     assert art.manifest.precision == "fake-quant" and not art.manifest.integer_only
-    assert "relax.nn.batch_norm" in caplog.text and "fake-quant" in caplog.text
+    assert "relax.sigmoid" in caplog.text and "fake-quant" in caplog.text
+    assert art.manifest.integer_region.startswith("float op inside the integer region")
