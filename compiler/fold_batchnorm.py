@@ -61,7 +61,7 @@ def fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
             continue
         if not all(i in inits for i in bn.input[1:5]) or layer.input[1] not in inits:
             continue
-        axis = _output_axis(layer)
+        axis = output_axis(layer, len(inits[layer.input[1]].dims))
         if axis is None:
             continue
         gamma, beta, mean, var = (numpy_helper.to_array(inits[i]).astype(np.float64) for i in bn.input[1:5])
@@ -92,9 +92,15 @@ def fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
     return m
 
 
-def _output_axis(layer: onnx.NodeProto) -> int | None:
+def output_axis(layer: onnx.NodeProto, weight_ndim: int) -> int | None:
+    """The output-channel axis of a Conv / Gemm / MatMul weight, or None for layouts that are
+    not one weight per output channel (Gemm with alpha/beta != 1 or transA, non-2-D MatMul)."""
     if layer.op_type == "Conv":
-        return 0
+        return 0 if weight_ndim == 4 else None
+    if weight_ndim != 2:
+        return None
+    if layer.op_type == "MatMul":
+        return 1
     a = {x.name: helper.get_attribute_value(x) for x in layer.attribute}
     if a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0 or a.get("transA", 0):
         return None

@@ -33,7 +33,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from compiler import calibration
 from compiler.errors import UserError
-from compiler.fold_batchnorm import fold_batchnorm
+from compiler.fold_batchnorm import fold_batchnorm, output_axis
 from runtime.artifact import QuantParams
 
 WEIGHT_BITS = (8, 4, 2)
@@ -187,17 +187,7 @@ def _weight_axis(n: onnx.NodeProto, inits: dict) -> int | None:
     """Output-channel axis of the layer's weight initializer, or None if the layer stays float."""
     if len(n.input) < 2 or n.input[1] not in inits:
         return None
-    w = inits[n.input[1]]
-    if n.op_type == "Conv":
-        return 0 if w.ndim == 4 else None
-    if w.ndim != 2:
-        return None
-    if n.op_type == "MatMul":
-        return 1
-    a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
-    if a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0 or a.get("transA", 0):
-        return None
-    return 0 if a.get("transB", 0) else 1
+    return output_axis(n, inits[n.input[1]].ndim)
 
 
 # ---- 3. calibrate ----------------------------------------------------------------------

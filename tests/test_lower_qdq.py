@@ -72,11 +72,13 @@ def test_concat(tmp_path, fmt):
     _check_bit_exact(_quantized(tmp_path, concat_cnn(), _rand(8, 4, 6, 6), fmt), _rand(2, 4, 6, 6, seed=3))
 
 
-@pytest.mark.parametrize("name", ["digits_cnn", "resnet8", "ds_cnn", "mobilenet_v1_025", "fc_autoencoder"])
-def test_zoo_cnn(tmp_path, name):
+@pytest.mark.parametrize("name, fmt", [(n, "qdq") for n in ("digits_cnn", "resnet8", "ds_cnn", "mobilenet_v1_025",
+                                                              "fc_autoencoder")]
+                         + [(n, "qoperator") for n in ("digits_cnn", "resnet8", "ds_cnn")])
+def test_zoo_cnn(tmp_path, name, fmt):
     files = zoo.ensure(name)
     calib = files.calibration()[zoo.INPUT]
-    path = _quantized(tmp_path, onnx.load(files.onnx), calib[:16])
+    path = _quantized(tmp_path, onnx.load(files.onnx), calib[:16], fmt)
     _check_bit_exact(path, zoo.get(name).samples(3, seed=7))
 
 
