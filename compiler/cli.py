@@ -43,7 +43,7 @@ def cmd_compile(args) -> int:
     from compiler.options import CompileOptions
 
     opts = CompileOptions(target=args.target, input_shapes=_shapes(args), calib=args.calib,
-                          weight_bits=args.bits, observer=args.observer)
+                          weight_bits=args.bits, observer=args.observer, nonlinear=args.nonlinear)
     art = compiler.compile(args.model, options=opts)
     art.save(args.output)
     size = os.path.getsize(os.path.join(args.output, art.manifest.library))
@@ -159,7 +159,7 @@ def cmd_eval(args) -> int:
         train = data.digits("train").x
         pick = np.random.default_rng(0).choice(len(train), size=min(256, len(train)), replace=False)
         calib = {specs[0].name: train[pick]}
-    result = evaluate(model_path, calib, args.data, args.threads, args.observer)
+    result = evaluate(model_path, calib, args.data, args.threads, args.observer, args.nonlinear)
     print(result.table())
     if args.json:
         _write_text(args.json, result.to_json())
@@ -253,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--bits", type=int, metavar="{8,4,2}", help="with --calib: weight bit-width (default 8)")
     c.add_argument("--observer", default="minmax", choices=["minmax", "percentile", "mse"],
                    help="with --calib: activation range estimator (default minmax)")
+    c.add_argument("--nonlinear", default="auto", choices=["shift", "poly", "auto"],
+                   help="softmax / GELU: I-ViT shift, I-BERT poly, or per layer the lower error (default)")
     c.add_argument("-o", "--output", required=True, metavar="OUTDIR")
     c.set_defaults(func=cmd_compile)
 
@@ -279,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--calib", metavar="DATA.npz", help="calibration inputs (default: 256 training images)")
     e.add_argument("--observer", default="minmax", choices=["minmax", "percentile", "mse"],
                    help="lowbit's activation range estimator (default minmax, as ORT's)")
+    e.add_argument("--nonlinear", default="auto", choices=["shift", "poly", "auto"],
+                   help="softmax / GELU: I-ViT shift, I-BERT poly, or per layer the lower error (default)")
     e.add_argument("--threads", type=_positive(int), default=os.cpu_count() or 1, help="threads for every runtime")
     e.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     e.set_defaults(func=cmd_eval)

@@ -10,12 +10,13 @@
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 import onnx
 
 from codegen import llvm
-from compiler import frontend, qoperator, quantize
+from compiler import canonicalize, frontend, qoperator, quantize
 from compiler.errors import UserError
 from compiler.options import CompileOptions
 from compiler.progress import log, native_stderr_to_debug, stage, steps
@@ -48,16 +49,24 @@ def _compile(model, opts: CompileOptions, config) -> Artifact:
         if given_quantized:
             raise UserError(f"{src.path}: the model is already quantized; drop --calib (and --bits), "
                             "its own scales are used")
+        shapes = None
+        if canonicalize.needs_static_shapes(src.proto):     # shape arithmetic is folded at fixed shapes
+            inputs = frontend.static_specs(src, inputs)
+            shapes = {s.name: s.shape for s in inputs}
         with stage("calibrate + quantize"):
             is_file = isinstance(opts.calib, (str, os.PathLike))
             calib = quantize.load_calibration(opts.calib) if is_file else opts.calib
-            proto, report = quantize.quantize(src.proto, calib, config, where=src.path,
+            proto, report = quantize.quantize(src.proto, calib, config, where=src.path, shapes=shapes,
                                               calib_where=os.fspath(opts.calib) if is_file else "calibration data")
             src = frontend.OnnxModel(proto, src.path, src.sha256)
+        variants = report.variants()
         quantization = {"source": "calibrated", "observer": config.observer, "activations": config.activations,
                         "weight_bits": config.weight_bits, "calibration_samples": report.samples,
                         "quantized_tensors": report.tensors, "batchnorm_folded": report.bn_folded}
+        if report.nonlinear:
+            quantization["nonlinear"] = [asdict(c) for c in report.nonlinear]
     else:
+        variants = opts.nonlinear
         quantization = {"source": "as given"} if given_quantized else None
     frontend.check_qdq_params(src)
     with stage("import to Relax"):
@@ -66,7 +75,7 @@ def _compile(model, opts: CompileOptions, config) -> Artifact:
     if is_qdq(mod):
         with stage("lower QDQ to integer"):
             try:
-                mod, overflow = lower_qdq(mod)
+                mod, overflow = lower_qdq(mod, variants)
                 quantization["accumulators"] = overflow.summary()
                 if overflow.int64:
                     log.warning("%s: %s", src.path, overflow.summary())

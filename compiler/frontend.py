@@ -215,3 +215,19 @@ def check_qdq_params(model: OnnxModel) -> None:
             if want is not None and user.input[1:2] == [n.output[0]] and axis != want:
                 raise UserError(f"{where}: {user.op_type} weights quantized along axis {axis}; the integer "
                                 f"lowering needs per-output-channel scales (axis {want})")
+
+
+def static_specs(model: OnnxModel, specs: list[TensorSpec]) -> list[TensorSpec]:
+    """Input specs with every symbolic dimension fixed (to 1, with a warning naming it):
+    for graphs whose shape arithmetic must be folded before integer lowering."""
+    from compiler.progress import log
+
+    out = []
+    for s in specs:
+        symbolic = [d for d in s.shape if not isinstance(d, int)]
+        if symbolic:
+            log.warning("%s: input %r dimension(s) %s fixed to 1 (this graph computes shapes at run time); "
+                        "use --input-shape %s=... to choose", model.path, s.name, ", ".join(map(str, symbolic)),
+                        s.name)
+        out.append(TensorSpec(s.name, tuple(d if isinstance(d, int) else 1 for d in s.shape), s.dtype))
+    return out

@@ -22,10 +22,13 @@ class CompileOptions:
     calib: str | os.PathLike | Mapping[str, np.ndarray] | None = None    # FP32 models: quantize on this data
     weight_bits: int | None = None          # with calib: 8 (default), 4 or 2
     observer: str = "minmax"                # with calib: minmax, percentile or mse
+    nonlinear: str = "auto"                 # softmax / GELU: shift (I-ViT), poly (I-BERT), auto (per layer)
 
     def __post_init__(self):
         if self.target not in TARGETS:
             raise UserError(f"unknown target {self.target!r}; choose one of: {', '.join(TARGETS)}")
+        if self.nonlinear not in ("shift", "poly", "auto"):
+            raise UserError(f"--nonlinear {self.nonlinear}: choose shift, poly or auto")
         if self.calib is None and (self.weight_bits is not None or self.observer != "minmax"):
             raise UserError("--bits and --observer choose how an FP32 model is quantized; add --calib DATA.npz")
 
@@ -33,7 +36,7 @@ class CompileOptions:
         from compiler.quantize import QuantConfig
 
         return QuantConfig(activations=ACTIVATIONS[self.target], weight_bits=self.weight_bits or 8,
-                           observer=self.observer)
+                           observer=self.observer, nonlinear=self.nonlinear)
 
 
 def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:

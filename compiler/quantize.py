@@ -32,6 +32,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from compiler import calibration
+from compiler.canonicalize import canonicalize
 from compiler.errors import UserError
 from compiler.fold_batchnorm import fold_batchnorm, output_axis
 from runtime.artifact import QuantParams
@@ -40,7 +41,8 @@ WEIGHT_BITS = (8, 4, 2)
 OBSERVERS = {"minmax": calibration.MinMaxObserver, "percentile": calibration.PercentileObserver,
              "mse": calibration.MSEObserver}
 LINEAR = ("Conv", "Gemm", "MatMul")
-VIEWS = ("MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze")
+VIEWS = ("MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Gather", "Slice")
+NONLINEAR_OPS = {"Softmax": "softmax", "Gelu": "gelu", "FastGelu": "gelu", "LayerNormalization": "layernorm"}
 POOLS = ("GlobalAveragePool", "ReduceMean", "AveragePool")
 ACTIVATIONS = ("Relu", "Clip")
 
@@ -53,6 +55,7 @@ class QuantConfig:
     weight_bits: int = 8
     observer: str = "minmax"
     batch: int = 32                 # calibration batch when the model's batch axis is symbolic
+    nonlinear: str = "auto"         # softmax / GELU: "shift" (I-ViT), "poly" (I-BERT), "auto" (lower error)
 
     def __post_init__(self):
         if self.weight_bits not in WEIGHT_BITS:
@@ -60,6 +63,8 @@ class QuantConfig:
                             "choose one of those")
         if self.observer not in OBSERVERS:
             raise UserError(f"unknown observer {self.observer!r}; choose one of: {', '.join(OBSERVERS)}")
+        if self.nonlinear not in ("shift", "poly", "auto"):
+            raise UserError(f"--nonlinear {self.nonlinear}: choose shift, poly or auto")
         if self.activations not in ("u8", "s8"):
             raise UserError(f"unknown activation scheme {self.activations!r}; choose u8 or s8")
 
@@ -71,11 +76,30 @@ class CalibrationDataReader(Protocol):
 
 
 @dataclass(frozen=True)
+class NonlinearChoice:
+    """One softmax / GELU node: the variant used, and each variant's error against the float op
+    on the calibration activations (dequantized output vs float of the dequantized input)."""
+    node: str
+    op: str                         # "softmax" | "gelu"
+    chosen: str
+    max_err: dict[str, float]
+    mean_err: dict[str, float]
+
+
+@dataclass(frozen=True)
 class QuantReport:
     samples: int
     tensors: int                    # activation tensors with a Q/DQ pair
     bn_folded: int
     config: QuantConfig
+    nonlinear: tuple[NonlinearChoice, ...] = ()
+
+    def variants(self) -> dict[str, list[str]]:
+        """Per op kind, the chosen variant of each node in graph order (what the lowering takes)."""
+        out: dict[str, list[str]] = {}
+        for c in self.nonlinear:
+            out.setdefault(c.op, []).append(c.chosen)
+        return out
 
 
 def load_calibration(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -88,22 +112,26 @@ def load_calibration(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def quantize(model: onnx.ModelProto, calib: Mapping[str, np.ndarray] | CalibrationDataReader,
              config: QuantConfig = QuantConfig(), *, where: str = "model",
-             calib_where: str = "calibration data") -> tuple[onnx.ModelProto, QuantReport]:
+             calib_where: str = "calibration data",
+             shapes: dict[str, tuple[int, ...]] | None = None) -> tuple[onnx.ModelProto, QuantReport]:
     """Quantize an FP32 model.  ``calib`` is a dict of stacked samples (any count, batched
-    here) or an ORT-style reader.  ``where`` and ``calib_where`` name the model and the
-    data in error messages."""
+    here) or an ORT-style reader.  ``shapes``: canonicalize at these static input shapes first
+    (``compiler/canonicalize.py``; needed for graphs that compute shapes at run time).
+    ``where`` and ``calib_where`` name the model and the data in error messages."""
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < 13:
         raise UserError(f"{where}: opset {opset} has no per-channel DequantizeLinear; re-export with opset >= 13")
+    model = canonicalize(model, shapes)
     folded = fold_batchnorm(model)
     n_bn = sum(n.op_type == "BatchNormalization" for n in model.graph.node) - \
         sum(n.op_type == "BatchNormalization" for n in folded.graph.node)
     plan = _plan(folded)
     batches = iter(calib.get_next, None) if hasattr(calib, "get_next") else \
         _batches(folded, calib, config.batch, where, calib_where)
-    params, samples = _calibrate(folded, plan, batches, config, where)
+    params, samples, seen = _calibrate(folded, plan, batches, config, where)
+    choices = _choose_nonlinear(folded, plan, params, seen, config.nonlinear)
     qdq = _rewrite(folded, plan, params, config)
-    return qdq, QuantReport(samples, len(plan.act), n_bn, config)
+    return qdq, QuantReport(samples, len(plan.act), n_bn, config, tuple(choices))
 
 
 # ---- 2. plan ---------------------------------------------------------------------------
@@ -114,6 +142,7 @@ class _Plan:
     root: dict[str, str]                    # quantized tensor -> tensor whose parameters it carries
     weights: dict[str, int]                 # initializer -> output-channel axis
     biases: dict[str, tuple[str, str]]      # initializer -> (activation input, weight initializer)
+    consts: list[str]                       # other initializers read by integer ops: per-tensor int8
 
 
 def _plan(m: onnx.ModelProto) -> _Plan:
@@ -124,7 +153,7 @@ def _plan(m: onnx.ModelProto) -> _Plan:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
     outputs = {o.name for o in g.output}
-    plan = _Plan([], {}, {}, {})
+    plan = _Plan([], {}, {}, {}, [])
 
     def need(t: str) -> None:
         if t not in plan.root:
@@ -140,13 +169,19 @@ def _plan(m: onnx.ModelProto) -> _Plan:
     def chain_end(n: onnx.NodeProto, bias_ok: bool) -> str:
         """The tensor after the layer's bias Add (MatMul) and ReLU/Clip, which fold into its requantize."""
         t = n.output[0]
-        if bias_ok and (add := single_next(t, ("Add",))) is not None:
+        if bias_ok is True and (add := single_next(t, ("Add",))) is not None:
             other = add.input[1] if add.input[0] == t else add.input[0]
             w = inits[n.input[1]]
             if other in inits and inits[other].size == w.shape[-1] and inits[other].ndim <= 2:
                 plan.biases[other] = (n.input[0], n.input[1])
                 skip.add(id(add))
                 t = add.output[0]
+        if bias_ok == "scale" and (mul := single_next(t, ("Mul", "Div"))) is not None:
+            other = mul.input[1] if mul.input[0] == t else mul.input[0]
+            if other in inits and inits[other].size == 1 and float(inits[other].reshape(-1)[0]) > 0 \
+                    and (mul.op_type == "Mul" or mul.input[1] == other):
+                skip.add(id(mul))       # attention's 1/sqrt(d): folded into the requantize ratio
+                t = mul.output[0]
         if (act := single_next(t, ACTIVATIONS)) is not None and all(i in inits for i in act.input[1:] if i):
             skip.add(id(act))
             t = act.output[0]
@@ -166,15 +201,30 @@ def _plan(m: onnx.ModelProto) -> _Plan:
             if op != "MatMul" and len(n.input) > 2 and n.input[2]:
                 plan.biases[n.input[2]] = (n.input[0], n.input[1])
             need(chain_end(n, bias_ok=op == "MatMul"))
+        elif op == "MatMul" and not any(i in inits for i in n.input):       # attention: both operands run
+            need(n.input[0])
+            need(n.input[1])
+            need(chain_end(n, bias_ok="scale"))
         elif op == "Add" and not any(i in inits for i in n.input):
             need(n.input[0])
             need(n.input[1])
             need(chain_end(n, bias_ok=False))
+        elif op == "Add" and sum(i in inits for i in n.input) == 1:           # x + constant (position embedding)
+            act_in, const_in = (n.input[0], n.input[1]) if n.input[1] in inits else (n.input[1], n.input[0])
+            need(act_in)
+            plan.consts.append(const_in)
+            need(n.output[0])
+        elif op in NONLINEAR_OPS:
+            need(n.input[0])
+            need(n.output[0])
         elif op in POOLS or op == "Concat":
             for i in n.input[:1] if op in POOLS else n.input:
-                need(i)
+                if i in inits:
+                    plan.consts.append(i)
+                else:
+                    need(i)
             need(n.output[0])
-        elif op in VIEWS and n.input[0] in plan.root:
+        elif op in VIEWS and n.input[0] in plan.root and all(i in inits for i in n.input[1:] if i):
             plan.root[n.output[0]] = plan.root[n.input[0]]
     for o in g.output:
         if o.name not in plan.act:      # the output dequantize must follow a quantize
@@ -249,6 +299,8 @@ def _calibrate(m: onnx.ModelProto, plan: _Plan, batches, config: QuantConfig, wh
     kwargs = {"bits": 8, "scheme": config.activations} if config.observer == "mse" else {}
     observers = {t: OBSERVERS[config.observer](**kwargs) for t in plan.act}
     samples = 0
+    nonlinear_inputs = {n.input[0] for n in m.graph.node if n.op_type in NONLINEAR_OPS}
+    seen: dict[str, np.ndarray] = {}            # the first batch's inputs of softmax / GELU / LayerNorm
     for feeds in batches:
         try:
             values = dict(zip(names, sess.run(None, feeds), strict=True))
@@ -257,12 +309,63 @@ def _calibrate(m: onnx.ModelProto, plan: _Plan, batches, config: QuantConfig, wh
         values.update(feeds)
         for t, obs in observers.items():
             obs.update(values[t])
+            if t in nonlinear_inputs and t not in seen:
+                seen[t] = values[t]
         samples += len(next(iter(feeds.values())))
     if not samples:
         raise UserError("calibration data is empty")
     params = {t: calibration.activation_params(*obs.range(), scheme=config.activations)
               for t, obs in observers.items()}
-    return params, samples
+    return params, samples, seen
+
+
+def _choose_nonlinear(m: onnx.ModelProto, plan: _Plan, params, seen, mode: str) -> list[NonlinearChoice]:
+    """Measure each softmax / GELU / LayerNorm node's integer variants against the float op on the
+    calibration activations (quantized with the node's input parameters), and pick per node."""
+    from runtime import golden_nonlinear as gnl
+
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    out = []
+    for n in m.graph.node:
+        kind = NONLINEAR_OPS.get(n.op_type)
+        if kind is None or n.input[0] not in seen:
+            continue
+        p = params[plan.root[n.input[0]]]
+        info = np.iinfo(p.dtype)
+        q = np.clip(np.round(seen[n.input[0]] / np.float32(p.scale)) + p.zero_point, info.min, info.max)
+        x = (q - p.zero_point).astype(np.int64)
+        real = x * np.float64(np.float32(p.scale))
+        errs = {}
+        if kind == "layernorm":
+            gamma = inits[n.input[1]].astype(np.float64)
+            beta = inits[n.input[2]].astype(np.float64) if len(n.input) > 2 else np.zeros_like(gamma)
+            eps = next((a.f for a in n.attribute if a.name == "epsilon"), 1e-5)
+            y, sc = gnl.layer_norm(x, float(np.float32(p.scale)), gamma, beta, eps)
+            mu, var = real.mean(-1, keepdims=True), real.var(-1, keepdims=True)
+            errs["i-layernorm"] = np.abs(y * sc - ((real - mu) / np.sqrt(var + eps) * gamma + beta))
+        else:
+            if kind == "softmax":
+                ref = np.exp(real - real.max(-1, keepdims=True))
+                ref /= ref.sum(-1, keepdims=True)
+            else:
+                ref = _gelu(real, tanh=n.op_type == "FastGelu")
+            for variant in ("shift", "poly"):
+                y, sc = (gnl.softmax if kind == "softmax" else gnl.gelu)(variant, x, float(np.float32(p.scale)))
+                errs[variant] = np.abs(y * sc - ref)
+        mean = {k: float(v.mean()) for k, v in errs.items()}
+        chosen = next(iter(errs)) if kind == "layernorm" else \
+            min(mean, key=mean.get) if mode == "auto" else mode
+        out.append(NonlinearChoice(n.name or n.output[0], kind, chosen, {k: float(v.max()) for k, v in errs.items()},
+                                   mean))
+    return out
+
+
+def _gelu(x: np.ndarray, tanh: bool) -> np.ndarray:
+    if tanh:
+        return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+    from scipy.special import erf
+
+    return 0.5 * x * (1 + erf(x / np.sqrt(2)))
 
 
 # ---- 4. rewrite ------------------------------------------------------------------------
@@ -295,6 +398,15 @@ def _rewrite(m: onnx.ModelProto, plan: _Plan, params: dict[str, QuantParams], co
                                                                         np.zeros(scale.shape, np.int32))],
             [b_name], name=b_name + "_DequantizeLinear", axis=inits[b_name].ndim - 1))
 
+    for c_name in dict.fromkeys(plan.consts):
+        value = inits[c_name].astype(np.float32)
+        scale = np.float32(max(float(np.abs(value).max()) / 127, calibration.MIN_SCALE))
+        q = np.clip(np.round(value / scale), -127, 127).astype(np.int8)
+        dq_consts.append(helper.make_node(
+            "DequantizeLinear", [const(c_name + "_quantized", q), const(c_name + "_scale", np.array(scale)),
+                                 const(c_name + "_zero_point", np.array(0, np.int8))],
+            [c_name], name=c_name + "_DequantizeLinear"))
+
     def qdq(t: str, src: str, dst: str) -> list[onnx.NodeProto]:
         p = params[t]
         zero = np.array(p.zero_point, np.uint8 if p.dtype == "uint8" else np.int8)
@@ -320,7 +432,7 @@ def _rewrite(m: onnx.ModelProto, plan: _Plan, params: dict[str, QuantParams], co
         nodes.append(n)
         for o in outs:
             nodes += qdq(o, o + "_float", o)
-    weights = set(plan.weights) | set(plan.biases)
+    weights = set(plan.weights) | set(plan.biases) | set(plan.consts)
     keep = [t for t in g.initializer if t.name not in weights]
     del g.initializer[:]
     g.initializer.extend(keep + new_inits)

@@ -34,10 +34,13 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from passes import integer_nonlinear
 from passes.dyadic import dyadic_from_ratio, fine_offset, rescale, saturate
 
 op = relax.op
-VIEWS = {"relax.reshape", "relax.permute_dims", "relax.flatten", "relax.squeeze", "relax.expand_dims"}
+VIEWS = {"relax.reshape", "relax.permute_dims", "relax.flatten", "relax.squeeze", "relax.expand_dims", "relax.take",
+         "relax.strided_slice"}
+NONLINEAR = {"relax.nn.softmax": "softmax", "relax.nn.gelu": "gelu", "relax.nn.gelu_tanh": "gelu"}
 
 
 class QDQLoweringError(ValueError):
@@ -95,9 +98,11 @@ def _name(call) -> str:
 
 
 class _Lowering:
-    def __init__(self, bb: relax.BlockBuilder):
+    def __init__(self, bb: relax.BlockBuilder, variants):
         self.bb = bb
         self.env: dict = {}
+        self.variants = variants            # "shift" | "poly" | {kind: [variant per node, in order]}
+        self.seen: dict[str, int] = {}
         self.layers = 0
         self.widened: list[str] = []        # accumulators the range analysis could not keep in int32
 
@@ -155,6 +160,12 @@ class _Lowering:
             return _Pending([(total, x.scale.astype(np.float64) / n, None)])
         if name == "relax.nn.batch_norm":
             return self.batch_norm(call)
+        if name in NONLINEAR:
+            return self.nonlinear(call, NONLINEAR[name])
+        if name == "relax.nn.layer_norm":
+            return self.layer_norm(call)
+        if name in ("relax.multiply", "relax.divide"):
+            return self.scale(call, name)
         if isinstance(call, relax.TupleGetItem):
             v = self.val(call.tuple_value)
             if isinstance(v, _Pending):     # batch_norm: 0 is the output; 1, 2 (running stats) go unused
@@ -166,7 +177,8 @@ class _Lowering:
             fields = call.args[0].fields if isinstance(call.args[0], relax.Tuple) else None
             if fields is None:
                 raise QDQLoweringError("concat of a tuple variable is not supported")
-            return _Concat([self.deq(self.val(f), name) for f in fields], int(call.attrs.axis))
+            return _Concat([self.const_int(v) if isinstance(v := self.val(f), _ConstDeq) else self.deq(v, name)
+                            for f in fields], int(call.attrs.axis))
         if name == "relax.nn.max_pool2d" or name in VIEWS:
             # on the integers; QOperator graphs apply these to quantized tensors directly,
             # QDQ graphs to their dequantization: the result keeps the operand's form
@@ -254,6 +266,75 @@ class _Lowering:
             term = op.multiply(term, relax.const(np.sign(g).astype(np.int32).reshape(shape), "int32"))
         return _Pending([(self.bb.emit(term), s_x * np.abs(g) / 2.0**k, axis)])
 
+    def const_int(self, c: _ConstDeq) -> _Int:
+        """A per-tensor quantized constant as an integer tensor (e.g. a class token in a Concat)."""
+        if c.scale.size != 1:
+            raise QDQLoweringError("per-channel constant operand is not supported")
+        dtype = "int8" if c.q.min() >= -128 and c.q.max() <= 127 else "int32"
+        return _Int(relax.const(c.q.astype(dtype), dtype), c.scale, c.zero, dtype)
+
+    def activation_matmul(self, a: _Int, b: _Int):
+        """Attention's Q.K^T and P.V: both operands are quantized activations, (a - z_a)(b - z_b)."""
+        k = int(a.expr.ty.shape.values[-1])
+
+        def span(v: _Int) -> int:           # max |q - z|
+            info, z = np.iinfo(v.dtype), int(v.zero.reshape(-1)[0])
+            return max(abs(int(info.min) - z), abs(int(info.max) - z))
+
+        bound = k * span(a) * span(b)
+        dtype = "int32" if bound < 2**31 else "int64"
+        acc = self.bb.emit(op.matmul(self.centered(a), self.centered(b), out_dtype=dtype))
+        num = (a.scale.reshape(-1)[:1].astype(np.float32) * b.scale.reshape(-1)[:1].astype(np.float32))
+        return _Pending([(acc, num.astype(np.float64), None)], bound=bound)
+
+    def scale(self, call, name):
+        """A positive scalar constant times a pending result (attention's 1/sqrt(d)): folded
+        into the requantize ratio, no runtime multiply."""
+        p, c = self.val(call.args[0]), call.args[1]
+        if isinstance(p, _Pending) and isinstance(c, tvm.ir.GenericConst) and _np(c).size == 1 \
+                and float(_np(c).reshape(-1)[0]) > 0 and len(p.terms) == 1:
+            v = float(_np(c).reshape(-1)[0])
+            acc, num, axis = p.terms[0]
+            return _Pending([(acc, num * (v if name == "relax.multiply" else 1.0 / v), axis)], p.lo, p.hi, p.bound)
+        raise QDQLoweringError(f"{name}: only a positive scalar scale of a linear result is supported")
+
+    def variant(self, kind: str) -> str:
+        if isinstance(self.variants, str):
+            return "poly" if self.variants == "auto" else self.variants
+        i = self.seen.get(kind, 0)
+        self.seen[kind] = i + 1
+        return self.variants[kind][i]
+
+    def nonlinear(self, call, kind: str):
+        x = self.deq(self.val(call.args[0]), kind)
+        ndim = x.expr.ty.ndim
+        if kind == "softmax" and int(call.attrs.axis) % ndim != ndim - 1:
+            raise QDQLoweringError("softmax over an axis other than the last is not supported")
+        s = float(np.float32(x.scale.reshape(-1)[0]))
+        variant = self.variant(kind)
+        if kind == "softmax":
+            y, scale = integer_nonlinear.softmax(variant, self.centered(x), s)
+            bound = 1 << 15
+        else:
+            y, scale = integer_nonlinear.gelu(variant, self.centered(x), s)
+            bound = integer_nonlinear.gelu_bound(variant, s)
+        return _Pending([(self.bb.emit(y), np.array([scale], np.float64), None)], bound=bound)
+
+    def layer_norm(self, call):
+        x = self.deq(self.val(call.args[0]), "relax.nn.layer_norm")
+        ndim = x.expr.ty.ndim
+        if [int(a) % ndim for a in call.attrs.axes] != [ndim - 1]:
+            raise QDQLoweringError("layer_norm over axes other than the last is not supported")
+        gamma = self.const_value(call.args[1]).astype(np.float64).reshape(-1)
+        beta = self.const_value(call.args[2]).astype(np.float64).reshape(-1)
+        if np.any(gamma == 0):
+            raise QDQLoweringError("layer_norm with a zero gamma has no integer form")
+        s = float(np.float32(x.scale.reshape(-1)[0]))
+        y, scale = integer_nonlinear.layer_norm(self.centered(x), s, gamma, beta, float(call.attrs.epsilon))
+        bound = (1 << integer_nonlinear.LN_FRACTION) + int(np.abs(np.round(beta / (gamma * scale
+                                                                                     / np.abs(gamma)))).max())
+        return _Pending([(self.bb.emit(y), scale, -1)], bound=bound)
+
     def avg_pool(self, call):
         """A window sum as a depthwise convolution with a ones kernel, then rescale by s_x / (kh*kw).
         The divisor is one constant only when padding counts (or there is none)."""
@@ -314,6 +395,8 @@ class _Lowering:
         and the int8 weights: the u8 x s8 -> int32 product VNNI and dp4a execute."""
         x = self.deq(self.val(call.args[0]), name)
         w = self.val(call.args[1])
+        if name == "relax.matmul" and isinstance(w, _Deq):
+            return self.activation_matmul(x, w.value)
         if not isinstance(w, _ConstDeq):
             raise QDQLoweringError(f"{name} with a non-constant second operand is not supported yet")
         if w.scale.size > 1 and np.any(w.zero != 0):
@@ -412,14 +495,16 @@ class Overflow:
         return f"{len(self.int64)} of {self.layers} accumulators widened to int64: {', '.join(self.int64)}"
 
 
-def lower_qdq(mod: tvm.IRModule) -> tuple[tvm.IRModule, Overflow]:
-    """Rebuild ``main`` with integer ops; raises QDQLoweringError on an unknown pattern."""
+def lower_qdq(mod: tvm.IRModule, variants="auto") -> tuple[tvm.IRModule, Overflow]:
+    """Rebuild ``main`` with integer ops; raises QDQLoweringError on an unknown pattern.
+    ``variants``: the softmax / GELU family, "shift" or "poly" for every node ("auto" without
+    calibration data means poly), or per kind the list chosen per node (compiler/quantize.py)."""
     func = mod["main"]
     bb = relax.BlockBuilder()
     attrs = {k: func.attrs[k] for k in func.attrs.keys()} if func.attrs is not None else {}
     with bb.function("main", list(func.params), attrs=attrs):
         with bb.dataflow():
-            low = _Lowering(bb)
+            low = _Lowering(bb, variants)
             outputs = set()
             for block in func.body.blocks:
                 for b in block.bindings:

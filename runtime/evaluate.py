@@ -68,7 +68,7 @@ def labeled_splits(dataset: str):
 
 
 def evaluate(model_path: str, calib: Mapping[str, np.ndarray], dataset: str = "digits",
-             threads: int = 1, observer: str = "minmax") -> EvalResult:
+             threads: int = 1, observer: str = "minmax", nonlinear: str = "auto") -> EvalResult:
     import onnx
 
     import compiler
@@ -79,7 +79,10 @@ def evaluate(model_path: str, calib: Mapping[str, np.ndarray], dataset: str = "d
     name = onnx.load(model_path, load_external_data=False).graph.input[0].name
     with tempfile.TemporaryDirectory() as tmp:
         qdq = ort.quantize(model_path, calib, os.path.join(tmp, "ort_int8.onnx"), "static")
-        art = compiler.compile(model_path, options=CompileOptions(calib=dict(calib), observer=observer))
+        n = {len(d.y) for d in splits.values()}
+        shapes = {name: (n.pop(), *next(iter(splits.values())).x.shape[1:])} if len(n) == 1 else {}
+        art = compiler.compile(model_path, options=CompileOptions(calib=dict(calib), observer=observer,
+                                                                  nonlinear=nonlinear, input_shapes=shapes))
         runners = {REFERENCE: ort.OrtRunner(REFERENCE, model_path, threads),
                    "ORT INT8 (QDQ)": ort.OrtRunner("ORT INT8 (QDQ)", qdq, threads),
                    f"lowbit {art.manifest.precision}": art.run}
@@ -93,5 +96,19 @@ def evaluate(model_path: str, calib: Mapping[str, np.ndarray], dataset: str = "d
     notes = {"ORT INT8": "quant_pre_process + quantize_static, QDQ, u8 activations / s8 per-channel weights, MinMax",
              "lowbit": f"{art.manifest.precision}, integer-only: {'yes' if art.manifest.integer_only else 'no'}, "
                        f"observer {observer}, {art.manifest.quantization.get('accumulators', '')}"}
+    if art.manifest.quantization.get("nonlinear"):
+        notes["lowbit non-linears"] = nonlinear_summary(art.manifest.quantization["nonlinear"])
     return EvalResult(os.path.basename(model_path), dataset, {s: len(d.y) for s, d in splits.items()},
                       len(next(iter(calib.values()))), rows, notes)
+
+
+def nonlinear_summary(rows: list[dict]) -> str:
+    """One line per op kind: how many nodes chose each variant, and the mean / max error."""
+    out = []
+    for kind in dict.fromkeys(r["op"] for r in rows):
+        mine = [r for r in rows if r["op"] == kind]
+        chosen = {v: sum(r["chosen"] == v for r in mine) for v in dict.fromkeys(r["chosen"] for r in mine)}
+        errs = ", ".join(f"{v} mean {np.mean([r['mean_err'][v] for r in mine]):.2e} max "
+                         f"{max(r['max_err'][v] for r in mine):.2e}" for v in mine[0]["mean_err"])
+        out.append(f"{kind} x{len(mine)} ({', '.join(f'{k} {n}' for k, n in chosen.items())}; {errs})")
+    return "; ".join(out)

@@ -153,12 +153,14 @@ def _same_kind(v, kind, q: _Q):
     return ("q", q, v[2]) if kind == "q" else ("deq", q)
 
 
-def run_qdq(model, feeds: dict) -> dict:
+def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
     """Interpret a QDQ ONNX model with lowbit's integer semantics.  Returns float outputs
-    (the final DequantizeLinear) keyed by output name."""
+    (the final DequantizeLinear) keyed by output name.  ``nonlinear``: the softmax / GELU
+    family for every node ("auto": poly), or per kind the variant of each node in order."""
     from onnx import helper, numpy_helper
 
     from passes.dyadic import dyadic_from_ratio, fine_offset
+    from runtime import golden_nonlinear as gnl
 
     g = model.graph
     env: dict = {t.name: numpy_helper.to_array(t) for t in g.initializer}
@@ -189,6 +191,14 @@ def run_qdq(model, feeds: dict) -> dict:
         return v[1]
 
     outputs = {o.name for o in g.output}
+    count: dict[str, int] = {}
+
+    def variant(kind: str) -> str:
+        if isinstance(nonlinear, str):
+            return "poly" if nonlinear == "auto" else nonlinear
+        count[kind] = count.get(kind, 0) + 1
+        return nonlinear[kind][count[kind] - 1]
+
     for n in g.node:
         a = attrs(n)
         ins = [env.get(i) if i else None for i in n.input]
@@ -258,6 +268,9 @@ def run_qdq(model, feeds: dict) -> dict:
                     qv = deq_of(v)
                     terms.append((qv.centered(), qv.scale.astype(np.float64), qv.axis if qv.scale.size > 1 else None))
                 env[n.output[0]] = _Pending(terms)
+            elif isinstance(y, _Pending) and isinstance(x, tuple):   # bias + matmul
+                acc, num, axis = y.terms[0]
+                env[n.output[0]] = _Pending([(acc + _bias(deq_of(x), num, n), num, axis)], y.lo, y.hi)
             elif isinstance(x, _Pending) and isinstance(y, tuple):   # matmul + bias (int32 at s_x*s_w)
                 acc, num, axis = x.terms[0]
                 env[n.output[0]] = _Pending([(acc + _bias(deq_of(y), num, n), num, axis)], x.lo, x.hi)
@@ -304,6 +317,20 @@ def run_qdq(model, feeds: dict) -> dict:
             total = _conv_int(x.centered(), np.ones((channels, 1, *k), np.int64), a.get("strides", [1, 1]), pads,
                               a.get("dilations", [1, 1]), channels)
             env[n.output[0]] = _Pending([(total, x.scale.astype(np.float64) / (k[0] * k[1]), None)])
+        elif op in ("Mul", "Div") and isinstance(ins[0], _Pending) and np.asarray(ins[1]).size == 1:
+            c = float(np.asarray(ins[1]).reshape(-1)[0])      # attention's 1/sqrt(d), folded into the ratio
+            acc, num, axis = ins[0].terms[0]
+            env[n.output[0]] = _Pending([(acc, num * (c if op == "Mul" else 1.0 / c), axis)], ins[0].lo, ins[0].hi)
+        elif op in ("Softmax", "Gelu", "FastGelu"):
+            x = deq_of(ins[0])
+            kind = "softmax" if op == "Softmax" else "gelu"
+            y, sc = (gnl.softmax if kind == "softmax" else gnl.gelu)(variant(kind), x.centered(), float(x.scale[0]))
+            env[n.output[0]] = _Pending([(y, np.array([sc]), None)])
+        elif op == "LayerNormalization":
+            x = deq_of(ins[0])
+            gamma, beta = (np.asarray(_float(v), np.float64).reshape(-1) for v in ins[1:3])
+            y, sc = gnl.layer_norm(x.centered(), float(x.scale[0]), gamma, beta, float(np.float32(a.get("epsilon", 1e-5))))
+            env[n.output[0]] = _Pending([(y, sc, -1)])
         elif op == "Concat":
             env[n.output[0]] = _Concat([deq_of(v) for v in ins], a["axis"])
         elif op == "MaxPool":
@@ -312,7 +339,7 @@ def run_qdq(model, feeds: dict) -> dict:
             fill = np.iinfo(np.int64).min
             pooled = _maxpool_int(x.q, k, a.get("strides", [1, 1]), a.get("pads", [0, 0, 0, 0]), fill)
             env[n.output[0]] = _same_kind(ins[0], kind, _Q(pooled, x.scale, x.zero, x.axis, x.dtype))
-        elif op in ("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze"):
+        elif op in ("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Gather", "Slice"):
             kind, x = _on_integers(ins[0], deq_of)
             if op == "Flatten":
                 ax = a.get("axis", 1)
@@ -321,6 +348,16 @@ def run_qdq(model, feeds: dict) -> dict:
                 q = x.q.reshape([d if d else x.q.shape[i] for i, d in enumerate(np.asarray(ins[1]).tolist())])
             elif op == "Transpose":
                 q = x.q.transpose(a.get("perm"))
+            elif op == "Gather":
+                q = np.take(x.q, np.asarray(ins[1]), axis=a.get("axis", 0))
+            elif op == "Slice":
+                index = [slice(None)] * x.q.ndim
+                axes = np.asarray(ins[3]).tolist() if len(ins) > 3 and ins[3] is not None else range(len(ins[1]))
+                steps = np.asarray(ins[4]).tolist() if len(ins) > 4 and ins[4] is not None else [1] * len(ins[1])
+                for ax, b, e, st in zip(axes, np.asarray(ins[1]).tolist(), np.asarray(ins[2]).tolist(), steps,
+                                        strict=True):
+                    index[ax] = slice(b, e, st)
+                q = x.q[tuple(index)]
             elif op == "Squeeze":
                 q = np.squeeze(x.q, axis=tuple(np.asarray(ins[1]).tolist()) if len(ins) > 1 else None)
             else:
