@@ -28,6 +28,8 @@ demo: setup
 	$(BIN)/lowbit inspect $(DEMO)/digits_cnn_int8 | sed -n '/^integer-only/p;/^quantized/p;/^kernels/p'
 	$(BIN)/lowbit eval $(DEMO)/digits_cnn.onnx --data digits --calib $(DEMO)/digits_cnn.calib.npz
 	$(BIN)/lowbit bench $(DEMO)/digits_cnn.onnx --calib $(DEMO)/digits_cnn.calib.npz --seconds 6 -q
+	$(BIN)/lowbit zoo export digits_vit -o $(DEMO)/digits_vit.onnx --calib $(DEMO)/digits_vit.calib.npz
+	$(BIN)/lowbit eval $(DEMO)/digits_vit.onnx --data digits --calib $(DEMO)/digits_vit.calib.npz
 
 lint: setup
 	$(BIN)/ruff check .

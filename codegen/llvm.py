@@ -45,11 +45,11 @@ def pipeline(target: tvm.target.Target, report: FusionReport) -> tvm.transform.P
 
 
 def build(mod: tvm.IRModule, target: dict):
-    """Fuse, schedule, lower and build.  Returns (executable, {kernel: source ops}, kernels before fusion)."""
+    """Fuse, schedule, lower and build.  Returns (executable, {kernel: source ops}, FusionReport)."""
     tgt = tvm.target.Target(target)
     report = FusionReport()
     with tgt:
         lowered = pipeline(tgt, report)(mod)
     names = sorted(gv.name_hint for gv, f in lowered.functions_items() if isinstance(f, tirx.PrimFunc))
     kernels = {n: report.groups.get(n, [re.sub(r"\d+$", "", n)]) for n in names}
-    return tvm.compile(lowered, target=tgt, relax_pipeline=None), kernels, report.before
+    return tvm.compile(lowered, target=tgt, relax_pipeline=None), kernels, report

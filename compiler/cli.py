@@ -190,8 +190,9 @@ def cmd_inspect(args) -> int:
     if m.quantization:
         print("quantized  " + ", ".join(f"{k} {v}" for k, v in m.quantization.items()))
     compute = m.compute_kernels()
-    print(f"kernels    {len(m.kernels)} after fusion ({m.kernels_unfused} before): {len(compute)} compute, "
-          f"{len(m.kernels) - len(compute)} boundary quantize/dequantize or shape")
+    print(f"kernels    {len(m.kernels)} distinct: {len(compute)} compute, {len(m.kernels) - len(compute)} boundary "
+          f"quantize/dequantize or shape; {m.kernel_launches} launches per inference after fusion, "
+          f"{m.kernels_unfused} before")
     for k in m.kernels:
         ops = (m.kernel_ops or {}).get(k)
         print(f"  {k}" + (f"\n      fuses {len(ops)} ops: {' '.join(ops)}" if ops and len(ops) > 1 else ""))

@@ -88,7 +88,7 @@ def _compile(model, opts: CompileOptions, config) -> Artifact:
     with stage("build llvm"):
         target_dict = llvm.host_target()
         try:
-            executable, kernel_ops, unfused = llvm.build(mod, target_dict)
+            executable, kernel_ops, fusion = llvm.build(mod, target_dict)
         except Exception as exc:
             hint = frontend.symbolic_hint(inputs)
             if not hint:        # static shapes: a build failure is a lowbit bug, keep the traceback
@@ -101,7 +101,7 @@ def _compile(model, opts: CompileOptions, config) -> Artifact:
         inputs=inputs, outputs=outputs, kernels=list(kernel_ops), op_histogram=histogram, weight_bytes=nbytes,
         versions=versions(), integer_only=verdict.integer_only, integer_region=verdict.reason,
         quant=quantize.boundary_params(src.proto) or None, quantization=quantization,
-        kernel_ops=kernel_ops, kernels_unfused=unfused,
+        kernel_ops=kernel_ops, kernels_unfused=fusion.before, kernel_launches=fusion.launches,
     )
     return Artifact(manifest, executable)
 

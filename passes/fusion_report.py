@@ -21,6 +21,7 @@ from tvm import relax
 @dataclass
 class FusionReport:
     before: int = 0                                     # kernels without fusion: one per op
+    launches: int = 0                                   # kernel calls per inference after fusion
     groups: dict[str, list[str]] = field(default_factory=dict)
 
 
@@ -55,7 +56,17 @@ class RecordFusion:
         self.report = report
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        groups = set()
         for gv, f in mod.functions_items():
             if isinstance(f, relax.Function) and f.attrs is not None and "Primitive" in f.attrs:
                 self.report.groups[gv.name_hint] = _calls(f)
+                groups.add(gv.name_hint)
+        calls = []
+
+        def visit(e):
+            if isinstance(e, relax.Call) and isinstance(e.op, relax.GlobalVar) and e.op.name_hint in groups:
+                calls.append(e)
+
+        relax.analysis.post_order_visit(mod["main"], visit)
+        self.report.launches = len(calls) + len(_calls(mod["main"]))
         return mod

@@ -64,7 +64,8 @@ class Manifest:
     integer_region: str = ""        # the verifier's one-line verdict (passes/verify_integer.py)
     quantization: dict | None = None    # where the scales came from: calibration settings, or "as given"
     kernel_ops: dict[str, list[str]] | None = None     # kernel -> the source ops fused into it
-    kernels_unfused: int = 0        # kernels without fusion (one per op)
+    kernels_unfused: int = 0        # kernel launches without fusion (one per op)
+    kernel_launches: int = 0        # kernel launches per inference after fusion
     format: int = FORMAT
     library: str = LIBRARY
 

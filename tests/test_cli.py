@@ -127,3 +127,14 @@ def test_eval_digits_cnn_meets_the_accuracy_bar(tmp_path):
 def test_eval_unknown_dataset(tmp_path, mlp_path):
     r = run_cli("eval", mlp_path, "--data", "imagenet")
     assert r.returncode == 2 and "unknown dataset 'imagenet'" in r.stderr
+
+
+def test_eval_digits_vit_integer_only_within_one_point(tmp_path):
+    """PTQ, no retraining: integer-only digits_vit (Shiftmax / ShiftGELU / I-LayerNorm or their
+    I-BERT variants, chosen per layer) keeps clean top-1 within 1.0 point of FP32."""
+    out = tmp_path / "eval.json"
+    r = run_cli("eval", "digits_vit", "--data", "digits", "--json", out)
+    assert r.returncode == 0, r.stderr
+    rows = {row["runner"]: row for row in json.loads(out.read_text())["rows"]}
+    assert abs(rows["lowbit int8"]["top1"]["test"] - rows["ORT FP32"]["top1"]["test"]) <= 0.01
+    assert "integer-only: yes" in r.stdout and "softmax x4" in r.stdout

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import onnx
 import pytest
 from conftest import make_model
 from onnx import TensorProto, helper, numpy_helper
@@ -86,3 +87,119 @@ def test_op_graphs_bit_exact(name, nonlinear):
     x = _rand(*shape, seed=5, scale=2.0)
     want = golden.run_qdq(qdq, {"x": x}, report.variants())["y"]
     np.testing.assert_array_equal(art.run({"x": x})["y"], want)
+
+
+# ---- the integer non-linears alone: Relax kernels vs numpy golden, edge cases -----------------
+
+def _kernel(fn, shape, dtype="int32"):
+    """Compile ``fn(x) -> (y, scale)`` for an integer input of ``shape``; returns a numpy runner."""
+    import tvm
+    from tvm import relax
+
+    from codegen import llvm
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(shape, dtype))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = fn(x)
+            out = bb.emit_output(y[0] if isinstance(y, tuple) else y)
+        bb.emit_func_output(out)
+    ex, _, _ = llvm.build(bb.get(), llvm.host_target())
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    return lambda a: vm["main"](tvm.runtime.tensor(np.asarray(a, dtype))).numpy()
+
+
+def test_isqrt_converges_for_every_input():
+    from passes.integer_nonlinear import isqrt
+    from runtime.golden_nonlinear import isqrt as isqrt_golden
+
+    hand = {0: 0, 1: 1, 2: 1, 100: 10, 2**31 - 1: 46340}       # 46340^2 = 2147395600 <= 2^31-1 < 46341^2
+    rng = np.random.default_rng(0)
+    r = rng.integers(0, 2**31 - 1, 2000)
+    v = np.concatenate([list(hand), np.arange(1 << 16), rng.integers(0, 2**62, 2000),
+                        (r + 1) * (r + 1) - 1, r * r, [2**62 - 1]]).astype(np.int64)
+    got = _kernel(isqrt, (len(v),), "int64")(v)
+    assert [int(got[i]) for i in range(len(hand))] == list(hand.values())
+    np.testing.assert_array_equal(got, isqrt_golden(v))
+    assert all(int(g) == math.isqrt(int(x)) for g, x in zip(got, v, strict=True))
+
+
+def _edge_rows(t):
+    rng = np.random.default_rng(3)
+    return np.stack([np.full(t, 37), rng.integers(-128, 128, t), np.where(np.arange(t) % 2, 127, -128),
+                     rng.integers(-2, 3, t), np.zeros(t, np.int64)]).astype(np.int32)
+
+
+@pytest.mark.parametrize("s", [0.5, 0.05, 1e-3], ids=["large-range", "typical", "small-range"])
+@pytest.mark.parametrize("kind", ["shift", "poly"])
+def test_softmax_and_gelu_edge_cases_bit_exact(kind, s):
+    from passes import integer_nonlinear as inl
+    from runtime import golden_nonlinear as gnl
+
+    x = _edge_rows(197)                     # all-equal, random, alternating extremes, tiny, zeros
+    got = _kernel(lambda v: inl.softmax(kind, v, s), x.shape)(x)
+    want, scale = gnl.softmax(kind, x, s)
+    np.testing.assert_array_equal(got, want)
+    p = np.exp(s * (x - x.max(-1, keepdims=True)))
+    p /= p.sum(-1, keepdims=True)
+    assert np.abs(want * scale - p).max() < 0.1 and np.allclose((want * scale).sum(-1), 1, atol=0.02)
+    assert (want[0] * scale == want[0, 0] * scale).all()           # an all-equal row stays uniform
+    got = _kernel(lambda v: inl.gelu(kind, v, s), x.shape)(x)
+    want, scale = gnl.gelu(kind, x, s)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("s", [0.5, 0.05, 1e-3])
+def test_layernorm_edge_cases_bit_exact(s):
+    from passes import integer_nonlinear as inl
+    from runtime import golden_nonlinear as gnl
+
+    c = 197
+    rng = np.random.default_rng(4)
+    gamma = rng.uniform(0.5, 1.5, c) * np.where(np.arange(c) % 7 == 0, -1, 1)
+    beta = rng.normal(0, 0.2, c)
+    x = _edge_rows(c)
+    x[3] = np.where(np.arange(c) < c // 2, 1, 0)          # variance ~ 1/4 of a step: tiny
+    got = _kernel(lambda v: inl.layer_norm(v, s, gamma, beta, 1e-5), x.shape)(x)
+    want, scale = gnl.layer_norm(x, s, gamma, beta, 1e-5)
+    np.testing.assert_array_equal(got, want)
+    real = x * s
+    ref = (real - real.mean(-1, keepdims=True)) / np.sqrt(real.var(-1, keepdims=True) + 1e-5) * gamma + beta
+    assert np.abs(want * scale - ref).max() < 2e-3
+    np.testing.assert_allclose(want[0] * scale, beta, atol=1e-5)      # variance 0: the output is beta
+
+
+# ---- the zoo ViT ----------------------------------------------------------------------------
+
+def test_canonicalization_preserves_fp32():
+    import onnxruntime as ort
+
+    from compiler.canonicalize import canonicalize
+    from models import zoo
+
+    model = onnx.load(zoo.ensure("digits_vit").onnx)
+    canon = canonicalize(model, {"input": (2, 1, 16, 16)})
+    ops = {n.op_type for n in canon.graph.node}
+    assert "Shape" not in ops and "Erf" not in ops and "Gelu" in ops and "Gather" not in ops
+    x = zoo.get("digits_vit").samples(2, seed=1)
+    run = [ort.InferenceSession(m.SerializeToString()).run(None, {"input": x})[0] for m in (model, canon)]
+    np.testing.assert_allclose(run[1], run[0], atol=1e-5)
+
+
+def test_digits_vit_integer_only_bit_exact():
+    from models import zoo
+
+    files = zoo.ensure("digits_vit")
+    model, calib = onnx.load(files.onnx), files.calibration()
+    art = compiler.compile(model, options=CompileOptions(calib=calib, input_shapes={"input": (1, 1, 16, 16)}))
+    assert art.manifest.precision == "int8" and art.manifest.integer_only, art.manifest.integer_region
+    rows = art.manifest.quantization["nonlinear"]
+    assert {r["op"] for r in rows} == {"softmax", "gelu", "layernorm"} and len(rows) == 4 + 4 + 9
+    for r in rows:                              # auto picks the lower mean error
+        if r["op"] != "layernorm":
+            assert r["mean_err"][r["chosen"]] == min(r["mean_err"].values())
+    qdq, report = quantize.quantize(model, calib, shapes={"input": (1, 1, 16, 16)})
+    x = zoo.get("digits_vit").samples(1, seed=7)
+    want = golden.run_qdq(qdq, {"input": x}, report.variants())["output"]
+    np.testing.assert_array_equal(art.run({"input": x})["output"], want)
