@@ -11,12 +11,16 @@ Q/DQ pairs, the graph is rewritten at the compiled input shapes so that
 * ``Gather`` of one constant, non-negative index (the q/k/v split, the class
   token) becomes ``Slice`` + ``Squeeze``, which import as views with no index
   arithmetic;
-* GELU, exported as ``x * 0.5 * (1 + erf(x / sqrt 2))`` or as ONNX ``Gelu``
-  (opset 20), becomes one ``Gelu`` node (domain com.microsoft, which ORT runs and
-  TVM imports as ``relax.nn.gelu``); the tanh form ``Gelu(approximate=tanh)``
-  becomes ``FastGelu``.
+* GELU, exported as ``x * 0.5 * (1 + erf(x / sqrt 2))`` or as its tanh
+  approximation ``x * 0.5 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3)))``, becomes
+  one ``Gelu`` node (domain com.microsoft, which ORT runs and TVM imports as
+  ``relax.nn.gelu``), and so does ORT's ``FastGelu`` without a bias; ONNX ``Gelu``
+  (opset 20, either approximation) is imported as is;
+* LayerNorm decomposed as ReduceMean - Sub - Pow - ReduceMean - Add - Sqrt - Div
+  (- Mul gamma - Add beta) over the last axis becomes ``LayerNormalization``.
 
-Each rewrite preserves the FP32 function (tested against ORT).
+Each rewrite preserves the FP32 function (tested against ORT; the tanh GELU to
+within 5e-4).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ def canonicalize(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | No
             if not _zero_products(m):
                 break
     _fuse_gelu(m)
+    _fuse_layernorm(m)
     _gather_to_slice(m)
     _drop_dead(m)
     return m
@@ -121,74 +126,177 @@ def _zero_products(m: onnx.ModelProto) -> bool:
     return changed
 
 
-def _fuse_gelu(m: onnx.ModelProto) -> None:
-    """x * 0.5 * (1 + erf(x / sqrt 2)) in any association, and ONNX Gelu -> com.microsoft Gelu/FastGelu."""
-    g = m.graph
-    consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
-    producer = {o: n for n in g.node for o in n.output}
-    users: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            users.setdefault(i, []).append(n)
+class _Graph:
+    """Lookups a pattern matcher needs: constants, producers, single consumers."""
 
-    def scalar(name, value):
-        return name in consts and consts[name].size == 1 and np.isclose(float(consts[name].reshape(-1)[0]), value,
-                                                                       rtol=1e-4)
+    def __init__(self, m: onnx.ModelProto):
+        self.consts = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+        self.producer = {o: n for n in m.graph.node for o in n.output}
+        self.users: dict[str, list] = {}
+        for n in m.graph.node:
+            for i in n.input:
+                self.users.setdefault(i, []).append(n)
 
+    def scalar(self, name, value=None) -> bool:
+        c = self.consts.get(name)
+        return c is not None and c.size == 1 and (value is None or np.isclose(float(c.reshape(-1)[0]), value,
+                                                                              rtol=1e-4))
+
+    @staticmethod
     def other(n, name):
         return n.input[1] if n.input[0] == name else n.input[0]
 
-    def only_user(name, op):
-        u = users.get(name, [])
+    def only_user(self, name, op):
+        u = self.users.get(name, [])
         return u[0] if len(u) == 1 and u[0].op_type == op else None
 
+    def made_by(self, name, op):
+        n = self.producer.get(name)
+        return n if n is not None and n.op_type == op else None
+
+    def gelu_tail(self, add, x) -> list | None:
+        """From ``1 + f`` to the end of ``x * 0.5 * (1 + f)``, in any association."""
+        mul = self.only_user(add.output[0], "Mul")
+        if mul is None:
+            return None
+        partner = self.other(mul, add.output[0])
+        if partner == x:
+            half = self.only_user(mul.output[0], "Mul")
+            return [mul, half] if half is not None and self.scalar(self.other(half, mul.output[0]), 0.5) else None
+        if self.scalar(partner, 0.5):
+            final = self.only_user(mul.output[0], "Mul")
+            return [mul, final] if final is not None and self.other(final, mul.output[0]) == x else None
+        pre = self.made_by(partner, "Mul")
+        if pre is not None and x in pre.input and self.scalar(self.other(pre, x), 0.5):
+            return [pre, mul]
+        return None
+
+
+def _fuse_gelu(m: onnx.ModelProto) -> None:
+    """x * 0.5 * (1 + erf(x / sqrt 2)) and x * 0.5 * (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), in
+    any association -> com.microsoft Gelu.  The tanh form is within 5e-4 of GELU, far inside the
+    integer GELU's own error, and TVM decomposes ORT's FastGelu into float ops."""
+    g, G = m.graph, _Graph(m)
     replace: dict[int, onnx.NodeProto] = {}
     dead: set[int] = set()
-    for erf in [n for n in g.node if n.op_type == "Erf"]:
-        scaled = producer.get(erf.input[0])
-        if scaled is None or not ((scaled.op_type == "Div" and scalar(scaled.input[1], np.sqrt(2)))
-                                  or (scaled.op_type == "Mul" and scalar(other(scaled, scaled.input[0]), 1 / np.sqrt(2)))):
+    for f in [n for n in g.node if n.op_type in ("Erf", "Tanh")]:
+        head = _erf_head(G, f) if f.op_type == "Erf" else _tanh_head(G, f)
+        if head is None:
             continue
-        x = scaled.input[0] if scaled.op_type == "Div" else next(i for i in scaled.input if i not in consts)
-        add = only_user(erf.output[0], "Add")
-        if add is None or not scalar(other(add, erf.output[0]), 1.0):
+        x, chain = head
+        add = G.only_user(f.output[0], "Add")
+        if add is None or not G.scalar(G.other(add, f.output[0]), 1.0):
             continue
-        # (x * (1 + erf)) * 0.5  or  (x * 0.5) * (1 + erf)  or  x * ((1 + erf) * 0.5)
-        chain = [scaled, erf, add]
-        mul = only_user(add.output[0], "Mul")
-        if mul is None:
+        tail = G.gelu_tail(add, x)
+        if tail is None:
             continue
-        partner = other(mul, add.output[0])
-        if partner == x:
-            half = only_user(mul.output[0], "Mul")
-            if half is None or not scalar(other(half, mul.output[0]), 0.5):
-                continue
-            chain += [mul, half]
-        elif scalar(partner, 0.5):
-            final = only_user(mul.output[0], "Mul")
-            if final is None or other(final, mul.output[0]) != x:
-                continue
-            chain += [mul, final]
-        elif partner in producer and producer[partner].op_type == "Mul" and \
-                set(producer[partner].input) - {x} and scalar(other(producer[partner], x), 0.5):
-            chain += [producer[partner], mul]
-        else:
-            continue
+        chain += [f, add] + tail
         out = chain[-1].output[0]
         replace[id(chain[-1])] = helper.make_node("Gelu", [x], [out], name=(chain[-1].name or out) + "_gelu",
                                                   domain=MS_DOMAIN)
         dead.update(id(c) for c in chain[:-1])
     for n in g.node:
-        if n.op_type == "Gelu" and n.domain in ("", "ai.onnx"):
-            tanh = any(a.name == "approximate" and a.s == b"tanh" for a in n.attribute)
-            replace[id(n)] = helper.make_node("FastGelu" if tanh else "Gelu", [n.input[0]], [n.output[0]],
-                                              name=n.name, domain=MS_DOMAIN)
+        if n.op_type == "FastGelu" and n.domain == MS_DOMAIN and len([i for i in n.input if i]) == 1:
+            replace[id(n)] = helper.make_node("Gelu", [n.input[0]], [n.output[0]], name=n.name, domain=MS_DOMAIN)
+    _replace(m, replace, dead)
+
+
+def _erf_head(G: _Graph, erf) -> tuple[str, list] | None:
+    """erf(x / sqrt 2) or erf(x * (1 / sqrt 2)): (x, nodes)."""
+    scaled = G.producer.get(erf.input[0])
+    if scaled is not None and scaled.op_type == "Div" and G.scalar(scaled.input[1], np.sqrt(2)):
+        return scaled.input[0], [scaled]
+    if scaled is not None and scaled.op_type == "Mul" and any(G.scalar(i, 1 / np.sqrt(2)) for i in scaled.input):
+        return next(i for i in scaled.input if i not in G.consts), [scaled]
+    return None
+
+
+def _tanh_head(G: _Graph, tanh) -> tuple[str, list] | None:
+    """tanh(sqrt(2/pi) * (x + 0.044715 * x^3)), x^3 as Pow(x, 3) or x*x*x: (x, nodes)."""
+    scaled = G.made_by(tanh.input[0], "Mul")
+    if scaled is None or not any(G.scalar(i, np.sqrt(2 / np.pi)) for i in scaled.input):
+        return None
+    inner = G.made_by(next(i for i in scaled.input if i not in G.consts), "Add")
+    if inner is None:
+        return None
+    for x in inner.input:
+        cubic = G.made_by(G.other(inner, x), "Mul")
+        if cubic is None or not any(G.scalar(i, 0.044715) for i in cubic.input):
+            continue
+        cube = G.producer.get(next(i for i in cubic.input if i not in G.consts))
+        if cube is not None and cube.op_type == "Pow" and cube.input[0] == x and G.scalar(cube.input[1], 3.0):
+            return x, [cube, cubic, inner, scaled]
+    return None
+
+
+def _fuse_layernorm(m: onnx.ModelProto) -> None:
+    """ReduceMean -> Sub -> Pow 2 -> ReduceMean -> Add eps -> Sqrt -> Div [-> Mul gamma -> Add beta]
+    over the last axis -> LayerNormalization."""
+    g, G = m.graph, _Graph(m)
+    replace: dict[int, onnx.NodeProto] = {}
+    dead: set[int] = set()
+    for sqrt in [n for n in g.node if n.op_type == "Sqrt"]:
+        add_eps = G.made_by(sqrt.input[0], "Add")
+        var = G.made_by(add_eps.input[0], "ReduceMean") if add_eps is not None else None
+        if var is None or not G.scalar(add_eps.input[1]):
+            continue
+        sq = G.made_by(var.input[0], "Pow")
+        if sq is None or not G.scalar(sq.input[1], 2.0):
+            continue
+        sub = G.made_by(sq.input[0], "Sub")
+        mean = G.made_by(sub.input[1], "ReduceMean") if sub is not None else None
+        if mean is None or mean.input[0] != sub.input[0] or not all(_last_axis(G, r) for r in (mean, var)):
+            continue
+        div = G.only_user(sqrt.output[0], "Div")
+        if div is None or div.input[0] != sub.output[0]:
+            continue
+        chain, out = [mean, sub, sq, var, add_eps, sqrt, div], div.output[0]
+        channels = next((d for d in _last_dims(m, sub.input[0])), None)
+        gamma = beta = None
+        if (mul := G.only_user(out, "Mul")) is not None and G.other(mul, out) in G.consts:
+            gamma, out = G.other(mul, out), mul.output[0]
+            chain.append(mul)
+            if (add := G.only_user(out, "Add")) is not None and G.other(add, out) in G.consts:
+                beta, out = G.other(add, out), add.output[0]
+                chain.append(add)
+        if channels is None and (gamma is None or beta is None):
+            continue
+        c = channels or G.consts[gamma].size
+        for name, value in (("gamma", 1.0), ("beta", 0.0)):
+            if (gamma if name == "gamma" else beta) is None:
+                const = f"{out}_{name}"
+                g.initializer.append(numpy_helper.from_array(np.full(c, value, np.float32), const))
+                gamma, beta = (const, beta) if name == "gamma" else (gamma, const)
+        eps = float(G.consts[add_eps.input[1]].reshape(-1)[0])
+        replace[id(chain[-1])] = helper.make_node("LayerNormalization", [sub.input[0], gamma, beta], [out],
+                                                  name=(chain[-1].name or out) + "_layernorm", axis=-1, epsilon=eps)
+        dead.update(id(n) for n in chain[:-1])
+    _replace(m, replace, dead)
+
+
+def _last_axis(G: _Graph, reduce) -> bool:
+    axes = next((list(a.ints) for a in reduce.attribute if a.name == "axes"), None)
+    if axes is None and len(reduce.input) > 1:
+        axes = G.consts.get(reduce.input[1], np.array([])).tolist()
+    return axes == [-1]
+
+
+def _last_dims(m: onnx.ModelProto, name: str) -> list[int]:
+    inferred = onnx.shape_inference.infer_shapes(m)
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input):
+        if vi.name == name and vi.type.tensor_type.shape.dim and \
+                vi.type.tensor_type.shape.dim[-1].HasField("dim_value"):
+            return [vi.type.tensor_type.shape.dim[-1].dim_value]
+    return []
+
+
+def _replace(m: onnx.ModelProto, replace: dict, dead: set) -> None:
     if not replace:
         return
-    nodes = [replace.get(id(n), n) for n in g.node if id(n) not in dead]
-    del g.node[:]
-    g.node.extend(nodes)
-    if not any(o.domain == MS_DOMAIN for o in m.opset_import):
+    nodes = [replace.get(id(n), n) for n in m.graph.node if id(n) not in dead]
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    if any(n.domain == MS_DOMAIN for n in nodes) and not any(o.domain == MS_DOMAIN for o in m.opset_import):
         m.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
 
 

@@ -42,7 +42,7 @@ OBSERVERS = {"minmax": calibration.MinMaxObserver, "percentile": calibration.Per
              "mse": calibration.MSEObserver}
 LINEAR = ("Conv", "Gemm", "MatMul")
 VIEWS = ("MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Gather", "Slice")
-NONLINEAR_OPS = {"Softmax": "softmax", "Gelu": "gelu", "FastGelu": "gelu", "LayerNormalization": "layernorm"}
+NONLINEAR_OPS = {"Softmax": "softmax", "Gelu": "gelu", "LayerNormalization": "layernorm"}
 POOLS = ("GlobalAveragePool", "ReduceMean", "AveragePool")
 ACTIVATIONS = ("Relu", "Clip")
 
@@ -348,7 +348,7 @@ def _choose_nonlinear(m: onnx.ModelProto, plan: _Plan, params, seen, mode: str) 
                 ref = np.exp(real - real.max(-1, keepdims=True))
                 ref /= ref.sum(-1, keepdims=True)
             else:
-                ref = _gelu(real, tanh=n.op_type == "FastGelu")
+                ref = _gelu(real, tanh=any(a.name == "approximate" and a.s == b"tanh" for a in n.attribute))
             for variant in ("shift", "poly"):
                 y, sc = (gnl.softmax if kind == "softmax" else gnl.gelu)(variant, x, float(np.float32(p.scale)))
                 errs[variant] = np.abs(y * sc - ref)

@@ -321,7 +321,7 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
             c = float(np.asarray(ins[1]).reshape(-1)[0])      # attention's 1/sqrt(d), folded into the ratio
             acc, num, axis = ins[0].terms[0]
             env[n.output[0]] = _Pending([(acc, num * (c if op == "Mul" else 1.0 / c), axis)], ins[0].lo, ins[0].hi)
-        elif op in ("Softmax", "Gelu", "FastGelu"):
+        elif op in ("Softmax", "Gelu"):
             x = deq_of(ins[0])
             kind = "softmax" if op == "Softmax" else "gelu"
             y, sc = (gnl.softmax if kind == "softmax" else gnl.gelu)(variant(kind), x.centered(), float(x.scale[0]))

@@ -53,6 +53,31 @@ def gelu_model(c=16):
                        _init("half", 0.5)])
 
 
+def gelu_tanh_model(c=16):
+    """GELU's tanh form as torch exports it: x * 0.5 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3)))."""
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Mul", ["h", "half"], ["h2"]),
+             helper.make_node("Pow", ["h", "three"], ["h3"]), helper.make_node("Mul", ["h3", "k"], ["c"]),
+             helper.make_node("Add", ["h", "c"], ["i"]), helper.make_node("Mul", ["i", "s2pi"], ["z"]),
+             helper.make_node("Tanh", ["z"], ["t"]), helper.make_node("Add", ["t", "one"], ["a"]),
+             helper.make_node("Mul", ["h2", "a"], ["y"])]
+    return make_model(nodes, [_io("x", (1, 5, c))], [_io("y", (1, 5, c))],
+                      [_init("w", _rand(c, c, seed=2, scale=0.5)), _init("half", 0.5), _init("three", 3.0),
+                       _init("k", 0.044715), _init("s2pi", math.sqrt(2 / math.pi)), _init("one", 1.0)])
+
+
+def layernorm_decomposed_model(c=16, t=5):
+    """LayerNorm spelled out: ReduceMean - Sub - Pow - ReduceMean - Add - Sqrt - Div - Mul - Add."""
+    rng = np.random.default_rng(1)
+    nodes = [helper.make_node("ReduceMean", ["x"], ["m"], axes=[-1]), helper.make_node("Sub", ["x", "m"], ["d"]),
+             helper.make_node("Pow", ["d", "two"], ["p"]), helper.make_node("ReduceMean", ["p"], ["v"], axes=[-1]),
+             helper.make_node("Add", ["v", "eps"], ["ve"]), helper.make_node("Sqrt", ["ve"], ["sd"]),
+             helper.make_node("Div", ["d", "sd"], ["n"]), helper.make_node("Mul", ["n", "g"], ["ng"]),
+             helper.make_node("Add", ["ng", "b"], ["y"])]
+    return make_model(nodes, [_io("x", (1, t, c))], [_io("y", (1, t, c))],
+                      [_init("two", 2.0), _init("eps", 1e-5), _init("g", rng.uniform(0.5, 1.5, c)),
+                       _init("b", rng.normal(0, 0.2, c))])
+
+
 def attention_model(d=16, heads=2, t=7):
     """q, k, v projections -> (q k^T) * d^-0.5 -> softmax -> . v."""
     dh = d // heads
@@ -72,7 +97,9 @@ def attention_model(d=16, heads=2, t=7):
     return make_model(nodes, [_io("x", (1, t, d))], [_io("y", (1, t, d))], inits)
 
 
-MODELS = {"layernorm": layernorm_model, "softmax": softmax_model, "gelu": gelu_model, "attention": attention_model}
+MODELS = {"layernorm": layernorm_model, "softmax": softmax_model, "gelu": gelu_model, "attention": attention_model,
+          "gelu_tanh": gelu_tanh_model, "layernorm_decomposed": layernorm_decomposed_model}
+FUSED_TO = {"gelu": "Gelu", "gelu_tanh": "Gelu", "layernorm_decomposed": "LayerNormalization"}
 
 
 @pytest.mark.parametrize("nonlinear", ["shift", "poly"])
@@ -87,6 +114,14 @@ def test_op_graphs_bit_exact(name, nonlinear):
     x = _rand(*shape, seed=5, scale=2.0)
     want = golden.run_qdq(qdq, {"x": x}, report.variants())["y"]
     np.testing.assert_array_equal(art.run({"x": x})["y"], want)
+    if name in FUSED_TO:                    # the exported spelling was recognized as one op
+        assert FUSED_TO[name] in {n.op_type for n in qdq.graph.node}
+        import onnxruntime as ort
+
+        from compiler.canonicalize import canonicalize
+        run = [ort.InferenceSession(m.SerializeToString()).run(None, {"x": x})[0]
+               for m in (model, canonicalize(model))]
+        np.testing.assert_allclose(run[1], run[0], atol=5e-4 if name == "gelu_tanh" else 1e-5)
 
 
 # ---- the integer non-linears alone: Relax kernels vs numpy golden, edge cases -----------------
