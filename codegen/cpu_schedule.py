@@ -22,6 +22,8 @@ Tuned or tensorized kernels (VNNI) replace this where they exist; this is the fl
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import tvm
 from tvm import s_tir, tirx
@@ -48,6 +50,18 @@ def _uses(expr, var) -> bool:
     return any(v.same_as(var) for v in undefined_vars(expr, []))
 
 
+def _read_once(sch: s_tir.Schedule, block) -> bool:
+    """Whether every consumer reads the block's output at most once per point.  Inlining a
+    block read k times copies its expression k times; along a chain (integer Newton reads
+    its previous value twice per step) that grows as k^depth.  TVM 0.27 has no Python TIR
+    visitor, so the loads are counted in the consumer's script."""
+    body = sch.get(block).body
+    if not isinstance(body, tirx.BufferStore):
+        return False
+    load = re.compile(rf"\b{re.escape(body.buffer.name)}\[")
+    return all(len(load.findall(sch.get(c).body.script())) <= 1 for c in sch.get_consumers(block))
+
+
 def _vector_lanes(sch: s_tir.Schedule, block) -> int:
     bits = max((tvm.DataType(str(w.source.dtype)).bits for w in sch.get(block).writes), default=32)
     return max(1, VECTOR_BYTES * 8 // bits)
@@ -70,6 +84,9 @@ class CPUDefault(dl.ScheduleRule):
         if blocks is None:
             return None
         reductions = [b for b in blocks if b.is_reduction()]
+        after = blocks[blocks.index(reductions[0]) + 1:] if reductions else blocks
+        if not all(_read_once(sch, b.block_rv) for b in after[:-1]):
+            return None     # inlining would copy expressions exponentially (isqrt); per-row work: leave as is
         if not reductions:
             blocks = dl.try_inline_contiguous_spatial(sch, blocks)
             for b in blocks:

@@ -129,16 +129,14 @@ def isqrt(v):
     in [sqrt v, 2 sqrt v].  From above, integer Newton never goes below floor(sqrt v) and stays
     under the real Newton iterate, whose relative error falls 1 -> 0.25 -> 2.5e-2 -> 3e-4 ->
     5e-8 -> 1e-15: after five steps it is below 2^-31, so x is floor(sqrt v) or floor + 1, and
-    one fix-up step removes the +1.  Each step is its own one-element reduction, so fusion
-    stops there: inlined, a step reads the previous x twice and five steps would copy the
-    start expression 2^5 times."""
+    one fix-up step removes the +1.  (Each step reads the previous x twice: the CPU schedule
+    leaves such chains as separate loops rather than inlining them 2^5 times.)"""
     powers = _c(2 ** np.arange(63, dtype=np.float64).astype(np.int64))
     bitlen = op.sum(op.astype(op.greater_equal(op.expand_dims(v, -1), powers), "int64"), axis=-1)
     x = op.left_shift(_c(1), op.floor_divide(op.add(bitlen, _c(1)), _c(2)))
     w = op.maximum(v, _c(1))                # v = 0 would reach x = 0 and divide by it; fixed below
     for _ in range(5):
-        step = op.right_shift(op.add(x, op.floor_divide(w, x)), _c(1))
-        x = op.sum(op.expand_dims(step, -1), axis=-1)
+        x = op.right_shift(op.add(x, op.floor_divide(w, x)), _c(1))
     x = op.subtract(x, op.astype(op.greater(op.multiply(x, x), w), "int64"))
     return op.where(op.equal(v, _c(0)), _c(0), x)
 
