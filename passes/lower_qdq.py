@@ -11,7 +11,7 @@ tracking every value as one of
 and emits the integer program (HAWQ-V3, with the dyadic multiplier of
 ``passes/dyadic.py``):
 
-    conv2d / matmul:  acc = (q_x - z_x) * (q_w - z_w) + q_bias                int32
+    conv2d / matmul:  acc = (q_x - z_x) * (q_w - z_w) + q_bias                int32 (int64 if unproven)
                       q_y = clamp(rescale(acc, s_x*s_w[c] / s_y) + z_y)
     residual add:     q_y = clamp(sum_t rescale(q_t - z_t, s_t / s_y) + z_y)
     concat:           q_y = concat_t(clamp(rescale(q_t - z_t, s_t / s_y) + z_y))   (as is if equal)
@@ -19,6 +19,11 @@ and emits the integer program (HAWQ-V3, with the dyadic multiplier of
     batch norm:       q_y = clamp(rescale(sign(g) * ((q - z) 2^k + B), s_x*|g| / (2^k s_y)) + z_y)
     max-pool, views:  on the integers, parameters unchanged
     relu / clip:      folded into the clamp: z_y + round(bound / s_y)
+    attention:        acc = (q_a - z_a)(q_b - z_b), a positive scalar scale (1/sqrt d) folded into the ratio
+    softmax, gelu,    passes/integer_nonlinear.py (I-ViT shift / I-BERT poly families, I-LayerNorm),
+    layer norm:       then rescale to the output like any other term
+
+(conv and matmul read the raw input: z_x * sum(w) is folded into the bias offline.)
 
 The input ``quantize`` and the output ``dequantize`` stay as the float
 boundary.  ``runtime/golden.run_qdq`` defines the same integers in numpy from
