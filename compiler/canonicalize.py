@@ -235,6 +235,7 @@ def _fuse_layernorm(m: onnx.ModelProto) -> None:
     g, G = m.graph, _Graph(m)
     replace: dict[int, onnx.NodeProto] = {}
     dead: set[int] = set()
+    last_dims: dict[str, int] | None = None
     for sqrt in [n for n in g.node if n.op_type == "Sqrt"]:
         add_eps = G.made_by(sqrt.input[0], "Add")
         var = G.made_by(add_eps.input[0], "ReduceMean") if add_eps is not None else None
@@ -251,7 +252,8 @@ def _fuse_layernorm(m: onnx.ModelProto) -> None:
         if div is None or div.input[0] != sub.output[0]:
             continue
         chain, out = [mean, sub, sq, var, add_eps, sqrt, div], div.output[0]
-        channels = next((d for d in _last_dims(m, sub.input[0])), None)
+        last_dims = _last_dims(m) if last_dims is None else last_dims
+        channels = last_dims.get(sub.input[0])
         gamma = beta = None
         if (mul := G.only_user(out, "Mul")) is not None and G.other(mul, out) in G.consts:
             gamma, out = G.other(mul, out), mul.output[0]
@@ -281,13 +283,15 @@ def _last_axis(G: _Graph, reduce) -> bool:
     return axes == [-1]
 
 
-def _last_dims(m: onnx.ModelProto, name: str) -> list[int]:
+def _last_dims(m: onnx.ModelProto) -> dict[str, int]:
+    """Tensor -> its last dimension, where shape inference knows it."""
     inferred = onnx.shape_inference.infer_shapes(m)
+    out = {}
     for vi in list(inferred.graph.value_info) + list(inferred.graph.input):
-        if vi.name == name and vi.type.tensor_type.shape.dim and \
-                vi.type.tensor_type.shape.dim[-1].HasField("dim_value"):
-            return [vi.type.tensor_type.shape.dim[-1].dim_value]
-    return []
+        dims = vi.type.tensor_type.shape.dim
+        if dims and dims[-1].HasField("dim_value"):
+            out[vi.name] = dims[-1].dim_value
+    return out
 
 
 def _replace(m: onnx.ModelProto, replace: dict, dead: set) -> None:

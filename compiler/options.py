@@ -27,8 +27,9 @@ class CompileOptions:
     def __post_init__(self):
         if self.target not in TARGETS:
             raise UserError(f"unknown target {self.target!r}; choose one of: {', '.join(TARGETS)}")
-        if self.nonlinear not in ("shift", "poly", "auto"):
-            raise UserError(f"--nonlinear {self.nonlinear}: choose shift, poly or auto")
+        from compiler.quantize import check_nonlinear
+
+        check_nonlinear(self.nonlinear)        # also for quantized models: it picks their softmax / GELU
         if self.calib is None and (self.weight_bits is not None or self.observer != "minmax"):
             raise UserError("--bits and --observer choose how an FP32 model is quantized; add --calib DATA.npz")
 

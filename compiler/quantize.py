@@ -63,10 +63,16 @@ class QuantConfig:
                             "choose one of those")
         if self.observer not in OBSERVERS:
             raise UserError(f"unknown observer {self.observer!r}; choose one of: {', '.join(OBSERVERS)}")
-        if self.nonlinear not in ("shift", "poly", "auto"):
-            raise UserError(f"--nonlinear {self.nonlinear}: choose shift, poly or auto")
+        check_nonlinear(self.nonlinear)
         if self.activations not in ("u8", "s8"):
             raise UserError(f"unknown activation scheme {self.activations!r}; choose u8 or s8")
+
+
+def check_nonlinear(family: str) -> None:
+    from passes.integer_nonlinear import FAMILIES
+
+    if family not in (*FAMILIES, "auto"):
+        raise UserError(f"--nonlinear {family}: choose {', '.join(FAMILIES)} or auto")
 
 
 class CalibrationDataReader(Protocol):
@@ -166,17 +172,18 @@ def _plan(m: onnx.ModelProto) -> _Plan:
             return users[0]
         return None
 
-    def chain_end(n: onnx.NodeProto, bias_ok: bool) -> str:
-        """The tensor after the layer's bias Add (MatMul) and ReLU/Clip, which fold into its requantize."""
+    def chain_end(n: onnx.NodeProto, fold: str = "") -> str:
+        """The tensor after what folds into the layer's requantize: ``fold`` "bias" (a MatMul's
+        Add) or "scale" (attention's positive scalar Mul/Div), then ReLU/Clip."""
         t = n.output[0]
-        if bias_ok is True and (add := single_next(t, ("Add",))) is not None:
+        if fold == "bias" and (add := single_next(t, ("Add",))) is not None:
             other = add.input[1] if add.input[0] == t else add.input[0]
             w = inits[n.input[1]]
             if other in inits and inits[other].size == w.shape[-1] and inits[other].ndim <= 2:
                 plan.biases[other] = (n.input[0], n.input[1])
                 skip.add(id(add))
                 t = add.output[0]
-        if bias_ok == "scale" and (mul := single_next(t, ("Mul", "Div"))) is not None:
+        if fold == "scale" and (mul := single_next(t, ("Mul", "Div"))) is not None:
             other = mul.input[1] if mul.input[0] == t else mul.input[0]
             if other in inits and inits[other].size == 1 and float(inits[other].reshape(-1)[0]) > 0 \
                     and (mul.op_type == "Mul" or mul.input[1] == other):
@@ -200,15 +207,15 @@ def _plan(m: onnx.ModelProto) -> _Plan:
             plan.weights[n.input[1]] = axis
             if op != "MatMul" and len(n.input) > 2 and n.input[2]:
                 plan.biases[n.input[2]] = (n.input[0], n.input[1])
-            need(chain_end(n, bias_ok=op == "MatMul"))
+            need(chain_end(n, "bias" if op == "MatMul" else ""))
         elif op == "MatMul" and not any(i in inits for i in n.input):       # attention: both operands run
             need(n.input[0])
             need(n.input[1])
-            need(chain_end(n, bias_ok="scale"))
+            need(chain_end(n, "scale"))
         elif op == "Add" and not any(i in inits for i in n.input):
             need(n.input[0])
             need(n.input[1])
-            need(chain_end(n, bias_ok=False))
+            need(chain_end(n))
         elif op == "Add" and sum(i in inits for i in n.input) == 1:           # x + constant (position embedding)
             act_in, const_in = (n.input[0], n.input[1]) if n.input[1] in inits else (n.input[1], n.input[0])
             need(act_in)
@@ -380,16 +387,17 @@ def _rewrite(m: onnx.ModelProto, plan: _Plan, params: dict[str, QuantParams], co
         new_inits.append(numpy_helper.from_array(value, name))
         return name
 
+    weight_scales = {}
     for w_name, axis in plan.weights.items():
         q, scale = calibration.weight_params(inits[w_name], axis=axis, bits=config.weight_bits)
+        weight_scales[w_name] = scale
         dq_consts.append(helper.make_node(
             "DequantizeLinear", [const(w_name + "_quantized", q), const(w_name + "_scale", scale),
                                  const(w_name + "_zero_point", np.zeros(scale.shape, np.int8))],
             [w_name], name=w_name + "_DequantizeLinear", axis=axis))
     for b_name, (x_name, w_name) in plan.biases.items():
         s_x = np.float32(params[plan.root[x_name]].scale)
-        _, s_w = calibration.weight_params(inits[w_name], axis=plan.weights[w_name], bits=config.weight_bits)
-        scale = (s_x * s_w).astype(np.float32)
+        scale = (s_x * weight_scales[w_name]).astype(np.float32)
         b = inits[b_name].astype(np.float64).reshape(-1)
         q = np.clip(np.round(b / scale.astype(np.float64)), -(2**31 - 1), 2**31 - 1).astype(np.int32)
         dq_consts.append(helper.make_node(

@@ -1,8 +1,9 @@
 """Integer-only softmax, GELU and LayerNorm (I-ViT, I-BERT): the Relax builders.
 
 Every function takes an integer tensor ``x`` (int32, zero point already
-removed) with real value ``s * x`` and returns ``(y, scale)``: an int64 tensor
-whose real value is ``scale * y`` (``scale`` may be per channel).  The caller
+removed, 8-bit range) with real value ``s * x`` and returns ``(y, scale, bound)``:
+an int64 tensor whose real value is ``scale * y`` (``scale`` may be per
+channel), and a proven bound on ``|y|`` for the requantize's overflow check.  The caller
 requantizes ``y`` to the output's 8-bit grid with the dyadic multiplier.
 Offline constants are computed here from ``s`` in float64; everything that
 runs is integer add, multiply, shift, compare, min/max and integer division.
@@ -42,7 +43,7 @@ GELU_SIG_BITS = 16              # sigmoid at scale 2^-16: x * sigmoid stays belo
 LN_FRACTION = 23                # normalized LayerNorm values at scale 2^-23 (before gamma)
 POLY_A, POLY_B, POLY_C = 0.35815147, 1.353, 0.344          # I-BERT exp(r) on (-ln 2, 0]
 ERF_A, ERF_B = -0.2888, -1.769                             # I-BERT erf
-NONLINEAR = ("shift", "poly")
+FAMILIES = ("shift", "poly")        # --nonlinear also takes "auto": per layer, the lower measured error
 
 
 def _c(v, dtype="int64") -> relax.Expr:
@@ -92,7 +93,7 @@ def softmax(kind: str, x, s: float, axis: int = -1, bits: int = 16):
     f = op.floor_divide(_c(1 << RECIP_BITS), total)
     k = RECIP_BITS - (bits - 1)
     y = op.right_shift(op.add(op.multiply(e, f), _c(1 << (k - 1))), _c(k))
-    return y, 2.0 ** -(bits - 1)
+    return y, 2.0 ** -(bits - 1), 1 << (bits - 1)
 
 
 def gelu(kind: str, x, s: float):
@@ -105,23 +106,14 @@ def gelu(kind: str, x, s: float):
         one = _c(-x0 << EXP_SHIFT)          # exp(0) on the same grid
         num = op.where(op.greater_equal(xi, _c(0)), one, e)
         sig = op.floor_divide(op.left_shift(num, _c(GELU_SIG_BITS)), op.add(one, e))
-        return op.multiply(xi, sig), s * 2.0 ** -GELU_SIG_BITS
+        return op.multiply(xi, sig), s * 2.0 ** -GELU_SIG_BITS, 256 << GELU_SIG_BITS
     se = s / np.sqrt(2.0)
     b = int(np.floor(ERF_B / se))
     c = int(np.floor(1.0 / (ERF_A * se * se)))
     m = op.add(op.minimum(op.abs(xi), _c(-b)), _c(b))
     erf = op.multiply(op.sign(xi), op.add(op.multiply(m, m), _c(c)))   # erf at scale a*se^2 (< 0)
     # (1 + erf) at scale a*se^2 is (c + erf); the scale is negative, so negate once
-    return op.multiply(xi, op.subtract(_c(-c), erf)), -ERF_A * se * se * s / 2.0
-
-
-def gelu_bound(kind: str, s: float) -> int:
-    """|gelu(...)[0]| for 8-bit x (|x| <= 255)."""
-    if kind == "shift":
-        return 255 << GELU_SIG_BITS
-    se = s / np.sqrt(2.0)
-    b, c = int(np.floor(ERF_B / se)), int(np.floor(1.0 / (ERF_A * se * se)))
-    return 255 * (2 * abs(c) + b * b)
+    return op.multiply(xi, op.subtract(_c(-c), erf)), -ERF_A * se * se * s / 2.0, 256 * (2 * abs(c) + b * b)
 
 
 def isqrt(v):
@@ -162,4 +154,4 @@ def layer_norm(x, s: float, gamma: np.ndarray, beta: np.ndarray, eps: float, axi
     out = op.add(norm, _c(bias))
     if np.any(gamma < 0):
         out = op.multiply(out, _c(np.sign(gamma)))
-    return out, np.abs(gamma) * unit
+    return out, np.abs(gamma) * unit, (1 << LN_FRACTION) + int(np.abs(bias).max())

@@ -45,7 +45,7 @@ from passes.dyadic import dyadic_from_ratio, fine_offset, rescale, saturate
 op = relax.op
 VIEWS = {"relax.reshape", "relax.permute_dims", "relax.flatten", "relax.squeeze", "relax.expand_dims", "relax.take",
          "relax.strided_slice"}
-NONLINEAR = {"relax.nn.softmax": "softmax", "relax.nn.gelu": "gelu", "relax.nn.gelu_tanh": "gelu"}
+NONLINEAR_OPS = {"relax.nn.softmax": "softmax", "relax.nn.gelu": "gelu", "relax.nn.gelu_tanh": "gelu"}
 
 
 class QDQLoweringError(ValueError):
@@ -165,8 +165,8 @@ class _Lowering:
             return _Pending([(total, x.scale.astype(np.float64) / n, None)])
         if name == "relax.nn.batch_norm":
             return self.batch_norm(call)
-        if name in NONLINEAR:
-            return self.nonlinear(call, NONLINEAR[name])
+        if name in NONLINEAR_OPS:
+            return self.nonlinear(call, NONLINEAR_OPS[name])
         if name == "relax.nn.layer_norm":
             return self.layer_norm(call)
         if name in ("relax.multiply", "relax.divide"):
@@ -317,12 +317,8 @@ class _Lowering:
             raise QDQLoweringError("softmax over an axis other than the last is not supported")
         s = float(np.float32(x.scale.reshape(-1)[0]))
         variant = self.variant(kind)
-        if kind == "softmax":
-            y, scale = integer_nonlinear.softmax(variant, self.centered(x), s)
-            bound = 1 << 15
-        else:
-            y, scale = integer_nonlinear.gelu(variant, self.centered(x), s)
-            bound = integer_nonlinear.gelu_bound(variant, s)
+        build = integer_nonlinear.softmax if kind == "softmax" else integer_nonlinear.gelu
+        y, scale, bound = build(variant, self.centered(x), s)
         return _Pending([(self.bb.emit(y), np.array([scale], np.float64), None)], bound=bound)
 
     def layer_norm(self, call):
@@ -335,9 +331,7 @@ class _Lowering:
         if np.any(gamma == 0):
             raise QDQLoweringError("layer_norm with a zero gamma has no integer form")
         s = float(np.float32(x.scale.reshape(-1)[0]))
-        y, scale = integer_nonlinear.layer_norm(self.centered(x), s, gamma, beta, float(call.attrs.epsilon))
-        bound = (1 << integer_nonlinear.LN_FRACTION) + int(np.abs(np.round(beta / (gamma * scale
-                                                                                     / np.abs(gamma)))).max())
+        y, scale, bound = integer_nonlinear.layer_norm(self.centered(x), s, gamma, beta, float(call.attrs.epsilon))
         return _Pending([(self.bb.emit(y), scale, -1)], bound=bound)
 
     def avg_pool(self, call):
