@@ -29,6 +29,9 @@ demo: setup
 	$(BIN)/lowbit eval $(DEMO)/digits_cnn.onnx --data digits --calib $(DEMO)/digits_cnn.calib.npz
 	$(BIN)/lowbit bench $(DEMO)/digits_cnn.onnx --calib $(DEMO)/digits_cnn.calib.npz --seconds 6 -q
 	$(BIN)/lowbit zoo export digits_vit -o $(DEMO)/digits_vit.onnx --calib $(DEMO)/digits_vit.calib.npz
+	$(BIN)/lowbit compile $(DEMO)/digits_vit.onnx --calib $(DEMO)/digits_vit.calib.npz -o $(DEMO)/digits_vit_int8
+	@# the verdict, and the kernels of one encoder block
+	$(BIN)/lowbit inspect $(DEMO)/digits_vit_int8 | sed -n '/^integer-only/p;/^kernels/p;/repeated/,/^  [^ ]/p' | cut -c1-160
 	$(BIN)/lowbit eval $(DEMO)/digits_vit.onnx --data digits --calib $(DEMO)/digits_vit.calib.npz
 
 lint: setup

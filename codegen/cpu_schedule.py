@@ -16,7 +16,7 @@ kernel a schedule that needs no tuning:
   padding test stays out of the innermost loop;
 * injective kernels are flattened, vectorized and parallelized.
 
-Kernels with several reductions (softmax, LayerNorm) are left as TVM lowers them.
+Kernels with several reductions (softmax, LayerNorm) are computed a row at a time.
 Tuned or tensorized kernels (VNNI) replace this where they exist; this is the floor.
 """
 
@@ -50,16 +50,18 @@ def _uses(expr, var) -> bool:
     return any(v.same_as(var) for v in undefined_vars(expr, []))
 
 
-def _read_once(sch: s_tir.Schedule, block) -> bool:
-    """Whether every consumer reads the block's output at most once per point.  Inlining a
-    block read k times copies its expression k times; along a chain (integer Newton reads
-    its previous value twice per step) that grows as k^depth.  TVM 0.27 has no Python TIR
-    visitor, so the loads are counted in the consumer's script."""
+def _read_once(sch: s_tir.Schedule, block, in_total: bool = False) -> bool:
+    """Whether every consumer (``in_total``: all consumers together) reads the block's output
+    at most once per point.  Inlining a block read k times copies its expression k times;
+    along a chain (integer Newton reads its previous value twice per step, from two blocks)
+    that grows as k^depth.  TVM 0.27 has no Python TIR visitor, so the loads are counted in
+    the consumers' scripts."""
     body = sch.get(block).body
     if not isinstance(body, tirx.BufferStore):
         return False
     load = re.compile(rf"\b{re.escape(body.buffer.name)}\[")
-    return all(len(load.findall(sch.get(c).body.script())) <= 1 for c in sch.get_consumers(block))
+    reads = [len(load.findall(sch.get(c).body.script())) for c in sch.get_consumers(block)]
+    return (sum(reads) if in_total else max(reads, default=0)) <= 1
 
 
 def _vector_lanes(sch: s_tir.Schedule, block) -> int:
@@ -85,15 +87,18 @@ class CPUDefault(dl.ScheduleRule):
             return None
         reductions = [b for b in blocks if b.is_reduction()]
         after = blocks[blocks.index(reductions[0]) + 1:] if reductions else blocks
-        if not all(_read_once(sch, b.block_rv) for b in after[:-1]):
-            return None     # inlining would copy expressions exponentially (isqrt); per-row work: leave as is
+        if len(reductions) > 1 or not all(_read_once(sch, b.block_rv) for b in after[:-1]):
+            # I-LayerNorm, Shiftmax (with its score GEMM): several reductions along each row, and
+            # chains (integer Newton) that read a value twice, where inlining copies expressions
+            # exponentially
+            return self._rowwise(sch, blocks, reductions[0] if reductions else None)
         if not reductions:
             blocks = dl.try_inline_contiguous_spatial(sch, blocks)
             for b in blocks:
                 self._injective(sch, b.block_rv)
             return sch
-        if len(reductions) > 1 or not all(b.is_injective() for b in blocks if b is not reductions[0]):
-            return None         # softmax / layernorm style multi-reduction kernels: left to LLVM as is
+        if not all(b.is_injective() for b in blocks if b is not reductions[0]):
+            return None
         # padding applies to einsums (matmul), channels-last weights to strided convs
         padded = self._pad_to_tiles(sch, reductions[0])
         vec = None if padded else self._channels_last_weights(sch, reductions[0])
@@ -117,6 +122,65 @@ class CPUDefault(dl.ScheduleRule):
         for b in blocks[:idx]:
             self._injective(sch, b.block_rv)
         return sch
+
+    def _rowwise(self, sch: s_tir.Schedule, blocks, first_reduction) -> s_tir.Schedule:
+        """One pass per row: every block from the first reduction on is computed under the output's
+        row loops (all its axes but the last), so a row's scores, max, sums and Newton steps stay in
+        cache, and the rows run in parallel.  Layout and elementwise producers before the first
+        reduction (the head split of Q and K) run once, each as its own nest."""
+        start = blocks.index(first_reduction) if first_reduction is not None else 0
+        kept = []
+        for b in blocks[start:-1]:      # elementwise steps read once fold into their reader
+            try:
+                if b.is_reduction() or not _read_once(sch, b.block_rv, in_total=True):
+                    raise ScheduleError
+                sch.compute_inline(b.block_rv)
+            except ScheduleError:
+                kept.append(b)
+        blocks = blocks[:start] + kept + blocks[-1:]
+        out = blocks[-1].block_rv
+        loops = sch.get_loops(out)
+        for depth in range(len(loops) - 1, 0, -1):
+            trial = sch.copy()
+            try:
+                for b in reversed(blocks[start:-1]):
+                    trial.compute_at(b.block_rv, trial.get_loops(out)[depth - 1], preserve_unit_loops=True)
+            except ScheduleError:
+                continue
+            sch = trial
+            rows = sch.get_loops(out)[:depth]
+            work = [_const(sch.get(lp).extent) for lp in loops]
+            fused = sch.fuse(*rows) if len(rows) > 1 else rows[0]
+            if None in work or int(np.prod(work, dtype=np.int64)) * (len(blocks) - start) >= MIN_PARALLEL_WORK:
+                try:
+                    sch.parallel(fused)
+                except ScheduleError:       # a row loop that a block reduces over: serial
+                    pass
+            for b in blocks[start:-1]:
+                self._row_contraction(sch, b.block_rv)
+            break
+        for b in blocks[:start]:
+            self._injective(sch, b.block_rv)
+        return sch
+
+    def _row_contraction(self, sch: s_tir.Schedule, block) -> None:
+        """A row of scores (Q.K^T under the row loop): reduction loops outside, the row's contiguous
+        axis innermost, so each step is a vector multiply-add along the row (LLVM vectorizes it;
+        197 tokens have no lane-sized divisor to split by)."""
+        stmt = sch.get(block)
+        reduce_ = [iv for iv in stmt.iter_vars if iv.iter_type == tirx.IterVar.CommReduce]
+        if len({r.source.name for r in stmt.reads}) < 2 or len(reduce_) != 1:
+            return
+        # under the row loop, compute_at made one loop per iterator in iterator order, the
+        # reduction last; those of the row itself have extent 1
+        inner = [lp for lp in sch.get_loops(block)[1:] if (_const(sch.get(lp).extent) or 0) > 1]
+        if len(inner) != 2 or _const(sch.get(inner[1]).extent) != _const(reduce_[0].dom.extent):
+            return
+        try:
+            sch.reorder(inner[1], inner[0])
+            sch.decompose_reduction(block, inner[1])
+        except ScheduleError:
+            return
 
     def _pad_to_tiles(self, sch: s_tir.Schedule, red) -> bool:
         """Pad a matmul-like block whose vector or row axis has no good divisor

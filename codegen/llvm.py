@@ -20,6 +20,7 @@ from tvm.s_tir import dlight as dl
 
 from codegen.cpu_schedule import CPUDefault
 from passes.fusion_report import CountKernels, FusionReport, RecordFusion
+from passes.merge_kernels import MergeKernels
 from passes.reduce_epilogue import ReduceEpilogue
 
 
@@ -38,7 +39,7 @@ def pipeline(target: tvm.target.Target, report: FusionReport) -> tvm.transform.P
             legalize += [ReduceEpilogue(), CountKernels(report)]
         legalize.append(p)
         if p.info.name == "FuseOps":
-            legalize.append(RecordFusion(report))
+            legalize += [MergeKernels(), RecordFusion(report)]
     stages = (cpu.library_dispatch_passes(target) + legalize + [dl.ApplyDefaultSchedule(CPUDefault())]
               + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))
     return tvm.transform.Sequential(stages, name="lowbit_llvm")

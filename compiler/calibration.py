@@ -101,18 +101,21 @@ class MSEObserver(_ReservoirObserver):
 
 
 def activation_params(lo: float, hi: float, scheme: str = "u8", bits: int = 8) -> QuantParams:
-    """Per-tensor activation parameters for a range (widened to include 0)."""
+    """Per-tensor activation parameters for a range (widened to include 0).  ``bits`` narrows the
+    8-bit schemes (the MSE observer's trial grids); u16 and s16 are 16-bit."""
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
-    if scheme == "u8":
+    if scheme in ("u8", "u16"):
+        bits = 16 if scheme == "u16" else bits
         qmax = (1 << bits) - 1
         scale = max((hi - lo) / qmax, MIN_SCALE)
         zero = int(np.clip(np.round(-lo / scale), 0, qmax))
-        return QuantParams(float(np.float32(scale)), zero, "uint8")
-    if scheme == "s8":
+        return QuantParams(float(np.float32(scale)), zero, "uint16" if bits == 16 else "uint8")
+    if scheme in ("s8", "s16"):
+        bits = 16 if scheme == "s16" else bits
         qmax = (1 << (bits - 1)) - 1
         scale = max(max(-lo, hi) / qmax, MIN_SCALE)
-        return QuantParams(float(np.float32(scale)), 0, "int8")
-    raise ValueError(f"unknown activation scheme {scheme!r} (u8 or s8)")
+        return QuantParams(float(np.float32(scale)), 0, "int16" if scheme == "s16" else "int8")
+    raise ValueError(f"unknown activation scheme {scheme!r} (u8, s8, u16 or s16)")
 
 
 def _qrange(p: QuantParams, bits: int) -> tuple[int, int]:

@@ -43,7 +43,8 @@ def cmd_compile(args) -> int:
     from compiler.options import CompileOptions
 
     opts = CompileOptions(target=args.target, input_shapes=_shapes(args), calib=args.calib,
-                          weight_bits=args.bits, observer=args.observer, nonlinear=args.nonlinear)
+                          weight_bits=args.bits, observer=args.observer, nonlinear=args.nonlinear,
+                          residual_bits=args.residual_bits, softmax_bits=args.softmax_bits)
     art = compiler.compile(args.model, options=opts)
     art.save(args.output)
     size = os.path.getsize(os.path.join(args.output, art.manifest.library))
@@ -159,7 +160,7 @@ def cmd_eval(args) -> int:
         train = data.digits("train").x
         pick = np.random.default_rng(0).choice(len(train), size=min(256, len(train)), replace=False)
         calib = {specs[0].name: train[pick]}
-    result = evaluate(model_path, calib, args.data, args.threads, args.observer, args.nonlinear)
+    result = evaluate(model_path, calib, args.data, args.threads, args.observer, args.nonlinear, args.residual_bits)
     print(result.table())
     if args.json:
         _write_text(args.json, result.to_json())
@@ -188,18 +189,58 @@ def cmd_inspect(args) -> int:
     print(f"sizes      library {lib_bytes / 1024:.1f} KiB, weights {m.weight_bytes / 1024:.1f} KiB")
     print(f"versions   {', '.join(f'{k} {v}' for k, v in m.versions.items())}")
     if m.quantization:
-        print("quantized  " + ", ".join(f"{k} {v}" for k, v in m.quantization.items()))
+        q = {k: v for k, v in m.quantization.items() if k != "nonlinear"}
+        print("quantized  " + ", ".join(f"{k} {v}" for k, v in q.items()))
+        for row in m.quantization.get("nonlinear", []):
+            errs = ", ".join(f"{v} max {row['max_err'][v]:.4f} mean {row['mean_err'][v]:.5f}" for v in row["max_err"])
+            print(f"  {row['op']:<10} {row['chosen']:<12} {row['node']}  ({errs})")
     compute = m.compute_kernels()
     print(f"kernels    {len(m.kernels)} distinct: {len(compute)} compute, {len(m.kernels) - len(compute)} boundary "
           f"quantize/dequantize or shape; {m.kernel_launches} launches per inference after fusion, "
           f"{m.kernels_unfused} before")
-    for k in m.kernels:
-        ops = (m.kernel_ops or {}).get(k)
-        print(f"  {k}" + (f"\n      fuses {len(ops)} ops: {' '.join(ops)}" if ops and len(ops) > 1 else ""))
+    _print_launches(m)
     print(f"ops        {sum(m.op_histogram.values())} Relax op calls before lowering")
     for op, n in m.op_histogram.items():
         print(f"  {n:>5}  {op}")
     return 0
+
+
+CONTRACTIONS = ("matmul", "conv2d", "group_conv2d")
+REDUCTIONS = ("sum", "max", "min")
+LAYOUT = ("reshape", "transpose", "strided_slice", "squeeze", "expand_dims", "concatenate", "take")
+
+
+def _op_summary(ops: list[str]) -> str:
+    """What a kernel computes, in one short phrase: its contractions, row reductions, layout
+    ops and elementwise integer steps."""
+    parts = [f"{ops.count(o)} {o}" for o in CONTRACTIONS + REDUCTIONS if o in ops]
+    layout = [o for o in ops if o in LAYOUT]
+    if layout:
+        parts.append(f"{len(layout)} layout ({', '.join(dict.fromkeys(layout))})")
+    rest = len(ops) - sum(ops.count(o) for o in CONTRACTIONS + REDUCTIONS) - len(layout)
+    if rest:
+        parts.append(f"{rest} elementwise")
+    return f"{len(ops)} ops: " + ", ".join(parts)
+
+
+def _print_launches(m) -> None:
+    """The kernels in call order; a block of launches that repeats (a transformer's encoder
+    blocks) is printed once."""
+    ops = m.kernel_ops or {}
+    seq = m.launch_sequence or m.kernels          # artifacts from before launch_sequence: distinct kernels
+    block = m.repeated_block() if m.launch_sequence else None
+    i = 0
+    while i < len(seq):
+        if block and i == block[0]:
+            start, length, reps = block
+            print(f"  launches {start + 1}-{start + length}, repeated {reps}x "
+                  f"(one repeating block: {length} kernels):")
+            for k in seq[start:start + length]:
+                print(f"    {k}  ({_op_summary(ops.get(k, [k]))})")
+            i = start + length * reps
+            continue
+        print(f"  {seq[i]}  ({_op_summary(ops.get(seq[i], [seq[i]]))})")
+        i += 1
 
 
 def cmd_zoo_list(args) -> int:
@@ -256,6 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --calib: activation range estimator (default minmax)")
     c.add_argument("--nonlinear", default="auto", choices=["shift", "poly", "auto"],
                    help="softmax / GELU: I-ViT shift, I-BERT poly, or per layer the lower error (default)")
+    c.add_argument("--residual-bits", type=int, default=16, choices=[8, 16],
+                   help="with --calib: bits of a transformer's residual stream, the sums LayerNorm reads (default 16)")
+    c.add_argument("--softmax-bits", type=int, default=8, choices=[8, 16],
+                   help="with --calib: bits of softmax outputs, the attention probabilities (default 8)")
     c.add_argument("-o", "--output", required=True, metavar="OUTDIR")
     c.set_defaults(func=cmd_compile)
 
@@ -284,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lowbit's activation range estimator (default minmax, as ORT's)")
     e.add_argument("--nonlinear", default="auto", choices=["shift", "poly", "auto"],
                    help="softmax / GELU: I-ViT shift, I-BERT poly, or per layer the lower error (default)")
+    e.add_argument("--residual-bits", type=int, default=16, choices=[8, 16],
+                   help="bits of a transformer's residual stream (default 16)")
     e.add_argument("--threads", type=_positive(int), default=os.cpu_count() or 1, help="threads for every runtime")
     e.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     e.set_defaults(func=cmd_eval)

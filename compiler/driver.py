@@ -63,6 +63,10 @@ def _compile(model, opts: CompileOptions, config) -> Artifact:
         quantization = {"source": "calibrated", "observer": config.observer, "activations": config.activations,
                         "weight_bits": config.weight_bits, "calibration_samples": report.samples,
                         "quantized_tensors": report.tensors, "batchnorm_folded": report.bn_folded}
+        if report.residual:
+            quantization["residual_stream"] = f"{report.residual} tensors in int{config.residual_bits}"
+        if report.softmax:
+            quantization["softmax_output"] = f"{report.softmax} tensors in uint{config.softmax_bits}"
         if report.nonlinear:
             quantization["nonlinear"] = [asdict(c) for c in report.nonlinear]
     else:
@@ -102,6 +106,7 @@ def _compile(model, opts: CompileOptions, config) -> Artifact:
         versions=versions(), integer_only=verdict.integer_only, integer_region=verdict.reason,
         quant=quantize.boundary_params(src.proto) or None, quantization=quantization,
         kernel_ops=kernel_ops, kernels_unfused=fusion.before, kernel_launches=fusion.launches,
+        launch_sequence=fusion.sequence,
     )
     return Artifact(manifest, executable)
 

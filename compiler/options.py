@@ -23,6 +23,8 @@ class CompileOptions:
     weight_bits: int | None = None          # with calib: 8 (default), 4 or 2
     observer: str = "minmax"                # with calib: minmax, percentile or mse
     nonlinear: str = "auto"                 # softmax / GELU: shift (I-ViT), poly (I-BERT), auto (per layer)
+    residual_bits: int = 16                 # with calib: a transformer's residual stream in 16 or 8 bits
+    softmax_bits: int = 8                   # with calib: softmax outputs (attention probabilities) in 8 or 16 bits
 
     def __post_init__(self):
         if self.target not in TARGETS:
@@ -30,14 +32,17 @@ class CompileOptions:
         from compiler.quantize import check_nonlinear
 
         check_nonlinear(self.nonlinear)        # also for quantized models: it picks their softmax / GELU
-        if self.calib is None and (self.weight_bits is not None or self.observer != "minmax"):
-            raise UserError("--bits and --observer choose how an FP32 model is quantized; add --calib DATA.npz")
+        if self.calib is None and (self.weight_bits is not None or self.observer != "minmax"
+                                   or self.residual_bits != 16 or self.softmax_bits != 8):
+            raise UserError("--bits, --observer, --residual-bits and --softmax-bits choose how an FP32 model "
+                            "is quantized; add --calib DATA.npz")
 
     def quant_config(self):
         from compiler.quantize import QuantConfig
 
         return QuantConfig(activations=ACTIVATIONS[self.target], weight_bits=self.weight_bits or 8,
-                           observer=self.observer, nonlinear=self.nonlinear)
+                           observer=self.observer, nonlinear=self.nonlinear, residual_bits=self.residual_bits,
+                           softmax_bits=self.softmax_bits)
 
 
 def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:

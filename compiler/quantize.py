@@ -56,6 +56,8 @@ class QuantConfig:
     observer: str = "minmax"
     batch: int = 32                 # calibration batch when the model's batch axis is symbolic
     nonlinear: str = "auto"         # softmax / GELU: "shift" (I-ViT), "poly" (I-BERT), "auto" (lower error)
+    residual_bits: int = 16         # a transformer's residual stream (the sums LayerNorm reads): s16 or 8-bit
+    softmax_bits: int = 8           # Shiftmax output (attention probabilities): u8 or u16
 
     def __post_init__(self):
         if self.weight_bits not in WEIGHT_BITS:
@@ -66,6 +68,10 @@ class QuantConfig:
         check_nonlinear(self.nonlinear)
         if self.activations not in ("u8", "s8"):
             raise UserError(f"unknown activation scheme {self.activations!r}; choose u8 or s8")
+        if self.residual_bits not in (8, 16):
+            raise UserError(f"--residual-bits {self.residual_bits}: the residual stream is kept in 8 or 16 bits")
+        if self.softmax_bits not in (8, 16):
+            raise UserError(f"--softmax-bits {self.softmax_bits}: softmax outputs 8 or 16 bits")
 
 
 def check_nonlinear(family: str) -> None:
@@ -99,6 +105,8 @@ class QuantReport:
     bn_folded: int
     config: QuantConfig
     nonlinear: tuple[NonlinearChoice, ...] = ()
+    residual: int = 0               # residual-stream tensors, at config.residual_bits
+    softmax: int = 0                # softmax outputs, at config.softmax_bits
 
     def variants(self) -> dict[str, list[str]]:
         """Per op kind, the chosen variant of each node in graph order (what the lowering takes)."""
@@ -137,7 +145,8 @@ def quantize(model: onnx.ModelProto, calib: Mapping[str, np.ndarray] | Calibrati
     params, samples, seen = _calibrate(folded, plan, batches, config, where)
     choices = _choose_nonlinear(folded, plan, params, seen, config.nonlinear)
     qdq = _rewrite(folded, plan, params, config)
-    return qdq, QuantReport(samples, len(plan.act), n_bn, config, tuple(choices))
+    return qdq, QuantReport(samples, len(plan.act), n_bn, config, tuple(choices), len(plan.residual),
+                            len(plan.softmax))
 
 
 # ---- 2. plan ---------------------------------------------------------------------------
@@ -149,6 +158,8 @@ class _Plan:
     weights: dict[str, int]                 # initializer -> output-channel axis
     biases: dict[str, tuple[str, str]]      # initializer -> (activation input, weight initializer)
     consts: list[str]                       # other initializers read by integer ops: per-tensor int8
+    residual: set[str]                      # a transformer's residual sums: the stream LayerNorm reads
+    softmax: set[str]                       # softmax outputs (attention probabilities)
 
 
 def _plan(m: onnx.ModelProto) -> _Plan:
@@ -159,7 +170,8 @@ def _plan(m: onnx.ModelProto) -> _Plan:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
     outputs = {o.name for o in g.output}
-    plan = _Plan([], {}, {}, {}, [])
+    plan = _Plan([], {}, {}, {}, [], set(), set())
+    transformer = any(n.op_type == "LayerNormalization" for n in g.node)
 
     def need(t: str) -> None:
         if t not in plan.root:
@@ -215,7 +227,9 @@ def _plan(m: onnx.ModelProto) -> _Plan:
         elif op == "Add" and not any(i in inits for i in n.input):
             need(n.input[0])
             need(n.input[1])
-            need(chain_end(n))
+            need(out := chain_end(n))
+            if transformer:
+                plan.residual.add(out)
         elif op == "Add" and sum(i in inits for i in n.input) == 1:           # x + constant (position embedding)
             act_in, const_in = (n.input[0], n.input[1]) if n.input[1] in inits else (n.input[1], n.input[0])
             need(act_in)
@@ -224,6 +238,8 @@ def _plan(m: onnx.ModelProto) -> _Plan:
         elif op in NONLINEAR_OPS:
             need(n.input[0])
             need(n.output[0])
+            if op == "Softmax":
+                plan.softmax.add(n.output[0])
         elif op in POOLS or op == "Concat":
             for i in n.input[:1] if op in POOLS else n.input:
                 if i in inits:
@@ -321,8 +337,16 @@ def _calibrate(m: onnx.ModelProto, plan: _Plan, batches, config: QuantConfig, wh
         samples += len(next(iter(feeds.values())))
     if not samples:
         raise UserError("calibration data is empty")
-    params = {t: calibration.activation_params(*obs.range(), scheme=config.activations)
-              for t, obs in observers.items()}
+    wide = plan.residual if config.residual_bits == 16 else set()
+
+    def params_of(t, obs):
+        if t in wide:
+            return calibration.activation_params(*obs.range(), scheme="s16")
+        if t in plan.softmax and config.softmax_bits == 16:       # probabilities: [0, 1] on a 2^-16 grid
+            return calibration.activation_params(*obs.range(), scheme="u16")
+        return calibration.activation_params(*obs.range(), scheme=config.activations)
+
+    params = {t: params_of(t, obs) for t, obs in observers.items()}
     return params, samples, seen
 
 
@@ -417,7 +441,7 @@ def _rewrite(m: onnx.ModelProto, plan: _Plan, params: dict[str, QuantParams], co
 
     def qdq(t: str, src: str, dst: str) -> list[onnx.NodeProto]:
         p = params[t]
-        zero = np.array(p.zero_point, np.uint8 if p.dtype == "uint8" else np.int8)
+        zero = np.array(p.zero_point, np.dtype(p.dtype))
         s, z = const(t + "_scale", np.array(p.scale, np.float32)), const(t + "_zero_point", zero)
         return [helper.make_node("QuantizeLinear", [src, s, z], [t + "_quantized"], name=t + "_QuantizeLinear"),
                 helper.make_node("DequantizeLinear", [t + "_quantized", s, z], [dst], name=t + "_DequantizeLinear")]

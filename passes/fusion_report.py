@@ -1,6 +1,7 @@
-"""RecordFusion: which source ops each fused kernel computes, and how many kernels fusion saved.
+"""RecordFusion: which source ops each fused kernel computes, in which order the kernels run,
+and how many kernels fusion saved.
 
-Runs between TVM's ``FuseOps`` and ``FuseTIR``.  At that point every kernel-to-be
+Runs between our ``MergeKernels`` (after TVM's ``FuseOps``) and ``FuseTIR``.  At that point every kernel-to-be
 is a Relax function marked ``Primitive`` whose body calls the legalized
 per-op PrimFuncs; their names (``conv2d``, ``add3``, ``right_shift1``...) are
 the source ops, up to TVM's numeric de-duplication suffix.  ``FuseTIR`` then
@@ -23,6 +24,7 @@ class FusionReport:
     before: int = 0                                     # kernels without fusion: one per op
     launches: int = 0                                   # kernel calls per inference after fusion
     groups: dict[str, list[str]] = field(default_factory=dict)
+    sequence: list[str] = field(default_factory=list)   # the kernels in call order
 
 
 def _calls(func: relax.Function) -> list[str]:
@@ -61,12 +63,17 @@ class RecordFusion:
             if isinstance(f, relax.Function) and f.attrs is not None and "Primitive" in f.attrs:
                 self.report.groups[gv.name_hint] = _calls(f)
                 groups.add(gv.name_hint)
-        calls = []
+        sequence = []
 
         def visit(e):
-            if isinstance(e, relax.Call) and isinstance(e.op, relax.GlobalVar) and e.op.name_hint in groups:
-                calls.append(e)
+            if not isinstance(e, relax.Call):
+                return
+            if isinstance(e.op, relax.GlobalVar) and e.op.name_hint in groups:
+                sequence.append(e.op.name_hint)
+            elif isinstance(e.op, tvm.ir.Op) and e.op.name == "relax.call_tir":
+                sequence.append(e.args[0].name_hint)
 
         relax.analysis.post_order_visit(mod["main"], visit)
-        self.report.launches = len(calls) + len(_calls(mod["main"]))
+        self.report.sequence = sequence
+        self.report.launches = len(sequence)
         return mod

@@ -139,7 +139,8 @@ def layer_norm(x, s: float, gamma: np.ndarray, beta: np.ndarray, eps: float, axi
     same grid), std = isqrt(V), Y = y * floor(2^39 / std) >> 16 ~ y/std * 2^23.  The real output
     is sqrt(C)/2^23 * gamma * (Y + B), B = round(beta / (gamma sqrt(C)/2^23)): returned as
     sign(gamma) * (Y + B) with per-channel scale |gamma| sqrt(C) / 2^23.  For 8-bit x and
-    C <= 4096, |y| < 2^21 and V < 2^54."""
+    C <= 4096, |y| < 2^21 and V < 2^54; for a 16-bit residual stream, V < 2^62 up to C = 1024
+    (the lowering checks the bound)."""
     channels = gamma.size
     xi = _i64(x)
     total = op.sum(xi, axis=axis, keepdims=True)

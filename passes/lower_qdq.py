@@ -330,6 +330,10 @@ class _Lowering:
         beta = self.const_value(call.args[2]).astype(np.float64).reshape(-1)
         if np.any(gamma == 0):
             raise QDQLoweringError("layer_norm with a zero gamma has no integer form")
+        info, channels = np.iinfo(str(x.expr.ty.dtype)), int(gamma.size)
+        if channels * (channels * (int(info.max) - int(info.min))) ** 2 >= 1 << 62:
+            raise QDQLoweringError(f"layer_norm over {channels} channels of {info.dtype} input: the integer "
+                                   "variance could overflow int64; keep the residual stream in 8 bits")
         s = float(np.float32(x.scale.reshape(-1)[0]))
         y, scale, bound = integer_nonlinear.layer_norm(self.centered(x), s, gamma, beta, float(call.attrs.epsilon))
         return _Pending([(self.bb.emit(y), scale, -1)], bound=bound)

@@ -66,6 +66,7 @@ class Manifest:
     kernel_ops: dict[str, list[str]] | None = None     # kernel -> the source ops fused into it
     kernels_unfused: int = 0        # kernel launches without fusion (one per op)
     kernel_launches: int = 0        # kernel launches per inference after fusion
+    launch_sequence: list[str] | None = None    # the kernels in the order one inference calls them
     format: int = FORMAT
     library: str = LIBRARY
 
@@ -74,6 +75,21 @@ class Manifest:
         the VM's shape arithmetic for symbolic dimensions."""
         ops = self.kernel_ops or {}
         return [k for k in self.kernels if not set(ops.get(k, [k])) <= NON_COMPUTE_OPS]
+
+    def repeated_block(self) -> tuple[int, int, int] | None:
+        """(start, length, repeats) of the longest stretch of launches that repeats a block of
+        kernels computing the same ops (a transformer's encoder blocks), or None."""
+        ops = self.kernel_ops or {}
+        sig = [tuple(ops.get(k, [k])) for k in self.launch_sequence or []]
+        best = None
+        for length in range(1, len(sig) // 2 + 1):
+            for start in range(len(sig) - 2 * length + 1):
+                reps = 1
+                while sig[start + reps * length:start + (reps + 1) * length] == sig[start:start + length]:
+                    reps += 1
+                if reps > 1 and (best is None or reps * length > best[1] * best[2]):
+                    best = (start, length, reps)
+        return best
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

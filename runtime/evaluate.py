@@ -68,7 +68,8 @@ def labeled_splits(dataset: str):
 
 
 def evaluate(model_path: str, calib: Mapping[str, np.ndarray], dataset: str = "digits",
-             threads: int = 1, observer: str = "minmax", nonlinear: str = "auto") -> EvalResult:
+             threads: int = 1, observer: str = "minmax", nonlinear: str = "auto",
+             residual_bits: int = 16) -> EvalResult:
     import onnx
 
     import compiler
@@ -83,7 +84,8 @@ def evaluate(model_path: str, calib: Mapping[str, np.ndarray], dataset: str = "d
         shapes = {name: splits["test"].x.shape} if all(len(d.x) == len(splits["test"].x) for d in splits.values()) \
             else {}
         art = compiler.compile(model_path, options=CompileOptions(calib=dict(calib), observer=observer,
-                                                                  nonlinear=nonlinear, input_shapes=shapes))
+                                                                  nonlinear=nonlinear, input_shapes=shapes,
+                                                                  residual_bits=residual_bits))
         runners = {REFERENCE: ort.OrtRunner(REFERENCE, model_path, threads),
                    "ORT INT8 (QDQ)": ort.OrtRunner("ORT INT8 (QDQ)", qdq, threads),
                    f"lowbit {art.manifest.precision}": art.run}

@@ -60,8 +60,12 @@ def test_activation_params_make_zero_exact():
     sym = cal.activation_params(-3.0, 1.0, "s8")
     assert sym.zero_point == 0 and abs(sym.scale - 3 / 127) < 1e-7
     assert cal.activation_params(2.0, 5.0, "u8").zero_point == 0     # range widened to include 0
+    wide = cal.activation_params(-3.0, 1.0, "s16")                  # the residual stream
+    assert (wide.dtype, wide.zero_point) == ("int16", 0) and abs(wide.scale - 3 / 32767) < 1e-9
+    probs = cal.activation_params(0.0, 1.0, "u16")                  # 16-bit softmax output
+    assert (probs.dtype, probs.zero_point) == ("uint16", 0) and abs(probs.scale - 1 / 65535) < 1e-12
     with pytest.raises(ValueError):
-        cal.activation_params(0, 1, "u16")
+        cal.activation_params(0, 1, "u4")
 
 
 def test_weight_params_per_channel():

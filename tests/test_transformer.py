@@ -222,12 +222,20 @@ def test_canonicalization_preserves_fp32():
     np.testing.assert_allclose(run[1], run[0], atol=1e-5)
 
 
-def test_digits_vit_integer_only_bit_exact():
+@pytest.fixture(scope="module")
+def digits_vit():
     from models import zoo
 
     files = zoo.ensure("digits_vit")
     model, calib = onnx.load(files.onnx), files.calibration()
     art = compiler.compile(model, options=CompileOptions(calib=calib, input_shapes={"input": (1, 1, 16, 16)}))
+    return model, calib, art
+
+
+def test_digits_vit_integer_only_bit_exact(digits_vit):
+    from models import zoo
+
+    model, calib, art = digits_vit
     assert art.manifest.precision == "int8" and art.manifest.integer_only, art.manifest.integer_region
     rows = art.manifest.quantization["nonlinear"]
     assert {r["op"] for r in rows} == {"softmax", "gelu", "layernorm"} and len(rows) == 4 + 4 + 9
@@ -238,3 +246,70 @@ def test_digits_vit_integer_only_bit_exact():
     x = zoo.get("digits_vit").samples(1, seed=7)
     want = golden.run_qdq(qdq, {"input": x}, report.variants())["output"]
     np.testing.assert_array_equal(art.run({"input": x})["output"], want)
+
+
+def test_digits_vit_encoder_block_is_at_most_eight_kernels(digits_vit):
+    """The repeating encoder block: I-LayerNorm, QKV, Q.K^T + Shiftmax, attention.V (head split and
+    merge folded in), projection + residual, I-LayerNorm, fc1 + ShiftGELU, fc2 + residual."""
+    m = digits_vit[2].manifest
+    start, length, repeats = m.repeated_block()
+    assert length <= 8 and repeats >= 3, (length, repeats, m.launch_sequence)
+    block = [m.kernel_ops[k] for k in m.launch_sequence[start:start + length]]
+    assert sum(ops.count("matmul") for ops in block) == 6          # qkv, scores, attn.V, proj, fc1, fc2
+    layernorms = [ops for ops in block if "matmul" not in ops and "sum" in ops]
+    assert len(layernorms) == 2                                     # each I-LayerNorm is one kernel
+    scores = [ops for ops in block if "matmul" in ops and "max" in ops]
+    assert len(scores) == 1 and "strided_slice" in scores[0]        # head split, Q.K^T and Shiftmax together
+    assert all({"matmul", "sum", "max"} & set(ops) for ops in block)   # no launch only moves data
+    # everything outside the blocks: patch embedding, class token, head
+    assert m.kernel_launches <= length * (repeats + 1) + 4
+
+
+def residual_model(c=16, t=5):
+    """A pre-norm residual branch: y = LN(x + LN(x) W)."""
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("LayerNormalization", ["x", "g1", "b1"], ["n1"], axis=-1),
+             helper.make_node("MatMul", ["n1", "w"], ["h"]), helper.make_node("Add", ["x", "h"], ["r"]),
+             helper.make_node("LayerNormalization", ["r", "g2", "b2"], ["y"], axis=-1)]
+    return make_model(nodes, [_io("x", (1, t, c))], [_io("y", (1, t, c))],
+                      [_init("g1", rng.uniform(0.5, 1.5, c)), _init("b1", rng.normal(0, 0.2, c)),
+                       _init("w", _rand(c, c, seed=6, scale=0.3)),
+                       _init("g2", rng.uniform(0.5, 1.5, c)), _init("b2", rng.normal(0, 0.2, c))])
+
+
+@pytest.mark.parametrize("bits", [16, 8])
+def test_residual_stream_width_bit_exact(bits):
+    model = residual_model()
+    calib = {"x": _rand(8, 5, 16, seed=4, scale=2.0)}
+    qdq, report = quantize.quantize(model, calib, quantize.QuantConfig(residual_bits=bits))
+    inits = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer}
+    assert inits["r_zero_point"].dtype == (np.int16 if bits == 16 else np.uint8)
+    assert inits["h_zero_point"].dtype == np.uint8                  # the branch itself stays 8-bit
+    assert report.residual == 1
+    art = compiler.compile(model, options=CompileOptions(calib=calib, residual_bits=bits))
+    assert art.manifest.integer_only and art.manifest.quantization["residual_stream"] == f"1 tensors in int{bits}"
+    x = _rand(1, 5, 16, seed=5, scale=2.0)
+    np.testing.assert_array_equal(art.run({"x": x})["y"], golden.run_qdq(qdq, {"x": x})["y"])
+
+
+def test_residual_stream_too_wide_for_int64_variance_falls_back_with_a_reason(caplog):
+    """16-bit input over 2048 channels: C * (C * 65535)^2 >= 2^62, so I-LayerNorm's variance could
+    overflow; the compile says so and stays correct (fake-quant), and 8 bits lowers fully."""
+    model, calib = residual_model(c=2048, t=2), {"x": _rand(4, 2, 2048, seed=4)}
+    art = compiler.compile(model, options=CompileOptions(calib=calib))
+    assert art.manifest.precision == "fake-quant"
+    assert "keep the residual stream in 8 bits" in caplog.text
+    assert compiler.compile(model, options=CompileOptions(calib=calib, residual_bits=8)).manifest.integer_only
+
+
+def test_sixteen_bit_softmax_feeds_attention_bit_exact():
+    """--softmax-bits 16: the probabilities reach attention.V as u16 (scale ~2^-16), integer-only."""
+    model = attention_model()
+    calib = {"x": _rand(8, 7, 16, seed=4, scale=2.0)}
+    qdq, report = quantize.quantize(model, calib, quantize.QuantConfig(softmax_bits=16))
+    inits = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer}
+    assert inits["p_zero_point"].dtype == np.uint16 and report.softmax == 1
+    art = compiler.compile(model, options=CompileOptions(calib=calib, softmax_bits=16))
+    assert art.manifest.integer_only and art.manifest.quantization["softmax_output"] == "1 tensors in uint16"
+    x = _rand(1, 7, 16, seed=5, scale=2.0)
+    np.testing.assert_array_equal(art.run({"x": x})["y"], golden.run_qdq(qdq, {"x": x}, report.variants())["y"])
