@@ -32,6 +32,8 @@ from tvm.s_tir.schedule import ScheduleError
 from tvm.sym import detect_linear_equation
 from tvm.tirx.analysis import undefined_vars
 
+from passes import subbyte
+
 VECTOR_BYTES = 64          # AVX-512; LLVM splits wider vectors on narrower ISAs
 ROW_TILES = (8, 4)         # rows unrolled per register tile, largest first
 # a fork/join costs a thread wake-up (tens of microseconds with the pool asleep);
@@ -99,6 +101,15 @@ class CPUDefault(dl.ScheduleRule):
             return sch
         if not all(b.is_injective() for b in blocks if b is not reductions[0]):
             return None
+        # packed sub-byte weights: the shift/mask joins the multiply-add, no unpacked copy
+        unpacked = [b for b in blocks if sch.get(b.block_rv).name_hint.startswith(subbyte.BLOCK)]
+        if unpacked:
+            for b in unpacked:
+                sch.compute_inline(b.block_rv)
+            blocks = dl.analysis.normalize_prim_func(sch)
+            if blocks is None:
+                return None
+            reductions = [b for b in blocks if b.is_reduction()]
         # padding applies to einsums (matmul), channels-last weights to strided convs
         padded = self._pad_to_tiles(sch, reductions[0])
         vec = None if padded else self._channels_last_weights(sch, reductions[0])

@@ -23,6 +23,24 @@ def _positive(kind):
     return parse
 
 
+def _bits(text: str):
+    if text == "mixed":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 8, 4, 2 or mixed, got {text}") from None
+
+
+def _add_plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--size-budget", type=float, metavar="F",
+                   help="with --bits mixed: weight bytes; F <= 1 is HAWQ's fraction from the cheapest plan to "
+                        "all 8-bit, F > 1 is bytes")
+    p.add_argument("--bops-budget", type=float, metavar="F", help="with --bits mixed: bit operations, the same way")
+    p.add_argument("--no-pin", dest="pin", action="store_false",
+                   help="let the first and last weighted layers go below 8 bits too")
+
+
 def _add_shape_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME=D1,D2,...",
                    help="fix an input's shape (repeatable), e.g. input=1,3,224,224")
@@ -44,7 +62,8 @@ def cmd_compile(args) -> int:
 
     opts = CompileOptions(target=args.target, input_shapes=_shapes(args), calib=args.calib,
                           weight_bits=args.bits, observer=args.observer, nonlinear=args.nonlinear,
-                          residual_bits=args.residual_bits, softmax_bits=args.softmax_bits)
+                          residual_bits=args.residual_bits, softmax_bits=args.softmax_bits,
+                          size_budget=args.size_budget, bops_budget=args.bops_budget, pin=args.pin)
     art = compiler.compile(args.model, options=opts)
     art.save(args.output)
     size = os.path.getsize(os.path.join(args.output, art.manifest.library))
@@ -160,10 +179,39 @@ def cmd_eval(args) -> int:
         train = data.digits("train").x
         pick = np.random.default_rng(0).choice(len(train), size=min(256, len(train)), replace=False)
         calib = {specs[0].name: train[pick]}
-    result = evaluate(model_path, calib, args.data, args.threads, args.observer, args.nonlinear, args.residual_bits)
+    result = evaluate(model_path, calib, args.data, args.threads, observer=args.observer, nonlinear=args.nonlinear,
+                      residual_bits=args.residual_bits, weight_bits=args.bits, size_budget=args.size_budget,
+                      bops_budget=args.bops_budget, pin=args.pin)
     print(result.table())
     if args.json:
         _write_text(args.json, result.to_json())
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from compiler import driver, frontend, quantize
+    from compiler.options import CompileOptions
+
+    opts = CompileOptions(input_shapes=_shapes(args), calib=args.calib, weight_bits="mixed",
+                          size_budget=args.size_budget, bops_budget=args.bops_budget, pin=args.pin)
+    src = frontend.load(args.model)
+    _, shapes = driver.quantization_shapes(src, frontend.input_specs(src, opts.input_shapes))
+    plan, layers = driver.plan_bits(src, quantize.load_calibration(args.calib), opts, shapes)
+    name_width = max(len(layer.name) for layer in layers)
+    print(f"{'layer':<{name_width}}  bits {'params':>9} {'MACs':>11}   {'Omega@8':>9} {'Omega@4':>9} "
+          f"{'Omega@2':>9} {'bytes':>8} {'BOPs':>12}")
+    for layer in layers:
+        b = plan.bits[layer.name]
+        omegas = " ".join(f"{layer.sensitivity[k]:>9.2e}" for k in (8, 4, 2))
+        print(f"{layer.name:<{name_width}}  {b:>4} {layer.params:>9} {layer.macs:>11}   {omegas} "
+              f"{layer.cost('size', b):>8.0f} {layer.cost('bops', b):>12.3g}")
+    for metric in ("size", "bops"):
+        full = sum(layer.cost(metric, 8) for layer in layers)
+        limit = f", budget {plan.limits[metric]:.6g}" if metric in plan.limits else ""
+        print(f"{metric:<5} {plan.totals[metric]:.6g} ({100 * plan.totals[metric] / full:.1f}% of all 8-bit "
+              f"{full:.6g}{limit})")
+    print(f"summed sensitivity {plan.sensitivity:.4g} (perturbation: KL of the outputs, one layer quantized "
+          "at a time)")
     return 0
 
 
@@ -189,8 +237,16 @@ def cmd_inspect(args) -> int:
     print(f"sizes      library {lib_bytes / 1024:.1f} KiB, weights {m.weight_bytes / 1024:.1f} KiB")
     print(f"versions   {', '.join(f'{k} {v}' for k, v in m.versions.items())}")
     if m.quantization:
-        q = {k: v for k, v in m.quantization.items() if k != "nonlinear"}
+        q = {k: v for k, v in m.quantization.items() if k not in ("nonlinear", "weights", "bit_plan")}
         print("quantized  " + ", ".join(f"{k} {v}" for k, v in q.items()))
+        rows = m.quantization.get("weights", [])
+        plan = list((m.quantization.get("bit_plan") or {}).items())
+        # the plan names layers in graph order, the lowering counts them in the same order; names are
+        # shown when the two agree on every layer (a packed width is at most the planned one)
+        named = len(plan) == len(rows) and all(r["bits"] <= b for r, (_, b) in zip(rows, plan, strict=False))
+        for i, r in enumerate(rows):
+            print(f"  weights #{i:<3} {r['op']} {'x'.join(map(str, r['shape']))}: {r['bits']}-bit, {r['bytes']} bytes"
+                  + (f"  ({plan[i][0]}, planned {plan[i][1]}-bit)" if named else ""))
         for row in m.quantization.get("nonlinear", []):
             errs = ", ".join(f"{v} max {row['max_err'][v]:.4f} mean {row['mean_err'][v]:.5f}" for v in row["max_err"])
             print(f"  {row['op']:<10} {row['chosen']:<12} {row['node']}  ({errs})")
@@ -292,7 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_shape_arg(c)
     c.add_argument("--calib", metavar="DATA.npz",
                    help="quantize an FP32 model to integer-only, calibrating on these inputs (any sample count)")
-    c.add_argument("--bits", type=int, metavar="{8,4,2}", help="with --calib: weight bit-width (default 8)")
+    c.add_argument("--bits", type=_bits, metavar="{8,4,2,mixed}",
+                   help="with --calib: weight bit-width (default 8), or mixed: per layer by ILP within a budget")
+    _add_plan_args(c)
     c.add_argument("--observer", default="minmax", choices=["minmax", "percentile", "mse"],
                    help="with --calib: activation range estimator (default minmax)")
     c.add_argument("--nonlinear", default="auto", choices=["shift", "poly", "auto"],
@@ -331,9 +389,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="softmax / GELU: I-ViT shift, I-BERT poly, or per layer the lower error (default)")
     e.add_argument("--residual-bits", type=int, default=16, choices=[8, 16],
                    help="bits of a transformer's residual stream (default 16)")
+    e.add_argument("--bits", type=_bits, metavar="{8,4,2,mixed}", help="lowbit's weight bits (default 8)")
+    _add_plan_args(e)
     e.add_argument("--threads", type=_positive(int), default=os.cpu_count() or 1, help="threads for every runtime")
     e.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     e.set_defaults(func=cmd_eval)
+
+    pl = sub.add_parser("plan", parents=[common], help="per-layer weight bits by ILP, without compiling")
+    pl.add_argument("model", metavar="MODEL.onnx")
+    pl.add_argument("--calib", required=True, metavar="DATA.npz", help="inputs the sensitivity is measured on")
+    _add_plan_args(pl)
+    _add_shape_arg(pl)
+    pl.set_defaults(func=cmd_plan)
 
     i = sub.add_parser("inspect", parents=[common], help="show an artifact's kernels, op histogram and sizes")
     i.add_argument("artifact", metavar="OUTDIR")

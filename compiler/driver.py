@@ -16,7 +16,7 @@ from pathlib import Path
 import onnx
 
 from codegen import llvm
-from compiler import canonicalize, frontend, qoperator, quantize
+from compiler import bitplan, canonicalize, frontend, qoperator, quantize, sensitivity
 from compiler.errors import UserError
 from compiler.options import CompileOptions
 from compiler.progress import log, native_stderr_to_debug, stage, steps
@@ -32,7 +32,7 @@ def compile(model: str | os.PathLike | onnx.ModelProto, target: str = "llvm", *,
     """Compile an ONNX model.  Raises ``UserError`` for problems with the model or options."""
     opts = options or CompileOptions(target=target, input_shapes=dict(input_shapes or {}))
     config = opts.quant_config() if opts.calib is not None else None      # bad --bits fail before any work
-    with native_stderr_to_debug(), steps(5, "compiling"):
+    with native_stderr_to_debug(), steps(6 if opts.weight_bits == "mixed" else 5, "compiling"):
         return _compile(model, opts, config)
 
 
@@ -49,13 +49,15 @@ def _compile(model, opts: CompileOptions, config) -> Artifact:
         if given_quantized:
             raise UserError(f"{src.path}: the model is already quantized; drop --calib (and --bits), "
                             "its own scales are used")
-        shapes = None
-        if canonicalize.needs_static_shapes(src.proto):     # shape arithmetic is folded at fixed shapes
-            inputs = frontend.static_specs(src, inputs)
-            shapes = {s.name: s.shape for s in inputs}
+        inputs, shapes = quantization_shapes(src, inputs)
+        is_file = isinstance(opts.calib, (str, os.PathLike))
+        calib = quantize.load_calibration(opts.calib) if is_file else opts.calib
+        bit_plan = None
+        if opts.weight_bits == "mixed":
+            with stage("sensitivity + bit plan"):
+                bit_plan, _ = plan_bits(src, calib, opts, shapes)
+                config = opts.quant_config(bit_plan.bits)
         with stage("calibrate + quantize"):
-            is_file = isinstance(opts.calib, (str, os.PathLike))
-            calib = quantize.load_calibration(opts.calib) if is_file else opts.calib
             proto, report = quantize.quantize(src.proto, calib, config, where=src.path, shapes=shapes,
                                               calib_where=os.fspath(opts.calib) if is_file else "calibration data")
             src = frontend.OnnxModel(proto, src.path, src.sha256)
@@ -63,6 +65,10 @@ def _compile(model, opts: CompileOptions, config) -> Artifact:
         quantization = {"source": "calibrated", "observer": config.observer, "activations": config.activations,
                         "weight_bits": config.weight_bits, "calibration_samples": report.samples,
                         "quantized_tensors": report.tensors, "batchnorm_folded": report.bn_folded}
+        if bit_plan is not None:
+            quantization["weight_bits"] = "mixed"
+            quantization["bit_plan"] = bit_plan.bits
+            quantization["budgets"] = {m: round(v, 3) for m, v in bit_plan.limits.items()}
         if report.residual:
             quantization["residual_stream"] = f"{report.residual} tensors in int{config.residual_bits}"
         if report.softmax:
@@ -79,10 +85,11 @@ def _compile(model, opts: CompileOptions, config) -> Artifact:
     if is_qdq(mod):
         with stage("lower QDQ to integer"):
             try:
-                mod, overflow = lower_qdq(mod, variants)
-                quantization["accumulators"] = overflow.summary()
-                if overflow.int64:
-                    log.warning("%s: %s", src.path, overflow.summary())
+                mod, lowering = lower_qdq(mod, variants)
+                quantization["accumulators"] = lowering.summary()
+                quantization["weights"] = list(lowering.weights)
+                if lowering.int64:
+                    log.warning("%s: %s", src.path, lowering.summary())
             except QDQLoweringError as exc:
                 # still a correct program: the float math between the Q/DQ pairs runs as is
                 log.warning("%s: integer lowering not possible (%s); compiled as fake-quant", src.path, exc)
@@ -109,6 +116,26 @@ def _compile(model, opts: CompileOptions, config) -> Artifact:
         launch_sequence=fusion.sequence,
     )
     return Artifact(manifest, executable)
+
+
+def quantization_shapes(src: frontend.OnnxModel, inputs):
+    """(input specs, shapes to canonicalize at): a graph that computes shapes at run time is
+    folded at fixed shapes (symbolic dimensions become 1, with a warning); others keep theirs."""
+    if not canonicalize.needs_static_shapes(src.proto):
+        return inputs, None
+    inputs = frontend.static_specs(src, inputs)
+    return inputs, {s.name: s.shape for s in inputs}
+
+
+def plan_bits(src: frontend.OnnxModel, calib, opts: CompileOptions, shapes=None):
+    """Per-layer weight bits for ``--bits mixed``: the perturbation sensitivity of every weighted
+    layer (compiler/sensitivity.py), then the ILP within the budgets (compiler/bitplan.py).
+    Returns (BitPlan, the layers with their sensitivities)."""
+    layers = sensitivity.perturbation(src.proto, calib, where=src.path, shapes=shapes)
+    if not layers:
+        raise UserError(f"{src.path}: no Conv, Gemm or MatMul with constant weights: nothing to plan")
+    pins = {layers[0].name: 8, layers[-1].name: 8} if opts.pin else {}
+    return bitplan.solve(layers, opts.budgets(), pins=pins), layers
 
 
 def _precision(histogram: dict[str, int], verdict) -> str:

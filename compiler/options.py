@@ -20,7 +20,10 @@ class CompileOptions:
     target: str = "llvm"
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     calib: str | os.PathLike | Mapping[str, np.ndarray] | None = None    # FP32 models: quantize on this data
-    weight_bits: int | None = None          # with calib: 8 (default), 4 or 2
+    weight_bits: int | str | None = None    # with calib: 8 (default), 4, 2, or "mixed" (a bit plan by ILP)
+    size_budget: float | None = None        # with "mixed": <= 1: HAWQ fraction between cheapest and all-8; else bytes
+    bops_budget: float | None = None        # with "mixed": the same for bit operations
+    pin: bool = True                        # below 8 bits, the first and last weighted layers stay at 8
     observer: str = "minmax"                # with calib: minmax, percentile or mse
     nonlinear: str = "auto"                 # softmax / GELU: shift (I-ViT), poly (I-BERT), auto (per layer)
     residual_bits: int = 16                 # with calib: a transformer's residual stream in 16 or 8 bits
@@ -32,15 +35,30 @@ class CompileOptions:
         from compiler.quantize import check_nonlinear
 
         check_nonlinear(self.nonlinear)        # also for quantized models: it picks their softmax / GELU
+        budgets = self.budgets()
+        if self.weight_bits == "mixed" and not budgets:
+            raise UserError("--bits mixed needs a budget: --size-budget F and/or --bops-budget F "
+                            "(F <= 1: a fraction from the cheapest plan to all-8-bit; F > 1: absolute)")
+        if budgets and self.weight_bits != "mixed":
+            raise UserError("--size-budget and --bops-budget choose a mixed-precision plan; add --bits mixed")
         if self.calib is None and (self.weight_bits is not None or self.observer != "minmax"
                                    or self.residual_bits != 16 or self.softmax_bits != 8):
             raise UserError("--bits, --observer, --residual-bits and --softmax-bits choose how an FP32 model "
                             "is quantized; add --calib DATA.npz")
 
-    def quant_config(self):
+    def budgets(self) -> list:
+        from compiler.bitplan import Budget
+
+        return [Budget(metric, float(v), fraction=float(v) <= 1)
+                for metric, v in (("size", self.size_budget), ("bops", self.bops_budget)) if v is not None]
+
+    def quant_config(self, layer_bits=None):
+        """``layer_bits``: the bit plan of ``--bits mixed`` (node name -> bits)."""
         from compiler.quantize import QuantConfig
 
-        return QuantConfig(activations=ACTIVATIONS[self.target], weight_bits=self.weight_bits or 8,
+        uniform = 8 if self.weight_bits in (None, "mixed") else int(self.weight_bits)
+        return QuantConfig(activations=ACTIVATIONS[self.target], weight_bits=uniform, pin_ends=self.pin,
+                           layer_bits=dict(layer_bits or {}),
                            observer=self.observer, nonlinear=self.nonlinear, residual_bits=self.residual_bits,
                            softmax_bits=self.softmax_bits)
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -58,11 +58,13 @@ class QuantConfig:
     nonlinear: str = "auto"         # softmax / GELU: "shift" (I-ViT), "poly" (I-BERT), "auto" (lower error)
     residual_bits: int = 16         # a transformer's residual stream (the sums LayerNorm reads): s16 or 8-bit
     softmax_bits: int = 8           # Shiftmax output (attention probabilities): u8 or u16
+    layer_bits: Mapping[str, int] = field(default_factory=dict)     # node name -> weight bits (a BitPlan)
+    pin_ends: bool = True           # below 8 bits, the first and last weighted layers stay at 8 (HAWQ)
 
     def __post_init__(self):
-        if self.weight_bits not in WEIGHT_BITS:
-            raise UserError(f"--bits {self.weight_bits}: weights can be quantized to 8, 4 or 2 bits; "
-                            "choose one of those")
+        for bits in (self.weight_bits, *self.layer_bits.values()):
+            if bits not in WEIGHT_BITS:
+                raise UserError(f"--bits {bits}: weights can be quantized to 8, 4 or 2 bits; choose one of those")
         if self.observer not in OBSERVERS:
             raise UserError(f"unknown observer {self.observer!r}; choose one of: {', '.join(OBSERVERS)}")
         check_nonlinear(self.nonlinear)
@@ -135,11 +137,11 @@ def quantize(model: onnx.ModelProto, calib: Mapping[str, np.ndarray] | Calibrati
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < 13:
         raise UserError(f"{where}: opset {opset} has no per-channel DequantizeLinear; re-export with opset >= 13")
-    model = canonicalize(model, shapes)
-    folded = fold_batchnorm(model)
-    n_bn = sum(n.op_type == "BatchNormalization" for n in model.graph.node) - \
-        sum(n.op_type == "BatchNormalization" for n in folded.graph.node)
-    plan = _plan(folded)
+    folded, plan, n_bn = prepare(model, shapes)
+    unknown = sorted(set(config.layer_bits) - set(plan.layers))
+    if unknown:
+        raise UserError(f"{where}: bit plan names {', '.join(unknown)}, which are not weighted layers of the "
+                        f"model (those are: {', '.join(plan.layers)})")
     batches = iter(calib.get_next, None) if hasattr(calib, "get_next") else \
         _batches(folded, calib, config.batch, where, calib_where)
     params, samples, seen = _calibrate(folded, plan, batches, config, where)
@@ -147,6 +149,16 @@ def quantize(model: onnx.ModelProto, calib: Mapping[str, np.ndarray] | Calibrati
     qdq = _rewrite(folded, plan, params, config)
     return qdq, QuantReport(samples, len(plan.act), n_bn, config, tuple(choices), len(plan.residual),
                             len(plan.softmax))
+
+
+def prepare(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None):
+    """The model as the quantizer sees it (canonical ops, BatchNorm folded) and its plan.
+    Returns (folded model, plan, BatchNorms folded)."""
+    model = canonicalize(model, shapes)
+    folded = fold_batchnorm(model)
+    n_bn = sum(n.op_type == "BatchNormalization" for n in model.graph.node) - \
+        sum(n.op_type == "BatchNormalization" for n in folded.graph.node)
+    return folded, _plan(folded), n_bn
 
 
 # ---- 2. plan ---------------------------------------------------------------------------
@@ -157,6 +169,7 @@ class _Plan:
     root: dict[str, str]                    # quantized tensor -> tensor whose parameters it carries
     weights: dict[str, int]                 # initializer -> output-channel axis
     biases: dict[str, tuple[str, str]]      # initializer -> (activation input, weight initializer)
+    layers: dict[str, str]                  # weighted node name -> its weight initializer, in graph order
     consts: list[str]                       # other initializers read by integer ops: per-tensor int8
     residual: set[str]                      # a transformer's residual sums: the stream LayerNorm reads
     softmax: set[str]                       # softmax outputs (attention probabilities)
@@ -170,7 +183,7 @@ def _plan(m: onnx.ModelProto) -> _Plan:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
     outputs = {o.name for o in g.output}
-    plan = _Plan([], {}, {}, {}, [], set(), set())
+    plan = _Plan([], {}, {}, {}, {}, [], set(), set())
     transformer = any(n.op_type == "LayerNormalization" for n in g.node)
 
     def need(t: str) -> None:
@@ -217,6 +230,7 @@ def _plan(m: onnx.ModelProto) -> _Plan:
         if op in LINEAR and (axis := _weight_axis(n, inits)) is not None:
             need(n.input[0])
             plan.weights[n.input[1]] = axis
+            plan.layers[layer_name(n)] = n.input[1]
             if op != "MatMul" and len(n.input) > 2 and n.input[2]:
                 plan.biases[n.input[2]] = (n.input[0], n.input[1])
             need(chain_end(n, "bias" if op == "MatMul" else ""))
@@ -254,6 +268,11 @@ def _plan(m: onnx.ModelProto) -> _Plan:
             plan.act.append(o.name)
             plan.root[o.name] = o.name
     return plan
+
+
+def layer_name(n: onnx.NodeProto) -> str:
+    """How a weighted layer is named in bit plans: its node name, else its output."""
+    return n.name or n.output[0]
 
 
 def _weight_axis(n: onnx.NodeProto, inits: dict) -> int | None:
@@ -412,8 +431,11 @@ def _rewrite(m: onnx.ModelProto, plan: _Plan, params: dict[str, QuantParams], co
         return name
 
     weight_scales = {}
+    ends = set(list(plan.layers)[:1] + list(plan.layers)[-1:]) if config.pin_ends else set()
+    bits_of = {w: config.layer_bits.get(layer, 8 if layer in ends else config.weight_bits)
+               for layer, w in plan.layers.items()}
     for w_name, axis in plan.weights.items():
-        q, scale = calibration.weight_params(inits[w_name], axis=axis, bits=config.weight_bits)
+        q, scale = calibration.weight_params(inits[w_name], axis=axis, bits=bits_of[w_name])
         weight_scales[w_name] = scale
         dq_consts.append(helper.make_node(
             "DequantizeLinear", [const(w_name + "_quantized", q), const(w_name + "_scale", scale),

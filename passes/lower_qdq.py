@@ -39,7 +39,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from passes import integer_nonlinear
+from passes import integer_nonlinear, subbyte
 from passes.dyadic import dyadic_from_ratio, fine_offset, rescale, saturate
 
 op = relax.op
@@ -110,6 +110,7 @@ class _Lowering:
         self.seen: dict[str, int] = {}
         self.layers = 0
         self.widened: list[str] = []        # accumulators the range analysis could not keep in int32
+        self.weights: list[dict] = []       # each linear layer's stored weights
 
     def val(self, expr):
         if isinstance(expr, relax.Var) and expr in self.env:
@@ -423,16 +424,28 @@ class _Lowering:
         if acc_dtype == "int64":
             self.widened.append(f"{name.split('.')[-1]} #{self.layers} (bound 2^{np.log2(bound):.1f})")
         self.layers += 1
-        w_dtype = next(t for t in ("int8", "int16", "int32") if np.iinfo(t).min <= wq.min() and wq.max() <= np.iinfo(t).max)
-        wc = relax.const(wq.astype(w_dtype), w_dtype)
+        # 4- and 2-bit weights stay packed in the artifact; the kernel unpacks them (passes/subbyte.py)
+        bits = subbyte.width(wq)
+        if bits:
+            stored = subbyte.pack(wq, bits)
+        else:
+            stored = wq.astype(next(t for t in ("int8", "int16", "int32")
+                                    if np.iinfo(t).min <= wq.min() and wq.max() <= np.iinfo(t).max))
+        wc = relax.const(stored, str(stored.dtype))
+        packing = (tuple(wq.shape), bits)
+        self.weights.append({"op": name.split(".")[-1], "shape": list(wq.shape),
+                             "bits": bits or 8 * stored.itemsize, "bytes": int(stored.nbytes)})
         if is_conv:
             a = call.attrs
             if str(a.data_layout) != "NCHW" or str(a.kernel_layout) != "OIHW":
                 raise QDQLoweringError(f"{name}: only NCHW/OIHW layouts are supported")
             acc = self.bb.emit_te(_conv_zero_padded, x.expr, wc, [int(v) for v in a.strides],
                                   [int(v) for v in a.padding], [int(v) for v in a.dilation], int(a.groups), zx,
-                                  acc_dtype, primfunc_name_hint="conv2d")
+                                  acc_dtype, packing, primfunc_name_hint="conv2d")
             axis, shape = 1, (1, -1, 1, 1)
+        elif bits:
+            acc = self.bb.emit_te(_matmul_packed, x.expr, wc, packing, acc_dtype, primfunc_name_hint="matmul")
+            axis, shape = -1, (-1,)
         else:
             acc = self.bb.emit(op.matmul(x.expr, wc, out_dtype=acc_dtype))
             axis, shape = -1, (-1,)
@@ -473,10 +486,14 @@ class _Lowering:
         raise QDQLoweringError("add: operands are not a supported integer pattern")
 
 
-def _conv_zero_padded(x, w, strides, padding, dilation, groups, pad_value, out_dtype):
-    """NCHW convolution of the raw quantized input, padded with its zero point (real 0)."""
+def _conv_zero_padded(x, w, strides, padding, dilation, groups, pad_value, out_dtype, packing=(None, None)):
+    """NCHW convolution of the raw quantized input, padded with its zero point (real 0).
+    ``packing``: (weight shape, bits) when ``w`` holds packed sub-byte weights."""
     from tvm import topi
 
+    shape, bits = packing
+    if bits:
+        w = subbyte.unpacked(w, shape, bits)
     top, left, bottom, right = padding
     xp = topi.nn.pad(x, [0, 0, top, left], [0, 0, bottom, right], pad_value=pad_value, name="pad_temp")
     if groups == 1:
@@ -484,13 +501,26 @@ def _conv_zero_padded(x, w, strides, padding, dilation, groups, pad_value, out_d
     return topi.nn.group_conv2d_nchw(xp, w, strides, 0, dilation, groups, out_dtype=out_dtype)
 
 
+def _matmul_packed(x, packed, packing, out_dtype):
+    """x[..., K] @ w[K, N] with w read out of its packed sub-byte bytes."""
+    from tvm import te
+
+    (k_dim, n_dim), bits = packing
+    w = subbyte.unpacked(packed, (k_dim, n_dim), bits)
+    k = te.reduce_axis((0, k_dim), name="k")
+    return te.compute((*x.shape[:-1], n_dim), lambda *i: te.sum(
+        x[(*i[:-1], k)].astype(out_dtype) * w[k, i[-1]].astype(out_dtype), axis=k), name="matmul")
+
+
 @dataclass(frozen=True)
-class Overflow:
+class LoweringReport:
     """The static range analysis' result: every linear layer's accumulator bound is
     max_c(sum_k |w[c,k]| * max|q_x| + |z_x * sum_k w[c,k]|) (+ |bias|); layers whose bound
-    reaches 2^31 accumulate in int64 and are listed here."""
+    reaches 2^31 accumulate in int64 and are listed here.  ``weights``: per linear layer, in
+    order, its op, weight shape, and bits and bytes as stored (sub-byte widths packed)."""
     layers: int
     int64: tuple[str, ...]
+    weights: tuple[dict, ...] = ()
 
     def summary(self) -> str:
         if not self.int64:
@@ -498,7 +528,7 @@ class Overflow:
         return f"{len(self.int64)} of {self.layers} accumulators widened to int64: {', '.join(self.int64)}"
 
 
-def lower_qdq(mod: tvm.IRModule, variants="auto") -> tuple[tvm.IRModule, Overflow]:
+def lower_qdq(mod: tvm.IRModule, variants="auto") -> tuple[tvm.IRModule, LoweringReport]:
     """Rebuild ``main`` with integer ops; raises QDQLoweringError on an unknown pattern.
     ``variants``: the softmax / GELU family, "shift" or "poly" for every node ("auto" without
     calibration data means poly), or per kind the list chosen per node (compiler/quantize.py)."""
@@ -532,7 +562,7 @@ def lower_qdq(mod: tvm.IRModule, variants="auto") -> tuple[tvm.IRModule, Overflo
     new = bb.get()
     lowered = tvm.IRModule({**{gv: f for gv, f in mod.functions_items() if gv.name_hint != "main"},
                             **{gv: f for gv, f in new.functions_items()}})
-    return lowered, Overflow(low.layers, tuple(low.widened))
+    return lowered, LoweringReport(low.layers, tuple(low.widened), tuple(low.weights))
 
 
 def is_qdq(mod: tvm.IRModule) -> bool:

@@ -68,8 +68,8 @@ def labeled_splits(dataset: str):
 
 
 def evaluate(model_path: str, calib: Mapping[str, np.ndarray], dataset: str = "digits",
-             threads: int = 1, observer: str = "minmax", nonlinear: str = "auto",
-             residual_bits: int = 16) -> EvalResult:
+             threads: int = 1, **quantization) -> EvalResult:
+    """``quantization``: lowbit's CompileOptions fields (observer, nonlinear, weight_bits, budgets...)."""
     import onnx
 
     import compiler
@@ -83,9 +83,8 @@ def evaluate(model_path: str, calib: Mapping[str, np.ndarray], dataset: str = "d
         # compiled for the split's size: a graph with run-time shape arithmetic gets static shapes
         shapes = {name: splits["test"].x.shape} if all(len(d.x) == len(splits["test"].x) for d in splits.values()) \
             else {}
-        art = compiler.compile(model_path, options=CompileOptions(calib=dict(calib), observer=observer,
-                                                                  nonlinear=nonlinear, input_shapes=shapes,
-                                                                  residual_bits=residual_bits))
+        opts = CompileOptions(calib=dict(calib), input_shapes=shapes, **quantization)
+        art = compiler.compile(model_path, options=opts)
         runners = {REFERENCE: ort.OrtRunner(REFERENCE, model_path, threads),
                    "ORT INT8 (QDQ)": ort.OrtRunner("ORT INT8 (QDQ)", qdq, threads),
                    f"lowbit {art.manifest.precision}": art.run}
@@ -98,11 +97,17 @@ def evaluate(model_path: str, calib: Mapping[str, np.ndarray], dataset: str = "d
             for r, out in logits.items()]
     notes = {"ORT INT8": "quant_pre_process + quantize_static, QDQ, u8 activations / s8 per-channel weights, MinMax",
              "lowbit": f"{art.manifest.precision}, integer-only: {'yes' if art.manifest.integer_only else 'no'}, "
-                       f"observer {observer}, {art.manifest.quantization.get('accumulators', '')}"}
+                       f"observer {opts.observer}, weights {_bits(art.manifest.quantization['weight_bits'])}, "
+                       f"{art.manifest.weight_bytes} bytes of constants, "
+                       f"{art.manifest.quantization.get('accumulators', '')}"}
     if art.manifest.quantization.get("nonlinear"):
         notes["lowbit non-linears"] = nonlinear_summary(art.manifest.quantization["nonlinear"])
     return EvalResult(os.path.basename(model_path), dataset, {s: len(d.y) for s, d in splits.items()},
                       len(next(iter(calib.values()))), rows, notes)
+
+
+def _bits(weight_bits) -> str:
+    return f"{weight_bits}-bit" if isinstance(weight_bits, int) else str(weight_bits)
 
 
 def nonlinear_summary(rows: list[dict]) -> str:

@@ -62,7 +62,7 @@ def _compile_and_check(model, calib, x, config=None, **opts):
     qdq, _ = quantize.quantize(model, calib, config)
     if config.activations == "u8":
         art = compiler.compile(model, options=CompileOptions(calib=calib, weight_bits=config.weight_bits,
-                                                             observer=config.observer, **opts))
+                                                             observer=config.observer, pin=config.pin_ends, **opts))
     else:                                   # no CPU target picks s8 yet: compile the QDQ model directly
         art = compiler.compile(qdq, options=CompileOptions(**opts))
     m = art.manifest
@@ -106,7 +106,8 @@ def test_mlp_bit_exact_and_reader_interface():
 
 
 @pytest.mark.parametrize("config", [
-    quantize.QuantConfig(activations="s8"), quantize.QuantConfig(weight_bits=4), quantize.QuantConfig(weight_bits=2),
+    quantize.QuantConfig(activations="s8"), quantize.QuantConfig(weight_bits=4, pin_ends=False),
+    quantize.QuantConfig(weight_bits=2, pin_ends=False),
     quantize.QuantConfig(observer="percentile"), quantize.QuantConfig(observer="mse")],
     ids=lambda c: f"{c.activations}-w{c.weight_bits}-{c.observer}")
 def test_configs_bit_exact(config):

@@ -1,0 +1,78 @@
+"""Mixed precision end to end: perturbation sensitivity, the bit plan, pins, and the CLI."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from conftest import concat_cnn, mlp_model, run_cli
+from onnx import numpy_helper
+
+import compiler
+from compiler import quantize, sensitivity
+from compiler.options import CompileOptions
+from runtime import golden
+
+
+def _rand(*shape, seed=0):
+    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+def _weight_bits(qdq: onnx.ModelProto) -> dict[str, int]:
+    """Bits each quantized weight spans: max |q| = 2^(b-1) - 1 per tensor (some channel reaches it)."""
+    inits = {t.name: numpy_helper.to_array(t) for t in qdq.graph.initializer}
+    out = {}
+    for n in qdq.graph.node:
+        q = inits.get(n.input[0])
+        if n.op_type == "DequantizeLinear" and q is not None and q.dtype == np.int8 and q.ndim >= 2:
+            out[n.output[0]] = int(np.abs(q).max()).bit_length() + 1
+    return out
+
+
+def test_sensitivity_grows_as_bits_fall_and_counts_are_exact():
+    layers = sensitivity.perturbation(mlp_model(), {"x": _rand(64, 8)})
+    assert [layer.name for layer in layers] == ["fc1", "fc2"]
+    assert [(layer.params, layer.macs) for layer in layers] == [(8 * 16, 8 * 16), (16 * 4, 16 * 4)]
+    for layer in layers:
+        assert 0 <= layer.sensitivity[8] < layer.sensitivity[4] < layer.sensitivity[2]
+
+
+def test_uniform_bits_pin_the_first_and_last_layer():
+    model, calib = concat_cnn(), {"x": _rand(8, 4, 6, 6)}
+    pinned, _ = quantize.quantize(model, calib, quantize.QuantConfig(weight_bits=4))
+    assert _weight_bits(pinned) == {"wa": 8, "wb": 4, "wc": 8}       # graph order: conv_a first, conv_c last
+    free, _ = quantize.quantize(model, calib, quantize.QuantConfig(weight_bits=4, pin_ends=False))
+    assert set(_weight_bits(free).values()) == {4}
+
+
+def test_mixed_compile_follows_the_plan_bit_exact():
+    model, calib = concat_cnn(), {"x": _rand(16, 4, 6, 6)}
+    opts = CompileOptions(calib=calib, weight_bits="mixed", size_budget=0.0, pin=False)
+    art = compiler.compile(model, options=opts)
+    plan = art.manifest.quantization["bit_plan"]
+    assert art.manifest.quantization["weight_bits"] == "mixed" and set(plan.values()) == {2}   # t = 0: cheapest
+    qdq, _ = quantize.quantize(model, calib, opts.quant_config(plan))
+    assert set(_weight_bits(qdq).values()) == {2}
+    sizes = {"wa": 4 * 4, "wb": 8 * 4 * 9, "wc": 4 * 12}
+    stored = art.manifest.quantization["weights"]         # packed four to a byte, in graph order
+    assert [(r["bits"], r["bytes"]) for r in stored] == [(2, -(-n // 4)) for n in sizes.values()]
+    x = _rand(2, 4, 6, 6, seed=3)
+    np.testing.assert_array_equal(art.run({"x": x})["y"], golden.run_qdq(qdq, {"x": x})["y"])
+
+
+def test_plan_cli_and_budget_errors(tmp_path):
+    path, calib = tmp_path / "cnn.onnx", tmp_path / "calib.npz"
+    onnx.save(concat_cnn(), path)
+    np.savez(calib, x=_rand(16, 4, 6, 6))
+    ok = run_cli("plan", path, "--calib", calib, "--size-budget", "0.5")
+    assert ok.returncode == 0, ok.stderr
+    assert "conv_b" in ok.stdout and "of all 8-bit" in ok.stdout
+    for args, message in [
+        (["--size-budget", "10"], "infeasible; the smallest feasible size is"),
+        (["--size-budget", "-0.5"], "must be a fraction in [0, 1]"),
+        ([], "--bits mixed needs a budget"),
+    ]:
+        bad = run_cli("plan", path, "--calib", calib, *args)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+    bad = run_cli("compile", path, "--calib", calib, "--size-budget", "0.5", "-o", tmp_path / "out")
+    assert bad.returncode == 2 and "add --bits mixed" in bad.stderr
+    assert not (tmp_path / "out").exists()
