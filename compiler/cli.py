@@ -39,6 +39,9 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bops-budget", type=float, metavar="F", help="with --bits mixed: bit operations, the same way")
     p.add_argument("--no-pin", dest="pin", action="store_false",
                    help="let the first and last weighted layers go below 8 bits too")
+    p.add_argument("--sensitivity", default="perturb", choices=["perturb", "hessian"],
+                   help="with --bits mixed: output KL with one layer quantized (default), or HAWQ's "
+                        "Hessian trace x weight perturbation")
 
 
 def _add_shape_arg(p: argparse.ArgumentParser) -> None:
@@ -63,7 +66,8 @@ def cmd_compile(args) -> int:
     opts = CompileOptions(target=args.target, input_shapes=_shapes(args), calib=args.calib,
                           weight_bits=args.bits, observer=args.observer, nonlinear=args.nonlinear,
                           residual_bits=args.residual_bits, softmax_bits=args.softmax_bits,
-                          size_budget=args.size_budget, bops_budget=args.bops_budget, pin=args.pin)
+                          size_budget=args.size_budget, bops_budget=args.bops_budget, pin=args.pin,
+                          sensitivity=args.sensitivity)
     art = compiler.compile(args.model, options=opts)
     art.save(args.output)
     size = os.path.getsize(os.path.join(args.output, art.manifest.library))
@@ -181,7 +185,7 @@ def cmd_eval(args) -> int:
         calib = {specs[0].name: train[pick]}
     result = evaluate(model_path, calib, args.data, args.threads, observer=args.observer, nonlinear=args.nonlinear,
                       residual_bits=args.residual_bits, weight_bits=args.bits, size_budget=args.size_budget,
-                      bops_budget=args.bops_budget, pin=args.pin)
+                      bops_budget=args.bops_budget, pin=args.pin, sensitivity=args.sensitivity)
     print(result.table())
     if args.json:
         _write_text(args.json, result.to_json())
@@ -193,7 +197,8 @@ def cmd_plan(args) -> int:
     from compiler.options import CompileOptions
 
     opts = CompileOptions(input_shapes=_shapes(args), calib=args.calib, weight_bits="mixed",
-                          size_budget=args.size_budget, bops_budget=args.bops_budget, pin=args.pin)
+                          size_budget=args.size_budget, bops_budget=args.bops_budget, pin=args.pin,
+                          sensitivity=args.sensitivity)
     src = frontend.load(args.model)
     _, shapes = driver.quantization_shapes(src, frontend.input_specs(src, opts.input_shapes))
     plan, layers = driver.plan_bits(src, quantize.load_calibration(args.calib), opts, shapes)
@@ -210,8 +215,9 @@ def cmd_plan(args) -> int:
         limit = f", budget {plan.limits[metric]:.6g}" if metric in plan.limits else ""
         print(f"{metric:<5} {plan.totals[metric]:.6g} ({100 * plan.totals[metric] / full:.1f}% of all 8-bit "
               f"{full:.6g}{limit})")
-    print(f"summed sensitivity {plan.sensitivity:.4g} (perturbation: KL of the outputs, one layer quantized "
-          "at a time)")
+    how = {"perturb": "KL of the outputs, one layer quantized at a time",
+           "hessian": "Hutchinson trace of the loss Hessian / params x squared weight change"}
+    print(f"summed sensitivity {plan.sensitivity:.4g} ({args.sensitivity}: {how[args.sensitivity]})")
     return 0
 
 

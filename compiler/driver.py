@@ -68,6 +68,7 @@ def _compile(model, opts: CompileOptions, config) -> Artifact:
         if bit_plan is not None:
             quantization["weight_bits"] = "mixed"
             quantization["bit_plan"] = bit_plan.bits
+            quantization["sensitivity"] = opts.sensitivity
             quantization["budgets"] = {m: round(v, 3) for m, v in bit_plan.limits.items()}
         if report.residual:
             quantization["residual_stream"] = f"{report.residual} tensors in int{config.residual_bits}"
@@ -128,10 +129,10 @@ def quantization_shapes(src: frontend.OnnxModel, inputs):
 
 
 def plan_bits(src: frontend.OnnxModel, calib, opts: CompileOptions, shapes=None):
-    """Per-layer weight bits for ``--bits mixed``: the perturbation sensitivity of every weighted
-    layer (compiler/sensitivity.py), then the ILP within the budgets (compiler/bitplan.py).
+    """Per-layer weight bits for ``--bits mixed``: the sensitivity of every weighted layer
+    (compiler/sensitivity.py), then the ILP within the budgets (compiler/bitplan.py).
     Returns (BitPlan, the layers with their sensitivities)."""
-    layers = sensitivity.perturbation(src.proto, calib, where=src.path, shapes=shapes)
+    layers = sensitivity.measure(src.proto, calib, method=opts.sensitivity, where=src.path, shapes=shapes)
     if not layers:
         raise UserError(f"{src.path}: no Conv, Gemm or MatMul with constant weights: nothing to plan")
     pins = {layers[0].name: 8, layers[-1].name: 8} if opts.pin else {}

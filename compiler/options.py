@@ -24,6 +24,7 @@ class CompileOptions:
     size_budget: float | None = None        # with "mixed": <= 1: HAWQ fraction between cheapest and all-8; else bytes
     bops_budget: float | None = None        # with "mixed": the same for bit operations
     pin: bool = True                        # below 8 bits, the first and last weighted layers stay at 8
+    sensitivity: str = "perturb"            # with "mixed": perturb (output KL) or hessian (Hutchinson trace)
     observer: str = "minmax"                # with calib: minmax, percentile or mse
     nonlinear: str = "auto"                 # softmax / GELU: shift (I-ViT), poly (I-BERT), auto (per layer)
     residual_bits: int = 16                 # with calib: a transformer's residual stream in 16 or 8 bits
@@ -39,6 +40,12 @@ class CompileOptions:
         if self.weight_bits == "mixed" and not budgets:
             raise UserError("--bits mixed needs a budget: --size-budget F and/or --bops-budget F "
                             "(F <= 1: a fraction from the cheapest plan to all-8-bit; F > 1: absolute)")
+        from compiler.sensitivity import METHODS
+
+        if self.sensitivity not in METHODS:
+            raise UserError(f"--sensitivity {self.sensitivity}: choose one of {', '.join(METHODS)}")
+        if self.sensitivity != "perturb" and self.weight_bits != "mixed":
+            raise UserError("--sensitivity chooses how --bits mixed ranks the layers; add --bits mixed and a budget")
         if budgets and self.weight_bits != "mixed":
             raise UserError("--size-budget and --bops-budget choose a mixed-precision plan; add --bits mixed")
         if self.calib is None and (self.weight_bits is not None or self.observer != "minmax"

@@ -1,15 +1,23 @@
 """Per-layer sensitivity to weight quantization, the ILP's objective (compiler/bitplan.py).
 
-``perturbation`` is the cheap proxy of HAWQ-V3's second-order metric: quantize one layer's
-weights to b bits (symmetric per channel, as the quantizer will), keep every other layer and
-every activation in float, run the model in ONNX Runtime on calibration inputs and measure how
-far the outputs move:
+Two measures, both computed from the ONNX model in ONNX Runtime (no training framework):
 
-    Omega(l, b) = mean over samples of KL(softmax(f(x)) || softmax(f_{l,b}(x)))     classifiers
-                  mean squared output change / output variance                      otherwise
+``perturb`` (the cheap proxy): quantize one layer's weights to b bits (symmetric per channel,
+as the quantizer will), keep everything else in float, and measure how far the outputs move:
 
-Each layer's parameter count and multiply-accumulates per sample (from its output size in one
-probe run) come along, for the size and BOPs budgets.
+    Omega(l, b) = mean KL(softmax(f(x)) || softmax(f_{l,b}(x)))        classifiers
+                  mean squared output change / output variance         otherwise
+
+``hessian`` (HAWQ-V3 §3.4, second order): Omega(l, b) = tr(H_l) / n_l * ||W_l - Q_b(W_l)||^2,
+with tr(H_l), the trace of the loss Hessian in layer l's n_l weights, by Hutchinson's estimator
+E_v[v^T H v] over Rademacher vectors v.  Each v^T H v is a central second difference of the loss,
+(L(W + e v) - 2 L(W) + L(W - e v)) / e^2, exact for a quadratic loss and O(e^2) otherwise.  The
+loss is cross-entropy against the labels when given, else against the FP32 model's own
+predictions.
+
+Weights are fed to one ORT session as inputs that override their initializers, so every trial
+reuses it.  Each layer's parameter count and multiply-accumulates per sample (from its output
+size in one probe run) come along, for the size and BOPs budgets.
 """
 
 from __future__ import annotations
@@ -25,78 +33,119 @@ from compiler.bitplan import BITS, Layer
 from compiler.errors import UserError
 
 SAMPLES = 64            # calibration samples per measurement
+PROBES = 32             # Hutchinson vectors per layer
+STEP = 1e-2             # finite-difference step, relative to the layer's RMS weight
+METHODS = ("perturb", "hessian")
 
 
-def _session(model: onnx.ModelProto):
-    import onnxruntime as ort
+class _Runner:
+    """The folded model in one ORT session, with its weights as overridable inputs and every
+    weighted layer's output exposed (for the MAC counts)."""
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    def __init__(self, folded: onnx.ModelProto, plan, feeds: Mapping[str, np.ndarray], where: str):
+        import onnxruntime as ort
+
+        m = onnx.ModelProto()
+        m.CopyFrom(folded)
+        inits = {t.name: t for t in m.graph.initializer}
+        m.graph.input.extend(helper.make_tensor_value_info(w, inits[w].data_type, list(inits[w].dims))
+                             for w in dict.fromkeys(plan.layers.values()))
+        nodes = {quantize.layer_name(n): n for n in m.graph.node}
+        self.outs = {name: nodes[name].output[0] for name in plan.layers}
+        have = {o.name for o in m.graph.output}
+        m.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in self.outs.values() if t not in have)
+        fixed = [i.type.tensor_type.shape.dim[0].dim_value for i in folded.graph.input if i.name in feeds]
+        self.batch = max(fixed, default=0)          # a fixed batch runs one batch at a time
+        n = len(next(iter(feeds.values())))
+        if self.batch and n % self.batch:           # wrap around to whole batches
+            wrap = np.arange(-(-n // self.batch) * self.batch) % n
+            feeds = {k: v[wrap] for k, v in feeds.items()}
+        self.feeds, self.n = feeds, len(next(iter(feeds.values())))
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        try:
+            self.sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            self.names = [o.name for o in self.sess.get_outputs()]
+            self.ref, values = self.run({}, keep=True)
+        except Exception as exc:                                # noqa: BLE001 - ORT raises its own types
+            raise UserError(f"{where}: ONNX Runtime cannot run the model on the calibration data: "
+                            f"{str(exc).splitlines()[0]}") from None
+        self.out_size = {name: values[t].size // (self.batch or self.n) for name, t in self.outs.items()}
+
+    def run(self, weights: Mapping[str, np.ndarray], keep: bool = False):
+        """The first output over all samples (and, with ``keep``, every output of the first batch)."""
+        step = self.batch or self.n
+        first, outs = None, []
+        for i in range(0, self.n, step):
+            feed = {**{k: v[i:i + step] for k, v in self.feeds.items()}, **weights}
+            res = self.sess.run(None if keep and i == 0 else self.names[:1], feed)
+            if keep and i == 0:
+                first = dict(zip(self.names, res, strict=True))
+            outs.append(res[0])
+        out = np.concatenate(outs)
+        return (out, first) if keep else out
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z.astype(np.float64)
+    z = z - z.max(1, keepdims=True)
+    return z - np.log(np.exp(z).sum(1, keepdims=True))
 
 
 def _divergence(ref: np.ndarray, out: np.ndarray) -> float:
-    ref, out = ref.astype(np.float64), out.astype(np.float64)
     if ref.ndim == 2 and ref.shape[1] > 1:
-        def log_softmax(z):
-            z = z - z.max(1, keepdims=True)
-            return z - np.log(np.exp(z).sum(1, keepdims=True))
-        lp, lq = log_softmax(ref), log_softmax(out)
+        lp, lq = _log_softmax(ref), _log_softmax(out)
         return float((np.exp(lp) * (lp - lq)).sum(1).mean())
+    ref, out = ref.astype(np.float64), out.astype(np.float64)
     return float(((out - ref) ** 2).mean() / max(ref.var(), 1e-12))
 
 
-def perturbation(model: onnx.ModelProto, calib: Mapping[str, np.ndarray], *, where: str = "model",
-                 shapes: dict[str, tuple[int, ...]] | None = None, samples: int = SAMPLES,
-                 choices=BITS) -> list[Layer]:
+def _quantized(w: np.ndarray, axis: int, bits: int) -> np.ndarray:
+    q, scale = calibration.weight_params(w, axis=axis, bits=bits)
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    return (q * scale.reshape(shape)).astype(np.float32)
+
+
+def hessian_trace(loss, w: np.ndarray, probes: int = PROBES, seed: int = 0) -> float:
+    """Hutchinson's tr(H) of ``loss`` at ``w``: the mean of v^T H v over Rademacher v, each a
+    central second difference with step STEP * rms(w)."""
+    rng = np.random.default_rng(seed)
+    eps = STEP * max(float(np.sqrt(np.mean(w.astype(np.float64) ** 2))), 1e-8)
+    base = loss(w)
+    total = 0.0
+    for _ in range(probes):
+        v = rng.choice(np.array([-1.0, 1.0], np.float32), size=w.shape)
+        total += (loss(w + eps * v) - 2 * base + loss(w - eps * v)) / eps**2
+    return total / probes
+
+
+def measure(model: onnx.ModelProto, calib: Mapping[str, np.ndarray], *, method: str = "perturb",
+            where: str = "model", shapes: dict[str, tuple[int, ...]] | None = None,
+            labels: np.ndarray | None = None, samples: int = SAMPLES, choices=BITS) -> list[Layer]:
     """The weighted layers in graph order, each with its sensitivity at every bit-width."""
+    if method not in METHODS:
+        raise UserError(f"--sensitivity {method}: choose one of {', '.join(METHODS)}")
     folded, plan, _ = quantize.prepare(model, shapes)
-    inits = {t.name: t for t in folded.graph.initializer}
-    nodes = {quantize.layer_name(n): n for n in folded.graph.node}
+    inits = {t.name: numpy_helper.to_array(t) for t in folded.graph.initializer}
     feeds = {k: np.asarray(v, np.float32)[:samples] for k, v in calib.items()}
-    fixed = {i.name: i.type.tensor_type.shape.dim[0].dim_value for i in folded.graph.input if i.name in feeds}
-    batch = max(fixed.values(), default=0)         # a model with a fixed batch runs one sample batch at a time
-    n = len(next(iter(feeds.values())))
-    if batch and n % batch:                         # wrap around to whole batches
-        wrap = np.arange(-(-n // batch) * batch) % n
-        feeds = {k: v[wrap] for k, v in feeds.items()}
-
-    def run(m: onnx.ModelProto) -> np.ndarray:
-        sess = _session(m)
-        total = len(next(iter(feeds.values())))
-        step = batch or total
-        return np.concatenate([sess.run(None, {k: v[i:i + step] for k, v in feeds.items()})[0]
-                               for i in range(0, total, step)])
-
-    # one probe run with every layer's output exposed gives the output sizes, hence the MACs
-    probe = onnx.ModelProto()
-    probe.CopyFrom(folded)
-    outs = [nodes[name].output[0] for name in plan.layers]
-    probe.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in outs
-                              if t not in {o.name for o in folded.graph.output})
-    try:
-        sess = _session(probe)
-        first = {k: v[:batch or 1] for k, v in feeds.items()}
-        values = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, first), strict=True))
-        ref = run(folded)
-    except Exception as exc:                                    # noqa: BLE001 - ORT raises its own types
-        raise UserError(f"{where}: ONNX Runtime cannot run the model on the calibration data: "
-                        f"{str(exc).splitlines()[0]}") from None
-    sizes = {t: values[t].size // len(next(iter(first.values()))) for t in outs}
+    runner = _Runner(folded, plan, feeds, where)
+    if method == "hessian":
+        if runner.ref.ndim != 2:
+            raise UserError(f"{where}: the Hessian sensitivity needs a classifier's (N, classes) output")
+        target = np.asarray(labels)[:samples] if labels is not None else runner.ref.argmax(1)
+        target = target[np.arange(runner.n) % len(target)]
     layers = []
     for name, w_name in plan.layers.items():
-        w = numpy_helper.to_array(inits[w_name])
-        axis = plan.weights[w_name]
-        sens = {}
-        for bits in choices:
-            q, scale = calibration.weight_params(w, axis=axis, bits=bits)
-            shape = [1] * w.ndim
-            shape[axis] = -1
-            m = onnx.ModelProto()
-            m.CopyFrom(folded)
-            target = next(t for t in m.graph.initializer if t.name == w_name)
-            target.CopyFrom(numpy_helper.from_array((q * scale.reshape(shape)).astype(np.float32), w_name))
-            sens[bits] = _divergence(ref, run(m))
-        out = sizes[nodes[name].output[0]]
-        layers.append(Layer(name, int(w.size), out * int(w.size // w.shape[axis]), sens))
+        w, axis = inits[w_name], plan.weights[w_name]
+        if method == "perturb":
+            sens = {b: _divergence(runner.ref, runner.run({w_name: _quantized(w, axis, b)})) for b in choices}
+        else:
+            def loss(wv, w_name=w_name):
+                return float(-_log_softmax(runner.run({w_name: wv}))[np.arange(runner.n), target].mean())
+
+            per_param = hessian_trace(loss, w) / w.size
+            sens = {b: per_param * float(((w - _quantized(w, axis, b)).astype(np.float64) ** 2).sum())
+                    for b in choices}
+        layers.append(Layer(name, int(w.size), runner.out_size[name] * int(w.size // w.shape[axis]), sens))
     return layers

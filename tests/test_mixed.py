@@ -29,7 +29,7 @@ def _weight_bits(qdq: onnx.ModelProto) -> dict[str, int]:
 
 
 def test_sensitivity_grows_as_bits_fall_and_counts_are_exact():
-    layers = sensitivity.perturbation(mlp_model(), {"x": _rand(64, 8)})
+    layers = sensitivity.measure(mlp_model(), {"x": _rand(64, 8)})
     assert [layer.name for layer in layers] == ["fc1", "fc2"]
     assert [(layer.params, layer.macs) for layer in layers] == [(8 * 16, 8 * 16), (16 * 4, 16 * 4)]
     for layer in layers:
@@ -65,14 +65,42 @@ def test_plan_cli_and_budget_errors(tmp_path):
     np.savez(calib, x=_rand(16, 4, 6, 6))
     ok = run_cli("plan", path, "--calib", calib, "--size-budget", "0.5")
     assert ok.returncode == 0, ok.stderr
-    assert "conv_b" in ok.stdout and "of all 8-bit" in ok.stdout
+    assert "conv_b" in ok.stdout and "of all 8-bit" in ok.stdout and "(perturb:" in ok.stdout
     for args, message in [
         (["--size-budget", "10"], "infeasible; the smallest feasible size is"),
         (["--size-budget", "-0.5"], "must be a fraction in [0, 1]"),
         ([], "--bits mixed needs a budget"),
+        (["--size-budget", "0.5", "--sensitivity", "hessian"], "needs a classifier's (N, classes) output"),
     ]:
         bad = run_cli("plan", path, "--calib", calib, *args)
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
     bad = run_cli("compile", path, "--calib", calib, "--size-budget", "0.5", "-o", tmp_path / "out")
     assert bad.returncode == 2 and "add --bits mixed" in bad.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_hutchinson_trace_within_ten_percent_of_exact():
+    """Softmax regression, logits = x W: the Hessian of the mean cross-entropy in W is
+    mean_n (diag(p_n) - p_n p_n^T) (x) x_n x_n^T, so tr(H) = mean_n |x_n|^2 sum_c p_nc (1 - p_nc)
+    whatever the labels."""
+    from conftest import make_model
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    d, c, n = 8, 5, 64
+    w = rng.normal(0, 0.5, (d, c)).astype(np.float32)
+    x, y = _rand(n, d, seed=1), rng.integers(0, c, n)
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", d])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", c])],
+                       [numpy_helper.from_array(w, "w")])
+    z = x.astype(np.float64) @ w
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    exact = float(((x.astype(np.float64) ** 2).sum(1) * (p * (1 - p)).sum(1)).mean())
+    (layer,) = sensitivity.measure(model, {"x": x}, method="hessian", labels=y, samples=n)
+    from compiler import calibration
+    for bits in (8, 4, 2):                      # Omega = tr(H) / n * |W - Q_b(W)|^2
+        q, scale = calibration.weight_params(w, axis=1, bits=bits)
+        change = float(((w - q * scale.reshape(1, -1)).astype(np.float64) ** 2).sum())
+        assert abs(layer.sensitivity[bits] * w.size / change / exact - 1) < 0.10
