@@ -157,15 +157,14 @@ def _bench_inputs(args):
     return args.model, calib, [{k: v[i : i + 1] for k, v in calib.items()} for i in range(n)]
 
 
-def cmd_eval(args) -> int:
-    from runtime.threads import configure_threads
-
-    configure_threads(args.threads)
+def _eval_inputs(args):
+    """(model path, calibration arrays) for eval and pareto: a zoo name or a file; --calib, else
+    the zoo's calibration set, else 256 images of the dataset's training split."""
     import numpy as np
 
     from compiler.frontend import input_specs, load
     from models import data, zoo
-    from runtime.evaluate import evaluate, labeled_splits
+    from runtime.evaluate import labeled_splits
     from runtime.io import read_tensors
 
     labeled_splits(args.data)                       # unknown dataset: fail before any work
@@ -183,6 +182,16 @@ def cmd_eval(args) -> int:
         train = data.digits("train").x
         pick = np.random.default_rng(0).choice(len(train), size=min(256, len(train)), replace=False)
         calib = {specs[0].name: train[pick]}
+    return model_path, calib
+
+
+def cmd_eval(args) -> int:
+    from runtime.threads import configure_threads
+
+    configure_threads(args.threads)
+    from runtime.evaluate import evaluate
+
+    model_path, calib = _eval_inputs(args)
     result = evaluate(model_path, calib, args.data, args.threads, observer=args.observer, nonlinear=args.nonlinear,
                       residual_bits=args.residual_bits, weight_bits=args.bits, size_budget=args.size_budget,
                       bops_budget=args.bops_budget, pin=args.pin, sensitivity=args.sensitivity)
@@ -218,6 +227,22 @@ def cmd_plan(args) -> int:
     how = {"perturb": "KL of the outputs, one layer quantized at a time",
            "hessian": "Hutchinson trace of the loss Hessian / params x squared weight change"}
     print(f"summed sensitivity {plan.sensitivity:.4g} ({args.sensitivity}: {how[args.sensitivity]})")
+    return 0
+
+
+def cmd_pareto(args) -> int:
+    from runtime import pareto
+
+    model_path, calib = _eval_inputs(args)
+    budgets = [float(t) for t in args.budgets.split(",")]
+    points = pareto.sweep(model_path, calib, args.data, budgets, sensitivity=args.sensitivity)
+    print(pareto.table(points))
+    tmp = f"{args.output}.tmp{os.getpid()}.png"
+    pareto.plot(points, tmp, f"{os.path.basename(model_path)} on {args.data}")
+    os.replace(tmp, args.output)
+    if args.json:
+        _write_text(args.json, pareto.to_json(points))
+    _say(args, f"wrote {args.output}")
     return 0
 
 
@@ -407,6 +432,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan_args(pl)
     _add_shape_arg(pl)
     pl.set_defaults(func=cmd_plan)
+
+    pa = sub.add_parser("pareto", parents=[common], help="accuracy against size and speed: uniform vs mixed bits")
+    pa.add_argument("model", metavar="MODEL.onnx", help="an ONNX classifier or a zoo model name")
+    pa.add_argument("--data", required=True, help="labeled dataset: digits")
+    pa.add_argument("--calib", metavar="DATA.npz", help="calibration inputs (default: 256 training images)")
+    pa.add_argument("--budgets", default="0.25,0.5,0.75", help="size budgets of the mixed plans (HAWQ fractions)")
+    pa.add_argument("--sensitivity", default="perturb", choices=["perturb", "hessian"])
+    pa.add_argument("-o", "--output", required=True, metavar="PLOT.png")
+    pa.add_argument("--json", metavar="FILE", help="also write the points as JSON")
+    pa.set_defaults(func=cmd_pareto)
 
     i = sub.add_parser("inspect", parents=[common], help="show an artifact's kernels, op histogram and sizes")
     i.add_argument("artifact", metavar="OUTDIR")

@@ -67,24 +67,33 @@ def labeled_splits(dataset: str):
     return {s: data.digits(s) for s in ("test", "perturbed")}
 
 
+def compile_for_splits(model_path: str, calib: Mapping[str, np.ndarray], splits, **quantization):
+    """lowbit integer-only for whole splits at once: a graph with run-time shape arithmetic is
+    compiled at the split's size (static shapes).  Returns (artifact, CompileOptions)."""
+    import onnx
+
+    import compiler
+    from compiler.options import CompileOptions
+
+    name = onnx.load(model_path, load_external_data=False).graph.input[0].name
+    sizes = {len(d.x) for d in splits.values()}
+    shapes = {name: next(iter(splits.values())).x.shape} if len(sizes) == 1 else {}
+    opts = CompileOptions(calib=dict(calib), input_shapes=shapes, **quantization)
+    return compiler.compile(model_path, options=opts), opts
+
+
 def evaluate(model_path: str, calib: Mapping[str, np.ndarray], dataset: str = "digits",
              threads: int = 1, **quantization) -> EvalResult:
     """``quantization``: lowbit's CompileOptions fields (observer, nonlinear, weight_bits, budgets...)."""
     import onnx
 
-    import compiler
-    from compiler.options import CompileOptions
     from runtime import ort
 
     splits = labeled_splits(dataset)
     name = onnx.load(model_path, load_external_data=False).graph.input[0].name
     with tempfile.TemporaryDirectory() as tmp:
         qdq = ort.quantize(model_path, calib, os.path.join(tmp, "ort_int8.onnx"), "static")
-        # compiled for the split's size: a graph with run-time shape arithmetic gets static shapes
-        shapes = {name: splits["test"].x.shape} if all(len(d.x) == len(splits["test"].x) for d in splits.values()) \
-            else {}
-        opts = CompileOptions(calib=dict(calib), input_shapes=shapes, **quantization)
-        art = compiler.compile(model_path, options=opts)
+        art, opts = compile_for_splits(model_path, calib, splits, **quantization)
         runners = {REFERENCE: ort.OrtRunner(REFERENCE, model_path, threads),
                    "ORT INT8 (QDQ)": ort.OrtRunner("ORT INT8 (QDQ)", qdq, threads),
                    f"lowbit {art.manifest.precision}": art.run}

@@ -104,3 +104,19 @@ def test_hutchinson_trace_within_ten_percent_of_exact():
         q, scale = calibration.weight_params(w, axis=1, bits=bits)
         change = float(((w - q * scale.reshape(1, -1)).astype(np.float64) ** 2).sum())
         assert abs(layer.sensitivity[bits] * w.size / change / exact - 1) < 0.10
+
+
+def test_pareto_cli_writes_plot_and_table(tmp_path):
+    """digits_cnn: uniform 8/4/2 and one mixed plan; the mixed plan's packed weights lie between
+    int4's and int8's, and it agrees with FP32 at least as often as uniform 4-bit."""
+    import json
+
+    png, table = tmp_path / "pareto.png", tmp_path / "pareto.json"
+    res = run_cli("pareto", "digits_cnn", "--data", "digits", "--budgets", "0.5", "-o", png, "--json", table)
+    assert res.returncode == 0, res.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    points = {p["config"]: p for p in json.loads(table.read_text())}
+    assert list(points) == ["int8", "int4", "int2", "mixed 0.5"]
+    size = {k: p["weight_bytes"] for k, p in points.items()}
+    assert size["int2"] < size["int4"] < size["mixed 0.5"] <= (size["int8"] + size["int4"]) / 2 < size["int8"]
+    assert points["mixed 0.5"]["agreement"]["perturbed"] >= points["int4"]["agreement"]["perturbed"]
