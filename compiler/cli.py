@@ -32,6 +32,40 @@ def _bits(text: str):
         raise argparse.ArgumentTypeError(f"expected 8, 4, 2 or mixed, got {text}") from None
 
 
+SENSITIVITY = ("perturb", "hessian")          # compiler/sensitivity.METHODS, without importing it here
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(t) for t in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or any(not 0 <= v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected fractions in [0, 1] separated by commas, got {text}")
+    return values
+
+
+def _add_dataset_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL.onnx", help="an ONNX classifier or a zoo model name")
+    p.add_argument("--data", required=True, help="labeled dataset: digits")
+    p.add_argument("--calib", metavar="DATA.npz", help="calibration inputs (default: 256 training images)")
+
+
+def _add_quant_args(p: argparse.ArgumentParser) -> None:
+    """How an FP32 model is quantized (compile with --calib, eval)."""
+    p.add_argument("--bits", type=_bits, metavar="{8,4,2,mixed}",
+                   help="weight bit-width (default 8), or mixed: per layer by ILP within a budget")
+    _add_plan_args(p)
+    p.add_argument("--observer", default="minmax", choices=["minmax", "percentile", "mse"],
+                   help="activation range estimator (default minmax, as ORT's)")
+    p.add_argument("--nonlinear", default="auto", choices=["shift", "poly", "auto"],
+                   help="softmax / GELU: I-ViT shift, I-BERT poly, or per layer the lower error (default)")
+    p.add_argument("--residual-bits", type=int, default=16, choices=[8, 16],
+                   help="bits of a transformer's residual stream, the sums LayerNorm reads (default 16)")
+    p.add_argument("--softmax-bits", type=int, default=8, choices=[8, 16],
+                   help="bits of softmax outputs, the attention probabilities (default 8)")
+
+
 def _add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size-budget", type=float, metavar="F",
                    help="with --bits mixed: weight bytes; F <= 1 is HAWQ's fraction from the cheapest plan to "
@@ -39,7 +73,7 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bops-budget", type=float, metavar="F", help="with --bits mixed: bit operations, the same way")
     p.add_argument("--no-pin", dest="pin", action="store_false",
                    help="let the first and last weighted layers go below 8 bits too")
-    p.add_argument("--sensitivity", default="perturb", choices=["perturb", "hessian"],
+    p.add_argument("--sensitivity", default="perturb", choices=SENSITIVITY,
                    help="with --bits mixed: output KL with one layer quantized (default), or HAWQ's "
                         "Hessian trace x weight perturbation")
 
@@ -193,7 +227,8 @@ def cmd_eval(args) -> int:
 
     model_path, calib = _eval_inputs(args)
     result = evaluate(model_path, calib, args.data, args.threads, observer=args.observer, nonlinear=args.nonlinear,
-                      residual_bits=args.residual_bits, weight_bits=args.bits, size_budget=args.size_budget,
+                      residual_bits=args.residual_bits, softmax_bits=args.softmax_bits, weight_bits=args.bits,
+                      size_budget=args.size_budget,
                       bops_budget=args.bops_budget, pin=args.pin, sensitivity=args.sensitivity)
     print(result.table())
     if args.json:
@@ -234,8 +269,7 @@ def cmd_pareto(args) -> int:
     from runtime import pareto
 
     model_path, calib = _eval_inputs(args)
-    budgets = [float(t) for t in args.budgets.split(",")]
-    points = pareto.sweep(model_path, calib, args.data, budgets, sensitivity=args.sensitivity)
+    points = pareto.sweep(model_path, calib, args.data, args.budgets, sensitivity=args.sensitivity)
     print(pareto.table(points))
     tmp = f"{args.output}.tmp{os.getpid()}.png"
     pareto.plot(points, tmp, f"{os.path.basename(model_path)} on {args.data}")
@@ -379,17 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_shape_arg(c)
     c.add_argument("--calib", metavar="DATA.npz",
                    help="quantize an FP32 model to integer-only, calibrating on these inputs (any sample count)")
-    c.add_argument("--bits", type=_bits, metavar="{8,4,2,mixed}",
-                   help="with --calib: weight bit-width (default 8), or mixed: per layer by ILP within a budget")
-    _add_plan_args(c)
-    c.add_argument("--observer", default="minmax", choices=["minmax", "percentile", "mse"],
-                   help="with --calib: activation range estimator (default minmax)")
-    c.add_argument("--nonlinear", default="auto", choices=["shift", "poly", "auto"],
-                   help="softmax / GELU: I-ViT shift, I-BERT poly, or per layer the lower error (default)")
-    c.add_argument("--residual-bits", type=int, default=16, choices=[8, 16],
-                   help="with --calib: bits of a transformer's residual stream, the sums LayerNorm reads (default 16)")
-    c.add_argument("--softmax-bits", type=int, default=8, choices=[8, 16],
-                   help="with --calib: bits of softmax outputs, the attention probabilities (default 8)")
+    _add_quant_args(c)
     c.add_argument("-o", "--output", required=True, metavar="OUTDIR")
     c.set_defaults(func=cmd_compile)
 
@@ -411,17 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench)
 
     e = sub.add_parser("eval", parents=[common], help="accuracy of ORT FP32, ORT INT8 and lowbit integer-only")
-    e.add_argument("model", metavar="MODEL.onnx", help="an ONNX classifier or a zoo model name")
-    e.add_argument("--data", required=True, help="labeled dataset: digits")
-    e.add_argument("--calib", metavar="DATA.npz", help="calibration inputs (default: 256 training images)")
-    e.add_argument("--observer", default="minmax", choices=["minmax", "percentile", "mse"],
-                   help="lowbit's activation range estimator (default minmax, as ORT's)")
-    e.add_argument("--nonlinear", default="auto", choices=["shift", "poly", "auto"],
-                   help="softmax / GELU: I-ViT shift, I-BERT poly, or per layer the lower error (default)")
-    e.add_argument("--residual-bits", type=int, default=16, choices=[8, 16],
-                   help="bits of a transformer's residual stream (default 16)")
-    e.add_argument("--bits", type=_bits, metavar="{8,4,2,mixed}", help="lowbit's weight bits (default 8)")
-    _add_plan_args(e)
+    _add_dataset_args(e)
+    _add_quant_args(e)
     e.add_argument("--threads", type=_positive(int), default=os.cpu_count() or 1, help="threads for every runtime")
     e.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     e.set_defaults(func=cmd_eval)
@@ -434,11 +449,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(func=cmd_plan)
 
     pa = sub.add_parser("pareto", parents=[common], help="accuracy against size and speed: uniform vs mixed bits")
-    pa.add_argument("model", metavar="MODEL.onnx", help="an ONNX classifier or a zoo model name")
-    pa.add_argument("--data", required=True, help="labeled dataset: digits")
-    pa.add_argument("--calib", metavar="DATA.npz", help="calibration inputs (default: 256 training images)")
-    pa.add_argument("--budgets", default="0.25,0.5,0.75", help="size budgets of the mixed plans (HAWQ fractions)")
-    pa.add_argument("--sensitivity", default="perturb", choices=["perturb", "hessian"])
+    _add_dataset_args(pa)
+    pa.add_argument("--budgets", type=_fractions, default=(0.25, 0.5, 0.75), metavar="T1,T2,...",
+                    help="size budgets of the mixed plans, HAWQ fractions (default 0.25,0.5,0.75)")
+    pa.add_argument("--sensitivity", default="perturb", choices=SENSITIVITY, help="how layers are ranked")
     pa.add_argument("-o", "--output", required=True, metavar="PLOT.png")
     pa.add_argument("--json", metavar="FILE", help="also write the points as JSON")
     pa.set_defaults(func=cmd_pareto)

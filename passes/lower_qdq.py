@@ -108,7 +108,6 @@ class _Lowering:
         self.env: dict = {}
         self.variants = variants            # "shift" | "poly" | {kind: [variant per node, in order]}
         self.seen: dict[str, int] = {}
-        self.layers = 0
         self.widened: list[str] = []        # accumulators the range analysis could not keep in int32
         self.weights: list[dict] = []       # each linear layer's stored weights
 
@@ -422,8 +421,7 @@ class _Lowering:
         bound = int((w_abs * x_max + np.abs(correction)).max())
         acc_dtype = "int32" if bound < 2**31 else "int64"
         if acc_dtype == "int64":
-            self.widened.append(f"{name.split('.')[-1]} #{self.layers} (bound 2^{np.log2(bound):.1f})")
-        self.layers += 1
+            self.widened.append(f"{name.split('.')[-1]} #{len(self.weights)} (bound 2^{np.log2(bound):.1f})")
         # 4- and 2-bit weights stay packed in the artifact; the kernel unpacks them (passes/subbyte.py)
         bits = subbyte.width(wq)
         if bits:
@@ -468,7 +466,7 @@ class _Lowering:
             dtype = str(acc.ty.dtype)
             if bound >= 2**31 and dtype == "int32":     # the sum may not fit: add in int64
                 acc, dtype = self.bb.emit(op.astype(acc, "int64")), "int64"
-                self.widened.append(f"bias add #{self.layers - 1} (bound 2^{np.log2(bound):.1f})")
+                self.widened.append(f"bias add #{len(self.weights) - 1} (bound 2^{np.log2(bound):.1f})")
             bias = relax.const(b.q.astype(dtype), dtype)
             return _Pending([(self.bb.emit(op.add(acc, bias)), num, axis)], a.lo, a.hi, bound)
         if isinstance(a, (_Deq, _ConstDeq)) and isinstance(b, (_Deq, _ConstDeq)):
@@ -518,9 +516,12 @@ class LoweringReport:
     max_c(sum_k |w[c,k]| * max|q_x| + |z_x * sum_k w[c,k]|) (+ |bias|); layers whose bound
     reaches 2^31 accumulate in int64 and are listed here.  ``weights``: per linear layer, in
     order, its op, weight shape, and bits and bytes as stored (sub-byte widths packed)."""
-    layers: int
     int64: tuple[str, ...]
     weights: tuple[dict, ...] = ()
+
+    @property
+    def layers(self) -> int:
+        return len(self.weights)
 
     def summary(self) -> str:
         if not self.int64:
@@ -562,7 +563,7 @@ def lower_qdq(mod: tvm.IRModule, variants="auto") -> tuple[tvm.IRModule, Lowerin
     new = bb.get()
     lowered = tvm.IRModule({**{gv: f for gv, f in mod.functions_items() if gv.name_hint != "main"},
                             **{gv: f for gv, f in new.functions_items()}})
-    return lowered, LoweringReport(low.layers, tuple(low.widened), tuple(low.weights))
+    return lowered, LoweringReport(tuple(low.widened), tuple(low.weights))
 
 
 def is_qdq(mod: tvm.IRModule) -> bool:

@@ -28,6 +28,12 @@ def _weight_bits(qdq: onnx.ModelProto) -> dict[str, int]:
     return out
 
 
+def test_cli_offers_exactly_the_sensitivity_methods():
+    from compiler.cli import SENSITIVITY
+
+    assert SENSITIVITY == sensitivity.METHODS
+
+
 def test_sensitivity_grows_as_bits_fall_and_counts_are_exact():
     layers = sensitivity.measure(mlp_model(), {"x": _rand(64, 8)})
     assert [layer.name for layer in layers] == ["fc1", "fc2"]
