@@ -28,6 +28,9 @@ demo: setup
 	$(BIN)/lowbit inspect $(DEMO)/digits_cnn_int8 | sed -n '/^integer-only/p;/^quantized/p;/^kernels/p'
 	$(BIN)/lowbit eval $(DEMO)/digits_cnn.onnx --data digits --calib $(DEMO)/digits_cnn.calib.npz
 	$(BIN)/lowbit bench $(DEMO)/digits_cnn.onnx --calib $(DEMO)/digits_cnn.calib.npz --seconds 6 -q
+	@# mixed precision: the per-layer plan at half the int8-to-int4 size range, then its accuracy
+	$(BIN)/lowbit plan $(DEMO)/digits_cnn.onnx --calib $(DEMO)/digits_cnn.calib.npz --size-budget 0.5
+	$(BIN)/lowbit eval $(DEMO)/digits_cnn.onnx --data digits --calib $(DEMO)/digits_cnn.calib.npz --bits mixed --size-budget 0.5
 	$(BIN)/lowbit zoo export digits_vit -o $(DEMO)/digits_vit.onnx --calib $(DEMO)/digits_vit.calib.npz
 	$(BIN)/lowbit compile $(DEMO)/digits_vit.onnx --calib $(DEMO)/digits_vit.calib.npz -o $(DEMO)/digits_vit_int8
 	@# the verdict, and the kernels of one encoder block

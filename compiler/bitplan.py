@@ -5,7 +5,7 @@ One binary x[l, b] per (layer, bit-width); exactly one per layer:
     minimize    sum_l,b  Omega[l, b] x[l, b]                (summed sensitivity)
     subject to  sum_b x[l, b] = 1                            for every layer l
                 sum_l,b size[l, b] x[l, b]  <= S             weight bytes: ceil(params * b / 8)
-                sum_l,b bops[l, b] x[l, b]  <= B             MACs * b * activation bits
+                sum_l,b bops[l, b] x[l, b]  <= B             MACs * b * the input's activation bits
                 sum_l,b lat[l, b]  x[l, b]  <= L             measured per-layer latency
                 x[a, b] = x[c, b]                            tied layers (one residual add's branches)
                 x[l, pin] = 1                                pinned layers (first and last at 8 bits)
@@ -26,9 +26,9 @@ import numpy as np
 from compiler.errors import UserError
 
 BITS = (8, 4, 2)
-ACTIVATION_BITS = 8
 METRICS = ("size", "bops", "latency")
 UNITS = {"size": "bytes", "bops": "BOPs", "latency": "ms"}
+SUFFIXES = {"size": ("bytes", "b"), "bops": ("bops",), "latency": ("ms",)}
 
 
 @dataclass(frozen=True)
@@ -38,12 +38,13 @@ class Layer:
     macs: int                               # multiply-accumulates per inference
     sensitivity: Mapping[int, float]        # bits -> Omega, the loss increase from quantizing to that width
     latency: Mapping[int, float] | None = None      # bits -> ms, measured on the target
+    activation_bits: int = 8                # of the layer's input: 4 where it is a u4 ReLU output
 
     def cost(self, metric: str, bits: int) -> float:
         if metric == "size":
             return math.ceil(self.params * bits / 8)
         if metric == "bops":
-            return float(self.macs) * bits * ACTIVATION_BITS
+            return float(self.macs) * bits * self.activation_bits
         if self.latency is None:
             raise UserError(f"layer {self.name}: no latency measured for the target; drop --latency-budget "
                             "or measure the latency table first")
@@ -55,6 +56,22 @@ class Budget:
     metric: str                             # size | bops | latency
     value: float
     fraction: bool = False                  # HAWQ's t in [0, 1] between the cheapest plan and all-8
+
+    @classmethod
+    def parse(cls, metric: str, value: float | str) -> Budget:
+        """A bare number <= 1 is a fraction, any other an absolute amount; a unit suffix
+        (``20000B``, ``0.8ms``) makes it absolute whatever its size."""
+        text = str(value).strip().lower()
+        stripped = next((text.removesuffix(u) for u in SUFFIXES.get(metric, ()) if text.endswith(u)), None)
+        try:
+            number = float(stripped if stripped is not None else text)
+        except ValueError:
+            raise UserError(f"--{metric}-budget {value}: expected a number, e.g. 0.5 (a fraction) or "
+                            f"{'0.8ms' if metric == 'latency' else '20000'} (absolute)") from None
+        return cls(metric, number, fraction=stripped is None and number <= 1)
+
+    def __str__(self) -> str:
+        return f"{self.value:g}" if self.fraction else f"{self.value:g} {UNITS[self.metric]}"
 
     def __post_init__(self):
         if self.metric not in METRICS:
@@ -135,7 +152,7 @@ def solve(layers: Sequence[Layer], budgets: Sequence[Budget] = (), *, choices: S
         high = float(sum(layer.cost(budget.metric, max(choices)) for layer in layers))
         limit = low + budget.value * (high - low) if budget.fraction else budget.value
         if limit < low - 1e-9 * max(1.0, abs(low)):
-            raise UserError(f"--{budget.metric}-budget {budget.value:g}: infeasible; the smallest feasible "
+            raise UserError(f"--{budget.metric}-budget {budget}: infeasible; the smallest feasible "
                             f"{budget.metric} is {low:.6g} {UNITS[budget.metric]} (all 8-bit: {high:.6g})")
         limits[budget.metric] = limit
         extra.append((c, limit * (1 + 1e-12)))

@@ -64,18 +64,36 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
                    help="bits of a transformer's residual stream, the sums LayerNorm reads (default 16)")
     p.add_argument("--softmax-bits", type=int, default=8, choices=[8, 16],
                    help="bits of softmax outputs, the attention probabilities (default 8)")
+    p.add_argument("--act-bits", type=int, default=8, choices=[8, 4],
+                   help="bits of each layer's ReLU output, the next layer's input: 8 (default) or 4 (u4)")
 
 
 def _add_plan_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--size-budget", type=float, metavar="F",
+    p.add_argument("--size-budget", metavar="F",
                    help="with --bits mixed: weight bytes; F <= 1 is HAWQ's fraction from the cheapest plan to "
-                        "all 8-bit, F > 1 is bytes")
-    p.add_argument("--bops-budget", type=float, metavar="F", help="with --bits mixed: bit operations, the same way")
+                        "all 8-bit, F > 1 (or with a unit: 20000B) is bytes")
+    p.add_argument("--bops-budget", metavar="F", help="with --bits mixed: bit operations, the same way")
+    p.add_argument("--latency-budget", metavar="F",
+                   help="with --bits mixed: the layers' kernel time measured on this machine at each width; "
+                        "a fraction as above, or milliseconds with the unit: 0.8ms")
     p.add_argument("--no-pin", dest="pin", action="store_false",
                    help="let the first and last weighted layers go below 8 bits too")
     p.add_argument("--sensitivity", default="perturb", choices=SENSITIVITY,
                    help="with --bits mixed: output KL with one layer quantized (default), or HAWQ's "
                         "Hessian trace x weight perturbation")
+
+
+def _quant_options(args) -> dict:
+    """The CompileOptions fields _add_quant_args sets."""
+    return {"weight_bits": args.bits, "observer": args.observer, "nonlinear": args.nonlinear,
+            "residual_bits": args.residual_bits, "softmax_bits": args.softmax_bits,
+            "activation_bits": args.act_bits, **_plan_options(args)}
+
+
+def _plan_options(args) -> dict:
+    """The CompileOptions fields _add_plan_args sets."""
+    return {"size_budget": args.size_budget, "bops_budget": args.bops_budget, "latency_budget": args.latency_budget,
+            "pin": args.pin, "sensitivity": args.sensitivity}
 
 
 def _add_shape_arg(p: argparse.ArgumentParser) -> None:
@@ -98,10 +116,7 @@ def cmd_compile(args) -> int:
     from compiler.options import CompileOptions
 
     opts = CompileOptions(target=args.target, input_shapes=_shapes(args), calib=args.calib,
-                          weight_bits=args.bits, observer=args.observer, nonlinear=args.nonlinear,
-                          residual_bits=args.residual_bits, softmax_bits=args.softmax_bits,
-                          size_budget=args.size_budget, bops_budget=args.bops_budget, pin=args.pin,
-                          sensitivity=args.sensitivity)
+                          **_quant_options(args))
     art = compiler.compile(args.model, options=opts)
     art.save(args.output)
     size = os.path.getsize(os.path.join(args.output, art.manifest.library))
@@ -226,10 +241,7 @@ def cmd_eval(args) -> int:
     from runtime.evaluate import evaluate
 
     model_path, calib = _eval_inputs(args)
-    result = evaluate(model_path, calib, args.data, args.threads, observer=args.observer, nonlinear=args.nonlinear,
-                      residual_bits=args.residual_bits, softmax_bits=args.softmax_bits, weight_bits=args.bits,
-                      size_budget=args.size_budget,
-                      bops_budget=args.bops_budget, pin=args.pin, sensitivity=args.sensitivity)
+    result = evaluate(model_path, calib, args.data, args.threads, **_quant_options(args))
     print(result.table())
     if args.json:
         _write_text(args.json, result.to_json())
@@ -237,28 +249,27 @@ def cmd_eval(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from compiler import driver, frontend, quantize
+    from compiler import bitplan, driver, frontend, quantize
     from compiler.options import CompileOptions
 
-    opts = CompileOptions(input_shapes=_shapes(args), calib=args.calib, weight_bits="mixed",
-                          size_budget=args.size_budget, bops_budget=args.bops_budget, pin=args.pin,
-                          sensitivity=args.sensitivity)
+    opts = CompileOptions(input_shapes=_shapes(args), calib=args.calib, weight_bits="mixed", **_plan_options(args))
     src = frontend.load(args.model)
     _, shapes = driver.quantization_shapes(src, frontend.input_specs(src, opts.input_shapes))
-    plan, layers = driver.plan_bits(src, quantize.load_calibration(args.calib), opts, shapes)
+    plan, layers = driver.plan_bits(src, quantize.load_calibration(args.calib), opts, shapes, latency=True)
     name_width = max(len(layer.name) for layer in layers)
     print(f"{'layer':<{name_width}}  bits {'params':>9} {'MACs':>11}   {'Omega@8':>9} {'Omega@4':>9} "
-          f"{'Omega@2':>9} {'bytes':>8} {'BOPs':>12}")
+          f"{'Omega@2':>9}   {'ms@8':>7} {'ms@4':>7} {'ms@2':>7} {'bytes':>8} {'BOPs':>10} {'ms':>7}")
     for layer in layers:
         b = plan.bits[layer.name]
         omegas = " ".join(f"{layer.sensitivity[k]:>9.2e}" for k in (8, 4, 2))
-        print(f"{layer.name:<{name_width}}  {b:>4} {layer.params:>9} {layer.macs:>11}   {omegas} "
-              f"{layer.cost('size', b):>8.0f} {layer.cost('bops', b):>12.3g}")
-    for metric in ("size", "bops"):
+        times = [f"{layer.latency[k]:>7.4f}" if layer.latency else f"{'-':>7}" for k in (8, 4, 2, b)]
+        print(f"{layer.name:<{name_width}}  {b:>4} {layer.params:>9} {layer.macs:>11}   {omegas}   "
+              f"{' '.join(times[:3])} {layer.cost('size', b):>8.0f} {layer.cost('bops', b):>10.3g} {times[3]}")
+    for metric in plan.totals:
         full = sum(layer.cost(metric, 8) for layer in layers)
         limit = f", budget {plan.limits[metric]:.6g}" if metric in plan.limits else ""
-        print(f"{metric:<5} {plan.totals[metric]:.6g} ({100 * plan.totals[metric] / full:.1f}% of all 8-bit "
-              f"{full:.6g}{limit})")
+        print(f"{metric:<7} {plan.totals[metric]:.6g} {bitplan.UNITS[metric]} ({100 * plan.totals[metric] / full:.1f}% "
+              f"of all 8-bit {full:.6g}{limit})")
     how = {"perturb": "KL of the outputs, one layer quantized at a time",
            "hessian": "Hutchinson trace of the loss Hessian / params x squared weight change"}
     print(f"summed sensitivity {plan.sensitivity:.4g} ({args.sensitivity}: {how[args.sensitivity]})")
@@ -269,7 +280,8 @@ def cmd_pareto(args) -> int:
     from runtime import pareto
 
     model_path, calib = _eval_inputs(args)
-    points = pareto.sweep(model_path, calib, args.data, args.budgets, sensitivity=args.sensitivity)
+    points = pareto.sweep(model_path, calib, args.data, args.budgets, timing_s=args.seconds,
+                          sensitivity=args.sensitivity)
     print(pareto.table(points))
     tmp = f"{args.output}.tmp{os.getpid()}.png"
     pareto.plot(points, tmp, f"{os.path.basename(model_path)} on {args.data}")
@@ -311,7 +323,8 @@ def cmd_inspect(args) -> int:
         named = len(plan) == len(rows) and all(r["bits"] <= b for r, (_, b) in zip(rows, plan, strict=False))
         for i, r in enumerate(rows):
             print(f"  weights #{i:<3} {r['op']} {'x'.join(map(str, r['shape']))}: {r['bits']}-bit, {r['bytes']} bytes"
-                  + (f"  ({plan[i][0]}, planned {plan[i][1]}-bit)" if named else ""))
+                  + (f"  ({plan[i][0]}, planned {plan[i][1]}-bit)" if named else "")
+                  + (f"  in {r['kernel']}" if r.get("kernel") else ""))
         for row in m.quantization.get("nonlinear", []):
             errs = ", ".join(f"{v} max {row['max_err'][v]:.4f} mean {row['mean_err'][v]:.5f}" for v in row["max_err"])
             print(f"  {row['op']:<10} {row['chosen']:<12} {row['node']}  ({errs})")
@@ -453,6 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--budgets", type=_fractions, default=(0.25, 0.5, 0.75), metavar="T1,T2,...",
                     help="size budgets of the mixed plans, HAWQ fractions (default 0.25,0.5,0.75)")
     pa.add_argument("--sensitivity", default="perturb", choices=SENSITIVITY, help="how layers are ranked")
+    pa.add_argument("--seconds", type=_positive(float), default=10.0,
+                    help="time budget for the interleaved timing of all configurations")
     pa.add_argument("-o", "--output", required=True, metavar="PLOT.png")
     pa.add_argument("--json", metavar="FILE", help="also write the points as JSON")
     pa.set_defaults(func=cmd_pareto)

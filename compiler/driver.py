@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import onnx
@@ -23,6 +23,7 @@ from compiler.progress import log, native_stderr_to_debug, stage, steps
 from passes.analysis import op_histogram, weight_bytes
 from passes.lower_qdq import QDQLoweringError, is_qdq, lower_qdq
 from passes.verify_integer import check_integer_only
+from runtime import latency
 from runtime.artifact import Artifact, Manifest, versions
 
 
@@ -72,6 +73,8 @@ def _compile(model, opts: CompileOptions, config) -> Artifact:
             quantization["budgets"] = {m: round(v, 3) for m, v in bit_plan.limits.items()}
         if report.residual:
             quantization["residual_stream"] = f"{report.residual} tensors in int{config.residual_bits}"
+        if report.narrow:
+            quantization["activations_u4"] = f"{report.narrow} ReLU outputs on the u4 grid [0, 15]"
         if report.softmax:
             quantization["softmax_output"] = f"{report.softmax} tensors in uint{config.softmax_bits}"
         if report.nonlinear:
@@ -83,12 +86,12 @@ def _compile(model, opts: CompileOptions, config) -> Artifact:
     with stage("import to Relax"):
         mod = frontend.to_relax(src, inputs)
         outputs = frontend.relax_output_specs(mod, [o.name for o in src.proto.graph.output])
+    lowering = None
     if is_qdq(mod):
         with stage("lower QDQ to integer"):
             try:
                 mod, lowering = lower_qdq(mod, variants)
                 quantization["accumulators"] = lowering.summary()
-                quantization["weights"] = list(lowering.weights)
                 if lowering.int64:
                     log.warning("%s: %s", src.path, lowering.summary())
             except QDQLoweringError as exc:
@@ -107,6 +110,9 @@ def _compile(model, opts: CompileOptions, config) -> Artifact:
                 raise
             raise UserError(f"{src.path}: building with symbolic shapes failed: "
                             f"{frontend.first_line(exc)}{hint}") from None
+    if lowering is not None:        # each layer's stored weights, and the kernel that reads them
+        quantization["weights"] = [{**w, "kernel": fusion.readers.get(d)}
+                                   for w, d in zip(lowering.weights, lowering.digests, strict=True)]
 
     manifest = Manifest(
         model=Path(src.path).name, model_sha256=src.sha256, target=target_dict, precision=_precision(histogram, verdict),
@@ -128,15 +134,50 @@ def quantization_shapes(src: frontend.OnnxModel, inputs):
     return inputs, {s.name: s.shape for s in inputs}
 
 
-def plan_bits(src: frontend.OnnxModel, calib, opts: CompileOptions, shapes=None):
+def plan_bits(src: frontend.OnnxModel, calib, opts: CompileOptions, shapes=None, *, latency: bool = False):
     """Per-layer weight bits for ``--bits mixed``: the sensitivity of every weighted layer
-    (compiler/sensitivity.py), then the ILP within the budgets (compiler/bitplan.py).
-    Returns (BitPlan, the layers with their sensitivities)."""
-    layers = sensitivity.measure(src.proto, calib, method=opts.sensitivity, where=src.path, shapes=shapes)
+    (compiler/sensitivity.py), their kernel times at each width when a latency budget (or
+    ``latency``) asks for them (runtime/latency.py), then the ILP within the budgets
+    (compiler/bitplan.py).  Returns (BitPlan, the layers with their sensitivities)."""
+    layers = sensitivity.measure(src.proto, calib, method=opts.sensitivity, where=src.path, shapes=shapes,
+                                 activation_bits=opts.activation_bits)
     if not layers:
         raise UserError(f"{src.path}: no Conv, Gemm or MatMul with constant weights: nothing to plan")
+    if latency or opts.latency_budget is not None:
+        try:
+            with stage("latency table"):
+                table = latency_table(src, calib, opts, layers)
+            layers = [replace(layer, latency=table[layer.name]) for layer in layers]
+        except UserError as exc:
+            if opts.latency_budget is not None:
+                raise
+            log.warning("no latency table: %s", exc)
     pins = {layers[0].name: 8, layers[-1].name: 8} if opts.pin else {}
     return bitplan.solve(layers, opts.budgets(), pins=pins), layers
+
+
+def latency_table(src: frontend.OnnxModel, calib, opts: CompileOptions, layers) -> dict[str, dict[int, float]]:
+    """Each layer's kernel time at 8, 4 and 2 bits on this machine, from one uniform build per
+    width (runtime/latency.py), cached per model, target, shapes and quantization options."""
+    builds = {}
+
+    def build(bits: int):
+        at = replace(opts, weight_bits=bits, size_budget=None, bops_budget=None, latency_budget=None,
+                     sensitivity="perturb", pin=False, calib=calib)
+        with steps(5, f"latency table: {bits}-bit build"):
+            builds[bits] = _compile(src, at, at.quant_config())
+        return builds[bits]
+
+    def compute():
+        first = build(bitplan.BITS[0])
+        feeds = latency.sample_feeds(first.manifest.inputs, calib)
+        return latency.measure(lambda b: builds.get(b) or build(b), layers, feeds)
+
+    key = {"model": src.sha256, "target": llvm.host_target(), "shapes": opts.input_shapes,
+           "calibration": latency.digest_feeds(calib), "layers": [layer.name for layer in layers],
+           "quantization": [opts.observer, opts.nonlinear, opts.residual_bits, opts.softmax_bits,
+                            opts.activation_bits]}
+    return latency.cached(key, compute)
 
 
 def _precision(histogram: dict[str, int], verdict) -> str:

@@ -6,6 +6,7 @@ node and op where there is one, so the CLI can print it on one line.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import tvm
 
 from compiler.errors import UserError
 from runtime.artifact import TensorSpec
@@ -29,10 +31,12 @@ class OnnxModel:
     sha256: str
 
 
-def load(model: str | os.PathLike | onnx.ModelProto) -> OnnxModel:
+def load(model: str | os.PathLike | onnx.ModelProto | OnnxModel) -> OnnxModel:
     """Read an ONNX model (with external data) and fail cleanly on unreadable files."""
     import hashlib
 
+    if isinstance(model, OnnxModel):
+        return model
     if isinstance(model, onnx.ModelProto):
         proto, path = model, model.graph.name or "<in-memory model>"
         raw = model.SerializeToString()
@@ -145,10 +149,48 @@ def to_relax(model: OnnxModel, specs: list[TensorSpec]):
     shape_dict = {s.name: list(s.shape) for s in specs if all(isinstance(d, int) for d in s.shape)}
     dtype_dict = {s.name: s.dtype for s in specs}
     try:
-        return from_onnx(model.proto, shape_dict=shape_dict, dtype_dict=dtype_dict)
+        with _constant_clip():
+            return from_onnx(model.proto, shape_dict=shape_dict, dtype_dict=dtype_dict)
     except Exception as exc:  # the importer raises bare TVM errors for unsupported attribute combinations
         raise UserError(f"{model.path}: TVM's ONNX importer rejected the model: {first_line(exc)}"
                         f"{symbolic_hint(specs)}") from None
+
+
+@contextlib.contextmanager
+def _constant_clip():
+    """Import Clip with constant bounds as ``relax.clip``.  TVM's converter emits maximum and
+    minimum kernels behind NaN guards on the bounds, which hides them from the integer lowering
+    (passes/lower_qdq.py folds a Clip into its requantize's clamp, as ReLU6 and u4 need).  The
+    importer looks its converters up through one module function, swapped here for the call."""
+    from tvm import relax
+    from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
+
+    def bound(expr, unbounded: float) -> float | None:
+        if expr is None:
+            return unbounded
+        if not isinstance(expr, tvm.ir.GenericConst) or expr.value.numpy().size != 1:
+            return None
+        value = float(expr.value.numpy().reshape(-1)[0])
+        return unbounded if np.isnan(value) else value         # ONNX: a NaN bound is no bound
+
+    class Clip(tvm_onnx.Clip):
+        @classmethod
+        def _impl_v13(cls, bb, inputs, attr, params):
+            lo, hi = bound(inputs[1], -np.inf), bound(inputs[2], np.inf)
+            if lo is None or hi is None or not str(inputs[0].ty.dtype).startswith("float"):
+                return super()._impl_v13(bb, inputs, attr, params)
+            return relax.op.clip(inputs[0], lo, hi)
+
+    original = tvm_onnx._get_convert_map
+
+    def convert_map():
+        return {**original(), "Clip": Clip}
+
+    tvm_onnx._get_convert_map = convert_map
+    try:
+        yield
+    finally:
+        tvm_onnx._get_convert_map = original
 
 
 def symbolic_hint(specs: list[TensorSpec]) -> str:

@@ -21,14 +21,18 @@ class CompileOptions:
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     calib: str | os.PathLike | Mapping[str, np.ndarray] | None = None    # FP32 models: quantize on this data
     weight_bits: int | str | None = None    # with calib: 8 (default), 4, 2, or "mixed" (a bit plan by ILP)
-    size_budget: float | None = None        # with "mixed": <= 1: HAWQ fraction between cheapest and all-8; else bytes
-    bops_budget: float | None = None        # with "mixed": the same for bit operations
+    # with "mixed": a bare number <= 1 is HAWQ's fraction between the cheapest plan and all-8, else absolute
+    # (bytes, BOPs, ms); a unit suffix ("0.8ms") makes it absolute (compiler/bitplan.Budget.parse)
+    size_budget: float | str | None = None
+    bops_budget: float | str | None = None
+    latency_budget: float | str | None = None   # kernel time measured on the target (runtime/latency.py)
     pin: bool = True                        # below 8 bits, the first and last weighted layers stay at 8
     sensitivity: str = "perturb"            # with "mixed": perturb (output KL) or hessian (Hutchinson trace)
     observer: str = "minmax"                # with calib: minmax, percentile or mse
     nonlinear: str = "auto"                 # softmax / GELU: shift (I-ViT), poly (I-BERT), auto (per layer)
     residual_bits: int = 16                 # with calib: a transformer's residual stream in 16 or 8 bits
     softmax_bits: int = 8                   # with calib: softmax outputs (attention probabilities) in 8 or 16 bits
+    activation_bits: int = 8                # with calib: 4 puts each layer's ReLU output on the u4 grid
 
     def __post_init__(self):
         if self.target not in TARGETS:
@@ -38,7 +42,7 @@ class CompileOptions:
         check_nonlinear(self.nonlinear)        # also for quantized models: it picks their softmax / GELU
         budgets = self.budgets()
         if self.weight_bits == "mixed" and not budgets:
-            raise UserError("--bits mixed needs a budget: --size-budget F and/or --bops-budget F "
+            raise UserError("--bits mixed needs a budget: --size-budget, --bops-budget and/or --latency-budget F "
                             "(F <= 1: a fraction from the cheapest plan to all-8-bit; F > 1: absolute)")
         from compiler.sensitivity import METHODS
 
@@ -47,17 +51,19 @@ class CompileOptions:
         if self.sensitivity != "perturb" and self.weight_bits != "mixed":
             raise UserError("--sensitivity chooses how --bits mixed ranks the layers; add --bits mixed and a budget")
         if budgets and self.weight_bits != "mixed":
-            raise UserError("--size-budget and --bops-budget choose a mixed-precision plan; add --bits mixed")
+            raise UserError("--size-budget, --bops-budget and --latency-budget choose a mixed-precision plan; "
+                            "add --bits mixed")
         if self.calib is None and (self.weight_bits is not None or self.observer != "minmax"
-                                   or self.residual_bits != 16 or self.softmax_bits != 8):
-            raise UserError("--bits, --observer, --residual-bits and --softmax-bits choose how an FP32 model "
-                            "is quantized; add --calib DATA.npz")
+                                   or self.residual_bits != 16 or self.softmax_bits != 8
+                                   or self.activation_bits != 8):
+            raise UserError("--bits, --act-bits, --observer, --residual-bits and --softmax-bits choose how an FP32 "
+                            "model is quantized; add --calib DATA.npz")
 
     def budgets(self) -> list:
         from compiler.bitplan import Budget
 
-        return [Budget(metric, float(v), fraction=float(v) <= 1)
-                for metric, v in (("size", self.size_budget), ("bops", self.bops_budget)) if v is not None]
+        return [Budget.parse(metric, v) for metric, v in (("size", self.size_budget), ("bops", self.bops_budget),
+                                                          ("latency", self.latency_budget)) if v is not None]
 
     def quant_config(self, layer_bits=None):
         """``layer_bits``: the bit plan of ``--bits mixed`` (node name -> bits)."""
@@ -67,7 +73,7 @@ class CompileOptions:
         return QuantConfig(activations=ACTIVATIONS[self.target], weight_bits=uniform, pin_ends=self.pin,
                            layer_bits=dict(layer_bits or {}),
                            observer=self.observer, nonlinear=self.nonlinear, residual_bits=self.residual_bits,
-                           softmax_bits=self.softmax_bits)
+                           softmax_bits=self.softmax_bits, activation_bits=self.activation_bits)
 
 
 def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:

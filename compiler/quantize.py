@@ -58,6 +58,7 @@ class QuantConfig:
     nonlinear: str = "auto"         # softmax / GELU: "shift" (I-ViT), "poly" (I-BERT), "auto" (lower error)
     residual_bits: int = 16         # a transformer's residual stream (the sums LayerNorm reads): s16 or 8-bit
     softmax_bits: int = 8           # Shiftmax output (attention probabilities): u8 or u16
+    activation_bits: int = 8        # 4: a layer's ReLU output on the u4 grid [0, 15] (still one per byte)
     layer_bits: Mapping[str, int] = field(default_factory=dict)     # node name -> weight bits (a BitPlan)
     pin_ends: bool = True           # below 8 bits, the first and last weighted layers stay at 8 (HAWQ)
 
@@ -74,6 +75,9 @@ class QuantConfig:
             raise UserError(f"--residual-bits {self.residual_bits}: the residual stream is kept in 8 or 16 bits")
         if self.softmax_bits not in (8, 16):
             raise UserError(f"--softmax-bits {self.softmax_bits}: softmax outputs 8 or 16 bits")
+        if self.activation_bits not in (8, 4) or (self.activation_bits == 4 and self.activations != "u8"):
+            raise UserError(f"--act-bits {self.activation_bits}: activations are 8-bit, or 4-bit (u4) after ReLU "
+                            "with unsigned activations")
 
 
 def check_nonlinear(family: str) -> None:
@@ -109,6 +113,7 @@ class QuantReport:
     nonlinear: tuple[NonlinearChoice, ...] = ()
     residual: int = 0               # residual-stream tensors, at config.residual_bits
     softmax: int = 0                # softmax outputs, at config.softmax_bits
+    narrow: int = 0                 # ReLU outputs at config.activation_bits = 4
 
     def variants(self) -> dict[str, list[str]]:
         """Per op kind, the chosen variant of each node in graph order (what the lowering takes)."""
@@ -147,8 +152,9 @@ def quantize(model: onnx.ModelProto, calib: Mapping[str, np.ndarray] | Calibrati
     params, samples, seen = _calibrate(folded, plan, batches, config, where)
     choices = _choose_nonlinear(folded, plan, params, seen, config.nonlinear)
     qdq = _rewrite(folded, plan, params, config)
+    narrow = sum(activation_bits(t, plan, config) < 8 for t in plan.act)
     return qdq, QuantReport(samples, len(plan.act), n_bn, config, tuple(choices), len(plan.residual),
-                            len(plan.softmax))
+                            len(plan.softmax), narrow)
 
 
 def prepare(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None):
@@ -173,6 +179,7 @@ class _Plan:
     consts: list[str]                       # other initializers read by integer ops: per-tensor int8
     residual: set[str]                      # a transformer's residual sums: the stream LayerNorm reads
     softmax: set[str]                       # softmax outputs (attention probabilities)
+    rectified: set[str]                     # outputs of a layer's ReLU (or Clip from >= 0): u4 candidates
 
 
 def _plan(m: onnx.ModelProto) -> _Plan:
@@ -183,7 +190,7 @@ def _plan(m: onnx.ModelProto) -> _Plan:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
     outputs = {o.name for o in g.output}
-    plan = _Plan([], {}, {}, {}, {}, [], set(), set())
+    plan = _Plan([], {}, {}, {}, {}, [], set(), set(), set())
     transformer = any(n.op_type == "LayerNormalization" for n in g.node)
 
     def need(t: str) -> None:
@@ -217,6 +224,8 @@ def _plan(m: onnx.ModelProto) -> _Plan:
         if (act := single_next(t, ACTIVATIONS)) is not None and all(i in inits for i in act.input[1:] if i):
             skip.add(id(act))
             t = act.output[0]
+            if act.op_type == "Relu" or (len(act.input) > 1 and act.input[1] and float(inits[act.input[1]]) >= 0):
+                plan.rectified.add(t)
         return t
 
     for i in g.input:
@@ -338,8 +347,12 @@ def _calibrate(m: onnx.ModelProto, plan: _Plan, batches, config: QuantConfig, wh
         raise UserError(f"{where}: ONNX Runtime cannot run the FP32 model for calibration: "
                         f"{str(exc).splitlines()[0]}") from None
     names = [o.name for o in sess.get_outputs()]
-    kwargs = {"bits": 8, "scheme": config.activations} if config.observer == "mse" else {}
-    observers = {t: OBSERVERS[config.observer](**kwargs) for t in plan.act}
+    def observer(t):
+        if config.observer != "mse":
+            return OBSERVERS[config.observer]()
+        return OBSERVERS["mse"](bits=activation_bits(t, plan, config), scheme=config.activations)
+
+    observers = {t: observer(t) for t in plan.act}
     samples = 0
     nonlinear_inputs = {n.input[0] for n in m.graph.node if n.op_type in NONLINEAR_OPS}
     seen: dict[str, np.ndarray] = {}            # the first batch's inputs of softmax / GELU / LayerNorm
@@ -363,10 +376,18 @@ def _calibrate(m: onnx.ModelProto, plan: _Plan, batches, config: QuantConfig, wh
             return calibration.activation_params(*obs.range(), scheme="s16")
         if t in plan.softmax and config.softmax_bits == 16:       # probabilities: [0, 1] on a 2^-16 grid
             return calibration.activation_params(*obs.range(), scheme="u16")
-        return calibration.activation_params(*obs.range(), scheme=config.activations)
+        return calibration.activation_params(*obs.range(), scheme=config.activations,
+                                             bits=activation_bits(t, plan, config))
 
     params = {t: params_of(t, obs) for t, obs in observers.items()}
     return params, samples, seen
+
+
+def activation_bits(t: str, plan: _Plan, config: QuantConfig) -> int:
+    """4 for a ReLU output under ``activation_bits=4`` (u4: nonnegative, so no bit is spent on
+    a sign), else 8.  A transformer's residual stream keeps its own width (``residual_bits``)."""
+    root = plan.root.get(t, t)
+    return 4 if config.activation_bits == 4 and root in plan.rectified and root not in plan.residual else 8
 
 
 def _choose_nonlinear(m: onnx.ModelProto, plan: _Plan, params, seen, mode: str) -> list[NonlinearChoice]:
@@ -465,8 +486,17 @@ def _rewrite(m: onnx.ModelProto, plan: _Plan, params: dict[str, QuantParams], co
         p = params[t]
         zero = np.array(p.zero_point, np.dtype(p.dtype))
         s, z = const(t + "_scale", np.array(p.scale, np.float32)), const(t + "_zero_point", zero)
-        return [helper.make_node("QuantizeLinear", [src, s, z], [t + "_quantized"], name=t + "_QuantizeLinear"),
-                helper.make_node("DequantizeLinear", [t + "_quantized", s, z], [dst], name=t + "_DequantizeLinear")]
+        clip = []
+        if (bits := activation_bits(t, plan, config)) < 8:
+            # QuantizeLinear saturates at its type's 255; the narrower grid's top is a real-valued
+            # Clip just before it, which the lowering folds into the requantize's clamp
+            grid = np.array([-p.zero_point, (1 << bits) - 1 - p.zero_point], np.float32) * np.float32(p.scale)
+            clip = [helper.make_node("Clip", [src, const(t + "_bottom", grid[0]), const(t + "_top", grid[1])],
+                                     [t + "_clipped"], name=t + "_Clip")]
+            src = t + "_clipped"
+        return clip + [
+            helper.make_node("QuantizeLinear", [src, s, z], [t + "_quantized"], name=t + "_QuantizeLinear"),
+            helper.make_node("DequantizeLinear", [t + "_quantized", s, z], [dst], name=t + "_DequantizeLinear")]
 
     quantized = set(plan.act)
     graph_inputs = {i.name for i in g.input}

@@ -9,15 +9,18 @@ as the quantizer will), keep everything else in float, and measure how far the o
                   mean squared output change / output variance         otherwise
 
 ``hessian`` (HAWQ-V3 §3.4, second order): Omega(l, b) = tr(H_l) / n_l * ||W_l - Q_b(W_l)||^2,
-with tr(H_l), the trace of the loss Hessian in layer l's n_l weights, by Hutchinson's estimator
-E_v[v^T H v] over Rademacher vectors v.  Each v^T H v is a central second difference of the loss,
-(L(W + e v) - 2 L(W) + L(W - e v)) / e^2, exact for a quadratic loss and O(e^2) otherwise.  The
-loss is cross-entropy against the labels when given, else against the FP32 model's own
-predictions.
+with tr(H_l), the trace of the loss Hessian's block in layer l's n_l weights, by Hutchinson's
+estimator.  One Rademacher vector v spans every layer at once; the Hessian-vector product is a
+central difference of the loss gradient, H E v ~ (g(W + E v) - g(W - E v)) / 2, exact for a
+quadratic loss and O(e^2) otherwise, with E scaling each layer by e_l = STEP * rms(W_l).  Then
+v_l^T (H E v)_l / e_l has mean tr(H_l): the cross-layer terms average out since the layers'
+signs are independent.  The gradient comes from TVM Relax's Gradient pass on the ONNX model
+(compiler/gradient.py).  The loss is cross-entropy against the labels when given, else against
+the FP32 model's own predictions.
 
-Weights are fed to one ORT session as inputs that override their initializers, so every trial
-reuses it.  Each layer's parameter count and multiply-accumulates per sample (from its output
-size in one probe run) come along, for the size and BOPs budgets.
+Weights are fed to one ORT session as inputs that override their initializers, so every
+perturbation trial reuses it.  Each layer's parameter count and multiply-accumulates per sample
+(from its output size in one probe run) come along, for the size and BOPs budgets.
 """
 
 from __future__ import annotations
@@ -107,45 +110,69 @@ def _quantized(w: np.ndarray, axis: int, bits: int) -> np.ndarray:
     return (q * scale.reshape(shape)).astype(np.float32)
 
 
-def hessian_trace(loss, w: np.ndarray, probes: int = PROBES, seed: int = 0) -> float:
-    """Hutchinson's tr(H) of ``loss`` at ``w``: the mean of v^T H v over Rademacher v, each a
-    central second difference with step STEP * rms(w)."""
+def hessian_traces(gradient, weights: Mapping[str, np.ndarray], probes: int = PROBES,
+                   seed: int = 0) -> dict[str, float]:
+    """Hutchinson's tr(H_l) for every weight tensor at once: the mean over Rademacher v of
+    v_l^T (H E v)_l / e_l, each Hessian-vector product a central difference of ``gradient``
+    (weights -> (loss, {weight: gradient}))."""
     rng = np.random.default_rng(seed)
-    eps = STEP * max(float(np.sqrt(np.mean(w.astype(np.float64) ** 2))), 1e-8)
-    base = loss(w)
-    total = 0.0
+    eps = {k: STEP * max(float(np.sqrt(np.mean(w.astype(np.float64) ** 2))), 1e-8) for k, w in weights.items()}
+    total = dict.fromkeys(weights, 0.0)
     for _ in range(probes):
-        v = rng.choice(np.array([-1.0, 1.0], np.float32), size=w.shape)
-        total += (loss(w + eps * v) - 2 * base + loss(w - eps * v)) / eps**2
-    return total / probes
+        v = {k: rng.choice(np.array([-1.0, 1.0], np.float32), size=w.shape) for k, w in weights.items()}
+        _, up = gradient({k: w + eps[k] * v[k] for k, w in weights.items()})
+        _, down = gradient({k: w - eps[k] * v[k] for k, w in weights.items()})
+        for k in weights:
+            hv = (up[k].astype(np.float64) - down[k]) / 2
+            total[k] += float((v[k] * hv).sum()) / eps[k]
+    return {k: t / probes for k, t in total.items()}
+
+
+def _traces(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], target: np.ndarray, plan,
+            where: str) -> dict[str, float]:
+    """tr(H_l) per layer name, from the loss gradient of the model at a batch that splits the
+    samples (its own fixed batch, else all of them at once)."""
+    from compiler.gradient import LossGradient
+
+    first = next(i for i in model.graph.input if i.name in feeds)
+    batch = first.type.tensor_type.shape.dim[0].dim_value or len(target)
+    folded, grad_plan, _ = quantize.prepare(model, {k: (batch, *v.shape[1:]) for k, v in feeds.items()})
+    inits = {t.name: numpy_helper.to_array(t) for t in folded.graph.initializer}
+    weights = {grad_plan.layers[name]: inits[grad_plan.layers[name]] for name in plan.layers}
+    gradient = LossGradient(folded, list(weights), feeds, target, where)
+    traces = hessian_traces(gradient, weights)
+    return {name: traces[grad_plan.layers[name]] for name in plan.layers}
 
 
 def measure(model: onnx.ModelProto, calib: Mapping[str, np.ndarray], *, method: str = "perturb",
             where: str = "model", shapes: dict[str, tuple[int, ...]] | None = None,
-            labels: np.ndarray | None = None, samples: int = SAMPLES, choices=BITS) -> list[Layer]:
-    """The weighted layers in graph order, each with its sensitivity at every bit-width."""
+            labels: np.ndarray | None = None, samples: int = SAMPLES, choices=BITS,
+            activation_bits: int = 8) -> list[Layer]:
+    """The weighted layers in graph order, each with its sensitivity at every bit-width (and
+    its input's bits under ``activation_bits``, for the BOPs)."""
     if method not in METHODS:
         raise UserError(f"--sensitivity {method}: choose one of {', '.join(METHODS)}")
     folded, plan, _ = quantize.prepare(model, shapes)
     inits = {t.name: numpy_helper.to_array(t) for t in folded.graph.initializer}
     feeds = {k: np.asarray(v, np.float32)[:samples] for k, v in calib.items()}
     runner = _Runner(folded, plan, feeds, where)
+    config = quantize.QuantConfig(activation_bits=activation_bits)
+    inputs = {quantize.layer_name(n): n.input[0] for n in folded.graph.node}
     if method == "hessian":
         if runner.ref.ndim != 2:
             raise UserError(f"{where}: the Hessian sensitivity needs a classifier's (N, classes) output")
         target = np.asarray(labels)[:samples] if labels is not None else runner.ref.argmax(1)
         target = target[np.arange(runner.n) % len(target)]
+        traces = _traces(model, runner.feeds, target, plan, where)
     layers = []
     for name, w_name in plan.layers.items():
         w, axis = inits[w_name], plan.weights[w_name]
         if method == "perturb":
             sens = {b: _divergence(runner.ref, runner.run({w_name: _quantized(w, axis, b)})) for b in choices}
         else:
-            def loss(wv, w_name=w_name):
-                return float(-_log_softmax(runner.run({w_name: wv}))[np.arange(runner.n), target].mean())
-
-            per_param = hessian_trace(loss, w) / w.size
+            per_param = traces[name] / w.size
             sens = {b: per_param * float(((w - _quantized(w, axis, b)).astype(np.float64) ** 2).sum())
                     for b in choices}
-        layers.append(Layer(name, int(w.size), runner.out_size[name] * int(w.size // w.shape[axis]), sens))
+        layers.append(Layer(name, int(w.size), runner.out_size[name] * int(w.size // w.shape[axis]), sens,
+                            activation_bits=quantize.activation_bits(inputs[name], plan, config)))
     return layers

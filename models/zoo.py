@@ -108,8 +108,9 @@ def get(name: str) -> Entry:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("LOWBIT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lowbit")
-    return Path(root) / "zoo"
+    from runtime.io import cache_root
+
+    return cache_root() / "zoo"
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
-"""Read-only analyses of a Relax module: op histogram and constant (weight) bytes."""
+"""Read-only analyses of a Relax module: op histogram, constant (weight) bytes, constant identity."""
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 
 import numpy as np
@@ -38,3 +39,9 @@ def weight_bytes(mod: tvm.IRModule) -> int:
         if isinstance(func, relax.Function):
             relax.analysis.post_order_visit(func, visit)
     return total
+
+
+def digest(array: np.ndarray) -> str:
+    """A constant's identity across passes that may rebuild its Relax node: dtype, shape and bytes."""
+    array = np.ascontiguousarray(array)
+    return hashlib.sha1(f"{array.dtype}{array.shape}".encode() + array.tobytes()).hexdigest()[:16]

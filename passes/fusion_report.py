@@ -1,5 +1,5 @@
 """RecordFusion: which source ops each fused kernel computes, in which order the kernels run,
-and how many kernels fusion saved.
+how many kernels fusion saved, and which kernel reads each large constant (a layer's weights).
 
 Runs between our ``MergeKernels`` (after TVM's ``FuseOps``) and ``FuseTIR``.  At that point every kernel-to-be
 is a Relax function marked ``Primitive`` whose body calls the legalized
@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import tvm
 from tvm import relax
 
+from passes.analysis import digest
+
 
 @dataclass
 class FusionReport:
@@ -25,6 +27,7 @@ class FusionReport:
     launches: int = 0                                   # kernel calls per inference after fusion
     groups: dict[str, list[str]] = field(default_factory=dict)
     sequence: list[str] = field(default_factory=list)   # the kernels in call order
+    readers: dict[str, str] = field(default_factory=dict)   # constant's digest -> the kernel passed it
 
 
 def _calls(func: relax.Function) -> list[str]:
@@ -69,9 +72,15 @@ class RecordFusion:
             if not isinstance(e, relax.Call):
                 return
             if isinstance(e.op, relax.GlobalVar) and e.op.name_hint in groups:
-                sequence.append(e.op.name_hint)
+                kernel, args = e.op.name_hint, e.args
             elif isinstance(e.op, tvm.ir.Op) and e.op.name == "relax.call_tir":
-                sequence.append(e.args[0].name_hint)
+                kernel, args = e.args[0].name_hint, e.args[1].fields
+            else:
+                return
+            sequence.append(kernel)
+            for a in args:
+                if isinstance(a, tvm.ir.GenericConst):
+                    self.report.readers[digest(a.value.numpy())] = kernel
 
         relax.analysis.post_order_visit(mod["main"], visit)
         self.report.sequence = sequence

@@ -40,6 +40,7 @@ import tvm
 from tvm import relax
 
 from passes import integer_nonlinear, subbyte
+from passes.analysis import digest
 from passes.dyadic import dyadic_from_ratio, fine_offset, rescale, saturate
 
 op = relax.op
@@ -110,6 +111,7 @@ class _Lowering:
         self.seen: dict[str, int] = {}
         self.widened: list[str] = []        # accumulators the range analysis could not keep in int32
         self.weights: list[dict] = []       # each linear layer's stored weights
+        self.digests: list[str] = []        # ... and their identity, to find the kernel that reads them
 
     def val(self, expr):
         if isinstance(expr, relax.Var) and expr in self.env:
@@ -430,6 +432,7 @@ class _Lowering:
             stored = wq.astype(next(t for t in ("int8", "int16", "int32")
                                     if np.iinfo(t).min <= wq.min() and wq.max() <= np.iinfo(t).max))
         wc = relax.const(stored, str(stored.dtype))
+        self.digests.append(digest(stored))
         packing = (tuple(wq.shape), bits)
         self.weights.append({"op": name.split(".")[-1], "shape": list(wq.shape),
                              "bits": bits or 8 * stored.itemsize, "bytes": int(stored.nbytes)})
@@ -515,9 +518,11 @@ class LoweringReport:
     """The static range analysis' result: every linear layer's accumulator bound is
     max_c(sum_k |w[c,k]| * max|q_x| + |z_x * sum_k w[c,k]|) (+ |bias|); layers whose bound
     reaches 2^31 accumulate in int64 and are listed here.  ``weights``: per linear layer, in
-    order, its op, weight shape, and bits and bytes as stored (sub-byte widths packed)."""
+    order, its op, weight shape, and bits and bytes as stored (sub-byte widths packed);
+    ``digests``: the stored constants' identities (passes.analysis.digest), in the same order."""
     int64: tuple[str, ...]
     weights: tuple[dict, ...] = ()
+    digests: tuple[str, ...] = ()
 
     @property
     def layers(self) -> int:
@@ -563,7 +568,7 @@ def lower_qdq(mod: tvm.IRModule, variants="auto") -> tuple[tvm.IRModule, Lowerin
     new = bb.get()
     lowered = tvm.IRModule({**{gv: f for gv, f in mod.functions_items() if gv.name_hint != "main"},
                             **{gv: f for gv, f in new.functions_items()}})
-    return lowered, LoweringReport(tuple(low.widened), tuple(low.weights))
+    return lowered, LoweringReport(tuple(low.widened), tuple(low.weights), tuple(low.digests))
 
 
 def is_qdq(mod: tvm.IRModule) -> bool:

@@ -137,6 +137,11 @@ class Artifact:
                 self._vm = relax.VirtualMachine(self._module, tvm.cpu())
         return self._vm
 
+    def kernel_library(self):
+        """The compiled kernels as one runtime module, for timing a kernel alone."""
+        module = getattr(self._module, "mod", self._module)     # a fresh Executable wraps the VM module
+        return module.imports[0]
+
     def run(self, inputs: Mapping[str, np.ndarray] | np.ndarray) -> dict[str, np.ndarray]:
         """Run on numpy inputs keyed by ONNX input name (a bare array for a single-input model)."""
         import tvm

@@ -107,6 +107,7 @@ def evaluate(model_path: str, calib: Mapping[str, np.ndarray], dataset: str = "d
     notes = {"ORT INT8": "quant_pre_process + quantize_static, QDQ, u8 activations / s8 per-channel weights, MinMax",
              "lowbit": f"{art.manifest.precision}, integer-only: {'yes' if art.manifest.integer_only else 'no'}, "
                        f"observer {opts.observer}, weights {_bits(art.manifest.quantization['weight_bits'])}, "
+                       f"activations {'u4 after ReLU, else ' if opts.activation_bits == 4 else ''}u8, "
                        f"{art.manifest.weight_bytes} bytes of constants, "
                        f"{art.manifest.quantization.get('accumulators', '')}"}
     if art.manifest.quantization.get("nonlinear"):

@@ -1,4 +1,4 @@
-"""Reading and validating user tensors (.npz / .npy) and writing outputs atomically."""
+"""Reading and validating user tensors (.npz / .npy), writing outputs atomically, the cache."""
 
 from __future__ import annotations
 
@@ -10,6 +10,11 @@ import numpy as np
 
 from compiler.errors import UserError
 from runtime.artifact import TensorSpec
+
+
+def cache_root() -> Path:
+    """Where models built from recipes and measured tables are kept ($LOWBIT_CACHE)."""
+    return Path(os.environ.get("LOWBIT_CACHE") or Path.home() / ".cache" / "lowbit")
 
 
 def read_tensors(path: str | os.PathLike, specs: list[TensorSpec]) -> dict[str, np.ndarray]:

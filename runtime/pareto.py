@@ -4,18 +4,19 @@ size budgets, each compiled integer-only and run on the labeled test splits.
     lowbit pareto MODEL --data digits [--budgets 0.25,0.5,0.75] -o pareto.png [--json FILE]
 
 Size is the stored weight bytes of the linear layers (packed sub-byte widths), the part a bit
-plan changes.  Speed is milliseconds per sample over a whole split, the median of three runs.
+plan changes.  Speed is milliseconds per sample over the first split run as one batch, every
+configuration timed interleaved with the others (runtime/bench.py), medians.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from runtime.bench import time_interleaved
 from runtime.evaluate import compile_for_splits, labeled_splits
 
 BUDGETS = (0.25, 0.5, 0.75)
@@ -31,7 +32,7 @@ class ParetoPoint:
 
 
 def sweep(model_path: str, calib: Mapping[str, np.ndarray], dataset: str = "digits",
-          budgets: Sequence[float] = BUDGETS, **quantization) -> list[ParetoPoint]:
+          budgets: Sequence[float] = BUDGETS, timing_s: float = 10.0, **quantization) -> list[ParetoPoint]:
     import onnxruntime as ort
 
     splits = labeled_splits(dataset)
@@ -41,18 +42,15 @@ def sweep(model_path: str, calib: Mapping[str, np.ndarray], dataset: str = "digi
            for s, d in splits.items()}
     configs = [(f"int{b}", {"weight_bits": b}) for b in (8, 4, 2)]
     configs += [(f"mixed {t:g}", {"weight_bits": "mixed", "size_budget": t}) for t in budgets]
-    points = []
+    arts, points = {}, []
     for label, bits in configs:
-        art, _ = compile_for_splits(model_path, calib, splits, **quantization, **bits)
-        out, times = {}, []
-        for s, d in splits.items():
-            art.run({name: d.x})                                # warm up
-            for _ in range(3):
-                t0 = time.perf_counter()
-                out[s] = next(iter(art.run({name: d.x}).values())).argmax(1)
-                times.append((time.perf_counter() - t0) * 1e3 / len(d.x))
+        arts[label], _ = compile_for_splits(model_path, calib, splits, **quantization, **bits)
+    timed = next(iter(splits.values()))
+    samples, _ = time_interleaved({label: art.run for label, art in arts.items()}, {name: timed.x}, timing_s)
+    for label, art in arts.items():
+        out = {s: next(iter(art.run({name: d.x}).values())).argmax(1) for s, d in splits.items()}
         stored = sum(r["bytes"] for r in art.manifest.quantization.get("weights", []))
-        points.append(ParetoPoint(label, stored, float(np.median(times)),
+        points.append(ParetoPoint(label, stored, float(np.median(samples[label])) / len(timed.x),
                                   {s: float((out[s] == d.y).mean()) for s, d in splits.items()},
                                   {s: float((out[s] == ref[s]).mean()) for s in splits}))
     return points

@@ -109,3 +109,21 @@ def test_contradicting_budgets():
         solve(ls, [Budget("size", 750), Budget("latency", 3.0)])
     with pytest.raises(UserError, match="each budget may be given once"):
         solve(ls, [Budget("size", 750), Budget("size", 0.5, fraction=True)])
+
+
+@pytest.mark.parametrize("metric, text, value, fraction", [
+    ("size", "0.5", 0.5, True), ("size", "1", 1.0, True), ("size", "20000", 20000.0, False),
+    ("size", "1B", 1.0, False), ("size", "300 bytes", 300.0, False), ("latency", "0.8ms", 0.8, False),
+    ("latency", " 0.25 ", 0.25, True), ("bops", "1e9", 1e9, False), ("latency", 0.5, 0.5, True),
+])
+def test_budget_parse_fraction_or_absolute(metric, text, value, fraction):
+    budget = Budget.parse(metric, text)
+    assert (budget.metric, budget.value, budget.fraction) == (metric, value, fraction)
+
+
+def test_budget_parse_errors_name_the_flag():
+    with pytest.raises(UserError, match=re.escape("--latency-budget fast: expected a number, e.g. 0.5 (a fraction) "
+                                                  "or 0.8ms (absolute)")):
+        Budget.parse("latency", "fast")
+    with pytest.raises(UserError, match="expected a number"):
+        Budget.parse("size", "0.8ms")                   # a unit of another budget

@@ -95,3 +95,27 @@ def test_unsupported_pattern_falls_back_to_fake_quant(caplog):
     assert art.manifest.precision == "fake-quant" and not art.manifest.integer_only
     assert "relax.sigmoid" in caplog.text and "fake-quant" in caplog.text
     assert art.manifest.integer_region.startswith("float op inside the integer region")
+
+
+def test_relu6_clip_folds_into_the_requantize_clamp():
+    """Conv -> Clip(0, 6) (ReLU6, as in MobileNetV2): TVM imports Clip as NaN-guarded max/min
+    kernels; lowbit imports constant bounds as relax.clip, which the lowering folds into the
+    clamp, so the model stays integer-only and bit-exact."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 1, (4, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array(0, np.float32), "lo"), numpy_helper.from_array(np.array(6, np.float32), "hi")]
+    model = make_model([helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+                        helper.make_node("Clip", ["c", "lo", "hi"], ["y"], name="relu6")],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])], inits)
+    calib = {"x": rng.normal(0, 2, (16, 3, 8, 8)).astype(np.float32)}
+    opts = CompileOptions(calib=calib)
+    art = compiler.compile(model, options=opts)
+    assert art.manifest.integer_only and art.manifest.precision == "int8"
+    from compiler import quantize
+
+    qdq, _ = quantize.quantize(model, calib, opts.quant_config())
+    x = rng.normal(0, 4, (4, 3, 8, 8)).astype(np.float32)           # past the calibrated range: the clamp bites
+    y = art.run({"x": x})["y"]
+    np.testing.assert_array_equal(y, golden.run_qdq(qdq, {"x": x})["y"])
+    assert y.min() == 0 and 5.9 < y.max() <= 6.0

@@ -118,7 +118,8 @@ def test_pareto_cli_writes_plot_and_table(tmp_path):
     import json
 
     png, table = tmp_path / "pareto.png", tmp_path / "pareto.json"
-    res = run_cli("pareto", "digits_cnn", "--data", "digits", "--budgets", "0.5", "-o", png, "--json", table)
+    res = run_cli("pareto", "digits_cnn", "--data", "digits", "--budgets", "0.5", "--seconds", "1", "-o", png,
+                  "--json", table)
     assert res.returncode == 0, res.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     points = {p["config"]: p for p in json.loads(table.read_text())}
@@ -126,3 +127,26 @@ def test_pareto_cli_writes_plot_and_table(tmp_path):
     size = {k: p["weight_bytes"] for k, p in points.items()}
     assert size["int2"] < size["int4"] < size["mixed 0.5"] <= (size["int8"] + size["int4"]) / 2 < size["int8"]
     assert points["mixed 0.5"]["agreement"]["perturbed"] >= points["int4"]["agreement"]["perturbed"]
+
+
+def test_u4_activations_stay_on_the_grid_and_bit_exact():
+    """--act-bits 4: conv_a's ReLU output is quantized to [0, 15] (a Clip before its
+    QuantizeLinear); conv_b has no ReLU and stays 8-bit.  Inputs beyond the calibrated range
+    must saturate at 15, in lowbit as in the golden reference and ORT."""
+    import onnxruntime as ort
+    from onnx import helper
+
+    model, calib = concat_cnn(), {"x": _rand(16, 4, 6, 6)}
+    opts = CompileOptions(calib=calib, activation_bits=4)
+    art = compiler.compile(model, options=opts)
+    assert art.manifest.integer_only and art.manifest.quantization["activations_u4"].startswith("1 ReLU output")
+    qdq, report = quantize.quantize(model, calib, opts.quant_config())
+    assert report.narrow == 1
+    x = 3 * _rand(4, 4, 6, 6, seed=5)
+    np.testing.assert_array_equal(art.run({"x": x})["y"], golden.run_qdq(qdq, {"x": x})["y"])
+    qdq.graph.output.extend([helper.make_empty_tensor_value_info(t) for t in ("a_quantized", "b_quantized")])
+    a, b = ort.InferenceSession(qdq.SerializeToString()).run(["a_quantized", "b_quantized"], {"x": x})
+    assert a.min() == 0 and a.max() == 15 and b.max() > 15
+    fc1, fc2 = sensitivity.measure(mlp_model(), {"x": _rand(64, 8)}, activation_bits=4)
+    assert (fc1.activation_bits, fc2.activation_bits) == (8, 4)         # fc2 reads fc1's ReLU output
+    assert fc2.cost("bops", 2) == fc2.macs * 2 * 4
