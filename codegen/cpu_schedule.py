@@ -32,6 +32,7 @@ from tvm.s_tir.schedule import ScheduleError
 from tvm.sym import detect_linear_equation
 from tvm.tirx.analysis import undefined_vars
 
+from codegen import vnni
 from passes import subbyte
 
 VECTOR_BYTES = 64          # AVX-512; LLVM splits wider vectors on narrower ISAs
@@ -93,7 +94,7 @@ class CPUDefault(dl.ScheduleRule):
             # I-LayerNorm, Shiftmax (with its score GEMM): several reductions along each row, and
             # chains (integer Newton) that read a value twice, where inlining copies expressions
             # exponentially
-            return self._rowwise(sch, blocks, reductions[0] if reductions else None)
+            return self._rowwise(sch, blocks, reductions[0] if reductions else None, vnni.isa(target))
         if not reductions:
             blocks = dl.try_inline_contiguous_spatial(sch, blocks)
             for b in blocks:
@@ -110,6 +111,12 @@ class CPUDefault(dl.ScheduleRule):
             if blocks is None:
                 return None
             reductions = [b for b in blocks if b.is_reduction()]
+        red = reductions[0]
+        if sch.get(red.block_rv).name_hint.startswith(vnni.BLOCK) and (flavour := vnni.isa(target)):
+            self._vnni(sch, red, self._epilogues(sch, blocks, red), flavour)
+            for b in blocks[:blocks.index(red)]:
+                self._injective(sch, b.block_rv)
+            return sch
         # padding applies to einsums (matmul), channels-last weights to strided convs
         padded = self._pad_to_tiles(sch, reductions[0])
         vec = None if padded else self._channels_last_weights(sch, reductions[0])
@@ -120,21 +127,60 @@ class CPUDefault(dl.ScheduleRule):
             reductions = [b for b in blocks if b.is_reduction()]
         red = reductions[0]
         idx = blocks.index(red)
-        epilogues = []
-        for b in blocks[idx + 1 : -1]:         # fold elementwise chains into their last block
-            try:
-                sch.compute_inline(b.block_rv)
-            except ScheduleError:     # not inlinable: keep it as its own stage
-                epilogues.append(b)
-        epilogues += blocks[idx + 1 :][-1:]
-        self._reduction(sch, red, epilogues, -1 if vec is None else vec)
+        self._reduction(sch, red, self._epilogues(sch, blocks, red), -1 if vec is None else vec)
         # producers (padding, layout copies) run once, outside the reduction's tiles:
         # inlined, the padding test would sit in the innermost loop
         for b in blocks[:idx]:
             self._injective(sch, b.block_rv)
         return sch
 
-    def _rowwise(self, sch: s_tir.Schedule, blocks, first_reduction) -> s_tir.Schedule:
+    @staticmethod
+    def _epilogues(sch: s_tir.Schedule, blocks, red) -> list:
+        """The blocks after the reduction, elementwise chains folded into their last block."""
+        idx = blocks.index(red)
+        epilogues = []
+        for b in blocks[idx + 1 : -1]:
+            try:
+                sch.compute_inline(b.block_rv)
+            except ScheduleError:     # not inlinable: keep it as its own stage
+                epilogues.append(b)
+        return epilogues + blocks[idx + 1 :][-1:]
+
+    def _vnni(self, sch: s_tir.Schedule, red, epilogues, flavour: str) -> None:
+        """codegen/vnni.py's packed matmul: rows x (16-lane column blocks) tiles in parallel, the
+        reduction in steps of 4, and each 16 x 4 step one ``vpdpbusd`` (tensorized).  A tile of
+        up to 4 rows x 4 blocks keeps 16 zmm accumulators; its epilogue (requantize) runs on the
+        tile right after its reduction."""
+        block = red.block_rv
+        *rows, col, red_loop = sch.get_loops(block)
+        if not rows:                    # a vector times the matrix: one row
+            rows = [sch.add_unit_loop(block)]
+        # the row tile splits the innermost row axis only: a split of fused (batch, token) rows
+        # leaves bindings tensorize cannot separate
+        extents = [_const(sch.get(lp).extent) for lp in (*rows, col, red_loop)]
+        r0, r1 = sch.split(rows[-1], [None, _divisor_at_most(extents[-3], 4)])
+        n = extents[-2]
+        c0, c1, c2 = sch.split(col, [None, _divisor_at_most(n // vnni.LANES, 4), vnni.LANES])
+        k0, k1 = sch.split(red_loop, [None, vnni.GROUP])
+        sch.reorder(*rows[:-1], r0, c0, k0, r1, c1, c2, k1)
+        tile = sch.fuse(*rows[:-1], r0, c0)
+        if None in extents or int(np.prod(extents, dtype=np.int64)) >= MIN_PARALLEL_WORK:
+            sch.parallel(tile)
+        for epi in epilogues:
+            try:
+                sch.reverse_compute_at(epi.block_rv, tile)
+            except ScheduleError:     # an epilogue reading the whole output stays a separate nest
+                continue
+            eloops = sch.get_loops(epi.block_rv)
+            if eloops and _const(sch.get(eloops[-1]).extent) % vnni.LANES == 0:
+                _, lanes = sch.split(eloops[-1], [None, vnni.LANES])
+                sch.vectorize(lanes)
+        sch.unroll(c1)
+        sch.unroll(r1)
+        sch.decompose_reduction(block, k0)
+        sch.tensorize(c2, vnni.intrinsic(flavour))
+
+    def _rowwise(self, sch: s_tir.Schedule, blocks, first_reduction, flavour: str | None) -> s_tir.Schedule:
         """One pass per row: every block from the first reduction on is computed under the output's
         row loops (all its axes but the last), so a row's scores, max, sums and Newton steps stay in
         cache, and the rows run in parallel.  Layout and elementwise producers before the first
@@ -168,11 +214,30 @@ class CPUDefault(dl.ScheduleRule):
                 except ScheduleError:       # a row loop that a block reduces over: serial
                     pass
             for b in blocks[start:-1]:
-                self._row_contraction(sch, b.block_rv)
+                if flavour and sch.get(b.block_rv).name_hint.startswith(vnni.BLOCK):
+                    self._vnni_row(sch, b.block_rv, flavour)
+                else:
+                    self._row_contraction(sch, b.block_rv)
             break
+        else:       # no row loop takes every block (a slice of the rows is the output): the GEMM still tiles
+            for b in blocks[start:-1]:
+                if flavour and sch.get(b.block_rv).name_hint.startswith(vnni.BLOCK):
+                    self._vnni(sch, b, [], flavour)
         for b in blocks[:start]:
             self._injective(sch, b.block_rv)
         return sch
+
+    def _vnni_row(self, sch: s_tir.Schedule, block, flavour: str) -> None:
+        """codegen/vnni.py's matmul for one row (under the row loop of _rowwise): 16-lane column
+        blocks, four at a time, over the reduction in steps of 4, one vpdpbusd per 16 x 4 step."""
+        col, red = [lp for lp in sch.get_loops(block)[1:] if (_const(sch.get(lp).extent) or 0) > 1][-2:]
+        n = _const(sch.get(col).extent)
+        c0, c1, c2 = sch.split(col, [None, _divisor_at_most(n // vnni.LANES, 4), vnni.LANES])
+        k0, k1 = sch.split(red, [None, vnni.GROUP])
+        sch.reorder(c0, k0, c1, c2, k1)
+        sch.unroll(c1)
+        sch.decompose_reduction(block, k0)
+        sch.tensorize(c2, vnni.intrinsic(flavour))
 
     def _row_contraction(self, sch: s_tir.Schedule, block) -> None:
         """A row of scores (Q.K^T under the row loop): reduction loops outside, the row's contiguous

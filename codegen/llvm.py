@@ -18,6 +18,7 @@ from tvm import tirx
 from tvm.relax.backend.cpu_generic import pipeline as cpu
 from tvm.s_tir import dlight as dl
 
+from codegen import vnni
 from codegen.cpu_schedule import CPUDefault
 from passes.fusion_report import CountKernels, FusionReport, RecordFusion
 from passes.merge_kernels import MergeKernels
@@ -26,8 +27,24 @@ from passes.reduce_epilogue import ReduceEpilogue
 
 def host_target() -> dict:
     """The machine we run on, as a TVM target dict with its CPU detected for LLVM."""
-    mcpu = tvm.get_global_func("tvm.codegen.llvm.GetHostCPUName")()
-    return {"kind": "llvm", "mcpu": mcpu}
+    return cpu_target(None)
+
+
+def cpu_target(cpu: str | None) -> dict:
+    """An x86-64 target for LLVM CPU ``cpu`` (its ISA: ``haswell`` AVX2, ``alderlake`` AVX-VNNI,
+    ``icelake-server`` AVX-512 VNNI), or this machine's CPU."""
+    return {"kind": "llvm", "mcpu": cpu or tvm.get_global_func("tvm.codegen.llvm.GetHostCPUName")()}
+
+
+def valid_cpu(cpu: str) -> bool:
+    from tvm.target import codegen
+
+    return codegen.llvm_is_valid_cpu(cpu, "x86_64-pc-linux-gnu")
+
+
+def vnni_isa(target: dict) -> str | None:
+    """The target's VNNI flavour (codegen/vnni.py), or None."""
+    return vnni.isa(tvm.target.Target(target))
 
 
 def pipeline(target: tvm.target.Target, report: FusionReport) -> tvm.transform.Pass:

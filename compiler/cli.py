@@ -115,7 +115,7 @@ def cmd_compile(args) -> int:
     t0 = time.perf_counter()
     from compiler.options import CompileOptions
 
-    opts = CompileOptions(target=args.target, input_shapes=_shapes(args), calib=args.calib,
+    opts = CompileOptions(target=args.target, cpu=args.mcpu, input_shapes=_shapes(args), calib=args.calib,
                           **_quant_options(args))
     art = compiler.compile(args.model, options=opts)
     art.save(args.output)
@@ -423,6 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", parents=[common], help="compile an ONNX model into an artifact directory")
     c.add_argument("model", metavar="MODEL.onnx")
     c.add_argument("--target", default="llvm", help="code generation target (default: llvm, the host CPU)")
+    c.add_argument("--mcpu", metavar="CPU", help="LLVM CPU to compile for instead of this machine's, e.g. haswell "
+                                                 "(AVX2, no VNNI) or alderlake (AVX-VNNI); its ISA picks the kernels")
     _add_shape_arg(c)
     c.add_argument("--calib", metavar="DATA.npz",
                    help="quantize an FP32 model to integer-only, calibrating on these inputs (any sample count)")

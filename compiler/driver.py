@@ -87,10 +87,11 @@ def _compile(model, opts: CompileOptions, config) -> Artifact:
         mod = frontend.to_relax(src, inputs)
         outputs = frontend.relax_output_specs(mod, [o.name for o in src.proto.graph.output])
     lowering = None
+    target_dict = llvm.cpu_target(opts.cpu)
     if is_qdq(mod):
         with stage("lower QDQ to integer"):
             try:
-                mod, lowering = lower_qdq(mod, variants)
+                mod, lowering = lower_qdq(mod, variants, vnni=llvm.vnni_isa(target_dict) is not None)
                 quantization["accumulators"] = lowering.summary()
                 if lowering.int64:
                     log.warning("%s: %s", src.path, lowering.summary())
@@ -101,7 +102,6 @@ def _compile(model, opts: CompileOptions, config) -> Artifact:
         histogram, nbytes = op_histogram(mod), weight_bytes(mod)
         verdict = check_integer_only(mod)
     with stage("build llvm"):
-        target_dict = llvm.host_target()
         try:
             executable, kernel_ops, fusion = llvm.build(mod, target_dict)
         except Exception as exc:
@@ -173,7 +173,7 @@ def latency_table(src: frontend.OnnxModel, calib, opts: CompileOptions, layers) 
         feeds = latency.sample_feeds(first.manifest.inputs, calib)
         return latency.measure(lambda b: builds.get(b) or build(b), layers, feeds)
 
-    key = {"model": src.sha256, "target": llvm.host_target(), "shapes": opts.input_shapes,
+    key = {"model": src.sha256, "target": llvm.cpu_target(opts.cpu), "shapes": opts.input_shapes,
            "calibration": latency.digest_feeds(calib), "layers": [layer.name for layer in layers],
            "quantization": [opts.observer, opts.nonlinear, opts.residual_bits, opts.softmax_bits,
                             opts.activation_bits]}

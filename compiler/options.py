@@ -18,6 +18,7 @@ ACTIVATIONS = {"llvm": "u8"}
 @dataclass(frozen=True)
 class CompileOptions:
     target: str = "llvm"
+    cpu: str | None = None                  # LLVM CPU to compile for (default this machine's): its ISA picks kernels
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     calib: str | os.PathLike | Mapping[str, np.ndarray] | None = None    # FP32 models: quantize on this data
     weight_bits: int | str | None = None    # with calib: 8 (default), 4, 2, or "mixed" (a bit plan by ILP)
@@ -37,6 +38,11 @@ class CompileOptions:
     def __post_init__(self):
         if self.target not in TARGETS:
             raise UserError(f"unknown target {self.target!r}; choose one of: {', '.join(TARGETS)}")
+        from codegen.llvm import valid_cpu
+
+        if self.cpu is not None and not valid_cpu(self.cpu):
+            raise UserError(f"--mcpu {self.cpu}: not an x86-64 CPU LLVM knows; e.g. haswell (AVX2), alderlake "
+                            "(AVX-VNNI), icelake-server (AVX-512 VNNI), znver5, or omit it for this machine's")
         from compiler.quantize import check_nonlinear
 
         check_nonlinear(self.nonlinear)        # also for quantized models: it picks their softmax / GELU

@@ -39,6 +39,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from codegen import vnni
 from passes import integer_nonlinear, subbyte
 from passes.analysis import digest
 from passes.dyadic import dyadic_from_ratio, fine_offset, rescale, saturate
@@ -104,8 +105,9 @@ def _name(call) -> str:
 
 
 class _Lowering:
-    def __init__(self, bb: relax.BlockBuilder, variants):
+    def __init__(self, bb: relax.BlockBuilder, variants, vnni: bool = False):
         self.bb = bb
+        self.vnni = vnni                    # pack int8 matmul weights for x86 VNNI
         self.env: dict = {}
         self.variants = variants            # "shift" | "poly" | {kind: [variant per node, in order]}
         self.seen: dict[str, int] = {}
@@ -431,6 +433,11 @@ class _Lowering:
         else:
             stored = wq.astype(next(t for t in ("int8", "int16", "int32")
                                     if np.iinfo(t).min <= wq.min() and wq.max() <= np.iinfo(t).max))
+        # x86 VNNI: a u8 x s8 matmul reads its weights in vpdpbusd's operand order (codegen/vnni.py)
+        packed_vnni = (self.vnni and not is_conv and not bits and stored.dtype == np.int8 and stored.ndim == 2
+                       and x.dtype == "uint8" and acc_dtype == "int32" and vnni.fits(*stored.shape))
+        if packed_vnni:
+            stored = vnni.pack(stored)
         wc = relax.const(stored, str(stored.dtype))
         self.digests.append(digest(stored))
         packing = (tuple(wq.shape), bits)
@@ -446,6 +453,9 @@ class _Lowering:
             axis, shape = 1, (1, -1, 1, 1)
         elif bits:
             acc = self.bb.emit_te(_matmul_packed, x.expr, wc, packing, acc_dtype, primfunc_name_hint="matmul")
+            axis, shape = -1, (-1,)
+        elif packed_vnni:
+            acc = self.bb.emit_te(vnni.matmul, x.expr, wc, primfunc_name_hint="matmul")
             axis, shape = -1, (-1,)
         else:
             acc = self.bb.emit(op.matmul(x.expr, wc, out_dtype=acc_dtype))
@@ -534,16 +544,17 @@ class LoweringReport:
         return f"{len(self.int64)} of {self.layers} accumulators widened to int64: {', '.join(self.int64)}"
 
 
-def lower_qdq(mod: tvm.IRModule, variants="auto") -> tuple[tvm.IRModule, LoweringReport]:
+def lower_qdq(mod: tvm.IRModule, variants="auto", vnni: bool = False) -> tuple[tvm.IRModule, LoweringReport]:
     """Rebuild ``main`` with integer ops; raises QDQLoweringError on an unknown pattern.
     ``variants``: the softmax / GELU family, "shift" or "poly" for every node ("auto" without
-    calibration data means poly), or per kind the list chosen per node (compiler/quantize.py)."""
+    calibration data means poly), or per kind the list chosen per node (compiler/quantize.py).
+    ``vnni``: the target has x86 VNNI; int8 matmul weights are stored in its operand layout."""
     func = mod["main"]
     bb = relax.BlockBuilder()
     attrs = {k: func.attrs[k] for k in func.attrs.keys()} if func.attrs is not None else {}
     with bb.function("main", list(func.params), attrs=attrs):
         with bb.dataflow():
-            low = _Lowering(bb, variants)
+            low = _Lowering(bb, variants, vnni)
             outputs = set()
             for block in func.body.blocks:
                 for b in block.bindings:

@@ -1,0 +1,103 @@
+"""x86 VNNI kernels (codegen/vnni.py): the three ISA paths by forcing the LLVM CPU.  Each build's
+assembly is checked for ``vpdpbusd`` (zmm for AVX-512 VNNI, ymm for AVX-VNNI, none for AVX2), and
+every build this machine can execute is bit-exact against the golden reference."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import tvm
+from conftest import make_model
+from onnx import TensorProto, helper, numpy_helper
+from tvm.target import codegen
+
+import compiler
+from codegen import vnni
+from codegen.llvm import host_target
+from compiler import quantize
+from compiler.options import CompileOptions
+from runtime import golden
+
+CPUS = {"avx512_vnni": "icelake-server", "avx_vnni": "alderlake", None: "haswell"}
+
+
+def _mlp(seed=0, lead=("N",)):
+    """x[*lead, 64] -> MatMul 64x32 (+bias) -> ReLU -> MatMul 32x48: both shapes fit the 16 x 4
+    packing."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, s).astype(np.float32), n)
+             for n, s in (("w1", (64, 32)), ("b1", (32,)), ("w2", (32, 48)))]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h0"], name="fc1"),
+             helper.make_node("Add", ["h0", "b1"], ["h1"], name="bias1"),
+             helper.make_node("Relu", ["h1"], ["h2"], name="relu1"),
+             helper.make_node("MatMul", ["h2", "w2"], ["y"], name="fc2")]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [*lead, 64])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*lead, 48])], inits)
+
+
+def _host_can_run(cpu: str) -> bool:
+    host = tvm.target.Target(host_target())
+    wanted = {"avx512vnni": "avx512_vnni", "avxvnni": "avx_vnni"}
+    forced = tvm.target.Target({"kind": "llvm", "mcpu": cpu})
+    return all(codegen.target_has_features(f, host) for f in wanted if codegen.target_has_features(f, forced)) \
+        and codegen.target_has_features("avx2", host)
+
+
+@pytest.mark.parametrize("flavour", list(CPUS), ids=[str(f) for f in CPUS])
+def test_isa_paths(flavour):
+    cpu = CPUS[flavour]
+    assert vnni.isa(tvm.target.Target({"kind": "llvm", "mcpu": cpu})) == flavour
+    model, calib = _mlp(), {"x": np.random.default_rng(1).normal(size=(64, 64)).astype(np.float32)}
+    opts = CompileOptions(calib=calib, cpu=cpu)
+    art = compiler.compile(model, options=opts)
+    assert art.manifest.integer_only and art.manifest.target["mcpu"] == cpu
+    asm = art.kernel_library().inspect_source("asm")
+    dots = re.findall(r"vpdpbusd\s[^\n]*%([xyz])mm\d+$", asm, re.M)      # the accumulator register
+    if flavour == "avx512_vnni":
+        assert dots and set(dots) == {"z"}
+    elif flavour == "avx_vnni":
+        assert dots and set(dots) == {"y"} and "{vex}" in asm
+    else:
+        assert not dots
+    if not _host_can_run(cpu):
+        pytest.skip(f"this machine cannot execute {cpu} code ({flavour}); assembly checked only")
+    qdq, _ = quantize.quantize(model, calib, opts.quant_config())
+    for batch in (1, 5):                 # 5 rows: no 4-row tile divides it
+        x = np.random.default_rng(batch).normal(size=(batch, 64)).astype(np.float32)
+        np.testing.assert_array_equal(art.run({"x": x})["y"], golden.run_qdq(qdq, {"x": x})["y"])
+
+
+@pytest.mark.parametrize("lead", [(3, 5), (7,)], ids=["batch-x-tokens", "7-rows"])
+def test_row_layouts_bit_exact(lead):
+    """Rows as (batch, tokens), and an odd fixed batch (no row tile divides 5 or 7): each tiles,
+    tensorizes and matches the golden reference.  (A single row, a vector times the matrix, is
+    covered by the classifier heads of the zoo models.)"""
+    if vnni.isa(tvm.target.Target(host_target())) is None:
+        pytest.skip("this machine has no VNNI; the ISA paths are checked by test_isa_paths")
+    rng = np.random.default_rng(2)
+    model = _mlp(lead=lead)
+    calib = {"x": rng.normal(size=(4 * lead[0], *lead[1:], 64)).astype(np.float32)}    # whole batches
+    opts = CompileOptions(calib=calib)
+    art = compiler.compile(model, options=opts)
+    assert "vpdpbusd" in art.kernel_library().inspect_source("asm")
+    qdq, _ = quantize.quantize(model, calib, opts.quant_config())
+    x = rng.normal(size=(*lead, 64)).astype(np.float32)
+    np.testing.assert_array_equal(art.run({"x": x})["y"], golden.run_qdq(qdq, {"x": x})["y"])
+
+
+def test_pack_layout():
+    w = np.arange(8 * 32, dtype=np.int64).reshape(8, 32).astype(np.int8)
+    p = vnni.pack(w)
+    assert p.shape == (2, 2, 16, 4)
+    for k in range(8):
+        for j in range(32):
+            assert p[j // 16, k // 4, j % 16, k % 4] == w[k, j]
+
+
+def test_bad_cpu_is_a_user_error():
+    from compiler.errors import UserError
+
+    with pytest.raises(UserError, match="--mcpu pentium9: not an x86-64 CPU LLVM knows"):
+        CompileOptions(cpu="pentium9")
