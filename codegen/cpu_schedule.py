@@ -80,6 +80,25 @@ def _divisor_at_most(extent: int | None, limit: int) -> int:
     return max(d for d in range(1, min(extent, limit) + 1) if extent % d == 0)
 
 
+def _is_vnni(sch: s_tir.Schedule, block) -> bool:
+    return sch.get(block).name_hint.startswith((vnni.BLOCK, vnni.CONV_BLOCK))
+
+
+def _epilogues_at(sch: s_tir.Schedule, epilogues, anchor, lanes: int) -> None:
+    """Each epilogue computed per tile under ``anchor``, right after the tile's reduction, its
+    innermost loop vectorized ``lanes`` wide where the tile row divides into vectors."""
+    for epi in epilogues:
+        try:
+            sch.reverse_compute_at(epi.block_rv, anchor)
+        except ScheduleError:     # an epilogue reading the whole output stays a separate nest
+            continue
+        eloops = sch.get_loops(epi.block_rv)
+        extent = _const(sch.get(eloops[-1]).extent) if eloops else None
+        if lanes > 1 and extent and extent % lanes == 0:
+            inner = sch.split(eloops[-1], [None, lanes])[1] if extent > lanes else eloops[-1]
+            sch.vectorize(inner)
+
+
 class CPUDefault(dl.ScheduleRule):
     def apply(self, func, target, tunable):
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
@@ -112,7 +131,7 @@ class CPUDefault(dl.ScheduleRule):
                 return None
             reductions = [b for b in blocks if b.is_reduction()]
         red = reductions[0]
-        if sch.get(red.block_rv).name_hint.startswith(vnni.BLOCK) and (flavour := vnni.isa(target)):
+        if _is_vnni(sch, red.block_rv) and (flavour := vnni.isa(target)):
             self._vnni(sch, red, self._epilogues(sch, blocks, red), flavour)
             for b in blocks[:blocks.index(red)]:
                 self._injective(sch, b.block_rv)
@@ -152,32 +171,27 @@ class CPUDefault(dl.ScheduleRule):
         up to 4 rows x 4 blocks keeps 16 zmm accumulators; its epilogue (requantize) runs on the
         tile right after its reduction."""
         block = red.block_rv
-        *rows, col, red_loop = sch.get_loops(block)
+        kinds = red.dom_kind()
+        loops = sch.get_loops(block)
+        *rows, col = [lp for lp, k in zip(loops, kinds, strict=True) if k == "S"]
+        *outer_red, red_loop = [lp for lp, k in zip(loops, kinds, strict=True) if k == "R"]
         if not rows:                    # a vector times the matrix: one row
             rows = [sch.add_unit_loop(block)]
-        # the row tile splits the innermost row axis only: a split of fused (batch, token) rows
-        # leaves bindings tensorize cannot separate
-        extents = [_const(sch.get(lp).extent) for lp in (*rows, col, red_loop)]
-        r0, r1 = sch.split(rows[-1], [None, _divisor_at_most(extents[-3], 4)])
-        n = extents[-2]
+        # the row tile splits the innermost row axis only (a conv's output width): a split of
+        # fused (batch, token) rows leaves bindings tensorize cannot separate
+        extents = [_const(sch.get(lp).extent) for lp in (*rows, col, *outer_red, red_loop)]
+        r0, r1 = sch.split(rows[-1], [None, _divisor_at_most(extents[len(rows) - 1], 4)])
+        n = extents[len(rows)]
         c0, c1, c2 = sch.split(col, [None, _divisor_at_most(n // vnni.LANES, 4), vnni.LANES])
         k0, k1 = sch.split(red_loop, [None, vnni.GROUP])
-        sch.reorder(*rows[:-1], r0, c0, k0, r1, c1, c2, k1)
+        sch.reorder(*rows[:-1], r0, c0, *outer_red, k0, r1, c1, c2, k1)
         tile = sch.fuse(*rows[:-1], r0, c0)
         if None in extents or int(np.prod(extents, dtype=np.int64)) >= MIN_PARALLEL_WORK:
             sch.parallel(tile)
-        for epi in epilogues:
-            try:
-                sch.reverse_compute_at(epi.block_rv, tile)
-            except ScheduleError:     # an epilogue reading the whole output stays a separate nest
-                continue
-            eloops = sch.get_loops(epi.block_rv)
-            if eloops and _const(sch.get(eloops[-1]).extent) % vnni.LANES == 0:
-                _, lanes = sch.split(eloops[-1], [None, vnni.LANES])
-                sch.vectorize(lanes)
+        _epilogues_at(sch, epilogues, tile, vnni.LANES)
         sch.unroll(c1)
         sch.unroll(r1)
-        sch.decompose_reduction(block, k0)
+        sch.decompose_reduction(block, (outer_red or [k0])[0])
         sch.tensorize(c2, vnni.intrinsic(flavour))
 
     def _rowwise(self, sch: s_tir.Schedule, blocks, first_reduction, flavour: str | None) -> s_tir.Schedule:
@@ -214,14 +228,14 @@ class CPUDefault(dl.ScheduleRule):
                 except ScheduleError:       # a row loop that a block reduces over: serial
                     pass
             for b in blocks[start:-1]:
-                if flavour and sch.get(b.block_rv).name_hint.startswith(vnni.BLOCK):
+                if flavour and _is_vnni(sch, b.block_rv):
                     self._vnni_row(sch, b.block_rv, flavour)
                 else:
                     self._row_contraction(sch, b.block_rv)
             break
         else:       # no row loop takes every block (a slice of the rows is the output): the GEMM still tiles
             for b in blocks[start:-1]:
-                if flavour and sch.get(b.block_rv).name_hint.startswith(vnni.BLOCK):
+                if flavour and _is_vnni(sch, b.block_rv):
                     self._vnni(sch, b, [], flavour)
         for b in blocks[:start]:
             self._injective(sch, b.block_rv)
@@ -398,14 +412,7 @@ class CPUDefault(dl.ScheduleRule):
         aloops = sch.get_loops(acc)
         if lanes > 1:
             sch.vectorize(aloops[-1])
-        for epi in epilogues:
-            try:
-                sch.reverse_compute_at(epi.block_rv, anchor)
-            except ScheduleError:     # an epilogue reading the whole output stays a separate nest
-                continue
-            eloops = sch.get_loops(epi.block_rv)
-            if eloops and lanes > 1 and _const(sch.get(eloops[-1]).extent) == lanes:
-                sch.vectorize(eloops[-1])
+        _epilogues_at(sch, epilogues, anchor, lanes)
         # annotate before decomposing: afterwards the init block also writes the
         # accumulator and the update block no longer passes vectorize's dataflow check
         if len(tiles_inner) == 2:

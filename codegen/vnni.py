@@ -22,7 +22,8 @@ import numpy as np
 
 LANES = 16                  # int32 accumulators per instruction group
 GROUP = 4                   # u8 x s8 products summed into each lane
-BLOCK = "matmul_vnni"       # the kernel's reduction block: cpu_schedule tensorizes it
+BLOCK = "matmul_vnni"       # the kernels' reduction blocks: cpu_schedule tensorizes them
+CONV_BLOCK = "conv2d_vnni"
 ISAS = ("avx512_vnni", "avx_vnni")
 _LLVM_FEATURE = {"avx512_vnni": "avx512vnni", "avx_vnni": "avxvnni"}
 
@@ -47,6 +48,49 @@ def pack(w: np.ndarray) -> np.ndarray:
     """W[K, N] (int8) -> Wp[N / 16, K / 4, 16, 4]."""
     k, n = w.shape
     return np.ascontiguousarray(w.reshape(k // GROUP, GROUP, n // LANES, LANES).transpose(2, 0, 3, 1))
+
+
+def conv_fits(out_channels: int, groups: int) -> bool:
+    return groups == 1 and out_channels % LANES == 0
+
+
+def pack_conv(w: np.ndarray) -> np.ndarray:
+    """W[OC, C, KH, KW] (int8) -> Wp[OC / 16, KH, KW, C4 / 4, 16, 4], C zero-padded to C4, a
+    multiple of 4 (the zero weights make the padded input channels' values irrelevant)."""
+    oc, c, kh, kw = w.shape
+    c4 = -(-c // GROUP) * GROUP
+    w = np.pad(w, [(0, 0), (0, c4 - c), (0, 0), (0, 0)])
+    return np.ascontiguousarray(
+        w.reshape(oc // LANES, LANES, c4 // GROUP, GROUP, kh, kw).transpose(0, 4, 5, 2, 1, 3))
+
+
+def conv2d(x, packed, strides, padding, dilation, pad_value: int, out_dtype: str = "int32"):
+    """TE: NCHW convolution of the u8 input with packed weights.  The input is copied once to
+    channels-last (NHWC, channels padded to C4, borders padded with the zero point ``pad_value``)
+    so that 4 input channels are 4 contiguous bytes; the sum runs channels-last, 16 output
+    channels per step, and a final view gives NCHW back to the epilogue."""
+    from tvm import te, tirx
+
+    n, (c, h, w) = x.shape[0], (int(d) for d in x.shape[1:])       # the batch may be symbolic
+    blocks, kh, kw, c_groups = (int(d) for d in packed.shape[:4])
+    top, left, bottom, right = padding
+    (sh, sw), (dh, dw) = strides, dilation
+    oh = (h + top + bottom - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + left + right - dw * (kw - 1) - 1) // sw + 1
+
+    def padded(b, y, x_, ch):
+        inside = tirx.all(y >= top, y < h + top, x_ >= left, x_ < w + left)
+        value = tirx.if_then_else(inside, x[b, tirx.min(ch, c - 1), y - top, x_ - left],
+                                  tirx.const(pad_value, x.dtype))
+        return tirx.if_then_else(ch < c, value, tirx.const(0, x.dtype))
+
+    xp = te.compute((n, h + top + bottom, w + left + right, c_groups * GROUP), padded, name="pad_channels_last")
+    ry, rx, rc = (te.reduce_axis((0, e), name=nm) for e, nm in ((kh, "ry"), (kw, "rx"), (c_groups * GROUP, "rc")))
+    acc = te.compute((n, oh, ow, blocks * LANES), lambda b, y, x_, o: te.sum(
+        xp[b, y * sh + ry * dh, x_ * sw + rx * dw, rc].astype(out_dtype)
+        * packed[o // LANES, ry, rx, rc // GROUP, o % LANES, rc % GROUP].astype(out_dtype), axis=[ry, rx, rc]),
+        name=CONV_BLOCK)
+    return te.compute((n, blocks * LANES, oh, ow), lambda b, o, y, x_: acc[b, y, x_, o], name="to_nchw")
 
 
 def matmul(x, packed, out_dtype: str = "int32"):
@@ -83,34 +127,26 @@ def intrinsic(flavour: str) -> str:
                     vi, vk = T.axis.remap("SR", [i, k])
                     c[vi] = c[vi] + T.cast(a[vk], "int32") * T.cast(b[vi, vk], "int32")
 
-    if flavour == "avx512_vnni":
-        @T.prim_func(s_tir=True)
-        def impl(a: T.Buffer((4,), "uint8", offset_factor=1), b: T.Buffer((16, 4), "int8", offset_factor=1),
-                 c: T.Buffer((16,), "int32", offset_factor=1)):
-            with T.sblock("root"):
-                T.reads(c[0:16], a[0:4], b[0:16, 0:4])
-                T.writes(c[0:16])
-                x = T.reinterpret(T.broadcast(T.reinterpret(a.vload([0], "uint8x4"), dtype="int32"), 16),
-                                  dtype="uint8x64")
-                c[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-                    T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-                    c.vload([0], dtype="int32x16"), x, b.vload([0, 0], dtype="int8x64"), dtype="int32x16")
-    elif flavour == "avx_vnni":
-        @T.prim_func(s_tir=True)
-        def impl(a: T.Buffer((4,), "uint8", offset_factor=1), b: T.Buffer((16, 4), "int8", offset_factor=1),
-                 c: T.Buffer((16,), "int32", offset_factor=1)):
-            with T.sblock("root"):
-                T.reads(c[0:16], a[0:4], b[0:16, 0:4])
-                T.writes(c[0:16])
-                x = T.reinterpret(T.broadcast(T.reinterpret(a.vload([0], "uint8x4"), dtype="int32"), 8),
-                                  dtype="uint8x32")
-                for h in T.unroll(2):
-                    c[T.ramp(h * 8, 1, 8)] = T.call_llvm_pure_intrin(
-                        T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.256"),
-                        c.vload([h * 8], dtype="int32x8"), x, b.vload([h * 8, 0], dtype="int8x32"),
-                        dtype="int32x8")
-    else:
+    if flavour not in ISAS:
         raise ValueError(f"unknown VNNI flavour {flavour!r}; one of {ISAS}")
+    # avx512_vnni: one zmm instruction for the 16 lanes; avx_vnni: two ymm halves of 8
+    width = 16 if flavour == "avx512_vnni" else 8
+    halves = LANES // width
+    op = f"llvm.x86.avx512.vpdpbusd.{32 * width}"
+    u8, s8, i32 = f"uint8x{4 * width}", f"int8x{4 * width}", f"int32x{width}"
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.Buffer((4,), "uint8", offset_factor=1), b: T.Buffer((16, 4), "int8", offset_factor=1),
+             c: T.Buffer((16,), "int32", offset_factor=1)):
+        with T.sblock("root"):
+            T.reads(c[0:16], a[0:4], b[0:16, 0:4])
+            T.writes(c[0:16])
+            x = T.reinterpret(T.broadcast(T.reinterpret(a.vload([0], "uint8x4"), dtype="int32"), width), dtype=u8)
+            for h in T.unroll(halves):
+                c[T.ramp(h * width, 1, width)] = T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(op), c.vload([h * width], dtype=i32), x,
+                    b.vload([h * width, 0], dtype=s8), dtype=i32)
+
     s_tir.TensorIntrin.register(name, desc, impl)
     _registered.add(name)
     return name

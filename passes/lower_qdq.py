@@ -436,8 +436,13 @@ class _Lowering:
         # x86 VNNI: a u8 x s8 matmul reads its weights in vpdpbusd's operand order (codegen/vnni.py)
         packed_vnni = (self.vnni and not is_conv and not bits and stored.dtype == np.int8 and stored.ndim == 2
                        and x.dtype == "uint8" and acc_dtype == "int32" and vnni.fits(*stored.shape))
+        conv_vnni = (self.vnni and is_conv and not bits and stored.dtype == np.int8 and x.dtype == "uint8"
+                     and acc_dtype == "int32" and vnni.conv_fits(stored.shape[0], int(call.attrs.groups))
+                     and all(isinstance(d, tvm.tirx.IntImm) for d in x.expr.ty.shape.values[1:]))
         if packed_vnni:
             stored = vnni.pack(stored)
+        elif conv_vnni:
+            stored = vnni.pack_conv(stored)
         wc = relax.const(stored, str(stored.dtype))
         self.digests.append(digest(stored))
         packing = (tuple(wq.shape), bits)
@@ -447,9 +452,12 @@ class _Lowering:
             a = call.attrs
             if str(a.data_layout) != "NCHW" or str(a.kernel_layout) != "OIHW":
                 raise QDQLoweringError(f"{name}: only NCHW/OIHW layouts are supported")
-            acc = self.bb.emit_te(_conv_zero_padded, x.expr, wc, [int(v) for v in a.strides],
-                                  [int(v) for v in a.padding], [int(v) for v in a.dilation], int(a.groups), zx,
-                                  acc_dtype, packing, primfunc_name_hint="conv2d")
+            geometry = [int(v) for v in a.strides], [int(v) for v in a.padding], [int(v) for v in a.dilation]
+            if conv_vnni:
+                acc = self.bb.emit_te(vnni.conv2d, x.expr, wc, *geometry, zx, primfunc_name_hint="conv2d")
+            else:
+                acc = self.bb.emit_te(_conv_zero_padded, x.expr, wc, *geometry, int(a.groups), zx, acc_dtype,
+                                      packing, primfunc_name_hint="conv2d")
             axis, shape = 1, (1, -1, 1, 1)
         elif bits:
             acc = self.bb.emit_te(_matmul_packed, x.expr, wc, packing, acc_dtype, primfunc_name_hint="matmul")

@@ -37,6 +37,19 @@ def _mlp(seed=0, lead=("N",)):
                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*lead, 48])], inits)
 
 
+def _cnn(seed=0):
+    """x[N, 3, 9, 9] -> Conv 3->16 3x3 pad 1 (+bias, ReLU) -> Conv 16->32 3x3 stride 2 dilation 1 pad
+    (0, 1): 3 input channels pad to 4, 9 and 5 wide rows have no 4-wide tile."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, s).astype(np.float32), n)
+             for n, s in (("w1", (16, 3, 3, 3)), ("b1", (16,)), ("w2", (32, 16, 3, 3)))]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["h0"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["h0"], ["h1"], name="relu1"),
+             helper.make_node("Conv", ["h1", "w2"], ["y"], name="conv2", strides=[2, 2], pads=[0, 0, 1, 1])]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 9, 9])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 32, 5, 5])], inits)
+
+
 def _host_can_run(cpu: str) -> bool:
     host = tvm.target.Target(host_target())
     wanted = {"avx512vnni": "avx512_vnni", "avxvnni": "avx_vnni"}
@@ -45,11 +58,14 @@ def _host_can_run(cpu: str) -> bool:
         and codegen.target_has_features("avx2", host)
 
 
+@pytest.mark.parametrize("kind", ["matmul", "conv"])
 @pytest.mark.parametrize("flavour", list(CPUS), ids=[str(f) for f in CPUS])
-def test_isa_paths(flavour):
+def test_isa_paths(flavour, kind):
     cpu = CPUS[flavour]
     assert vnni.isa(tvm.target.Target({"kind": "llvm", "mcpu": cpu})) == flavour
-    model, calib = _mlp(), {"x": np.random.default_rng(1).normal(size=(64, 64)).astype(np.float32)}
+    model = _mlp() if kind == "matmul" else _cnn()
+    shape = (64, 64) if kind == "matmul" else (16, 3, 9, 9)
+    calib = {"x": np.random.default_rng(1).normal(size=shape).astype(np.float32)}
     opts = CompileOptions(calib=calib, cpu=cpu)
     art = compiler.compile(model, options=opts)
     assert art.manifest.integer_only and art.manifest.target["mcpu"] == cpu
@@ -65,7 +81,7 @@ def test_isa_paths(flavour):
         pytest.skip(f"this machine cannot execute {cpu} code ({flavour}); assembly checked only")
     qdq, _ = quantize.quantize(model, calib, opts.quant_config())
     for batch in (1, 5):                 # 5 rows: no 4-row tile divides it
-        x = np.random.default_rng(batch).normal(size=(batch, 64)).astype(np.float32)
+        x = np.random.default_rng(batch).normal(size=(batch, *shape[1:])).astype(np.float32)
         np.testing.assert_array_equal(art.run({"x": x})["y"], golden.run_qdq(qdq, {"x": x})["y"])
 
 
