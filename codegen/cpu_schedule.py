@@ -167,9 +167,8 @@ class CPUDefault(dl.ScheduleRule):
 
     def _vnni(self, sch: s_tir.Schedule, red, epilogues, flavour: str) -> None:
         """codegen/vnni.py's packed matmul: rows x (16-lane column blocks) tiles in parallel, the
-        reduction in steps of 4, and each 16 x 4 step one ``vpdpbusd`` (tensorized).  A tile of
-        up to 4 rows x 4 blocks keeps 16 zmm accumulators; its epilogue (requantize) runs on the
-        tile right after its reduction."""
+        reduction in steps of 4, and each 16 x 4 step one ``vpdpbusd`` (tensorized); the tile's
+        epilogue (requantize) runs on it right after its reduction."""
         block = red.block_rv
         kinds = red.dom_kind()
         loops = sch.get_loops(block)
@@ -180,9 +179,14 @@ class CPUDefault(dl.ScheduleRule):
         # the row tile splits the innermost row axis only (a conv's output width): a split of
         # fused (batch, token) rows leaves bindings tensorize cannot separate
         extents = [_const(sch.get(lp).extent) for lp in (*rows, col, *outer_red, red_loop)]
-        r0, r1 = sch.split(rows[-1], [None, _divisor_at_most(extents[len(rows) - 1], 4)])
+        # a tile of rt rows x ct column blocks keeps rt * ct zmm accumulators: 4 x 4, or for rows
+        # no 4 divides (7 and 14 wide convs) up to 7 x 4, within AVX-512's 32 registers
+        width = extents[len(rows) - 1]
+        rt = _divisor_at_most(width, 4)
+        rt = rt if rt == 4 else max(rt, _divisor_at_most(width, 7))
+        r0, r1 = sch.split(rows[-1], [None, rt])
         n = extents[len(rows)]
-        c0, c1, c2 = sch.split(col, [None, _divisor_at_most(n // vnni.LANES, 4), vnni.LANES])
+        c0, c1, c2 = sch.split(col, [None, _divisor_at_most(n // vnni.LANES, min(4, 28 // rt)), vnni.LANES])
         k0, k1 = sch.split(red_loop, [None, vnni.GROUP])
         sch.reorder(*rows[:-1], r0, c0, *outer_red, k0, r1, c1, c2, k1)
         tile = sch.fuse(*rows[:-1], r0, c0)
@@ -343,8 +347,24 @@ class CPUDefault(dl.ScheduleRule):
         return target is not None and target.kind.name == "llvm"
 
     def _injective(self, sch: s_tir.Schedule, block) -> None:
+        """Elementwise blocks are flattened into one parallel, vectorized loop.  Blocks that move
+        data (padding, transposes, layout copies) keep their innermost axis as the vector: flattened,
+        every lane would recompute its indices by division and modulo and gather."""
         loops = sch.get_loops(block)
         if not loops:
+            return
+        stmt = sch.get(block)
+        written = [str(r.min) for r in stmt.writes[0].region] if stmt.writes else []
+        moves = any([str(r.min) for r in read.region] != written for read in stmt.reads
+                    if len(read.region) == len(written))
+        extents = [_const(sch.get(lp).extent) for lp in loops]
+        if moves and len(loops) > 1 and extents[-1] and extents[-1] >= 8:
+            lanes = _divisor_at_most(extents[-1], _vector_lanes(sch, block))
+            if lanes > 1:
+                sch.vectorize(sch.split(loops[-1], [None, lanes])[1])
+            outer = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
+            if None in extents or int(np.prod(extents, dtype=np.int64)) >= MIN_PARALLEL_WORK:
+                sch.parallel(outer)
             return
         fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
         extent = _const(sch.get(fused).extent)
