@@ -1,14 +1,16 @@
-"""int8 matmul on x86 VNNI: ``vpdpbusd`` multiplies 4 u8 x s8 pairs per int32 lane and adds them
-to the lane's accumulator, 16 lanes per 512-bit instruction.
+"""int8 matmul and convolution on x86 VNNI: ``vpdpbusd`` multiplies 4 u8 x s8 pairs per int32
+lane and adds them to the lane's accumulator, 16 lanes per 512-bit instruction.
 
-The weights (K x N, s8) are packed at compile time so that one instruction's operand is 64
-contiguous bytes:
+The weights (s8) are packed at compile time so that one instruction's operand is 64 contiguous
+bytes, 16 output channels by 4 reduction steps:
 
-    Wp[j // 16, k // 4, j % 16, k % 4] = W[k, j]          (zero-padded to whole 16 x 4 groups)
+    matmul  Wp[j // 16, k // 4, j % 16, k % 4] = W[k, j]                 (K % 4 == 0, N % 16 == 0)
+    conv    Wp[o // 16, y, x, c // 4, o % 16, c % 4] = W[o, c, y, x]     (C zero-padded to 4s)
 
-and the kernel computes C[i, j] = sum_k x[i, k] * Wp[j // 16, k // 4, j % 16, k % 4]; its
+and the matmul computes C[i, j] = sum_k x[i, k] * Wp[j // 16, k // 4, j % 16, k % 4]; its
 innermost 16 (j) x 4 (k) step is tensorized: the 4 input bytes x[i, 4q:4q+4] are read as one
-int32, broadcast to 16 lanes, and multiplied with the 64 weight bytes.  ``avx512_vnni`` does it in
+int32, broadcast to 16 lanes, and multiplied with the 64 weight bytes.  The convolution is the
+same product over (y, x, c) once its input is channels-last, so that 4 channels are 4 bytes.  ``avx512_vnni`` does it in
 one ``vpdpbusd`` zmm; ``avx_vnni`` (Alder Lake and later, VEX-encoded, 256-bit) in two ymm halves.
 Targets with neither keep the generic schedule (codegen/cpu_schedule.py).
 

@@ -107,7 +107,7 @@ def _name(call) -> str:
 class _Lowering:
     def __init__(self, bb: relax.BlockBuilder, variants, vnni: bool = False):
         self.bb = bb
-        self.vnni = vnni                    # pack int8 matmul weights for x86 VNNI
+        self.vnni = vnni                    # pack int8 matmul and conv weights for x86 VNNI
         self.env: dict = {}
         self.variants = variants            # "shift" | "poly" | {kind: [variant per node, in order]}
         self.seen: dict[str, int] = {}
@@ -433,7 +433,8 @@ class _Lowering:
         else:
             stored = wq.astype(next(t for t in ("int8", "int16", "int32")
                                     if np.iinfo(t).min <= wq.min() and wq.max() <= np.iinfo(t).max))
-        # x86 VNNI: a u8 x s8 matmul reads its weights in vpdpbusd's operand order (codegen/vnni.py)
+        # x86 VNNI: u8 x s8 matmuls and convs read their weights in vpdpbusd's operand order
+        # (codegen/vnni.py); the conv's input channels are padded to a multiple of 4 there
         packed_vnni = (self.vnni and not is_conv and not bits and stored.dtype == np.int8 and stored.ndim == 2
                        and x.dtype == "uint8" and acc_dtype == "int32" and vnni.fits(*stored.shape))
         conv_vnni = (self.vnni and is_conv and not bits and stored.dtype == np.int8 and x.dtype == "uint8"
@@ -556,7 +557,7 @@ def lower_qdq(mod: tvm.IRModule, variants="auto", vnni: bool = False) -> tuple[t
     """Rebuild ``main`` with integer ops; raises QDQLoweringError on an unknown pattern.
     ``variants``: the softmax / GELU family, "shift" or "poly" for every node ("auto" without
     calibration data means poly), or per kind the list chosen per node (compiler/quantize.py).
-    ``vnni``: the target has x86 VNNI; int8 matmul weights are stored in its operand layout."""
+    ``vnni``: the target has x86 VNNI; int8 matmul and conv weights are stored in its operand layout."""
     func = mod["main"]
     bb = relax.BlockBuilder()
     attrs = {k: func.attrs[k] for k in func.attrs.keys()} if func.attrs is not None else {}

@@ -104,6 +104,22 @@ class Manifest:
         return cls(**d)
 
 
+# instruction sets the kernels may use; running code for one the host lacks dies with SIGILL
+CPU_FEATURES = ("avx2", "avx512f", "avx512bw", "avx512vnni", "avxvnni")
+
+
+def missing_cpu_features(target: dict) -> list[str]:
+    """The instruction sets ``target`` compiles for that this machine does not have."""
+    if target.get("kind") != "llvm" or not target.get("mcpu"):
+        return []
+    import tvm
+    from tvm.target import codegen
+
+    host = tvm.target.Target({"kind": "llvm", "mcpu": tvm.get_global_func("tvm.codegen.llvm.GetHostCPUName")()})
+    built = tvm.target.Target({"kind": "llvm", "mcpu": target["mcpu"]})
+    return [f for f in CPU_FEATURES if codegen.target_has_features(f, built) and not codegen.target_has_features(f, host)]
+
+
 def versions() -> dict[str, str]:
     import importlib.metadata as md
 
@@ -132,6 +148,12 @@ class Artifact:
             from tvm import relax
 
             from compiler.progress import native_stderr_to_debug
+
+            missing = missing_cpu_features(self.manifest.target)
+            if missing:
+                raise UserError(f"{self.manifest.model}: compiled for CPU {self.manifest.target.get('mcpu')}, whose "
+                                f"{', '.join(missing)} this machine lacks; recompile without --mcpu (or with "
+                                "one this machine has)")
 
             with native_stderr_to_debug():
                 self._vm = relax.VirtualMachine(self._module, tvm.cpu())
