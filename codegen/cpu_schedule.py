@@ -133,23 +133,19 @@ class CPUDefault(dl.ScheduleRule):
         red = reductions[0]
         if _is_vnni(sch, red.block_rv) and (flavour := vnni.isa(target)):
             self._vnni(sch, red, self._epilogues(sch, blocks, red), flavour)
-            for b in blocks[:blocks.index(red)]:
-                self._injective(sch, b.block_rv)
-            return sch
-        # padding applies to einsums (matmul), channels-last weights to strided convs
-        padded = self._pad_to_tiles(sch, reductions[0])
-        vec = None if padded else self._channels_last_weights(sch, reductions[0])
-        if padded or vec is not None:           # new producer blocks: analyze again
-            blocks = dl.analysis.normalize_prim_func(sch)
-            if blocks is None:
-                return None
-            reductions = [b for b in blocks if b.is_reduction()]
-        red = reductions[0]
-        idx = blocks.index(red)
-        self._reduction(sch, red, self._epilogues(sch, blocks, red), -1 if vec is None else vec)
+        else:
+            # padding applies to einsums (matmul), channels-last weights to strided convs
+            padded = self._pad_to_tiles(sch, red)
+            vec = None if padded else self._channels_last_weights(sch, red)
+            if padded or vec is not None:           # new producer blocks: analyze again
+                blocks = dl.analysis.normalize_prim_func(sch)
+                if blocks is None:
+                    return None
+                red = next(b for b in blocks if b.is_reduction())
+            self._reduction(sch, red, self._epilogues(sch, blocks, red), -1 if vec is None else vec)
         # producers (padding, layout copies) run once, outside the reduction's tiles:
         # inlined, the padding test would sit in the innermost loop
-        for b in blocks[:idx]:
+        for b in blocks[:blocks.index(red)]:
             self._injective(sch, b.block_rv)
         return sch
 

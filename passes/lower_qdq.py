@@ -435,10 +435,10 @@ class _Lowering:
                                     if np.iinfo(t).min <= wq.min() and wq.max() <= np.iinfo(t).max))
         # x86 VNNI: u8 x s8 matmuls and convs read their weights in vpdpbusd's operand order
         # (codegen/vnni.py); the conv's input channels are padded to a multiple of 4 there
-        packed_vnni = (self.vnni and not is_conv and not bits and stored.dtype == np.int8 and stored.ndim == 2
-                       and x.dtype == "uint8" and acc_dtype == "int32" and vnni.fits(*stored.shape))
-        conv_vnni = (self.vnni and is_conv and not bits and stored.dtype == np.int8 and x.dtype == "uint8"
-                     and acc_dtype == "int32" and vnni.conv_fits(stored.shape[0], int(call.attrs.groups))
+        u8s8 = (self.vnni and not bits and stored.dtype == np.int8 and x.dtype == "uint8"
+                and acc_dtype == "int32")
+        packed_vnni = u8s8 and not is_conv and stored.ndim == 2 and vnni.fits(*stored.shape)
+        conv_vnni = (u8s8 and is_conv and vnni.conv_fits(stored.shape[0], int(call.attrs.groups))
                      and all(isinstance(d, tvm.tirx.IntImm) for d in x.expr.ty.shape.values[1:]))
         if packed_vnni:
             stored = vnni.pack(stored)

@@ -73,11 +73,11 @@ def kernel_times(artifacts: Mapping[int, Artifact], feeds: Mapping[str, np.ndarr
     dev = tvm.cpu()
     timers = []
     for b, art in artifacts.items():
-        args = _launch_args(art, feeds, kernels[b])
+        args, lib = _launch_args(art, feeds, kernels[b]), art.kernel_library()
         for k in sorted(kernels[b]):
-            once = art.kernel_library().time_evaluator(k, dev, number=1, repeat=3)(*args[k]).median * 1e3
+            once = lib.time_evaluator(k, dev, number=1, repeat=3)(*args[k]).median * 1e3
             number = max(1, int(MIN_SAMPLE_MS / max(once, 1e-6)))
-            timers.append((b, k, art.kernel_library().time_evaluator(k, dev, number=number, repeat=1), args[k]))
+            timers.append((b, k, lib.time_evaluator(k, dev, number=number, repeat=1), args[k]))
     samples: dict[tuple[int, str], list[float]] = {(b, k): [] for b, k, _, _ in timers}
     for r in range(rounds):
         for b, k, timer, args in timers[r % len(timers):] + timers[:r % len(timers)]:
