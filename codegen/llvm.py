@@ -11,7 +11,11 @@ loop nests.
 
 from __future__ import annotations
 
+import os
+import platform
 import re
+import shutil
+from dataclasses import dataclass
 
 import tvm
 from tvm import tirx
@@ -20,9 +24,29 @@ from tvm.s_tir import dlight as dl
 
 from codegen import vnni
 from codegen.cpu_schedule import CPUDefault
+from compiler.errors import UserError
 from passes.fusion_report import CountKernels, FusionReport, RecordFusion
 from passes.merge_kernels import MergeKernels
 from passes.reduce_epilogue import ReduceEpilogue
+
+
+@dataclass(frozen=True)
+class CrossTarget:
+    """A Linux board compiled for from this machine: LLVM emits its object code, a Debian cross
+    gcc links the shared library that TVM's runtime on the board loads."""
+    triple: str
+    linker: str             # the cross gcc export_library links with
+    crt: str                # its C runtime start files, which -shared links too
+    packages: str           # the Debian packages that provide both
+    mattr: tuple[str, ...]  # features assumed when no --mcpu names the board's CPU
+
+
+# NEON dot product (sdot/udot, Armv8.2+: Cortex-A55/A76/A78, Neoverse N1, Raspberry Pi 5, Jetson Orin);
+# an older board's CPU (--mcpu cortex-a72) brings its own features instead
+CROSS = {"aarch64-linux": CrossTarget("aarch64-linux-gnu", "aarch64-linux-gnu-gcc", "/usr/aarch64-linux-gnu/lib/crti.o",
+                                      "gcc-aarch64-linux-gnu libc6-dev-arm64-cross", ("+neon", "+dotprod"))}
+TARGETS = ("llvm", *CROSS)
+HOST_TRIPLE = "x86_64-pc-linux-gnu"
 
 
 def host_target() -> dict:
@@ -36,10 +60,44 @@ def cpu_target(cpu: str | None) -> dict:
     return {"kind": "llvm", "mcpu": cpu or tvm.get_global_func("tvm.codegen.llvm.GetHostCPUName")()}
 
 
-def valid_cpu(cpu: str) -> bool:
+def target_dict(target: str, cpu: str | None) -> dict:
+    """The TVM target for a ``--target`` name and an optional ``--mcpu``."""
+    if target not in CROSS:
+        return cpu_target(cpu)
+    cross = CROSS[target]
+    return {"kind": "llvm", "mtriple": cross.triple, **({"mcpu": cpu} if cpu else {"mattr": list(cross.mattr)})}
+
+
+def valid_cpu(cpu: str, target: str = "llvm") -> bool:
     from tvm.target import codegen
 
-    return codegen.llvm_is_valid_cpu(cpu, "x86_64-pc-linux-gnu")
+    return codegen.llvm_is_valid_cpu(cpu, CROSS[target].triple if target in CROSS else HOST_TRIPLE)
+
+
+def cross_of(target: dict) -> CrossTarget | None:
+    """The cross target a target dict was made for, or None for this machine."""
+    return next((c for c in CROSS.values() if c.triple == target.get("mtriple")), None)
+
+
+def foreign_arch(target: dict) -> str | None:
+    """The architecture a target compiles for when this machine cannot run it, else None."""
+    cross = cross_of(target)
+    arch = cross.triple.split("-")[0] if cross else None
+    return arch if arch and arch != platform.machine() else None
+
+
+def linker(target: dict):
+    """``export_library``'s fcompile for the target: None (TVM's host default) or the cross gcc,
+    which must be installed."""
+    cross = cross_of(target)
+    if cross is None:
+        return None
+    if shutil.which(cross.linker) is None or not os.path.isfile(cross.crt):
+        raise UserError(f"{cross.linker} or {cross.crt} not found: linking for {cross.triple} needs Debian's cross "
+                        f"toolchain; apt-get install {cross.packages} (make setup does)")
+    from tvm.support import cc
+
+    return cc.cross_compiler(cross.linker)
 
 
 def vnni_isa(target: dict) -> str | None:

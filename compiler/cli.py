@@ -121,7 +121,7 @@ def cmd_compile(args) -> int:
     art.save(args.output)
     size = os.path.getsize(os.path.join(args.output, art.manifest.library))
     _say(args, f"wrote {args.output}: {len(art.manifest.kernels)} kernels, {size / 1024:.0f} KiB library, "
-               f"{art.manifest.precision} for {art.manifest.target['kind']} ({time.perf_counter() - t0:.1f} s)")
+               f"{art.manifest.precision} for {args.target} ({time.perf_counter() - t0:.1f} s)")
     return 0
 
 
@@ -131,10 +131,26 @@ def cmd_run(args) -> int:
 
     art = runtime.load(args.artifact)
     feeds = check_inputs(read_tensors(args.input, art.manifest.inputs), art.manifest.inputs, where=args.input)
-    outs = art.run(feeds)
+    remote = _remote(args)
+    outs = (remote.load(art) if remote else art).run(feeds)
     write_npz(args.output, outs)
-    _say(args, f"wrote {args.output}: " + ", ".join(f"{k} {v.shape} {v.dtype}" for k, v in outs.items()))
+    where = f" (ran on {remote.describe()})" if remote else ""
+    _say(args, f"wrote {args.output}: " + ", ".join(f"{k} {v.shape} {v.dtype}" for k, v in outs.items()) + where)
     return 0
+
+
+def _add_remote_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rpc", metavar="HOST:PORT", help="run on a board's TVM RPC server (python -m tvm.exec.rpc_server)")
+    p.add_argument("--tracker", metavar="HOST:PORT", help="run on a free board of an RPC tracker (with --key)")
+    p.add_argument("--key", help="with --tracker: the key the boards registered with")
+    p.add_argument("--rpc-timeout", type=_positive(float), default=15.0, metavar="S",
+                   help="seconds to reach the server or tracker and get a board (default 15)")
+
+
+def _remote(args):
+    from runtime.remote import Remote
+
+    return Remote.from_flags(args.rpc, args.tracker, args.key, args.rpc_timeout)
 
 
 def cmd_bench(args) -> int:
@@ -422,9 +438,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compile", parents=[common], help="compile an ONNX model into an artifact directory")
     c.add_argument("model", metavar="MODEL.onnx")
-    c.add_argument("--target", default="llvm", help="code generation target (default: llvm, the host CPU)")
+    c.add_argument("--target", default="llvm",
+                   help="llvm (default): this machine's CPU; aarch64-linux: a 64-bit Arm Linux board, "
+                        "cross-compiled (run it there with lowbit run --rpc)")
     c.add_argument("--mcpu", metavar="CPU", help="LLVM CPU to compile for instead of this machine's, e.g. haswell "
-                                                 "(AVX2, no VNNI) or alderlake (AVX-VNNI); its ISA picks the kernels")
+                                                 "(AVX2, no VNNI) or alderlake (AVX-VNNI); its ISA picks the kernels. "
+                                                 "With aarch64-linux the board's, e.g. cortex-a72 (default: "
+                                                 "Armv8.2 with NEON dot product)")
     _add_shape_arg(c)
     c.add_argument("--calib", metavar="DATA.npz",
                    help="quantize an FP32 model to integer-only, calibrating on these inputs (any sample count)")
@@ -436,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("artifact", metavar="OUTDIR")
     r.add_argument("--input", required=True, metavar="IN.npz")
     r.add_argument("-o", "--output", required=True, metavar="OUT.npz")
+    _add_remote_args(r)
     r.set_defaults(func=cmd_run)
 
     b = sub.add_parser("bench", parents=[common], help="time lowbit against ONNX Runtime, interleaved")

@@ -39,6 +39,8 @@ def compile(model: str | os.PathLike | onnx.ModelProto, target: str = "llvm", *,
 
 def _compile(model, opts: CompileOptions, config) -> Artifact:
 
+    target = llvm.target_dict(opts.target, opts.cpu)
+    llvm.linker(target)                     # a missing cross compiler fails before any work
     with stage("load + check"):
         src = frontend.load(model)
         src = frontend.OnnxModel(qoperator.to_qdq(src.proto), src.path, src.sha256)
@@ -87,11 +89,10 @@ def _compile(model, opts: CompileOptions, config) -> Artifact:
         mod = frontend.to_relax(src, inputs)
         outputs = frontend.relax_output_specs(mod, [o.name for o in src.proto.graph.output])
     lowering = None
-    target_dict = llvm.cpu_target(opts.cpu)
     if is_qdq(mod):
         with stage("lower QDQ to integer"):
             try:
-                mod, lowering = lower_qdq(mod, variants, vnni=llvm.vnni_isa(target_dict) is not None)
+                mod, lowering = lower_qdq(mod, variants, vnni=llvm.vnni_isa(target) is not None)
                 quantization["accumulators"] = lowering.summary()
                 if lowering.int64:
                     log.warning("%s: %s", src.path, lowering.summary())
@@ -103,7 +104,7 @@ def _compile(model, opts: CompileOptions, config) -> Artifact:
         verdict = check_integer_only(mod)
     with stage("build llvm"):
         try:
-            executable, kernel_ops, fusion = llvm.build(mod, target_dict)
+            executable, kernel_ops, fusion = llvm.build(mod, target)
         except Exception as exc:
             hint = frontend.symbolic_hint(inputs)
             if not hint:        # static shapes: a build failure is a lowbit bug, keep the traceback
@@ -115,7 +116,7 @@ def _compile(model, opts: CompileOptions, config) -> Artifact:
                                    for w, d in zip(lowering.weights, lowering.digests, strict=True)]
 
     manifest = Manifest(
-        model=Path(src.path).name, model_sha256=src.sha256, target=target_dict, precision=_precision(histogram, verdict),
+        model=Path(src.path).name, model_sha256=src.sha256, target=target, precision=_precision(histogram, verdict),
         inputs=inputs, outputs=outputs, kernels=list(kernel_ops), op_histogram=histogram, weight_bytes=nbytes,
         versions=versions(), integer_only=verdict.integer_only, integer_region=verdict.reason,
         quant=quantize.boundary_params(src.proto) or None, quantization=quantization,
@@ -173,7 +174,10 @@ def latency_table(src: frontend.OnnxModel, calib, opts: CompileOptions, layers) 
         feeds = latency.sample_feeds(first.manifest.inputs, calib)
         return latency.measure(lambda b: builds.get(b) or build(b), layers, feeds)
 
-    key = {"model": src.sha256, "target": llvm.cpu_target(opts.cpu), "shapes": opts.input_shapes,
+    if llvm.foreign_arch(llvm.target_dict(opts.target, opts.cpu)):
+        raise UserError(f"--latency-budget times kernels on this machine, which cannot run {opts.target} code; "
+                        "plan with --size-budget or --bops-budget")
+    key = {"model": src.sha256, "target": llvm.target_dict(opts.target, opts.cpu), "shapes": opts.input_shapes,
            "calibration": latency.digest_feeds(calib), "layers": [layer.name for layer in layers],
            "quantization": [opts.observer, opts.nonlinear, opts.residual_bits, opts.softmax_bits,
                             opts.activation_bits]}

@@ -10,15 +10,15 @@ import numpy as np
 
 from compiler.errors import UserError
 
-TARGETS = ("llvm",)
 # activation encoding each target's int8 dot product wants: x86 VNNI (vpdpbusd) multiplies u8 x s8
-ACTIVATIONS = {"llvm": "u8"}
+ACTIVATIONS = {"llvm": "u8", "aarch64-linux": "u8"}
 
 
 @dataclass(frozen=True)
 class CompileOptions:
     target: str = "llvm"
     cpu: str | None = None                  # LLVM CPU to compile for (default this machine's): its ISA picks kernels
+    tune: int = 0                           # meta_schedule trials over the kernels (0: lowbit's own schedules)
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     calib: str | os.PathLike | Mapping[str, np.ndarray] | None = None    # FP32 models: quantize on this data
     weight_bits: int | str | None = None    # with calib: 8 (default), 4, 2, or "mixed" (a bit plan by ILP)
@@ -36,13 +36,15 @@ class CompileOptions:
     activation_bits: int = 8                # with calib: 4 puts each layer's ReLU output on the u4 grid
 
     def __post_init__(self):
+        from codegen.llvm import TARGETS, valid_cpu
+
         if self.target not in TARGETS:
             raise UserError(f"unknown target {self.target!r}; choose one of: {', '.join(TARGETS)}")
-        from codegen.llvm import valid_cpu
-
-        if self.cpu is not None and not valid_cpu(self.cpu):
-            raise UserError(f"--mcpu {self.cpu}: not an x86-64 CPU LLVM knows; e.g. haswell (AVX2), alderlake "
-                            "(AVX-VNNI), icelake-server (AVX-512 VNNI), znver5, or omit it for this machine's")
+        if self.cpu is not None and not valid_cpu(self.cpu, self.target):
+            examples = ("cortex-a76 (dot product), cortex-a72 (none), neoverse-n1" if self.target == "aarch64-linux"
+                        else "haswell (AVX2), alderlake (AVX-VNNI), icelake-server (AVX-512 VNNI), znver5")
+            raise UserError(f"--mcpu {self.cpu}: not a CPU LLVM knows for {self.target}; e.g. {examples}, "
+                            "or omit it")
         from compiler.quantize import check_nonlinear
 
         check_nonlinear(self.nonlinear)        # also for quantized models: it picks their softmax / GELU

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import platform
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -120,6 +121,15 @@ def missing_cpu_features(target: dict) -> list[str]:
     return [f for f in CPU_FEATURES if codegen.target_has_features(f, built) and not codegen.target_has_features(f, host)]
 
 
+def check_runs_here(manifest: Manifest) -> None:
+    """Refuse an artifact cross-compiled for another architecture, pointing at the board."""
+    from codegen.llvm import foreign_arch
+
+    if foreign_arch(manifest.target):
+        raise UserError(f"{manifest.model}: compiled for {manifest.target['mtriple']}, and this machine is "
+                        f"{platform.machine()}; run it on the board: lowbit run OUTDIR --rpc HOST:PORT")
+
+
 def versions() -> dict[str, str]:
     import importlib.metadata as md
 
@@ -149,6 +159,7 @@ class Artifact:
 
             from compiler.progress import native_stderr_to_debug
 
+            check_runs_here(self.manifest)
             missing = missing_cpu_features(self.manifest.target)
             if missing:
                 raise UserError(f"{self.manifest.model}: compiled for CPU {self.manifest.target.get('mcpu')}, whose "
@@ -175,13 +186,23 @@ class Artifact:
         outs = list(out) if not hasattr(out, "numpy") else [out]
         return {s.name: o.numpy() for s, o in zip(self.manifest.outputs, outs, strict=True)}
 
+    def library_file(self, directory: Path) -> Path:
+        """The shared library: the loaded one, or the fresh build exported into ``directory``
+        (linked by the target's cross gcc when it is another architecture's)."""
+        if self._library_path is not None:
+            return self._library_path
+        from codegen.llvm import linker
+
+        path = directory / LIBRARY
+        self._module.export_library(str(path), fcompile=linker(self.manifest.target))
+        return path
+
     def save(self, outdir: str | os.PathLike) -> Path:
         """Write the artifact directory atomically: a failure leaves no OUTDIR behind."""
         with atomic_directory(outdir) as tmp:
-            if self._library_path is not None:
-                shutil.copyfile(self._library_path, tmp / LIBRARY)
-            else:
-                self._module.export_library(str(tmp / LIBRARY))
+            library = self.library_file(tmp)
+            if library != tmp / LIBRARY:
+                shutil.copyfile(library, tmp / LIBRARY)
             (tmp / MANIFEST).write_text(self.manifest.to_json())
         return Path(outdir)
 
@@ -235,6 +256,10 @@ def load(directory: str | os.PathLike) -> Artifact:
     lib = d / manifest.library
     if not lib.is_file():
         raise UserError(f"{d}: {manifest.library} is missing; recompile the model")
+    from codegen.llvm import foreign_arch
+
+    if foreign_arch(manifest.target):           # a cross-compiled library: inspected, copied, sent over RPC
+        return Artifact(manifest, None, library_path=lib)
     import tvm
 
     from compiler.progress import native_stderr_to_debug

@@ -1,0 +1,148 @@
+"""Remote runs over TVM RPC, on loopback: an ``rpc_server`` (and an ``rpc_tracker``) started
+here stands in for a board.  Outputs must be identical to the local run; an unreachable or
+silent server must end in one line and exit 2 within the timeout, never hang."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import onnx
+import pytest
+from conftest import concat_cnn, run_cli
+
+from compiler.errors import UserError
+from runtime.remote import Remote
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(*args, ready) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 90
+    while not ready():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"{' '.join(args)} did not come up")
+        time.sleep(0.5)
+    return proc
+
+
+def _listening(port):
+    def ready():
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+    return ready
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = _free_port()
+    proc = _start("tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(port), "--port-end", str(port + 1),
+                  ready=_listening(port))
+    yield port
+    proc.kill()
+
+
+@pytest.fixture(scope="module")
+def tracker():
+    """A tracker and one server registered with it under key ``lowbit-test``."""
+    import tvm.rpc
+
+    port = _free_port()
+    trk = _start("tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port), "--port-end", str(port + 1),
+                 ready=_listening(port))
+
+    def registered():
+        try:
+            return "lowbit-test" in tvm.rpc.connect_tracker("127.0.0.1", port).summary()["queue_info"]
+        except (OSError, RuntimeError):
+            return False
+
+    srv_port = _free_port()
+    srv = _start("tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(srv_port), "--port-end", str(srv_port + 1),
+                 "--tracker", f"127.0.0.1:{port}", "--key", "lowbit-test", ready=registered)
+    yield port
+    srv.kill()
+    trk.kill()
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    d = tmp_path_factory.mktemp("remote")
+    onnx.save(concat_cnn(c=8), d / "cnn.onnx")
+    rng = np.random.default_rng(1)
+    np.savez(d / "calib.npz", x=rng.normal(size=(8, 8, 6, 6)).astype(np.float32))
+    np.savez(d / "in.npz", x=rng.normal(size=(1, 8, 6, 6)).astype(np.float32))
+    r = run_cli("compile", d / "cnn.onnx", "--calib", d / "calib.npz", "-o", d / "int8")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("run", d / "int8", "--input", d / "in.npz", "-o", d / "local.npz")
+    assert r.returncode == 0, r.stderr
+    return d
+
+
+def _same_as_local(d, out):
+    local, remote = np.load(d / "local.npz"), np.load(out)
+    assert list(local) == list(remote)
+    for k in local:
+        np.testing.assert_array_equal(remote[k], local[k])
+
+
+def test_rpc_run_matches_local_run(artifact, server):
+    r = run_cli("run", artifact / "int8", "--input", artifact / "in.npz", "-o", artifact / "rpc.npz",
+                "--rpc", f"127.0.0.1:{server}")
+    assert r.returncode == 0, r.stderr
+    assert f"ran on RPC server 127.0.0.1:{server}" in r.stdout
+    _same_as_local(artifact, artifact / "rpc.npz")
+
+
+def test_tracker_run_matches_local_run(artifact, tracker):
+    r = run_cli("run", artifact / "int8", "--input", artifact / "in.npz", "-o", artifact / "trk.npz",
+                "--tracker", f"127.0.0.1:{tracker}", "--key", "lowbit-test")
+    assert r.returncode == 0, r.stderr
+    _same_as_local(artifact, artifact / "trk.npz")
+
+
+def test_unreachable_server_exits_2_in_one_line(artifact):
+    t0 = time.monotonic()
+    r = run_cli("run", artifact / "int8", "--input", artifact / "in.npz", "-o", artifact / "x.npz",
+                "--rpc", f"127.0.0.1:{_free_port()}", "--rpc-timeout", "3")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "unreachable" in r.stderr
+    assert time.monotonic() - t0 < 60
+    assert not (artifact / "x.npz").exists()
+
+
+def test_silent_server_and_unknown_key_time_out(tracker):
+    """A peer that accepts and never answers, and a tracker without a board for the key: the
+    bounded waits, not TVM's (unbounded) ones, end them."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        for remote, what in ((Remote("127.0.0.1", silent.getsockname()[1], timeout_s=2), "no TVM RPC handshake"),
+                             (Remote("127.0.0.1", tracker, key="nobody", timeout_s=2), "no free board")):
+            t0 = time.monotonic()
+            with pytest.raises(UserError, match=what):
+                remote.connect()
+            assert time.monotonic() - t0 < 10
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"rpc": "board"}, "expected HOST:PORT"),
+    ({"rpc": "h:1", "tracker": "h:2", "key": "k"}, "both given"),
+    ({"tracker": "h:2"}, "--tracker needs --key"),
+    ({"key": "k"}, "add --tracker"),
+])
+def test_bad_remote_flags(flags, message):
+    with pytest.raises(UserError, match=message):
+        Remote.from_flags(flags.get("rpc"), flags.get("tracker"), flags.get("key"))
