@@ -103,7 +103,11 @@ class CPUDefault(dl.ScheduleRule):
     def apply(self, func, target, tunable):
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
             return None
-        sch = s_tir.Schedule(func)
+        return self.schedule(s_tir.Schedule(func), target)
+
+    def schedule(self, sch: s_tir.Schedule, target) -> s_tir.Schedule | None:
+        """Schedule the kernel in ``sch`` in place (also a tuning candidate: codegen/tune.py);
+        None when no rule fits."""
         blocks = dl.analysis.normalize_prim_func(sch)
         if blocks is None:
             return None

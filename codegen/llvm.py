@@ -6,7 +6,8 @@ chains into their producer's kernel (FuseOps/FuseTIR), with three stages of
 ours: ``ReduceEpilogue`` before fusion (a pool's requantize joins its sum),
 ``CountKernels``/``RecordFusion`` around it (for ``lowbit inspect``), and
 ``CPUDefault`` schedules after it, since TVM 0.27 leaves CPU kernels as naive
-loop nests.
+loop nests.  Between fusion and our schedules, ``--tune`` may schedule kernels
+from meta_schedule's database (codegen/tune.py).
 """
 
 from __future__ import annotations
@@ -105,9 +106,9 @@ def vnni_isa(target: dict) -> str | None:
     return vnni.isa(tvm.target.Target(target))
 
 
-def pipeline(target: tvm.target.Target, report: FusionReport) -> tvm.transform.Pass:
-    """TVM's CPU pipeline (relax.backend.cpu_generic) with our schedules after fusion,
-    and the fusion recorded for ``lowbit inspect``."""
+def fusion(target: tvm.target.Target, report: FusionReport) -> tvm.transform.Pass:
+    """TVM's CPU legalization and fusion (relax.backend.cpu_generic), recorded for ``lowbit inspect``:
+    the result's kernels are the unscheduled PrimFuncs that tuning and our schedules work on."""
     legalize = []
     for p in cpu.legalize_passes(target):
         if p.info.name == "FuseOps":
@@ -115,17 +116,26 @@ def pipeline(target: tvm.target.Target, report: FusionReport) -> tvm.transform.P
         legalize.append(p)
         if p.info.name == "FuseOps":
             legalize += [MergeKernels(), RecordFusion(report)]
-    stages = (cpu.library_dispatch_passes(target) + legalize + [dl.ApplyDefaultSchedule(CPUDefault())]
-              + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))
-    return tvm.transform.Sequential(stages, name="lowbit_llvm")
+    return tvm.transform.Sequential(cpu.library_dispatch_passes(target) + legalize, name="lowbit_fusion")
 
 
-def build(mod: tvm.IRModule, target: dict):
-    """Fuse, schedule, lower and build.  Returns (executable, {kernel: source ops}, FusionReport)."""
+def lowering(target: tvm.target.Target) -> tvm.transform.Pass:
+    """Our schedules for every kernel not scheduled yet (dlight skips tuned ones), then TVM's
+    lowering to the VM."""
+    stages = [dl.ApplyDefaultSchedule(CPUDefault())] + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)
+    return tvm.transform.Sequential(stages, name="lowbit_lowering")
+
+
+def build(mod: tvm.IRModule, target: dict, schedule=None):
+    """Fuse, schedule, lower and build.  ``schedule`` (codegen/tune.py) may schedule some fused
+    kernels first.  Returns (executable, {kernel: source ops}, FusionReport)."""
     tgt = tvm.target.Target(target)
     report = FusionReport()
     with tgt:
-        lowered = pipeline(tgt, report)(mod)
+        fused = fusion(tgt, report)(mod)
+        if schedule is not None:
+            fused = schedule(fused, target)
+        lowered = lowering(tgt)(fused)
     names = sorted(gv.name_hint for gv, f in lowered.functions_items() if isinstance(f, tirx.PrimFunc))
     kernels = {n: report.groups.get(n, [re.sub(r"\d+$", "", n)]) for n in names}
     return tvm.compile(lowered, target=tgt, relax_pipeline=None), kernels, report

@@ -116,12 +116,49 @@ def cmd_compile(args) -> int:
     from compiler.options import CompileOptions
 
     opts = CompileOptions(target=args.target, cpu=args.mcpu, input_shapes=_shapes(args), calib=args.calib,
-                          **_quant_options(args))
-    art = compiler.compile(args.model, options=opts)
+                          tune=args.tune, **_quant_options(args))
+    art = compiler.compile(args.model, options=opts, remote=_tuning_remote(args))
     art.save(args.output)
+    if art.manifest.tuning:
+        _say(args, f"tuning: {tune_summary(art.manifest.tuning)}")
     size = os.path.getsize(os.path.join(args.output, art.manifest.library))
     _say(args, f"wrote {args.output}: {len(art.manifest.kernels)} kernels, {size / 1024:.0f} KiB library, "
                f"{art.manifest.precision} for {args.target} ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def tune_summary(report: dict) -> str:
+    from codegen.tune import TuneReport
+
+    return TuneReport(**report).summary()
+
+
+def _tuning_remote(args):
+    from runtime.remote import Remote
+
+    return Remote.from_flags(None, args.tracker, args.key, args.rpc_timeout) if args.tracker or args.key else None
+
+
+def cmd_tune(args) -> int:
+    """meta_schedule over every kernel, with lowbit's schedule as the one to beat; the database
+    then serves ``lowbit compile --tune`` at no cost."""
+    import compiler
+    from codegen.tune import TuneReport, verdicts
+    from compiler.options import CompileOptions
+
+    opts = CompileOptions(cpu=args.mcpu, input_shapes=_shapes(args), calib=args.calib, tune=args.trials,
+                          **_quant_options(args))
+    art = compiler.compile(args.model, options=opts, remote=_tuning_remote(args))
+    report = TuneReport(**art.manifest.tuning)
+    table = verdicts(art.manifest.target)
+    rows = sorted((v for v in table.values() if v["kernel"] in art.manifest.kernels), key=lambda v: v["kernel"])
+    width = max((len(v["kernel"]) for v in rows), default=6)
+    print(f"{'kernel':<{width}}  {'lowbit us':>10} {'tuned us':>10}  chosen")
+    for v in rows:
+        ours, tuned = (f"{x:>10.1f}" if x is not None else f"{'-':>10}" for x in (v["ours_us"], v["tuned_us"]))
+        print(f"{v['kernel']:<{width}}  {ours} {tuned}  {'tuned' if v['kernel'] in report.tuned else 'lowbit'}")
+    print(report.summary())
+    print(f"database   {report.database}")
     return 0
 
 
@@ -141,7 +178,12 @@ def cmd_run(args) -> int:
 
 def _add_remote_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rpc", metavar="HOST:PORT", help="run on a board's TVM RPC server (python -m tvm.exec.rpc_server)")
-    p.add_argument("--tracker", metavar="HOST:PORT", help="run on a free board of an RPC tracker (with --key)")
+    _add_tracker_args(p, "run on a free board of an RPC tracker (with --key)")
+
+
+def _add_tracker_args(p: argparse.ArgumentParser, what: str = "with --tune: measure on the boards of an RPC "
+                                                             "tracker (with --key)") -> None:
+    p.add_argument("--tracker", metavar="HOST:PORT", help=what)
     p.add_argument("--key", help="with --tracker: the key the boards registered with")
     p.add_argument("--rpc-timeout", type=_positive(float), default=15.0, metavar="S",
                    help="seconds to reach the server or tracker and get a board (default 15)")
@@ -449,8 +491,22 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib", metavar="DATA.npz",
                    help="quantize an FP32 model to integer-only, calibrating on these inputs (any sample count)")
     _add_quant_args(c)
+    c.add_argument("--tune", type=_positive(int), default=0, metavar="TRIALS",
+                   help="meta_schedule search, TRIALS candidates per kernel, kept where it beats lowbit's schedule; "
+                        "results are cached, so a second compile measures nothing (needs static shapes)")
+    _add_tracker_args(c)
     c.add_argument("-o", "--output", required=True, metavar="OUTDIR")
     c.set_defaults(func=cmd_compile)
+
+    t = sub.add_parser("tune", parents=[common], help="tune a model's kernels into the database compile --tune reads")
+    t.add_argument("model", metavar="MODEL.onnx")
+    t.add_argument("--trials", type=_positive(int), default=64, help="candidates measured per kernel (default 64)")
+    t.add_argument("--mcpu", metavar="CPU", help="LLVM CPU to tune for (default: this machine's)")
+    _add_shape_arg(t)
+    t.add_argument("--calib", metavar="DATA.npz", help="quantize an FP32 model first, as compile --calib does")
+    _add_quant_args(t)
+    _add_tracker_args(t)
+    t.set_defaults(func=cmd_tune)
 
     r = sub.add_parser("run", parents=[common], help="run an artifact on inputs from .npz/.npy")
     r.add_argument("artifact", metavar="OUTDIR")

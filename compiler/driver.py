@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 
 import onnx
 
-from codegen import llvm
+from codegen import llvm, tune
 from compiler import bitplan, canonicalize, frontend, qoperator, quantize, sensitivity
 from compiler.errors import UserError
 from compiler.options import CompileOptions
@@ -29,15 +30,16 @@ from runtime.artifact import Artifact, Manifest, versions
 
 def compile(model: str | os.PathLike | onnx.ModelProto, target: str = "llvm", *,
             input_shapes: dict[str, tuple[int, ...]] | None = None,
-            options: CompileOptions | None = None) -> Artifact:
-    """Compile an ONNX model.  Raises ``UserError`` for problems with the model or options."""
+            options: CompileOptions | None = None, remote=None) -> Artifact:
+    """Compile an ONNX model.  Raises ``UserError`` for problems with the model or options.
+    ``remote`` (runtime/remote.Remote, a tracker): where ``--tune`` measures."""
     opts = options or CompileOptions(target=target, input_shapes=dict(input_shapes or {}))
     config = opts.quant_config() if opts.calib is not None else None      # bad --bits fail before any work
     with native_stderr_to_debug(), steps(6 if opts.weight_bits == "mixed" else 5, "compiling"):
-        return _compile(model, opts, config)
+        return _compile(model, opts, config, remote)
 
 
-def _compile(model, opts: CompileOptions, config) -> Artifact:
+def _compile(model, opts: CompileOptions, config, remote=None) -> Artifact:
 
     target = llvm.target_dict(opts.target, opts.cpu)
     llvm.linker(target)                     # a missing cross compiler fails before any work
@@ -48,6 +50,8 @@ def _compile(model, opts: CompileOptions, config) -> Artifact:
         frontend.validate(src)
         inputs = frontend.input_specs(src, opts.input_shapes)
         given_quantized = quantize.is_quantized(src.proto)
+        if opts.tune and (hint := frontend.symbolic_hint(inputs)):
+            raise UserError(f"{src.path}: --tune needs static shapes (meta_schedule cannot tile symbolic ones){hint}")
     if config is not None:
         if given_quantized:
             raise UserError(f"{src.path}: the model is already quantized; drop --calib (and --bits), "
@@ -102,9 +106,14 @@ def _compile(model, opts: CompileOptions, config) -> Artifact:
     with stage("analyze"):
         histogram, nbytes = op_histogram(mod), weight_bytes(mod)
         verdict = check_integer_only(mod)
-    with stage("build llvm"):
+    tuning = tune.TuneReport(opts.tune) if opts.tune else None
+    with stage("tune + build llvm" if tuning else "build llvm"):
         try:
-            executable, kernel_ops, fusion = llvm.build(mod, target)
+            executable, kernel_ops, fusion = llvm.build(
+                mod, target, schedule=partial(tune.schedule, trials=opts.tune, remote=remote, report=tuning)
+                if tuning else None)
+        except UserError:
+            raise
         except Exception as exc:
             hint = frontend.symbolic_hint(inputs)
             if not hint:        # static shapes: a build failure is a lowbit bug, keep the traceback
@@ -121,7 +130,7 @@ def _compile(model, opts: CompileOptions, config) -> Artifact:
         versions=versions(), integer_only=verdict.integer_only, integer_region=verdict.reason,
         quant=quantize.boundary_params(src.proto) or None, quantization=quantization,
         kernel_ops=kernel_ops, kernels_unfused=fusion.before, kernel_launches=fusion.launches,
-        launch_sequence=fusion.sequence,
+        launch_sequence=fusion.sequence, tuning=asdict(tuning) if tuning else None,
     )
     return Artifact(manifest, executable)
 

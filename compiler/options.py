@@ -45,6 +45,11 @@ class CompileOptions:
                         else "haswell (AVX2), alderlake (AVX-VNNI), icelake-server (AVX-512 VNNI), znver5")
             raise UserError(f"--mcpu {self.cpu}: not a CPU LLVM knows for {self.target}; e.g. {examples}, "
                             "or omit it")
+        if self.tune < 0:
+            raise UserError(f"--tune {self.tune}: the number of candidates to measure per kernel, >= 1")
+        if self.tune and self.target != "llvm":
+            raise UserError(f"--tune measures kernels on this machine and cannot for {self.target} yet; "
+                            "compile without it (lowbit's own schedules)")
         from compiler.quantize import check_nonlinear
 
         check_nonlinear(self.nonlinear)        # also for quantized models: it picks their softmax / GELU

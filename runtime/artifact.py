@@ -68,6 +68,7 @@ class Manifest:
     kernels_unfused: int = 0        # kernel launches without fusion (one per op)
     kernel_launches: int = 0        # kernel launches per inference after fusion
     launch_sequence: list[str] | None = None    # the kernels in the order one inference calls them
+    tuning: dict | None = None      # --tune: codegen/tune.TuneReport (which kernels meta_schedule scheduled)
     format: int = FORMAT
     library: str = LIBRARY
 
