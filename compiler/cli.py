@@ -23,6 +23,16 @@ def _positive(kind):
     return parse
 
 
+def _counts(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text}")
+    return values
+
+
 def _bits(text: str):
     if text == "mixed":
         return text
@@ -196,44 +206,64 @@ def _remote(args):
 
 
 def cmd_bench(args) -> int:
+    """Each batch size is compiled once; each thread count re-sizes TVM's pool and ORT's sessions
+    in this process, so all configurations share one warm machine state."""
     from runtime.threads import configure_threads
 
-    configure_threads(args.threads)
+    configure_threads(max(args.threads))
     import tempfile
 
     import compiler
-    from compiler.progress import stage
-    from runtime import bench, ort
-
-    model_path, calib, eval_inputs = _bench_inputs(args)
-    shapes = _shapes(args)
-    first = eval_inputs[0]
-    for name, arr in first.items():
-        shapes.setdefault(name, tuple(arr.shape))
-    from compiler.frontend import load
+    from compiler.errors import UserError
+    from compiler.frontend import input_specs, load
     from compiler.options import CompileOptions
+    from compiler.progress import stage
     from compiler.quantize import is_quantized
+    from runtime import bench, ort
+    from runtime.threads import set_tvm_threads
 
-    arts = []
-    if not is_quantized(load(model_path).proto):    # FP32 model: lowbit's integer-only build, then its FP32 one
-        arts.append(compiler.compile(model_path, options=CompileOptions(input_shapes=shapes, calib=calib)))
-    arts.append(compiler.compile(model_path, options=CompileOptions(input_shapes=shapes)))
+    remote = _remote(args)
+    if remote and len(args.threads) > 1:
+        raise UserError("--threads sets this machine's runtimes; a board's thread count is its rpc_server's "
+                        "TVM_NUM_THREADS: give one --threads value with --rpc/--tracker")
+    model_path, calib, samples = _bench_inputs(args, args.eval_samples * max(args.batch))
+    specs = input_specs(load(model_path))
+    quantized = is_quantized(load(model_path).proto)
+    results = []
     with tempfile.TemporaryDirectory() as tmp:
-        # first: the row t/lowbit refers to
-        runners = {f"lowbit-{a.manifest.precision}": a.run for a in arts}
-        with stage("ORT baselines (quantize)"):
-            baselines = ort.baselines(model_path, calib, args.threads, tmp)
-        runners.update((r.name, r) for r in baselines)
-        result = bench.compare(os.path.basename(args.model), runners, first, eval_inputs, args.threads, args.seconds,
-                               reference=baselines[0].name)
-    print(result.table())
+        if not remote:
+            with stage("ORT baselines (quantize)"):
+                ort_models = ort.variants(model_path, calib, tmp)
+        for batch in args.batch:
+            inputs = bench.batches(samples, batch, args.eval_samples, specs, where=args.model)
+            shapes = {**{k: v.shape for k, v in inputs[0].items()}, **_shapes(args)}
+            target = {"target": args.target, "cpu": args.mcpu, "input_shapes": shapes}
+            arts = [] if quantized else [compiler.compile(model_path, options=CompileOptions(calib=calib, **target))]
+            arts.append(compiler.compile(model_path, options=CompileOptions(**target)))
+            # first: the row t/lowbit refers to
+            lowbit = {f"lowbit-{a.manifest.precision}": (remote.load(a) if remote else a) for a in arts}
+            for threads in args.threads:
+                runners = dict((n, a.run if not remote else a) for n, a in lowbit.items())
+                if remote:              # ORT runs here, not on the board: lowbit's own FP32 is the reference
+                    reference = next(reversed(runners))
+                else:
+                    set_tvm_threads(threads)
+                    baselines = ort.baselines(model_path, calib, threads, tmp, ort_models)
+                    runners.update((r.name, r) for r in baselines)
+                    reference = baselines[0].name
+                result = bench.compare(os.path.basename(args.model), runners, inputs[0], inputs, threads,
+                                       args.seconds, reference=reference, batch=batch,
+                                       where=remote.describe() if remote else "this machine")
+                print(result.table(), flush=True)
+                results.append(result)
     if args.json:
-        _write_text(args.json, result.to_json())
+        _write_text(args.json, bench.results_json(results))
     return 0
 
 
-def _bench_inputs(args):
-    """(model path, calibration dict, evaluation inputs) for a file or a zoo name."""
+def _bench_inputs(args, count: int):
+    """(model path, calibration dict, ``count`` evaluation samples of batch 1) for a file or a zoo
+    name; a file's samples come from its calibration data, as many as it has."""
     import numpy as np
 
     from compiler.errors import UserError
@@ -245,7 +275,7 @@ def _bench_inputs(args):
         files = zoo.ensure(args.model)
         entry = zoo.get(args.model)
         calib = files.calibration()
-        samples = entry.samples(args.eval_samples, seed=entry.seed + 3)
+        samples = entry.samples(count, seed=entry.seed + 3)
         return str(files.onnx), calib, [{zoo.INPUT: samples[i : i + 1]} for i in range(len(samples))]
     specs = input_specs(load(args.model))
     if args.calib:
@@ -260,7 +290,7 @@ def _bench_inputs(args):
             if not np.issubdtype(np.dtype(s.dtype), np.floating):
                 raise UserError(f"{args.model}: input {s.name!r} is {s.dtype}; pass --calib with real inputs")
             calib[s.name] = rng.normal(size=shape).astype(s.dtype)
-    n = min(args.eval_samples, len(next(iter(calib.values()))))
+    n = min(count, len(next(iter(calib.values()))))
     return args.model, calib, [{k: v[i : i + 1] for k, v in calib.items()} for i in range(n)]
 
 
@@ -518,10 +548,18 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", parents=[common], help="time lowbit against ONNX Runtime, interleaved")
     b.add_argument("model", metavar="MODEL.onnx", help="an ONNX file or a zoo model name")
     b.add_argument("--vs", choices=["ort"], default="ort", help="baseline runtime (default: ort)")
-    b.add_argument("--threads", type=_positive(int), default=os.cpu_count() or 1, help="threads for every runtime")
+    b.add_argument("--threads", type=_counts, default=(os.cpu_count() or 1,), metavar="T1,T2,...",
+                   help="threads for every runtime; several are measured one after another (default: all cores)")
+    b.add_argument("--batch", type=_counts, default=(1,), metavar="B1,B2,...",
+                   help="batch sizes, each compiled and measured (default 1)")
+    b.add_argument("--target", default="llvm", help="what lowbit compiles for: llvm, or aarch64-linux with --rpc")
+    b.add_argument("--mcpu", metavar="CPU", help="LLVM CPU to compile for (default: this machine's)")
     b.add_argument("--calib", metavar="DATA.npz", help="calibration data for the INT8 baselines")
-    b.add_argument("--seconds", type=_positive(float), default=20.0, help="time budget for the timed rounds")
-    b.add_argument("--eval-samples", type=_positive(int), default=8, help="samples used for the fidelity columns")
+    b.add_argument("--seconds", type=_positive(float), default=20.0,
+                   help="time budget for the timed rounds of each batch and thread count")
+    b.add_argument("--eval-samples", type=_positive(int), default=8,
+                   help="batches used for the fidelity columns")
+    _add_remote_args(b)
     b.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     _add_shape_arg(b)
     b.set_defaults(func=cmd_bench)

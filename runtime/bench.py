@@ -45,12 +45,15 @@ class BenchResult:
     rows: list[Row]
     env: dict[str, str | None]
     reference: str = "ort-fp32"
+    batch: int = 1
+    where: str = "this machine"
 
     def table(self) -> str:
         head = f"{'runner':<16}{'median ms':>11}{'p10':>9}{'p90':>9}{'x ' + self.reference:>12}{'t/lowbit':>10}" \
                f"{'max|d|':>11}{'cosine':>9}{'top1':>7}"
-        lines = [f"{self.model}: {self.threads} thread(s), {self.rounds} interleaved rounds, "
-                 f"fidelity on {self.eval_samples} samples vs {self.reference}", head, "-" * len(head)]
+        lines = [f"{self.model}: batch {self.batch}, {self.threads} thread(s) on {self.where}, {self.rounds} "
+                 f"interleaved rounds, fidelity on {self.eval_samples} batches vs {self.reference}",
+                 head, "-" * len(head)]
         for r in self.rows:
             top1 = "-" if r.top1_agreement is None else f"{100 * r.top1_agreement:.0f}%"
             lines.append(f"{r.name:<16}{r.median_ms:>11.3f}{r.p10_ms:>9.3f}{r.p90_ms:>9.3f}"
@@ -70,12 +73,21 @@ def time_interleaved(runners: Mapping[str, Runner], feeds: Mapping[str, np.ndarr
     Fast runners are called several times per sample (``calls``) so a sample
     is at least ~2 ms long and timer/loop overhead stays negligible.
     """
+    def timed(name: str, k: int) -> float:
+        """Milliseconds per call over ``k`` calls: by this process's clock, or by the board's for a
+        remote runner (``time_ms``), so that the network round trip stays out."""
+        run = runners[name]
+        if hasattr(run, "time_ms"):
+            return run.time_ms(feeds, k)
+        t0 = time.perf_counter()
+        for _ in range(k):
+            run(feeds)
+        return (time.perf_counter() - t0) / k * 1e3
+
     est = {}
     for name, run in runners.items():
         run(feeds)                                  # first call: lazy init, page faults
-        t0 = time.perf_counter()
-        run(feeds)
-        est[name] = max(time.perf_counter() - t0, 1e-6)
+        est[name] = max(timed(name, 1) * 1e-3, 1e-6)
     calls = {n: max(1, int(2e-3 / t)) for n, t in est.items()}
     per_round = sum(est[n] * calls[n] for n in runners)
     rounds = int(min(max_rounds, max(min_rounds, budget_s / per_round)))
@@ -83,18 +95,20 @@ def time_interleaved(runners: Mapping[str, Runner], feeds: Mapping[str, np.ndarr
     names = list(runners)
     for r in bar(range(rounds), desc="benchmark rounds"):
         for name in names[r % len(names):] + names[: r % len(names)]:
-            run, k = runners[name], calls[name]
-            t0 = time.perf_counter()
-            for _ in range(k):
-                run(feeds)
-            samples[name].append((time.perf_counter() - t0) / k * 1e3)
+            samples[name].append(timed(name, calls[name]))
     return samples, calls
+
+
+def _rows(out: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The first output, one row per sample of the batch."""
+    first = np.asarray(next(iter(out.values())), np.float64)
+    return first.reshape(first.shape[0] if first.ndim > 1 else 1, -1)
 
 
 def fidelity(run: Runner, ref: Runner, inputs: list[Mapping[str, np.ndarray]]) -> tuple[float, float, float | None]:
     """(max |diff|, cosine, top-1 agreement) of the first output against the reference."""
-    got = np.concatenate([np.asarray(next(iter(run(x).values())), np.float64).reshape(1, -1) for x in inputs])
-    want = np.concatenate([np.asarray(next(iter(ref(x).values())), np.float64).reshape(1, -1) for x in inputs])
+    got = np.concatenate([_rows(run(x)) for x in inputs])
+    want = np.concatenate([_rows(ref(x)) for x in inputs])
     cos = float((got * want).sum() / (np.linalg.norm(got) * np.linalg.norm(want) + 1e-30))
     top1 = float((got.argmax(1) == want.argmax(1)).mean()) if got.shape[1] > 1 else None
     return float(np.abs(got - want).max()), cos, top1
@@ -102,7 +116,7 @@ def fidelity(run: Runner, ref: Runner, inputs: list[Mapping[str, np.ndarray]]) -
 
 def compare(model: str, runners: Mapping[str, Runner], feeds: Mapping[str, np.ndarray],
             eval_inputs: list[Mapping[str, np.ndarray]], threads: int, budget_s: float = 20.0,
-            reference: str = "ort-fp32") -> BenchResult:
+            reference: str = "ort-fp32", batch: int = 1, where: str = "this machine") -> BenchResult:
     """Time and compare; the first runner is lowbit's, ``reference`` must be among them."""
     with stage("interleaved timing"):
         samples, calls = time_interleaved(runners, feeds, budget_s)
@@ -116,4 +130,59 @@ def compare(model: str, runners: Mapping[str, Runner], feeds: Mapping[str, np.nd
                         med[reference] / med[name], med[name] / med[lowbit], d, cos, top1))
     env = {k: os.environ.get(k) for k in TIMING_ENV}
     return BenchResult(model, threads, len(next(iter(samples.values()))), calls, len(eval_inputs), rows, env,
-                       reference)
+                       reference, batch, where)
+
+
+def batches(samples: list[Mapping[str, np.ndarray]], batch: int, count: int, specs, where: str
+            ) -> list[dict[str, np.ndarray]]:
+    """``count`` inputs of ``batch`` samples each, cycling through the batch-1 ``samples``."""
+    from compiler.errors import UserError
+
+    for s in specs:
+        if isinstance(s.shape[0], int) and s.shape[0] != batch:
+            raise UserError(f"{where}: input {s.name!r} has a fixed batch of {s.shape[0]}; --batch {batch} needs "
+                            "a model exported with a dynamic batch axis")
+    picks = [[samples[(i * batch + j) % len(samples)] for j in range(batch)] for i in range(count)]
+    return [{k: np.concatenate([p[k] for p in pick]) for k in pick[0]} for pick in picks]
+
+
+def results_json(results: list[BenchResult]) -> str:
+    return json.dumps([asdict(r) for r in results], indent=2)
+
+
+def best_int8(result: BenchResult, min_cosine: float = 0.99) -> Row | None:
+    """The fastest ORT INT8 variant whose output keeps ``min_cosine`` with FP32: the fair bar."""
+    ok = [r for r in result.rows if r.name.startswith("ort-int8") and r.cosine >= min_cosine]
+    return min(ok, key=lambda r: r.median_ms, default=None)
+
+
+def markdown(results: list[BenchResult]) -> str:
+    """One row per model, batch and thread count: medians (p10-p90) and lowbit's ratios."""
+    cols = ["model", "batch", "threads", "lowbit INT8 ms", "ORT INT8 ms (fastest with cos >= 0.99)", "ORT FP32 ms",
+            "lowbit FP32 ms", "lowbit INT8 / ORT INT8", "lowbit INT8 / ORT FP32", "lowbit INT8 cosine"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+
+    def cell(row: Row | None) -> str:
+        return "-" if row is None else f"{row.median_ms:.3g} ({row.p10_ms:.3g}-{row.p90_ms:.3g})"
+
+    def ratio(low: Row | None, other: Row | None) -> str:
+        return f"{low.median_ms / other.median_ms:.2f}x" if low and other else "-"
+
+    for r in results:
+        by = {row.name: row for row in r.rows}
+        low, ort8, fp32 = by.get("lowbit-int8"), best_int8(r), by.get("ort-fp32")
+        cells = [r.model, str(r.batch), str(r.threads), cell(low), (f"{ort8.name} " if ort8 else "") + cell(ort8),
+                 cell(fp32), cell(by.get("lowbit-fp32")), ratio(low, ort8), ratio(low, fp32),
+                 f"{low.cosine:.4f}" if low else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":          # python -m runtime.bench bench/results/*.json: the README table
+    import sys
+
+    loaded = []
+    for path in sys.argv[1:]:
+        with open(path) as fh:
+            loaded += [BenchResult(**{**d, "rows": [Row(**row) for row in d["rows"]]}) for d in json.load(fh)]
+    print(markdown(loaded))

@@ -116,17 +116,21 @@ def _quantize(model_path: str, calib: Mapping[str, np.ndarray], out_path: str, v
     return out_path
 
 
-def baselines(model_path: str, calib: Mapping[str, np.ndarray], threads: int, workdir: str) -> list[OrtRunner]:
-    """FP32 plus the INT8 variants that apply to this model, all with ``threads`` intra-op threads.
-    The first runner is the reference: ``ort-fp32``, or ``ort-as-given`` for a quantized model."""
+def variants(model_path: str, calib: Mapping[str, np.ndarray], workdir: str) -> list[tuple[str, str]]:
+    """(name, model path) of FP32 and of the INT8 variants that apply to this model, quantized
+    into ``workdir``.  The first is the reference: ``ort-fp32``, or ``ort-as-given`` for a
+    quantized model."""
     model = onnx.load(model_path, load_external_data=False)
     if is_quantized(model):         # already quantized: ORT runs it as given (re-quantizing breaks it)
-        return [OrtRunner(AS_GIVEN, model_path, threads)]
-    variants = [("ort-int8", "static")]
+        return [(AS_GIVEN, model_path)]
+    kinds = [("ort-int8", "static")]
     if is_transformer(model):
-        variants += [("ort-int8-wonly", "wonly"), ("ort-int8-dyn", "dynamic")]
-    runners = [OrtRunner("ort-fp32", model_path, threads)]
-    for name, variant in variants:
-        path = quantize(model_path, calib, os.path.join(workdir, f"{name}.onnx"), variant)
-        runners.append(OrtRunner(name, path, threads))
-    return runners
+        kinds += [("ort-int8-wonly", "wonly"), ("ort-int8-dyn", "dynamic")]
+    return [("ort-fp32", model_path)] + [
+        (name, quantize(model_path, calib, os.path.join(workdir, f"{name}.onnx"), variant)) for name, variant in kinds]
+
+
+def baselines(model_path: str, calib: Mapping[str, np.ndarray], threads: int, workdir: str,
+              quantized: list[tuple[str, str]] | None = None) -> list[OrtRunner]:
+    """Sessions with ``threads`` intra-op threads over ``variants`` (made here unless given)."""
+    return [OrtRunner(name, path, threads) for name, path in quantized or variants(model_path, calib, workdir)]

@@ -18,3 +18,11 @@ def configure_threads(threads: int) -> None:
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     os.environ["TVM_NUM_THREADS"] = str(threads)
     os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+
+
+def set_tvm_threads(threads: int) -> None:
+    """Re-size TVM's thread pool in a running process (bench measures several thread counts)."""
+    import tvm
+
+    tvm.get_global_func("runtime.config_threadpool")(0, threads)
+    os.environ["TVM_NUM_THREADS"] = str(threads)
