@@ -2,7 +2,8 @@
 
 The machine is shared and noisy, so runners are timed *interleaved* in one
 process: after a warm-up, each round times every runner once, in a rotating
-order, and the statistics are medians and p10/p90 over rounds.  Ratios from
+order (each sample after one untimed call of its own), and the statistics are
+medians and p10/p90 over rounds.  Ratios from
 one run are meaningful even when absolute times drift.
 """
 
@@ -75,8 +76,11 @@ def time_interleaved(runners: Mapping[str, Runner], feeds: Mapping[str, np.ndarr
     """
     def timed(name: str, k: int) -> float:
         """Milliseconds per call over ``k`` calls: by this process's clock, or by the board's for a
-        remote runner (``time_ms``), so that the network round trip stays out."""
+        remote runner (``time_ms``), so that the network round trip stays out.  One untimed call
+        first: ORT's pool spin-waits after each run, which would bill its busy cores to the next
+        runner."""
         run = runners[name]
+        run(feeds)
         if hasattr(run, "time_ms"):
             return run.time_ms(feeds, k)
         t0 = time.perf_counter()
@@ -89,7 +93,7 @@ def time_interleaved(runners: Mapping[str, Runner], feeds: Mapping[str, np.ndarr
         run(feeds)                                  # first call: lazy init, page faults
         est[name] = max(timed(name, 1) * 1e-3, 1e-6)
     calls = {n: max(1, int(2e-3 / t)) for n, t in est.items()}
-    per_round = sum(est[n] * calls[n] for n in runners)
+    per_round = sum(est[n] * (calls[n] + 1) for n in runners)
     rounds = int(min(max_rounds, max(min_rounds, budget_s / per_round)))
     samples: dict[str, list[float]] = {n: [] for n in runners}
     names = list(runners)
