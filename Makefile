@@ -43,8 +43,18 @@ lint: setup
 test: lint
 	$(BIN)/python -m pytest -q
 
+# ResNet-18, DeiT-tiny and the four MLPerf Tiny models: each at batch 1 and 8, 1 and 2 threads, lowbit
+# INT8 and FP32 against ORT FP32 and INT8, interleaved (runtime/bench.py); JSON per model, then the
+# README's table
+BENCH_MODELS := resnet18 deit_tiny ds_cnn resnet8 mobilenet_v1_025 fc_autoencoder
+
 bench: setup
-	$(BIN)/lowbit bench resnet18 --vs ort --json build/bench-resnet18.json
+	@mkdir -p bench/results
+	for m in $(BENCH_MODELS); do \
+		$(BIN)/lowbit bench $$m --batch 1,8 --threads 1,2 --seconds 8 -q --json bench/results/$$m.json || exit 1; \
+	done
+	$(BIN)/python -m runtime.bench $(addprefix bench/results/,$(addsuffix .json,$(BENCH_MODELS))) \
+		| tee bench/results/table.md
 
 clean:
 	rm -rf build .pytest_cache

@@ -132,9 +132,24 @@ def compare(model: str, runners: Mapping[str, Runner], feeds: Mapping[str, np.nd
             d, cos, top1 = fidelity(runners[name], runners[reference], eval_inputs)
         rows.append(Row(name, med[name], float(np.percentile(s, 10)), float(np.percentile(s, 90)),
                         med[reference] / med[name], med[name] / med[lowbit], d, cos, top1))
-    env = {k: os.environ.get(k) for k in TIMING_ENV}
+    env = {**{k: os.environ.get(k) for k in TIMING_ENV}, **machine()}
     return BenchResult(model, threads, len(next(iter(samples.values()))), calls, len(eval_inputs), rows, env,
                        reference, batch, where)
+
+
+def machine() -> dict[str, str]:
+    """What the numbers were measured on: the CPU, its core count, the runtimes' versions."""
+    import importlib.metadata as md
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": str(os.cpu_count()), "onnxruntime": md.version("onnxruntime"),
+            "apache-tvm": md.version("apache-tvm")}
 
 
 def batches(samples: list[Mapping[str, np.ndarray]], batch: int, count: int, specs, where: str
