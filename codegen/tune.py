@@ -161,28 +161,7 @@ def schedule(fused: tvm.IRModule, target: dict, trials: int, remote=None,
     todo = {k: t for k, t in tasks.items() if verdicts.get(k, {}).get("trials", 0) < trials}
     report.kernels, report.searched, report.database = len(tasks), len(todo), str(work)
     if todo:
-        runner = _runner(remote)
-        before = len(db.get_all_tuning_records())
-        contexts = [ms.TuneContext(mod=mod, target=target, space_generator=_space(target),
-                                   search_strategy=ms.search_strategy.EvolutionarySearch(
-                                       population_size=64, init_min_unmeasured=16, genetic_num_iters=2),
-                                   task_name=gvs[0].name_hint, num_threads=os.cpu_count() or 1,
-                                   rand_state=i + 1).clone()
-                    for i, (mod, gvs) in enumerate(todo.values())]
-        ms.tune.tune_tasks(tasks=contexts, task_weights=[len(g) for _, g in todo.values()], work_dir=str(work),
-                           max_trials_global=trials * len(todo), max_trials_per_task=trials,
-                           num_trials_per_iter=min(trials, 16), builder=_builder(), runner=runner, database=db, cost_model="random")
-        report.measured += len(db.get_all_tuning_records()) - before
-        keys = list(todo)
-        ours = [_ours(todo[k][0], target) for k in keys]
-        ours_s = _measure([m for m in ours if m is not None], target, runner)
-        report.measured += len(ours_s)
-        it = iter(ours_s)
-        for k, m in zip(keys, ours, strict=True):
-            best = db.get_top_k(db.commit_workload(todo[k][0]), 1)
-            tuned_s = sum(float(s) for s in best[0].run_secs) / len(best[0].run_secs) if best else None
-            verdicts[k] = {"kernel": todo[k][1][0].name_hint, "trials": trials,
-                           "ours_us": None if m is None else _us(next(it)), "tuned_us": _us(tuned_s)}
+        verdicts.update(_search(todo, target, trials, db, work, _runner(remote), report))
         tmp = work / f"{VERDICTS}.tmp{os.getpid()}"
         tmp.write_text(json.dumps(verdicts, indent=1, sort_keys=True))
         os.replace(tmp, work / VERDICTS)
@@ -199,6 +178,35 @@ def schedule(fused: tvm.IRModule, target: dict, trials: int, remote=None,
         report.tuned.append(gvs[0].name_hint)
     log.info("tuning: %s", report.summary())
     return out
+
+
+def _search(todo, target, trials: int, db, work: Path, runner, report: TuneReport) -> dict[str, dict]:
+    """meta_schedule over ``todo``'s kernels into ``db``, then our schedule of each measured the
+    same way: their verdicts."""
+    from tvm.s_tir import meta_schedule as ms
+
+    before = len(db.get_all_tuning_records())
+    contexts = [ms.TuneContext(mod=mod, target=target, space_generator=_space(target),
+                               search_strategy=ms.search_strategy.EvolutionarySearch(
+                                   population_size=64, init_min_unmeasured=16, genetic_num_iters=2),
+                               task_name=gvs[0].name_hint, num_threads=os.cpu_count() or 1, rand_state=i + 1).clone()
+                for i, (mod, gvs) in enumerate(todo.values())]
+    ms.tune.tune_tasks(tasks=contexts, task_weights=[len(g) for _, g in todo.values()], work_dir=str(work),
+                       max_trials_global=trials * len(todo), max_trials_per_task=trials,
+                       num_trials_per_iter=min(trials, 16), builder=_builder(), runner=runner, database=db,
+                       cost_model="random")
+    report.measured += len(db.get_all_tuning_records()) - before
+    ours = {k: _ours(mod, target) for k, (mod, _) in todo.items()}
+    scheduled = [k for k, m in ours.items() if m is not None]
+    times = dict(zip(scheduled, _measure([ours[k] for k in scheduled], target, runner), strict=True))
+    report.measured += len(scheduled)
+    verdicts = {}
+    for k, (mod, gvs) in todo.items():
+        best = db.get_top_k(db.commit_workload(mod), 1)
+        tuned_s = sum(float(s) for s in best[0].run_secs) / len(best[0].run_secs) if best else None
+        verdicts[k] = {"kernel": gvs[0].name_hint, "trials": trials, "ours_us": _us(times.get(k)),
+                       "tuned_us": _us(tuned_s)}
+    return verdicts
 
 
 def _us(seconds: float | None) -> float | None:

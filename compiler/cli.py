@@ -165,7 +165,7 @@ def cmd_tune(args) -> int:
     width = max((len(v["kernel"]) for v in rows), default=6)
     print(f"{'kernel':<{width}}  {'lowbit us':>10} {'tuned us':>10}  chosen")
     for v in rows:
-        ours, tuned = (f"{x:>10.1f}" if x is not None else f"{'-':>10}" for x in (v["ours_us"], v["tuned_us"]))
+        ours, tuned = (f"{x:>10.2f}" if x is not None else f"{'-':>10}" for x in (v["ours_us"], v["tuned_us"]))
         print(f"{v['kernel']:<{width}}  {ours} {tuned}  {'tuned' if v['kernel'] in report.tuned else 'lowbit'}")
     print(report.summary())
     print(f"database   {report.database}")
@@ -241,7 +241,8 @@ def cmd_bench(args) -> int:
             arts = [] if quantized else [compiler.compile(model_path, options=CompileOptions(calib=calib, **target))]
             arts.append(compiler.compile(model_path, options=CompileOptions(**target)))
             # first: the row t/lowbit refers to
-            lowbit = {f"lowbit-{a.manifest.precision}": (remote.load(a) if remote else a) for a in arts}
+            session = remote.connect() if remote else None
+            lowbit = {f"lowbit-{a.manifest.precision}": (remote.load(a, session) if remote else a) for a in arts}
             for threads in args.threads:
                 runners = dict((n, a.run if not remote else a) for n, a in lowbit.items())
                 if remote:              # ORT runs here, not on the board: lowbit's own FP32 is the reference
@@ -635,6 +636,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        from runtime.remote import stuck
+
+        if stuck():                     # a TVM socket call that timed out still blocks its thread
+            sys.stderr.flush()
+            os._exit(exc.exit_code)
         return exc.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -12,6 +12,7 @@ and never answers the handshake (or a tracker with no free board for the key) en
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import tempfile
@@ -26,6 +27,7 @@ import numpy as np
 from compiler.errors import UserError
 
 T = TypeVar("T")
+_uploads = itertools.count()
 DEFAULT_TIMEOUT_S = 15.0
 
 
@@ -81,10 +83,12 @@ class Remote:
         return _bounded(lambda: tvm.rpc.connect(self.host, self.port), self.timeout_s,
                         f"{self.describe()}: no TVM RPC handshake")
 
-    def load(self, artifact) -> RemoteModel:
-        """Upload ``artifact``'s library and load it in a VM on the board."""
-        session = self.connect()
-        name = f"lowbit-{artifact.manifest.model_sha256[:12]}-{os.getpid()}.so"
+    def load(self, artifact, session=None) -> RemoteModel:
+        """Upload ``artifact``'s library and load it in a VM on the board, in ``session`` or a new
+        one (an RPC server serves one session at a time: load several artifacts in one)."""
+        session = session or self.connect()
+        # unique per upload: a board's server keeps loaded libraries by path
+        name = f"lowbit-{artifact.manifest.model_sha256[:12]}-{os.getpid()}-{next(_uploads)}.so"
         with tempfile.TemporaryDirectory() as tmp:
             library = artifact.library_file(Path(tmp))
             _bounded(lambda: session.upload(str(library), name), 10 * self.timeout_s,
@@ -123,6 +127,8 @@ class RemoteModel:
         outs = list(out) if not hasattr(out, "numpy") else [out]
         return {s.name: o.numpy() for s, o in zip(self.manifest.outputs, outs, strict=True)}
 
+    __call__ = run                          # a bench runner: outputs from inputs, and time_ms
+
     def time_ms(self, inputs: Mapping[str, np.ndarray], calls: int) -> float:
         """Milliseconds per call of ``calls`` back-to-back runs on the board: the network round
         trip is outside the measurement."""
@@ -132,6 +138,15 @@ class RemoteModel:
             timer = self.vm.time_evaluator("main", self.device, number=calls, repeat=1)
             self._timers[key] = lambda: timer(*args).mean * 1e3
         return self._timers[key]()
+
+
+def stuck() -> bool:
+    """Whether a bounded call gave up on a TVM socket call that still blocks: the interpreter
+    cannot finish such a thread, so the CLI exits without waiting for it."""
+    return any(t.name == THREAD and t.is_alive() for t in threading.enumerate())
+
+
+THREAD = "lowbit-rpc"
 
 
 def _bounded(fn: Callable[[], T], timeout_s: float, what: str) -> T:
@@ -145,7 +160,7 @@ def _bounded(fn: Callable[[], T], timeout_s: float, what: str) -> T:
         except BaseException as exc:        # noqa: BLE001 - handed to the caller's thread
             box["error"] = exc
 
-    worker = threading.Thread(target=call, daemon=True, name="lowbit-rpc")
+    worker = threading.Thread(target=call, daemon=True, name=THREAD)
     worker.start()
     worker.join(timeout_s)
     if worker.is_alive():

@@ -117,3 +117,18 @@ def test_bench_of_a_quantized_model_labels_lowbit_int8(tmp_path, capsys):
     out_dq = next(n for n in q.graph.node if q.graph.output[0].name in n.output)
     lsb = float(next(numpy_helper.to_array(t) for t in q.graph.initializer if t.name == out_dq.input[1]))
     assert rows["lowbit-int8"]["max_abs_diff"] <= lsb * (1 + 1e-5)   # integer-only vs ORT's QDQ: one step
+
+
+def test_best_int8_is_the_fastest_faithful_variant_else_the_fastest():
+    def row(name, ms, cos):
+        return bench.Row(name, ms, ms, ms, 1.0, 1.0, 0.0, cos, None)
+
+    def result(*rows):
+        return bench.BenchResult("m", 1, 10, {}, 1, [row("lowbit-int8", 5.0, 0.999), *rows], {})
+
+    faithful = result(row("ort-int8", 1.0, 0.95), row("ort-int8-dyn", 3.0, 0.999), row("ort-int8-wonly", 4.0, 0.995))
+    assert bench.best_int8(faithful).name == "ort-int8-dyn"
+    assert bench.best_int8(result(row("ort-int8", 2.0, 0.9), row("ort-int8-dyn", 1.0, 0.8))).name == "ort-int8-dyn"
+    assert bench.best_int8(result()) is None
+    table = bench.markdown([faithful])
+    assert "| m | 1 | 1 | 5 (5-5) | ort-int8-dyn 3 (3-3) |" in table and "| 1.67x |" in table

@@ -4,6 +4,7 @@ silent server must end in one line and exit 2 within the timeout, never hang."""
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -13,8 +14,12 @@ import numpy as np
 import onnx
 import pytest
 from conftest import concat_cnn, run_cli
+from test_vnni import _mlp
 
+import compiler
+from codegen import tune
 from compiler.errors import UserError
+from compiler.options import CompileOptions
 from runtime.remote import Remote
 
 
@@ -146,3 +151,26 @@ def test_silent_server_and_unknown_key_time_out(tracker):
 def test_bad_remote_flags(flags, message):
     with pytest.raises(UserError, match=message):
         Remote.from_flags(flags.get("rpc"), flags.get("tracker"), flags.get("key"))
+
+
+def test_bench_over_rpc_times_lowbit_on_the_board(artifact, server):
+    r = run_cli("bench", artifact / "cnn.onnx", "--calib", artifact / "calib.npz", "--threads", "1", "--seconds", "0.5",
+                "--eval-samples", "2", "--rpc", f"127.0.0.1:{server}", "--json", artifact / "b.json", "-q")
+    assert r.returncode == 0, r.stderr
+    res, = json.loads((artifact / "b.json").read_text())
+    assert res["where"] == f"RPC server 127.0.0.1:{server}" and res["reference"] == "lowbit-fp32"
+    rows = {row["name"]: row for row in res["rows"]}
+    assert set(rows) == {"lowbit-int8", "lowbit-fp32"} and rows["lowbit-int8"]["cosine"] > 0.99
+    assert all(row["median_ms"] > 0 for row in rows.values())
+
+
+def test_tuning_measures_on_the_trackers_boards(tracker, tmp_path, monkeypatch):
+    """meta_schedule's RPC runner takes the board from the tracker: the search's candidates and
+    lowbit's own schedule are both timed there."""
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path))
+    calib = {"x": np.random.default_rng(3).normal(size=(8, 64)).astype(np.float32)}
+    opts = CompileOptions(calib=calib, tune=2, input_shapes={"x": (2, 64)})
+    art = compiler.compile(_mlp(lead=(2,)), options=opts, remote=Remote("127.0.0.1", tracker, key="lowbit-test"))
+    assert art.manifest.tuning["measured"] > 0 and art.manifest.tuning["searched"] == art.manifest.tuning["kernels"]
+    verdicts = tune.verdicts(art.manifest.target)
+    assert verdicts and all(v["ours_us"] is not None and v["tuned_us"] is not None for v in verdicts.values())
