@@ -26,7 +26,7 @@ from tvm.s_tir import dlight as dl
 from codegen import vnni
 from codegen.cpu_schedule import CPUDefault
 from compiler.errors import UserError
-from passes.fusion_report import CountKernels, FusionReport, RecordFusion
+from passes.fusion_report import CountKernels, FusionReport, RecordFusion, RecordUnscheduled
 from passes.merge_kernels import MergeKernels
 from passes.reduce_epilogue import ReduceEpilogue
 
@@ -119,10 +119,11 @@ def fusion(target: tvm.target.Target, report: FusionReport) -> tvm.transform.Pas
     return tvm.transform.Sequential(cpu.library_dispatch_passes(target) + legalize, name="lowbit_fusion")
 
 
-def lowering(target: tvm.target.Target) -> tvm.transform.Pass:
-    """Our schedules for every kernel not scheduled yet (dlight skips tuned ones), then TVM's
-    lowering to the VM."""
-    stages = [dl.ApplyDefaultSchedule(CPUDefault())] + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)
+def lowering(target: tvm.target.Target, report: FusionReport) -> tvm.transform.Pass:
+    """Our schedules for every kernel not scheduled yet (dlight skips tuned ones), the kernels left
+    unscheduled recorded, then TVM's lowering to the VM."""
+    stages = ([dl.ApplyDefaultSchedule(CPUDefault()), RecordUnscheduled(report)] + cpu.dataflow_lower_passes(target)
+              + cpu.finalize_passes(target))
     return tvm.transform.Sequential(stages, name="lowbit_lowering")
 
 
@@ -135,7 +136,7 @@ def build(mod: tvm.IRModule, target: dict, schedule=None):
         fused = fusion(tgt, report)(mod)
         if schedule is not None:
             fused = schedule(fused, target)
-        lowered = lowering(tgt)(fused)
+        lowered = lowering(tgt, report)(fused)
     names = sorted(gv.name_hint for gv, f in lowered.functions_items() if isinstance(f, tirx.PrimFunc))
     kernels = {n: report.groups.get(n, [re.sub(r"\d+$", "", n)]) for n in names}
     return tvm.compile(lowered, target=tgt, relax_pipeline=None), kernels, report

@@ -421,6 +421,11 @@ def cmd_inspect(args) -> int:
     print(f"kernels    {len(m.kernels)} distinct: {len(compute)} compute, {len(m.kernels) - len(compute)} boundary "
           f"quantize/dequantize or shape; {m.kernel_launches} launches per inference after fusion, "
           f"{m.kernels_unfused} before")
+    if m.unscheduled:
+        print(f"unscheduled {len(m.unscheduled)} kernel(s) no schedule rule fit, run as naive loops: "
+              f"{', '.join(m.unscheduled)}")
+    if m.tuning:
+        print(f"tuning     {tune_summary(m.tuning)}")
     _print_launches(m)
     print(f"ops        {sum(m.op_histogram.values())} Relax op calls before lowering")
     for op, n in m.op_histogram.items():

@@ -130,7 +130,7 @@ def _compile(model, opts: CompileOptions, config, remote=None) -> Artifact:
         versions=versions(), integer_only=verdict.integer_only, integer_region=verdict.reason,
         quant=quantize.boundary_params(src.proto) or None, quantization=quantization,
         kernel_ops=kernel_ops, kernels_unfused=fusion.before, kernel_launches=fusion.launches,
-        launch_sequence=fusion.sequence, tuning=asdict(tuning) if tuning else None,
+        launch_sequence=fusion.sequence, tuning=asdict(tuning) if tuning else None, unscheduled=fusion.unscheduled,
     )
     return Artifact(manifest, executable)
 

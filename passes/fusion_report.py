@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 
 import tvm
-from tvm import relax
+from tvm import relax, tirx
 
 from passes.analysis import digest
 
@@ -28,6 +28,7 @@ class FusionReport:
     groups: dict[str, list[str]] = field(default_factory=dict)
     sequence: list[str] = field(default_factory=list)   # the kernels in call order
     readers: dict[str, str] = field(default_factory=dict)   # constant's digest -> the kernel passed it
+    unscheduled: list[str] = field(default_factory=list)    # kernels no schedule rule took: naive loops
 
 
 def _calls(func: relax.Function) -> list[str]:
@@ -85,4 +86,19 @@ class RecordFusion:
         relax.analysis.post_order_visit(mod["main"], visit)
         self.report.sequence = sequence
         self.report.launches = len(sequence)
+        return mod
+
+
+@tvm.transform.module_pass(opt_level=0, name="lowbit.RecordUnscheduled")
+class RecordUnscheduled:
+    """After the schedules: the kernels no rule (nor tuning) scheduled, which TVM would run as the
+    naive loop nests it legalized them to."""
+
+    def __init__(self, report: FusionReport):
+        self.report = report
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        self.report.unscheduled = sorted(
+            gv.name_hint for gv, f in mod.functions_items()
+            if isinstance(f, tirx.PrimFunc) and not (f.attrs and f.attrs.get("tirx.is_scheduled", False)))
         return mod

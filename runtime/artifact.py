@@ -69,6 +69,7 @@ class Manifest:
     kernel_launches: int = 0        # kernel launches per inference after fusion
     launch_sequence: list[str] | None = None    # the kernels in the order one inference calls them
     tuning: dict | None = None      # --tune: codegen/tune.TuneReport (which kernels meta_schedule scheduled)
+    unscheduled: list[str] | None = None    # kernels that kept TVM's naive loop nests (no rule fit)
     format: int = FORMAT
     library: str = LIBRARY
 
@@ -111,15 +112,17 @@ CPU_FEATURES = ("avx2", "avx512f", "avx512bw", "avx512vnni", "avxvnni")
 
 
 def missing_cpu_features(target: dict) -> list[str]:
-    """The instruction sets ``target`` compiles for that this machine does not have."""
+    """The instruction sets ``target`` compiles for that this machine does not have.  The host's
+    features come from CPUID through LLVM, not from its CPU name: a VM may report an older model
+    (this one says Rocket Lake and has AVX-VNNI and AMX)."""
     if target.get("kind") != "llvm" or not target.get("mcpu"):
         return []
     import tvm
     from tvm.target import codegen
 
-    host = tvm.target.Target({"kind": "llvm", "mcpu": tvm.get_global_func("tvm.codegen.llvm.GetHostCPUName")()})
+    host = tvm.get_global_func("tvm.codegen.llvm.GetHostCPUFeatures")()
     built = tvm.target.Target({"kind": "llvm", "mcpu": target["mcpu"]})
-    return [f for f in CPU_FEATURES if codegen.target_has_features(f, built) and not codegen.target_has_features(f, host)]
+    return [f for f in CPU_FEATURES if codegen.target_has_features(f, built) and not bool(host.get(f, False))]
 
 
 def check_runs_here(manifest: Manifest) -> None:

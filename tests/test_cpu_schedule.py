@@ -89,3 +89,13 @@ def test_reduction_kernels_are_parallel_and_vectorized(name, padded, channels_la
         assert '"local"' in script                  # register-tile accumulator
         assert ("_pad" in script) == padded
         assert ("_global" in script) == channels_last          # the transposed weight copy
+
+
+def test_kernels_no_rule_schedules_are_recorded(monkeypatch):
+    """The manifest names kernels left as TVM's naive loop nests (the zoo models have none: see
+    test_transformer's digits_vit); with the rule switched off, every kernel is named."""
+    model = _conv_model(4, 8, 6, 3, 1, 1, 1, 1)
+    assert compiler.compile(model).manifest.unscheduled == []
+    monkeypatch.setattr(CPUDefault, "schedule", lambda self, sch, target: None)
+    art = compiler.compile(model)
+    assert art.manifest.unscheduled and set(art.manifest.unscheduled) == set(art.manifest.kernels)

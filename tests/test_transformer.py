@@ -237,6 +237,7 @@ def test_digits_vit_integer_only_bit_exact(digits_vit):
 
     model, calib, art = digits_vit
     assert art.manifest.precision == "int8" and art.manifest.integer_only, art.manifest.integer_region
+    assert art.manifest.unscheduled == []           # every integer kernel has one of our schedules
     rows = art.manifest.quantization["nonlinear"]
     assert {r["op"] for r in rows} == {"softmax", "gelu", "layernorm"} and len(rows) == 4 + 4 + 9
     for r in rows:                              # auto picks the lower mean error
