@@ -244,7 +244,7 @@ def cmd_bench(args) -> int:
             session = remote.connect() if remote else None
             lowbit = {f"lowbit-{a.manifest.precision}": (remote.load(a, session) if remote else a) for a in arts}
             for threads in args.threads:
-                runners = dict((n, a.run if not remote else a) for n, a in lowbit.items())
+                runners = {n: (a if remote else a.run) for n, a in lowbit.items()}
                 if remote:              # ORT runs here, not on the board: lowbit's own FP32 is the reference
                     reference = next(reversed(runners))
                 else:

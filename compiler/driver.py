@@ -3,7 +3,8 @@
     ONNX file --load, QOperator->QDQ, check--> ONNX proto
       --calibrate + quantize (FP32 models given calibration data)--> QDQ ONNX --import--> Relax IRModule
       --lower QDQ to integer (quantized models)--> integer-only Relax
-      --analyze--> op histogram, weights, integer-only verdict --build (fuse, lower, LLVM)--> VM executable
+      --analyze--> op histogram, weights, integer-only verdict
+      --build (fuse, [--tune: meta_schedule], schedule, lower, LLVM)--> VM executable
       --> Artifact (library + manifest)
 """
 
@@ -107,11 +108,11 @@ def _compile(model, opts: CompileOptions, config, remote=None) -> Artifact:
         histogram, nbytes = op_histogram(mod), weight_bytes(mod)
         verdict = check_integer_only(mod)
     tuning = tune.TuneReport(opts.tune) if opts.tune else None
+    # --tune: meta_schedule's kernels, where they beat ours, between fusion and our schedules
+    schedule = partial(tune.schedule, trials=opts.tune, remote=remote, report=tuning) if tuning else None
     with stage("tune + build llvm" if tuning else "build llvm"):
         try:
-            executable, kernel_ops, fusion = llvm.build(
-                mod, target, schedule=partial(tune.schedule, trials=opts.tune, remote=remote, report=tuning)
-                if tuning else None)
+            executable, kernel_ops, fusion = llvm.build(mod, target, schedule=schedule)
         except UserError:
             raise
         except Exception as exc:

@@ -10,7 +10,8 @@ import numpy as np
 
 from compiler.errors import UserError
 
-# activation encoding each target's int8 dot product wants: x86 VNNI (vpdpbusd) multiplies u8 x s8
+# activation encoding each target's int8 dot product wants: x86 VNNI (vpdpbusd) multiplies u8 x s8;
+# on aarch64 LLVM widens either encoding into smlal (no sdot tensorization yet), so it keeps x86's
 ACTIVATIONS = {"llvm": "u8", "aarch64-linux": "u8"}
 
 

@@ -112,7 +112,7 @@ class RemoteModel:
         self.session = session
         self.device = session.cpu()
         self.vm = relax.VirtualMachine(module, self.device)
-        self._timers: dict[int, Callable[[], float]] = {}
+        self._timers: dict[tuple[int, int], Callable[[], float]] = {}
 
     def _args(self, inputs):
         import tvm
