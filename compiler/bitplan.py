@@ -155,7 +155,10 @@ def solve(layers: Sequence[Layer], budgets: Sequence[Budget] = (), *, choices: S
             raise UserError(f"--{budget.metric}-budget {budget}: infeasible; the smallest feasible "
                             f"{budget.metric} is {low:.6g} {UNITS[budget.metric]} (all 8-bit: {high:.6g})")
         limits[budget.metric] = limit
-        extra.append((c, limit * (1 + 1e-12)))
+        # the row in units of the all-8-bit cost: HiGHS's feasibility tolerance (1e-7) is absolute,
+        # and a latency row in ms let it exceed a tight budget by 1e-7 ms, a whole layer's difference
+        scale = max(abs(high), 1e-30)
+        extra.append((c / scale, limit / scale * (1 + 1e-12)))
     sens = np.array([float(layer.sensitivity[b]) for layer in layers for b in choices])
     x, objective = optimum(sens, extra)
     if x is None:

@@ -127,7 +127,7 @@ def cmd_compile(args) -> int:
 
     opts = CompileOptions(target=args.target, cpu=args.mcpu, input_shapes=_shapes(args), calib=args.calib,
                           tune=args.tune, **_quant_options(args))
-    art = compiler.compile(args.model, options=opts, remote=_tuning_remote(args))
+    art = compiler.compile(args.model, options=opts, remote=_remote(args))
     art.save(args.output)
     if art.manifest.tuning:
         _say(args, f"tuning: {tune_summary(art.manifest.tuning)}")
@@ -143,12 +143,6 @@ def tune_summary(report: dict) -> str:
     return TuneReport(**report).summary()
 
 
-def _tuning_remote(args):
-    from runtime.remote import Remote
-
-    return Remote.from_flags(None, args.tracker, args.key, args.rpc_timeout) if args.tracker or args.key else None
-
-
 def cmd_tune(args) -> int:
     """meta_schedule over every kernel, with lowbit's schedule as the one to beat; the database
     then serves ``lowbit compile --tune`` at no cost."""
@@ -158,7 +152,7 @@ def cmd_tune(args) -> int:
 
     opts = CompileOptions(cpu=args.mcpu, input_shapes=_shapes(args), calib=args.calib, tune=args.trials,
                           **_quant_options(args))
-    art = compiler.compile(args.model, options=opts, remote=_tuning_remote(args))
+    art = compiler.compile(args.model, options=opts, remote=_remote(args))
     report = TuneReport(**art.manifest.tuning)
     table = verdicts(art.manifest.target)
     rows = sorted((v for v in table.values() if v["kernel"] in art.manifest.kernels), key=lambda v: v["kernel"])
@@ -200,9 +194,10 @@ def _add_tracker_args(p: argparse.ArgumentParser, what: str = "with --tune: meas
 
 
 def _remote(args):
+    """--rpc (run, bench) or --tracker --key (also compile and tune, for their measurements), or None."""
     from runtime.remote import Remote
 
-    return Remote.from_flags(args.rpc, args.tracker, args.key, args.rpc_timeout)
+    return Remote.from_flags(getattr(args, "rpc", None), args.tracker, args.key, args.rpc_timeout)
 
 
 def cmd_bench(args) -> int:

@@ -126,12 +126,17 @@ def missing_cpu_features(target: dict) -> list[str]:
 
 
 def check_runs_here(manifest: Manifest) -> None:
-    """Refuse an artifact cross-compiled for another architecture, pointing at the board."""
+    """Refuse, in one line, an artifact this machine cannot execute: cross-compiled for another
+    architecture (pointing at the board), or for instruction sets it lacks (instead of SIGILL)."""
     from codegen.llvm import foreign_arch
 
     if foreign_arch(manifest.target):
         raise UserError(f"{manifest.model}: compiled for {manifest.target['mtriple']}, and this machine is "
                         f"{platform.machine()}; run it on the board: lowbit run OUTDIR --rpc HOST:PORT")
+    if missing := missing_cpu_features(manifest.target):
+        raise UserError(f"{manifest.model}: compiled for CPU {manifest.target.get('mcpu')}, whose "
+                        f"{', '.join(missing)} this machine lacks; recompile without --mcpu (or with "
+                        "one this machine has)")
 
 
 def versions() -> dict[str, str]:
@@ -164,11 +169,6 @@ class Artifact:
             from compiler.progress import native_stderr_to_debug
 
             check_runs_here(self.manifest)
-            missing = missing_cpu_features(self.manifest.target)
-            if missing:
-                raise UserError(f"{self.manifest.model}: compiled for CPU {self.manifest.target.get('mcpu')}, whose "
-                                f"{', '.join(missing)} this machine lacks; recompile without --mcpu (or with "
-                                "one this machine has)")
 
             with native_stderr_to_debug():
                 self._vm = relax.VirtualMachine(self._module, tvm.cpu())
