@@ -148,8 +148,18 @@ class CPUDefault(dl.ScheduleRule):
                 red = next(b for b in blocks if b.is_reduction())
             self._reduction(sch, red, self._epilogues(sch, blocks, red), -1 if vec is None else vec)
         # producers (padding, layout copies) run once, outside the reduction's tiles:
-        # inlined, the padding test would sit in the innermost loop
-        for b in blocks[:blocks.index(red)]:
+        # inlined, the padding test would sit in the innermost loop.  An elementwise chain before
+        # them (the epilogue of the conv that feeds a pool) folds into its last block, one pass
+        producers = blocks[:blocks.index(red)]
+        kept = []
+        for b in producers[:-1]:
+            try:
+                if not _read_once(sch, b.block_rv, in_total=True):
+                    raise ScheduleError
+                sch.compute_inline(b.block_rv)
+            except ScheduleError:
+                kept.append(b)
+        for b in kept + producers[-1:]:
             self._injective(sch, b.block_rv)
         return sch
 

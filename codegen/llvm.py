@@ -23,7 +23,7 @@ from tvm import tirx
 from tvm.relax.backend.cpu_generic import pipeline as cpu
 from tvm.s_tir import dlight as dl
 
-from codegen import vnni
+from codegen import amx, vnni
 from codegen.cpu_schedule import CPUDefault
 from compiler.errors import UserError
 from passes.fusion_report import CountKernels, FusionReport, RecordFusion, RecordUnscheduled
@@ -57,8 +57,16 @@ def host_target() -> dict:
 
 def cpu_target(cpu: str | None) -> dict:
     """An x86-64 target for LLVM CPU ``cpu`` (its ISA: ``haswell`` AVX2, ``alderlake`` AVX-VNNI,
-    ``icelake-server`` AVX-512 VNNI), or this machine's CPU."""
-    return {"kind": "llvm", "mcpu": cpu or tvm.get_global_func("tvm.codegen.llvm.GetHostCPUName")()}
+    ``icelake-server`` AVX-512 VNNI, ``sapphirerapids`` AMX), or this machine's CPU.  A VM may name an
+    older CPU than it is (Rocket Lake for a Sapphire Rapids); features its CPUID shows beyond the
+    name's are added."""
+    if cpu:
+        return {"kind": "llvm", "mcpu": cpu}
+    target = {"kind": "llvm", "mcpu": tvm.get_global_func("tvm.codegen.llvm.GetHostCPUName")()}
+    host = tvm.get_global_func("tvm.codegen.llvm.GetHostCPUFeatures")()
+    extra = [f"+{f}" for f in amx.LLVM_FEATURES if bool(host.get(f, False))
+             and not amx.available(tvm.target.Target(target))]
+    return {**target, "mattr": extra} if extra else target
 
 
 def target_dict(target: str, cpu: str | None) -> dict:
@@ -104,6 +112,11 @@ def linker(target: dict):
 def vnni_isa(target: dict) -> str | None:
     """The target's VNNI flavour (codegen/vnni.py), or None."""
     return vnni.isa(tvm.target.Target(target))
+
+
+def amx_available(target: dict) -> bool:
+    """Whether the target has AMX-INT8 (codegen/amx.py)."""
+    return amx.available(tvm.target.Target(target))
 
 
 def fusion(target: tvm.target.Target, report: FusionReport) -> tvm.transform.Pass:

@@ -97,7 +97,8 @@ def _compile(model, opts: CompileOptions, config, remote=None) -> Artifact:
     if is_qdq(mod):
         with stage("lower QDQ to integer"):
             try:
-                mod, lowering = lower_qdq(mod, variants, vnni=llvm.vnni_isa(target) is not None)
+                mod, lowering = lower_qdq(mod, variants, vnni=llvm.vnni_isa(target) is not None,
+                                          amx=llvm.amx_available(target))
                 quantization["accumulators"] = lowering.summary()
                 if lowering.int64:
                     log.warning("%s: %s", src.path, lowering.summary())

@@ -33,13 +33,13 @@ pattern this pass does not know raises ``QDQLoweringError`` naming the op.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import tvm
 from tvm import relax
 
-from codegen import vnni
+from codegen import amx, vnni
 from passes import integer_nonlinear, subbyte
 from passes.analysis import digest
 from passes.dyadic import dyadic_from_ratio, fine_offset, rescale, saturate
@@ -61,6 +61,9 @@ class _Int:
     scale: np.ndarray
     zero: np.ndarray
     dtype: str
+    # an NCHW tensor stored NHWC: AMX convolutions read and write channels-last, and so do the
+    # epilogues, residual adds and pools between them; any other reader gets an NCHW copy
+    channels_last: bool = False
 
 
 @dataclass
@@ -94,6 +97,7 @@ class _Pending:
     lo: float = -np.inf
     hi: float = np.inf
     bound: int = 0          # a linear layer's proven |accumulator| bound
+    channels_last: bool = False     # the terms are NHWC (channel axis 3)
 
 
 def _np(c) -> np.ndarray:
@@ -105,24 +109,42 @@ def _name(call) -> str:
 
 
 class _Lowering:
-    def __init__(self, bb: relax.BlockBuilder, variants, vnni: bool = False):
+    def __init__(self, bb: relax.BlockBuilder, variants, vnni: bool = False, amx: bool = False):
         self.bb = bb
         self.vnni = vnni                    # pack int8 matmul and conv weights for x86 VNNI
+        self.amx = amx                      # ... and run the convs that fit on AMX tiles
         self.env: dict = {}
         self.variants = variants            # "shift" | "poly" | {kind: [variant per node, in order]}
         self.seen: dict[str, int] = {}
         self.widened: list[str] = []        # accumulators the range analysis could not keep in int32
         self.weights: list[dict] = []       # each linear layer's stored weights
         self.digests: list[str] = []        # ... and their identity, to find the kernel that reads them
+        self.nchw: dict = {}                # channels-last values' NCHW copies, by variable
 
-    def val(self, expr):
+    def val(self, expr, channels_last: bool = False):
+        """The lowered value of ``expr``; a channels-last tensor comes back NCHW (one copy per
+        tensor) unless the reader takes ``channels_last`` ones."""
         if isinstance(expr, relax.Var) and expr in self.env:
-            return self.env[expr]
+            v = self.env[expr]
+            inner = v.value if isinstance(v, _Deq) else v
+            if channels_last or not isinstance(inner, _Int) or not inner.channels_last:
+                return v
+            if expr not in self.nchw:
+                self.nchw[expr] = self.to_nchw(inner)
+            return _Deq(self.nchw[expr]) if isinstance(v, _Deq) else self.nchw[expr]
         if isinstance(expr, tvm.ir.GenericConst):
             return expr
         if isinstance(expr, relax.Var):
             return expr                      # a function parameter
         raise QDQLoweringError(f"unexpected operand {type(expr).__name__}")
+
+    def to_nchw(self, v: _Int) -> _Int:
+        return replace(v, expr=self.bb.emit(op.permute_dims(v.expr, [0, 3, 1, 2])), channels_last=False)
+
+    def to_nhwc(self, v: _Int) -> _Int:
+        if v.channels_last:
+            return v
+        return replace(v, expr=self.bb.emit(op.permute_dims(v.expr, [0, 2, 3, 1])), channels_last=True)
 
     def centered(self, v: _Int) -> relax.Expr:
         x = op.astype(v.expr, "int32")
@@ -156,7 +178,7 @@ class _Lowering:
                 raise QDQLoweringError(f"{name} is supported only between a linear op and its quantize")
             lo, hi = (0.0, np.inf) if name == "relax.nn.relu" else (
                 float(call.args[1].value), float(call.args[2].value))
-            return _Pending(p.terms, max(p.lo, lo), min(p.hi, hi), p.bound)
+            return replace(p, lo=max(p.lo, lo), hi=min(p.hi, hi))
         if name == "relax.mean":
             x = self.deq(self.val(call.args[0]), name)
             axes = [int(a) for a in call.attrs.axis]
@@ -188,6 +210,15 @@ class _Lowering:
                 raise QDQLoweringError("concat of a tuple variable is not supported")
             return _Concat([self.const_int(v) if isinstance(v := self.val(f), _ConstDeq) else self.deq(v, name)
                             for f in fields], int(call.attrs.axis))
+        if name == "relax.nn.max_pool2d" and str(call.attrs.layout) == "NCHW":
+            v = self.val(call.args[0], channels_last=True)
+            x = v if isinstance(v, _Int) else self.deq(v, name)
+            if x.channels_last:     # channels are the contiguous vector; the stride only moves rows
+                a = call.attrs
+                pooled = op.nn.max_pool2d(x.expr, a.pool_size, a.strides, a.padding, a.dilation, a.ceil_mode,
+                                          a.count_include_pad, layout="NHWC")
+                moved = replace(x, expr=self.bb.emit(pooled))
+                return moved if isinstance(v, _Int) else _Deq(moved)
         if name == "relax.nn.max_pool2d" or name in VIEWS:
             # on the integers; QOperator graphs apply these to quantized tensors directly,
             # QDQ graphs to their dequantization: the result keeps the operand's form
@@ -203,7 +234,7 @@ class _Lowering:
         raise QDQLoweringError(f"{name}: no integer lowering for this op")
 
     def quantize(self, call):
-        src = self.val(call.args[0])
+        src = self.val(call.args[0], channels_last=True)
         scale, zero = _np(call.args[1]).astype(np.float32), _np(call.args[2])
         dtype = str(call.ty.dtype)
         info = np.iinfo(dtype)
@@ -214,7 +245,7 @@ class _Lowering:
             x = src.value
             if np.array_equal(x.scale, scale) and np.array_equal(x.zero, zero) and x.dtype == dtype:
                 return x                                           # Q(DQ(q)) with the same params
-            src = _Pending([(self.centered(x), x.scale.astype(np.float64), None)])
+            src = _Pending([(self.centered(x), x.scale.astype(np.float64), None)], channels_last=x.channels_last)
         if isinstance(src, _Concat):
             return _Int(self.bb.emit(op.concat([self.quantize_like(p, scale, zero, dtype) for p in src.parts],
                                                axis=src.axis)), scale, zero, dtype)
@@ -235,7 +266,7 @@ class _Lowering:
             lo = max(lo, z_out + int(np.round(src.lo / np.float32(s_out))))
         if np.isfinite(src.hi):
             hi = min(hi, z_out + int(np.round(src.hi / np.float32(s_out))))
-        return _Int(self.bb.emit(saturate(total, z_out, lo, hi, dtype)), scale, zero, dtype)
+        return _Int(self.bb.emit(saturate(total, z_out, lo, hi, dtype)), scale, zero, dtype, src.channels_last)
 
     def const_value(self, expr) -> np.ndarray:
         """A constant operand as float32: a plain constant, or DequantizeLinear of one."""
@@ -371,7 +402,7 @@ class _Lowering:
                                      int(info.max), dtype))
 
     def dequantize(self, call):
-        src = self.val(call.args[0])
+        src = self.val(call.args[0], channels_last=True)
         scale, zero = _np(call.args[1]).astype(np.float32), _np(call.args[2])
         if isinstance(src, tvm.ir.GenericConst):
             return _ConstDeq(_np(src).astype(np.int64), scale.reshape(-1), zero.reshape(-1).astype(np.int64),
@@ -400,7 +431,8 @@ class _Lowering:
         """acc = sum(q_x * w) + (bias - z_x * sum(w)): the input's zero point is folded into the bias
         offline, so the kernel reads the raw 8-bit input (padding it with z_x, which is real 0)
         and the int8 weights: the u8 x s8 -> int32 product VNNI and dp4a execute."""
-        x = self.deq(self.val(call.args[0]), name)
+        # only an AMX convolution reads a channels-last input as it is
+        x = self.deq(self.val(call.args[0], channels_last=name == "relax.nn.conv2d" and self.amx), name)
         w = self.val(call.args[1])
         if name == "relax.matmul" and isinstance(w, _Deq):
             return self.activation_matmul(x, w.value)
@@ -440,8 +472,13 @@ class _Lowering:
         packed_vnni = u8s8 and not is_conv and stored.ndim == 2 and vnni.fits(*stored.shape)
         conv_vnni = (u8s8 and is_conv and vnni.conv_fits(stored.shape[0], int(call.attrs.groups))
                      and all(isinstance(d, tvm.tirx.IntImm) for d in x.expr.ty.shape.values[1:]))
+        tiles = self.amx_geometry(call, x, wq.shape) if conv_vnni and self.amx else None
+        if tiles is None and x.channels_last:
+            x = self.deq(self.val(call.args[0]), name)
         if packed_vnni:
             stored = vnni.pack(stored)
+        elif tiles is not None:
+            stored = tiles.pack(stored)
         elif conv_vnni:
             stored = vnni.pack_conv(stored)
         wc = relax.const(stored, str(stored.dtype))
@@ -454,12 +491,15 @@ class _Lowering:
             if str(a.data_layout) != "NCHW" or str(a.kernel_layout) != "OIHW":
                 raise QDQLoweringError(f"{name}: only NCHW/OIHW layouts are supported")
             geometry = [int(v) for v in a.strides], [int(v) for v in a.padding], [int(v) for v in a.dilation]
-            if conv_vnni:
+            axis, shape = 1, (1, -1, 1, 1)
+            if tiles is not None:
+                acc = self.amx_conv2d(x, wc, tiles, zx)
+                axis, shape = 3, (1, 1, 1, -1)
+            elif conv_vnni:
                 acc = self.bb.emit_te(vnni.conv2d, x.expr, wc, *geometry, zx, primfunc_name_hint="conv2d")
             else:
                 acc = self.bb.emit_te(_conv_zero_padded, x.expr, wc, *geometry, int(a.groups), zx, acc_dtype,
                                       packing, primfunc_name_hint="conv2d")
-            axis, shape = 1, (1, -1, 1, 1)
         elif bits:
             acc = self.bb.emit_te(_matmul_packed, x.expr, wc, packing, acc_dtype, primfunc_name_hint="matmul")
             axis, shape = -1, (-1,)
@@ -472,10 +512,34 @@ class _Lowering:
         if zx:
             acc = self.bb.emit(op.add(acc, relax.const(correction.reshape(shape).astype(acc_dtype), acc_dtype)))
         num = (x.scale.reshape(-1)[0].astype(np.float32) * w.scale.astype(np.float32)).astype(np.float64)
-        return _Pending([(acc, num, axis)], bound=bound)
+        return _Pending([(acc, num, axis)], bound=bound, channels_last=tiles is not None)
+
+    @staticmethod
+    def amx_geometry(call, x: _Int, shape) -> amx.ConvGeometry | None:
+        """The AMX form of a conv2d (codegen/amx.py), or None when its shape does not fit."""
+        a = call.attrs
+        strides, dilation = [int(v) for v in a.strides], [int(v) for v in a.dilation]
+        if not amx.conv_fits(shape[1], shape[0], int(a.groups), strides, dilation):
+            return None
+        dims = x.expr.ty.shape.values
+        height, width = dims[1:3] if x.channels_last else dims[2:4]
+        return amx.ConvGeometry(shape[1], int(height), int(width), shape[0], tuple(shape[2:]),
+                                strides[0], tuple(int(v) for v in a.padding), tuple(dilation))
+
+    def amx_conv2d(self, x: _Int, packed, g: amx.ConvGeometry, zx: int):
+        """codegen/amx.py's convolution: the input flattened to rows, the tile kernel, and the valid
+        pixels, channels-last (the epilogue fuses into that last step)."""
+        rows = self.bb.emit_te(lambda t: amx.flatten(t, g, zx, x.channels_last), x.expr,
+                               primfunc_name_hint="amx_rows")
+        kernel = self.bb.add_func(amx.conv_kernel(g).without_attr("global_symbol"), "conv2d_amx")
+        out = relax.TensorType((x.expr.ty.shape.values[0], g.pixels, g.out_channels), "int32")
+        offsets = relax.const(g.offsets(), "int32")
+        acc = self.bb.emit(relax.call_tir(kernel, [rows, packed, offsets], out))
+        return self.bb.emit_te(lambda t: amx.unflatten(t, g, channels_last=True), acc,
+                               primfunc_name_hint="amx_valid")
 
     def add(self, call):
-        a, b = self.val(call.args[0]), self.val(call.args[1])
+        a, b = self.val(call.args[0], channels_last=True), self.val(call.args[1], channels_last=True)
         if isinstance(a, _ConstDeq) and isinstance(b, _Pending):
             a, b = b, a
         if isinstance(a, _Pending) and isinstance(b, _ConstDeq) and len(a.terms) == 1:
@@ -489,10 +553,15 @@ class _Lowering:
             if bound >= 2**31 and dtype == "int32":     # the sum may not fit: add in int64
                 acc, dtype = self.bb.emit(op.astype(acc, "int64")), "int64"
                 self.widened.append(f"bias add #{len(self.weights) - 1} (bound 2^{np.log2(bound):.1f})")
-            bias = relax.const(b.q.astype(dtype), dtype)
-            return _Pending([(self.bb.emit(op.add(acc, bias)), num, axis)], a.lo, a.hi, bound)
+            q = b.q.reshape(-1) if a.channels_last and b.q.size > 1 else b.q      # per channel: the last axis
+            bias = relax.const(q.astype(dtype), dtype)
+            return _Pending([(self.bb.emit(op.add(acc, bias)), num, axis)], a.lo, a.hi, bound, a.channels_last)
         if isinstance(a, (_Deq, _ConstDeq)) and isinstance(b, (_Deq, _ConstDeq)):
             # residual add (or QLinearAdd with a constant operand): each term rescaled to the output
+            nhwc = any(isinstance(v, _Deq) and v.value.channels_last for v in (a, b))
+            if nhwc and any(isinstance(v, _ConstDeq) for v in (a, b)):
+                a, b = (self.val(x) for x in call.args)
+                nhwc = False
             terms = []
             for v in (a, b):
                 if isinstance(v, _ConstDeq):
@@ -501,8 +570,9 @@ class _Lowering:
                     terms.append((relax.const((v.q - int(v.zero[0])).astype(np.int32), "int32"),
                                   v.scale.astype(np.float64), None))
                 else:
-                    terms.append((self.centered(v.value), v.value.scale.astype(np.float64), None))
-            return _Pending(terms)
+                    value = self.to_nhwc(v.value) if nhwc else v.value
+                    terms.append((self.centered(value), value.scale.astype(np.float64), None))
+            return _Pending(terms, channels_last=nhwc)
         raise QDQLoweringError("add: operands are not a supported integer pattern")
 
 
@@ -553,17 +623,19 @@ class LoweringReport:
         return f"{len(self.int64)} of {self.layers} accumulators widened to int64: {', '.join(self.int64)}"
 
 
-def lower_qdq(mod: tvm.IRModule, variants="auto", vnni: bool = False) -> tuple[tvm.IRModule, LoweringReport]:
+def lower_qdq(mod: tvm.IRModule, variants="auto", vnni: bool = False,
+              amx: bool = False) -> tuple[tvm.IRModule, LoweringReport]:
     """Rebuild ``main`` with integer ops; raises QDQLoweringError on an unknown pattern.
     ``variants``: the softmax / GELU family, "shift" or "poly" for every node ("auto" without
     calibration data means poly), or per kind the list chosen per node (compiler/quantize.py).
-    ``vnni``: the target has x86 VNNI; int8 matmul and conv weights are stored in its operand layout."""
+    ``vnni``: the target has x86 VNNI; int8 matmul and conv weights are stored in its operand layout.
+    ``amx``: it has AMX too; convolutions that fit run on its tiles (codegen/amx.py), channels-last."""
     func = mod["main"]
     bb = relax.BlockBuilder()
     attrs = {k: func.attrs[k] for k in func.attrs.keys()} if func.attrs is not None else {}
     with bb.function("main", list(func.params), attrs=attrs):
         with bb.dataflow():
-            low = _Lowering(bb, variants, vnni)
+            low = _Lowering(bb, variants, vnni, amx)
             outputs = set()
             for block in func.body.blocks:
                 for b in block.bindings:

@@ -91,6 +91,9 @@ def _kernel(mod, binding, kinds) -> _Kernel | None:
         return None
     if not all(_static(v) for v in [binding.var, *inputs]):
         return None         # FuseTIR needs each symbolic dimension bound by a parameter: not merged
+    if any(mod[c.args[0]].attrs is not None and mod[c.args[0]].attrs.get("tirx.is_scheduled", False)
+           for _, c in calls):
+        return None         # a hand-written kernel (codegen/amx.py) has no blocks to merge
     for _, c in calls:
         if c.args[0] not in kinds:
             kinds[c.args[0]] = _block_kinds(mod[c.args[0]])

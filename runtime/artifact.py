@@ -108,7 +108,7 @@ class Manifest:
 
 
 # instruction sets the kernels may use; running code for one the host lacks dies with SIGILL
-CPU_FEATURES = ("avx2", "avx512f", "avx512bw", "avx512vnni", "avxvnni")
+CPU_FEATURES = ("avx2", "avx512f", "avx512bw", "avx512vnni", "avxvnni", "amx-tile", "amx-int8")
 
 
 def missing_cpu_features(target: dict) -> list[str]:
@@ -121,7 +121,7 @@ def missing_cpu_features(target: dict) -> list[str]:
     from tvm.target import codegen
 
     host = tvm.get_global_func("tvm.codegen.llvm.GetHostCPUFeatures")()
-    built = tvm.target.Target({"kind": "llvm", "mcpu": target["mcpu"]})
+    built = tvm.target.Target({k: v for k, v in target.items() if k in ("kind", "mcpu", "mattr")})
     return [f for f in CPU_FEATURES if codegen.target_has_features(f, built) and not bool(host.get(f, False))]
 
 

@@ -1,0 +1,264 @@
+"""int8 convolution on Intel AMX (Sapphire Rapids and later).
+
+``tdpbusd`` multiplies a 16 x 64 u8 tile A by a 64 x 16 s8 tile B into a 16 x 16 int32 tile: 16384
+MACs per instruction, eight times what AVX-512 VNNI issues per cycle.  B is in VNNI order: each
+of its 16 rows of 64 bytes holds 16 output channels x 4 consecutive reduction bytes.
+
+A is read row by row at a fixed stride, so the convolution is written over flattened pixels,
+with no im2col copy.  The input is copied once to channels-last (channels padded to C4: 4, 8, 16,
+32 or a multiple of 64), bordered with the zero point, split into stride x stride phases (phase
+(a, b) holds pixels (s*y + a, s*x + b); a stride-1 conv has one phase) and flattened: pixel after
+pixel, ``Wq`` pixels per image row, C4 bytes each.  For output pixel ``p = oy * Wq + ox``, the
+pixels a kernel row (ky) reads in one phase are consecutive, from
+
+    base(phase) + p + (ky // s) * Wq
+
+so the bytes they hold are one contiguous run, an affine function of ``p`` with slope C4.  A
+*step* is 64 bytes of such a run: one tap's 64 channels when C4 >= 64, or 64 / C4 neighbouring
+taps of a narrow input (the 3-channel stem: 16 taps per step, not 49 steps of 4 bytes).  16
+consecutive output pixels at one step are one tile load with row stride C4, and the step's
+weights, packed at compile time (``pack``), are its B tiles (zero where a byte is past the
+kernel's edge or a padding channel).
+
+The ``Wq - OW`` columns per output row past the image's right edge read wrapped-around pixels;
+they are computed and never read (2 of 9 for a 7-wide output).  The sum runs over the steps for
+2 x 2 tiles (32 pixels x 32 output channels) held in four tile registers next to their two A and
+two B operands, then stored as int32 [N, P, OC]; a separate elementwise kernel picks the valid
+pixels and applies the epilogue.
+
+Linux grants AMX's 8 KiB of tile state per process, on request (``arch_prctl``); each kernel
+call asks, which costs one syscall, so that the library needs no set-up call from its host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+ROWS = 16                   # pixels per tile, and output channels per B tile (16 x 4 bytes)
+DEPTH = 64                  # bytes per tile row
+BLOCK = 2 * ROWS            # pixels and output channels per 2 x 2 tile block
+NARROW = (4, 8, 16, 32)     # channel paddings of narrow inputs, whose steps span several taps
+LLVM_FEATURES = ("amx-tile", "amx-int8")
+_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA = 158, 0x1023, 18
+
+
+def available(target) -> bool:
+    from tvm.target import codegen
+
+    return all(codegen.target_has_features(f, target) for f in LLVM_FEATURES)
+
+
+def padded_channels(channels: int) -> int | None:
+    if channels % DEPTH == 0:
+        return channels
+    return next((c for c in NARROW if c >= channels), None)
+
+
+def conv_fits(channels: int, out_channels: int, groups: int, strides, dilation) -> bool:
+    """Whole 32-channel output blocks, one stride for both axes, channels that pad to a tile row
+    or divide one; dilation only with whole-row taps (a narrow step's taps are neighbours)."""
+    c4 = padded_channels(channels)
+    return (groups == 1 and out_channels % BLOCK == 0 and strides[0] == strides[1] and c4 is not None
+            and (c4 % DEPTH == 0 or tuple(dilation) == (1, 1)))
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """A convolution in flattened-pixel form (see the module docstring)."""
+    channels: int
+    height: int
+    width: int
+    out_channels: int
+    kernel: tuple[int, int]
+    stride: int
+    padding: tuple[int, int, int, int]      # top, left, bottom, right
+    dilation: tuple[int, int]
+
+    @property
+    def depth(self) -> int:
+        """Bytes per pixel (C4)."""
+        return padded_channels(self.channels)
+
+    def _out(self, axis: int) -> int:
+        size = (self.height, self.width)[axis] + self.padding[axis] + self.padding[axis + 2]
+        return (size - self.dilation[axis] * (self.kernel[axis] - 1) - 1) // self.stride + 1
+
+    @property
+    def out_height(self) -> int:
+        return self._out(0)
+
+    @property
+    def out_width(self) -> int:
+        return self._out(1)
+
+    @property
+    def pitch(self) -> int:
+        """Pixels per row of a phase, and per row of the computed output (Wq)."""
+        return -(-(self.width + self.padding[1] + self.padding[3]) // self.stride)
+
+    @property
+    def pixels(self) -> int:
+        """Output pixels computed, garbage columns included, rounded up to whole tile blocks."""
+        return -(-self.out_height * self.pitch // BLOCK) * BLOCK
+
+    @cached_property
+    def phases(self) -> list[tuple[int, int]]:
+        """The (row, column) phases some tap reads (a 1 x 1 stride-2 conv reads one of four)."""
+        s, (dh, dw) = self.stride, self.dilation
+        return sorted({(ky * dh % s, kx * dw % s) for ky in range(self.kernel[0]) for kx in range(self.kernel[1])})
+
+    def _taps(self, axis: int, phase: int) -> dict[int, int]:
+        """Shift (in phase pixels) -> tap index along ``axis`` for the taps of ``phase``."""
+        s, d = self.stride, self.dilation[axis]
+        return {k * d // s: k for k in range(self.kernel[axis]) if k * d % s == phase}
+
+    @cached_property
+    def steps(self) -> list[tuple[int, int, int]]:
+        """(phase index, row shift, first byte of the run) of each 64-byte step."""
+        out = []
+        for i, (a, b) in enumerate(self.phases):
+            cols = self._taps(1, b)
+            for sy in sorted(self._taps(0, a)):
+                if self.depth % DEPTH == 0:
+                    out += [(i, sy, cx * self.depth + cb) for cx in sorted(cols) for cb in range(0, self.depth, DEPTH)]
+                else:
+                    out += [(i, sy, start) for start in range(0, (max(cols) + 1) * self.depth, DEPTH)]
+        return out
+
+    @cached_property
+    def phase_rows(self) -> int:
+        """Pixels per phase: its image, and whatever the last block's steps reach past it."""
+        image = -(-(self.height + self.padding[0] + self.padding[2]) // self.stride) * self.pitch
+        reach = max(sy * self.pitch + -(-(start + DEPTH) // self.depth) for _, sy, start in self.steps)
+        return max(image, self.pixels + reach)
+
+    @property
+    def rows(self) -> int:
+        return len(self.phases) * self.phase_rows
+
+    def offsets(self) -> np.ndarray:
+        """Each step's first byte for output pixel 0, in the flattened input (the kernel's table)."""
+        return np.array([(i * self.phase_rows + sy * self.pitch) * self.depth + start
+                         for i, sy, start in self.steps], dtype=np.int32)
+
+    def pack(self, w: np.ndarray) -> np.ndarray:
+        """OIHW int8 weights -> B tiles [OC / 16, steps, 16, 16, 4]: tile row g, column n, byte k
+        multiplies input byte ``start + 4 g + k`` of the step's run with output channel n."""
+        oc = self.out_channels
+        tiles = np.zeros((oc // ROWS, len(self.steps), ROWS, ROWS, 4), np.int8)
+        for st, (i, sy, start) in enumerate(self.steps):
+            a, b = self.phases[i]
+            ky = self._taps(0, a)[sy]
+            cols = self._taps(1, b)
+            for byte in range(DEPTH):
+                cx, c = divmod(start + byte, self.depth)
+                if c < self.channels and cx in cols:
+                    tiles[:, st, byte // 4, :, byte % 4] = w[:, c, ky, cols[cx]].reshape(oc // ROWS, ROWS)
+        return tiles
+
+
+def flatten(x, g: ConvGeometry, pad_value: int, channels_last: bool = False):
+    """TE: the u8 input (NCHW, or NHWC with ``channels_last``) -> [N, R * C4] bytes, channels-last
+    by phase, bordered with the zero point; padding channels read 0."""
+    from tvm import te, tirx
+
+    top, left = g.padding[:2]
+
+    def value(b, byte):
+        pixel, c = byte // g.depth, byte % g.depth
+        phase, q = pixel // g.phase_rows, pixel % g.phase_rows
+        a, col0 = tirx.const(g.phases[-1][0]), tirx.const(g.phases[-1][1])
+        for i, (pa, pb) in enumerate(g.phases[:-1]):
+            a = tirx.Select(phase == i, tirx.const(pa), a)
+            col0 = tirx.Select(phase == i, tirx.const(pb), col0)
+        y = g.stride * (q // g.pitch) + a - top
+        col = g.stride * (q % g.pitch) + col0 - left
+        inside = tirx.all(y >= 0, y < g.height, col >= 0, col < g.width)
+        yc, xc = tirx.max(tirx.min(y, g.height - 1), 0), tirx.max(tirx.min(col, g.width - 1), 0)
+        cc = tirx.min(c, g.channels - 1)
+        read = x[b, yc, xc, cc] if channels_last else x[b, cc, yc, xc]
+        value = tirx.if_then_else(inside, read, tirx.const(pad_value, x.dtype))
+        return value if g.depth == g.channels else tirx.if_then_else(c < g.channels, value, tirx.const(0, x.dtype))
+
+    return te.compute((x.shape[0], g.rows * g.depth), value, name="amx_rows")
+
+
+def unflatten(acc, g: ConvGeometry, channels_last: bool = False):
+    """TE: the kernel's [N, P, OC] int32 -> NCHW (or NHWC), the valid pixels only."""
+    from tvm import te
+
+    if channels_last:
+        return te.compute((acc.shape[0], g.out_height, g.out_width, g.out_channels),
+                          lambda b, y, x, o: acc[b, y * g.pitch + x, o], name="amx_valid")
+    return te.compute((acc.shape[0], g.out_channels, g.out_height, g.out_width),
+                      lambda b, o, y, x: acc[b, y * g.pitch + x, o], name="amx_valid")
+
+
+def conv_kernel(g: ConvGeometry):
+    """The TIR kernel: acc[N, P, OC] = sum over steps of rows[N, offset + C4 * p : +64] . B[step]."""
+    from tvm.script import tirx as T
+
+    oc, depth, pixels, n_steps = g.out_channels, g.depth, g.pixels, len(g.steps)
+    row_bytes = g.rows * depth
+    p_blocks, o_blocks = pixels // BLOCK, oc // BLOCK
+    blocks, c_stride = p_blocks * o_blocks, oc * 4
+    # consecutive blocks share the larger operand while it is in cache: a late layer's weights
+    # (2.4 MB at 512 channels) are read once, not once per pixel block
+    weights_first = oc * n_steps * DEPTH > row_bytes
+
+    def amx(name, *args):
+        return T.call_llvm_intrin("void", f"llvm.x86.{name}", *args)
+
+    @T.prim_func
+    def kernel(x_h: T.handle, w: T.Buffer((oc // ROWS, n_steps, ROWS, ROWS, 4), "int8"),
+               offsets: T.Buffer((n_steps,), "int32"), acc_h: T.handle):
+        # opaque (op_pattern 8): fusion leaves it whole, and the epilogue joins the unflatten step
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        n = T.int64()
+        x = T.match_buffer(x_h, (n, row_bytes), "uint8")
+        acc = T.match_buffer(acc_h, (n, pixels, oc), "int32")
+        T.evaluate(T.call_extern("int64", "syscall", T.int64(_ARCH_PRCTL), T.int64(_ARCH_REQ_XCOMP_PERM),
+                                 T.int64(_XFEATURE_XTILEDATA)))
+        for task in T.parallel(n * blocks):
+            # tile configuration (per thread: it is register state): palette 1, eight 16 x 64-byte tiles
+            cfg = T.alloc_buffer((64,), "uint8", scope="local")
+            for i in range(64):
+                cfg[i] = T.uint8(0)
+            cfg[0] = T.uint8(1)
+            for t in range(8):
+                cfg[16 + 2 * t] = T.uint8(64)
+                cfg[48 + t] = T.uint8(ROWS)
+            T.evaluate(amx("ldtilecfg", T.address_of(cfg[0])))
+            b = task // blocks
+            if weights_first:
+                p0 = task % p_blocks * BLOCK
+                o0 = task % blocks // p_blocks * BLOCK
+            else:
+                p0 = task % blocks // o_blocks * BLOCK
+                o0 = task % o_blocks * BLOCK
+            # tile ids are immediates: no loops over them
+            T.evaluate(amx("tilezero", T.int8(0)))
+            T.evaluate(amx("tilezero", T.int8(1)))
+            T.evaluate(amx("tilezero", T.int8(2)))
+            T.evaluate(amx("tilezero", T.int8(3)))
+            for st in range(n_steps):
+                a0 = p0 * depth + T.Cast("int64", offsets[st])
+                T.evaluate(amx("tileloadd64", T.int8(4), T.address_of(x[b, a0]), T.int64(depth)))
+                T.evaluate(amx("tileloadd64", T.int8(5), T.address_of(x[b, a0 + ROWS * depth]), T.int64(depth)))
+                T.evaluate(amx("tileloadd64", T.int8(6), T.address_of(w[o0 // ROWS, st, 0, 0, 0]), T.int64(64)))
+                T.evaluate(amx("tileloadd64", T.int8(7), T.address_of(w[o0 // ROWS + 1, st, 0, 0, 0]), T.int64(64)))
+                T.evaluate(amx("tdpbusd", T.int8(0), T.int8(4), T.int8(6)))
+                T.evaluate(amx("tdpbusd", T.int8(1), T.int8(4), T.int8(7)))
+                T.evaluate(amx("tdpbusd", T.int8(2), T.int8(5), T.int8(6)))
+                T.evaluate(amx("tdpbusd", T.int8(3), T.int8(5), T.int8(7)))
+            T.evaluate(amx("tilestored64", T.int8(0), T.address_of(acc[b, p0, o0]), T.int64(c_stride)))
+            T.evaluate(amx("tilestored64", T.int8(1), T.address_of(acc[b, p0, o0 + ROWS]), T.int64(c_stride)))
+            T.evaluate(amx("tilestored64", T.int8(2), T.address_of(acc[b, p0 + ROWS, o0]), T.int64(c_stride)))
+            T.evaluate(amx("tilestored64", T.int8(3), T.address_of(acc[b, p0 + ROWS, o0 + ROWS]),
+                           T.int64(c_stride)))
+            T.evaluate(amx("tilerelease"))
+
+    return kernel
