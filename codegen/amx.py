@@ -40,6 +40,7 @@ import numpy as np
 ROWS = 16                   # pixels per tile, and output channels per B tile (16 x 4 bytes)
 DEPTH = 64                  # bytes per tile row
 BLOCK = 2 * ROWS            # pixels and output channels per 2 x 2 tile block
+PARTS = 16                  # runs of blocks per image that the threads share
 NARROW = (4, 8, 16, 32)     # channel paddings of narrow inputs, whose steps span several taps
 LLVM_FEATURES = ("amx-tile", "amx-int8")
 _ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA = 158, 0x1023, 18
@@ -78,9 +79,33 @@ class ConvGeometry:
     dilation: tuple[int, int]
 
     @property
-    def depth(self) -> int:
-        """Bytes per pixel (C4)."""
+    def channel_bytes(self) -> int:
         return padded_channels(self.channels)
+
+    @property
+    def interleaved(self) -> bool:
+        """A narrow strided input keeps its phases in each pixel's bytes (space to depth): the
+        stem's 7 x 7 / 2 over 3 channels becomes 4 x 4 taps of 16 bytes, one 64-byte step per row."""
+        return self.channel_bytes < DEPTH and self.stride > 1
+
+    @cached_property
+    def planes(self) -> list[tuple[int, int]]:
+        """The phases stored one after another (a 1 x 1 stride-2 conv reads one of four)."""
+        if self.interleaved:
+            return [(0, 0)]
+        s, (dh, dw) = self.stride, self.dilation
+        return sorted({(ky * dh % s, kx * dw % s) for ky in range(self.kernel[0]) for kx in range(self.kernel[1])})
+
+    @property
+    def inner(self) -> list[tuple[int, int]]:
+        """The phases inside each pixel."""
+        s = self.stride
+        return [(a, b) for a in range(s) for b in range(s)] if self.interleaved else [(0, 0)]
+
+    @property
+    def depth(self) -> int:
+        """Bytes per flattened pixel."""
+        return len(self.inner) * self.channel_bytes
 
     def _out(self, axis: int) -> int:
         size = (self.height, self.width)[axis] + self.padding[axis] + self.padding[axis + 2]
@@ -96,7 +121,7 @@ class ConvGeometry:
 
     @property
     def pitch(self) -> int:
-        """Pixels per row of a phase, and per row of the computed output (Wq)."""
+        """Pixels per row of a plane, and per row of the computed output (Wq)."""
         return -(-(self.width + self.padding[1] + self.padding[3]) // self.stride)
 
     @property
@@ -104,86 +129,98 @@ class ConvGeometry:
         """Output pixels computed, garbage columns included, rounded up to whole tile blocks."""
         return -(-self.out_height * self.pitch // BLOCK) * BLOCK
 
-    @cached_property
-    def phases(self) -> list[tuple[int, int]]:
-        """The (row, column) phases some tap reads (a 1 x 1 stride-2 conv reads one of four)."""
-        s, (dh, dw) = self.stride, self.dilation
-        return sorted({(ky * dh % s, kx * dw % s) for ky in range(self.kernel[0]) for kx in range(self.kernel[1])})
-
-    def _taps(self, axis: int, phase: int) -> dict[int, int]:
-        """Shift (in phase pixels) -> tap index along ``axis`` for the taps of ``phase``."""
-        s, d = self.stride, self.dilation[axis]
-        return {k * d // s: k for k in range(self.kernel[axis]) if k * d % s == phase}
+    def _shifts(self, axis: int, phase: int) -> list[int]:
+        """Pixel shifts along ``axis`` of the taps a plane of ``phase`` holds."""
+        s, d, k = self.stride, self.dilation[axis], self.kernel[axis]
+        if self.interleaved:
+            return list(range(-(-k * d // s)))
+        return sorted({t * d // s for t in range(k) if t * d % s == phase})
 
     @cached_property
     def steps(self) -> list[tuple[int, int, int]]:
-        """(phase index, row shift, first byte of the run) of each 64-byte step."""
+        """(plane, row shift, first byte of the run) of each 64-byte step."""
         out = []
-        for i, (a, b) in enumerate(self.phases):
-            cols = self._taps(1, b)
-            for sy in sorted(self._taps(0, a)):
+        for i, (a, b) in enumerate(self.planes):
+            cols = self._shifts(1, b)
+            for sy in self._shifts(0, a):
                 if self.depth % DEPTH == 0:
-                    out += [(i, sy, cx * self.depth + cb) for cx in sorted(cols) for cb in range(0, self.depth, DEPTH)]
+                    out += [(i, sy, cx * self.depth + cb) for cx in cols for cb in range(0, self.depth, DEPTH)]
                 else:
                     out += [(i, sy, start) for start in range(0, (max(cols) + 1) * self.depth, DEPTH)]
         return out
 
+    def tap(self, plane: int, sy: int, byte: int) -> tuple[int, int, int] | None:
+        """The (ky, kx, channel) whose weight multiplies byte ``byte`` of a step's run, or None."""
+        cx, rest = divmod(byte, self.depth)
+        j, c = divmod(rest, self.channel_bytes)
+        y = self.stride * sy + self.planes[plane][0] + self.inner[j][0]       # = ky * dh
+        x = self.stride * cx + self.planes[plane][1] + self.inner[j][1]       # = kx * dw
+        (dh, dw), (kh, kw) = self.dilation, self.kernel
+        if c >= self.channels or y % dh or x % dw or y // dh >= kh or x // dw >= kw:
+            return None
+        return y // dh, x // dw, c
+
     @cached_property
-    def phase_rows(self) -> int:
-        """Pixels per phase: its image, and whatever the last block's steps reach past it."""
-        image = -(-(self.height + self.padding[0] + self.padding[2]) // self.stride) * self.pitch
+    def plane_height(self) -> int:
+        """Rows per plane: its image, and whatever the last block's steps reach past it."""
+        image = -(-(self.height + self.padding[0] + self.padding[2]) // self.stride)
         reach = max(sy * self.pitch + -(-(start + DEPTH) // self.depth) for _, sy, start in self.steps)
-        return max(image, self.pixels + reach)
+        return max(image, -(-(self.pixels + reach) // self.pitch))
 
     @property
-    def rows(self) -> int:
-        return len(self.phases) * self.phase_rows
+    def row_bytes(self) -> int:
+        """Bytes of the flattened input, per image."""
+        return len(self.planes) * self.plane_height * self.pitch * self.depth
 
     def offsets(self) -> np.ndarray:
         """Each step's first byte for output pixel 0, in the flattened input (the kernel's table)."""
-        return np.array([(i * self.phase_rows + sy * self.pitch) * self.depth + start
-                         for i, sy, start in self.steps], dtype=np.int32)
+        plane = self.plane_height * self.pitch
+        return np.array([(i * plane + sy * self.pitch) * self.depth + start for i, sy, start in self.steps],
+                        dtype=np.int32)
 
     def pack(self, w: np.ndarray) -> np.ndarray:
         """OIHW int8 weights -> B tiles [OC / 16, steps, 16, 16, 4]: tile row g, column n, byte k
-        multiplies input byte ``start + 4 g + k`` of the step's run with output channel n."""
+        multiplies byte ``start + 4 g + k`` of the step's run with output channel n (0 where the
+        byte is past the kernel's edge or a padding channel)."""
         oc = self.out_channels
         tiles = np.zeros((oc // ROWS, len(self.steps), ROWS, ROWS, 4), np.int8)
         for st, (i, sy, start) in enumerate(self.steps):
-            a, b = self.phases[i]
-            ky = self._taps(0, a)[sy]
-            cols = self._taps(1, b)
             for byte in range(DEPTH):
-                cx, c = divmod(start + byte, self.depth)
-                if c < self.channels and cx in cols:
-                    tiles[:, st, byte // 4, :, byte % 4] = w[:, c, ky, cols[cx]].reshape(oc // ROWS, ROWS)
+                if (t := self.tap(i, sy, start + byte)) is not None:
+                    ky, kx, c = t
+                    tiles[:, st, byte // 4, :, byte % 4] = w[:, c, ky, kx].reshape(oc // ROWS, ROWS)
         return tiles
 
 
 def flatten(x, g: ConvGeometry, pad_value: int, channels_last: bool = False):
-    """TE: the u8 input (NCHW, or NHWC with ``channels_last``) -> [N, R * C4] bytes, channels-last
-    by phase, bordered with the zero point; padding channels read 0."""
+    """TE: the u8 input (NCHW, or NHWC with ``channels_last``) -> [N, planes, rows, Wq, bytes per
+    pixel], bordered with the zero point; padding channels read 0."""
     from tvm import te, tirx
 
     top, left = g.padding[:2]
 
-    def value(b, byte):
-        pixel, c = byte // g.depth, byte % g.depth
-        phase, q = pixel // g.phase_rows, pixel % g.phase_rows
-        a, col0 = tirx.const(g.phases[-1][0]), tirx.const(g.phases[-1][1])
-        for i, (pa, pb) in enumerate(g.phases[:-1]):
-            a = tirx.Select(phase == i, tirx.const(pa), a)
-            col0 = tirx.Select(phase == i, tirx.const(pb), col0)
-        y = g.stride * (q // g.pitch) + a - top
-        col = g.stride * (q % g.pitch) + col0 - left
+    def pick(index, values):
+        out = tirx.const(values[-1])
+        for i, v in enumerate(values[:-1]):
+            out = tirx.Select(index == i, tirx.const(v), out)
+        return out
+
+    def value(b, plane, qy, qx, k):
+        j, c = (k // g.channel_bytes, k % g.channel_bytes) if len(g.inner) > 1 else (0, k)
+        a = pick(plane, [p[0] for p in g.planes]) + pick(j, [p[0] for p in g.inner])
+        col0 = pick(plane, [p[1] for p in g.planes]) + pick(j, [p[1] for p in g.inner])
+        y, col = g.stride * qy + a - top, g.stride * qx + col0 - left
         inside = tirx.all(y >= 0, y < g.height, col >= 0, col < g.width)
         yc, xc = tirx.max(tirx.min(y, g.height - 1), 0), tirx.max(tirx.min(col, g.width - 1), 0)
         cc = tirx.min(c, g.channels - 1)
         read = x[b, yc, xc, cc] if channels_last else x[b, cc, yc, xc]
         value = tirx.if_then_else(inside, read, tirx.const(pad_value, x.dtype))
-        return value if g.depth == g.channels else tirx.if_then_else(c < g.channels, value, tirx.const(0, x.dtype))
+        if g.channel_bytes == g.channels:
+            return value
+        return tirx.if_then_else(c < g.channels, value, tirx.const(0, x.dtype))
 
-    return te.compute((x.shape[0], g.rows * g.depth), value, name="amx_rows")
+    shape = (x.shape[0], len(g.planes), g.plane_height, g.pitch, g.depth)
+    return te.compute(shape, value, name="amx_rows")
 
 
 def unflatten(acc, g: ConvGeometry, channels_last: bool = False):
@@ -198,16 +235,17 @@ def unflatten(acc, g: ConvGeometry, channels_last: bool = False):
 
 
 def conv_kernel(g: ConvGeometry):
-    """The TIR kernel: acc[N, P, OC] = sum over steps of rows[N, offset + C4 * p : +64] . B[step]."""
+    """The TIR kernel: acc[N, P, OC] = sum over steps of rows[N, offset + depth * p : +64] . B[step]."""
     from tvm.script import tirx as T
 
-    oc, depth, pixels, n_steps = g.out_channels, g.depth, g.pixels, len(g.steps)
-    row_bytes = g.rows * depth
+    oc, depth, pixels, n_steps, row_bytes = g.out_channels, g.depth, g.pixels, len(g.steps), g.row_bytes
+    planes, plane_height, pitch = len(g.planes), g.plane_height, g.pitch
     p_blocks, o_blocks = pixels // BLOCK, oc // BLOCK
     blocks, c_stride = p_blocks * o_blocks, oc * 4
     # consecutive blocks share the larger operand while it is in cache: a late layer's weights
     # (2.4 MB at 512 channels) are read once, not once per pixel block
     weights_first = oc * n_steps * DEPTH > row_bytes
+    parts = min(blocks, PARTS)
 
     def amx(name, *args):
         return T.call_llvm_intrin("void", f"llvm.x86.{name}", *args)
@@ -218,12 +256,14 @@ def conv_kernel(g: ConvGeometry):
         # opaque (op_pattern 8): fusion leaves it whole, and the epilogue joins the unflatten step
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
         n = T.int64()
-        x = T.match_buffer(x_h, (n, row_bytes), "uint8")
+        x = T.match_buffer(x_h, (n, planes, plane_height, pitch, depth), "uint8")
         acc = T.match_buffer(acc_h, (n, pixels, oc), "int32")
+        rows = T.decl_buffer((n * row_bytes,), "uint8", data=x.data)       # the same bytes, flat
         T.evaluate(T.call_extern("int64", "syscall", T.int64(_ARCH_PRCTL), T.int64(_ARCH_REQ_XCOMP_PERM),
                                  T.int64(_XFEATURE_XTILEDATA)))
-        for task in T.parallel(n * blocks):
-            # tile configuration (per thread: it is register state): palette 1, eight 16 x 64-byte tiles
+        for part in T.parallel(n * parts):
+            # tile configuration (per thread: it is register state): palette 1, eight 16 x 64-byte
+            # tiles; set once per run of blocks, as setting it costs as much as a small block
             cfg = T.alloc_buffer((64,), "uint8", scope="local")
             for i in range(64):
                 cfg[i] = T.uint8(0)
@@ -232,33 +272,35 @@ def conv_kernel(g: ConvGeometry):
                 cfg[16 + 2 * t] = T.uint8(64)
                 cfg[48 + t] = T.uint8(ROWS)
             T.evaluate(amx("ldtilecfg", T.address_of(cfg[0])))
-            b = task // blocks
-            if weights_first:
-                p0 = task % p_blocks * BLOCK
-                o0 = task % blocks // p_blocks * BLOCK
-            else:
-                p0 = task % blocks // o_blocks * BLOCK
-                o0 = task % o_blocks * BLOCK
-            # tile ids are immediates: no loops over them
-            T.evaluate(amx("tilezero", T.int8(0)))
-            T.evaluate(amx("tilezero", T.int8(1)))
-            T.evaluate(amx("tilezero", T.int8(2)))
-            T.evaluate(amx("tilezero", T.int8(3)))
-            for st in range(n_steps):
-                a0 = p0 * depth + T.Cast("int64", offsets[st])
-                T.evaluate(amx("tileloadd64", T.int8(4), T.address_of(x[b, a0]), T.int64(depth)))
-                T.evaluate(amx("tileloadd64", T.int8(5), T.address_of(x[b, a0 + ROWS * depth]), T.int64(depth)))
-                T.evaluate(amx("tileloadd64", T.int8(6), T.address_of(w[o0 // ROWS, st, 0, 0, 0]), T.int64(64)))
-                T.evaluate(amx("tileloadd64", T.int8(7), T.address_of(w[o0 // ROWS + 1, st, 0, 0, 0]), T.int64(64)))
-                T.evaluate(amx("tdpbusd", T.int8(0), T.int8(4), T.int8(6)))
-                T.evaluate(amx("tdpbusd", T.int8(1), T.int8(4), T.int8(7)))
-                T.evaluate(amx("tdpbusd", T.int8(2), T.int8(5), T.int8(6)))
-                T.evaluate(amx("tdpbusd", T.int8(3), T.int8(5), T.int8(7)))
-            T.evaluate(amx("tilestored64", T.int8(0), T.address_of(acc[b, p0, o0]), T.int64(c_stride)))
-            T.evaluate(amx("tilestored64", T.int8(1), T.address_of(acc[b, p0, o0 + ROWS]), T.int64(c_stride)))
-            T.evaluate(amx("tilestored64", T.int8(2), T.address_of(acc[b, p0 + ROWS, o0]), T.int64(c_stride)))
-            T.evaluate(amx("tilestored64", T.int8(3), T.address_of(acc[b, p0 + ROWS, o0 + ROWS]),
-                           T.int64(c_stride)))
+            b = part // parts
+            for block in range(part % parts * blocks // parts, (part % parts + 1) * blocks // parts):
+                if weights_first:
+                    p0 = block % p_blocks * BLOCK
+                    o0 = block // p_blocks * BLOCK
+                else:
+                    p0 = block // o_blocks * BLOCK
+                    o0 = block % o_blocks * BLOCK
+                # tile ids are immediates: no loops over them
+                T.evaluate(amx("tilezero", T.int8(0)))
+                T.evaluate(amx("tilezero", T.int8(1)))
+                T.evaluate(amx("tilezero", T.int8(2)))
+                T.evaluate(amx("tilezero", T.int8(3)))
+                for st in range(n_steps):
+                    a0 = b * row_bytes + p0 * depth + T.Cast("int64", offsets[st])
+                    T.evaluate(amx("tileloadd64", T.int8(4), T.address_of(rows[a0]), T.int64(depth)))
+                    T.evaluate(amx("tileloadd64", T.int8(5), T.address_of(rows[a0 + ROWS * depth]), T.int64(depth)))
+                    T.evaluate(amx("tileloadd64", T.int8(6), T.address_of(w[o0 // ROWS, st, 0, 0, 0]), T.int64(64)))
+                    T.evaluate(amx("tileloadd64", T.int8(7), T.address_of(w[o0 // ROWS + 1, st, 0, 0, 0]),
+                                   T.int64(64)))
+                    T.evaluate(amx("tdpbusd", T.int8(0), T.int8(4), T.int8(6)))
+                    T.evaluate(amx("tdpbusd", T.int8(1), T.int8(4), T.int8(7)))
+                    T.evaluate(amx("tdpbusd", T.int8(2), T.int8(5), T.int8(6)))
+                    T.evaluate(amx("tdpbusd", T.int8(3), T.int8(5), T.int8(7)))
+                T.evaluate(amx("tilestored64", T.int8(0), T.address_of(acc[b, p0, o0]), T.int64(c_stride)))
+                T.evaluate(amx("tilestored64", T.int8(1), T.address_of(acc[b, p0, o0 + ROWS]), T.int64(c_stride)))
+                T.evaluate(amx("tilestored64", T.int8(2), T.address_of(acc[b, p0 + ROWS, o0]), T.int64(c_stride)))
+                T.evaluate(amx("tilestored64", T.int8(3), T.address_of(acc[b, p0 + ROWS, o0 + ROWS]),
+                               T.int64(c_stride)))
             T.evaluate(amx("tilerelease"))
 
     return kernel

@@ -135,6 +135,11 @@ class CPUDefault(dl.ScheduleRule):
                 return None
             reductions = [b for b in blocks if b.is_reduction()]
         red = reductions[0]
+        if self._fold_prologue(sch, blocks, red):
+            blocks = dl.analysis.normalize_prim_func(sch)
+            if blocks is None:
+                return None
+            red = next(b for b in blocks if b.is_reduction())
         if _is_vnni(sch, red.block_rv) and (flavour := vnni.isa(target)):
             self._vnni(sch, red, self._epilogues(sch, blocks, red), flavour)
         else:
@@ -150,18 +155,27 @@ class CPUDefault(dl.ScheduleRule):
         # producers (padding, layout copies) run once, outside the reduction's tiles:
         # inlined, the padding test would sit in the innermost loop.  An elementwise chain before
         # them (the epilogue of the conv that feeds a pool) folds into its last block, one pass
-        producers = blocks[:blocks.index(red)]
-        kept = []
-        for b in producers[:-1]:
-            try:
-                if not _read_once(sch, b.block_rv, in_total=True):
-                    raise ScheduleError
-                sch.compute_inline(b.block_rv)
-            except ScheduleError:
-                kept.append(b)
-        for b in kept + producers[-1:]:
+        for b in blocks[:blocks.index(red)]:
             self._injective(sch, b.block_rv)
         return sch
+
+    @staticmethod
+    def _fold_prologue(sch: s_tir.Schedule, blocks, red) -> bool:
+        """Inline the elementwise chain before the reduction's direct producers into them (the
+        epilogue of the conv that feeds a pool, fused ahead of the pool's padding): one pass over
+        the data instead of one per step.  Returns whether any block was inlined."""
+        reduction = sch.get(red.block_rv).name_hint
+        folded = False
+        for b in blocks[:blocks.index(red)]:
+            feeds = {sch.get(c).name_hint for c in sch.get_consumers(b.block_rv)}
+            if reduction in feeds or not _read_once(sch, b.block_rv, in_total=True):
+                continue
+            try:
+                sch.compute_inline(b.block_rv)
+                folded = True
+            except ScheduleError:
+                continue
+        return folded
 
     @staticmethod
     def _epilogues(sch: s_tir.Schedule, blocks, red) -> list:
