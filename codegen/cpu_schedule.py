@@ -379,8 +379,7 @@ class CPUDefault(dl.ScheduleRule):
             return
         stmt = sch.get(block)
         written = [str(r.min) for r in stmt.writes[0].region] if stmt.writes else []
-        moves = any([str(r.min) for r in read.region] != written for read in stmt.reads
-                    if len(read.region) == len(written))
+        moves = any([str(r.min) for r in read.region] != written for read in stmt.reads)
         extents = [_const(sch.get(lp).extent) for lp in loops]
         if moves and len(loops) > 1 and extents[-1] and extents[-1] >= 8:
             lanes = _divisor_at_most(extents[-1], _vector_lanes(sch, block))
