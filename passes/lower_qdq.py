@@ -469,16 +469,18 @@ class _Lowering:
         # (codegen/vnni.py); the conv's input channels are padded to a multiple of 4 there
         u8s8 = (self.vnni and not bits and stored.dtype == np.int8 and x.dtype == "uint8"
                 and acc_dtype == "int32")
-        # output columns pad to whole 16-lane blocks (a 1000-class head), sliced off after the sum
+        # output columns pad to whole 16-lane blocks where that adds little (a 1000-class head: 8
+        # columns), sliced off after the sum
         columns = stored.shape[-1]
-        packed_vnni = u8s8 and not is_conv and stored.ndim == 2 and vnni.fits(stored.shape[0], -(-columns // vnni.LANES) * vnni.LANES)
+        lanes = -(-columns // vnni.LANES) * vnni.LANES if columns >= 4 * vnni.LANES else columns
+        packed_vnni = u8s8 and not is_conv and stored.ndim == 2 and vnni.fits(stored.shape[0], lanes)
         conv_vnni = (u8s8 and is_conv and vnni.conv_fits(stored.shape[0], int(call.attrs.groups))
                      and all(isinstance(d, tvm.tirx.IntImm) for d in x.expr.ty.shape.values[1:]))
         tiles = self.amx_geometry(call, x, wq.shape) if conv_vnni and self.amx else None
         if tiles is None and x.channels_last:
             x = self.deq(self.val(call.args[0]), name)
         if packed_vnni:
-            stored = vnni.pack(np.pad(stored, [(0, 0), (0, -columns % vnni.LANES)]))
+            stored = vnni.pack(np.pad(stored, [(0, 0), (0, lanes - columns)]))
         elif tiles is not None:
             stored = tiles.pack(stored)
         elif conv_vnni:
@@ -507,7 +509,7 @@ class _Lowering:
             axis, shape = -1, (-1,)
         elif packed_vnni:
             acc = self.bb.emit_te(vnni.matmul, x.expr, wc, primfunc_name_hint="matmul")
-            if columns % vnni.LANES:
+            if lanes != columns:
                 acc = self.bb.emit(op.strided_slice(acc, axes=[acc.ty.ndim - 1], begin=[0], end=[columns]))
             axis, shape = -1, (-1,)
         else:
