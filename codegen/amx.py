@@ -206,9 +206,11 @@ def flatten(x, g: ConvGeometry, pad_value: int, channels_last: bool = False):
         return out
 
     def value(b, plane, qy, qx, k):
-        j, c = (k // g.channel_bytes, k % g.channel_bytes) if len(g.inner) > 1 else (0, k)
-        a = pick(plane, [p[0] for p in g.planes]) + pick(j, [p[0] for p in g.inner])
-        col0 = pick(plane, [p[1] for p in g.planes]) + pick(j, [p[1] for p in g.inner])
+        a, col0 = pick(plane, [p[0] for p in g.planes]), pick(plane, [p[1] for p in g.planes])
+        c = k
+        if g.interleaved:       # byte k of a pixel: inner phase (k // C4 // s, k // C4 % s), channel k % C4
+            j, c = k // g.channel_bytes, k % g.channel_bytes
+            a, col0 = a + j // g.stride, col0 + j % g.stride
         y, col = g.stride * qy + a - top, g.stride * qx + col0 - left
         inside = tirx.all(y >= 0, y < g.height, col >= 0, col < g.width)
         yc, xc = tirx.max(tirx.min(y, g.height - 1), 0), tirx.max(tirx.min(col, g.width - 1), 0)

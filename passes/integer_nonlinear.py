@@ -33,6 +33,8 @@ Fixes over the reference code (``../shared/notes/integer-only-algorithms.md``):
 
 from __future__ import annotations
 
+from functools import cache
+
 import numpy as np
 from tvm import relax
 
@@ -114,6 +116,27 @@ def gelu(kind: str, x, s: float):
     erf = op.multiply(op.sign(xi), op.add(op.multiply(m, m), _c(c)))   # erf at scale a*se^2 (< 0)
     # (1 + erf) at scale a*se^2 is (c + erf); the scale is negative, so negate once
     return op.multiply(xi, op.subtract(_c(-c), erf)), -ERF_A * se * se * s / 2.0, 256 * (2 * abs(c) + b * b)
+
+
+@cache
+def gelu_table(kind: str, s: float, zero: int, dtype: str) -> tuple[np.ndarray, float, int]:
+    """``gelu`` of every value of an 8-bit input (real s * (q - zero)), as int64[256] indexed by
+    q - min(dtype), with gelu's scale and bound: the builder above, compiled and run once here,
+    so the table is its exact result.  A GELU of 8-bit values then costs one table read per element instead of the shift
+    arithmetic and a 64-bit division, which no x86 vector unit has."""
+    import tvm
+
+    info = np.iinfo(dtype)
+    bb = relax.BlockBuilder()
+    q = relax.Var("q", relax.TensorType((256,), dtype))
+    with bb.function("main", [q]):
+        with bb.dataflow():
+            y, scale, bound = gelu(kind, bb.emit(op.subtract(op.astype(q, "int32"), _c(zero, "int32"))), s)
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    vm = relax.VirtualMachine(tvm.compile(bb.get(), target=tvm.target.Target({"kind": "llvm"})), tvm.cpu())
+    values = np.arange(int(info.min), int(info.max) + 1).astype(dtype)
+    return vm["main"](tvm.runtime.tensor(values)).numpy().astype(np.int64), scale, bound
 
 
 def isqrt(v):

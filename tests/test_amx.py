@@ -26,6 +26,7 @@ GEOMETRIES = [      # channels, height, width, out channels, kernel, stride, pad
     (64, 9, 9, 32, (1, 1), 2, (0, 0, 0, 0), (1, 1)),        # one phase of four
     (128, 6, 7, 32, (3, 3), 1, (2, 2, 2, 2), (2, 2)),       # dilation: taps two pixels apart
     (64, 5, 5, 32, (3, 1), 2, (1, 0, 1, 0), (1, 1)),        # 3 x 1 kernel, stride 2
+    (3, 32, 48, 32, (16, 16), 16, (0, 0, 0, 0), (1, 1)),    # a ViT's patches: 1024-byte pixels
 ]
 
 
