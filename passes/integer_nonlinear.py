@@ -86,11 +86,17 @@ def _exp(kind: str, x, s: float):
     return shift_exp(x, s)[0] if kind == "shift" else poly_exp(x, s)
 
 
-def softmax(kind: str, x, s: float, axis: int = -1, bits: int = 16):
+def softmax(kind: str, x, s: float, axis: int = -1, bits: int = 16, span: int | None = None):
     """Row softmax.  E = exp(x - max); Y = round(E * floor(2^62 / sum E) / 2^(62 - bits + 1)),
-    i.e. p * 2^(bits-1) in [0, 2^(bits-1)]."""
+    i.e. p * 2^(bits-1) in [0, 2^(bits-1)].  ``span``: x is 8-bit, max - x <= span, and E comes
+    from ``exp_table``."""
     xi = _i64(x)
-    e = _exp(kind, op.subtract(xi, op.max(xi, axis=axis, keepdims=True)), s)
+    if span is None:
+        e = _exp(kind, op.subtract(xi, op.max(xi, axis=axis, keepdims=True)), s)
+    else:
+        x32 = op.astype(x, "int32")
+        d = op.subtract(op.max(x32, axis=axis, keepdims=True), x32)
+        e = op.take(relax.const(exp_table(kind, s, span), "int64"), d, axis=0)
     total = op.sum(e, axis=axis, keepdims=True)
     f = op.floor_divide(_c(1 << RECIP_BITS), total)
     k = RECIP_BITS - (bits - 1)
@@ -118,25 +124,39 @@ def gelu(kind: str, x, s: float):
     return op.multiply(xi, op.subtract(_c(-c), erf)), -ERF_A * se * se * s / 2.0, 256 * (2 * abs(c) + b * b)
 
 
-@cache
-def gelu_table(kind: str, s: float, zero: int, dtype: str) -> tuple[np.ndarray, float, int]:
-    """``gelu`` of every value of an 8-bit input (real s * (q - zero)), as int64[256] indexed by
-    q - min(dtype), with gelu's scale and bound: the builder above, compiled and run once here,
-    so the table is its exact result.  A GELU of 8-bit values then costs one table read per element instead of the shift
-    arithmetic and a 64-bit division, which no x86 vector unit has."""
+def _run(build, values: np.ndarray) -> np.ndarray:
+    """``build`` (a builder of this module, as a function of one tensor) compiled and run on ``values``:
+    how the tables below take the builders' exact results instead of a second implementation."""
     import tvm
 
-    info = np.iinfo(dtype)
     bb = relax.BlockBuilder()
-    q = relax.Var("q", relax.TensorType((256,), dtype))
-    with bb.function("main", [q]):
+    v = relax.Var("v", relax.TensorType(values.shape, str(values.dtype)))
+    with bb.function("main", [v]):
         with bb.dataflow():
-            y, scale, bound = gelu(kind, bb.emit(op.subtract(op.astype(q, "int32"), _c(zero, "int32"))), s)
-            out = bb.emit_output(y)
+            out = bb.emit_output(build(v))
         bb.emit_func_output(out)
     vm = relax.VirtualMachine(tvm.compile(bb.get(), target=tvm.target.Target({"kind": "llvm"})), tvm.cpu())
-    values = np.arange(int(info.min), int(info.max) + 1).astype(dtype)
-    return vm["main"](tvm.runtime.tensor(values)).numpy().astype(np.int64), scale, bound
+    return vm["main"](tvm.runtime.tensor(values)).numpy().astype(np.int64)
+
+
+# Elementwise functions of an 8-bit value have 256 results: tables of them replace the shift
+# arithmetic and 64-bit divisions (which no x86 vector unit has) by one read per element.
+
+@cache
+def gelu_table(kind: str, s: float, zero: int, dtype: str) -> tuple[np.ndarray, float, int]:
+    """``gelu`` of every 8-bit input q (real s * (q - zero)), as int64[256] indexed by q - min(dtype),
+    with gelu's scale and bound."""
+    _, scale, bound = gelu(kind, relax.Var("x", relax.TensorType((1,), "int32")), s)
+    info = np.iinfo(dtype)
+    table = _run(lambda q: gelu(kind, op.subtract(op.astype(q, "int32"), _c(zero, "int32")), s)[0],
+                 np.arange(int(info.min), int(info.max) + 1).astype(dtype))
+    return table, scale, bound
+
+
+@cache
+def exp_table(kind: str, s: float, span: int) -> np.ndarray:
+    """exp(-s * d) as softmax computes it, for d = 0 .. span (a row's max minus an 8-bit value)."""
+    return _run(lambda d: _exp(kind, op.negative(_i64(d)), s), np.arange(span + 1, dtype=np.int32))
 
 
 def isqrt(v):

@@ -353,11 +353,14 @@ class _Lowering:
         s = float(np.float32(x.scale.reshape(-1)[0]))
         variant = self.variant(kind)
         build = integer_nonlinear.softmax if kind == "softmax" else integer_nonlinear.gelu
-        if kind == "gelu" and np.iinfo(x.dtype).bits == 8:
+        info = np.iinfo(x.dtype)
+        if kind == "gelu" and info.bits == 8:
             # elementwise on 256 possible inputs: a table of the builder's own results
             table, scale, bound = integer_nonlinear.gelu_table(variant, s, int(x.zero.reshape(-1)[0]), x.dtype)
-            index = op.subtract(op.astype(x.expr, "int32"), relax.const(int(np.iinfo(x.dtype).min), "int32"))
+            index = op.subtract(op.astype(x.expr, "int32"), relax.const(int(info.min), "int32"))
             y = op.take(relax.const(table, "int64"), index, axis=0)
+        elif kind == "softmax" and info.bits == 8:
+            y, scale, bound = build(variant, self.centered(x), s, span=int(info.max) - int(info.min))
         else:
             y, scale, bound = build(variant, self.centered(x), s)
         return _Pending([(self.bb.emit(y), np.array([scale], np.float64), None)], bound=bound)
