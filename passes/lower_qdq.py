@@ -488,8 +488,18 @@ class _Lowering:
         tiles = self.amx_geometry(call, x, wq.shape) if conv_vnni and self.amx else None
         if tiles is None and x.channels_last:
             x = self.deq(self.val(call.args[0]), name)
+        # a token matmul [B, T, K] @ [K, N] on AMX is a 1 x 1 convolution of B one-row images
+        dims = x.expr.ty.shape.values
+        token_tiles = None
+        if (packed_vnni and self.amx and len(dims) == 3 and isinstance(dims[1], tvm.tirx.IntImm)
+                and int(dims[1]) >= amx.BLOCK and amx.conv_fits(*stored.shape, 1, (1, 1), (1, 1))):
+            token_tiles = amx.ConvGeometry(stored.shape[0], 1, int(dims[1]), stored.shape[1], (1, 1), 1,
+                                           (0, 0, 0, 0), (1, 1))
+            packed_vnni = False
         if packed_vnni:
             stored = vnni.pack(np.pad(stored, [(0, 0), (0, lanes - columns)]))
+        elif token_tiles is not None:
+            stored = token_tiles.pack(stored.T[:, :, None, None])
         elif tiles is not None:
             stored = tiles.pack(stored)
         elif conv_vnni:
@@ -515,6 +525,10 @@ class _Lowering:
                                       packing, primfunc_name_hint="conv2d")
         elif bits:
             acc = self.bb.emit_te(_matmul_packed, x.expr, wc, packing, acc_dtype, primfunc_name_hint="matmul")
+            axis, shape = -1, (-1,)
+        elif token_tiles is not None:
+            rows = replace(x, expr=self.bb.emit(op.reshape(x.expr, (dims[0], 1, dims[1], dims[2]))), channels_last=True)
+            acc = self.bb.emit(op.reshape(self.amx_conv2d(rows, wc, token_tiles, zx), (dims[0], dims[1], columns)))
             axis, shape = -1, (-1,)
         elif packed_vnni:
             acc = self.bb.emit_te(vnni.matmul, x.expr, wc, primfunc_name_hint="matmul")
