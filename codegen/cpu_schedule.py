@@ -153,8 +153,7 @@ class CPUDefault(dl.ScheduleRule):
                 red = next(b for b in blocks if b.is_reduction())
             self._reduction(sch, red, self._epilogues(sch, blocks, red), -1 if vec is None else vec)
         # producers (padding, layout copies) run once, outside the reduction's tiles:
-        # inlined, the padding test would sit in the innermost loop.  An elementwise chain before
-        # them (the epilogue of the conv that feeds a pool) folds into its last block, one pass
+        # inlined, the padding test would sit in the innermost loop
         for b in blocks[:blocks.index(red)]:
             self._injective(sch, b.block_rv)
         return sch
