@@ -225,15 +225,12 @@ def flatten(x, g: ConvGeometry, pad_value: int, channels_last: bool = False):
     return te.compute(shape, value, name="amx_rows")
 
 
-def unflatten(acc, g: ConvGeometry, channels_last: bool = False):
-    """TE: the kernel's [N, P, OC] int32 -> NCHW (or NHWC), the valid pixels only."""
+def unflatten(acc, g: ConvGeometry):
+    """TE: the kernel's [N, P, OC] int32 -> NHWC, the valid pixels only."""
     from tvm import te
 
-    if channels_last:
-        return te.compute((acc.shape[0], g.out_height, g.out_width, g.out_channels),
-                          lambda b, y, x, o: acc[b, y * g.pitch + x, o], name="amx_valid")
-    return te.compute((acc.shape[0], g.out_channels, g.out_height, g.out_width),
-                      lambda b, o, y, x: acc[b, y * g.pitch + x, o], name="amx_valid")
+    return te.compute((acc.shape[0], g.out_height, g.out_width, g.out_channels),
+                      lambda b, y, x, o: acc[b, y * g.pitch + x, o], name="amx_valid")
 
 
 def conv_kernel(g: ConvGeometry):

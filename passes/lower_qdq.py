@@ -564,7 +564,7 @@ class _Lowering:
         out = relax.TensorType((x.expr.ty.shape.values[0], g.pixels, g.out_channels), "int32")
         offsets = relax.const(g.offsets(), "int32")
         acc = self.bb.emit(relax.call_tir(kernel, [rows, packed, offsets], out))
-        return self.bb.emit_te(lambda t: amx.unflatten(t, g, channels_last=True), acc,
+        return self.bb.emit_te(lambda t: amx.unflatten(t, g), acc,
                                primfunc_name_hint="amx_valid")
 
     def add(self, call):
