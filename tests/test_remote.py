@@ -5,6 +5,8 @@ silent server must end in one line and exit 2 within the timeout, never hang."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -30,14 +32,24 @@ def _free_port() -> int:
 
 
 def _start(*args, ready) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # a session of its own: stopping it stops the workers the server forks for each session too
+    proc = subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     deadline = time.monotonic() + 90
     while not ready():
         if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
+            _stop(proc)
             pytest.fail(f"{' '.join(args)} did not come up")
         time.sleep(0.5)
     return proc
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def _listening(port):
@@ -56,7 +68,7 @@ def server():
     proc = _start("tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(port), "--port-end", str(port + 1),
                   ready=_listening(port))
     yield port
-    proc.kill()
+    _stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +90,8 @@ def tracker():
     srv = _start("tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(srv_port), "--port-end", str(srv_port + 1),
                  "--tracker", f"127.0.0.1:{port}", "--key", "lowbit-test", ready=registered)
     yield port
-    srv.kill()
-    trk.kill()
+    _stop(srv)
+    _stop(trk)
 
 
 @pytest.fixture(scope="module")
