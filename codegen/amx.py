@@ -121,8 +121,13 @@ class ConvGeometry:
 
     @property
     def pitch(self) -> int:
-        """Pixels per row of a plane, and per row of the computed output (Wq)."""
-        return -(-(self.width + self.padding[1] + self.padding[3]) // self.stride)
+        """Pixels per row of a plane, and per row of the computed output (Wq).  A single output
+        row from one kernel row (a token matmul) is widened to whole blocks: its last block then
+        reads that row's padding, not a second plane row that every producer would have to fill."""
+        wq = -(-(self.width + self.padding[1] + self.padding[3]) // self.stride)
+        if self.kernel[0] == 1 and self._out(0) == 1:
+            return -(-wq // BLOCK) * BLOCK
+        return wq
 
     @property
     def pixels(self) -> int:
@@ -164,7 +169,8 @@ class ConvGeometry:
     def plane_height(self) -> int:
         """Rows per plane: its image, and whatever the last block's steps reach past it."""
         image = -(-(self.height + self.padding[0] + self.padding[2]) // self.stride)
-        reach = max(sy * self.pitch + -(-(start + DEPTH) // self.depth) for _, sy, start in self.steps)
+        # output pixel p's step reads pixels up to p + sy * Wq + (start + 63) // depth
+        reach = max(sy * self.pitch + (start + DEPTH - 1) // self.depth for _, sy, start in self.steps)
         return max(image, -(-(self.pixels + reach) // self.pitch))
 
     @property

@@ -67,6 +67,49 @@ def _read_once(sch: s_tir.Schedule, block, in_total: bool = False) -> bool:
     return (sum(reads) if in_total else max(reads, default=0)) <= 1
 
 
+def _pointwise(sch: s_tir.Schedule, block) -> bool:
+    """A cheap elementwise step (a cast, a shift by a constant): it reads every input at the point
+    it writes, and divides nothing, so copying it into each reader costs less than a pass over
+    memory."""
+    stmt = sch.get(block)
+    if len(stmt.writes) != 1 or not isinstance(stmt.body, tirx.BufferStore):
+        return False
+    written = [str(r.min) for r in stmt.writes[0].region]
+    return (all([str(r.min) for r in read.region] == written for read in stmt.reads)
+            and not re.search(r"//|%|T\.truncdiv|T\.floordiv", stmt.body.script()))
+
+
+def _broadcast(sch: s_tir.Schedule, block) -> bool:
+    """Whether a reader covers at least twice the points the block writes (a row's sum or its
+    reciprocal, read by every element of the row): inlined, each value would be computed that
+    many times over (a copy into a padded layout, a few points more, is no reason to keep it)."""
+    def points(b) -> int:
+        return int(np.prod([_const(iv.dom.extent) or 1 for iv in sch.get(b).iter_vars
+                            if iv.iter_type == tirx.IterVar.DataPar], dtype=np.int64))
+
+    return any(points(c) >= 2 * points(block) for c in sch.get_consumers(block))
+
+
+def _last_extent(sch: s_tir.Schedule, info) -> int:
+    """The extent of a block's innermost spatial iterator (a row's width)."""
+    spatial = [iv for iv in sch.get(info.block_rv).iter_vars if iv.iter_type == tirx.IterVar.DataPar]
+    return _const(spatial[-1].dom.extent) or 0
+
+
+def _inputs(sch: s_tir.Schedule, block) -> list:
+    """The regions a block reads from other buffers than its own output."""
+    stmt = sch.get(block)
+    own = {w.source.name for w in stmt.writes}
+    return [r for r in stmt.reads if r.source.name not in own]
+
+
+def _covered(sch: s_tir.Schedule, block) -> bool:
+    """Whether the loops around ``block`` run over its whole iteration domain."""
+    domain = np.prod([_const(iv.dom.extent) or 0 for iv in sch.get(block).iter_vars], dtype=np.int64)
+    loops = np.prod([_const(sch.get(lp).extent) or 0 for lp in sch.get_loops(block)], dtype=np.int64)
+    return loops >= domain
+
+
 def _vector_lanes(sch: s_tir.Schedule, block) -> int:
     bits = max((tvm.DataType(str(w.source.dtype)).bits for w in sch.get(block).writes), default=32)
     return max(1, VECTOR_BYTES * 8 // bits)
@@ -142,6 +185,9 @@ class CPUDefault(dl.ScheduleRule):
             red = next(b for b in blocks if b.is_reduction())
         if _is_vnni(sch, red.block_rv) and (flavour := vnni.isa(target)):
             self._vnni(sch, red, self._epilogues(sch, blocks, red), flavour)
+        elif len(_inputs(sch, red.block_rv)) == 1:
+            self._plain_reduction(sch, blocks, red)
+            return sch
         else:
             # padding applies to einsums (matmul), channels-last weights to strided convs
             padded = self._pad_to_tiles(sch, red)
@@ -227,15 +273,31 @@ class CPUDefault(dl.ScheduleRule):
         cache, and the rows run in parallel.  Layout and elementwise producers before the first
         reduction (the head split of Q and K) run once, each as its own nest."""
         start = blocks.index(first_reduction) if first_reduction is not None else 0
+        head = []
+        for b in blocks[:start]:        # casts ahead of the first reduction join their readers
+            try:                        # (not VNNI's: its operands are bytes in memory)
+                if not _pointwise(sch, b.block_rv) or any(_is_vnni(sch, c) for c in sch.get_consumers(b.block_rv)):
+                    raise ScheduleError
+                sch.compute_inline(b.block_rv)
+            except ScheduleError:
+                head.append(b)
+        blocks, start = head + blocks[start:], len(head)
         kept = []
         for b in blocks[start:-1]:      # elementwise steps read once fold into their reader
             try:
-                if b.is_reduction() or not _read_once(sch, b.block_rv, in_total=True):
+                if (b.is_reduction() or not _read_once(sch, b.block_rv, in_total=True)
+                        or _broadcast(sch, b.block_rv)):
                     raise ScheduleError
                 sch.compute_inline(b.block_rv)
             except ScheduleError:
                 kept.append(b)
         blocks = blocks[:start] + kept + blocks[-1:]
+        if flavour and _is_vnni(sch, blocks[start].block_rv) and _last_extent(sch, blocks[-1]) < _last_extent(
+                sch, blocks[start]):
+            self._rows_from_vnni(sch, blocks[start:], flavour)
+            for b in blocks[:start]:
+                self._injective(sch, b.block_rv)
+            return sch
         out = blocks[-1].block_rv
         loops = sch.get_loops(out)
         for depth in range(len(loops) - 1, 0, -1):
@@ -268,6 +330,38 @@ class CPUDefault(dl.ScheduleRule):
             self._injective(sch, b.block_rv)
         return sch
 
+    def _rows_from_vnni(self, sch: s_tir.Schedule, blocks, flavour: str) -> None:
+        """Attention scores on VNNI (Q.K^T of runtime operands, then Shiftmax), where the GEMM's
+        rows are wider than the output's (197 keys in 13 blocks of 16): the GEMM's rows are the
+        anchor, each computed whole, and the row's requantize and softmax after it.  Computed the
+        other way round (the GEMM at the softmax's row), the GEMM would cover only the 197 columns
+        the softmax reads: a partial block that ``vpdpbusd`` cannot take."""
+        gemm = blocks[0].block_rv
+        kinds = blocks[0].dom_kind()
+        rows = [lp for lp, k in zip(sch.get_loops(gemm), kinds, strict=True) if k == "S"][:-1]
+        row = sch.fuse(*rows) if len(rows) > 1 else rows[0]
+        apart = []
+        for b in blocks[1:]:
+            # a block is computed per row only where the rows cover all of it: a padded output
+            # has points no row of the GEMM provides, which reverse_compute_at would drop
+            trial = sch.copy()
+            try:
+                trial.reverse_compute_at(b.block_rv, row, preserve_unit_loops=True)
+            except (ScheduleError, tvm.error.InternalError):    # TVM 0.27 asserts on some regions
+                apart.append(b)
+                continue
+            if _covered(trial, b.block_rv):
+                sch.reverse_compute_at(b.block_rv, row, preserve_unit_loops=True)
+            else:
+                apart.append(b)
+        work = [_const(sch.get(lp).extent) for lp in sch.get_loops(gemm)]
+        if None in work or int(np.prod(work, dtype=np.int64)) * len(blocks) >= MIN_PARALLEL_WORK:
+            sch.parallel(row)
+        self._vnni_row(sch, gemm, flavour)
+        for b in apart:
+            if not b.is_reduction():
+                self._injective(sch, b.block_rv)
+
     def _vnni_row(self, sch: s_tir.Schedule, block, flavour: str) -> None:
         """codegen/vnni.py's matmul for one row (under the row loop of _rowwise): 16-lane column
         blocks, four at a time, over the reduction in steps of 4, one vpdpbusd per 16 x 4 step."""
@@ -298,6 +392,43 @@ class CPUDefault(dl.ScheduleRule):
             sch.decompose_reduction(block, inner[1])
         except ScheduleError:
             return
+
+    def _plain_reduction(self, sch: s_tir.Schedule, blocks, red):
+        """A sum or max of one tensor (the row and column sums of a zero-point correction, a global
+        pool): its casts inlined, rows in parallel, and the axis contiguous in memory innermost,
+        either the reduction (LLVM vectorizes the running sum) or, when the sum runs across
+        rows, the output's own axis under the reduction, so each step adds a whole vector.
+        Producers that are not casts run once before it, each as its own nest."""
+        head = []
+        for b in blocks[:blocks.index(red)]:
+            try:
+                if not _pointwise(sch, b.block_rv):
+                    raise ScheduleError
+                sch.compute_inline(b.block_rv)
+            except ScheduleError:
+                head.append(b)
+        epilogues = self._epilogues(sch, blocks, red)
+        block, stmt = red.block_rv, sch.get(red.block_rv)
+        loops = sch.get_loops(block)
+        kinds = red.dom_kind()
+        spatial = [lp for lp, k in zip(loops, kinds, strict=True) if k == "S"]
+        reduce_ = [lp for lp, k in zip(loops, kinds, strict=True) if k == "R"]
+        spatial_vars = [iv.var for iv in stmt.iter_vars if iv.iter_type == tirx.IterVar.DataPar]
+        (read,) = _inputs(sch, block)
+        contiguous = read.region[-1].min
+        inner = [lp for lp, v in zip(spatial, spatial_vars, strict=True) if _uses(contiguous, v)]
+        outer = [lp for lp in spatial if lp not in inner]
+        sch.reorder(*outer, *reduce_, *inner)
+        work = [_const(sch.get(lp).extent) for lp in loops]
+        if outer:
+            fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+            if None in work or int(np.prod(work, dtype=np.int64)) >= MIN_PARALLEL_WORK:
+                sch.parallel(fused)
+            _epilogues_at(sch, epilogues, fused, 1)
+        if inner:
+            sch.decompose_reduction(block, reduce_[0])
+        for b in head:
+            self._injective(sch, b.block_rv)
 
     def _pad_to_tiles(self, sch: s_tir.Schedule, red) -> bool:
         """Pad a matmul-like block whose vector or row axis has no good divisor

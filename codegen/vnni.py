@@ -96,14 +96,40 @@ def conv2d(x, packed, strides, padding, dilation, pad_value: int, out_dtype: str
 
 
 def matmul(x, packed, out_dtype: str = "int32"):
-    """TE: x[..., K] (u8) @ W[K, N] with W read from its packed layout."""
+    """TE: x[..., K] (u8) @ W[K, N] with W read from its packed layout.  A packed operand with
+    leading batch axes (``pack_operand``: attention's K^T or V) pairs with x's last batch axes."""
     from tvm import te
 
-    n_blocks, k_groups = (int(d) for d in packed.shape[:2])
+    from tvm import tirx
+
+    batch = len(packed.shape) - 4
+    n_blocks, k_groups = (int(d) for d in packed.shape[batch:batch + 2])
     k = te.reduce_axis((0, k_groups * GROUP), name="k")
+    width = int(x.shape[-1])
+    if width < k_groups * GROUP:        # a runtime operand's K (197 tokens) pads with zeros to 4s
+        x = te.compute((*x.shape[:-1], k_groups * GROUP), lambda *i: tirx.if_then_else(
+            i[-1] < width, x[(*i[:-1], tirx.min(i[-1], width - 1))], tirx.const(0, x.dtype)), name="pad_reduction")
     return te.compute((*x.shape[:-1], n_blocks * LANES), lambda *i: te.sum(
         x[(*i[:-1], k)].astype(out_dtype)
-        * packed[i[-1] // LANES, k // GROUP, i[-1] % LANES, k % GROUP].astype(out_dtype), axis=k), name=BLOCK)
+        * packed[(*i[len(i) - 2 - batch:len(i) - 2], i[-1] // LANES, k // GROUP, i[-1] % LANES, k % GROUP)]
+        .astype(out_dtype), axis=k), name=BLOCK)
+
+
+def pack_operand(b, shift: int):
+    """TE: a runtime right operand b[..., K, N] (8-bit, minus ``shift`` to make it s8) in the packed
+    layout, per batch: [..., N16 / 16, K4 / 4, 16, 4], zero past K and N (so padding adds nothing)."""
+    from tvm import te, tirx
+
+    *batch, k, n = (int(d) for d in b.shape)
+    k4, n16 = -(-k // GROUP) * GROUP, -(-n // LANES) * LANES
+
+    def value(*i):
+        *lead, jb, kb, jl, kl = i
+        row, col = kb * GROUP + kl, jb * LANES + jl
+        v = b[(*lead, tirx.min(row, k - 1), tirx.min(col, n - 1))].astype("int16") - tirx.const(shift, "int16")
+        return tirx.if_then_else(tirx.all(row < k, col < n), v.astype("int8"), tirx.const(0, "int8"))
+
+    return te.compute((*batch, n16 // LANES, k4 // GROUP, LANES, GROUP), value, name="pack_operand")
 
 
 _registered: set[str] = set()

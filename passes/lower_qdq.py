@@ -323,9 +323,48 @@ class _Lowering:
 
         bound = k * span(a) * span(b)
         dtype = "int32" if bound < 2**31 else "int64"
-        acc = self.bb.emit(op.matmul(self.centered(a), self.centered(b), out_dtype=dtype))
+        if self.vnni and dtype == "int32" and self.vnni_operands(a, b):
+            acc = self.vnni_activation_matmul(a, b)
+        else:
+            acc = self.bb.emit(op.matmul(self.centered(a), self.centered(b), out_dtype=dtype))
         num = (a.scale.reshape(-1)[:1].astype(np.float32) * b.scale.reshape(-1)[:1].astype(np.float32))
         return _Pending([(acc, num.astype(np.float64), None)], bound=bound)
+
+    @staticmethod
+    def vnni_operands(a: _Int, b: _Int) -> bool:
+        """8-bit per-tensor operands of one static batch shape: vpdpbusd's u8 x s8 after an offset."""
+        shapes = [v.expr.ty.shape.values for v in (a, b)]
+        return (all(v.dtype in ("uint8", "int8") and v.zero.size == 1 for v in (a, b))
+                and all(isinstance(d, tvm.tirx.IntImm) for s in shapes for d in s)
+                and [int(d) for d in shapes[0][:-2]] == [int(d) for d in shapes[1][:-2]])
+
+    def vnni_activation_matmul(self, a: _Int, b: _Int) -> relax.Expr:
+        """(a - z_a)(b - z_b) with both operands at run time, on codegen/vnni.py's kernel: a as u8
+        (s8 + 128), b packed per call as s8 (u8 - 128, shift t), so with z_b' = z_b - t
+
+            sum (a - z_a)(b' - z_b') = sum a b' - z_b' sum_k a - z_a sum_k b + K z_a z_b
+
+        (sum_k b' = sum_k b - K t).  The row and column sums are small reductions of their own;
+        K pads to a multiple of 4 with zeros in both operands (in the kernel), which adds nothing."""
+        k, n = (int(d) for d in b.expr.ty.shape.values[-2:])
+        za, zb = int(a.zero.reshape(-1)[0]), int(b.zero.reshape(-1)[0])
+        x = a.expr
+        if a.dtype == "int8":
+            x = self.bb.emit(op.astype(op.add(op.astype(x, "int16"), relax.const(128, "int16")), "uint8"))
+            za += 128
+        shift = 128 if b.dtype == "uint8" else 0
+        packed = self.bb.emit_te(vnni.pack_operand, b.expr, shift, primfunc_name_hint="pack_operand")
+        acc = self.bb.emit_te(vnni.matmul, x, packed, primfunc_name_hint="matmul")
+        if n % vnni.LANES:
+            acc = self.bb.emit(op.strided_slice(acc, axes=[acc.ty.ndim - 1], begin=[0], end=[n]))
+        if zb - shift:
+            rows = op.sum(op.astype(x, "int32"), axis=[-1], keepdims=True)
+            acc = self.bb.emit(op.subtract(acc, op.multiply(rows, relax.const(zb - shift, "int32"))))
+        if za:
+            cols = op.sum(op.astype(b.expr, "int32"), axis=[-2], keepdims=True)
+            acc = self.bb.emit(op.subtract(acc, op.multiply(cols, relax.const(za, "int32"))))
+            acc = self.bb.emit(op.add(acc, relax.const(k * za * zb, "int32")))
+        return acc
 
     def scale(self, call, name):
         """A positive scalar constant times a pending result (attention's 1/sqrt(d)): folded
