@@ -509,12 +509,19 @@ class CPUDefault(dl.ScheduleRule):
             return
         stmt = sch.get(block)
         written = [str(r.min) for r in stmt.writes[0].region] if stmt.writes else []
-        moves = any([str(r.min) for r in read.region] != written for read in stmt.reads)
+        # a padding test (v < 197) reads its axis too: flattened, that is a division per lane
+        moves = (any([str(r.min) for r in read.region] != written for read in stmt.reads)
+                 or re.search(r"if_then_else|T\.Select", stmt.body.script()) is not None)
         extents = [_const(sch.get(lp).extent) for lp in loops]
-        if moves and len(loops) > 1 and extents[-1] and extents[-1] >= 8:
-            lanes = _divisor_at_most(extents[-1], _vector_lanes(sch, block))
+        inner = 1                   # trailing axes fused into the vector: at least 8 lanes (4 x 16 packing)
+        while inner < len(loops) - 1 and extents[-inner] and int(np.prod(extents[-inner:])) < 8:
+            inner += 1
+        if moves and len(loops) > inner and None not in extents[-inner:] and int(np.prod(extents[-inner:])) >= 8:
+            tail = sch.fuse(*loops[-inner:]) if inner > 1 else loops[-1]
+            lanes = _divisor_at_most(int(np.prod(extents[-inner:])), _vector_lanes(sch, block))
             if lanes > 1:
-                sch.vectorize(sch.split(loops[-1], [None, lanes])[1])
+                sch.vectorize(sch.split(tail, [None, lanes])[1])
+            loops = loops[:-inner] + [tail]
             outer = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
             if None in extents or int(np.prod(extents, dtype=np.int64)) >= MIN_PARALLEL_WORK:
                 sch.parallel(outer)

@@ -115,13 +115,22 @@ def matmul(x, packed, out_dtype: str = "int32"):
         .astype(out_dtype), axis=k), name=BLOCK)
 
 
+def operand_columns(n: int) -> int:
+    """The packed width of a runtime operand with ``n`` columns: whole 16-lane blocks, and beyond 4
+    blocks a multiple of 4 of them.  A row of the product then runs as 4 independent chains of
+    vpdpbusd (13 blocks for 197 keys would be one chain, bound by the instruction's latency)."""
+    blocks = -(-n // LANES)
+    return LANES * (blocks if blocks <= 4 else -(-blocks // 4) * 4)
+
+
 def pack_operand(b, shift: int):
     """TE: a runtime right operand b[..., K, N] (8-bit, minus ``shift`` to make it s8) in the packed
-    layout, per batch: [..., N16 / 16, K4 / 4, 16, 4], zero past K and N (so padding adds nothing)."""
+    layout, per batch: [..., N' / 16, K4 / 4, 16, 4] (N' = operand_columns(N)), zero past K and N
+    (so padding adds nothing)."""
     from tvm import te, tirx
 
     *batch, k, n = (int(d) for d in b.shape)
-    k4, n16 = -(-k // GROUP) * GROUP, -(-n // LANES) * LANES
+    k4, n16 = -(-k // GROUP) * GROUP, operand_columns(n)
 
     def value(*i):
         *lead, jb, kb, jl, kl = i

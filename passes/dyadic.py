@@ -99,13 +99,18 @@ def rescale(x: relax.Expr, d: Dyadic, axis: int = -1) -> relax.Expr:
     ``x`` is an int32 (or int64) tensor; per-channel ``d`` broadcasts along ``axis``.
     """
     op = relax.op
+    half = np.where(d.e > 0, np.left_shift(1, np.maximum(d.e, 1) - 1), 0)
+    if d.m.size == 1:
+        # scalars become immediates in the kernel: LLVM sees a 31-bit multiplier (one 32 x 32 -> 64
+        # vpmuldq instead of a 64-bit vpmullq, three uops) and a constant shift
+        m, e, h = (relax.const(int(v.reshape(-1)[0]), "int64") for v in (d.m, d.e, half))
+        return op.right_shift(op.add(op.multiply(op.astype(x, "int64"), m), h), e)
     shape = [1] * x.ty.ndim
-    if d.m.size > 1:
-        shape[axis] = d.m.size
-    m = relax.const(d.m.reshape(shape), "int64")
+    shape[axis] = d.m.size
+    # per channel: stored as int32 and widened in the kernel, for the same 32 x 32 -> 64 multiply
+    m = op.astype(relax.const(d.m.reshape(shape).astype(np.int32), "int32"), "int64")
     e = relax.const(d.e.reshape(shape), "int64")
-    half = relax.const(np.where(d.e > 0, np.left_shift(1, np.maximum(d.e, 1) - 1), 0).reshape(shape), "int64")
-    return op.right_shift(op.add(op.multiply(op.astype(x, "int64"), m), half), e)
+    return op.right_shift(op.add(op.multiply(op.astype(x, "int64"), m), relax.const(half.reshape(shape), "int64")), e)
 
 
 def saturate(total: relax.Expr, zero_point: int, qmin: int, qmax: int, out_dtype: str) -> relax.Expr:

@@ -355,7 +355,7 @@ class _Lowering:
         shift = 128 if b.dtype == "uint8" else 0
         packed = self.bb.emit_te(vnni.pack_operand, b.expr, shift, primfunc_name_hint="pack_operand")
         acc = self.bb.emit_te(vnni.matmul, x, packed, primfunc_name_hint="matmul")
-        if n % vnni.LANES:
+        if vnni.operand_columns(n) != n:
             acc = self.bb.emit(op.strided_slice(acc, axes=[acc.ty.ndim - 1], begin=[0], end=[n]))
         if zb - shift:
             rows = op.sum(op.astype(x, "int32"), axis=[-1], keepdims=True)
