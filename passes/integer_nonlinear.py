@@ -124,7 +124,7 @@ def gelu(kind: str, x, s: float):
     return op.multiply(xi, op.subtract(_c(-c), erf)), -ERF_A * se * se * s / 2.0, 256 * (2 * abs(c) + b * b)
 
 
-def _run(build, values: np.ndarray) -> np.ndarray:
+def tabulate(build, values: np.ndarray) -> np.ndarray:
     """``build`` (a builder of this module, as a function of one tensor) compiled and run on ``values``:
     how the tables below take the builders' exact results instead of a second implementation."""
     import tvm
@@ -155,14 +155,14 @@ def gelu_table(kind: str, s: float, zero: int, dtype: str) -> tuple[np.ndarray, 
         return y
 
     info = np.iinfo(dtype)
-    table = _run(build, np.arange(int(info.min), int(info.max) + 1).astype(dtype))
+    table = tabulate(build, np.arange(int(info.min), int(info.max) + 1).astype(dtype))
     return table, built["scale"], built["bound"]
 
 
 @cache
 def exp_table(kind: str, s: float, span: int) -> np.ndarray:
     """exp(-s * d) as softmax computes it, for d = 0 .. span (a row's max minus an 8-bit value)."""
-    return _run(lambda d: _exp(kind, op.negative(_i64(d)), s), np.arange(span + 1, dtype=np.int32))
+    return tabulate(lambda d: _exp(kind, op.negative(_i64(d)), s), np.arange(span + 1, dtype=np.int32))
 
 
 def isqrt(v):

@@ -98,6 +98,9 @@ class _Pending:
     hi: float = np.inf
     bound: int = 0          # a linear layer's proven |accumulator| bound
     channels_last: bool = False     # the terms are NHWC (channel axis 3)
+    # the one term is table[index] (an elementwise function of an 8-bit value): the requantize
+    # that follows is tabulated with it, one read per element and no 64-bit arithmetic
+    table: tuple[np.ndarray, relax.Expr] | None = None
 
 
 def _np(c) -> np.ndarray:
@@ -252,6 +255,11 @@ class _Lowering:
         if not isinstance(src, _Pending):
             raise QDQLoweringError("quantize of an unsupported value")
         s_out, z_out = float(scale.reshape(-1)[0]), int(zero.reshape(-1)[0])
+        lo, hi = int(info.min), int(info.max)
+        if np.isfinite(src.lo):
+            lo = max(lo, z_out + int(np.round(src.lo / np.float32(s_out))))
+        if np.isfinite(src.hi):
+            hi = min(hi, z_out + int(np.round(src.hi / np.float32(s_out))))
         total = None
         for acc, num, axis in src.terms:
             ratio = num.astype(np.float32).astype(np.float64) / np.float64(np.float32(s_out))
@@ -259,13 +267,13 @@ class _Lowering:
             if src.bound * int(d.m.max()) >= 2**62:     # x * m + 2^(e-1) must stay inside int64
                 raise QDQLoweringError(f"requantize: accumulator bound {src.bound} times multiplier "
                                        f"{int(d.m.max())} may overflow int64")
+            if src.table is not None and len(src.terms) == 1 and axis is None:
+                values, index = src.table
+                out = integer_nonlinear.tabulate(lambda t: saturate(rescale(t, d), z_out, lo, hi, "int32"), values)
+                y = op.astype(op.take(relax.const(out.astype(np.int32), "int32"), index, axis=0), dtype)
+                return _Int(self.bb.emit(y), scale, zero, dtype, src.channels_last)
             term = rescale(acc, d, axis if axis is not None else -1)
             total = term if total is None else op.add(total, term)
-        lo, hi = int(info.min), int(info.max)
-        if np.isfinite(src.lo):
-            lo = max(lo, z_out + int(np.round(src.lo / np.float32(s_out))))
-        if np.isfinite(src.hi):
-            hi = min(hi, z_out + int(np.round(src.hi / np.float32(s_out))))
         return _Int(self.bb.emit(saturate(total, z_out, lo, hi, dtype)), scale, zero, dtype, src.channels_last)
 
     def const_value(self, expr) -> np.ndarray:
@@ -397,7 +405,8 @@ class _Lowering:
             # elementwise on 256 possible inputs: a table of the builder's own results
             table, scale, bound = integer_nonlinear.gelu_table(variant, s, int(x.zero.reshape(-1)[0]), x.dtype)
             index = op.subtract(op.astype(x.expr, "int32"), relax.const(int(info.min), "int32"))
-            y = op.take(relax.const(table, "int64"), index, axis=0)
+            return _Pending([(op.take(relax.const(table, "int64"), index, axis=0), np.array([scale], np.float64), None)],
+                            bound=bound, table=(table, index))
         elif kind == "softmax" and info.bits == 8:
             y, scale, bound = build(variant, self.centered(x), s, span=int(info.max) - int(info.min))
         else:
