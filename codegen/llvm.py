@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import tvm
 from tvm import tirx
-from tvm.target import codegen
 from tvm.relax.backend.cpu_generic import pipeline as cpu
 from tvm.s_tir import dlight as dl
+from tvm.target.codegen import target_has_features
 
 from codegen import amx, vnni
 from codegen.cpu_schedule import CPUDefault
@@ -70,7 +70,7 @@ def cpu_target(cpu: str | None) -> dict:
                  and not amx.available(tvm.target.Target(target))]
     # the kernels are written for 512-bit vectors (codegen/cpu_schedule.VECTOR_BYTES); LLVM's Intel
     # tuning would split each into two 256-bit halves (the 64-bit integer epilogues ran 1.4x slower)
-    if codegen.target_has_features("avx512f", tvm.target.Target(target)):
+    if target_has_features("avx512f", tvm.target.Target(target)):
         extra.append("-prefer-256-bit")
     return {**target, "mattr": extra} if extra else target
 

@@ -98,9 +98,7 @@ def conv2d(x, packed, strides, padding, dilation, pad_value: int, out_dtype: str
 def matmul(x, packed, out_dtype: str = "int32"):
     """TE: x[..., K] (u8) @ W[K, N] with W read from its packed layout.  A packed operand with
     leading batch axes (``pack_operand``: attention's K^T or V) pairs with x's last batch axes."""
-    from tvm import te
-
-    from tvm import tirx
+    from tvm import te, tirx
 
     batch = len(packed.shape) - 4
     n_blocks, k_groups = (int(d) for d in packed.shape[batch:batch + 2])

@@ -107,10 +107,8 @@ def rescale(x: relax.Expr, d: Dyadic, axis: int = -1) -> relax.Expr:
         return op.right_shift(op.add(op.multiply(op.astype(x, "int64"), m), h), e)
     shape = [1] * x.ty.ndim
     shape[axis] = d.m.size
-    # per channel: stored as int32 and widened in the kernel, for the same 32 x 32 -> 64 multiply
-    m = op.astype(relax.const(d.m.reshape(shape).astype(np.int32), "int32"), "int64")
-    e = relax.const(d.e.reshape(shape), "int64")
-    return op.right_shift(op.add(op.multiply(op.astype(x, "int64"), m), relax.const(half.reshape(shape), "int64")), e)
+    m, e, h = (relax.const(v.reshape(shape), "int64") for v in (d.m, d.e, half))
+    return op.right_shift(op.add(op.multiply(op.astype(x, "int64"), m), h), e)
 
 
 def saturate(total: relax.Expr, zero_point: int, qmin: int, qmax: int, out_dtype: str) -> relax.Expr:

@@ -269,7 +269,7 @@ class _Lowering:
                                        f"{int(d.m.max())} may overflow int64")
             if src.table is not None and len(src.terms) == 1 and axis is None:
                 values, index = src.table
-                out = integer_nonlinear.tabulate(lambda t: saturate(rescale(t, d), z_out, lo, hi, "int32"), values)
+                out = integer_nonlinear.tabulate(lambda t, d=d: saturate(rescale(t, d), z_out, lo, hi, "int32"), values)
                 y = op.astype(op.take(relax.const(out.astype(np.int32), "int32"), index, axis=0), dtype)
                 return _Int(self.bb.emit(y), scale, zero, dtype, src.channels_last)
             term = rescale(acc, d, axis if axis is not None else -1)

@@ -117,3 +117,42 @@ def test_bad_cpu_is_a_user_error():
 
     with pytest.raises(UserError, match="--mcpu pentium9: not a CPU LLVM knows for llvm"):
         CompileOptions(cpu="pentium9")
+
+
+@pytest.mark.parametrize("a_dtype, b_dtype, shape", [
+    ("uint8", "uint8", (2, 37, 64, 37)),        # scores: 37 keys pad to 3 column blocks
+    ("uint8", "uint8", (1, 70, 37, 64)),        # attention . V: K = 37 tokens pads to 40
+    ("int8", "int8", (3, 9, 20, 70)),           # s8 operands: a shifted to u8, b packed as is
+    ("int8", "uint8", (1, 5, 8, 16)),
+])
+def test_runtime_operand_matmul_bit_exact(a_dtype, b_dtype, shape):
+    """Both operands at run time (attention): a as u8, b packed per call as s8, and the row and
+    column sums that correct for the offsets and zero points; exact against sum (a - z_a)(b - z_b)."""
+    if vnni.isa(tvm.target.Target(host_target())) is None:
+        pytest.skip("this machine has no VNNI; runtime operands then take the generic int32 matmul")
+    from tvm import relax
+
+    from codegen import llvm
+    from passes.lower_qdq import _Int, _Lowering
+
+    batch, m, k, n = shape
+    rng = np.random.default_rng(sum(shape))
+    info = [np.iinfo(a_dtype), np.iinfo(b_dtype)]
+    a = rng.integers(info[0].min, int(info[0].max) + 1, (batch, m, k)).astype(a_dtype)
+    b = rng.integers(info[1].min, int(info[1].max) + 1, (batch, k, n)).astype(b_dtype)
+    za, zb = int(rng.integers(info[0].min, info[0].max)), int(rng.integers(info[1].min, info[1].max))
+    bb = relax.BlockBuilder()
+    va, vb = (relax.Var(name, relax.TensorType(v.shape, str(v.dtype))) for name, v in (("a", a), ("b", b)))
+    with bb.function("main", [va, vb]):
+        with bb.dataflow():
+            low = _Lowering(bb, "auto", vnni=True)
+            pending = low.activation_matmul(_Int(va, np.array([0.1]), np.array([za]), a_dtype),
+                                            _Int(vb, np.array([0.1]), np.array([zb]), b_dtype))
+            out = bb.emit_output(pending.terms[0][0])
+        bb.emit_func_output(out)
+    ex, _, _ = llvm.build(bb.get(), host_target())
+    assert "vpdpbusd" in getattr(ex, "mod", ex).imports[0].inspect_source("asm")
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(b)).numpy()
+    want = np.einsum("bmk,bkn->bmn", a.astype(np.int64) - za, b.astype(np.int64) - zb)
+    np.testing.assert_array_equal(got, want)
