@@ -103,6 +103,13 @@ def _inputs(sch: s_tir.Schedule, block) -> list:
     return [r for r in stmt.reads if r.source.name not in own]
 
 
+def _static_integer(sch: s_tir.Schedule, info) -> bool:
+    """An integer block of fixed shape (float and dynamic-batch reductions keep the generic rule)."""
+    stmt = sch.get(info.block_rv)
+    return (all(_const(iv.dom.extent) is not None for iv in stmt.iter_vars)
+            and all(tvm.DataType(str(w.source.dtype)).type_code == tvm.DataTypeCode.INT for w in stmt.writes))
+
+
 def _covered(sch: s_tir.Schedule, block) -> bool:
     """Whether the loops around ``block`` run over its whole iteration domain."""
     domain = np.prod([_const(iv.dom.extent) or 0 for iv in sch.get(block).iter_vars], dtype=np.int64)
@@ -185,7 +192,7 @@ class CPUDefault(dl.ScheduleRule):
             red = next(b for b in blocks if b.is_reduction())
         if _is_vnni(sch, red.block_rv) and (flavour := vnni.isa(target)):
             self._vnni(sch, red, self._epilogues(sch, blocks, red), flavour)
-        elif len(_inputs(sch, red.block_rv)) == 1:
+        elif len(_inputs(sch, red.block_rv)) == 1 and _static_integer(sch, red):
             self._plain_reduction(sch, blocks, red)
             return sch
         else:
