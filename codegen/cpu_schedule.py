@@ -14,10 +14,16 @@ kernel a schedule that needs no tuning:
   block and computed at the tile they consume, while it is still in cache;
 * producers (padding) run once as their own parallel, vectorized nest, so the
   padding test stays out of the innermost loop;
-* injective kernels are flattened, vectorized and parallelized.
+* a sum or max of one integer tensor (a zero-point correction's row or column
+  sums) keeps its contiguous axis innermost, with its casts inlined;
+* injective kernels are flattened, vectorized and parallelized; those that move
+  data or test their indices (padding) keep their innermost axis as the vector.
 
-Kernels with several reductions (softmax, LayerNorm) are computed a row at a time.
-Tuned or tensorized kernels (VNNI) replace this where they exist; this is the floor.
+Kernels with several reductions (softmax, LayerNorm) are computed a row at a time,
+casts before the first reduction inlined and per-row values (a row's reciprocal)
+kept per row, not recomputed per element; attention scores on VNNI are computed
+a GEMM row at a time, the softmax after it.  Tuned or tensorized kernels (VNNI)
+replace this where they exist; this is the floor.
 """
 
 from __future__ import annotations
