@@ -85,6 +85,20 @@ def _pointwise(sch: s_tir.Schedule, block) -> bool:
             and not re.search(r"//|%|T\.truncdiv|T\.floordiv", stmt.body.script()))
 
 
+def _inline_casts(sch: s_tir.Schedule, blocks) -> list:
+    """Inline the cheap elementwise blocks among ``blocks`` into their readers (not into VNNI's,
+    whose operands must be bytes in memory); returns the blocks kept."""
+    kept = []
+    for b in blocks:
+        try:
+            if not _pointwise(sch, b.block_rv) or any(_is_vnni(sch, c) for c in sch.get_consumers(b.block_rv)):
+                raise ScheduleError
+            sch.compute_inline(b.block_rv)
+        except ScheduleError:
+            kept.append(b)
+    return kept
+
+
 def _broadcast(sch: s_tir.Schedule, block) -> bool:
     """Whether a reader covers at least twice the points the block writes (a row's sum or its
     reciprocal, read by every element of the row): inlined, each value would be computed that
@@ -286,14 +300,7 @@ class CPUDefault(dl.ScheduleRule):
         cache, and the rows run in parallel.  Layout and elementwise producers before the first
         reduction (the head split of Q and K) run once, each as its own nest."""
         start = blocks.index(first_reduction) if first_reduction is not None else 0
-        head = []
-        for b in blocks[:start]:        # casts ahead of the first reduction join their readers
-            try:                        # (not VNNI's: its operands are bytes in memory)
-                if not _pointwise(sch, b.block_rv) or any(_is_vnni(sch, c) for c in sch.get_consumers(b.block_rv)):
-                    raise ScheduleError
-                sch.compute_inline(b.block_rv)
-            except ScheduleError:
-                head.append(b)
+        head = _inline_casts(sch, blocks[:start])      # casts ahead of the first reduction
         blocks, start = head + blocks[start:], len(head)
         kept = []
         for b in blocks[start:-1]:      # elementwise steps read once fold into their reader
@@ -412,14 +419,7 @@ class CPUDefault(dl.ScheduleRule):
         either the reduction (LLVM vectorizes the running sum) or, when the sum runs across
         rows, the output's own axis under the reduction, so each step adds a whole vector.
         Producers that are not casts run once before it, each as its own nest."""
-        head = []
-        for b in blocks[:blocks.index(red)]:
-            try:
-                if not _pointwise(sch, b.block_rv):
-                    raise ScheduleError
-                sch.compute_inline(b.block_rv)
-            except ScheduleError:
-                head.append(b)
+        head = _inline_casts(sch, blocks[:blocks.index(red)])
         epilogues = self._epilogues(sch, blocks, red)
         block, stmt = red.block_rv, sch.get(red.block_rv)
         loops = sch.get_loops(block)

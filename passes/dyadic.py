@@ -104,10 +104,10 @@ def rescale(x: relax.Expr, d: Dyadic, axis: int = -1) -> relax.Expr:
         # scalars become immediates in the kernel: LLVM sees a 31-bit multiplier (one 32 x 32 -> 64
         # vpmuldq instead of a 64-bit vpmullq, three uops) and a constant shift
         m, e, h = (relax.const(int(v.reshape(-1)[0]), "int64") for v in (d.m, d.e, half))
-        return op.right_shift(op.add(op.multiply(op.astype(x, "int64"), m), h), e)
-    shape = [1] * x.ty.ndim
-    shape[axis] = d.m.size
-    m, e, h = (relax.const(v.reshape(shape), "int64") for v in (d.m, d.e, half))
+    else:
+        shape = [1] * x.ty.ndim
+        shape[axis] = d.m.size
+        m, e, h = (relax.const(v.reshape(shape), "int64") for v in (d.m, d.e, half))
     return op.right_shift(op.add(op.multiply(op.astype(x, "int64"), m), h), e)
 
 

@@ -10,6 +10,7 @@ import pytest
 import tvm
 from conftest import make_model
 from onnx import TensorProto, helper, numpy_helper
+from test_vnni import _mlp
 
 import compiler
 from codegen import amx
@@ -125,22 +126,10 @@ def test_without_amx_the_vnni_kernels_remain():
     assert "tdpbusd" not in asm and "vpdpbusd" in asm
 
 
-def _token_mlp(seed=0):
+def test_token_matmuls_on_amx_are_bit_exact():
     """x[N, 40, 128] -> MatMul 128x64 (+bias) -> ReLU -> MatMul 64x32: token matmuls, each a 1 x 1
     convolution over the 40 tokens (two 32-row blocks, the second mostly padding)."""
-    rng = np.random.default_rng(seed)
-    inits = [numpy_helper.from_array(rng.normal(0, 0.2, s).astype(np.float32), n)
-             for n, s in (("w1", (128, 64)), ("b1", (64,)), ("w2", (64, 32)))]
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h0"], name="fc1"),
-             helper.make_node("Add", ["h0", "b1"], ["h1"], name="bias1"),
-             helper.make_node("Relu", ["h1"], ["h2"], name="relu1"),
-             helper.make_node("MatMul", ["h2", "w2"], ["y"], name="fc2")]
-    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 40, 128])],
-                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 40, 32])], inits)
-
-
-def test_token_matmuls_on_amx_are_bit_exact():
-    model = _token_mlp()
+    model = _mlp(lead=("N", 40), dims=(128, 64, 32), scale=0.2)
     rng = np.random.default_rng(2)
     calib = {"x": rng.normal(size=(8, 40, 128)).astype(np.float32)}
     opts = CompileOptions(calib=calib, cpu="sapphirerapids")

@@ -23,18 +23,19 @@ from runtime.artifact import missing_cpu_features
 CPUS = {"avx512_vnni": "icelake-server", "avx_vnni": "alderlake", None: "haswell"}
 
 
-def _mlp(seed=0, lead=("N",)):
-    """x[*lead, 64] -> MatMul 64x32 (+bias) -> ReLU -> MatMul 32x48: both shapes fit the 16 x 4
-    packing."""
+def _mlp(seed=0, lead=("N",), dims=(64, 32, 48), scale=0.3):
+    """x[*lead, 64] -> MatMul 64x32 (+bias) -> ReLU -> MatMul 32x48 (``dims``): both shapes fit the
+    16 x 4 packing."""
     rng = np.random.default_rng(seed)
-    inits = [numpy_helper.from_array(rng.normal(0, 0.3, s).astype(np.float32), n)
-             for n, s in (("w1", (64, 32)), ("b1", (32,)), ("w2", (32, 48)))]
+    k, h, n = dims
+    inits = [numpy_helper.from_array(rng.normal(0, scale, s).astype(np.float32), name)
+             for name, s in (("w1", (k, h)), ("b1", (h,)), ("w2", (h, n)))]
     nodes = [helper.make_node("MatMul", ["x", "w1"], ["h0"], name="fc1"),
              helper.make_node("Add", ["h0", "b1"], ["h1"], name="bias1"),
              helper.make_node("Relu", ["h1"], ["h2"], name="relu1"),
              helper.make_node("MatMul", ["h2", "w2"], ["y"], name="fc2")]
-    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [*lead, 64])],
-                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*lead, 48])], inits)
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [*lead, k])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*lead, n])], inits)
 
 
 def _cnn(seed=0):
