@@ -123,12 +123,21 @@ def cmd_compile(args) -> int:
 
     check_outdir(args.output)                       # fail before a long compile, not after
     t0 = time.perf_counter()
+    from codegen.rv32 import parse_bytes
     from compiler.options import CompileOptions
 
+    mcu_flags = {k: v for k, v in (("march", args.march), ("codegen", args.codegen)) if v is not None}
+    ram_limit = parse_bytes(args.ram_limit) if args.ram_limit else None
     opts = CompileOptions(target=args.target, cpu=args.mcpu, input_shapes=_shapes(args), calib=args.calib,
-                          tune=args.tune, **_quant_options(args))
+                          tune=args.tune, ram_limit=ram_limit, **mcu_flags, **_quant_options(args))
     art = compiler.compile(args.model, options=opts, remote=_remote(args))
     art.save(args.output)
+    if (mcu := art.manifest.mcu) is not None:
+        _say(args, f"wrote {args.output}: C project for {mcu['isa']} ({mcu['codegen']} kernels), "
+                   f"{mcu['calls']} kernel calls, arena {mcu['arena_bytes']} B (lower bound "
+                   f"{mcu['arena_lower_bound']} B), weights {mcu['weight_bytes']} B, {mcu['macs']} MACs "
+                   f"({time.perf_counter() - t0:.1f} s); make -C {args.output} run")
+        return 0
     if art.manifest.tuning:
         _say(args, f"tuning: {tune_summary(art.manifest.tuning)}")
     size = os.path.getsize(os.path.join(args.output, art.manifest.library))
@@ -163,6 +172,40 @@ def cmd_tune(args) -> int:
         print(f"{v['kernel']:<{width}}  {ours} {tuned}  {'tuned' if v['kernel'] in report.tuned else 'lowbit'}")
     print(report.summary())
     print(f"database   {report.database}")
+    return 0
+
+
+def cmd_profile(args) -> int:
+    """Per-kernel instruction counts of an rv32 artifact under QEMU (deterministic: -icount shift=0)."""
+    import runtime
+    from compiler.errors import UserError
+    from runtime import qemu
+
+    art = runtime.load(args.artifact)
+    mcu = art.manifest.mcu
+    if mcu is None:
+        raise UserError(f"{args.artifact}: profile counts instructions of rv32 artifacts; this one is for "
+                        f"{art.manifest.target.get('kind')} (time it with lowbit bench)")
+    prof = qemu.profile(art.project(), mcu, mcu["kernel_macs"])
+    width = max(len(c.kernel) for c in prof.calls)
+    print(f"{'#':>3} {'kernel':<{width}} {'instructions':>13} {'MACs':>10} {'instr/MAC':>9}")
+    for c in prof.calls:
+        per = f"{c.instructions / c.macs:9.2f}" if c.macs else f"{'-':>9}"
+        print(f"{c.index:>3} {c.kernel:<{width}} {c.instructions:>13,} {c.macs:>10,} {per}")
+    print(f"{'':>3} {'total':<{width}} {prof.instructions:>13,} {prof.macs:>10,} "
+          f"{prof.instructions / max(prof.macs, 1):9.2f}")
+    print(f"code (.text) {prof.text_bytes:,} B (kernels + call sequence; the whole harness ELF "
+          f"{prof.elf_text_bytes:,} B); flash weights (.rodata) {prof.weight_bytes:,} B; "
+          f"RAM {prof.arena_bytes + prof.stack_bytes:,} B = arena {prof.arena_bytes:,} + stack {prof.stack_bytes:,} "
+          f"(arena lower bound {mcu['arena_lower_bound']:,}, no reuse {mcu['arena_no_reuse']:,})")
+    if args.json:
+        import json
+        from dataclasses import asdict
+
+        _write_text(args.json, json.dumps({**asdict(prof), "instructions": prof.instructions, "macs": prof.macs,
+                                           "isa": mcu["isa"], "codegen": mcu["codegen"],
+                                           "arena_lower_bound": mcu["arena_lower_bound"],
+                                           "arena_no_reuse": mcu["arena_no_reuse"]}, indent=2))
     return 0
 
 
@@ -396,6 +439,10 @@ def cmd_inspect(args) -> int:
             q = f"  quant {m.quant[s.name]}" if m.quant and s.name in m.quant else ""
             print(f"{kind:<10} {s.name} {s.shape_str()} {s.dtype}{q}")
     print(f"sizes      library {lib_bytes / 1024:.1f} KiB, weights {m.weight_bytes / 1024:.1f} KiB")
+    if m.mcu:
+        print(f"rv32       {m.mcu['function']} for {m.mcu['isa']} ({m.mcu['codegen']} kernels): arena "
+              f"{m.mcu['arena_bytes']} B ({m.mcu['arena_method']}; lower bound {m.mcu['arena_lower_bound']} B, no "
+              f"reuse {m.mcu['arena_no_reuse']} B), flash weights {m.mcu['weight_bytes']} B, {m.mcu['macs']} MACs")
     print(f"versions   {', '.join(f'{k} {v}' for k, v in m.versions.items())}")
     if m.quantization:
         q = {k: v for k, v in m.quantization.items() if k not in ("nonlinear", "weights", "bit_plan")}
@@ -513,7 +560,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model", metavar="MODEL.onnx")
     c.add_argument("--target", default="llvm",
                    help="llvm (default): this machine's CPU; aarch64-linux: a 64-bit Arm Linux board, "
-                        "cross-compiled (run it there with lowbit run --rpc)")
+                        "cross-compiled (run it there with lowbit run --rpc); rv32: a RISC-V microcontroller, "
+                        "as a C project with a static memory plan (run it under QEMU with lowbit run)")
+    c.add_argument("--march", help="rv32: the ISA, rv32imc (default), rv32imac, rv32gc, or rv32imc+zve32x "
+                                   "(RVV, with --codegen llvm)")
+    c.add_argument("--codegen", help="rv32: kernels as C compiled by gcc (c, default) or an LLVM object (llvm)")
+    c.add_argument("--ram-limit", metavar="BYTES", help="rv32: fail unless the arena fits, e.g. 64K")
     c.add_argument("--mcpu", metavar="CPU", help="LLVM CPU to compile for instead of this machine's, e.g. haswell "
                                                  "(AVX2, no VNNI) or alderlake (AVX-VNNI); its ISA picks the kernels. "
                                                  "With aarch64-linux the board's, e.g. cortex-a72 (default: "
@@ -545,6 +597,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-o", "--output", required=True, metavar="OUT.npz")
     _add_remote_args(r)
     r.set_defaults(func=cmd_run)
+
+    pr = sub.add_parser("profile", parents=[common],
+                        help="rv32: per-kernel instructions under QEMU, instructions per MAC, code, flash and RAM")
+    pr.add_argument("artifact", metavar="OUTDIR")
+    pr.add_argument("--json", metavar="FILE.json", help="also write the figures as JSON")
+    pr.set_defaults(func=cmd_profile)
 
     b = sub.add_parser("bench", parents=[common], help="time lowbit against ONNX Runtime, interleaved")
     b.add_argument("model", metavar="MODEL.onnx", help="an ONNX file or a zoo model name")

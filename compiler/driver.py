@@ -6,6 +6,8 @@
       --analyze--> op histogram, weights, integer-only verdict
       --build (fuse, [--tune: meta_schedule], schedule, lower, LLVM)--> VM executable
       --> Artifact (library + manifest)
+    --target rv32: after lowering, the integer region only (int8 in, int8 out)
+      --codegen/rv32 (fuse, scalar schedules, C kernels, call sequence, static memory plan)--> C project
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ from pathlib import Path
 
 import onnx
 
-from codegen import llvm, tune
+from codegen import llvm, rv32, tune
+from codegen.rv32 import toolchain
 from compiler import bitplan, canonicalize, frontend, qoperator, quantize, sensitivity
 from compiler.errors import UserError
 from compiler.options import CompileOptions
 from compiler.progress import log, native_stderr_to_debug, stage, steps
+from passes import integer_region
 from passes.analysis import op_histogram, weight_bytes
 from passes.lower_qdq import QDQLoweringError, is_qdq, lower_qdq
 from passes.verify_integer import check_integer_only
@@ -42,14 +46,21 @@ def compile(model: str | os.PathLike | onnx.ModelProto, target: str = "llvm", *,
 
 def _compile(model, opts: CompileOptions, config, remote=None) -> Artifact:
 
-    target = llvm.target_dict(opts.target, opts.cpu)
-    llvm.linker(target)                     # a missing cross compiler fails before any work
+    mcu = opts.target == "rv32"
+    if mcu:
+        toolchain.require()                 # a missing toolchain fails before any work
+        target = {"kind": "rv32", "march": opts.march, "codegen": opts.codegen}
+    else:
+        target = llvm.target_dict(opts.target, opts.cpu)
+        llvm.linker(target)
     with stage("load + check"):
         src = frontend.load(model)
         src = frontend.OnnxModel(qoperator.to_qdq(src.proto), src.path, src.sha256)
         frontend.check_supported(src)
         frontend.validate(src)
         inputs = frontend.input_specs(src, opts.input_shapes)
+        if mcu:                             # a microcontroller runs one sample at a time
+            inputs = frontend.static_specs(src, inputs, "a microcontroller runs one sample at a time")
         given_quantized = quantize.is_quantized(src.proto)
         if opts.tune and (hint := frontend.symbolic_hint(inputs)):
             raise UserError(f"{src.path}: --tune needs static shapes (meta_schedule cannot tile symbolic ones){hint}")
@@ -97,17 +108,22 @@ def _compile(model, opts: CompileOptions, config, remote=None) -> Artifact:
     if is_qdq(mod):
         with stage("lower QDQ to integer"):
             try:
-                mod, lowering = lower_qdq(mod, variants, vnni=llvm.vnni_isa(target) is not None,
-                                          amx=llvm.amx_available(target))
+                mod, lowering = lower_qdq(mod, variants, vnni=not mcu and llvm.vnni_isa(target) is not None,
+                                          amx=not mcu and llvm.amx_available(target))
                 quantization["accumulators"] = lowering.summary()
                 if lowering.int64:
                     log.warning("%s: %s", src.path, lowering.summary())
             except QDQLoweringError as exc:
+                if mcu:
+                    raise UserError(f"{src.path}: integer lowering not possible ({exc}); the rv32 target runs "
+                                    "integer-only models") from None
                 # still a correct program: the float math between the Q/DQ pairs runs as is
                 log.warning("%s: integer lowering not possible (%s); compiled as fake-quant", src.path, exc)
     with stage("analyze"):
         histogram, nbytes = op_histogram(mod), weight_bytes(mod)
         verdict = check_integer_only(mod)
+    if mcu:
+        return _build_rv32(src, opts, mod, inputs, outputs, histogram, nbytes, verdict, quantization, target)
     tuning = tune.TuneReport(opts.tune) if opts.tune else None
     # --tune: meta_schedule's kernels, where they beat ours, between fusion and our schedules
     schedule = partial(tune.schedule, trials=opts.tune, remote=remote, report=tuning) if tuning else None
@@ -135,6 +151,32 @@ def _compile(model, opts: CompileOptions, config, remote=None) -> Artifact:
         launch_sequence=fusion.sequence, tuning=asdict(tuning) if tuning else None, unscheduled=fusion.unscheduled,
     )
     return Artifact(manifest, executable)
+
+
+def _build_rv32(src, opts: CompileOptions, mod, inputs, outputs, histogram, nbytes, verdict, quantization,
+                target) -> Artifact:
+    """The integer region as a C project for a RISC-V microcontroller (codegen/rv32)."""
+    if not verdict.integer_only:
+        raise UserError(f"{src.path}: not integer-only ({verdict.reason}); the rv32 target runs integer-only "
+                        "models: quantize it (--calib DATA.npz) or give a QDQ model")
+    name = Path(src.path).name.split(".")[0]
+    with stage(f"build {opts.march} C project"):
+        try:
+            region, ins, outs = integer_region.extract(mod, [s.name for s in inputs], [s.name for s in outputs])
+        except integer_region.RegionError as exc:
+            raise UserError(f"{src.path}: {exc}") from None
+        build = rv32.build(region, ins, outs, name=name, source=Path(src.path).name,
+                           isa=toolchain.isa(opts.march), codegen=opts.codegen, ram_limit=opts.ram_limit)
+    manifest = Manifest(
+        model=Path(src.path).name, model_sha256=src.sha256, target=target, precision=_precision(histogram, verdict),
+        inputs=inputs, outputs=outputs, kernels=sorted(build.kernel_ops), op_histogram=histogram, weight_bytes=nbytes,
+        versions=versions(), integer_only=verdict.integer_only, integer_region=verdict.reason,
+        quant=quantize.boundary_params(src.proto) or None, quantization=quantization,
+        kernel_ops=build.kernel_ops, kernels_unfused=build.unfused, kernel_launches=len(build.calls),
+        launch_sequence=build.calls,
+        mcu=build.summary, library="model.c",
+    )
+    return Artifact(manifest, None, files=build.files)
 
 
 def quantization_shapes(src: frontend.OnnxModel, inputs):

@@ -259,17 +259,17 @@ def check_qdq_params(model: OnnxModel) -> None:
                                 f"lowering needs per-output-channel scales (axis {want})")
 
 
-def static_specs(model: OnnxModel, specs: list[TensorSpec]) -> list[TensorSpec]:
-    """Input specs with every symbolic dimension fixed (to 1, with a warning naming it):
-    for graphs whose shape arithmetic must be folded before integer lowering."""
+def static_specs(model: OnnxModel, specs: list[TensorSpec],
+                 why: str = "this graph computes shapes at run time") -> list[TensorSpec]:
+    """Input specs with every symbolic dimension fixed (to 1, with a warning naming it and ``why``):
+    for graphs whose shape arithmetic must be folded before integer lowering, and microcontrollers."""
     from compiler.progress import log
 
     out = []
     for s in specs:
         symbolic = [d for d in s.shape if not isinstance(d, int)]
         if symbolic:
-            log.warning("%s: input %r dimension(s) %s fixed to 1 (this graph computes shapes at run time); "
-                        "use --input-shape %s=... to choose", model.path, s.name, ", ".join(map(str, symbolic)),
-                        s.name)
+            log.warning("%s: input %r dimension(s) %s fixed to 1 (%s); use --input-shape %s=... to choose",
+                        model.path, s.name, ", ".join(map(str, symbolic)), why, s.name)
         out.append(TensorSpec(s.name, tuple(d if isinstance(d, int) else 1 for d in s.shape), s.dtype))
     return out

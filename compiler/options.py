@@ -11,8 +11,10 @@ import numpy as np
 from compiler.errors import UserError
 
 # activation encoding each target's int8 dot product wants: x86 VNNI (vpdpbusd) multiplies u8 x s8;
-# on aarch64 LLVM widens either encoding into smlal (no sdot tensorization yet), so it keeps x86's
-ACTIVATIONS = {"llvm": "u8", "aarch64-linux": "u8"}
+# on aarch64 LLVM widens either encoding into smlal (no sdot tensorization yet), and a scalar rv32 core
+# loads either with one instruction, so both keep x86's: one calibration gives the same integer model
+# (and bit-identical outputs) on every target
+ACTIVATIONS = {"llvm": "u8", "aarch64-linux": "u8", "rv32": "u8"}
 
 
 @dataclass(frozen=True)
@@ -35,12 +37,29 @@ class CompileOptions:
     residual_bits: int = 16                 # with calib: a transformer's residual stream in 16 or 8 bits
     softmax_bits: int = 8                   # with calib: softmax outputs (attention probabilities) in 8 or 16 bits
     activation_bits: int = 8                # with calib: 4 puts each layer's ReLU output on the u4 grid
+    march: str = "rv32imc"                  # rv32: the ISA (codegen/rv32/toolchain.ISAS)
+    codegen: str = "c"                      # rv32: kernels as C (gcc) or an LLVM object
+    ram_limit: int | None = None            # rv32: bytes of RAM the arena must fit in
 
     def __post_init__(self):
         from codegen.llvm import TARGETS, valid_cpu
+        from codegen.rv32 import toolchain
 
-        if self.target not in TARGETS:
-            raise UserError(f"unknown target {self.target!r}; choose one of: {', '.join(TARGETS)}")
+        if self.target not in (*TARGETS, "rv32"):
+            raise UserError(f"unknown target {self.target!r}; choose one of: {', '.join((*TARGETS, 'rv32'))}")
+        if self.target == "rv32":
+            toolchain.isa(self.march)
+            if self.codegen not in toolchain.CODEGENS:
+                raise UserError(f"--codegen {self.codegen}: choose one of {', '.join(toolchain.CODEGENS)}")
+            if toolchain.isa(self.march).vector and self.codegen != "llvm":
+                raise UserError(f"--march {self.march}: GCC 12 does not vectorize for RVV; add --codegen llvm")
+            if self.cpu is not None:
+                raise UserError("--mcpu picks an LLVM CPU for llvm and aarch64-linux; for rv32 use --march")
+            if self.latency_budget is not None:
+                raise UserError("--latency-budget times kernels on this machine, which cannot run rv32 code; "
+                                "plan with --size-budget or --bops-budget")
+        elif (self.march, self.codegen, self.ram_limit) != ("rv32imc", "c", None):
+            raise UserError("--march, --codegen and --ram-limit are for --target rv32")
         if self.cpu is not None and not valid_cpu(self.cpu, self.target):
             examples = ("cortex-a76 (dot product), cortex-a72 (none), neoverse-n1" if self.target == "aarch64-linux"
                         else "haswell (AVX2), alderlake (AVX-VNNI), icelake-server (AVX-512 VNNI), znver5")

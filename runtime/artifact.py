@@ -5,6 +5,9 @@ Layout of an artifact directory::
     OUTDIR/
       manifest.json   what was compiled, for which target, with which tensors
       model.so        the Relax VM executable (kernels + graph), loadable by TVM's runtime
+
+or, for ``--target rv32``, the C project of codegen/rv32 (model.h, model.c, kernels.c|o, main.c,
+input.S, input.bin, Makefile) next to the manifest; runs go through QEMU (runtime/qemu.py).
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ class Manifest:
     launch_sequence: list[str] | None = None    # the kernels in the order one inference calls them
     tuning: dict | None = None      # --tune: codegen/tune.TuneReport (which kernels meta_schedule scheduled)
     unscheduled: list[str] | None = None    # kernels that kept TVM's naive loop nests (no rule fit)
+    mcu: dict | None = None         # rv32: ISA, memory plan, flash, MACs, the C interface's tensors
     format: int = FORMAT
     library: str = LIBRARY
 
@@ -154,10 +158,14 @@ def versions() -> dict[str, str]:
 class Artifact:
     """A compiled model.  ``run`` executes it; ``save`` writes it as a directory."""
 
-    def __init__(self, manifest: Manifest, module: Any, library_path: Path | None = None):
+    def __init__(self, manifest: Manifest, module: Any, library_path: Path | None = None,
+                 files: Mapping[str, bytes] | None = None, directory: Path | None = None):
         self.manifest = manifest
         self._module = module               # tvm Executable (fresh) or runtime.Module (loaded)
         self._library_path = library_path
+        self._files = dict(files or {})     # rv32: the C project, until saved
+        self._directory = directory         # rv32: where the project is (builds happen there)
+        self._scratch = None
         self._vm = None
 
     @property
@@ -186,9 +194,21 @@ class Artifact:
         from runtime.io import check_inputs
 
         feeds = check_inputs(inputs, self.manifest.inputs, where="inputs")
+        if self.manifest.mcu is not None:
+            from runtime import qemu
+
+            return qemu.run(self.project(), self.manifest.mcu, feeds)
         out = self.vm["main"](*[tvm.runtime.tensor(feeds[s.name]) for s in self.manifest.inputs])
         outs = list(out) if not hasattr(out, "numpy") else [out]
         return {s.name: o.numpy() for s, o in zip(self.manifest.outputs, outs, strict=True)}
+
+    def project(self) -> Path:
+        """rv32: the C project's directory (a fresh build is written to a temporary one first)."""
+        if self._directory is None:
+            self._scratch = tempfile.TemporaryDirectory(prefix="lowbit-rv32-")
+            self._directory = Path(self._scratch.name) / "project"
+            self.save(self._directory)
+        return self._directory
 
     def library_file(self, directory: Path) -> Path:
         """The shared library: the loaded one, or the fresh build exported into ``directory``
@@ -204,6 +224,13 @@ class Artifact:
     def save(self, outdir: str | os.PathLike) -> Path:
         """Write the artifact directory atomically: a failure leaves no OUTDIR behind."""
         with atomic_directory(outdir) as tmp:
+            if self.manifest.mcu is not None:
+                source = self._directory
+                for name in self._files or (p.name for p in source.iterdir() if p.is_file()):
+                    data = self._files[name] if self._files else (source / name).read_bytes()
+                    (tmp / name).write_bytes(data)
+                (tmp / MANIFEST).write_text(self.manifest.to_json())
+                return Path(outdir)
             library = self.library_file(tmp)
             if library != tmp / LIBRARY:
                 shutil.copyfile(library, tmp / LIBRARY)
@@ -260,6 +287,8 @@ def load(directory: str | os.PathLike) -> Artifact:
     lib = d / manifest.library
     if not lib.is_file():
         raise UserError(f"{d}: {manifest.library} is missing; recompile the model")
+    if manifest.mcu is not None:
+        return Artifact(manifest, None, directory=d)
     from codegen.llvm import foreign_arch
 
     if foreign_arch(manifest.target):           # a cross-compiled library: inspected, copied, sent over RPC

@@ -1,0 +1,104 @@
+"""RISC-V microcontroller backend: an integer-only model as a self-contained C project.
+
+    integer Relax (passes/integer_region.py: int8 in, int8 out)
+      --fuse (codegen/llvm.fusion, the CPU backend's kernels)--> call_tir sequence
+      --kernels.compile_kernels--> kernels.c (or kernels.o from LLVM): raw-pointer C functions
+      --program.Program.of--> calls over input / output / flash constants / arena tensors
+      --memory_plan.plan--> one arena, every offset fixed at compile time
+      --> model.h, model.c, kernels.c|o, main.c, input.S, input.bin, Makefile
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import tvm
+from tvm import relax, tirx
+
+from codegen import memory_plan
+from codegen.rv32 import kernels, program, toolchain
+from compiler.errors import UserError
+from passes.fusion_report import FusionReport
+from passes.integer_region import BoundaryTensor
+
+
+@dataclass
+class Rv32Build:
+    files: dict[str, bytes]                 # the project, by file name
+    plan: memory_plan.MemoryPlan
+    calls: list[str]                        # the kernels in call order
+    kernel_ops: dict[str, list[str]]
+    macs: int
+    weight_bytes: int
+    unfused: int                            # kernel calls before fusion (one per op)
+    summary: dict = field(default_factory=dict)     # for the manifest
+
+
+def parse_bytes(text: str) -> int:
+    """``64K``, ``1.5M``, ``65536`` -> bytes."""
+    units = {"K": 1024, "M": 1024 * 1024}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    try:
+        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+    except ValueError:
+        raise UserError(f"--ram-limit {text!r}: a byte count such as 65536, 64K or 1.5M") from None
+
+
+def build(mod: tvm.IRModule, inputs: list[BoundaryTensor], outputs: list[BoundaryTensor], *, name: str,
+          source: str, isa: toolchain.Isa, codegen: str, ram_limit: int | None = None) -> Rv32Build:
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise UserError(f"{source}: {len(inputs)} inputs and {len(outputs)} outputs; the rv32 interface "
+                        "takes one of each")
+    report = FusionReport()
+    tgt = tvm.target.Target(isa.tvm_target(codegen))
+    from codegen.llvm import fusion
+
+    with tgt:
+        fused = fusion(tgt, report)(mod)
+        fused = relax.transform.RewriteDataflowReshape()(fused)
+    funcs = {gv.name_hint: f for gv, f in fused.functions_items() if isinstance(f, tirx.PrimFunc)}
+    macs = {n: kernels.macs(f) for n, f in funcs.items()}
+    compiled = kernels.compile_kernels(funcs, isa.tvm_target(codegen))
+    prog = program.Program.of(name, fused["main"], inputs, outputs, compiled.scratch, macs)
+    plan = memory_plan.plan(prog.lifetimes())
+    if ram_limit is not None and plan.arena > ram_limit:
+        big = prog.buffers[plan.largest]
+        raise UserError(f"{source}: needs a {plan.arena} B arena (peak of the static plan; lower bound "
+                        f"{plan.lower_bound} B) but --ram-limit is {ram_limit} B; the largest tensor is "
+                        f"{plan.largest} ({big.nbytes} B {big.dtype}). Use fewer bits, a smaller input, or "
+                        "a larger limit")
+    (inp,) = inputs
+    files = {
+        "model.h": program.header(prog, plan, isa.name, source).encode(),
+        "model.c": program.model_c(prog, plan).encode(),
+        "main.c": program.main_c(prog).encode(),
+        "input.S": toolchain.input_asm().encode(),
+        # the harness's default input: every element at the zero point (a real-valued zero)
+        "input.bin": np.full(inp.shape, inp.zero_point, inp.dtype).tobytes(),
+        "Makefile": toolchain.makefile(isa, codegen).encode(),
+    }
+    if compiled.source is not None:
+        files["kernels.c"] = clean_source(compiled.source).encode()
+    else:
+        files["kernels.o"] = compiled.obj
+    calls = [c.kernel for c in prog.calls]
+    kernel_ops = {k: report.groups.get(k, [k]) for k in sorted(set(calls))}
+    summary = {"isa": isa.name, "codegen": codegen, "function": f"lowbit_{prog.name}_run",
+               "arena_bytes": plan.arena, "arena_lower_bound": plan.lower_bound, "arena_no_reuse": plan.total,
+               "arena_method": plan.method, "weight_bytes": prog.weight_bytes(), "macs": prog.macs(),
+               "calls": len(prog.calls), "kernel_macs": {k: macs[k] for k in sorted(set(calls))},
+               "inputs": [vars(t) for t in inputs], "outputs": [vars(t) for t in outputs]}
+    return Rv32Build(files, plan, calls, kernel_ops, prog.macs(), prog.weight_bytes(), report.before, summary)
+
+
+def clean_source(source: str) -> str:
+    """TVM's C for raw-pointer kernels, without the TVM runtime includes and the packed-API entry
+    stub it appends (tvm-0.27 notes, section 9)."""
+    import re
+
+    source = source.split("// CodegenC: NOTE: Auto-generated entry function")[0]
+    source = re.sub(r'#include "tvm/[^"]+"\n', "", source)
+    source = source.replace("void* __tvm_ffi__library_ctx = NULL;\n", "")
+    return source.replace("#define TVM_EXPORTS\n", "#include <stdint.h>\n#include <stdbool.h>\n"
+                          "#ifndef TVM_DLL\n#define TVM_DLL\n#endif\n")

@@ -1,0 +1,157 @@
+"""Fused TIR kernels as plain functions for a bare-metal core: raw pointers in, no runtime calls.
+
+TVM 0.27 has no unpacked C interface any more (microTVM's ``--unpacked-api`` went with it).  A
+PrimFunc whose parameters are data pointers and whose ``calling_conv`` is 1 is skipped by
+``MakePackedAPI`` and comes out as ``void name(int8_t* x, ...)``.  Two more things keep the
+kernels free of the TVM runtime:
+
+* schedules for a scalar in-order core (``McuSchedule``): elementwise producers and epilogues
+  inlined, the requantize epilogue computed at the accumulation's innermost spatial loop, so the
+  accumulator is one register and a conv is the classic ``acc = 0; for k: acc += x*w; store
+  requant(acc)``;
+* scratch lifted into the arena: a temporary a kernel still needs at its top level (a padded input,
+  a row of sums) becomes an extra pointer parameter that the static memory planner places, instead
+  of a ``TVMBackendAllocWorkspace`` call.  Small temporaries stay C stack arrays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tvm
+from tvm import ir, s_tir, tirx
+from tvm.s_tir import dlight as dl
+from tvm.tirx import compilation_pipeline
+
+LIFT_BYTES = 64             # temporaries from this size up live in the arena, smaller ones on the stack
+
+
+@dataclass(frozen=True)
+class Scratch:
+    name: str
+    dtype: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The compiled kernels: C source or an object file, and each kernel's scratch parameters
+    (appended after its tensor parameters, in this order)."""
+    source: str | None
+    obj: bytes | None
+    scratch: dict[str, tuple[Scratch, ...]]
+
+
+class McuSchedule(dl.ScheduleRule):
+    """Inline what can be inlined; with one reduction left, put its consumers at the reduction's
+    innermost spatial loop and split off its initialisation, so the accumulator is a scalar."""
+
+    def apply(self, func, target, _tunable):
+        if not isinstance(func, tirx.PrimFunc):
+            return None
+        sch = s_tir.Schedule(func)
+        blocks = dl.analysis.normalize_prim_func(sch)
+        if blocks is None:
+            return None
+        blocks = dl.try_inline_contiguous_spatial(sch, blocks)
+        reductions = [b for b in blocks if b.is_reduction()]
+        if len(reductions) == 1 and blocks[-1] is not reductions[0] or len(reductions) == 1 and len(blocks) == 1:
+            red = reductions[0]
+            loops = sch.get_loops(red.block_rv)
+            spatial = sum(1 for it in red.iters if it.kind == "S")
+            after = blocks[blocks.index(red) + 1:]
+            for b in after:
+                try:
+                    sch.reverse_compute_at(b.block_rv, loops[spatial - 1])
+                except (tvm.TVMError, tvm.error.InternalError):
+                    break
+            if spatial < len(loops):
+                sch.decompose_reduction(red.block_rv, loops[spatial])
+        return sch
+
+
+def unpacked(func: tirx.PrimFunc, name: str) -> tirx.PrimFunc:
+    """``func`` with data pointers for parameters and the plain C calling convention.  In 0.27 a
+    parameter is a buffer-typed variable; each is re-declared over a pointer parameter."""
+    params, decls = [], []
+    for p in func.params:
+        ptr = tirx.Var(p.name + "_ptr", ir.PointerType(ir.PrimType(p.dtype)))
+        params.append(ptr)
+        decls.append(tirx.DeclBuffer(p, data=ptr))
+    return tirx.PrimFunc(params, tirx.SeqStmt([*decls, func.body]), attrs=func.attrs).with_attrs(
+        {"global_symbol": name, "calling_conv": 1})
+
+
+def _statements(stmt) -> list:
+    return list(stmt.seq) if isinstance(stmt, tirx.SeqStmt) else [stmt]
+
+
+def lift_scratch(func: tirx.PrimFunc) -> tuple[tirx.PrimFunc, tuple[Scratch, ...]]:
+    """Top-level temporaries of a lowered kernel as extra pointer parameters (the arena holds
+    them); small ones are left to the stack."""
+    keep, lifted, params = [], [], list(func.params)
+    for s in _statements(func.body):
+        if isinstance(s, tirx.AllocBuffer):
+            buf = s.buffer
+            n = 1
+            for d in buf.shape:
+                n *= int(d)
+            size = n * tvm.DataType(buf.dtype).bits // 8
+            if size >= LIFT_BYTES:
+                params.append(buf.data)
+                lifted.append(Scratch(buf.name, str(buf.dtype), size))
+                keep.append(tirx.DeclBuffer(buf, data=buf.data))
+                continue
+        keep.append(s)
+    if not lifted:
+        return func, ()
+    return tirx.PrimFunc(params, tirx.SeqStmt(keep), attrs=func.attrs), tuple(lifted)
+
+
+_LOWERED = "lowbit_lowered"
+
+
+def compile_kernels(funcs: dict[str, tirx.PrimFunc], target: dict) -> Kernels:
+    """Schedule (``McuSchedule``), lower, lift scratch and generate C (target kind ``c``) or an
+    object file (``llvm`` with a riscv32 triple)."""
+    tgt = tvm.target.Target(target)
+    mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
+    with tgt:
+        mod = dl.ApplyDefaultSchedule(McuSchedule())(mod)
+    mod = tvm.IRModule({gv: unpacked(f, gv.name_hint) for gv, f in mod.functions_items()})
+    mod = tirx.transform.BindTarget(tgt)(mod)
+    pipeline, _, _ = compilation_pipeline.get_tir_pipeline("s_tir")
+    with tvm.transform.PassContext(config={"tirx.disable_vectorize": True}):
+        lowered = pipeline(mod)
+    scratch, out = {}, {}
+    for gv, f in lowered.functions_items():
+        out[gv], scratch[gv.name_hint] = lift_scratch(f)
+    built = tvm.tirx.build(tvm.IRModule(out), target=tgt, pipeline=_LOWERED)
+    if tgt.kind.name == "c":
+        return Kernels(built.inspect_source(), None, scratch)
+    return Kernels(None, built, scratch)
+
+
+def _already_lowered():
+    identity = tvm.transform.Sequential([], name="lowbit_lowered")
+    return identity, compilation_pipeline.finalize_host_passes, compilation_pipeline.finalize_device_passes
+
+
+compilation_pipeline.register_tir_pipeline(_LOWERED, _already_lowered)
+
+
+def macs(func: tirx.PrimFunc) -> int:
+    """Multiply-accumulates of a kernel: the iteration space of each reduction that adds products."""
+    sch = s_tir.Schedule(func)
+    blocks = dl.analysis.normalize_prim_func(sch)
+    total = 0
+    for b in blocks or []:
+        if not b.is_reduction():
+            continue
+        value = sch.get(b.block_rv).body.value
+        if isinstance(value, tirx.Add) and any(isinstance(x, tirx.Mul) for x in (value.a, value.b)):
+            n = 1
+            for it in b.iters:
+                n *= int(it.dom)
+            total += n
+    return total

@@ -1,0 +1,149 @@
+"""IntegerRegion: cut a lowered model down to its integer-only core.
+
+A microcontroller deployment runs the integer region only.  The host (or the sensor front end)
+quantizes the input, ``q = clamp(round(x / s) + z)``, and reads the output as integers, dequantizing
+with ``x = s * (q - z)`` if it wants reals; both parameter pairs go into the generated header.  So
+``main(x: float32) -> dequantize(...)`` becomes ``main(x_q: int8) -> int8``: the opening quantize
+is replaced by a parameter of its output type, the closing dequantize by its integer operand, and
+the bindings the output does not depend on are dropped.  Reshape-like views between the
+dequantize and the result keep the integers' order, so the output keeps the model's shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from passes.verify_integer import DEQUANTIZE, QUANTIZE
+
+ORDER_KEEPING_VIEWS = {"relax.reshape", "relax.squeeze", "relax.expand_dims", "relax.flatten"}
+
+
+class RegionError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class BoundaryTensor:
+    """A graph input or output at the edge of the integer region: real = scale * (q - zero_point)."""
+    name: str                       # the ONNX tensor name
+    shape: tuple[int, ...]
+    dtype: str                      # the integer type the C interface passes
+    scale: float
+    zero_point: int
+
+
+def _op(value) -> str | None:
+    return value.op.name if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) else None
+
+
+def _scalar(expr, what: str):
+    if not isinstance(expr, tvm.ir.GenericConst) or expr.value.numpy().size != 1:
+        raise RegionError(f"the {what} has per-channel or non-constant parameters; the C interface takes one "
+                          "scale and zero point")
+    return expr.value.numpy().reshape(()).item()
+
+
+def _static_shape(ty, what: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(d) for d in ty.shape.values)
+    except (TypeError, AttributeError):
+        raise RegionError(f"the {what} has a symbolic shape; fix it with --input-shape NAME=D1,D2,...") from None
+
+
+def extract(mod: tvm.IRModule, input_names: list[str], output_names: list[str]
+            ) -> tuple[tvm.IRModule, list[BoundaryTensor], list[BoundaryTensor]]:
+    """(integer-only module, its inputs, its outputs).  Raises RegionError when the model's inputs
+    are not quantized directly or its outputs are not dequantized at the end."""
+    func = mod["main"]
+    bindings = [b for block in func.body.blocks for b in block.bindings]
+    by_var = {b.var: b.value for b in bindings}
+    params = {p: name for p, name in zip(func.params, input_names, strict=True)}
+
+    remap: dict = {}
+    inputs: list[BoundaryTensor] = []
+    for b in bindings:
+        if _op(b.value) == QUANTIZE and b.value.args[0] in params:
+            name = params[b.value.args[0]]
+            ty = b.var.ty
+            shape = _static_shape(ty, f"input {name!r}")
+            inputs.append(BoundaryTensor(name, shape, str(ty.dtype), float(_scalar(b.value.args[1], f"input {name!r}")),
+                                         int(_scalar(b.value.args[2], f"input {name!r}"))))
+            remap[b.var] = relax.Var(name, relax.TensorType(shape, ty.dtype))
+    if len(inputs) != len(params):
+        quantized = {i.name for i in inputs}
+        missing = next(n for n in params.values() if n not in quantized)
+        raise RegionError(f"input {missing!r} is not quantized directly (float math runs before its "
+                          "QuantizeLinear); the microcontroller code starts at the input quantize")
+
+    results = func.body.body
+    results = list(results.fields) if isinstance(results, relax.Tuple) else [results]
+    outputs: list[BoundaryTensor] = []
+    ends = []
+    for var, name in zip(results, output_names, strict=True):
+        value = by_var.get(var)
+        while isinstance(value, relax.Var) or _op(value) in ORDER_KEEPING_VIEWS:   # aliases, views
+            value = by_var.get(value if isinstance(value, relax.Var) else value.args[0])
+        if _op(value) != DEQUANTIZE:
+            raise RegionError(f"output {name!r} is not dequantized at the end (it is {_op(value) or 'an input'}); "
+                              "the microcontroller code ends at the output dequantize")
+        shape = _static_shape(var.ty, f"output {name!r}")
+        q = value.args[0]
+        outputs.append(BoundaryTensor(name, shape, str(q.ty.dtype),
+                                      float(_scalar(value.args[1], f"output {name!r}")),
+                                      int(_scalar(value.args[2], f"output {name!r}"))))
+        ends.append((q, shape))
+
+    needed: set = set()
+    stack = [q for q, _ in ends]
+    while stack:
+        var = stack.pop()
+        if var in needed or var in remap or var not in by_var:
+            continue
+        needed.add(var)
+        relax.analysis.post_order_visit(by_var[var], lambda e: stack.append(e) if isinstance(e, relax.Var) else None)
+
+    bb = relax.BlockBuilder()
+    new_params = [remap[b.var] for b in bindings if b.var in remap]
+    with bb.function("main", new_params):
+        with bb.dataflow():
+            for b in bindings:
+                if b.var in needed:
+                    remap[b.var] = bb.emit(_Substitute(remap).visit_expr(b.value), name_hint=b.var.name)
+            outs = [bb.emit(relax.op.reshape(remap[q], shape)) if _static_shape(q.ty, 'output') != shape else remap[q]
+                    for q, shape in ends]
+            out = bb.emit_output(outs[0] if len(outs) == 1 else relax.Tuple(outs))
+        bb.emit_func_output(out)
+    new = bb.get()
+    region = tvm.IRModule({**{gv: f for gv, f in mod.functions_items() if gv.name_hint != "main"},
+                           **dict(new.functions_items())})
+    return relax.transform.DeadCodeElimination()(region), inputs, outputs
+
+
+@relax.expr_functor.mutator
+class _Substitute(relax.PyExprMutator):
+    """An expression with the variables in ``remap`` substituted."""
+
+    def __init__(self, remap: dict):
+        super().__init__()
+        self.remap = remap
+
+    def visit_var_(self, var):
+        return self.remap.get(var, var)
+
+    def visit_dataflow_var_(self, var):
+        return self.remap.get(var, var)
+
+
+def quantize(x: np.ndarray, t: BoundaryTensor) -> np.ndarray:
+    """The host side of the input quantize (ONNX QuantizeLinear: round half to even, saturate)."""
+    info = np.iinfo(t.dtype)
+    q = np.round(np.asarray(x, np.float32) / np.float32(t.scale)) + t.zero_point
+    return np.clip(q, info.min, info.max).astype(t.dtype)
+
+
+def dequantize(q: np.ndarray, t: BoundaryTensor) -> np.ndarray:
+    return ((np.asarray(q).astype(np.int32) - t.zero_point).astype(np.float32) * np.float32(t.scale))
