@@ -53,9 +53,11 @@ class McuSchedule(dl.ScheduleRule):
         blocks = dl.analysis.normalize_prim_func(sch)
         if blocks is None:
             return None
+        if sum(b.is_reduction() for b in blocks) > 1:
+            return None
         blocks = dl.try_inline_contiguous_spatial(sch, blocks)
         reductions = [b for b in blocks if b.is_reduction()]
-        if len(reductions) == 1 and blocks[-1] is not reductions[0] or len(reductions) == 1 and len(blocks) == 1:
+        if len(reductions) == 1:
             red = reductions[0]
             loops = sch.get_loops(red.block_rv)
             spatial = sum(1 for it in red.iters if it.kind == "S")
@@ -98,9 +100,10 @@ def lift_scratch(func: tirx.PrimFunc) -> tuple[tirx.PrimFunc, tuple[Scratch, ...
                 n *= int(d)
             size = n * tvm.DataType(buf.dtype).bits // 8
             if size >= LIFT_BYTES:
-                params.append(buf.data)
+                ptr = tirx.Var(buf.name + "_ptr", ir.PointerType(ir.PrimType(buf.dtype)))
+                params.append(ptr)
                 lifted.append(Scratch(buf.name, str(buf.dtype), size))
-                keep.append(tirx.DeclBuffer(buf, data=buf.data))
+                keep.append(tirx.DeclBuffer(buf, data=ptr))
                 continue
         keep.append(s)
     if not lifted:
