@@ -16,6 +16,8 @@ kernels free of the TVM runtime:
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
 
 import tvm
@@ -132,7 +134,11 @@ def compile_kernels(funcs: dict[str, tirx.PrimFunc], target: dict) -> Kernels:
     built = tvm.tirx.build(tvm.IRModule(out), target=tgt, pipeline=_LOWERED)
     if tgt.kind.name == "c":
         return Kernels(built.inspect_source(), None, scratch)
-    return Kernels(None, built, scratch)
+    with tempfile.TemporaryDirectory(prefix="lowbit-rv32-") as tmp:
+        path = os.path.join(tmp, "kernels.o")
+        built.write_to_file(path)
+        with open(path, "rb") as f:
+            return Kernels(None, f.read(), scratch)
 
 
 def _already_lowered():

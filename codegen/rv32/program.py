@@ -9,6 +9,7 @@ microTVM's AOT executor did this on Relay (``tvmgen_<mod>_run``); TVM 0.27 has n
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 
@@ -61,7 +62,7 @@ class Program:
            scratch: dict[str, tuple[Scratch, ...]], macs: dict[str, int]) -> Program:
         buffers: dict[str, Buffer] = {}
         constants: dict[str, np.ndarray] = {}
-        const_names: dict[int, str] = {}
+        const_names: dict[tuple, str] = {}
         env: dict = {}
         for p, t in zip(main.params, inputs, strict=True):
             buffers[t.name] = Buffer(t.name, t.dtype, _nbytes(t.shape, t.dtype), "input")
@@ -74,11 +75,11 @@ class Program:
 
         def arg(a) -> str:
             if isinstance(a, tvm.ir.GenericConst):
-                key = a.value.handle.value if hasattr(a.value, "handle") else id(a)
+                arr = a.value.numpy()
+                key = (str(arr.dtype), arr.shape, hashlib.sha256(arr.tobytes()).hexdigest())   # equal data: one copy
                 if key not in const_names:
                     const_names[key] = f"c{len(const_names)}"
-                    constants[const_names[key]] = a.value.numpy()
-                    arr = constants[const_names[key]]
+                    constants[const_names[key]] = arr
                     buffers[const_names[key]] = Buffer(const_names[key], str(arr.dtype), arr.nbytes, "const")
                 return const_names[key]
             if a in env:
