@@ -20,6 +20,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 
+import numpy as np
 import tvm
 from tvm import ir, s_tir, tirx
 from tvm.s_tir import dlight as dl
@@ -45,33 +46,66 @@ class Kernels:
 
 
 class McuSchedule(dl.ScheduleRule):
-    """Inline what can be inlined; with one reduction left, put its consumers at the reduction's
-    innermost spatial loop and split off its initialisation, so the accumulator is a scalar."""
+    """One contraction (conv, matmul, a pool's sum) per kernel, scheduled for a scalar core:
+
+    * elementwise producers and the epilogue inlined; the epilogue computed at the innermost output
+      loop, the accumulator's initialisation split off, so it is one register and the output is
+      written once, requantized;
+    * a convolution's padding is not inlined (a bounds test per multiply-accumulate): the padded
+      input rows an output row needs are copied once per output row, for all output channels
+      (loops reordered to n, oh, oc, ow), into a small buffer the arena holds;
+    * the filter window (kh x kw) unrolled, and a long reduction unrolled by 4, so its loads
+      use constant offsets and the loop overhead is shared by several multiply-accumulates.
+
+    Kernels with several reductions (I-LayerNorm, Shiftmax rows) keep TVM's loop nests; their
+    temporaries become arena scratch."""
 
     def apply(self, func, target, _tunable):
         if not isinstance(func, tirx.PrimFunc):
             return None
         sch = s_tir.Schedule(func)
         blocks = dl.analysis.normalize_prim_func(sch)
-        if blocks is None:
+        if blocks is None or sum(b.is_reduction() for b in blocks) > 1:
             return None
-        if sum(b.is_reduction() for b in blocks) > 1:
-            return None
-        blocks = dl.try_inline_contiguous_spatial(sch, blocks)
-        reductions = [b for b in blocks if b.is_reduction()]
-        if len(reductions) == 1:
-            red = reductions[0]
+        pads = [b for b in blocks if b.is_data_pad(sch)]
+        rest = dl.try_inline_contiguous_spatial(sch, [b for b in blocks if b not in pads])
+        reductions = [b for b in rest if b.is_reduction()]
+        if len(reductions) != 1:
+            return sch
+        red = reductions[0]
+        loops = sch.get_loops(red.block_rv)
+        spatial = sum(1 for it in red.iters if it.kind == "S")
+        if pads and spatial == 4:                       # NCHW conv: n, oc, oh, ow
+            sch.reorder(loops[2], loops[1])
             loops = sch.get_loops(red.block_rv)
-            spatial = sum(1 for it in red.iters if it.kind == "S")
-            after = blocks[blocks.index(red) + 1:]
-            for b in after:
+            for p in pads:
                 try:
-                    sch.reverse_compute_at(b.block_rv, loops[spatial - 1])
+                    sch.compute_at(p.block_rv, loops[1])
                 except (tvm.TVMError, tvm.error.InternalError):
-                    break
-            if spatial < len(loops):
-                sch.decompose_reduction(red.block_rv, loops[spatial])
+                    pass
+        for b in rest[rest.index(red) + 1:]:
+            try:
+                sch.reverse_compute_at(b.block_rv, loops[spatial - 1])
+            except (tvm.TVMError, tvm.error.InternalError):
+                break
+        if spatial == len(loops):
+            return sch
+        sch.decompose_reduction(red.block_rv, loops[spatial])
+        reduction = sch.get_loops(red.block_rv)[spatial:]
+        window = [_extent(sch, lp) for lp in reduction[1:]]
+        if all(n is not None and n <= 7 for n in window):
+            for lp in reduction[1:]:
+                sch.unroll(lp)
+            # a 1x1 window (pointwise conv) or none (matmul): four channels per loop trip instead
+            if int(np.prod(window)) < 4 and (n := _extent(sch, reduction[0])) and n % 4 == 0 and n > 4:
+                _, inner = sch.split(reduction[0], [None, 4])
+                sch.unroll(inner)
         return sch
+
+
+def _extent(sch: s_tir.Schedule, loop) -> int | None:
+    ext = sch.get(loop).extent
+    return int(ext) if isinstance(ext, tirx.IntImm) else None
 
 
 def unpacked(func: tirx.PrimFunc, name: str) -> tirx.PrimFunc:
