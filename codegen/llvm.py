@@ -29,6 +29,7 @@ from codegen.cpu_schedule import CPUDefault
 from compiler.errors import UserError
 from passes.fusion_report import CountKernels, FusionReport, RecordFusion, RecordUnscheduled
 from passes.merge_kernels import MergeKernels
+from passes.narrow_constants import NarrowConstants
 from passes.reduce_epilogue import ReduceEpilogue
 
 
@@ -125,12 +126,14 @@ def amx_available(target: dict) -> bool:
     return amx.available(tvm.target.Target(target))
 
 
-def fusion(target: tvm.target.Target, report: FusionReport) -> tvm.transform.Pass:
+def fusion(target: tvm.target.Target, report: FusionReport, narrow: bool = False) -> tvm.transform.Pass:
     """TVM's CPU legalization and fusion (relax.backend.cpu_generic), recorded for ``lowbit inspect``:
-    the result's kernels are the unscheduled PrimFuncs that tuning and our schedules work on."""
+    the result's kernels are the unscheduled PrimFuncs that tuning and our schedules work on.
+    ``narrow``: int64 constants that fit store as int32 (passes/narrow_constants.py; 32-bit cores)."""
     legalize = []
     for p in cpu.legalize_passes(target):
         if p.info.name == "FuseOps":
+            legalize += [NarrowConstants()] if narrow else []
             legalize += [ReduceEpilogue(), CountKernels(report)]
         legalize.append(p)
         if p.info.name == "FuseOps":

@@ -111,6 +111,34 @@ def rescale(x: relax.Expr, d: Dyadic, axis: int = -1) -> relax.Expr:
     return op.right_shift(op.add(op.multiply(op.astype(x, "int64"), m), h), e)
 
 
+def rescale_high(x: relax.Expr, d: Dyadic, axis: int = -1) -> relax.Expr | None:
+    """``rescale`` for an int32 ``x`` on a 32-bit core, when every shift is e >= 33: with
+    ``x * m = hi * 2^32 + lo`` and ``s = e - 32 >= 1``, the rounding constant 2^(e-1) only adds
+    2^(s-1) to ``hi``, and ``lo / 2^32 < 1`` never carries past the floor, so
+
+        (x * m + 2^(e-1)) >> e  ==  (hi + 2^(s-1)) >> s
+
+    One high-word multiply (RISC-V ``mulh``) and two 32-bit operations instead of a 64-bit
+    multiply, add and variable shift.  ``|x * m| < 2^62`` keeps ``hi`` within int32.  Returns the
+    same int64 value as ``rescale``, or None when a shift is below 33 (the general form applies).
+    """
+    if not np.all(d.e >= 33):
+        return None
+    op = relax.op
+    s = d.e - 32
+    half = np.left_shift(1, s - 1)
+    if d.m.size == 1:
+        m = relax.const(int(d.m.reshape(-1)[0]), "int64")
+        s_, h = (relax.const(int(v.reshape(-1)[0]), "int32") for v in (s, half))
+    else:
+        shape = [1] * x.ty.ndim
+        shape[axis] = d.m.size
+        m = relax.const(d.m.reshape(shape), "int64")
+        s_, h = (relax.const(v.reshape(shape).astype(np.int32), "int32") for v in (s, half))
+    hi = op.astype(op.right_shift(op.multiply(op.astype(x, "int64"), m), relax.const(32, "int64")), "int32")
+    return op.astype(op.right_shift(op.add(hi, h), s_), "int64")
+
+
 def saturate(total: relax.Expr, zero_point: int, qmin: int, qmax: int, out_dtype: str) -> relax.Expr:
     """``clip(total + zero_point, qmin, qmax)`` cast to ``out_dtype`` (``total`` is int64).
 

@@ -114,3 +114,38 @@ def test_relax_kernel_is_bit_exact_against_golden(per_channel, out_dtype, qmin, 
     assert got.dtype == np.dtype(out_dtype)
     np.testing.assert_array_equal(got, want)
     assert len(kernels) == 1                             # multiply-add-shift-clip-cast fused into one kernel
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_high_word_rescale_is_the_same_integer(per_channel):
+    """passes/high_word_rescale.py (rv32): (mulh(x, m) + 2^(e-33)) >> (e-32) for every e >= 33,
+    bit-exact against the golden 64-bit formula at the int32 extremes and on exact ties."""
+    import tvm_ffi
+
+    from passes.high_word_rescale import HighWordRescale
+
+    rng = np.random.default_rng(2)
+    channels = 12
+    ratios = rng.uniform(1e-6, 0.24, size=channels if per_channel else 1)
+    ratios[0] = 2.0**-9                                  # e = 39, exact ties below
+    if per_channel:
+        ratios[1], ratios[2] = 2.0**-32, 0.2499          # the largest shift (62), and e = 33
+    d = dyadic_from_ratio(ratios)
+    assert d.e.min() >= 33
+    x = rng.integers(-(2**31), 2**31, size=(7, channels), dtype=np.int64)
+    x[0] = rng.integers(-(2**12), 2**12, size=channels)
+    x[1, :], x[2, :] = 2**31 - 1, -(2**31)
+    x[3, :] = np.arange(channels) * 256 + 256
+    x = x.astype(np.int32)
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType(x.shape, "int32"))
+    with bb.function("main", [xv]):
+        with bb.dataflow():
+            y = bb.emit_output(requantize(xv, d, -128, 127, "int8", axis=1))
+        bb.emit_func_output(y)
+    mod = bb.get()
+    high = HighWordRescale()(mod)
+    assert not tvm_ffi.structural_equal(high, mod)       # the rewrite applied
+    ex, _, _ = llvm.build(high, llvm.host_target())
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    np.testing.assert_array_equal(got, golden.requantize(x, d.m, d.e, -128, 127, axis=1))

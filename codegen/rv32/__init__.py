@@ -20,6 +20,7 @@ from codegen import memory_plan
 from codegen.rv32 import kernels, program, toolchain
 from compiler.errors import UserError
 from passes.fusion_report import FusionReport
+from passes.high_word_rescale import HighWordRescale
 from passes.integer_region import BoundaryTensor
 
 
@@ -54,8 +55,9 @@ def build(mod: tvm.IRModule, inputs: list[BoundaryTensor], outputs: list[Boundar
     tgt = tvm.target.Target(isa.tvm_target(codegen))
     from codegen.llvm import fusion
 
+    mod = HighWordRescale()(mod)
     with tgt:
-        fused = fusion(tgt, report)(mod)
+        fused = fusion(tgt, report, narrow=True)(mod)
         fused = relax.transform.RewriteDataflowReshape()(fused)
     funcs = {gv.name_hint: f for gv, f in fused.functions_items() if isinstance(f, tirx.PrimFunc)}
     macs = {n: kernels.macs(f) for n, f in funcs.items()}

@@ -75,32 +75,74 @@ class McuSchedule(dl.ScheduleRule):
         red = reductions[0]
         loops = sch.get_loops(red.block_rv)
         spatial = sum(1 for it in red.iters if it.kind == "S")
-        if pads and spatial == 4:                       # NCHW conv: n, oc, oh, ow
-            sch.reorder(loops[2], loops[1])
-            loops = sch.get_loops(red.block_rv)
-            for p in pads:
-                try:
-                    sch.compute_at(p.block_rv, loops[1])
-                except (tvm.TVMError, tvm.error.InternalError):
-                    pass
-        for b in rest[rest.index(red) + 1:]:
-            try:
-                sch.reverse_compute_at(b.block_rv, loops[spatial - 1])
-            except (tvm.TVMError, tvm.error.InternalError):
-                break
         if spatial == len(loops):
             return sch
-        sch.decompose_reduction(red.block_rv, loops[spatial])
-        reduction = sch.get_loops(red.block_rv)[spatial:]
+        # normalized loops drop unit axes (batch 1): index the output axes from the end
+        nred = len(loops) - spatial
+        conv = spatial >= 3 and nred == 3               # ..., oc, oh, ow; rc, kh, kw
+        depthwise = spatial >= 3 and nred == 2          # ..., c, oh, ow; kh, kw
+        oc, oh, ow = spatial - 3, spatial - 2, spatial - 1
+        if conv:                                        # oc, oh, ow -> oh, oc, ow
+            sch.reorder(loops[oh], loops[oc])
+            loops = sch.get_loops(red.block_rv)
+        if pads and (conv or depthwise):                # per output row (conv) or channel (depthwise)
+            for p in pads:
+                try:
+                    sch.compute_at(p.block_rv, loops[oc])
+                    # a fill of the pad value, then an unconditional copy of the interior
+                    sch.decompose_padding(p.block_rv, sch.get_loops(p.block_rv)[len(loops[:oc]) + 1])
+                except (tvm.TVMError, tvm.error.InternalError):
+                    pass
+        # a register tile: output channels x pixels (conv), pixels (depthwise), columns (matmul) that
+        # share each loaded input and weight
+        sizes = [_extent(sch, lp) for lp in loops[:spatial]]
+
+        def divides(axes, want):
+            """The first of ``axes`` (innermost first) that ``want`` (or half of it) divides."""
+            return next(({i: w} for w in (want, want // 2) if w > 1 for i in axes if _tile(sizes[i], w) == w), {})
+
+        if conv:            # output channels (now at ``oh``) x pixels along a row
+            tiles = {oh: _tile(sizes[oh], 2), **divides([ow], 2)}
+        elif depthwise:     # pixels along a row, or rows: they share the channel's weights
+            tiles = divides([ow, oh], 4)
+        else:               # matmul, pointwise conv: the innermost output axis
+            tiles = divides(list(reversed(range(spatial))), 4) if nred == 1 else {}
+        outer, inner, first = [], [], spatial
+        for i, lp in enumerate(loops[:spatial]):
+            f = _tile(_extent(sch, lp), tiles.get(i, 1))
+            if f > 1:
+                o, n = sch.split(lp, [None, f])
+                outer.append(o)
+                inner.append(n)
+                first = min(first, i)
+            else:
+                outer.append(lp)
+        reduction = loops[spatial:]
+        sch.reorder(*outer[first:], *reduction, *inner)     # not above the padded rows' loop
+        for b in rest[rest.index(red) + 1:]:
+            try:
+                sch.reverse_compute_at(b.block_rv, outer[-1])
+            except (tvm.TVMError, tvm.error.InternalError):
+                break
+        sch.decompose_reduction(red.block_rv, reduction[0])
         window = [_extent(sch, lp) for lp in reduction[1:]]
         if all(n is not None and n <= 7 for n in window):
             for lp in reduction[1:]:
                 sch.unroll(lp)
-            # a 1x1 window (pointwise conv) or none (matmul): four channels per loop trip instead
-            if int(np.prod(window)) < 4 and (n := _extent(sch, reduction[0])) and n % 4 == 0 and n > 4:
-                _, inner = sch.split(reduction[0], [None, 4])
-                sch.unroll(inner)
+            # a 1x1 window (pointwise conv) or none (matmul): several channels per loop trip
+            if not inner and int(np.prod(window)) < 4 and (n := _extent(sch, reduction[0])) and n % 4 == 0 and n > 4:
+                _, lp = sch.split(reduction[0], [None, 4])
+                sch.unroll(lp)
+        for lp in inner:
+            sch.unroll(lp)
         return sch
+
+
+def _tile(extent: int | None, want: int) -> int:
+    """The largest power of two up to ``want`` that divides ``extent``."""
+    while want > 1 and (extent is None or extent % want):
+        want //= 2
+    return want
 
 
 def _extent(sch: s_tir.Schedule, loop) -> int | None:

@@ -1,0 +1,89 @@
+"""HighWordRescale: dyadic requantization with one high-word multiply, for 32-bit cores.
+
+Every requantize of the lowered graph is ``dyadic.rescale``'s ``(x * m + 2^(e-1)) >> e`` in int64.
+On rv32 that is a 64-bit multiply, a 64-bit add and a variable 64-bit shift per output: about 35
+instructions, more than the nine multiply-accumulates of a depthwise 3x3 output.  Where ``x`` is
+int32 and every shift is at least 33 (conv and matmul ratios are far below 2^-1), this pass
+rewrites it as ``dyadic.rescale_high``: ``(mulh(x, m) + 2^(e-33)) >> (e-32)``, the same integer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from passes.dyadic import Dyadic, rescale_high
+
+
+def _const(expr) -> np.ndarray | None:
+    return expr.value.numpy() if isinstance(expr, tvm.ir.GenericConst) else None
+
+
+def _is(expr, name: str) -> bool:
+    return isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == name
+
+
+@relax.expr_functor.mutator
+class _HighWord(relax.PyExprMutator):
+    def _value(self, expr):
+        """The expression a dataflow variable is bound to (the lowering binds every op)."""
+        while isinstance(expr, relax.Var):
+            bound = self.lookup_binding(expr)
+            if bound is None:
+                return expr
+            expr = bound
+        return expr
+
+    def visit_call_(self, call):
+        call = self.visit_expr_post_order(call)
+        if _is(call, "relax.astype"):
+            return self._saturate(call)
+        if not _is(call, "relax.right_shift") or (e := _const(call.args[1])) is None:
+            return call
+        add = self._value(call.args[0])
+        if not _is(add, "relax.add") or _const(add.args[1]) is None:
+            return call
+        mul = self._value(add.args[0])
+        if not _is(mul, "relax.multiply") or (m := _const(mul.args[1])) is None or m.dtype != np.int64:
+            return call
+        cast = self._value(mul.args[0])
+        if not _is(cast, "relax.astype") or str(cast.args[0].ty.dtype) != "int32" or m.shape != e.shape:
+            return call
+        x = cast.args[0]
+        axis = next((i for i, n in enumerate(m.shape) if n > 1), -1)
+        high = rescale_high(x, Dyadic(m.reshape(-1), e.reshape(-1)), axis)
+        # the rounding constant is part of the pattern: only the form dyadic.rescale builds
+        half = _const(add.args[1])
+        if high is None or not np.array_equal(half, np.left_shift(1, np.maximum(e, 1) - 1) * (e > 0)):
+            return call
+        return self.builder_.normalize(high)
+
+    def _saturate(self, call):
+        """``dyadic.saturate`` of a term that is an int32 widened: ``astype(clip(astype(v, int64) +
+        z, lo, hi), int8)`` clamps in int32 instead (``|v| < 2^30``, so ``v + z`` cannot wrap)."""
+        if tvm.DataType(str(call.ty.dtype)).bits > 32:
+            return call
+        clip = self._value(call.args[0])
+        if not _is(clip, "relax.clip"):
+            return call
+        total, zero = self._value(clip.args[0]), 0
+        if _is(total, "relax.add") and (z := _const(total.args[1])) is not None and z.size == 1:
+            total, zero = self._value(total.args[0]), int(z.reshape(-1)[0])
+        if not _is(total, "relax.astype") or str(total.args[0].ty.dtype) != "int32":
+            return call
+        lo, hi = (int(v.value) for v in clip.args[1:3])
+        v = total.args[0]
+        if zero:
+            v = relax.op.add(v, relax.const(zero, "int32"))
+        return self.builder_.normalize(relax.op.astype(relax.op.clip(v, lo, hi), call.ty.dtype))
+
+
+@tvm.transform.module_pass(opt_level=0, name="lowbit.HighWordRescale")
+class HighWordRescale:
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        m = _HighWord(mod)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                m.builder_.update_func(gv, m.visit_expr(func))
+        return relax.transform.DeadCodeElimination()(m.builder_.get())
