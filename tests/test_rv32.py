@@ -162,21 +162,29 @@ def test_profile_counts_are_deterministic_and_cover_every_call(digits_cnn, tmp_p
 
 
 @needs_toolchain
-def test_llvm_codegen_links_and_matches_the_c_kernels(digits_cnn, tmp_path):
+def test_llvm_and_vector_codegen_link_and_match_the_c_kernels(digits_cnn, tmp_path):
+    """--codegen llvm (TVM's LLVM object) for rv32imc and, with RVV (zve32x), vector kernels: both
+    bit-exact with GCC's build of the C kernels, and the vector build really vectorized."""
     import runtime
 
     model, calib = digits_cnn
+    builds = {"c": ("rv32imc", "c"), "llvm": ("rv32imc", "llvm"), "rvv": ("rv32imc+zve32x", "llvm")}
     outs = {}
-    for codegen in ("c", "llvm"):
-        r = run_cli("compile", model, "--calib", calib, "--target", "rv32", "--codegen", codegen,
-                    "-o", tmp_path / codegen, "-q")
+    for name, (march, codegen) in builds.items():
+        r = run_cli("compile", model, "--calib", calib, "--target", "rv32", "--march", march, "--codegen", codegen,
+                    "-o", tmp_path / name, "-q")
         assert r.returncode == 0, r.stderr
-        outs[codegen] = runtime.load(tmp_path / codegen)
+        outs[name] = runtime.load(tmp_path / name)
     assert (tmp_path / "llvm" / "kernels.o").is_file() and not (tmp_path / "llvm" / "kernels.c").exists()
+    asm = subprocess.run(["riscv64-unknown-elf-objdump", "-d", str(tmp_path / "rvv" / "kernels.o")],
+                         capture_output=True, text=True, check=True).stdout
+    assert "vsetvli" in asm and re.search(r"\tv(w?mul|w?macc|add)\.", asm)
     x = zoo.get("digits_cnn").samples(2, seed=5)
     for i in range(len(x)):
         feeds = {zoo.INPUT: x[i:i + 1]}
-        np.testing.assert_array_equal(outs["llvm"].run(feeds)[zoo.OUTPUT], outs["c"].run(feeds)[zoo.OUTPUT])
+        want = outs["c"].run(feeds)[zoo.OUTPUT]
+        for name in ("llvm", "rvv"):
+            np.testing.assert_array_equal(outs[name].run(feeds)[zoo.OUTPUT], want)
 
 
 @needs_toolchain
@@ -214,3 +222,19 @@ def test_rv32_flags_are_refused_for_other_targets():
         CompileOptions(target="rv32", march="rv64gc")
     with pytest.raises(UserError, match="codegen llvm"):
         CompileOptions(target="rv32", march="rv32imc+zve32x")
+
+
+def test_in_place_only_for_elementwise_kernels_of_equal_element_size():
+    from tvm import te
+
+    from codegen.rv32.kernels import in_place_inputs
+
+    a = te.placeholder((4, 8), "int8", "a")
+    b = te.placeholder((1, 8), "int8", "b")
+    wide = te.placeholder((4, 8), "int32", "wide")
+    add = te.compute((4, 8), lambda i, j: a[i, j] + b[0, j], "add")            # a may be overwritten, b not
+    flip = te.compute((8, 4), lambda i, j: a[j, i], "flip")                     # a transpose: no
+    narrow = te.compute((4, 8), lambda i, j: wide[i, j].astype("int8"), "narrow")   # 4-byte input: no
+    assert in_place_inputs(te.create_prim_func([a, b, add])) == [0]
+    assert in_place_inputs(te.create_prim_func([a, flip])) == []
+    assert in_place_inputs(te.create_prim_func([wide, narrow])) == []

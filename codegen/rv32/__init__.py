@@ -62,8 +62,9 @@ def build(mod: tvm.IRModule, inputs: list[BoundaryTensor], outputs: list[Boundar
     funcs = {gv.name_hint: f for gv, f in fused.functions_items() if isinstance(f, tirx.PrimFunc)}
     macs = {n: kernels.macs(f) for n, f in funcs.items()}
     compiled = kernels.compile_kernels(funcs, isa.tvm_target(codegen))
-    prog = program.Program.of(name, fused["main"], inputs, outputs, compiled.scratch, macs)
-    plan = memory_plan.plan(prog.lifetimes())
+    in_place = {n: kernels.in_place_inputs(f) for n, f in funcs.items()}
+    prog = program.Program.of(name, fused["main"], inputs, outputs, compiled.scratch, macs, in_place)
+    plan = memory_plan.plan(prog.lifetimes(), prog.inplace)
     if ram_limit is not None and plan.arena > ram_limit:
         big = prog.buffers[plan.largest]
         raise UserError(f"{source}: needs a {plan.arena} B arena (peak of the static plan; lower bound "
@@ -88,7 +89,7 @@ def build(mod: tvm.IRModule, inputs: list[BoundaryTensor], outputs: list[Boundar
     kernel_ops = {k: report.groups.get(k, [k]) for k in sorted(set(calls))}
     summary = {"isa": isa.name, "codegen": codegen, "function": f"lowbit_{prog.name}_run",
                "arena_bytes": plan.arena, "arena_lower_bound": plan.lower_bound, "arena_no_reuse": plan.total,
-               "arena_method": plan.method, "weight_bytes": prog.weight_bytes(), "macs": prog.macs(),
+               "arena_method": plan.method, "in_place": plan.inplace, "weight_bytes": prog.weight_bytes(), "macs": prog.macs(),
                "calls": len(prog.calls), "kernel_macs": {k: macs[k] for k in sorted(set(calls))},
                "inputs": [vars(t) for t in inputs], "outputs": [vars(t) for t in outputs]}
     return Rv32Build(files, plan, calls, kernel_ops, prog.macs(), prog.weight_bytes(), report.before, summary)

@@ -240,3 +240,27 @@ def macs(func: tirx.PrimFunc) -> int:
                 n *= int(it.dom)
             total += n
     return total
+
+
+def in_place_inputs(func: tirx.PrimFunc) -> list[int]:
+    """Parameters the output may overwrite: every block is injective and reads such an input only
+    at the point it writes (so element i is read before output element i replaces it), and the
+    input has the output's shape and element size."""
+    sch = s_tir.Schedule(func)
+    blocks = dl.analysis.normalize_prim_func(sch)
+    if not blocks or not all(b.is_injective() for b in blocks):
+        return []
+    out = func.params[-1]
+
+    def pointwise(name: str) -> bool:
+        for b in blocks:
+            stmt = sch.get(b.block_rv)
+            written = [str(r.min) for r in stmt.writes[0].region]
+            for r in stmt.reads:
+                if r.source.name == name and [str(x.min) for x in r.region] != written:
+                    return False
+        return True
+
+    return [i for i, p in enumerate(func.params[:-1])
+            if [int(d) for d in p.shape] == [int(d) for d in out.shape]
+            and tvm.DataType(p.dtype).bits == tvm.DataType(out.dtype).bits and pointwise(p.name)]

@@ -56,10 +56,12 @@ class Program:
     constants: dict[str, np.ndarray]
     calls: list[Call]
     param_types: dict[str, list[str]]       # kernel -> C types of its parameters (tensors, then scratch)
+    inplace: dict[str, str]                 # output -> the input it may overwrite (the planner decides)
 
     @classmethod
     def of(cls, name: str, main: relax.Function, inputs: list[BoundaryTensor], outputs: list[BoundaryTensor],
-           scratch: dict[str, tuple[Scratch, ...]], macs: dict[str, int]) -> Program:
+           scratch: dict[str, tuple[Scratch, ...]], macs: dict[str, int],
+           in_place: dict[str, list[int]] | None = None) -> Program:
         buffers: dict[str, Buffer] = {}
         constants: dict[str, np.ndarray] = {}
         const_names: dict[tuple, str] = {}
@@ -68,6 +70,7 @@ class Program:
             buffers[t.name] = Buffer(t.name, t.dtype, _nbytes(t.shape, t.dtype), "input")
             env[p] = t.name
         calls: list[Call] = []
+        inplace: dict[str, str] = {}
         param_types: dict[str, list[str]] = {}
         result = main.body.body
         results = list(result.fields) if isinstance(result, relax.Tuple) else [result]
@@ -103,6 +106,10 @@ class Program:
                         buffers[sname] = Buffer(sname, s.dtype, s.bytes, "arena")
                         extra.append(sname)
                     calls.append(Call(kernel, (*args, out, *extra), macs.get(kernel, 0)))
+                    for i in (in_place or {}).get(kernel, []):
+                        src = buffers[args[i]].base or args[i]
+                        if buffers[src].home == "arena" and buffers[out].home == "arena" and src != out:
+                            inplace.setdefault(out, src)
                     param_types.setdefault(kernel, [CTYPES[buffers[x].dtype] for x in (*args, out, *extra)])
                 elif isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op) and v.op.name == "relax.reshape":
                     src = arg(v.args[0])
@@ -117,7 +124,7 @@ class Program:
                 else:
                     what = v.op.name if isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op) else type(v).__name__
                     raise ProgramError(f"{what} in the call sequence has no microcontroller lowering")
-        return cls(_c_name(name), inputs, outputs, buffers, constants, calls, param_types)
+        return cls(_c_name(name), inputs, outputs, buffers, constants, calls, param_types, inplace)
 
     def lifetimes(self) -> list[Tensor]:
         """The arena tensors with the steps that write and last read them (views count as reads

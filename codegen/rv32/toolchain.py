@@ -38,6 +38,8 @@ class Isa:
 ISAS = {
     "rv32imc": Isa("rv32imc", "rv32imc", ("+m", "+c"), "rv32"),
     "rv32imac": Isa("rv32imac", "rv32imac", ("+m", "+a", "+c"), "rv32"),
+    # the integer-only code uses no F/D instruction; Debian's picolibc has no rv32gc/ilp32d multilib,
+    # so GCC builds it as rv32imac (runs unchanged on any rv32gc core); LLVM may use the full ISA
     "rv32gc": Isa("rv32gc", "rv32imac", ("+m", "+a", "+f", "+d", "+c"), "rv32"),
     # GCC 12 does not vectorize for RVV, so vector kernels come from LLVM (--codegen llvm)
     "rv32imc+zve32x": Isa("rv32imc+zve32x", "rv32imc", ("+m", "+c", "+zve32x", "+zvl128b"),
