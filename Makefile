@@ -26,7 +26,11 @@ demo: setup
 	$(BIN)/lowbit zoo export digits_cnn -o $(DEMO)/digits_cnn.onnx --calib $(DEMO)/digits_cnn.calib.npz
 	$(BIN)/lowbit compile $(DEMO)/digits_cnn.onnx --calib $(DEMO)/digits_cnn.calib.npz -o $(DEMO)/digits_cnn_int8
 	$(BIN)/lowbit inspect $(DEMO)/digits_cnn_int8 | sed -n '/^integer-only/p;/^quantized/p;/^kernels/p'
-	$(BIN)/lowbit eval $(DEMO)/digits_cnn.onnx --data digits --calib $(DEMO)/digits_cnn.calib.npz
+	@# the same model for a RISC-V microcontroller: a C project with a static memory plan, run under QEMU
+	$(BIN)/lowbit compile $(DEMO)/digits_cnn.onnx --calib $(DEMO)/digits_cnn.calib.npz --target rv32 -o $(DEMO)/digits_cnn_rv32
+	$(BIN)/lowbit profile $(DEMO)/digits_cnn_rv32 | tail -2
+	@# accuracy: ORT FP32 and INT8, lowbit on this CPU, and lowbit's rv32 build under QEMU
+	$(BIN)/lowbit eval $(DEMO)/digits_cnn.onnx --data digits --calib $(DEMO)/digits_cnn.calib.npz --rv32
 	$(BIN)/lowbit bench $(DEMO)/digits_cnn.onnx --calib $(DEMO)/digits_cnn.calib.npz --seconds 6 -q
 	@# mixed precision: the per-layer plan at half the int8-to-int4 size range, then its accuracy
 	$(BIN)/lowbit plan $(DEMO)/digits_cnn.onnx --calib $(DEMO)/digits_cnn.calib.npz --size-budget 0.5

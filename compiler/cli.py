@@ -368,7 +368,7 @@ def cmd_eval(args) -> int:
     from runtime.evaluate import evaluate
 
     model_path, calib = _eval_inputs(args)
-    result = evaluate(model_path, calib, args.data, args.threads, **_quant_options(args))
+    result = evaluate(model_path, calib, args.data, args.threads, rv32=args.rv32, **_quant_options(args))
     print(result.table())
     if args.json:
         _write_text(args.json, result.to_json())
@@ -627,6 +627,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataset_args(e)
     _add_quant_args(e)
     e.add_argument("--threads", type=_positive(int), default=os.cpu_count() or 1, help="threads for every runtime")
+    e.add_argument("--rv32", action="store_true",
+                   help="also lowbit's rv32 microcontroller build (--target rv32), run under QEMU")
     e.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     e.set_defaults(func=cmd_eval)
 

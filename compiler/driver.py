@@ -58,7 +58,7 @@ def _compile(model, opts: CompileOptions, config, remote=None) -> Artifact:
         src = frontend.OnnxModel(qoperator.to_qdq(src.proto), src.path, src.sha256)
         frontend.check_supported(src)
         frontend.validate(src)
-        inputs = frontend.input_specs(src, opts.input_shapes)
+        inputs = declared = frontend.input_specs(src, opts.input_shapes)
         if mcu:                             # a microcontroller runs one sample at a time
             inputs = frontend.static_specs(src, inputs, "a microcontroller runs one sample at a time")
         given_quantized = quantize.is_quantized(src.proto)
@@ -123,7 +123,8 @@ def _compile(model, opts: CompileOptions, config, remote=None) -> Artifact:
         histogram, nbytes = op_histogram(mod), weight_bytes(mod)
         verdict = check_integer_only(mod)
     if mcu:
-        return _build_rv32(src, opts, mod, inputs, outputs, histogram, nbytes, verdict, quantization, target)
+        return _build_rv32(src, opts, mod, inputs, outputs, histogram, nbytes, verdict, quantization, target,
+                           declared)
     tuning = tune.TuneReport(opts.tune) if opts.tune else None
     # --tune: meta_schedule's kernels, where they beat ours, between fusion and our schedules
     schedule = partial(tune.schedule, trials=opts.tune, remote=remote, report=tuning) if tuning else None
@@ -154,8 +155,10 @@ def _compile(model, opts: CompileOptions, config, remote=None) -> Artifact:
 
 
 def _build_rv32(src, opts: CompileOptions, mod, inputs, outputs, histogram, nbytes, verdict, quantization,
-                target) -> Artifact:
-    """The integer region as a C project for a RISC-V microcontroller (codegen/rv32)."""
+                target, declared) -> Artifact:
+    """The integer region as a C project for a RISC-V microcontroller (codegen/rv32).  The C
+    interface takes one sample; the manifest keeps the model's declared inputs (a symbolic batch),
+    since ``run`` takes a batch and runs it sample by sample."""
     if not verdict.integer_only:
         raise UserError(f"{src.path}: not integer-only ({verdict.reason}); the rv32 target runs integer-only "
                         "models: quantize it (--calib DATA.npz) or give a QDQ model")
@@ -169,7 +172,7 @@ def _build_rv32(src, opts: CompileOptions, mod, inputs, outputs, histogram, nbyt
                            isa=toolchain.isa(opts.march), codegen=opts.codegen, ram_limit=opts.ram_limit)
     manifest = Manifest(
         model=Path(src.path).name, model_sha256=src.sha256, target=target, precision=_precision(histogram, verdict),
-        inputs=inputs, outputs=outputs, kernels=sorted(build.kernel_ops), op_histogram=histogram, weight_bytes=nbytes,
+        inputs=declared, outputs=outputs, kernels=sorted(build.kernel_ops), op_histogram=histogram, weight_bytes=nbytes,
         versions=versions(), integer_only=verdict.integer_only, integer_region=verdict.reason,
         quant=quantize.boundary_params(src.proto) or None, quantization=quantization,
         kernel_ops=build.kernel_ops, kernels_unfused=build.unfused, kernel_launches=len(build.calls),

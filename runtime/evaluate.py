@@ -83,8 +83,9 @@ def compile_for_splits(model_path: str, calib: Mapping[str, np.ndarray], splits,
 
 
 def evaluate(model_path: str, calib: Mapping[str, np.ndarray], dataset: str = "digits",
-             threads: int = 1, **quantization) -> EvalResult:
-    """``quantization``: lowbit's CompileOptions fields (observer, nonlinear, weight_bits, budgets...)."""
+             threads: int = 1, rv32: bool = False, **quantization) -> EvalResult:
+    """``quantization``: lowbit's CompileOptions fields (observer, nonlinear, weight_bits, budgets...).
+    ``rv32``: also the rv32 build of the same model, run under QEMU (codegen/rv32, runtime/qemu.py)."""
     import onnx
 
     from runtime import ort
@@ -97,6 +98,13 @@ def evaluate(model_path: str, calib: Mapping[str, np.ndarray], dataset: str = "d
         runners = {REFERENCE: ort.OrtRunner(REFERENCE, model_path, threads),
                    "ORT INT8 (QDQ)": ort.OrtRunner("ORT INT8 (QDQ)", qdq, threads),
                    f"lowbit {art.manifest.precision}": art.run}
+        if rv32:
+            import compiler
+            from compiler.options import CompileOptions
+
+            mcu = compiler.compile(model_path, options=CompileOptions(target="rv32", calib=dict(calib),
+                                                                      **quantization))
+            runners[f"lowbit {mcu.manifest.precision} rv32"] = mcu.run
         logits = {r: {s: next(iter(run({name: d.x}).values())) for s, d in splits.items()}
                   for r, run in runners.items()}
     ref = logits[REFERENCE]

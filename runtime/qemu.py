@@ -21,7 +21,8 @@ from codegen.rv32 import toolchain
 from compiler.errors import UserError
 from passes.integer_region import BoundaryTensor, dequantize, quantize
 
-TIMEOUT_S = 120
+TIMEOUT_S = 120                 # per run of the harness, plus PER_INPUT_S for each input it processes
+PER_INPUT_S = 2
 
 
 @dataclass(frozen=True)
@@ -63,12 +64,13 @@ def _make(directory: Path, *args: str) -> None:
         raise UserError(f"{directory}: building the ELF failed: {' | '.join(last)}")
 
 
-def _qemu(mcu: dict, elf: Path) -> str:
+def _qemu(mcu: dict, elf: Path, inputs: int) -> str:
     cmd = toolchain.qemu_command(toolchain.isa(mcu["isa"]), str(elf))
+    limit = TIMEOUT_S + PER_INPUT_S * inputs
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
     except subprocess.TimeoutExpired:
-        raise UserError(f"{elf}: QEMU did not finish within {TIMEOUT_S} s (a hang in the model code?); "
+        raise UserError(f"{elf}: QEMU did not finish within {limit} s (a hang in the model code?); "
                         "rerun with make -C OUTDIR run to watch it") from None
     if r.returncode != 0:
         raise UserError(f"{elf}: the model returned {r.returncode} under QEMU "
@@ -77,29 +79,32 @@ def _qemu(mcu: dict, elf: Path) -> str:
 
 
 def run_int(directory: Path, mcu: dict, q: np.ndarray, *, profile: bool = False) -> tuple[np.ndarray, str]:
-    """The integer output for integer input ``q`` (and the harness's full stdout)."""
-    out = _boundary(mcu["outputs"][0])
+    """The integer outputs for integer inputs ``q`` (any number of the model's input, stacked on a
+    leading axis; one QEMU run for all of them), and the harness's full stdout."""
+    inp, out = _boundary(mcu["inputs"][0]), _boundary(mcu["outputs"][0])
+    count = q.size // int(np.prod(inp.shape))
     with tempfile.TemporaryDirectory(prefix="lowbit-qemu-") as tmp:
-        inp, elf = Path(tmp) / "input.bin", Path(tmp) / "model.elf"
-        inp.write_bytes(np.ascontiguousarray(q).tobytes())
-        _make(directory, f"ELF={elf}", f"INPUT={inp}",
-              *(["PROFILE=1"] if profile else []))
-        stdout = _qemu(mcu, elf)
-    line = next((ln for ln in stdout.splitlines() if ln.startswith("LOWBIT_OUTPUT ")), None)
-    if line is None:
-        raise UserError(f"{directory}: the harness printed no output line")
-    return np.frombuffer(bytes.fromhex(line.split()[1]), out.dtype).reshape(out.shape), stdout
+        path, elf = Path(tmp) / "input.bin", Path(tmp) / "model.elf"
+        path.write_bytes(np.ascontiguousarray(q).tobytes())
+        _make(directory, f"ELF={elf}", f"INPUT={path}", *(["PROFILE=1"] if profile else []))
+        stdout = _qemu(mcu, elf, count)
+    lines = [ln.split()[1] for ln in stdout.splitlines() if ln.startswith("LOWBIT_OUTPUT ")]
+    if len(lines) != count:
+        raise UserError(f"{directory}: the harness printed {len(lines)} outputs for {count} inputs")
+    return np.stack([np.frombuffer(bytes.fromhex(h), out.dtype).reshape(out.shape) for h in lines]), stdout
 
 
 def run(directory: Path, mcu: dict, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Float in, float out, as the CPU backend: the host quantizes and dequantizes."""
+    """Float in, float out, as the CPU backend: the host quantizes and dequantizes.  A batch runs
+    sample by sample (the C interface takes one), all in one QEMU run."""
     (inp,), (out,) = (_boundary(d) for d in mcu["inputs"]), (_boundary(d) for d in mcu["outputs"])
     x = np.asarray(feeds[inp.name])
-    if x.shape[0] != 1 and tuple(x.shape) != inp.shape:
-        outs = [run(directory, mcu, {inp.name: x[i:i + 1]})[out.name] for i in range(x.shape[0])]
-        return {out.name: np.concatenate(outs)}
-    q, _ = run_int(directory, mcu, quantize(x.reshape(inp.shape), inp))
-    return {out.name: dequantize(q, out)}
+    per = int(np.prod(inp.shape[1:]))
+    if x.ndim != len(inp.shape) or x.size % per or tuple(x.shape[1:]) != inp.shape[1:]:
+        raise UserError(f"input {inp.name!r}: shape {x.shape}, the model takes {inp.shape} (any batch)")
+    q, _ = run_int(directory, mcu, quantize(x, inp))
+    y = q.reshape((-1, *out.shape[1:])) if len(out.shape) > 1 else q.reshape(-1)
+    return {out.name: dequantize(y, out)}
 
 
 def profile(directory: Path, mcu: dict, macs: dict[str, int]) -> Profile:
