@@ -9,7 +9,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 DEMO    := build/demo
 
-.PHONY: setup toolchain demo test lint bench clean
+.PHONY: setup toolchain demo test lint bench rv32-profile clean
 
 setup: $(STAMP) toolchain
 
@@ -59,6 +59,21 @@ bench: setup
 	done
 	$(BIN)/python -m runtime.bench $(addprefix bench/results/,$(addsuffix .json,$(BENCH_MODELS))) \
 		| tee bench/results/table.md
+
+# every zoo model for rv32imc: instructions per MAC (QEMU, -icount shift=0: exact), the static plan's
+# arena against its lower bound and against no reuse, stack, flash and code; JSON per model, then the
+# README's table
+RV32_MODELS := digits_cnn digits_vit ds_cnn resnet8 mobilenet_v1_025 fc_autoencoder
+
+rv32-profile: setup
+	@mkdir -p bench/results/rv32 build/rv32
+	for m in $(RV32_MODELS); do \
+		$(BIN)/lowbit zoo export $$m -o build/rv32/$$m.onnx --calib build/rv32/$$m.npz -q && \
+		$(BIN)/lowbit compile build/rv32/$$m.onnx --calib build/rv32/$$m.npz --target rv32 -o build/rv32/$$m -q && \
+		$(BIN)/lowbit profile build/rv32/$$m --json bench/results/rv32/$$m.json > /dev/null || exit 1; \
+	done
+	$(BIN)/python -m runtime.qemu $(foreach m,$(RV32_MODELS),$(m)=bench/results/rv32/$(m).json) \
+		| tee bench/results/rv32/table.md
 
 clean:
 	rm -rf build .pytest_cache

@@ -140,3 +140,23 @@ def _functions(elf: Path) -> dict[str, int]:
             seen.add(f[0])
             out[f[3]] = int(f[1], 16)
     return out
+
+
+def markdown(profiles: dict[str, dict]) -> str:
+    """The README's rv32 table from ``lowbit profile --json`` files, by model."""
+    lines = ["| model | ISA | MACs | instructions | instr/MAC | arena B (lower bound; no reuse) | stack B "
+             "| flash weights B | code B |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, p in profiles.items():
+        lines.append(f"| {name} | {p['isa']} | {p['macs']:,} | {p['instructions']:,} | "
+                     f"{p['instructions'] / max(p['macs'], 1):.2f} | {p['arena_bytes']:,} "
+                     f"({p['arena_lower_bound']:,}; {p['arena_no_reuse']:,}) | {p['stack_bytes']:,} | "
+                     f"{p['weight_bytes']:,} | {p['text_bytes']:,} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":          # python -m runtime.qemu NAME=PROFILE.json ...: the README table
+    import json
+    import sys
+
+    print(markdown({arg.split("=", 1)[0]: json.loads(Path(arg.split("=", 1)[1]).read_text())
+                    for arg in sys.argv[1:]}))

@@ -240,3 +240,22 @@ def test_in_place_only_for_elementwise_kernels_of_equal_element_size():
     assert in_place_inputs(te.create_prim_func([a, b, add])) == [0]
     assert in_place_inputs(te.create_prim_func([a, flip])) == []
     assert in_place_inputs(te.create_prim_func([wide, narrow])) == []
+
+
+@needs_toolchain
+def test_mixed_precision_weights_stay_packed_in_flash_and_bit_exact(digits_cnn, tmp_path):
+    """--bits mixed: 4- and 2-bit weights are packed constants in model.c (less flash), unpacked in
+    the kernels, and the rv32 output equals the CPU backend's for the same plan."""
+    import runtime
+
+    model, calib = digits_cnn
+    plan = ("--bits", "mixed", "--size-budget", "0.5")
+    for target in ("rv32", "llvm"):
+        r = run_cli("compile", model, "--calib", calib, "--target", target, *plan, "-o", tmp_path / target, "-q")
+        assert r.returncode == 0, r.stderr
+    mcu, cpu = runtime.load(tmp_path / "rv32"), runtime.load(tmp_path / "llvm")
+    assert any(b < 8 for b in mcu.manifest.quantization["bit_plan"].values())
+    one_byte_each = sum(int(np.prod(w["shape"])) for w in cpu.manifest.quantization["weights"])
+    assert mcu.manifest.mcu["weight_bytes"] < 0.8 * one_byte_each      # packed (biases, multipliers included)
+    x = zoo.get("digits_cnn").samples(3, seed=9)
+    np.testing.assert_array_equal(mcu.run({zoo.INPUT: x})[zoo.OUTPUT], cpu.run({zoo.INPUT: x})[zoo.OUTPUT])
