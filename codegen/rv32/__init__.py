@@ -82,7 +82,7 @@ def build(mod: tvm.IRModule, inputs: list[BoundaryTensor], outputs: list[Boundar
         "Makefile": toolchain.makefile(isa, codegen).encode(),
     }
     if compiled.source is not None:
-        files["kernels.c"] = clean_source(compiled.source).encode()
+        files["kernels.c"] = clean_source(compiled.source, {k for k, v in in_place.items() if v}).encode()
     else:
         files["kernels.o"] = compiled.obj
     calls = [c.kernel for c in prog.calls]
@@ -95,12 +95,21 @@ def build(mod: tvm.IRModule, inputs: list[BoundaryTensor], outputs: list[Boundar
     return Rv32Build(files, plan, calls, kernel_ops, prog.macs(), prog.weight_bytes(), report.before, summary)
 
 
-def clean_source(source: str) -> str:
+def clean_source(source: str, aliased: set[str] = frozenset()) -> str:
     """TVM's C for raw-pointer kernels, without the TVM runtime includes and the packed-API entry
-    stub it appends (tvm-0.27 notes, section 9)."""
+    stub it appends (tvm-0.27 notes, section 9), and with ``restrict`` pointers: every kernel's
+    buffers are disjoint in the memory plan (except the ``aliased`` kernels, which may write over
+    an input), and without it each byte store of the output forces GCC to reload the per-channel
+    requantize parameters for every output element."""
     import re
 
+    def restrict(m: re.Match) -> str:
+        if m.group(1) in aliased:
+            return m.group(0)
+        return m.group(0).replace("* ", "* restrict ").replace("*)", "* restrict)")
+
     source = source.split("// CodegenC: NOTE: Auto-generated entry function")[0]
+    source = re.sub(r"TVM_DLL void (\w+)\(([^)]*)\)", restrict, source)
     source = re.sub(r'#include "tvm/[^"]+"\n', "", source)
     source = source.replace("void* __tvm_ffi__library_ctx = NULL;\n", "")
     return source.replace("#define TVM_EXPORTS\n", "#include <stdint.h>\n#include <stdbool.h>\n"

@@ -98,8 +98,13 @@ class McuSchedule(dl.ScheduleRule):
         sizes = [_extent(sch, lp) for lp in loops[:spatial]]
 
         def divides(axes, want):
-            """The first of ``axes`` (innermost first) that ``want`` (or half of it) divides."""
-            return next(({i: w} for w in (want, want // 2) if w > 1 for i in axes if _tile(sizes[i], w) == w), {})
+            """The first of ``axes`` (innermost first) that ``want`` (or half of it) divides.  A row of
+            5 pixels (DS-CNN's 25 x 5 maps) is one tile of five accumulators (measured: better than
+            4 channels); a row of 3 only when nothing else divides."""
+            if sizes[axes[0]] == 5:
+                return {axes[0]: 5}
+            found = next(({i: w} for w in (want, want // 2) if w > 1 for i in axes if _tile(sizes[i], w) == w), {})
+            return found or ({axes[0]: 3} if sizes[axes[0]] == 3 else {})
 
         if conv:            # output channels (now at ``oh``) x pixels along a row
             tiles = {oh: _tile(sizes[oh], 2), **divides([ow], 2)}
@@ -122,6 +127,9 @@ class McuSchedule(dl.ScheduleRule):
         for b in rest[rest.index(red) + 1:]:
             try:
                 sch.reverse_compute_at(b.block_rv, outer[-1])
+                # the tile's requantize unrolled: the accumulators stay in registers
+                for lp in sch.get_loops(b.block_rv)[-len(inner):] if inner else []:
+                    sch.unroll(lp)
             except (tvm.TVMError, tvm.error.InternalError):
                 break
         sch.decompose_reduction(red.block_rv, reduction[0])
