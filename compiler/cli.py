@@ -216,6 +216,11 @@ def cmd_run(args) -> int:
     art = runtime.load(args.artifact)
     feeds = check_inputs(read_tensors(args.input, art.manifest.inputs), art.manifest.inputs, where=args.input)
     remote = _remote(args)
+    if remote and art.manifest.mcu is not None:
+        from compiler.errors import UserError
+
+        raise UserError(f"{args.artifact}: an rv32 build runs under QEMU here (drop --rpc/--tracker), or on the "
+                        "board from its C project (make -C OUTDIR)")
     outs = (remote.load(art) if remote else art).run(feeds)
     write_npz(args.output, outs)
     where = f" (ran on {remote.describe()})" if remote else ""
@@ -260,6 +265,9 @@ def cmd_bench(args) -> int:
     from runtime import bench, ort
     from runtime.threads import set_tvm_threads
 
+    if args.target == "rv32":
+        raise UserError("bench times wall-clock latency on this machine or a board; an rv32 build runs under QEMU, "
+                        "whose exact instruction counts `lowbit profile OUTDIR` reports")
     remote = _remote(args)
     if remote and len(args.threads) > 1:
         raise UserError("--threads sets this machine's runtimes; a board's thread count is its rpc_server's "

@@ -262,3 +262,8 @@ def test_mixed_precision_weights_stay_packed_in_flash_and_bit_exact(digits_cnn, 
     assert mcu.manifest.mcu["weight_bytes"] < 0.8 * one_byte_each      # packed (biases, multipliers included)
     x = zoo.get("digits_cnn").samples(3, seed=9)
     np.testing.assert_array_equal(mcu.run({zoo.INPUT: x})[zoo.OUTPUT], cpu.run({zoo.INPUT: x})[zoo.OUTPUT])
+
+
+def test_bench_points_rv32_at_profile():
+    r = run_cli("bench", "digits_cnn", "--target", "rv32", "-q")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "lowbit profile" in r.stderr
