@@ -166,10 +166,10 @@ def _build_rv32(src, opts: CompileOptions, mod, inputs, outputs, histogram, nbyt
     with stage(f"build {opts.march} C project"):
         try:
             region, ins, outs = integer_region.extract(mod, [s.name for s in inputs], [s.name for s in outputs])
-        except integer_region.RegionError as exc:
-            raise UserError(f"{src.path}: {exc}") from None
-        build = rv32.build(region, ins, outs, name=name, source=Path(src.path).name,
-                           isa=toolchain.isa(opts.march), codegen=opts.codegen, ram_limit=opts.ram_limit)
+            build = rv32.build(region, ins, outs, name=name, source=Path(src.path).name,
+                               isa=toolchain.isa(opts.march), codegen=opts.codegen, ram_limit=opts.ram_limit)
+        except (integer_region.RegionError, rv32.program.ProgramError) as exc:
+            raise UserError(f"{src.path}: {exc}; the rv32 target cannot compile this model yet") from None
     manifest = Manifest(
         model=Path(src.path).name, model_sha256=src.sha256, target=target, precision=_precision(histogram, verdict),
         inputs=declared, outputs=outputs, kernels=sorted(build.kernel_ops), op_histogram=histogram, weight_bytes=nbytes,

@@ -48,10 +48,10 @@ class CompileOptions:
         if self.target not in (*TARGETS, "rv32"):
             raise UserError(f"unknown target {self.target!r}; choose one of: {', '.join((*TARGETS, 'rv32'))}")
         if self.target == "rv32":
-            toolchain.isa(self.march)
+            isa = toolchain.isa(self.march)
             if self.codegen not in toolchain.CODEGENS:
                 raise UserError(f"--codegen {self.codegen}: choose one of {', '.join(toolchain.CODEGENS)}")
-            if toolchain.isa(self.march).vector and self.codegen != "llvm":
+            if isa.vector and self.codegen != "llvm":
                 raise UserError(f"--march {self.march}: GCC 12 does not vectorize for RVV; add --codegen llvm")
             if self.cpu is not None:
                 raise UserError("--mcpu picks an LLVM CPU for llvm and aarch64-linux; for rv32 use --march")

@@ -14,6 +14,7 @@ import tvm
 from tvm import relax
 
 from passes.dyadic import Dyadic, rescale_high
+from passes.rewrite import each_function
 
 
 def _const(expr) -> np.ndarray | None:
@@ -82,8 +83,4 @@ class _HighWord(relax.PyExprMutator):
 @tvm.transform.module_pass(opt_level=0, name="lowbit.HighWordRescale")
 class HighWordRescale:
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        m = _HighWord(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                m.builder_.update_func(gv, m.visit_expr(func))
-        return relax.transform.DeadCodeElimination()(m.builder_.get())
+        return relax.transform.DeadCodeElimination()(each_function(_HighWord(mod), mod))

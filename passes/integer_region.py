@@ -5,8 +5,7 @@ quantizes the input, ``q = clamp(round(x / s) + z)``, and reads the output as in
 with ``x = s * (q - z)`` if it wants reals; both parameter pairs go into the generated header.  So
 ``main(x: float32) -> dequantize(...)`` becomes ``main(x_q: int8) -> int8``: the opening quantize
 is replaced by a parameter of its output type, the closing dequantize by its integer operand, and
-the bindings the output does not depend on are dropped.  Reshape-like views between the
-dequantize and the result keep the integers' order, so the output keeps the model's shape.
+the bindings the output does not depend on are dropped.
 """
 
 from __future__ import annotations
@@ -18,8 +17,6 @@ import tvm
 from tvm import relax
 
 from passes.verify_integer import DEQUANTIZE, QUANTIZE
-
-ORDER_KEEPING_VIEWS = {"relax.reshape", "relax.squeeze", "relax.expand_dims", "relax.flatten"}
 
 
 class RegionError(ValueError):
@@ -85,20 +82,19 @@ def extract(mod: tvm.IRModule, input_names: list[str], output_names: list[str]
     ends = []
     for var, name in zip(results, output_names, strict=True):
         value = by_var.get(var)
-        while isinstance(value, relax.Var) or _op(value) in ORDER_KEEPING_VIEWS:   # aliases, views
-            value = by_var.get(value if isinstance(value, relax.Var) else value.args[0])
+        while isinstance(value, relax.Var):                 # aliases (lower_qdq ends at the dequantize)
+            value = by_var.get(value)
         if _op(value) != DEQUANTIZE:
             raise RegionError(f"output {name!r} is not dequantized at the end (it is {_op(value) or 'an input'}); "
                               "the microcontroller code ends at the output dequantize")
-        shape = _static_shape(var.ty, f"output {name!r}")
         q = value.args[0]
-        outputs.append(BoundaryTensor(name, shape, str(q.ty.dtype),
+        outputs.append(BoundaryTensor(name, _static_shape(q.ty, f"output {name!r}"), str(q.ty.dtype),
                                       float(_scalar(value.args[1], f"output {name!r}")),
                                       int(_scalar(value.args[2], f"output {name!r}"))))
-        ends.append((q, shape))
+        ends.append(q)
 
     needed: set = set()
-    stack = [q for q, _ in ends]
+    stack = list(ends)
     while stack:
         var = stack.pop()
         if var in needed or var in remap or var not in by_var:
@@ -108,13 +104,13 @@ def extract(mod: tvm.IRModule, input_names: list[str], output_names: list[str]
 
     bb = relax.BlockBuilder()
     new_params = [remap[b.var] for b in bindings if b.var in remap]
+    substitute = _Substitute(remap)
     with bb.function("main", new_params):
         with bb.dataflow():
             for b in bindings:
                 if b.var in needed:
-                    remap[b.var] = bb.emit(_Substitute(remap).visit_expr(b.value), name_hint=b.var.name)
-            outs = [bb.emit(relax.op.reshape(remap[q], shape)) if _static_shape(q.ty, 'output') != shape else remap[q]
-                    for q, shape in ends]
+                    remap[b.var] = bb.emit(substitute.visit_expr(b.value), name_hint=b.var.name)
+            outs = [remap[q] for q in ends]
             out = bb.emit_output(outs[0] if len(outs) == 1 else relax.Tuple(outs))
         bb.emit_func_output(out)
     new = bb.get()

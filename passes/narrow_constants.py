@@ -16,6 +16,8 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from passes.rewrite import each_function
+
 I32 = np.iinfo(np.int32)
 
 
@@ -41,10 +43,6 @@ class _Narrow(relax.PyExprMutator):
 @tvm.transform.module_pass(opt_level=0, name="lowbit.NarrowConstants")
 class NarrowConstants:
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        m = _Narrow(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                m.builder_.update_func(gv, m.visit_expr(func))
         # the new casts are Relax ops: legalize them into kernels FuseOps can fuse
-        out = relax.transform.LegalizeOps()(m.builder_.get())
+        out = relax.transform.LegalizeOps()(each_function(_Narrow(mod), mod))
         return relax.transform.AnnotateTIROpPattern()(out)

@@ -99,8 +99,7 @@ def run(directory: Path, mcu: dict, feeds: dict[str, np.ndarray]) -> dict[str, n
     sample by sample (the C interface takes one), all in one QEMU run."""
     (inp,), (out,) = (_boundary(d) for d in mcu["inputs"]), (_boundary(d) for d in mcu["outputs"])
     x = np.asarray(feeds[inp.name])
-    per = int(np.prod(inp.shape[1:]))
-    if x.ndim != len(inp.shape) or x.size % per or tuple(x.shape[1:]) != inp.shape[1:]:
+    if x.ndim != len(inp.shape) or tuple(x.shape[1:]) != inp.shape[1:]:
         raise UserError(f"input {inp.name!r}: shape {x.shape}, the model takes {inp.shape} (any batch)")
     q, _ = run_int(directory, mcu, quantize(x, inp))
     y = q.reshape((-1, *out.shape[1:])) if len(out.shape) > 1 else q.reshape(-1)

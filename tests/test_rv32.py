@@ -25,9 +25,14 @@ from models import zoo
 from runtime import golden
 
 MODELS = ["digits_cnn", "digits_vit", "ds_cnn", "resnet8", "mobilenet_v1_025", "fc_autoencoder"]
-needs_toolchain = pytest.mark.skipif(
-    toolchain.missing() is not None,
-    reason=f"{toolchain.missing()}: `make test` installs {toolchain.PACKAGES} with apt-get; that was impossible here")
+
+
+@pytest.fixture(scope="session")
+def rv32_toolchain():
+    """Skip, saying why, when the bare-metal toolchain is not installed: `make test` installs it, so
+    this happens only where apt-get itself could not run."""
+    if (why := toolchain.missing()) is not None:
+        pytest.skip(f"{why}: `make test` installs {toolchain.PACKAGES} with apt-get; that was impossible here")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -75,10 +80,7 @@ def test_planner_reuses_an_input_in_place():
 # ----------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module", params=MODELS)
-def built(request, tmp_path_factory):
-    if toolchain.missing() is not None:
-        pytest.skip(f"{toolchain.missing()}: `make test` installs {toolchain.PACKAGES} with apt-get; that was "
-                    "impossible here")
+def built(request, tmp_path_factory, rv32_toolchain):
     name = request.param
     files = zoo.ensure(name)
     model, calib = onnx.load(files.onnx), files.calibration()
@@ -144,8 +146,7 @@ def digits_cnn(tmp_path_factory):
     return files.onnx, calib
 
 
-@needs_toolchain
-def test_profile_counts_are_deterministic_and_cover_every_call(digits_cnn, tmp_path):
+def test_profile_counts_are_deterministic_and_cover_every_call(rv32_toolchain, digits_cnn, tmp_path):
     model, calib = digits_cnn
     out = tmp_path / "cnn"
     r = run_cli("compile", model, "--calib", calib, "--target", "rv32", "-o", out, "-q")
@@ -163,8 +164,7 @@ def test_profile_counts_are_deterministic_and_cover_every_call(digits_cnn, tmp_p
     assert "instr/MAC" in runs[0].stdout and "arena" in runs[0].stdout
 
 
-@needs_toolchain
-def test_llvm_and_vector_codegen_link_and_match_the_c_kernels(digits_cnn, tmp_path):
+def test_llvm_and_vector_codegen_link_and_match_the_c_kernels(rv32_toolchain, digits_cnn, tmp_path):
     """--codegen llvm (TVM's LLVM object) for rv32imc and, with RVV (zve32x), vector kernels: both
     bit-exact with GCC's build of the C kernels, and the vector build really vectorized."""
     import runtime
@@ -189,8 +189,7 @@ def test_llvm_and_vector_codegen_link_and_match_the_c_kernels(digits_cnn, tmp_pa
             np.testing.assert_array_equal(outs[name].run(feeds)[zoo.OUTPUT], want)
 
 
-@needs_toolchain
-def test_ram_limit_names_the_peak_and_the_largest_tensor(tmp_path):
+def test_ram_limit_names_the_peak_and_the_largest_tensor(rv32_toolchain, tmp_path):
     """ResNet-8's arena is 88 KiB: --ram-limit 64K fails at compile time, in one line."""
     files = zoo.ensure("resnet8")
     calib = tmp_path / "calib.npz"
@@ -245,8 +244,7 @@ def test_in_place_only_for_elementwise_kernels_of_equal_element_size():
     assert in_place_inputs(te.create_prim_func([wide, narrow])) == []
 
 
-@needs_toolchain
-def test_mixed_precision_weights_stay_packed_in_flash_and_bit_exact(digits_cnn, tmp_path):
+def test_mixed_precision_weights_stay_packed_in_flash_and_bit_exact(rv32_toolchain, digits_cnn, tmp_path):
     """--bits mixed: 4- and 2-bit weights are packed constants in model.c (less flash), unpacked in
     the kernels, and the rv32 output equals the CPU backend's for the same plan."""
     import runtime
@@ -267,3 +265,21 @@ def test_mixed_precision_weights_stay_packed_in_flash_and_bit_exact(digits_cnn, 
 def test_bench_points_rv32_at_profile():
     r = run_cli("bench", "digits_cnn", "--target", "rv32", "-q")
     assert r.returncode == 2 and "Traceback" not in r.stderr and "lowbit profile" in r.stderr
+
+
+def test_a_model_ending_in_a_layout_op_writes_the_callers_output(rv32_toolchain):
+    """Concat inside a conv, then Flatten last: the tensor the result is (or is a view of) is the
+    caller's output buffer, and the outputs equal the CPU backend's."""
+    from conftest import concat_cnn
+    from onnx import TensorProto, helper
+
+    model = concat_cnn()
+    model.graph.node[-1].output[0] = "y0"
+    model.graph.node.append(helper.make_node("Flatten", ["y0"], ["y"], name="flat"))
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 144]))
+    x = np.random.default_rng(0).normal(size=(16, 4, 6, 6)).astype(np.float32)
+    mcu, cpu = (compiler.compile(model, options=CompileOptions(target=t, calib={"x": x})) for t in ("rv32", "llvm"))
+    got = mcu.run({"x": x[:3]})["y"]
+    assert got.shape == (3, 144)
+    np.testing.assert_array_equal(got, cpu.run({"x": x[:3]})["y"])

@@ -27,11 +27,8 @@ from passes.integer_region import BoundaryTensor
 @dataclass
 class Rv32Build:
     files: dict[str, bytes]                 # the project, by file name
-    plan: memory_plan.MemoryPlan
     calls: list[str]                        # the kernels in call order
     kernel_ops: dict[str, list[str]]
-    macs: int
-    weight_bytes: int
     unfused: int                            # kernel calls before fusion (one per op)
     summary: dict = field(default_factory=dict)     # for the manifest
 
@@ -89,10 +86,11 @@ def build(mod: tvm.IRModule, inputs: list[BoundaryTensor], outputs: list[Boundar
     kernel_ops = {k: report.groups.get(k, [k]) for k in sorted(set(calls))}
     summary = {"isa": isa.name, "codegen": codegen, "function": f"lowbit_{prog.name}_run",
                "arena_bytes": plan.arena, "arena_lower_bound": plan.lower_bound, "arena_no_reuse": plan.total,
-               "arena_method": plan.method, "in_place": plan.inplace, "weight_bytes": prog.weight_bytes(), "macs": prog.macs(),
+               "arena_method": plan.method, "in_place": plan.inplace,
+               "weight_bytes": prog.weight_bytes(), "macs": prog.macs(),
                "calls": len(prog.calls), "kernel_macs": {k: macs[k] for k in sorted(set(calls))},
                "inputs": [vars(t) for t in inputs], "outputs": [vars(t) for t in outputs]}
-    return Rv32Build(files, plan, calls, kernel_ops, prog.macs(), prog.weight_bytes(), report.before, summary)
+    return Rv32Build(files, calls, kernel_ops, report.before, summary)
 
 
 def clean_source(source: str, aliased: set[str] = frozenset()) -> str:

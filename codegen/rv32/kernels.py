@@ -48,13 +48,16 @@ class Kernels:
 class McuSchedule(dl.ScheduleRule):
     """One contraction (conv, matmul, a pool's sum) per kernel, scheduled for a scalar core:
 
-    * elementwise producers and the epilogue inlined; the epilogue computed at the innermost output
-      loop, the accumulator's initialisation split off, so it is one register and the output is
-      written once, requantized;
+    * elementwise producers and the epilogue inlined; the epilogue computed per register tile,
+      unrolled, the accumulators' initialisation split off, so they stay in registers and each
+      output is written once, requantized;
     * a convolution's padding is not inlined (a bounds test per multiply-accumulate): the padded
-      input rows an output row needs are copied once per output row, for all output channels
-      (loops reordered to n, oh, oc, ow), into a small buffer the arena holds;
-    * the filter window (kh x kw) unrolled, and a long reduction unrolled by 4, so its loads
+      rows an output row needs are copied once per output row for all output channels (loops
+      reordered to oh, oc, ow), per channel for a depthwise conv, as a fill of the pad value and an
+      unconditional copy of the interior, into a small buffer the arena holds;
+    * register tiles that share each load: 2 output channels x 2 pixels (conv), 4 pixels
+      (depthwise), 4 columns or channels (matmul, pointwise conv), a whole row of 5 pixels;
+    * the filter window (kh x kw) unrolled, and an untiled 1x1 reduction unrolled by 4, so loads
       use constant offsets and the loop overhead is shared by several multiply-accumulates.
 
     Kernels with several reductions (I-LayerNorm, Shiftmax rows) keep TVM's loop nests; their
@@ -90,7 +93,7 @@ class McuSchedule(dl.ScheduleRule):
                 try:
                     sch.compute_at(p.block_rv, loops[oc])
                     # a fill of the pad value, then an unconditional copy of the interior
-                    sch.decompose_padding(p.block_rv, sch.get_loops(p.block_rv)[len(loops[:oc]) + 1])
+                    sch.decompose_padding(p.block_rv, sch.get_loops(p.block_rv)[oc + 1])
                 except (tvm.TVMError, tvm.error.InternalError):
                     pass
         # a register tile: output channels x pixels (conv), pixels (depthwise), columns (matmul) that
@@ -147,7 +150,7 @@ class McuSchedule(dl.ScheduleRule):
 
 
 def _tile(extent: int | None, want: int) -> int:
-    """The largest power of two up to ``want`` that divides ``extent``."""
+    """The first of ``want``, ``want // 2``, ... that divides ``extent`` (1 when none does)."""
     while want > 1 and (extent is None or extent % want):
         want //= 2
     return want

@@ -3,7 +3,8 @@
 ``main`` after fusion is a straight line of ``call_tir`` bindings (and reshapes, which are views).
 ``Program.of`` turns it into calls over named tensors: the input and output pointers the caller
 passes, constant arrays in flash, and arena tensors the static memory planner places (a reshape
-shares its source's bytes).  ``write`` renders model.h, model.c and the semihosting harness main.c.
+shares its source's bytes; the tensor the result is, or is a view of, lives in the caller's output
+buffer).  ``header``, ``model_c`` and ``main_c`` render model.h, model.c and the semihosting harness.
 microTVM's AOT executor did this on Relay (``tvmgen_<mod>_run``); TVM 0.27 has nothing of it.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import tvm
@@ -31,8 +32,8 @@ class ProgramError(ValueError):
 
 @dataclass(frozen=True)
 class Buffer:
-    """A tensor of the call sequence.  ``home``: "input", "output", "const" or "arena"; a view
-    names the buffer whose bytes it reads (``base``)."""
+    """A tensor of the call sequence.  ``home``: "input", "output", "const" or "arena", or "view"
+    for a reshape, which names the buffer whose bytes it reads (``base``)."""
     name: str
     dtype: str
     nbytes: int
@@ -72,10 +73,6 @@ class Program:
         calls: list[Call] = []
         inplace: dict[str, str] = {}
         param_types: dict[str, list[str]] = {}
-        result = main.body.body
-        results = list(result.fields) if isinstance(result, relax.Tuple) else [result]
-        out_of = {r: o.name for r, o in zip(results, outputs, strict=True)}
-
         def arg(a) -> str:
             if isinstance(a, tvm.ir.GenericConst):
                 arr = a.value.numpy()
@@ -96,10 +93,8 @@ class Program:
                 if isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op) and v.op.name == "relax.call_tir":
                     kernel = v.args[0].name_hint
                     args = [arg(a) for a in v.args[1].fields]
-                    out = out_of.get(var, var.name)
-                    buffers[out] = Buffer(out, str(ty.dtype), _nbytes(_shape(ty), str(ty.dtype)),
-                                          "output" if var in out_of else "arena")
-                    env[var] = out
+                    out = env[var] = var.name
+                    buffers[out] = Buffer(out, str(ty.dtype), _nbytes(_shape(ty), str(ty.dtype)), "arena")
                     extra = []
                     for i, s in enumerate(scratch.get(kernel, ())):
                         sname = f"{out}_scratch{i}"
@@ -108,22 +103,27 @@ class Program:
                     calls.append(Call(kernel, (*args, out, *extra), macs.get(kernel, 0)))
                     for i in (in_place or {}).get(kernel, []):
                         src = buffers[args[i]].base or args[i]
-                        if buffers[src].home == "arena" and buffers[out].home == "arena" and src != out:
+                        if buffers[src].home == "arena":
                             inplace.setdefault(out, src)
                     param_types.setdefault(kernel, [CTYPES[buffers[x].dtype] for x in (*args, out, *extra)])
                 elif isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op) and v.op.name == "relax.reshape":
                     src = arg(v.args[0])
-                    base = buffers[src].base or src
-                    if var in out_of:        # the model's result is a view: copy into the output pointer
-                        raise ProgramError("the output is a reshape of an intermediate tensor, which the "
-                                           "microcontroller code cannot alias to the caller's buffer")
-                    buffers[var.name] = Buffer(var.name, str(ty.dtype), buffers[src].nbytes, buffers[base].home, base)
+                    buffers[var.name] = Buffer(var.name, str(ty.dtype), buffers[src].nbytes, "view",
+                                               buffers[src].base or src)
                     env[var] = var.name
                 elif isinstance(v, relax.Var) and v in env:
                     env[var] = env[v]
                 else:
                     what = v.op.name if isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op) else type(v).__name__
                     raise ProgramError(f"{what} in the call sequence has no microcontroller lowering")
+        # the result (or the tensor it is a view of) is written straight into the caller's buffer
+        result = main.body.body
+        for r in list(result.fields) if isinstance(result, relax.Tuple) else [result]:
+            root = buffers[env[r]].base or env[r]
+            if buffers[root].home != "arena":
+                raise ProgramError(f"the output is the model's {buffers[root].home} itself; nothing to compute")
+            buffers[root] = replace(buffers[root], home="output")
+            inplace.pop(root, None)
         return cls(_c_name(name), inputs, outputs, buffers, constants, calls, param_types, inplace)
 
     def lifetimes(self) -> list[Tensor]:
@@ -178,6 +178,12 @@ def _array(name: str, arr: np.ndarray) -> str:
     return f"static const {ctype} {name}[{max(1, flat.size)}] __attribute__((aligned(8))) = {{\n  {body}\n}};\n"
 
 
+def _signature(prog: Program) -> str:
+    (inp,), (out,) = prog.inputs, prog.outputs
+    return (f"int lowbit_{prog.name}_run(const {CTYPES[inp.dtype]} *input, {CTYPES[out.dtype]} *output, "
+            "uint8_t *arena)")
+
+
 def header(prog: Program, plan: MemoryPlan, isa: str, source: str) -> str:
     up = prog.name.upper()
     (inp,), (out,) = prog.inputs, prog.outputs
@@ -202,8 +208,7 @@ def header(prog: Program, plan: MemoryPlan, isa: str, source: str) -> str:
         f"#define LOWBIT_{up}_WEIGHT_BYTES {prog.weight_bytes()}",
         f"#define LOWBIT_{up}_KERNEL_CALLS {len(prog.calls)}",
         "",
-        f"int lowbit_{prog.name}_run(const {CTYPES[inp.dtype]} *input, {CTYPES[out.dtype]} *output, "
-        "uint8_t *arena);",
+        f"{_signature(prog)};",
         "",
         "#ifdef LOWBIT_PROFILE",
         "/* instructions retired by each kernel call of the last run (minstret), and the kernels' names */",
@@ -217,8 +222,6 @@ def header(prog: Program, plan: MemoryPlan, isa: str, source: str) -> str:
 
 
 def model_c(prog: Program, plan: MemoryPlan) -> str:
-    (inp,), (out,) = prog.inputs, prog.outputs
-
     def ref(name: str) -> str:
         b = prog.buffers[name]
         root = b.base or name
@@ -256,7 +259,7 @@ def model_c(prog: Program, plan: MemoryPlan) -> str:
         "#define PROFILE_END(i) do { } while (0)",
         "#endif",
         "",
-        f"int lowbit_{prog.name}_run(const {CTYPES[inp.dtype]} *input, {CTYPES[out.dtype]} *output, uint8_t *arena) {{",
+        f"{_signature(prog)} {{",
         "  if ((uintptr_t)arena % 8) return 1;",
         *body,
         "  return 0;",
