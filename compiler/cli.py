@@ -129,7 +129,7 @@ def cmd_compile(args) -> int:
     mcu_flags = {k: v for k, v in (("march", args.march), ("codegen", args.codegen)) if v is not None}
     ram_limit = parse_bytes(args.ram_limit) if args.ram_limit else None
     opts = CompileOptions(target=args.target, cpu=args.mcpu, input_shapes=_shapes(args), calib=args.calib,
-                          tune=args.tune, ram_limit=ram_limit, **mcu_flags, **_quant_options(args))
+                          tune=args.tune, ram_limit=ram_limit, arch=args.arch, **mcu_flags, **_quant_options(args))
     art = compiler.compile(args.model, options=opts, remote=_remote(args))
     art.save(args.output)
     if (mcu := art.manifest.mcu) is not None:
@@ -140,6 +140,10 @@ def cmd_compile(args) -> int:
         return 0
     if art.manifest.tuning:
         _say(args, f"tuning: {tune_summary(art.manifest.tuning)}")
+    if (gpu := art.manifest.gpu) is not None:
+        shipped = " + ".join(f for f in (gpu["ptx"], gpu["fatbin"]) if f) or "no PTX/cubin (nvcc not found)"
+        _say(args, f"cuda {gpu['arch']}: {len(gpu['dp4a_kernels'])} dp4a kernels, "
+                   f"{len(gpu['row_reduction_kernels'])} with warp-shuffle row reductions; {shipped}")
     size = os.path.getsize(os.path.join(args.output, art.manifest.library))
     _say(args, f"wrote {args.output}: {len(art.manifest.kernels)} kernels, {size / 1024:.0f} KiB library, "
                f"{art.manifest.precision} for {args.target} ({time.perf_counter() - t0:.1f} s)")
@@ -569,7 +573,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target", default="llvm",
                    help="llvm (default): this machine's CPU; aarch64-linux: a 64-bit Arm Linux board, "
                         "cross-compiled (run it there with lowbit run --rpc); rv32: a RISC-V microcontroller, "
-                        "as a C project with a static memory plan (run it under QEMU with lowbit run)")
+                        "as a C project with a static memory plan (run it under QEMU with lowbit run); cuda: an "
+                        "NVIDIA GPU (int8 on dp4a; PTX and cubin from nvcc, no GPU needed to compile)")
+    c.add_argument("--arch", help="cuda: the GPU architecture, sm_75, sm_80 (default), sm_86, sm_89 or sm_90")
     c.add_argument("--march", help="rv32: the ISA, rv32imc (default), rv32imac, rv32gc, or rv32imc+zve32x "
                                    "(RVV, with --codegen llvm)")
     c.add_argument("--codegen", help="rv32: kernels as C compiled by gcc (c, default) or an LLVM object (llvm)")

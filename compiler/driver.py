@@ -6,6 +6,8 @@
       --analyze--> op histogram, weights, integer-only verdict
       --build (fuse, [--tune: meta_schedule], schedule, lower, LLVM)--> VM executable
       --> Artifact (library + manifest)
+    --target cuda: int8 operands laid out for dp4a, the CPU fusion, GPU schedules (codegen/cuda),
+      CUDA source in the library, PTX and a fatbin from nvcc beside it
     --target rv32: after lowering, the integer region only (int8 in, int8 out)
       --codegen/rv32 (fuse, scalar schedules, C kernels, call sequence, static memory plan)--> C project
 """
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import onnx
 
-from codegen import llvm, rv32, tune
+from codegen import cuda, llvm, rv32, tune
 from codegen.rv32 import toolchain
 from compiler import bitplan, canonicalize, frontend, qoperator, quantize, sensitivity
 from compiler.errors import UserError
@@ -46,10 +48,12 @@ def compile(model: str | os.PathLike | onnx.ModelProto, target: str = "llvm", *,
 
 def _compile(model, opts: CompileOptions, config, remote=None) -> Artifact:
 
-    mcu = opts.target == "rv32"
+    mcu, gpu = opts.target == "rv32", opts.target == "cuda"
     if mcu:
         toolchain.require()                 # a missing toolchain fails before any work
         target = {"kind": "rv32", "march": opts.march, "codegen": opts.codegen}
+    elif gpu:
+        target = cuda.target_dict(opts.arch)
     else:
         target = llvm.target_dict(opts.target, opts.cpu)
         llvm.linker(target)
@@ -108,8 +112,9 @@ def _compile(model, opts: CompileOptions, config, remote=None) -> Artifact:
     if is_qdq(mod):
         with stage("lower QDQ to integer"):
             try:
-                mod, lowering = lower_qdq(mod, variants, vnni=not mcu and llvm.vnni_isa(target) is not None,
-                                          amx=not mcu and llvm.amx_available(target))
+                cpu = not (mcu or gpu)
+                mod, lowering = lower_qdq(mod, variants, vnni=cpu and llvm.vnni_isa(target) is not None,
+                                          amx=cpu and llvm.amx_available(target), dp4a=gpu)
                 quantization["accumulators"] = lowering.summary()
                 if lowering.int64:
                     log.warning("%s: %s", src.path, lowering.summary())
@@ -125,12 +130,16 @@ def _compile(model, opts: CompileOptions, config, remote=None) -> Artifact:
     if mcu:
         return _build_rv32(src, opts, mod, inputs, outputs, histogram, nbytes, verdict, quantization, target,
                            declared)
+    device = None
     tuning = tune.TuneReport(opts.tune) if opts.tune else None
     # --tune: meta_schedule's kernels, where they beat ours, between fusion and our schedules
     schedule = partial(tune.schedule, trials=opts.tune, remote=remote, report=tuning) if tuning else None
-    with stage("tune + build llvm" if tuning else "build llvm"):
+    with stage(f"build cuda {opts.arch}" if gpu else "tune + build llvm" if tuning else "build llvm"):
         try:
-            executable, kernel_ops, fusion = llvm.build(mod, target, schedule=schedule)
+            if gpu:
+                executable, kernel_ops, fusion, device = cuda.build(mod, target)
+            else:
+                executable, kernel_ops, fusion = llvm.build(mod, target, schedule=schedule)
         except UserError:
             raise
         except Exception as exc:
@@ -150,8 +159,9 @@ def _compile(model, opts: CompileOptions, config, remote=None) -> Artifact:
         quant=quantize.boundary_params(src.proto) or None, quantization=quantization,
         kernel_ops=kernel_ops, kernels_unfused=fusion.before, kernel_launches=fusion.launches,
         launch_sequence=fusion.sequence, tuning=asdict(tuning) if tuning else None, unscheduled=fusion.unscheduled,
+        gpu=device.summary() if device else None,
     )
-    return Artifact(manifest, executable)
+    return Artifact(manifest, executable, files=device.files() if device else None)
 
 
 def _build_rv32(src, opts: CompileOptions, mod, inputs, outputs, histogram, nbytes, verdict, quantization,

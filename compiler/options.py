@@ -14,7 +14,7 @@ from compiler.errors import UserError
 # on aarch64 LLVM widens either encoding into smlal (no sdot tensorization yet), and a scalar rv32 core
 # loads either with one instruction, so both keep x86's: one calibration gives the same integer model
 # (and bit-identical outputs) on every target
-ACTIVATIONS = {"llvm": "u8", "aarch64-linux": "u8", "rv32": "u8"}
+ACTIVATIONS = {"llvm": "u8", "aarch64-linux": "u8", "rv32": "u8", "cuda": "u8"}     # dp4a.u32.s32 on CUDA
 
 
 @dataclass(frozen=True)
@@ -40,13 +40,28 @@ class CompileOptions:
     march: str = "rv32imc"                  # rv32: the ISA (codegen/rv32/toolchain.ISAS)
     codegen: str = "c"                      # rv32: kernels as C (gcc) or an LLVM object
     ram_limit: int | None = None            # rv32: bytes of RAM the arena must fit in
+    arch: str | None = None                 # cuda: the GPU architecture (default codegen/cuda.DEFAULT_ARCH)
 
     def __post_init__(self):
+        from codegen import cuda
         from codegen.llvm import TARGETS, valid_cpu
         from codegen.rv32 import toolchain
 
-        if self.target not in (*TARGETS, "rv32"):
-            raise UserError(f"unknown target {self.target!r}; choose one of: {', '.join((*TARGETS, 'rv32'))}")
+        if self.target not in (*TARGETS, "rv32", "cuda"):
+            raise UserError(f"unknown target {self.target!r}; choose one of: {', '.join((*TARGETS, 'rv32', 'cuda'))}")
+        if self.target == "cuda":
+            if self.arch is None:
+                object.__setattr__(self, "arch", cuda.DEFAULT_ARCH)
+            if self.arch not in cuda.ARCHS:
+                raise UserError(f"--arch {self.arch}: choose one of {', '.join(cuda.ARCHS)} (dp4a needs sm_61 or "
+                                "later; CUDA 13 compiles sm_75 and later)")
+            if self.cpu is not None:
+                raise UserError("--mcpu picks an LLVM CPU for llvm and aarch64-linux; for cuda use --arch")
+            if self.latency_budget is not None:
+                raise UserError("--latency-budget times kernels on this machine's CPU, not the GPU; plan with "
+                                "--size-budget or --bops-budget")
+        elif self.arch is not None:
+            raise UserError("--arch is for --target cuda")
         if self.target == "rv32":
             isa = toolchain.isa(self.march)
             if self.codegen not in toolchain.CODEGENS:

@@ -40,6 +40,7 @@ import tvm
 from tvm import relax
 
 from codegen import amx, vnni
+from codegen.cuda import dp4a
 from passes import integer_nonlinear, subbyte
 from passes.analysis import digest
 from passes.dyadic import dyadic_from_ratio, fine_offset, rescale, saturate
@@ -112,8 +113,10 @@ def _name(call) -> str:
 
 
 class _Lowering:
-    def __init__(self, bb: relax.BlockBuilder, variants, vnni: bool = False, amx: bool = False):
+    def __init__(self, bb: relax.BlockBuilder, variants, vnni: bool = False, amx: bool = False,
+                 dp4a: bool = False):
         self.bb = bb
+        self.dp4a = dp4a                    # CUDA: int8 operands laid out for dp4a (codegen/cuda/dp4a.py)
         self.vnni = vnni                    # pack int8 matmul and conv weights for x86 VNNI
         self.amx = amx                      # ... and run the convs that fit on AMX tiles
         self.env: dict = {}
@@ -489,7 +492,8 @@ class _Lowering:
         offline, so the kernel reads the raw 8-bit input (padding it with z_x, which is real 0)
         and the int8 weights: the u8 x s8 -> int32 product VNNI and dp4a execute."""
         # only an AMX convolution reads a channels-last input as it is
-        x = self.deq(self.val(call.args[0], channels_last=name == "relax.nn.conv2d" and self.amx), name)
+        x = self.deq(self.val(call.args[0], channels_last=name == "relax.nn.conv2d" and (self.amx or self.dp4a)),
+                     name)
         w = self.val(call.args[1])
         if name == "relax.matmul" and isinstance(w, _Deq):
             return self.activation_matmul(x, w.value)
@@ -534,7 +538,14 @@ class _Lowering:
         conv_vnni = (u8s8 and is_conv and vnni.conv_fits(stored.shape[0], int(call.attrs.groups))
                      and all(isinstance(d, tvm.tirx.IntImm) for d in x.expr.ty.shape.values[1:]))
         tiles = self.amx_geometry(call, x, wq.shape) if conv_vnni and self.amx else None
-        if tiles is None and x.channels_last:
+        # CUDA dp4a: 8-bit operands with 4 consecutive bytes of the reduction contiguous in both; a
+        # convolution (not grouped) channels-last, its input padded by a kernel of its own
+        dp4a_operands = (self.dp4a and not bits and stored.dtype == np.int8 and x.dtype in ("uint8", "int8")
+                         and acc_dtype == "int32")
+        conv_dp4a = (dp4a_operands and is_conv and int(call.attrs.groups) == 1
+                     and all(isinstance(d, tvm.tirx.IntImm) for d in x.expr.ty.shape.values[1:]))
+        matmul_dp4a = dp4a_operands and not is_conv and stored.ndim == 2
+        if tiles is None and not conv_dp4a and x.channels_last:
             x = self.deq(self.val(call.args[0]), name)
         # a token matmul [B, T, K] @ [K, N] on AMX is a 1 x 1 convolution of B one-row images
         dims = x.expr.ty.shape.values
@@ -544,7 +555,11 @@ class _Lowering:
             token_tiles = amx.ConvGeometry(stored.shape[0], 1, int(dims[1]), stored.shape[1], (1, 1), 1,
                                            (0, 0, 0, 0), (1, 1))
             packed_vnni = False
-        if packed_vnni:
+        if conv_dp4a:
+            stored = dp4a.pack_conv_weights(stored)
+        elif matmul_dp4a:
+            stored = dp4a.pack_matmul_weights(stored)
+        elif packed_vnni:
             stored = vnni.pack(np.pad(stored, [(0, 0), (0, lanes - columns)]))
         elif token_tiles is not None:
             stored = token_tiles.pack(stored.T[:, :, None, None])
@@ -566,11 +581,20 @@ class _Lowering:
             if tiles is not None:
                 acc = self.amx_conv2d(x, wc, tiles, zx)
                 axis, shape = 3, (1, 1, 1, -1)
+            elif conv_dp4a:
+                acc = self.dp4a_conv2d(x, wc, *geometry, zx)
+                axis, shape = 3, (1, 1, 1, -1)
             elif conv_vnni:
                 acc = self.bb.emit_te(vnni.conv2d, x.expr, wc, *geometry, zx, primfunc_name_hint="conv2d")
             else:
                 acc = self.bb.emit_te(_conv_zero_padded, x.expr, wc, *geometry, int(a.groups), zx, acc_dtype,
                                       packing, primfunc_name_hint="conv2d")
+        elif matmul_dp4a:
+            k_dim = int(wq.shape[0])
+            xk = x.expr if k_dim % dp4a.LANES == 0 else self.bb.emit_te(
+                dp4a.pad_columns, x.expr, dp4a.rounded(k_dim), primfunc_name_hint="pad")
+            acc = self.bb.emit_te(dp4a.matmul, xk, wc, primfunc_name_hint="matmul")
+            axis, shape = -1, (-1,)
         elif bits:
             acc = self.bb.emit_te(_matmul_packed, x.expr, wc, packing, acc_dtype, primfunc_name_hint="matmul")
             axis, shape = -1, (-1,)
@@ -589,7 +613,17 @@ class _Lowering:
         if zx:
             acc = self.bb.emit(op.add(acc, relax.const(correction.reshape(shape).astype(acc_dtype), acc_dtype)))
         num = (x.scale.reshape(-1)[0].astype(np.float32) * w.scale.astype(np.float32)).astype(np.float64)
-        return _Pending([(acc, num, axis)], bound=bound, channels_last=tiles is not None)
+        return _Pending([(acc, num, axis)], bound=bound, channels_last=tiles is not None or conv_dp4a)
+
+    def dp4a_conv2d(self, x: _Int, weights, strides, padding, dilation, zx: int) -> relax.Expr:
+        """codegen/cuda/dp4a.py's convolution of the channels-last input, padded first (spatially with
+        its zero point, channels to a multiple of 4) unless it needs none."""
+        x = self.to_nhwc(x)
+        channels = int(weights.ty.shape.values[3])
+        xp = x.expr
+        if any(padding) or channels != int(x.expr.ty.shape.values[3]):
+            xp = self.bb.emit_te(dp4a.pad_input, x.expr, padding, channels, zx, primfunc_name_hint="pad")
+        return self.bb.emit_te(dp4a.conv2d, xp, weights, strides, dilation, primfunc_name_hint="conv2d")
 
     @staticmethod
     def amx_geometry(call, x: _Int, shape) -> amx.ConvGeometry | None:
@@ -701,18 +735,19 @@ class LoweringReport:
 
 
 def lower_qdq(mod: tvm.IRModule, variants="auto", vnni: bool = False,
-              amx: bool = False) -> tuple[tvm.IRModule, LoweringReport]:
+              amx: bool = False, dp4a: bool = False) -> tuple[tvm.IRModule, LoweringReport]:
     """Rebuild ``main`` with integer ops; raises QDQLoweringError on an unknown pattern.
     ``variants``: the softmax / GELU family, "shift" or "poly" for every node ("auto" without
     calibration data means poly), or per kind the list chosen per node (compiler/quantize.py).
     ``vnni``: the target has x86 VNNI; int8 matmul and conv weights are stored in its operand layout.
-    ``amx``: it has AMX too; convolutions that fit run on its tiles (codegen/amx.py), channels-last."""
+    ``amx``: it has AMX too; convolutions that fit run on its tiles (codegen/amx.py), channels-last.
+    ``dp4a``: CUDA; int8 matmuls and convolutions in dp4a's operand layout (codegen/cuda/dp4a.py)."""
     func = mod["main"]
     bb = relax.BlockBuilder()
     attrs = {k: func.attrs[k] for k in func.attrs.keys()} if func.attrs is not None else {}
     with bb.function("main", list(func.params), attrs=attrs):
         with bb.dataflow():
-            low = _Lowering(bb, variants, vnni, amx)
+            low = _Lowering(bb, variants, vnni, amx, dp4a)
             outputs = set()
             for block in func.body.blocks:
                 for b in block.bindings:

@@ -6,6 +6,9 @@ Layout of an artifact directory::
       manifest.json   what was compiled, for which target, with which tensors
       model.so        the Relax VM executable (kernels + graph), loadable by TVM's runtime
 
+plus, for ``--target cuda``, kernels.cu (the CUDA source the library also embeds), and where nvcc
+was found kernels.ptx (for --arch) and kernels.fatbin (its cubin + PTX): loading hands the fatbin
+to TVM, so the GPU machine compiles nothing (codegen/cuda);
 or, for ``--target rv32``, the C project of codegen/rv32 (model.h, model.c, kernels.c|o, main.c,
 input.S, input.bin, Makefile) next to the manifest; runs go through QEMU (runtime/qemu.py).
 """
@@ -74,6 +77,7 @@ class Manifest:
     tuning: dict | None = None      # --tune: codegen/tune.TuneReport (which kernels meta_schedule scheduled)
     unscheduled: list[str] | None = None    # kernels that kept TVM's naive loop nests (no rule fit)
     mcu: dict | None = None         # rv32: ISA, memory plan, flash, MACs, the C interface's tensors
+    gpu: dict | None = None         # cuda: arch, the device code's files, nvcc, dp4a and row-reduction kernels
     format: int = FORMAT
     library: str = LIBRARY
 
@@ -129,10 +133,21 @@ def missing_cpu_features(target: dict) -> list[str]:
     return [f for f in CPU_FEATURES if codegen.target_has_features(f, built) and not bool(host.get(f, False))]
 
 
+def gpu_present() -> bool:
+    import tvm
+
+    return bool(tvm.cuda().exist)
+
+
 def check_runs_here(manifest: Manifest) -> None:
     """Refuse, in one line, an artifact this machine cannot execute: cross-compiled for another
-    architecture (pointing at the board), or for instruction sets it lacks (instead of SIGILL)."""
+    architecture (pointing at the board), for instruction sets it lacks (instead of SIGILL), or
+    for a GPU it does not have."""
     from codegen.llvm import foreign_arch
+
+    if manifest.gpu is not None and not gpu_present():
+        raise UserError(f"{manifest.model}: compiled for CUDA {manifest.gpu['arch']}, and this machine has no CUDA "
+                        "GPU (or no driver); run it on a GPU machine (copy the artifact directory)")
 
     if foreign_arch(manifest.target):
         raise UserError(f"{manifest.model}: compiled for {manifest.target['mtriple']}, and this machine is "
@@ -163,7 +178,7 @@ class Artifact:
         self.manifest = manifest
         self._module = module               # tvm Executable (fresh) or runtime.Module (loaded)
         self._library_path = library_path
-        self._files = dict(files or {})     # rv32: the C project, until saved
+        self._files = dict(files or {})     # rv32: the C project, until saved; cuda: the device code
         self._directory = directory         # rv32: where the project is (builds happen there)
         self._scratch = None
         self._vm = None
@@ -179,7 +194,8 @@ class Artifact:
             check_runs_here(self.manifest)
 
             with native_stderr_to_debug():
-                self._vm = relax.VirtualMachine(self._module, tvm.cpu())
+                device = tvm.cuda() if self.manifest.gpu is not None else tvm.cpu()
+                self._vm = relax.VirtualMachine(self._module, device)
         return self._vm
 
     def kernel_library(self):
@@ -198,7 +214,8 @@ class Artifact:
             from runtime import qemu
 
             return qemu.run(self.project(), self.manifest.mcu, feeds)
-        out = self.vm["main"](*[tvm.runtime.tensor(feeds[s.name]) for s in self.manifest.inputs])
+        device = tvm.cuda() if self.manifest.gpu is not None else tvm.cpu()
+        out = self.vm["main"](*[tvm.runtime.tensor(feeds[s.name], device) for s in self.manifest.inputs])
         outs = list(out) if not hasattr(out, "numpy") else [out]
         return {s.name: o.numpy() for s, o in zip(self.manifest.outputs, outs, strict=True)}
 
@@ -234,6 +251,8 @@ class Artifact:
             library = self.library_file(tmp)
             if library != tmp / LIBRARY:
                 shutil.copyfile(library, tmp / LIBRARY)
+            for name, data in self._files.items():      # cuda: the device code beside the library
+                (tmp / name).write_bytes(data)
             (tmp / MANIFEST).write_text(self.manifest.to_json())
         return Path(outdir)
 
@@ -293,6 +312,14 @@ def load(directory: str | os.PathLike) -> Artifact:
 
     if foreign_arch(manifest.target):           # a cross-compiled library: inspected, copied, sent over RPC
         return Artifact(manifest, None, library_path=lib)
+    if manifest.gpu is not None:
+        names = [manifest.gpu[k] for k in ("source", "ptx", "fatbin") if manifest.gpu.get(k)]
+        files = {name: (d / name).read_bytes() for name in names}
+        if not gpu_present():                   # no CUDA here: inspected and copied, not run
+            return Artifact(manifest, None, library_path=lib, files=files)
+        from codegen.cuda import loader
+
+        loader.provide(files[manifest.gpu["source"]].decode(), files.get(manifest.gpu["fatbin"]))
     import tvm
 
     from compiler.progress import native_stderr_to_debug

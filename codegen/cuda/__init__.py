@@ -1,0 +1,141 @@
+"""CUDA code generation: integer-only kernels for NVIDIA GPUs, built without a GPU.
+
+The integer graph of passes/lower_qdq.py (with ``dp4a=True``: int8 operands laid out for
+``dp4a``) goes through the CPU backend's fusion (``codegen/llvm.fusion``: the same Relax
+legalization and FuseOps, our epilogue and kernel merging), then our GPU schedules:
+
+* ``dp4a.Dp4a``: int8 GEMM and convolution, one ``dp4a`` per 4 bytes of the reduction, the
+  requantize epilogue in the same kernel;
+* dlight's ``Reduction`` and ``GeneralReduction``: row kernels (Shiftmax, I-LayerNorm, pooling
+  sums) with the row spread over a thread block and reduced by warp shuffles / shared memory;
+* dlight's ``Fallback`` for everything else (one thread per output element).
+
+dlight's ``Matmul`` (its int8 tensor-core path fails in 0.27 with a fragment error) and ``GEMV``
+(asserts on integer reduction chains) are left out.  A rule that raises on a kernel passes it
+to the next (``Guarded``).
+
+TVM 0.27 keeps CUDA *source* in the executable and compiles it when the library is loaded
+(``tvm_callback_cuda_compile``).  So that a GPU machine needs no compiler, ``build`` also runs
+nvcc here (codegen/cuda/nvcc.py): PTX for the architecture, and a fatbin with its cubin plus
+the PTX for later GPUs; ``runtime.artifact`` hands the fatbin to TVM when it loads the library.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+
+import tvm
+from tvm import tirx
+from tvm.relax.backend.cuda import pipeline as cuda_pipeline
+from tvm.s_tir import dlight as dl
+
+from codegen import llvm
+from codegen.cuda import nvcc
+from codegen.cuda.dp4a import Dp4a
+from codegen.cuda.rows import Rows, Separate
+from passes.fusion_report import FusionReport, RecordUnscheduled
+
+ARCHS = ("sm_75", "sm_80", "sm_86", "sm_89", "sm_90")
+DEFAULT_ARCH = "sm_80"
+SOURCE, PTX, FATBIN = "kernels.cu", "kernels.ptx", "kernels.fatbin"
+
+
+def target_dict(arch: str) -> dict:
+    return {"kind": "cuda", "arch": arch, "host": llvm.host_target()}
+
+
+class Guarded(dl.ScheduleRule):
+    """A dlight rule whose failure on a kernel means "not mine": dlight 0.27's GPU rules raise on
+    some integer kernels instead of returning None."""
+
+    def __init__(self, rule: dl.ScheduleRule):
+        self.rule = rule
+
+    def apply(self, func, target, tunable):
+        try:
+            return self.rule.apply(func, target, tunable)
+        except Exception:       # noqa: BLE001 -- any failure: the next rule schedules the kernel
+            return None
+
+
+RULES = (Dp4a(), Rows(), Guarded(dl.gpu.Reduction()), Separate())
+
+
+@dataclass
+class CudaBuild:
+    """The device code of a build: CUDA source, and nvcc's PTX and fatbin when nvcc was found."""
+    arch: str
+    source: str
+    ptx: bytes | None = None
+    fatbin: bytes | None = None
+    nvcc: str | None = None                 # nvcc's version, None when it was not found
+    kernels: dict[str, dict] = field(default_factory=dict)   # kernel -> {"dp4a": n, "shuffles": n}
+
+    def files(self) -> dict[str, bytes]:
+        out = {SOURCE: self.source.encode()}
+        if self.ptx is not None:
+            out[PTX] = self.ptx
+        if self.fatbin is not None:
+            out[FATBIN] = self.fatbin
+        return out
+
+    def summary(self) -> dict:
+        return {"arch": self.arch, "source": SOURCE, "source_sha256": source_hash(self.source),
+                "ptx": PTX if self.ptx is not None else None, "fatbin": FATBIN if self.fatbin is not None else None,
+                "nvcc": self.nvcc, "dp4a_kernels": sorted(k for k, v in self.kernels.items() if v["dp4a"]),
+                "row_reduction_kernels": sorted(k for k, v in self.kernels.items() if v["shuffles"])}
+
+
+def source_hash(source: str) -> str:
+    return hashlib.sha256(source.encode()).hexdigest()
+
+
+def kernel_sources(source: str) -> dict[str, str]:
+    """Each ``__global__`` function's body in the CUDA source, by kernel name."""
+    parts = re.split(r'(?=^extern "C" __global__ )', source, flags=re.M)
+    out = {}
+    for p in parts:
+        m = re.match(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(', p)
+        if m and "{" in p.split("\n", 1)[0]:
+            out[m.group(1)] = p
+    return out
+
+
+def _census(source: str) -> dict[str, dict]:
+    return {name: {"dp4a": body.count("__dp4a("), "shuffles": body.count("__shfl")}
+            for name, body in kernel_sources(source).items()}
+
+
+def lowering(target: tvm.target.Target, report: FusionReport) -> tvm.transform.Pass:
+    """Our GPU schedules (the kernels' index arithmetic narrowed to 32 bits where it fits), then
+    TVM's lowering to the VM."""
+    stages = ([dl.ApplyDefaultSchedule(*RULES), RecordUnscheduled(report)]
+              + cuda_pipeline.dataflow_lower_passes(target) + cuda_pipeline.finalize_passes(target))
+    return tvm.transform.Sequential(stages, name="lowbit_cuda_lowering")
+
+
+def build(mod: tvm.IRModule, target: dict):
+    """Fuse, schedule, lower and build for CUDA, then compile the device code with nvcc when it is
+    installed.  Returns (executable, {kernel: source ops}, FusionReport, CudaBuild)."""
+    tgt = tvm.target.Target(target)
+    report = FusionReport()
+    with tgt:
+        fused = llvm.fusion(tgt, report)(mod)
+        lowered = lowering(tgt, report)(fused)
+    names = sorted(gv.name_hint for gv, f in lowered.functions_items() if isinstance(f, tirx.PrimFunc))
+    kernels = {n: report.groups.get(n, [re.sub(r"\d+$", "", n)]) for n in names}
+    executable = tvm.compile(lowered, target=tgt, relax_pipeline=None)
+    source = device_module(executable).inspect_source()
+    device = CudaBuild(target["arch"], source, kernels=_census(source))
+    compiled = nvcc.compile(source, target["arch"])
+    if compiled is not None:
+        device.ptx, device.fatbin, device.nvcc = compiled
+    return executable, kernels, report, device
+
+
+def device_module(executable):
+    """The CUDA module inside a Relax executable (VM module -> host LLVM module -> CUDA)."""
+    host = executable.mod.imports[0]
+    return next(m for m in host.imports if m.kind == "cuda")

@@ -1,0 +1,218 @@
+"""Int8 GEMM and convolution on CUDA's ``dp4a`` (sm_61 and later).
+
+``dp4a(a, b, c)`` adds the dot product of two 4-byte vectors to a 32-bit
+accumulator in one instruction (PTX ``dp4a.u32.s32``: u8 activations times s8
+weights, exactly the HAWQ-V3 accumulator ``sum q_x * q_w`` of
+passes/lower_qdq.py, whose ``-z_x * sum(w)`` is folded into the bias).  Four
+consecutive bytes of the reduction must be contiguous in both operands, so
+passes/lower_qdq.py lays the operands out for it on this target:
+
+* convolution: the input channels-last (NHWC) and padded once (spatially with
+  the zero point, its channels to a multiple of 4) by its own kernel, weights
+  as [O, KH, KW, C4] with zero bytes past C;
+* matmul: weights transposed to [N, K4] (K rounded up to 4, zero bytes past K),
+  so row ``n`` of the weights is contiguous like row ``m`` of the input.
+
+Then out[..., n] = sum_k x[..., k] * w[n, k] with ``k`` innermost, and the
+schedule (``Dp4a``) splits ``k`` by 4 and tensorizes each step into one
+``dp4a`` whose operands are single 32-bit loads (the intrinsic's buffers have
+``offset_factor=4``, so tensorize proves the alignment).  Each thread owns a
+register tile of rows x columns, accumulates in registers, and runs the fused
+requantize epilogue on its tile before the one store.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import s_tir, te, tirx, topi
+from tvm.s_tir import dlight as dl
+from tvm.s_tir.schedule import ScheduleError
+from tvm.script import tirx as T
+
+from codegen.cpu_schedule import _divisor_at_most
+
+LANES = 4                   # bytes per dp4a operand
+BLOCK = "dp4a_"             # the reduction blocks this rule schedules
+MAX_THREADS = 256
+DEBUG = 0
+
+
+def rounded(n: int) -> int:
+    return -(-n // LANES) * LANES
+
+
+def _intrinsic(a_dtype: str, b_dtype: str, index: str) -> str:
+    """A dp4a step on 4 bytes of each operand in global memory, accumulated in a register.
+    ``index``: the kernels' index type (Relax legalizes to int64; tensorize matches it exactly)."""
+    name = f"lowbit_dp4a_{a_dtype}_{b_dtype}_{index}"
+    a_vec, b_vec = f"{a_dtype}x4", f"{b_dtype}x4"
+    lanes, zero, one = tirx.const(LANES, index), tirx.const(0, index), tirx.const(1, index)
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (lanes,), a_dtype, offset_factor=LANES, align=LANES)
+        B = T.match_buffer(b, (lanes,), b_dtype, offset_factor=LANES, align=LANES)
+        C = T.match_buffer(c, (one,), "int32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[zero], A[zero:lanes], B[zero:lanes])
+            T.writes(C[zero])
+            for i in range(lanes):
+                with T.sblock("step"):
+                    vi = T.axis.remap("R", [i])
+                    C[zero] = C[zero] + T.cast(A[vi], "int32") * T.cast(B[vi], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (lanes,), a_dtype, offset_factor=LANES, align=LANES)
+        B = T.match_buffer(b, (lanes,), b_dtype, offset_factor=LANES, align=LANES)
+        C = T.match_buffer(c, (one,), "int32", offset_factor=1, scope="local")
+        with T.sblock("root"):
+            T.reads(C[zero], A[zero:lanes], B[zero:lanes])
+            T.writes(C[zero])
+            C[zero] = T.call_pure_extern("int32", "__dp4a", A.vload([zero], a_vec), B.vload([zero], b_vec), C[zero])
+
+    if s_tir.TensorIntrin.get(name, allow_missing=True) is None:
+        s_tir.TensorIntrin.register(name, desc, impl)
+    return name
+
+
+INTRINSICS = {(a, b, i): _intrinsic(a, b, i) for a in ("uint8", "int8") for b in ("int8",) for i in ("int32", "int64")}
+
+
+# ---- the operand layouts (used by passes/lower_qdq.py) -------------------------------------
+
+def pack_conv_weights(w):
+    """OIHW int8 weights -> [O, KH, KW, C4], zero bytes in the padding channels."""
+    import numpy as np
+
+    o, c, kh, kw = w.shape
+    out = np.zeros((o, kh, kw, rounded(c)), w.dtype)
+    out[..., :c] = w.transpose(0, 2, 3, 1)
+    return out
+
+
+def pack_matmul_weights(w):
+    """[K, N] int8 weights -> [N, K4], zero bytes past K."""
+    import numpy as np
+
+    k, n = w.shape
+    out = np.zeros((n, rounded(k)), w.dtype)
+    out[:, :k] = w.T
+    return out
+
+
+def pad_input(x, padding, channels: int, pad_value: int):
+    """NHWC input padded spatially with its zero point and to ``channels`` (a multiple of 4)."""
+    top, left, bottom, right = padding
+    return topi.nn.pad(x, [0, top, left, 0], [0, bottom, right, channels - int(x.shape[3])],
+                       pad_value=pad_value, name="dp4a_pad")
+
+
+def pad_columns(x, columns: int):
+    """A matmul input's reduction axis padded to ``columns`` (the weights there are zero)."""
+    rank = len(x.shape)
+    return topi.nn.pad(x, [0] * rank, [0] * (rank - 1) + [columns - int(x.shape[-1])], name="dp4a_pad")
+
+
+def conv2d(xp, w, strides, dilation):
+    """out[n, y, x, o] = sum_{kh, kw, c} xp[n, y*sh + kh*dh, x*sw + kw*dw, c] * w[o, kh, kw, c], int32,
+    over the already padded NHWC input."""
+    _, height, width, _ = (int(d) if isinstance(d, tirx.IntImm) else d for d in xp.shape)
+    o, kh, kw, c = (int(d) for d in w.shape)
+    (sh, sw), (dh, dw) = strides, dilation
+    oh, ow = (height - dh * (kh - 1) - 1) // sh + 1, (width - dw * (kw - 1) - 1) // sw + 1
+    rh, rw, rc = te.reduce_axis((0, kh), "rh"), te.reduce_axis((0, kw), "rw"), te.reduce_axis((0, c), "rc")
+    return te.compute((xp.shape[0], oh, ow, o), lambda n, y, x, f: te.sum(
+        xp[n, y * sh + rh * dh, x * sw + rw * dw, rc].astype("int32") * w[f, rh, rw, rc].astype("int32"),
+        axis=[rh, rw, rc]), name=f"{BLOCK}conv2d")
+
+
+def matmul(x, w):
+    """out[..., n] = sum_k x[..., k] * w[n, k], int32."""
+    k = te.reduce_axis((0, int(w.shape[1])), "k")
+    return te.compute((*x.shape[:-1], w.shape[0]), lambda *i: te.sum(
+        x[(*i[:-1], k)].astype("int32") * w[i[-1], k].astype("int32"), axis=k), name=f"{BLOCK}matmul")
+
+
+# ---- the schedule ------------------------------------------------------------------------------
+
+def _extent(sch, loop) -> int | None:
+    e = sch.get(loop).extent
+    return int(e.value) if isinstance(e, tirx.IntImm) else None
+
+
+class Dp4a(dl.ScheduleRule):
+    """Schedules a fused kernel whose reduction block is one of ``BLOCK``'s: threads in a
+    (rows x columns) grid, each with an RT x CT register tile of accumulators, the reduction in
+    dp4a steps, and the epilogue (zero-point correction, bias, requantize, clamp) inlined into the
+    tile's store.  Returns None (other rules try) for any other kernel."""
+
+    def apply(self, func, target, tunable):
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "cuda":
+            return None
+        sch = s_tir.Schedule(func)
+        try:
+            return self.schedule(sch)
+        except (ScheduleError, ValueError, RuntimeError):
+            return None
+
+    def schedule(self, sch: s_tir.Schedule) -> s_tir.Schedule | None:
+        blocks = dl.analysis.normalize_prim_func(sch)
+        if blocks is None:
+            return None
+        reductions = [b for b in blocks if b.is_reduction()]
+        if len(reductions) != 1 or not sch.get(reductions[0].block_rv).name_hint.startswith(BLOCK):
+            return None
+        red = reductions[0]
+        if blocks.index(red) != 0 or not all(b.is_injective() for b in blocks[1:]):
+            return None
+        stmt = sch.get(red.block_rv)
+        own = stmt.writes[0].source.name
+        operands = tuple(str(r.source.dtype) for r in stmt.reads if r.source.name != own)
+        index = str(sch.get(sch.get_loops(red.block_rv)[-1]).extent.ty)
+        intrinsic = INTRINSICS.get((*operands, index))
+        if intrinsic is None:
+            return None
+        for b in blocks[1:-1]:                  # the elementwise chain folds into its last block
+            sch.compute_inline(b.block_rv)
+        epilogue = blocks[-1].block_rv if len(blocks) > 1 else None
+
+        block = red.block_rv
+        kinds = red.dom_kind()
+        loops = sch.get_loops(block)
+        *lead, col = [lp for lp, k in zip(loops, kinds, strict=True) if k == "S"]
+        *outer_red, k = [lp for lp, k in zip(loops, kinds, strict=True) if k == "R"]
+        n_cols = _extent(sch, col)
+        if n_cols is None or (_extent(sch, k) or 1) % LANES:
+            return None
+        # tiles divide their axes exactly (a predicated step does not match the intrinsic), and
+        # only the innermost row axis (output width, tokens) is tiled: the bindings of a split of
+        # fused axes cannot be blockized.  The outer axes (batch, output height) are blocks
+        if not lead or _extent(sch, lead[-1]) is None:     # a vector times the matrix: one row
+            lead = [*lead, sch.add_unit_loop(block)]
+        *outer, row = lead
+        n_rows = _extent(sch, row)
+        # output channels across a warp's lanes (consecutive threads read consecutive weight rows),
+        # CT of them per thread; rows across the block's other dimension, RT per thread
+        ct = _divisor_at_most(n_cols, 4 if n_cols >= 512 else 2 if n_cols >= 64 else 1)
+        tx = _divisor_at_most(n_cols // ct, 32)
+        rt = _divisor_at_most(n_rows, 4 if n_rows >= 4096 else 2 if n_rows >= 256 else 1)
+        ty = _divisor_at_most(n_rows // rt, MAX_THREADS // tx)
+        rb, ry, ri = sch.split(row, [None, ty, rt])
+        cb, cx, ci = sch.split(col, [None, tx, ct])
+        ko, k4 = sch.split(k, [None, LANES])
+        sch.reorder(*outer, rb, cb, ry, cx, *outer_red, ko, ri, ci, k4)
+        if outer:
+            sch.bind(sch.fuse(*outer) if len(outer) > 1 else outer[0], "blockIdx.y")
+        sch.bind(sch.fuse(rb, cb), "blockIdx.x")
+        sch.bind(ry, "threadIdx.y")
+        sch.bind(cx, "threadIdx.x")
+        acc = sch.cache_write(block, 0, "local")
+        sch.reverse_compute_at(acc, cx)
+        if epilogue is not None:
+            sch.reverse_compute_inline(epilogue)
+        sch.decompose_reduction(block, (outer_red or [ko])[0])
+        sch.unroll(ri)
+        sch.unroll(ci)
+        sch.tensorize(k4, intrinsic)
+        return sch

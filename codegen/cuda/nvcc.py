@@ -1,0 +1,87 @@
+"""nvcc and ptxas: PTX, cubin and fatbin for the generated CUDA source, on a machine without a GPU.
+
+nvcc is looked up in ``$CUDA_PATH/bin`` when CUDA_PATH is set (and only there), else on PATH,
+else in /usr/local/cuda/bin.  Without it a build still succeeds: the library keeps the CUDA
+source, and the GPU machine compiles it when it loads the library (TVM's NVRTC or nvcc
+callback), which this module's warning says.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from compiler.errors import UserError
+from compiler.progress import log
+
+TIMEOUT_S = 600
+
+
+def _tool(name: str) -> str | None:
+    root = os.environ.get("CUDA_PATH")
+    if root is not None:
+        path = Path(root) / "bin" / name
+        return str(path) if os.access(path, os.X_OK) else None
+    found = shutil.which(name)
+    if found:
+        return found
+    path = Path("/usr/local/cuda/bin") / name
+    return str(path) if os.access(path, os.X_OK) else None
+
+
+def find() -> str | None:
+    return _tool("nvcc")
+
+
+def version(tool: str) -> str:
+    out = subprocess.run([tool, "--version"], capture_output=True, text=True, timeout=60).stdout
+    m = re.search(r"release ([\d.]+), V([\d.]+)", out)
+    return m.group(2) if m else out.strip().splitlines()[-1]
+
+
+def _run(cmd: list[str], what: str) -> None:
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise UserError(f"{what}: {Path(cmd[0]).name} did not finish within {TIMEOUT_S} s") from None
+    if proc.returncode != 0:
+        first = next((ln for ln in proc.stderr.splitlines() if "error" in ln), proc.stderr.strip()[:300])
+        # our generated code failing to compile is a lowbit bug, not the user's: say where it is
+        raise RuntimeError(f"{what} failed: {first}")
+
+
+def compile(source: str, arch: str) -> tuple[bytes, bytes, str] | None:
+    """(PTX for ``arch``, a fatbin with its cubin and PTX, nvcc's version), or None with a warning
+    when nvcc is not installed."""
+    tool = find()
+    if tool is None:
+        log.warning("nvcc not found (CUDA_PATH, PATH, /usr/local/cuda): the artifact has no PTX or cubin, only "
+                    "the CUDA source in model.so, which the GPU machine compiles when it loads it (NVRTC from "
+                    "`pip install cuda-bindings`, or nvcc with TVM_CUDA_COMPILE_MODE=nvcc); install the CUDA "
+                    "toolkit here to ship compiled kernels")
+        return None
+    compute = arch.replace("sm_", "compute_")
+    with tempfile.TemporaryDirectory(prefix="lowbit-nvcc-") as tmp:
+        src = Path(tmp) / "kernels.cu"
+        src.write_text(source)
+        ptx, fatbin = Path(tmp) / "kernels.ptx", Path(tmp) / "kernels.fatbin"
+        _run([tool, "-O3", "--ptx", f"-arch={arch}", "-o", str(ptx), str(src)], f"nvcc --ptx -arch={arch}")
+        _run([tool, "-O3", "--fatbin", f"-gencode=arch={compute},code=[{arch},{compute}]", "-o", str(fatbin),
+              str(src)], f"nvcc --fatbin for {arch}")
+        return ptx.read_bytes(), fatbin.read_bytes(), version(tool)
+
+
+def assemble(ptx: bytes, arch: str) -> bytes:
+    """ptxas: the PTX assembled into a cubin for ``arch`` (raises if ptxas rejects it)."""
+    tool = _tool("ptxas")
+    if tool is None:
+        raise UserError("ptxas not found (CUDA_PATH, PATH, /usr/local/cuda); install the CUDA toolkit")
+    with tempfile.TemporaryDirectory(prefix="lowbit-ptxas-") as tmp:
+        src, out = Path(tmp) / "kernels.ptx", Path(tmp) / "kernels.cubin"
+        src.write_bytes(ptx)
+        _run([tool, f"-arch={arch}", "-o", str(out), str(src)], f"ptxas -arch={arch}")
+        return out.read_bytes()

@@ -1,0 +1,142 @@
+"""Row kernels on the GPU: Shiftmax, I-LayerNorm, pooling sums.
+
+Every block from the first reduction on is computed per row of the output (its axes but the
+last), one thread block per row:
+
+* a reduction over the row (max, sum, sum of squares) is split across the block's threads and
+  combined by TVM's cross-thread reduction (warp shuffles, then shared memory across warps);
+* a step along the row (center, shift-exp, Newton, normalize) gives each thread every T-th
+  element;
+* the row's intermediates live in shared memory, visible to all its threads.
+
+dlight's ``GeneralReduction`` does the same for float softmax and LayerNorm, but first inlines
+every elementwise block into its readers: integer Newton reads its previous value twice per
+step, so inlining copies expressions 2^depth times (I-LayerNorm did not finish compiling).
+Here a block is inlined only where its readers read it once (codegen/cpu_schedule's rule).
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight as dl
+from tvm.s_tir.schedule import ScheduleError
+
+from codegen.cpu_schedule import _broadcast, _const, _inline_casts, _read_once
+
+THREADS = 128              # per row at most; fewer (whole warps) for a narrower row
+
+
+class Rows(dl.ScheduleRule):
+    def apply(self, func, target, tunable):
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "cuda":
+            return None
+        sch = s_tir.Schedule(func)
+        try:
+            return self.schedule(sch)
+        except (ScheduleError, ValueError, RuntimeError):
+            return None
+
+    def schedule(self, sch: s_tir.Schedule) -> s_tir.Schedule | None:
+        blocks = dl.analysis.normalize_prim_func(sch)
+        if blocks is None:
+            return None
+        reductions = [b for b in blocks if b.is_reduction()]
+        if not reductions:
+            return None
+        start = blocks.index(reductions[0])
+        blocks = _inline_casts(sch, blocks[:start]) + blocks[start:]
+        kept = []
+        for b in blocks[:-1]:
+            try:
+                if b.is_reduction() or not _read_once(sch, b.block_rv, in_total=True) or _broadcast(sch, b.block_rv):
+                    raise ScheduleError
+                sch.compute_inline(b.block_rv)
+            except ScheduleError:
+                kept.append(b)
+        out = blocks[-1].block_rv
+        loops = sch.get_loops(out)
+        for depth in range(len(loops) - 1, 0, -1):
+            trial = sch.copy()
+            try:
+                for b in reversed(kept):
+                    trial.compute_at(b.block_rv, trial.get_loops(out)[depth - 1], preserve_unit_loops=True)
+            except ScheduleError:
+                continue
+            sch = trial
+            rows = sch.get_loops(out)[:depth]
+            width = 1
+            for lp in sch.get_loops(out)[depth:]:
+                width *= _const(sch.get(lp).extent) or THREADS
+            threads = min(THREADS, max(32, 1 << (width - 1).bit_length()))     # whole warps
+            sch.bind(sch.fuse(*rows) if len(rows) > 1 else rows[0], "blockIdx.x")
+            for b in kept:
+                sch.set_scope(b.block_rv, 0, "shared")
+                self._threads(sch, b.block_rv, depth, threads)
+            self._threads(sch, out, depth, threads, anchor=True)
+            return sch
+        return None
+
+    @staticmethod
+    def _threads(sch: s_tir.Schedule, block, depth: int, threads: int, anchor: bool = False) -> None:
+        """The block's loops under the row across the thread block: its spatial ones where it has
+        any (each thread its elements, a reduction among them serial), else its reduction
+        (a cross-thread reduction)."""
+        # under the row, compute_at made one loop per block iterator, in iterator order (the
+        # row's own of extent 1); the output's own loops are the row's and then one per iterator
+        loops, iters = sch.get_loops(block)[depth:], list(sch.get(block).iter_vars)
+        iters = iters[depth:] if anchor else iters
+        if len(loops) != len(iters):
+            raise ScheduleError
+        wide = [(lp, iv) for lp, iv in zip(loops, iters, strict=True) if (_const(sch.get(lp).extent) or 2) > 1]
+        spatial = [lp for lp, iv in wide if iv.iter_type == tirx.IterVar.DataPar]
+        reduce_ = [lp for lp, iv in wide if iv.iter_type == tirx.IterVar.CommReduce]
+        if spatial and reduce_:
+            # a contraction under the row (scores of a query): its accumulation in shared memory
+            # would need a barrier inside the predicated loop; such kernels go to other rules
+            raise ScheduleError
+        across = spatial or reduce_
+        if not across:
+            unit = sch.add_unit_loop(block)
+            sch.bind(unit, "threadIdx.x")
+            return
+        fused = sch.fuse(*across) if len(across) > 1 else across[0]
+        _, tx = sch.split(fused, [None, threads])
+        sch.reorder(tx, _)
+        sch.bind(tx, "threadIdx.x")
+
+
+class Separate(dl.ScheduleRule):
+    """The last resort for any other kernel (attention's contractions, table lookups, layout
+    copies): blocks read once are inlined into their readers, and every other block becomes a
+    kernel of its own with one thread per output element, its reduction serial.  dlight's
+    ``Fallback`` does this after inlining *every* block, which on integer Newton chains grows
+    expressions exponentially."""
+
+    def apply(self, func, target, tunable):
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "cuda":
+            return None
+        sch = s_tir.Schedule(func)
+        blocks = dl.analysis.normalize_prim_func(sch)
+        if blocks is None:
+            return None
+        for b in blocks[:-1]:
+            try:
+                if b.is_reduction() or not _read_once(sch, b.block_rv, in_total=True):
+                    raise ScheduleError
+                sch.compute_inline(b.block_rv)
+            except ScheduleError:
+                pass
+        for block in dl.analysis.get_root_block(sch) and sch.get_child_blocks(dl.analysis.get_root_block(sch)):
+            loops, iters = sch.get_loops(block), sch.get(block).iter_vars
+            if len(loops) != len(iters):
+                return None
+            spatial = [lp for lp, iv in zip(loops, iters, strict=True) if iv.iter_type == tirx.IterVar.DataPar]
+            reduce_ = [lp for lp, iv in zip(loops, iters, strict=True) if iv.iter_type != tirx.IterVar.DataPar]
+            if not spatial:
+                spatial = [sch.add_unit_loop(block)]
+            sch.reorder(*spatial, *reduce_)
+            fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
+            bx, tx = sch.split(fused, [None, THREADS])
+            sch.bind(bx, "blockIdx.x")
+            sch.bind(tx, "threadIdx.x")
+        return sch
