@@ -9,7 +9,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 DEMO    := build/demo
 
-.PHONY: setup toolchain demo test lint bench rv32-profile clean
+.PHONY: setup toolchain demo test lint bench bench-gpu rv32-profile clean
 
 setup: $(STAMP) toolchain
 
@@ -59,6 +59,14 @@ bench: setup
 	done
 	$(BIN)/python -m runtime.bench $(addprefix bench/results/,$(addsuffix .json,$(BENCH_MODELS))) \
 		| tee bench/results/table.md
+
+# on a CUDA GPU (the device tool's machines): lowbit INT8 against lowbit FP32, TVM FP16 and ORT CUDA for
+# DeiT-tiny and ResNet-18 at batch 1 and 8, interleaved (runtime/bench_gpu.py); exits 2, measuring
+# nothing, where there is no GPU
+GPU_BENCH_MODELS := deit_tiny resnet18
+
+bench-gpu: setup
+	$(BIN)/python -m runtime.bench_gpu $(GPU_BENCH_MODELS) --batch 1,8 --out bench/results/gpu
 
 # every zoo model for rv32imc: instructions per MAC (QEMU, -icount shift=0: exact), the static plan's
 # arena against its lower bound and against no reuse, stack, flash and code; JSON per model, then the

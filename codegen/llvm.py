@@ -126,10 +126,12 @@ def amx_available(target: dict) -> bool:
     return amx.available(tvm.target.Target(target))
 
 
-def fusion(target: tvm.target.Target, report: FusionReport, narrow: bool = False) -> tvm.transform.Pass:
+def fusion(target: tvm.target.Target, report: FusionReport, narrow: bool = False,
+           row_contractions: bool = True) -> tvm.transform.Pass:
     """TVM's CPU legalization and fusion (relax.backend.cpu_generic), recorded for ``lowbit inspect``:
     the result's kernels are the unscheduled PrimFuncs that tuning and our schedules work on.
-    ``narrow``: int64 constants that fit store as int32 (passes/narrow_constants.py; 32-bit cores)."""
+    ``narrow``: int64 constants that fit store as int32 (passes/narrow_constants.py; 32-bit cores).
+    ``row_contractions``: a GEMM may join the softmax / LayerNorm after it (passes/merge_kernels.py)."""
     legalize = []
     for p in cpu.legalize_passes(target):
         if p.info.name == "FuseOps":
@@ -137,7 +139,7 @@ def fusion(target: tvm.target.Target, report: FusionReport, narrow: bool = False
             legalize += [ReduceEpilogue(), CountKernels(report)]
         legalize.append(p)
         if p.info.name == "FuseOps":
-            legalize += [MergeKernels(), RecordFusion(report)]
+            legalize += [MergeKernels(row_contractions), RecordFusion(report)]
     return tvm.transform.Sequential(cpu.library_dispatch_passes(target) + legalize, name="lowbit_fusion")
 
 

@@ -106,7 +106,7 @@ def _vars_in(expr) -> list:
     return found
 
 
-def _plan(kernels: dict[int, _Kernel], bindings, output) -> dict[int, set[int]]:
+def _plan(kernels: dict[int, _Kernel], bindings, output, row_contractions: bool = True) -> dict[int, set[int]]:
     """Groups of binding positions, keyed by the position whose result leaves the group."""
     producer = {kernels[i].var: i for i in kernels}
     readers: dict[int, set[object]] = {i: set() for i in kernels}
@@ -139,7 +139,7 @@ def _plan(kernels: dict[int, _Kernel], bindings, output) -> dict[int, set[int]]:
         if len(users) == 1:
             (c,) = users
             if flag(p, "contract"):
-                ok = normalization(c)             # scores -> Shiftmax; not conv -> max-pool
+                ok = row_contractions and normalization(c)     # scores -> Shiftmax; not conv -> max-pool
             else:
                 ok = not (flag(c, "contract") and flag(p, "reduce"))      # no reductions in a GEMM prologue
         else:
@@ -182,6 +182,12 @@ def _emit_group(bb: relax.BlockBuilder, name: str, members: list[_Kernel]) -> tu
 
 @tvm.transform.module_pass(opt_level=0, name="lowbit.MergeKernels")
 class MergeKernels:
+    """``row_contractions=False`` (GPUs): a contraction never joins the row normalization after it;
+    there a GEMM runs on tiles of the whole output and a row kernel on a thread block per row."""
+
+    def __init__(self, row_contractions: bool = True):
+        self.row_contractions = row_contractions
+
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         main = mod["main"]
         if not isinstance(main.body, relax.SeqExpr) or len(main.body.blocks) != 1 or \
@@ -191,7 +197,7 @@ class MergeKernels:
         kinds: dict = {}
         kernels = {i: k for i, b in enumerate(bindings) if (k := _kernel(mod, b, kinds)) is not None}
         # every group is emitted afresh, FuseOps' one-group kernels too: all get short names
-        groups = {r: g for r, g in _plan(kernels, bindings, main.body.body).items()
+        groups = {r: g for r, g in _plan(kernels, bindings, main.body.body, self.row_contractions).items()
                   if len(g) > 1 or kernels[r].bind}
         if not groups:
             return mod

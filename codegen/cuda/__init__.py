@@ -2,7 +2,8 @@
 
 The integer graph of passes/lower_qdq.py (with ``dp4a=True``: int8 operands laid out for
 ``dp4a``) goes through the CPU backend's fusion (``codegen/llvm.fusion``: the same Relax
-legalization and FuseOps, our epilogue and kernel merging), then our GPU schedules:
+legalization and FuseOps, our epilogue and kernel merging, except that a GEMM does not join the
+softmax or LayerNorm after it), then our GPU schedules:
 
 * ``dp4a.Dp4a``: int8 GEMM and convolution, one ``dp4a`` per 4 bytes of the reduction, the
   requantize epilogue in the same kernel;
@@ -27,7 +28,7 @@ import re
 from dataclasses import dataclass, field
 
 import tvm
-from tvm import tirx
+from tvm import relax, tirx
 from tvm.relax.backend.cuda import pipeline as cuda_pipeline
 from tvm.s_tir import dlight as dl
 
@@ -72,6 +73,7 @@ class CudaBuild:
     fatbin: bytes | None = None
     nvcc: str | None = None                 # nvcc's version, None when it was not found
     kernels: dict[str, dict] = field(default_factory=dict)   # kernel -> {"dp4a": n, "shuffles": n}
+    dp4a_launches: int = 0                  # launches per inference on dp4a (one per int8 conv / matmul)
 
     def files(self) -> dict[str, bytes]:
         out = {SOURCE: self.source.encode()}
@@ -84,7 +86,7 @@ class CudaBuild:
     def summary(self) -> dict:
         return {"arch": self.arch, "source": SOURCE, "source_sha256": source_hash(self.source),
                 "ptx": PTX if self.ptx is not None else None, "fatbin": FATBIN if self.fatbin is not None else None,
-                "nvcc": self.nvcc, "dp4a_kernels": sorted(k for k, v in self.kernels.items() if v["dp4a"]),
+                "nvcc": self.nvcc, "dp4a_launches": self.dp4a_launches, "dp4a_kernels": sorted(k for k, v in self.kernels.items() if v["dp4a"]),
                 "row_reduction_kernels": sorted(k for k, v in self.kernels.items() if v["shuffles"])}
 
 
@@ -108,12 +110,14 @@ def _census(source: str) -> dict[str, dict]:
             for name, body in kernel_sources(source).items()}
 
 
-def lowering(target: tvm.target.Target, report: FusionReport) -> tvm.transform.Pass:
-    """Our GPU schedules (the kernels' index arithmetic narrowed to 32 bits where it fits), then
-    TVM's lowering to the VM."""
-    stages = ([dl.ApplyDefaultSchedule(*RULES), RecordUnscheduled(report)]
-              + cuda_pipeline.dataflow_lower_passes(target) + cuda_pipeline.finalize_passes(target))
-    return tvm.transform.Sequential(stages, name="lowbit_cuda_lowering")
+def dp4a_launches(mod: tvm.IRModule) -> int:
+    """Kernel launches per inference that run on dp4a (calls of the scheduled kernels)."""
+    on = {gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc) and "__dp4a" in f.script()}
+    calls = []
+    relax.analysis.post_order_visit(mod["main"], lambda e: calls.append(
+        isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name == "relax.call_tir"
+        and e.args[0].name_hint in on))
+    return sum(calls)
 
 
 def build(mod: tvm.IRModule, target: dict):
@@ -122,13 +126,16 @@ def build(mod: tvm.IRModule, target: dict):
     tgt = tvm.target.Target(target)
     report = FusionReport()
     with tgt:
-        fused = llvm.fusion(tgt, report)(mod)
-        lowered = lowering(tgt, report)(fused)
+        fused = llvm.fusion(tgt, report, row_contractions=False)(mod)
+        scheduled = tvm.transform.Sequential([dl.ApplyDefaultSchedule(*RULES), RecordUnscheduled(report)])(fused)
+        launches = dp4a_launches(scheduled)
+        lowered = tvm.transform.Sequential(cuda_pipeline.dataflow_lower_passes(tgt)
+                                           + cuda_pipeline.finalize_passes(tgt))(scheduled)
     names = sorted(gv.name_hint for gv, f in lowered.functions_items() if isinstance(f, tirx.PrimFunc))
     kernels = {n: report.groups.get(n, [re.sub(r"\d+$", "", n)]) for n in names}
     executable = tvm.compile(lowered, target=tgt, relax_pipeline=None)
     source = device_module(executable).inspect_source()
-    device = CudaBuild(target["arch"], source, kernels=_census(source))
+    device = CudaBuild(target["arch"], source, kernels=_census(source), dp4a_launches=launches)
     compiled = nvcc.compile(source, target["arch"])
     if compiled is not None:
         device.ptx, device.fatbin, device.nvcc = compiled

@@ -23,18 +23,17 @@ requantize epilogue on its tile before the one store.
 
 from __future__ import annotations
 
-import tvm
 from tvm import s_tir, te, tirx, topi
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.schedule import ScheduleError
 from tvm.script import tirx as T
 
-from codegen.cpu_schedule import _divisor_at_most
+from codegen.cpu_schedule import _divisor_at_most, _read_once
+from codegen.cuda.rows import own_kernel
 
 LANES = 4                   # bytes per dp4a operand
 BLOCK = "dp4a_"             # the reduction blocks this rule schedules
 MAX_THREADS = 256
-DEBUG = 0
 
 
 def rounded(n: int) -> int:
@@ -164,8 +163,21 @@ class Dp4a(dl.ScheduleRule):
         if len(reductions) != 1 or not sch.get(reductions[0].block_rv).name_hint.startswith(BLOCK):
             return None
         red = reductions[0]
-        if blocks.index(red) != 0 or not all(b.is_injective() for b in blocks[1:]):
+        start = blocks.index(red)
+        if not all(b.is_injective() for i, b in enumerate(blocks) if i != start):
             return None
+        # a prologue (the input's quantize, a head merge, a GELU table) runs first as a kernel of
+        # its own: inlined, the operand would be an expression, not 4 bytes in memory
+        for b in blocks[:start]:
+            feeds_red = sch.get(red.block_rv).name_hint in {sch.get(c).name_hint for c in sch.get_consumers(b.block_rv)}
+            try:
+                if feeds_red or not _read_once(sch, b.block_rv, in_total=True):
+                    raise ScheduleError
+                sch.compute_inline(b.block_rv)
+            except ScheduleError:
+                if not own_kernel(sch, b.block_rv):
+                    return None
+        blocks = blocks[start:]
         stmt = sch.get(red.block_rv)
         own = stmt.writes[0].source.name
         operands = tuple(str(r.source.dtype) for r in stmt.reads if r.source.name != own)

@@ -126,17 +126,24 @@ class Separate(dl.ScheduleRule):
                 sch.compute_inline(b.block_rv)
             except ScheduleError:
                 pass
-        for block in dl.analysis.get_root_block(sch) and sch.get_child_blocks(dl.analysis.get_root_block(sch)):
-            loops, iters = sch.get_loops(block), sch.get(block).iter_vars
-            if len(loops) != len(iters):
+        for block in sch.get_child_blocks(dl.analysis.get_root_block(sch)):
+            if not own_kernel(sch, block):
                 return None
-            spatial = [lp for lp, iv in zip(loops, iters, strict=True) if iv.iter_type == tirx.IterVar.DataPar]
-            reduce_ = [lp for lp, iv in zip(loops, iters, strict=True) if iv.iter_type != tirx.IterVar.DataPar]
-            if not spatial:
-                spatial = [sch.add_unit_loop(block)]
-            sch.reorder(*spatial, *reduce_)
-            fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
-            bx, tx = sch.split(fused, [None, THREADS])
-            sch.bind(bx, "blockIdx.x")
-            sch.bind(tx, "threadIdx.x")
         return sch
+
+
+def own_kernel(sch: s_tir.Schedule, block) -> bool:
+    """The block as a kernel of its own: one thread per output element, its reduction serial."""
+    loops, iters = sch.get_loops(block), sch.get(block).iter_vars
+    if len(loops) != len(iters):
+        return False
+    spatial = [lp for lp, iv in zip(loops, iters, strict=True) if iv.iter_type == tirx.IterVar.DataPar]
+    reduce_ = [lp for lp, iv in zip(loops, iters, strict=True) if iv.iter_type != tirx.IterVar.DataPar]
+    if not spatial:
+        spatial = [sch.add_unit_loop(block)]
+    sch.reorder(*spatial, *reduce_)
+    fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
+    bx, tx = sch.split(fused, [None, THREADS])
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(tx, "threadIdx.x")
+    return True

@@ -1,0 +1,49 @@
+"""On a CUDA GPU (the device tool's machines, when lent): every zoo model's CUDA build runs
+bit-exact against the golden reference, with no compiler on the load path (the artifact's
+fatbin).  Skips, saying why, on a machine without a GPU."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+
+import compiler
+from compiler import driver, frontend, quantize
+from compiler.options import CompileOptions
+from models import zoo
+from runtime import golden
+
+
+@pytest.fixture(scope="session")
+def gpu_arch():
+    from runtime.artifact import gpu_present
+
+    if not gpu_present():
+        pytest.skip("no CUDA GPU on this machine (tvm.cuda() does not exist): the GPU runs need one")
+    from runtime.bench_gpu import gpu_arch
+
+    return gpu_arch()
+
+
+@pytest.mark.parametrize("name", list(zoo.ENTRIES))
+def test_zoo_model_bit_exact_on_the_gpu(name, gpu_arch, tmp_path, monkeypatch):
+    import numpy as np
+
+    import runtime
+
+    files = zoo.ensure(name)
+    model, calib = onnx.load(files.onnx), files.calibration()
+    compiler.compile(files.onnx, options=CompileOptions(target="cuda", arch=gpu_arch, calib=calib)).save(
+        tmp_path / "a")
+    # loading must not compile: the fatbin built here is what runs
+    monkeypatch.setenv("TVM_CUDA_COMPILE_MODE", "none-expected")
+    art = runtime.load(tmp_path / "a")
+    src = frontend.load(files.onnx)
+    inputs = frontend.static_specs(src, frontend.input_specs(src))
+    _, shapes = driver.quantization_shapes(src, inputs)
+    qdq, report = quantize.quantize(model, calib, shapes=shapes)
+    x = zoo.get(name).samples(4, seed=21)
+    for i in range(len(x)):
+        feeds = {zoo.INPUT: x[i:i + 1]}
+        want = golden.run_qdq(qdq, feeds, report.variants())[zoo.OUTPUT]
+        np.testing.assert_array_equal(art.run(feeds)[zoo.OUTPUT], want)
