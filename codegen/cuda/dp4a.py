@@ -29,7 +29,7 @@ from tvm.s_tir.schedule import ScheduleError
 from tvm.script import tirx as T
 
 from codegen.cpu_schedule import _divisor_at_most, _read_once
-from codegen.cuda.rows import own_kernel
+from codegen.cuda.rows import CudaRule, own_kernel
 
 LANES = 4                   # bytes per dp4a operand
 BLOCK = "dp4a_"             # the reduction blocks this rule schedules
@@ -140,20 +140,11 @@ def _extent(sch, loop) -> int | None:
     return int(e.value) if isinstance(e, tirx.IntImm) else None
 
 
-class Dp4a(dl.ScheduleRule):
+class Dp4a(CudaRule):
     """Schedules a fused kernel whose reduction block is one of ``BLOCK``'s: threads in a
     (rows x columns) grid, each with an RT x CT register tile of accumulators, the reduction in
     dp4a steps, and the epilogue (zero-point correction, bias, requantize, clamp) inlined into the
     tile's store.  Returns None (other rules try) for any other kernel."""
-
-    def apply(self, func, target, tunable):
-        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "cuda":
-            return None
-        sch = s_tir.Schedule(func)
-        try:
-            return self.schedule(sch)
-        except (ScheduleError, ValueError, RuntimeError):
-            return None
 
     def schedule(self, sch: s_tir.Schedule) -> s_tir.Schedule | None:
         blocks = dl.analysis.normalize_prim_func(sch)

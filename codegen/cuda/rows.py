@@ -26,16 +26,23 @@ from codegen.cpu_schedule import _broadcast, _const, _inline_casts, _read_once
 THREADS = 128              # per row at most; fewer (whole warps) for a narrower row
 
 
-class Rows(dl.ScheduleRule):
+class CudaRule(dl.ScheduleRule):
+    """A CUDA kernel rule: ``schedule`` returns None for a kernel that is not its kind, and a
+    schedule primitive that refuses means the same; the next rule then takes the kernel."""
+
     def apply(self, func, target, tunable):
         if not isinstance(func, tirx.PrimFunc) or target.kind.name != "cuda":
             return None
-        sch = s_tir.Schedule(func)
         try:
-            return self.schedule(sch)
+            return self.schedule(s_tir.Schedule(func))
         except (ScheduleError, ValueError, RuntimeError):
             return None
 
+    def schedule(self, sch: s_tir.Schedule) -> s_tir.Schedule | None:
+        raise NotImplementedError
+
+
+class Rows(CudaRule):
     def schedule(self, sch: s_tir.Schedule) -> s_tir.Schedule | None:
         blocks = dl.analysis.normalize_prim_func(sch)
         if blocks is None:
@@ -105,17 +112,14 @@ class Rows(dl.ScheduleRule):
         sch.bind(tx, "threadIdx.x")
 
 
-class Separate(dl.ScheduleRule):
+class Separate(CudaRule):
     """The last resort for any other kernel (attention's contractions, table lookups, layout
     copies): blocks read once are inlined into their readers, and every other block becomes a
     kernel of its own with one thread per output element, its reduction serial.  dlight's
     ``Fallback`` does this after inlining *every* block, which on integer Newton chains grows
     expressions exponentially."""
 
-    def apply(self, func, target, tunable):
-        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "cuda":
-            return None
-        sch = s_tir.Schedule(func)
+    def schedule(self, sch: s_tir.Schedule) -> s_tir.Schedule | None:
         blocks = dl.analysis.normalize_prim_func(sch)
         if blocks is None:
             return None
