@@ -44,6 +44,17 @@ def mlp_path(tmp_path) -> Path:
     return p
 
 
+def golden_model(onnx_path, calib) -> tuple[onnx.ModelProto, dict]:
+    """The QDQ model lowbit's quantizer makes of an FP32 model, with its softmax / GELU variants:
+    what runtime/golden.run_qdq interprets as the reference."""
+    from compiler import driver, frontend, quantize
+
+    src = frontend.load(onnx_path)
+    _, shapes = driver.quantization_shapes(src, frontend.static_specs(src, frontend.input_specs(src)))
+    qdq, report = quantize.quantize(onnx.load(onnx_path), calib, shapes=shapes)
+    return qdq, report.variants()
+
+
 def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
     """The real console entry point in a subprocess: exit codes and stderr as a user sees them."""
     return subprocess.run([sys.executable, "-m", "compiler.cli", *map(str, args)], capture_output=True,

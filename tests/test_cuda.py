@@ -14,12 +14,12 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from conftest import ROOT, run_cli
+from conftest import ROOT, golden_model, run_cli
 
 import compiler
 from codegen import cuda
 from codegen.cuda import nvcc
-from compiler import driver, frontend, quantize
+from compiler import driver
 from compiler.options import CompileOptions
 from models import zoo
 from passes import lower_qdq as lowering
@@ -90,19 +90,17 @@ def test_dp4a_layouts_compute_the_golden_integers(name, monkeypatch):
     dp4a) built for this CPU is bit-exact with the golden reference: only the schedules differ
     between it and the GPU build."""
     files = zoo.ensure(name)
-    model, calib = onnx.load(files.onnx), files.calibration()
+    calib = files.calibration()
     real = lowering.lower_qdq
     monkeypatch.setattr(driver, "lower_qdq", lambda *a, **k: real(*a, **{**k, "vnni": False, "amx": False,
                                                                          "dp4a": True}))
     art = compiler.compile(files.onnx, options=CompileOptions(calib=calib))
     assert art.manifest.integer_only
-    src = frontend.load(files.onnx)
-    _, shapes = driver.quantization_shapes(src, frontend.static_specs(src, frontend.input_specs(src)))
-    qdq, report = quantize.quantize(model, calib, shapes=shapes)
+    qdq, variants = golden_model(files.onnx, calib)
     x = zoo.get(name).samples(3, seed=5)
     for i in range(len(x)):
         feeds = {zoo.INPUT: x[i:i + 1]}
-        want = golden.run_qdq(qdq, feeds, report.variants())[zoo.OUTPUT]
+        want = golden.run_qdq(qdq, feeds, variants)[zoo.OUTPUT]
         np.testing.assert_array_equal(art.run(feeds)[zoo.OUTPUT], want)
 
 

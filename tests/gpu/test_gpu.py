@@ -4,11 +4,10 @@ fatbin).  Skips, saying why, on a machine without a GPU."""
 
 from __future__ import annotations
 
-import onnx
 import pytest
+from conftest import golden_model
 
 import compiler
-from compiler import driver, frontend, quantize
 from compiler.options import CompileOptions
 from models import zoo
 from runtime import golden
@@ -32,18 +31,15 @@ def test_zoo_model_bit_exact_on_the_gpu(name, gpu_arch, tmp_path, monkeypatch):
     import runtime
 
     files = zoo.ensure(name)
-    model, calib = onnx.load(files.onnx), files.calibration()
+    calib = files.calibration()
     compiler.compile(files.onnx, options=CompileOptions(target="cuda", arch=gpu_arch, calib=calib)).save(
         tmp_path / "a")
     # loading must not compile: the fatbin built here is what runs
     monkeypatch.setenv("TVM_CUDA_COMPILE_MODE", "none-expected")
     art = runtime.load(tmp_path / "a")
-    src = frontend.load(files.onnx)
-    inputs = frontend.static_specs(src, frontend.input_specs(src))
-    _, shapes = driver.quantization_shapes(src, inputs)
-    qdq, report = quantize.quantize(model, calib, shapes=shapes)
+    qdq, variants = golden_model(files.onnx, calib)
     x = zoo.get(name).samples(4, seed=21)
     for i in range(len(x)):
         feeds = {zoo.INPUT: x[i:i + 1]}
-        want = golden.run_qdq(qdq, feeds, report.variants())[zoo.OUTPUT]
+        want = golden.run_qdq(qdq, feeds, variants)[zoo.OUTPUT]
         np.testing.assert_array_equal(art.run(feeds)[zoo.OUTPUT], want)
