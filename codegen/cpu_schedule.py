@@ -29,6 +29,7 @@ replace this where they exist; this is the floor.
 from __future__ import annotations
 
 import re
+from functools import partial
 
 import numpy as np
 import tvm
@@ -71,6 +72,41 @@ def _read_once(sch: s_tir.Schedule, block, in_total: bool = False) -> bool:
     load = re.compile(rf"\b{re.escape(body.buffer.name)}\[")
     reads = [len(load.findall(sch.get(c).body.script())) for c in sch.get_consumers(block)]
     return (sum(reads) if in_total else max(reads, default=0)) <= 1
+
+
+def _feeds(sch: s_tir.Schedule, reader, info) -> bool:
+    """Whether the block of ``info`` is read by the block ``reader``."""
+    return sch.get(reader).name_hint in {sch.get(c).name_hint for c in sch.get_consumers(info.block_rv)}
+
+
+def _inline_read_once(sch: s_tir.Schedule, blocks, keep=None) -> list:
+    """Inline into their readers those of ``blocks`` that are no reduction, are read once in total
+    (inlined into k reads, a block's expression is copied k times: k^depth along integer Newton)
+    and are not ``keep(block)``; returns the blocks kept."""
+    kept = []
+    for b in blocks:
+        try:
+            if b.is_reduction() or not _read_once(sch, b.block_rv, in_total=True) or (keep and keep(b)):
+                raise ScheduleError
+            sch.compute_inline(b.block_rv)
+        except ScheduleError:
+            kept.append(b)
+    return kept
+
+
+def _under_rows(sch: s_tir.Schedule, blocks, out) -> tuple[s_tir.Schedule, int | None]:
+    """``blocks`` computed at the output's row loops, as deep as a loop takes them all: (the
+    schedule, the number of row loops), or (``sch``, None) when none does."""
+    loops = sch.get_loops(out)
+    for depth in range(len(loops) - 1, 0, -1):
+        trial = sch.copy()
+        try:
+            for b in reversed(blocks):
+                trial.compute_at(b.block_rv, trial.get_loops(out)[depth - 1], preserve_unit_loops=True)
+        except ScheduleError:
+            continue
+        return trial, depth
+    return sch, None
 
 
 def _pointwise(sch: s_tir.Schedule, block) -> bool:
@@ -236,18 +272,8 @@ class CPUDefault(dl.ScheduleRule):
         """Inline the elementwise chain before the reduction's direct producers into them (the
         epilogue of the conv that feeds a pool, fused ahead of the pool's padding): one pass over
         the data instead of one per step.  Returns whether any block was inlined."""
-        reduction = sch.get(red.block_rv).name_hint
-        folded = False
-        for b in blocks[:blocks.index(red)]:
-            feeds = {sch.get(c).name_hint for c in sch.get_consumers(b.block_rv)}
-            if reduction in feeds or not _read_once(sch, b.block_rv, in_total=True):
-                continue
-            try:
-                sch.compute_inline(b.block_rv)
-                folded = True
-            except ScheduleError:
-                continue
-        return folded
+        prologue = blocks[:blocks.index(red)]
+        return len(_inline_read_once(sch, prologue, keep=partial(_feeds, sch, red.block_rv))) < len(prologue)
 
     @staticmethod
     def _epilogues(sch: s_tir.Schedule, blocks, red) -> list:
@@ -302,15 +328,8 @@ class CPUDefault(dl.ScheduleRule):
         start = blocks.index(first_reduction) if first_reduction is not None else 0
         head = _inline_casts(sch, blocks[:start])      # casts ahead of the first reduction
         blocks, start = head + blocks[start:], len(head)
-        kept = []
-        for b in blocks[start:-1]:      # elementwise steps read once fold into their reader
-            try:
-                if (b.is_reduction() or not _read_once(sch, b.block_rv, in_total=True)
-                        or _broadcast(sch, b.block_rv)):
-                    raise ScheduleError
-                sch.compute_inline(b.block_rv)
-            except ScheduleError:
-                kept.append(b)
+        # elementwise steps read once fold into their reader
+        kept = _inline_read_once(sch, blocks[start:-1], keep=lambda b: _broadcast(sch, b.block_rv))
         blocks = blocks[:start] + kept + blocks[-1:]
         if flavour and _is_vnni(sch, blocks[start].block_rv) and _last_extent(sch, blocks[-1]) < _last_extent(
                 sch, blocks[start]):
@@ -319,16 +338,10 @@ class CPUDefault(dl.ScheduleRule):
                 self._injective(sch, b.block_rv)
             return sch
         out = blocks[-1].block_rv
-        loops = sch.get_loops(out)
-        for depth in range(len(loops) - 1, 0, -1):
-            trial = sch.copy()
-            try:
-                for b in reversed(blocks[start:-1]):
-                    trial.compute_at(b.block_rv, trial.get_loops(out)[depth - 1], preserve_unit_loops=True)
-            except ScheduleError:
-                continue
-            sch = trial
-            rows = sch.get_loops(out)[:depth]
+        sch, depth = _under_rows(sch, blocks[start:-1], out)
+        if depth is not None:
+            loops = sch.get_loops(out)
+            rows = loops[:depth]
             work = [_const(sch.get(lp).extent) for lp in loops]
             fused = sch.fuse(*rows) if len(rows) > 1 else rows[0]
             if None in work or int(np.prod(work, dtype=np.int64)) * (len(blocks) - start) >= MIN_PARALLEL_WORK:
@@ -341,7 +354,6 @@ class CPUDefault(dl.ScheduleRule):
                     self._vnni_row(sch, b.block_rv, flavour)
                 else:
                     self._row_contraction(sch, b.block_rv)
-            break
         else:       # no row loop takes every block (a slice of the rows is the output): the GEMM still tiles
             for b in blocks[start:-1]:
                 if flavour and _is_vnni(sch, b.block_rv):

@@ -161,6 +161,10 @@ def build(mod: tvm.IRModule, target: dict, schedule=None):
         if schedule is not None:
             fused = schedule(fused, target)
         lowered = lowering(tgt, report)(fused)
+    return tvm.compile(lowered, target=tgt, relax_pipeline=None), kernel_ops(lowered, report), report
+
+
+def kernel_ops(lowered: tvm.IRModule, report: FusionReport) -> dict[str, list[str]]:
+    """Every kernel of the lowered module with the source ops fused into it."""
     names = sorted(gv.name_hint for gv, f in lowered.functions_items() if isinstance(f, tirx.PrimFunc))
-    kernels = {n: report.groups.get(n, [re.sub(r"\d+$", "", n)]) for n in names}
-    return tvm.compile(lowered, target=tgt, relax_pipeline=None), kernels, report
+    return {n: report.groups.get(n, [re.sub(r"\d+$", "", n)]) for n in names}

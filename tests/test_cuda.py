@@ -20,6 +20,7 @@ import compiler
 from codegen import cuda
 from codegen.cuda import nvcc
 from compiler import driver
+from compiler.errors import UserError
 from compiler.options import CompileOptions
 from models import zoo
 from passes import lower_qdq as lowering
@@ -96,6 +97,10 @@ def test_dp4a_layouts_compute_the_golden_integers(name, monkeypatch):
                                                                          "dp4a": True}))
     art = compiler.compile(files.onnx, options=CompileOptions(calib=calib))
     assert art.manifest.integer_only
+    # the dp4a layout is the one built: the first convolution's 1 or 3 input channels stored as 4
+    first = art.manifest.quantization["weights"][0]
+    out_channels, channels, kh, kw = first["shape"]
+    assert first["op"] == "conv2d" and channels in (1, 3) and first["bytes"] == out_channels * kh * kw * 4
     qdq, variants = golden_model(files.onnx, calib)
     x = zoo.get(name).samples(3, seed=5)
     for i in range(len(x)):
@@ -126,6 +131,18 @@ def test_without_nvcc_the_library_keeps_the_source_and_warns(mlp_path, tmp_path)
     assert "__dp4a(" in (out / "kernels.cu").read_text()
 
 
+def test_loading_answers_the_compile_callback_with_the_shipped_fatbin():
+    """What TVM's runtime calls to compile a library's CUDA source at load time gets the
+    artifact's fatbin for that source, without a compiler (the load itself needs a GPU: tests/gpu)."""
+    import tvm
+
+    from codegen.cuda import loader
+
+    source = 'extern "C" __global__ void lowbit_probe_kernel() {}\n'
+    loader.provide(source, b"\x50\xed\x55\xba fatbin")
+    assert tvm.get_global_func("tvm_callback_cuda_compile")(source) == b"\x50\xed\x55\xba fatbin"
+
+
 def test_cuda_flag_errors(mlp_path):
     res = run_cli("compile", str(mlp_path), "--target", "cuda", "--arch", "sm_52", "-o", "/tmp/lowbit-never")
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "--arch sm_52" in res.stderr
@@ -145,7 +162,7 @@ def test_a_cuda_artifact_refuses_to_run_without_a_gpu(tmp_path, mlp_path):
     np.savez(tmp_path / "x.npz", x=np.zeros((1, 8), np.float32))
     res = run_cli("run", str(tmp_path / "a"), "--input", str(tmp_path / "x.npz"), "-o", str(tmp_path / "o.npz"))
     assert res.returncode == 2 and res.stderr.count("\n") == 1
-    with pytest.raises(Exception, match="no CUDA GPU"):
+    with pytest.raises(UserError, match="no CUDA GPU"):
         art.run(np.zeros((1, 8), np.float32))
 
 

@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass, field
 
 import tvm
-from tvm import relax, tirx
+from tvm import relax
 from tvm.relax.backend.cuda import pipeline as cuda_pipeline
 from tvm.s_tir import dlight as dl
 
@@ -88,7 +88,8 @@ class CudaBuild:
     def summary(self) -> dict:
         return {"arch": self.arch, "source": SOURCE, "source_sha256": source_hash(self.source),
                 "ptx": PTX if self.ptx is not None else None, "fatbin": FATBIN if self.fatbin is not None else None,
-                "nvcc": self.nvcc, "dp4a_launches": self.dp4a_launches, "dp4a_kernels": sorted(k for k, v in self.kernels.items() if v["dp4a"]),
+                "nvcc": self.nvcc, "dp4a_launches": self.dp4a_launches,
+                "dp4a_kernels": sorted(k for k, v in self.kernels.items() if v["dp4a"]),
                 "row_reduction_kernels": sorted(k for k, v in self.kernels.items() if v["shuffles"])}
 
 
@@ -112,14 +113,18 @@ def _census(source: str) -> dict[str, dict]:
             for name, body in kernel_sources(source).items()}
 
 
-def dp4a_launches(mod: tvm.IRModule) -> int:
-    """Kernel launches per inference that run on dp4a (calls of the scheduled kernels)."""
-    on = {gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc) and "__dp4a" in f.script()}
+def _called(mod: tvm.IRModule) -> list[str]:
+    """The kernels ``main`` calls, once per launch."""
     calls = []
-    relax.analysis.post_order_visit(mod["main"], lambda e: calls.append(
-        isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name == "relax.call_tir"
-        and e.args[0].name_hint in on))
-    return sum(calls)
+    relax.analysis.post_order_visit(mod["main"], lambda e: calls.append(e.args[0].name_hint) if isinstance(
+        e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name == "relax.call_tir" else None)
+    return calls
+
+
+def _on_dp4a(func: str, census: dict[str, dict]) -> bool:
+    """Whether a PrimFunc's device code (its kernels ``<func>_kernel``, ``<func>_kernel_1``...)
+    uses dp4a."""
+    return any(v["dp4a"] for k, v in census.items() if k == f"{func}_kernel" or k.startswith(f"{func}_kernel_"))
 
 
 def build(mod: tvm.IRModule, target: dict):
@@ -130,18 +135,18 @@ def build(mod: tvm.IRModule, target: dict):
     with tgt:
         fused = llvm.fusion(tgt, report, row_contractions=False)(mod)
         scheduled = tvm.transform.Sequential([dl.ApplyDefaultSchedule(*RULES), RecordUnscheduled(report)])(fused)
-        launches = dp4a_launches(scheduled)
+        called = _called(scheduled)
         lowered = tvm.transform.Sequential(cuda_pipeline.dataflow_lower_passes(tgt)
                                            + cuda_pipeline.finalize_passes(tgt))(scheduled)
-    names = sorted(gv.name_hint for gv, f in lowered.functions_items() if isinstance(f, tirx.PrimFunc))
-    kernels = {n: report.groups.get(n, [re.sub(r"\d+$", "", n)]) for n in names}
     executable = tvm.compile(lowered, target=tgt, relax_pipeline=None)
     source = device_module(executable).inspect_source()
-    device = CudaBuild(target["arch"], source, kernels=_census(source), dp4a_launches=launches)
+    census = _census(source)
+    device = CudaBuild(target["arch"], source, kernels=census,
+                       dp4a_launches=sum(_on_dp4a(f, census) for f in called))
     compiled = nvcc.compile(source, target["arch"])
     if compiled is not None:
         device.ptx, device.fatbin, device.nvcc = compiled
-    return executable, kernels, report, device
+    return executable, llvm.kernel_ops(lowered, report), report, device
 
 
 def device_module(executable):

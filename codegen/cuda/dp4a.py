@@ -23,12 +23,14 @@ requantize epilogue on its tile before the one store.
 
 from __future__ import annotations
 
+from functools import partial
+
+import numpy as np
 from tvm import s_tir, te, tirx, topi
 from tvm.s_tir import dlight as dl
-from tvm.s_tir.schedule import ScheduleError
 from tvm.script import tirx as T
 
-from codegen.cpu_schedule import _divisor_at_most, _read_once
+from codegen.cpu_schedule import _const, _divisor_at_most, _feeds, _inline_read_once
 from codegen.cuda.rows import CudaRule, own_kernel
 
 LANES = 4                   # bytes per dp4a operand
@@ -82,8 +84,6 @@ INTRINSICS = {(a, b, i): _intrinsic(a, b, i) for a in ("uint8", "int8") for b in
 
 def pack_conv_weights(w):
     """OIHW int8 weights -> [O, KH, KW, C4], zero bytes in the padding channels."""
-    import numpy as np
-
     o, c, kh, kw = w.shape
     out = np.zeros((o, kh, kw, rounded(c)), w.dtype)
     out[..., :c] = w.transpose(0, 2, 3, 1)
@@ -92,8 +92,6 @@ def pack_conv_weights(w):
 
 def pack_matmul_weights(w):
     """[K, N] int8 weights -> [N, K4], zero bytes past K."""
-    import numpy as np
-
     k, n = w.shape
     out = np.zeros((n, rounded(k)), w.dtype)
     out[:, :k] = w.T
@@ -135,11 +133,6 @@ def matmul(x, w):
 
 # ---- the schedule ------------------------------------------------------------------------------
 
-def _extent(sch, loop) -> int | None:
-    e = sch.get(loop).extent
-    return int(e.value) if isinstance(e, tirx.IntImm) else None
-
-
 class Dp4a(CudaRule):
     """Schedules a fused kernel whose reduction block is one of ``BLOCK``'s: threads in a
     (rows x columns) grid, each with an RT x CT register tile of accumulators, the reduction in
@@ -159,15 +152,9 @@ class Dp4a(CudaRule):
             return None
         # a prologue (the input's quantize, a head merge, a GELU table) runs first as a kernel of
         # its own: inlined, the operand would be an expression, not 4 bytes in memory
-        for b in blocks[:start]:
-            feeds_red = sch.get(red.block_rv).name_hint in {sch.get(c).name_hint for c in sch.get_consumers(b.block_rv)}
-            try:
-                if feeds_red or not _read_once(sch, b.block_rv, in_total=True):
-                    raise ScheduleError
-                sch.compute_inline(b.block_rv)
-            except ScheduleError:
-                if not own_kernel(sch, b.block_rv):
-                    return None
+        for b in _inline_read_once(sch, blocks[:start], keep=partial(_feeds, sch, red.block_rv)):
+            if not own_kernel(sch, b.block_rv):
+                return None
         blocks = blocks[start:]
         stmt = sch.get(red.block_rv)
         own = stmt.writes[0].source.name
@@ -185,16 +172,16 @@ class Dp4a(CudaRule):
         loops = sch.get_loops(block)
         *lead, col = [lp for lp, k in zip(loops, kinds, strict=True) if k == "S"]
         *outer_red, k = [lp for lp, k in zip(loops, kinds, strict=True) if k == "R"]
-        n_cols = _extent(sch, col)
-        if n_cols is None or (_extent(sch, k) or 1) % LANES:
+        n_cols = _const(sch.get(col).extent)
+        if n_cols is None or (_const(sch.get(k).extent) or 1) % LANES:
             return None
         # tiles divide their axes exactly (a predicated step does not match the intrinsic), and
         # only the innermost row axis (output width, tokens) is tiled: the bindings of a split of
         # fused axes cannot be blockized.  The outer axes (batch, output height) are blocks
-        if not lead or _extent(sch, lead[-1]) is None:     # a vector times the matrix: one row
+        if not lead or _const(sch.get(lead[-1]).extent) is None:     # a vector times the matrix: one row
             lead = [*lead, sch.add_unit_loop(block)]
         *outer, row = lead
-        n_rows = _extent(sch, row)
+        n_rows = _const(sch.get(row).extent)
         # output channels across a warp's lanes (consecutive threads read consecutive weight rows),
         # CT of them per thread; rows across the block's other dimension, RT per thread
         ct = _divisor_at_most(n_cols, 4 if n_cols >= 512 else 2 if n_cols >= 64 else 1)

@@ -21,7 +21,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.schedule import ScheduleError
 
-from codegen.cpu_schedule import _broadcast, _const, _inline_casts, _read_once
+from codegen.cpu_schedule import _broadcast, _const, _inline_casts, _inline_read_once, _under_rows
 
 THREADS = 128              # per row at most; fewer (whole warps) for a narrower row
 
@@ -52,36 +52,22 @@ class Rows(CudaRule):
             return None
         start = blocks.index(reductions[0])
         blocks = _inline_casts(sch, blocks[:start]) + blocks[start:]
-        kept = []
-        for b in blocks[:-1]:
-            try:
-                if b.is_reduction() or not _read_once(sch, b.block_rv, in_total=True) or _broadcast(sch, b.block_rv):
-                    raise ScheduleError
-                sch.compute_inline(b.block_rv)
-            except ScheduleError:
-                kept.append(b)
+        kept = _inline_read_once(sch, blocks[:-1], keep=lambda b: _broadcast(sch, b.block_rv))
         out = blocks[-1].block_rv
-        loops = sch.get_loops(out)
-        for depth in range(len(loops) - 1, 0, -1):
-            trial = sch.copy()
-            try:
-                for b in reversed(kept):
-                    trial.compute_at(b.block_rv, trial.get_loops(out)[depth - 1], preserve_unit_loops=True)
-            except ScheduleError:
-                continue
-            sch = trial
-            rows = sch.get_loops(out)[:depth]
-            width = 1
-            for lp in sch.get_loops(out)[depth:]:
-                width *= _const(sch.get(lp).extent) or THREADS
-            threads = min(THREADS, max(32, 1 << (width - 1).bit_length()))     # whole warps
-            sch.bind(sch.fuse(*rows) if len(rows) > 1 else rows[0], "blockIdx.x")
-            for b in kept:
-                sch.set_scope(b.block_rv, 0, "shared")
-                self._threads(sch, b.block_rv, depth, threads)
-            self._threads(sch, out, depth, threads, anchor=True)
-            return sch
-        return None
+        sch, depth = _under_rows(sch, kept, out)
+        if depth is None:
+            return None
+        rows = sch.get_loops(out)[:depth]
+        width = 1
+        for lp in sch.get_loops(out)[depth:]:
+            width *= _const(sch.get(lp).extent) or THREADS
+        threads = min(THREADS, max(32, 1 << (width - 1).bit_length()))     # whole warps
+        sch.bind(sch.fuse(*rows) if len(rows) > 1 else rows[0], "blockIdx.x")
+        for b in kept:
+            sch.set_scope(b.block_rv, 0, "shared")
+            self._threads(sch, b.block_rv, depth, threads)
+        self._threads(sch, out, depth, threads, anchor=True)
+        return sch
 
     @staticmethod
     def _threads(sch: s_tir.Schedule, block, depth: int, threads: int, anchor: bool = False) -> None:
@@ -123,13 +109,7 @@ class Separate(CudaRule):
         blocks = dl.analysis.normalize_prim_func(sch)
         if blocks is None:
             return None
-        for b in blocks[:-1]:
-            try:
-                if b.is_reduction() or not _read_once(sch, b.block_rv, in_total=True):
-                    raise ScheduleError
-                sch.compute_inline(b.block_rv)
-            except ScheduleError:
-                pass
+        _inline_read_once(sch, blocks[:-1])
         for block in sch.get_child_blocks(dl.analysis.get_root_block(sch)):
             if not own_kernel(sch, block):
                 return None
