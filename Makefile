@@ -9,7 +9,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 DEMO    := build/demo
 
-.PHONY: setup toolchain demo test lint bench bench-gpu rv32-profile clean
+.PHONY: setup toolchain demo test lint conformance fuzz bench bench-gpu rv32-profile clean
 
 setup: $(STAMP) toolchain
 
@@ -46,6 +46,21 @@ lint: setup
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+# ONNX's backend node tests (onnx 1.23, generated in memory) through lowbit's onnx.backend Backend:
+# pass / fail / unsupported per op beside ONNX Runtime's passes (runtime/conformance.py); fails when a
+# case of tests/conformance/passing.txt regresses
+conformance: setup
+	@mkdir -p bench/results
+	$(BIN)/python -m runtime.conformance --json bench/results/conformance.json > bench/results/conformance.md; \
+		status=$$?; cat bench/results/conformance.md; exit $$status
+
+# differential fuzzing past CI's fixed seed and budget: random seeds, FUZZ_EXAMPLES per property (rv32:
+# a tenth); a failure is shrunk and saved to tests/regressions/, which `make test` replays from then on
+FUZZ_EXAMPLES ?= 1000
+
+fuzz: setup
+	LOWBIT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q tests/test_fuzz.py
 
 # ResNet-18, DeiT-tiny and the four MLPerf Tiny models: each at batch 1 and 8, 1 and 2 threads, lowbit
 # INT8 and FP32 against ORT FP32 and INT8, interleaved (runtime/bench.py); JSON per model, then the

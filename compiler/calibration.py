@@ -28,6 +28,11 @@ from runtime.artifact import QuantParams
 
 MIN_SCALE = 1e-8            # HAWQ-V3's floor: an all-zero channel still gets a usable scale
 RESERVOIR = 1 << 18
+ZERO_RANGE_FALLBACK = (-1.0, 1.0)   # an activation calibration saw only zeros (compiler/quantize.py)
+
+
+class NonFinite(ValueError):
+    """An observer was shown NaN or Inf: no range, so no scale."""
 
 
 class MinMaxObserver:
@@ -37,8 +42,11 @@ class MinMaxObserver:
     def update(self, x: np.ndarray) -> None:
         x = np.asarray(x)
         if x.size:
-            self.lo = min(self.lo, float(x.min()))
-            self.hi = max(self.hi, float(x.max()))
+            lo, hi = float(x.min()), float(x.max())     # a NaN anywhere makes both NaN
+            if not (np.isfinite(lo) and np.isfinite(hi)):
+                raise NonFinite(f"values in [{lo}, {hi}]")
+            self.lo = min(self.lo, lo)
+            self.hi = max(self.hi, hi)
 
     def range(self) -> tuple[float, float]:
         if self.lo > self.hi:
@@ -131,13 +139,15 @@ def fake_quantize(x: np.ndarray, p: QuantParams, bits: int = 8) -> np.ndarray:
     return ((q - p.zero_point) * p.scale).astype(np.float32)
 
 
-def weight_params(w: np.ndarray, axis: int = 0, bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-channel weights: (int8 values, float32 scales along ``axis``)."""
+def weight_params(w: np.ndarray, axis: int | None = 0, bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric weights: (int8 values, float32 scales along ``axis``; one 0-d scale when ``axis``
+    is None, per tensor)."""
     w = np.asarray(w, np.float32)
     qmax = (1 << (bits - 1)) - 1
-    reduce = tuple(i for i in range(w.ndim) if i != axis % w.ndim)
+    reduce = tuple(i for i in range(w.ndim) if axis is None or i != axis % w.ndim)
     scale = np.maximum(np.abs(w).max(axis=reduce) / qmax, MIN_SCALE).astype(np.float32)
     shape = [1] * w.ndim
-    shape[axis] = -1
+    if axis is not None:
+        shape[axis] = -1
     q = np.clip(np.round(w / scale.reshape(shape)), -qmax, qmax).astype(np.int8)
     return q, scale

@@ -1,6 +1,6 @@
 """The lowbit pipeline, top to bottom.  Each stage is one call.
 
-    ONNX file --load, QOperator->QDQ, check--> ONNX proto
+    ONNX file --load, QOperator->QDQ, check, Q/DQ forms TVM cannot import--> ONNX proto
       --calibrate + quantize (FP32 models given calibration data)--> QDQ ONNX --import--> Relax IRModule
       --lower QDQ to integer (quantized models)--> integer-only Relax
       --analyze--> op histogram, weights, integer-only verdict
@@ -23,7 +23,7 @@ import onnx
 
 from codegen import cuda, llvm, rv32, tune
 from codegen.rv32 import toolchain
-from compiler import bitplan, canonicalize, frontend, qoperator, quantize, sensitivity
+from compiler import bitplan, canonicalize, frontend, limits, narrow_qdq, qoperator, quantize, sensitivity
 from compiler.errors import UserError
 from compiler.options import CompileOptions
 from compiler.progress import log, native_stderr_to_debug, stage, steps
@@ -59,10 +59,15 @@ def _compile(model, opts: CompileOptions, config, remote=None) -> Artifact:
         llvm.linker(target)
     with stage("load + check"):
         src = frontend.load(model)
+        frontend.check_opset(src)               # to_qdq raises a QOperator model's opset to 13
+        limits.check_onnx(src.proto, src.path)  # before anything reads tensor data by its declared shape
         src = frontend.OnnxModel(qoperator.to_qdq(src.proto), src.path, src.sha256)
         frontend.check_supported(src)
         frontend.validate(src)
+        frontend.check_scales(src)
         inputs = declared = frontend.input_specs(src, opts.input_shapes)
+        output_dtypes = frontend.output_dtypes(src)
+        src = frontend.OnnxModel(narrow_qdq.rewrite(src.proto, src.path), src.path, src.sha256)
         if mcu:                             # a microcontroller runs one sample at a time
             inputs = frontend.static_specs(src, inputs, "a microcontroller runs one sample at a time")
         given_quantized = quantize.is_quantized(src.proto)
@@ -107,7 +112,8 @@ def _compile(model, opts: CompileOptions, config, remote=None) -> Artifact:
     frontend.check_qdq_params(src)
     with stage("import to Relax"):
         mod = frontend.to_relax(src, inputs)
-        outputs = frontend.relax_output_specs(mod, [o.name for o in src.proto.graph.output])
+        limits.check_relax(mod, src.path)
+        outputs = frontend.relax_output_specs(mod, [o.name for o in src.proto.graph.output], output_dtypes)
     lowering = None
     if is_qdq(mod):
         with stage("lower QDQ to integer"):

@@ -18,6 +18,7 @@ import tvm
 
 from compiler.errors import UserError
 from runtime.artifact import TensorSpec
+from runtime.io import CONTAINERS
 
 ONNX_DOMAINS = ("", "ai.onnx")
 # TVM matches com.microsoft contrib ops by op_type (SkipLayerNormalization, FastGelu, ...)
@@ -47,8 +48,13 @@ def load(model: str | os.PathLike | onnx.ModelProto | OnnxModel) -> OnnxModel:
         raw = Path(path).read_bytes()
         try:
             proto = onnx.load_model_from_string(raw)
+            check_text(proto, path)
             if proto.graph.node or proto.graph.input:
-                onnx.load_external_data_for_model(proto, os.path.dirname(os.path.abspath(path)))
+                base = os.path.dirname(os.path.abspath(path))
+                check_external_data(proto, base, path)
+                onnx.load_external_data_for_model(proto, base)
+        except UserError:
+            raise
         except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning, ... on garbage
             raise UserError(f"{path}: not a readable ONNX model ({first_line(exc)}); "
                             "the file is truncated or corrupt, re-export it") from None
@@ -60,6 +66,7 @@ def load(model: str | os.PathLike | onnx.ModelProto | OnnxModel) -> OnnxModel:
 def validate(model: OnnxModel) -> None:
     """ONNX's structural checker (dangling edges, bad attributes).  Run after
     ``check_supported``, which reports unknown ops better than the checker does."""
+    check_edges(model)
     try:
         onnx.checker.check_model(model.proto)
     except onnx.checker.ValidationError as exc:
@@ -67,9 +74,12 @@ def validate(model: OnnxModel) -> None:
 
 
 def supported_op_types() -> frozenset[str]:
+    """TVM's importer's ops, and the QOperator ops compiler/qoperator.py rewrites into them."""
     from tvm.relax.frontend.onnx import onnx_frontend
 
-    return frozenset(onnx_frontend._get_convert_map())
+    from compiler.qoperator import CONVERTERS
+
+    return frozenset(onnx_frontend._get_convert_map()) | frozenset(CONVERTERS)
 
 
 def _walk_nodes(graph: onnx.GraphProto):
@@ -147,13 +157,15 @@ def to_relax(model: OnnxModel, specs: list[TensorSpec]):
     from tvm.relax.frontend.onnx import from_onnx
 
     shape_dict = {s.name: list(s.shape) for s in specs if all(isinstance(d, int) for d in s.shape)}
-    dtype_dict = {s.name: s.dtype for s in specs}
+    dtype_dict = {s.name: CONTAINERS.get(s.dtype, s.dtype) for s in specs}     # int4 & co. travel in a byte
     try:
         with _constant_clip():
             return from_onnx(model.proto, shape_dict=shape_dict, dtype_dict=dtype_dict)
     except Exception as exc:  # the importer raises bare TVM errors for unsupported attribute combinations
-        raise UserError(f"{model.path}: TVM's ONNX importer rejected the model: {first_line(exc)}"
-                        f"{symbolic_hint(specs)}") from None
+        message = f"{model.path}: TVM's ONNX importer rejected the model: {first_line(exc)}{symbolic_hint(specs)}"
+    # raised outside the handler, so that no __context__ keeps the importer's frames (and its
+    # BlockBuilder, which warns on fd 2 when freed) alive after the compile
+    raise UserError(message)
 
 
 @contextlib.contextmanager
@@ -205,16 +217,25 @@ def symbolic_hint(specs: list[TensorSpec]) -> str:
     return ""
 
 
-def relax_output_specs(mod, names: list[str]) -> list[TensorSpec]:
-    """Output specs from the imported function's return type (static dims resolved by overrides)."""
+def output_dtypes(model: OnnxModel) -> dict[str, str]:
+    return {vi.name: _spec(vi, model).dtype for vi in model.proto.graph.output}
+
+
+def relax_output_specs(mod, names: list[str], declared: dict[str, str] | None = None) -> list[TensorSpec]:
+    """Output specs from the imported function's return type (static dims resolved by overrides);
+    an output ``declared`` in a type carried in a byte (runtime/io.CONTAINERS) keeps that type."""
     from tvm import relax
+
+    def dtype(name: str, got: str) -> str:
+        want = (declared or {}).get(name)
+        return want if want is not None and CONTAINERS.get(want) == got else got
 
     ret = mod["main"].ret_ty
     fields = list(ret.fields) if isinstance(ret, relax.TupleType) else [ret]
     if len(fields) != len(names):
         raise UserError(f"the imported graph returns {len(fields)} tensors for {len(names)} ONNX outputs")
-    return [TensorSpec(n, tuple(int(d) if hasattr(d, "value") else str(d) for d in f.shape.values), str(f.dtype))
-            for n, f in zip(names, fields, strict=True)]
+    return [TensorSpec(n, tuple(int(d) if hasattr(d, "value") else str(d) for d in f.shape.values),
+                       dtype(n, str(f.dtype))) for n, f in zip(names, fields, strict=True)]
 
 
 def first_line(exc: BaseException) -> str:
@@ -226,9 +247,9 @@ def first_line(exc: BaseException) -> str:
 
 
 def check_qdq_params(model: OnnxModel) -> None:
-    """Reject quantization parameters the integer lowering cannot honour, naming the node:
-    per-axis scales on activations (one scale per tensor is what a requantize applies),
-    blocked quantization, and per-channel weights not along the output channel."""
+    """Reject per-channel weights not along the output channel, naming the node: the integer
+    lowering cannot honour them.  (Blocked parameters and per-axis ones on activations were
+    rewritten into float arithmetic by compiler/narrow_qdq.py.)"""
     g = model.proto.graph
     inits = {t.name: t for t in g.initializer}
     consumers: dict[str, list[onnx.NodeProto]] = {}
@@ -242,14 +263,8 @@ def check_qdq_params(model: OnnxModel) -> None:
         scale = inits.get(n.input[1])
         size = int(np.prod(scale.dims)) if scale is not None else 1
         where = f"{model.path}: node {n.name or n.output[0]!r} ({n.op_type})"
-        if attrs.get("block_size", 0):
-            raise UserError(f"{where}: blocked quantization (block_size={attrs['block_size']}) is not supported; "
-                            "quantize weights per output channel instead")
-        if size <= 1:
+        if size <= 1 or n.input[0] not in inits:
             continue
-        if n.input[0] not in inits:
-            raise UserError(f"{where}: per-axis parameters ({size} scales, axis={attrs.get('axis', 1)}) on an "
-                            "activation are not supported; quantize activations per tensor")
         for user in consumers.get(n.output[0], []):
             dims = inits[n.input[0]].dims
             axis = attrs.get("axis", 1) % max(len(dims), 1)
@@ -273,3 +288,146 @@ def static_specs(model: OnnxModel, specs: list[TensorSpec],
                         model.path, s.name, ", ".join(map(str, symbolic)), why, s.name)
         out.append(TensorSpec(s.name, tuple(d if isinstance(d, int) else 1 for d in s.shape), s.dtype))
     return out
+
+
+# ---- hostile or corrupt files: what the ONNX checker misses or reports without naming the node ----
+
+MIN_OPSET = 7       # TVM's converters assume the NumPy-style broadcasting ONNX adopted in opset 7
+
+
+def check_opset(model: OnnxModel) -> None:
+    """The default domain's opset must be one TVM's importer reads with the right meaning: below
+    7 it would apply newer ops' semantics (broadcasting, attributes), above the newest opset this
+    onnx knows the ops may have changed."""
+    newest = onnx.defs.onnx_opset_version()
+    for o in model.proto.opset_import:
+        if o.domain in ONNX_DOMAINS and not MIN_OPSET <= o.version <= newest:
+            raise UserError(f"{model.path}: ONNX opset {o.version} is not supported; lowbit reads opsets {MIN_OPSET} "
+                            f"to {newest} (onnx {onnx.__version__}): convert the model with "
+                            "onnx.version_converter.convert_version(model, 17) or re-export it")
+
+
+def check_text(proto: onnx.ModelProto, path: str) -> None:
+    """Every string field must be UTF-8.  Protobuf hands a corrupt one over as ``bytes``, which
+    fails far from here (in a name comparison, an f-string, TVM's importer)."""
+    from google.protobuf.message import Message
+
+    stack: list = [proto]
+    while stack:
+        for field, value in stack.pop().ListFields():
+            if field.message_type is not None:
+                stack.extend([value] if isinstance(value, Message) else value)
+            elif field.type == field.TYPE_STRING:
+                bad = [v for v in ([value] if isinstance(value, (str, bytes)) else value) if isinstance(v, bytes)]
+                if bad:
+                    raise UserError(f"{path}: not a readable ONNX model (field {field.name!r} holds {bad[0][:40]!r}, "
+                                    "which is not UTF-8 text); the file is truncated or corrupt, re-export it")
+
+
+def _tensors(graph: onnx.GraphProto):
+    yield from graph.initializer
+    yield from (s.values for s in graph.sparse_initializer)
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _tensors(sub)
+
+
+def check_external_data(proto: onnx.ModelProto, base: str, path: str) -> None:
+    """Before anything is read: external data must be a file in the model's directory (or below
+    it).  A location that leaves it (``../../etc/passwd``, an absolute path, a link pointing out)
+    would make compiling an untrusted model read any file on the machine into the artifact."""
+    root = os.path.realpath(base)
+    for t in _tensors(proto.graph):
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in t.external_data if e.key == "location"), "")
+        try:
+            target = os.path.realpath(os.path.join(root, location))
+            inside = bool(location) and not os.path.isabs(location) and os.path.commonpath([root, target]) == root
+        except ValueError:          # a NUL byte in the location
+            inside = False
+        if not inside:
+            raise UserError(f"{path}: tensor {t.name!r} points its external data at {location!r}, outside the "
+                            "model's directory; lowbit reads external data only from beside the model: move the "
+                            "file there and set the location to its bare name")
+        if not os.path.isfile(target):
+            raise UserError(f"{path}: tensor {t.name!r} keeps its data in {location!r}, which is missing from "
+                            f"{base}; copy the model's external data file beside it")
+
+
+def _label(n: onnx.NodeProto) -> str:
+    return f"node {n.name or n.output[0]!r} ({n.op_type})"
+
+
+def check_edges(model: OnnxModel) -> None:
+    """Cycles, dangling edges and nodes out of order, each named by node.  The checker stops at
+    the first out-of-order input and prints the node as a multi-line dump."""
+    g = model.proto.graph
+    known = {i.name for i in g.input} | _initializer_names(g) | {""}
+    producer: dict[str, int] = {}
+    for i, n in enumerate(g.node):
+        for o in n.output:
+            producer.setdefault(o, i)
+    deps = [[producer[x] for x in n.input if x not in known and x in producer] for n in g.node]
+    cycle = _find_cycle(deps)
+    if cycle is not None:
+        names = [_label(g.node[i]) for i in reversed(cycle)]        # in data-flow order
+        chain = " -> ".join(names[:6] + (["..."] if len(names) > 6 else []) + [names[0]])
+        raise UserError(f"{model.path}: invalid ONNX model: the graph has a cycle: {chain}; ONNX graphs are "
+                        "acyclic, the file is corrupt: re-export it")
+    for i, n in enumerate(g.node):
+        for x in n.input:
+            if x in known:
+                continue
+            if x not in producer:
+                raise UserError(f"{model.path}: invalid ONNX model: {_label(n)} reads tensor {x!r}, which no node, "
+                                "graph input or initializer produces; the graph is truncated or corrupt, re-export it")
+            if producer[x] > i:
+                raise UserError(f"{model.path}: invalid ONNX model: {_label(n)} reads tensor {x!r} before "
+                                f"{_label(g.node[producer[x]])} produces it; ONNX needs nodes in topological "
+                                "order, re-export the model")
+
+
+def _find_cycle(deps: list[list[int]]) -> list[int] | None:
+    """A cycle of the dependency graph (node -> the nodes it reads from), as node indices, or None.
+    Iterative: exported graphs have thousands of nodes, deeper than Python's recursion limit."""
+    state = [0] * len(deps)             # 0 unseen, 1 on the current path, 2 finished
+    for root in range(len(deps)):
+        if state[root]:
+            continue
+        state[root], path, stack = 1, [root], [iter(deps[root])]
+        while stack:
+            nxt = next(stack[-1], None)
+            if nxt is None:
+                state[path.pop()] = 2
+                stack.pop()
+            elif state[nxt] == 1:
+                return path[path.index(nxt):]
+            elif state[nxt] == 0:
+                state[nxt] = 1
+                path.append(nxt)
+                stack.append(iter(deps[nxt]))
+    return None
+
+
+def check_scales(model: OnnxModel) -> None:
+    """QuantizeLinear / DequantizeLinear scales must be positive and finite: a zero scale divides
+    by zero in the requantize, a NaN, Inf or negative one computes garbage without an error.  A
+    constant's DequantizeLinear may have zeros (a pruned channel's weights, all 0 at any scale)."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.proto.graph.initializer}
+    for n in model.proto.graph.node:
+        if n.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(n.input) < 2 or n.input[1] not in inits:
+            continue
+        scale = numpy_helper.to_array(inits[n.input[1]]).astype(np.float64).reshape(-1)
+        constant = n.op_type == "DequantizeLinear" and n.input[0] in inits
+        bad = scale[~(np.isfinite(scale) & ((scale >= 0) if constant else (scale > 0)))]
+        if bad.size:
+            raise UserError(f"{model.path}: {_label(n)}: scale {n.input[1]!r} holds {bad[0]}; quantization scales "
+                            f"must be {'non-negative' if constant else 'positive'} and finite, the model is corrupt: "
+                            "re-quantize it")

@@ -21,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 MIN_OPSET = 13          # per-axis DequantizeLinear
 
 
-class _Rewriter:
+class Rewriter:
     def __init__(self, model: onnx.ModelProto):
         self.model = model
         self.inits = {t.name: t for t in model.graph.initializer}
@@ -60,11 +60,11 @@ class _Rewriter:
         return y
 
 
-def _attrs(node: onnx.NodeProto) -> dict:
+def attrs(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _qlinear_conv(rw: _Rewriter, n: onnx.NodeProto, out: list) -> None:
+def _qlinear_conv(rw: Rewriter, n: onnx.NodeProto, out: list) -> None:
     x, xs, xz, w, ws, wz, ys, yz = n.input[:8]
     xf = rw.dq(out, x, xs, xz, base=n.name + "_x")
     wf = rw.dq(out, w, ws, wz, axis=rw.per_axis(ws, 0), base=n.name + "_w")
@@ -74,12 +74,12 @@ def _qlinear_conv(rw: _Rewriter, n: onnx.NodeProto, out: list) -> None:
         inputs.append(rw.dq(out, n.input[8], bs, "", axis=0 if rw.per_axis(ws, 0) is not None else None,
                             base=n.name + "_b"))
     yf = rw.name(n.name + "_y")
-    out.append(helper.make_node("Conv", inputs, [yf], name=rw.name(n.name), **_attrs(n)))
+    out.append(helper.make_node("Conv", inputs, [yf], name=rw.name(n.name), **attrs(n)))
     out.append(helper.make_node("QuantizeLinear", [yf, ys, yz], [n.output[0]], name=rw.name(n.name + "_q")))
 
 
 def _qlinear_binary(op: str):
-    def rewrite(rw: _Rewriter, n: onnx.NodeProto, out: list) -> None:
+    def rewrite(rw: Rewriter, n: onnx.NodeProto, out: list) -> None:
         a, as_, az, b, bs, bz, ys, yz = n.input[:8]
         b_axis = rw.per_axis(bs, 1) if op == "MatMul" else None       # MatMul weights: per output column
         af = rw.dq(out, a, as_, az, base=n.name + "_a")
@@ -93,33 +93,33 @@ def _qlinear_binary(op: str):
 def _qlinear_pool(op: str):
     """QLinear(Global)AveragePool, NCHW: Q(pool(DQ(x))).  channels_last=1 is left
     unconverted, so the unsupported-op check reports it."""
-    def rewrite(rw: _Rewriter, n: onnx.NodeProto, out: list) -> None:
-        attrs = _attrs(n)
-        if attrs.pop("channels_last", 0):
+    def rewrite(rw: Rewriter, n: onnx.NodeProto, out: list) -> None:
+        kw = attrs(n)
+        if kw.pop("channels_last", 0):
             out.append(n)
             return
         x, xs, xz, ys, yz = n.input[:5]
         xf = rw.dq(out, x, xs, xz, base=n.name + "_x")
         yf = rw.name(n.name + "_y")
-        out.append(helper.make_node(op, [xf], [yf], name=rw.name(n.name), **attrs))
+        out.append(helper.make_node(op, [xf], [yf], name=rw.name(n.name), **kw))
         out.append(helper.make_node("QuantizeLinear", [yf, ys, yz], [n.output[0]], name=rw.name(n.name + "_q")))
     return rewrite
 
 
-def _qlinear_concat(rw: _Rewriter, n: onnx.NodeProto, out: list) -> None:
+def _qlinear_concat(rw: Rewriter, n: onnx.NodeProto, out: list) -> None:
     """com.microsoft QLinearConcat(Y_scale, Y_zero_point, (X, X_scale, X_zero_point)...)."""
     ys, yz = n.input[:2]
     parts = [rw.dq(out, *n.input[i:i + 3], base=n.name + "_x") for i in range(2, len(n.input), 3)]
     yf = rw.name(n.name + "_y")
-    out.append(helper.make_node("Concat", parts, [yf], name=rw.name(n.name), axis=_attrs(n)["axis"]))
+    out.append(helper.make_node("Concat", parts, [yf], name=rw.name(n.name), axis=attrs(n)["axis"]))
     out.append(helper.make_node("QuantizeLinear", [yf, ys, yz], [n.output[0]], name=rw.name(n.name + "_q")))
 
 
-def _qgemm(rw: _Rewriter, n: onnx.NodeProto, out: list) -> None:
+def _qgemm(rw: Rewriter, n: onnx.NodeProto, out: list) -> None:
     a, as_, az, b, bs, bz = n.input[:6]
     c = n.input[6] if len(n.input) > 6 else ""
-    attrs = _attrs(n)
-    trans_b = attrs.get("transB", 0)
+    kw = attrs(n)
+    trans_b = kw.get("transB", 0)
     b_axis = rw.per_axis(bs, 0 if trans_b else 1)
     af = rw.dq(out, a, as_, az, base=n.name + "_a")
     bf = rw.dq(out, b, bs, bz, axis=b_axis, base=n.name + "_b")
@@ -127,7 +127,7 @@ def _qgemm(rw: _Rewriter, n: onnx.NodeProto, out: list) -> None:
     if c:
         scale = rw.bias_scale(out, as_, bs, n.name)
         inputs.append(rw.dq(out, c, scale, "", axis=0 if b_axis is not None else None, base=n.name + "_c"))
-    gemm_attrs = {k: v for k, v in attrs.items() if k in ("alpha", "transA", "transB")}
+    gemm_attrs = {k: v for k, v in kw.items() if k in ("alpha", "transA", "transB")}
     quantized_out = len(n.input) > 7 and n.input[7]
     yf = rw.name(n.name + "_y") if quantized_out else n.output[0]
     out.append(helper.make_node("Gemm", inputs, [yf], name=rw.name(n.name), **gemm_attrs))
@@ -137,7 +137,7 @@ def _qgemm(rw: _Rewriter, n: onnx.NodeProto, out: list) -> None:
                                     name=rw.name(n.name + "_q")))
 
 
-def _conv_integer(rw: _Rewriter, n: onnx.NodeProto, out: list) -> None:
+def _conv_integer(rw: Rewriter, n: onnx.NodeProto, out: list) -> None:
     x, w = n.input[0], n.input[1]
     xz = n.input[2] if len(n.input) > 2 else ""
     wz = n.input[3] if len(n.input) > 3 else ""
@@ -161,7 +161,7 @@ def _conv_integer(rw: _Rewriter, n: onnx.NodeProto, out: list) -> None:
     wz_arr = rw.array(wz) if wz else None
     w_zp_shape = (-1, 1, 1, 1) if wz_arr is not None and wz_arr.size > 1 else ()
     out.append(helper.make_node("Conv", [shifted(x, xz, ()), shifted(w, wz, w_zp_shape)], [n.output[0]],
-                                name=rw.name(n.name), **_attrs(n)))
+                                name=rw.name(n.name), **attrs(n)))
 
 
 CONVERTERS = {
@@ -187,7 +187,7 @@ def to_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    rw = _Rewriter(m)
+    rw = Rewriter(m)
     nodes: list[onnx.NodeProto] = []
     for n in m.graph.node:
         convert = CONVERTERS.get(n.op_type)

@@ -50,7 +50,8 @@ ACTIVATIONS = ("Relu", "Clip")
 @dataclass(frozen=True)
 class QuantConfig:
     """What ``quantize`` produces.  ``activations``: "u8" (asymmetric; x86 VNNI multiplies
-    u8 x s8) or "s8" (symmetric; Arm sdot, dp4a).  Weights are always s8 per channel."""
+    u8 x s8) or "s8" (symmetric; Arm sdot, dp4a).  Weights are symmetric s8, per output channel
+    (``per_channel``, the default) or one scale per tensor."""
     activations: str = "u8"
     weight_bits: int = 8
     observer: str = "minmax"
@@ -61,6 +62,7 @@ class QuantConfig:
     activation_bits: int = 8        # 4: a layer's ReLU output on the u4 grid [0, 15] (still one per byte)
     layer_bits: Mapping[str, int] = field(default_factory=dict)     # node name -> weight bits (a BitPlan)
     pin_ends: bool = True           # below 8 bits, the first and last weighted layers stay at 8 (HAWQ)
+    per_channel: bool = True        # weights: one scale per output channel, or one per tensor
 
     def __post_init__(self):
         for bits in (self.weight_bits, *self.layer_bits.values()):
@@ -124,11 +126,19 @@ class QuantReport:
 
 
 def load_calibration(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    from runtime.io import check_array_headers
+
+    check_array_headers(path)
     try:
         with np.load(path) as z:
-            return {k: z[k] for k in z.files}
-    except (OSError, ValueError) as exc:
+            arrays = {k: z[k] for k in z.files}
+    except Exception as exc:            # noqa: BLE001 - zipfile, numpy and pickle each raise their own
         raise UserError(f"{path}: cannot read calibration data ({exc}); expected an .npz of input arrays") from None
+    for k, a in arrays.items():
+        if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+            raise UserError(f"{path}: calibration array {k!r} holds {a.size - int(np.isfinite(a).sum())} NaN or Inf "
+                            "value(s); calibration data must be finite: drop or fix those samples")
+    return arrays
 
 
 def quantize(model: onnx.ModelProto, calib: Mapping[str, np.ndarray] | CalibrationDataReader,
@@ -143,13 +153,14 @@ def quantize(model: onnx.ModelProto, calib: Mapping[str, np.ndarray] | Calibrati
     if opset < 13:
         raise UserError(f"{where}: opset {opset} has no per-channel DequantizeLinear; re-export with opset >= 13")
     folded, plan, n_bn = prepare(model, shapes)
+    _check_finite_weights(folded, plan, where)
     unknown = sorted(set(config.layer_bits) - set(plan.layers))
     if unknown:
         raise UserError(f"{where}: bit plan names {', '.join(unknown)}, which are not weighted layers of the "
                         f"model (those are: {', '.join(plan.layers)})")
     batches = iter(calib.get_next, None) if hasattr(calib, "get_next") else \
         _batches(folded, calib, config.batch, where, calib_where)
-    params, samples, seen = _calibrate(folded, plan, batches, config, where)
+    params, samples, seen = _calibrate(folded, plan, batches, config, where, calib_where)
     choices = _choose_nonlinear(folded, plan, params, seen, config.nonlinear)
     qdq = _rewrite(folded, plan, params, config)
     narrow = sum(activation_bits(t, plan, config) < 8 for t in plan.act)
@@ -328,7 +339,24 @@ def _batches(m: onnx.ModelProto, calib: Mapping[str, np.ndarray], batch: int, wh
         yield {s.name: calib[s.name][idx].astype(np.float32) for s in specs}
 
 
-def _calibrate(m: onnx.ModelProto, plan: _Plan, batches, config: QuantConfig, where: str):
+def _check_finite_weights(m: onnx.ModelProto, plan: _Plan, where: str) -> None:
+    """A NaN or Inf weight has no scale (max|w| is NaN or Inf): its whole channel, and every
+    bias quantized at that scale, would become garbage.  (FP32 compiles keep such constants as
+    ORT does: -inf attention masks are legitimate there.)"""
+    quantized = set(plan.weights) | set(plan.biases) | set(plan.consts)
+    layer_of = {w: layer for layer, w in plan.layers.items()}
+    for t in m.graph.initializer:
+        if t.name not in quantized:
+            continue
+        a = numpy_helper.to_array(t)
+        if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+            of = f" (weights of node {layer_of[t.name]!r})" if t.name in layer_of else ""
+            raise UserError(f"{where}: initializer {t.name!r}{of} holds {a.size - int(np.isfinite(a).sum())} NaN or "
+                            "Inf value(s); quantizing needs finite weights, a NaN or Inf has no scale: fix the model")
+
+
+def _calibrate(m: onnx.ModelProto, plan: _Plan, batches, config: QuantConfig, where: str,
+               calib_where: str = "calibration data"):
     import onnxruntime as ort
 
     probe = onnx.ModelProto()
@@ -363,23 +391,43 @@ def _calibrate(m: onnx.ModelProto, plan: _Plan, batches, config: QuantConfig, wh
             raise UserError(f"{where}: calibration batch failed to run: {str(exc).splitlines()[0]}") from None
         values.update(feeds)
         for t, obs in observers.items():
-            obs.update(values[t])
+            try:
+                obs.update(values[t])
+            except calibration.NonFinite:
+                if t in feeds:
+                    raise UserError(f"{calib_where}: array {t!r} holds NaN or Inf values; calibration data must be "
+                                    "finite: drop or fix those samples") from None
+                raise UserError(f"{where}: tensor {t!r} is NaN or Inf on the calibration data (the FP32 model "
+                                "overflows or divides by zero there); quantizing needs finite ranges: check the model "
+                                "and the calibration data") from None
             if t in nonlinear_inputs and t not in seen:
                 seen[t] = values[t]
         samples += len(next(iter(feeds.values())))
     if not samples:
         raise UserError("calibration data is empty")
     wide = plan.residual if config.residual_bits == 16 else set()
+    zeros = []
 
     def params_of(t, obs):
+        lo, hi = obs.range()
+        if lo == hi == 0:
+            # only zeros seen: the scale would be the MIN_SCALE floor, so any real input saturates and
+            # the biases quantized at s_x * s_w overflow int32
+            zeros.append(t)
+            lo, hi = calibration.ZERO_RANGE_FALLBACK
         if t in wide:
-            return calibration.activation_params(*obs.range(), scheme="s16")
+            return calibration.activation_params(lo, hi, scheme="s16")
         if t in plan.softmax and config.softmax_bits == 16:       # probabilities: [0, 1] on a 2^-16 grid
-            return calibration.activation_params(*obs.range(), scheme="u16")
-        return calibration.activation_params(*obs.range(), scheme=config.activations,
-                                             bits=activation_bits(t, plan, config))
+            return calibration.activation_params(lo, hi, scheme="u16")
+        return calibration.activation_params(lo, hi, scheme=config.activations, bits=activation_bits(t, plan, config))
 
     params = {t: params_of(t, obs) for t, obs in observers.items()}
+    if zeros:
+        from compiler.progress import log
+
+        log.warning("%s: %d tensor(s) were zero on every calibration sample (%s%s); their range is taken as "
+                    "[%g, %g]: calibrate on data that exercises them", calib_where, len(zeros), ", ".join(zeros[:5]),
+                    ", ..." if len(zeros) > 5 else "", *calibration.ZERO_RANGE_FALLBACK)
     return params, samples, seen
 
 
@@ -455,13 +503,17 @@ def _rewrite(m: onnx.ModelProto, plan: _Plan, params: dict[str, QuantParams], co
     ends = set(list(plan.layers)[:1] + list(plan.layers)[-1:]) if config.pin_ends else set()
     bits_of = {w: config.layer_bits.get(layer, 8 if layer in ends else config.weight_bits)
                for layer, w in plan.layers.items()}
+    def per_axis(axis: int) -> dict:
+        return {"axis": axis} if config.per_channel else {}
+
     for w_name, axis in plan.weights.items():
-        q, scale = calibration.weight_params(inits[w_name], axis=axis, bits=bits_of[w_name])
+        q, scale = calibration.weight_params(inits[w_name], axis=axis if config.per_channel else None,
+                                             bits=bits_of[w_name])
         weight_scales[w_name] = scale
         dq_consts.append(helper.make_node(
             "DequantizeLinear", [const(w_name + "_quantized", q), const(w_name + "_scale", scale),
                                  const(w_name + "_zero_point", np.zeros(scale.shape, np.int8))],
-            [w_name], name=w_name + "_DequantizeLinear", axis=axis))
+            [w_name], name=w_name + "_DequantizeLinear", **per_axis(axis)))
     for b_name, (x_name, w_name) in plan.biases.items():
         s_x = np.float32(params[plan.root[x_name]].scale)
         scale = (s_x * weight_scales[w_name]).astype(np.float32)
@@ -471,7 +523,7 @@ def _rewrite(m: onnx.ModelProto, plan: _Plan, params: dict[str, QuantParams], co
             "DequantizeLinear", [const(b_name + "_quantized", q.reshape(inits[b_name].shape)),
                                  const(b_name + "_scale", scale), const(b_name + "_zero_point",
                                                                         np.zeros(scale.shape, np.int32))],
-            [b_name], name=b_name + "_DequantizeLinear", axis=inits[b_name].ndim - 1))
+            [b_name], name=b_name + "_DequantizeLinear", **per_axis(inits[b_name].ndim - 1)))
 
     for c_name in dict.fromkeys(plan.consts):
         value = inits[c_name].astype(np.float32)

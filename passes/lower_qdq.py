@@ -180,6 +180,14 @@ class _Lowering:
             return self.add(call)
         if name in ("relax.nn.relu", "relax.clip"):
             p = self.val(call.args[0])
+            if isinstance(p, _Deq) and p.value.zero.size == 1:
+                x = p.value
+                if name == "relax.nn.relu":     # s (q - z) >= 0  <=>  q >= z: the same grid, exactly
+                    z = relax.const(int(x.zero.reshape(-1)[0]), x.dtype)
+                    return _Deq(replace(x, expr=self.bb.emit(op.maximum(x.expr, z))))
+                # Clip's bounds need not lie on the grid: a requantize of its own (as Q(DQ(q)) with
+                # other parameters) clamps them in the output's integer domain
+                p = _Pending([(self.centered(x), x.scale.astype(np.float64), None)], channels_last=x.channels_last)
             if not isinstance(p, _Pending):
                 raise QDQLoweringError(f"{name} is supported only between a linear op and its quantize")
             lo, hi = (0.0, np.inf) if name == "relax.nn.relu" else (

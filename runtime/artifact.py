@@ -19,7 +19,10 @@ import contextlib
 import json
 import os
 import platform
+import re
+import secrets
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
@@ -207,17 +210,18 @@ class Artifact:
         """Run on numpy inputs keyed by ONNX input name (a bare array for a single-input model)."""
         import tvm
 
-        from runtime.io import check_inputs
+        from runtime.io import check_inputs, from_container, to_container
 
-        feeds = check_inputs(inputs, self.manifest.inputs, where="inputs")
+        feeds = {k: to_container(v) for k, v in check_inputs(inputs, self.manifest.inputs, where="inputs").items()}
         if self.manifest.mcu is not None:
             from runtime import qemu
 
-            return qemu.run(self.project(), self.manifest.mcu, feeds)
-        device = tvm.cuda() if self.manifest.gpu is not None else tvm.cpu()
-        out = self.vm["main"](*[tvm.runtime.tensor(feeds[s.name], device) for s in self.manifest.inputs])
-        outs = list(out) if not hasattr(out, "numpy") else [out]
-        return {s.name: o.numpy() for s, o in zip(self.manifest.outputs, outs, strict=True)}
+            outs = list(qemu.run(self.project(), self.manifest.mcu, feeds).values())
+        else:
+            device = tvm.cuda() if self.manifest.gpu is not None else tvm.cpu()
+            out = self.vm["main"](*[tvm.runtime.tensor(feeds[s.name], device) for s in self.manifest.inputs])
+            outs = [o.numpy() for o in (list(out) if not hasattr(out, "numpy") else [out])]
+        return {s.name: from_container(o, s.dtype) for s, o in zip(self.manifest.outputs, outs, strict=True)}
 
     def project(self) -> Path:
         """rv32: the C project's directory (a fresh build is written to a temporary one first)."""
@@ -257,38 +261,98 @@ class Artifact:
         return Path(outdir)
 
 
+def _is_artifact(directory: Path) -> bool:
+    """A manifest lowbit wrote, not any ``manifest.json`` (a web app's would have its directory
+    replaced, and deleted, by a compile)."""
+    try:
+        d = json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and {"format", "model_sha256", "library"} <= d.keys()
+
+
 def check_outdir(outdir: str | os.PathLike) -> Path:
     """Refuse to replace anything that is not an earlier lowbit artifact (or an empty directory)."""
     out = Path(outdir)
     if out.exists():
         if not out.is_dir():
             raise UserError(f"{out}: exists and is not a directory; choose another -o")
-        if any(out.iterdir()) and not (out / MANIFEST).is_file():
+        if any(out.iterdir()) and not _is_artifact(out):
             raise UserError(f"{out}: exists and is not a lowbit artifact; refusing to overwrite it, choose another -o")
     parent = out.absolute().parent
     while not parent.exists():
         parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{parent}: is a file, so {out} cannot be created under it; choose another -o")
     if not os.access(parent, os.W_OK):
         raise UserError(f"{parent}: directory is not writable; choose another -o")
     return out
 
 
+def _scratch_prefix(out: Path, kind: str) -> str:
+    # the owner's pid and host let a later save tell a killed compile's leftovers from a running one's
+    return f".{out.name}.{kind}-{os.getpid()}@{socket.gethostname()}~"
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Scratch directories of saves to ``out`` that were killed (their process is gone)."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-(\d+)@(.*)~[^~]*")
+    for entry in out.parent.iterdir():
+        m = pattern.fullmatch(entry.name)
+        if m is None or m.group(3) != socket.gethostname():
+            continue
+        try:
+            os.kill(int(m.group(2)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry, ignore_errors=True)
+        except (PermissionError, OverflowError):      # another user's live process; a pid no kernel has
+            continue
+
+
+def _fresh_directory(parent: Path, prefix: str) -> Path:
+    """Like mkdtemp, but with the mode a plain mkdir gives (mkdtemp's 0700 would become the
+    artifact's mode after the rename)."""
+    while True:
+        path = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE), so no moment exists at which
+    ``b`` is missing.  False where the system or the filesystem cannot."""
+    import ctypes
+
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
 @contextlib.contextmanager
 def atomic_directory(outdir: str | os.PathLike) -> Iterator[Path]:
-    out = check_outdir(outdir)
+    check_outdir(outdir)
+    out = Path(os.path.abspath(outdir))       # "-o ." names the directory, not "."
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    _remove_leftovers(out)
+    tmp = _fresh_directory(out.parent, _scratch_prefix(out, "tmp"))
     try:
         yield tmp
-        if out.exists():                    # swap: the old artifact stays valid until the rename
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        if not out.exists():
+            os.replace(tmp, out)
+        elif not _exchange(tmp, out):       # swap: the old artifact stays valid until the rename
+            old = _fresh_directory(out.parent, _scratch_prefix(out, "old"))
             os.replace(out, old / "a")
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.is_symlink():                # an OUTDIR that was a link, exchanged
+            tmp.unlink()
+        shutil.rmtree(tmp, ignore_errors=True)      # after an exchange: the old artifact
 
 
 def load(directory: str | os.PathLike) -> Artifact:

@@ -278,6 +278,12 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
                 raise QDQUnsupported(f"Add {n.name}: operands are not a supported integer pattern")
         elif op in ("Relu", "Clip"):
             p = ins[0]
+            if isinstance(p, tuple) and deq_of(p).zero.size == 1:   # on a dequantized tensor
+                x = deq_of(p)
+                if op == "Relu":        # on the grid: max(q, z)
+                    env[n.output[0]] = ("deq", _Q(np.maximum(x.q, x.zero[0]), x.scale, x.zero, x.axis, x.dtype))
+                    continue
+                p = _Pending([(x.centered(), x.scale.astype(np.float64), None)])       # Clip: requantized
             if not isinstance(p, _Pending):
                 raise QDQUnsupported(f"{op} {n.name}: only supported right before a QuantizeLinear")
             lo, hi = 0.0, np.inf
@@ -290,8 +296,8 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
             axes = (2, 3) if op == "GlobalAveragePool" else tuple(a.get("axes", ins[1] if len(ins) > 1 else ()))
             keep = op == "GlobalAveragePool" or a.get("keepdims", 1)
             total = x.centered().sum(axis=axes, keepdims=bool(keep))
-            count = int(np.prod([x.q.shape[i] for i in axes]))
-            num = (x.scale.astype(np.float64) / count)
+            size = int(np.prod([x.q.shape[i] for i in axes]))
+            num = (x.scale.astype(np.float64) / size)
             env[n.output[0]] = _Pending([(total, num, None)])
         elif op == "BatchNormalization":
             # y = g*x + b, g = gamma/sqrt(var+eps), b = beta - mean*g; the shift b is put on the input's

@@ -6,10 +6,29 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+import ml_dtypes  # noqa: F401  (registers int4, float8_e4m3fn, ... as numpy dtype names)
 import numpy as np
 
 from compiler.errors import UserError
 from runtime.artifact import TensorSpec
+
+# tensor types with no TVM tensors, carried in a byte (compiler/narrow_qdq.py): integers by value,
+# float codes by bit pattern
+CONTAINERS = {"int4": "int8", "int2": "int8", "uint4": "uint8", "uint2": "uint8",
+              "float8_e4m3fn": "uint8", "float8_e5m2": "uint8", "float4_e2m1fn": "uint8"}
+
+
+def to_container(a: np.ndarray) -> np.ndarray:
+    box = CONTAINERS.get(a.dtype.name)
+    if box is None:
+        return a
+    return a.view(box) if a.dtype.name.startswith("float") else a.astype(box)
+
+
+def from_container(a: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype not in CONTAINERS:
+        return a
+    return a.view(dtype) if dtype.startswith("float") else a.astype(dtype)
 
 
 def cache_root() -> Path:
@@ -22,8 +41,12 @@ def read_tensors(path: str | os.PathLike, specs: list[TensorSpec]) -> dict[str, 
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{p}: no such file; pass an .npz keyed by input name (or .npy for one input)")
+    check_array_headers(p)
     try:
         data = np.load(p, allow_pickle=False)
+        if not isinstance(data, np.ndarray):
+            with data:                  # an .npz reads its members lazily: a corrupt one fails here
+                data = {k: data[k] for k in data.files}
     except Exception as exc:
         raise UserError(f"{p}: not a readable .npz/.npy file ({exc})") from None
     if isinstance(data, np.ndarray):
@@ -31,8 +54,46 @@ def read_tensors(path: str | os.PathLike, specs: list[TensorSpec]) -> dict[str, 
             raise UserError(f"{p}: a plain .npy works only for single-input models; this one has inputs "
                             f"{[s.name for s in specs]}, so pass an .npz keyed by those names")
         return {specs[0].name: data}
-    with data:
-        return {k: data[k] for k in data.files}
+    return data
+
+
+def check_array_headers(path: str | os.PathLike) -> None:
+    """Refuse an .npy / .npz whose array headers declare more bytes than the file holds, or more
+    than compiler/limits allows: numpy allocates the declared size before it reads any data, so a
+    100-byte file can ask for terabytes.  Files numpy cannot parse are left to np.load's error."""
+    import math
+    import zipfile
+
+    from compiler.limits import LIMIT, MAX_TENSOR_BYTES
+
+    def check(fp, stored: int, name: str) -> None:
+        try:
+            version = np.lib.format.read_magic(fp)
+            read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            shape, _, dtype = read[version](fp)
+        except Exception:               # noqa: BLE001 - not an array header numpy reads: np.load says why
+            return
+        need, have = math.prod(shape) * dtype.itemsize, stored - fp.tell()
+        if need > MAX_TENSOR_BYTES:
+            raise UserError(f"{path}: array {name!r} declares shape {shape} {dtype}, {need} bytes, over {LIMIT}")
+        if need > have:
+            raise UserError(f"{path}: array {name!r} declares shape {shape} {dtype} ({need} bytes) but the file holds "
+                            f"{max(have, 0)}; it is truncated or corrupt, write it again")
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                for info in zf.infolist():
+                    if info.filename.endswith(".npy"):
+                        with zf.open(info) as fp:
+                            check(fp, info.file_size, info.filename[:-4])
+        else:
+            with open(path, "rb") as fp:
+                check(fp, os.path.getsize(path), Path(path).stem)
+    except UserError:
+        raise
+    except Exception:                   # noqa: BLE001 - a corrupt archive: np.load reports it
+        return
 
 
 def check_inputs(inputs: Mapping[str, np.ndarray] | np.ndarray, specs: list[TensorSpec],
@@ -65,7 +126,7 @@ def check_inputs(inputs: Mapping[str, np.ndarray] | np.ndarray, specs: list[Tens
         if not ok:
             raise UserError(f"{where}: input {s.name!r} has shape {tuple(a.shape)}, the model expects "
                             f"{s.shape_str()}; reshape the data or recompile with --input-shape")
-        out[s.name] = np.ascontiguousarray(a)
+        out[s.name] = np.require(a, requirements="C")     # ascontiguousarray would make 0-d 1-d
     return out
 
 

@@ -9,7 +9,10 @@ around every kernel call, exact under ``-icount shift=0``, and the stack's high-
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import signal
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -55,10 +58,29 @@ def _boundary(d: dict) -> BoundaryTensor:
     return BoundaryTensor(d["name"], tuple(d["shape"]), d["dtype"], d["scale"], d["zero_point"])
 
 
+def _run(cmd: list[str], limit: float) -> subprocess.CompletedProcess:
+    """``subprocess.run`` that kills the command's whole process group when it times out (or
+    this process is interrupted): make's compilers, not only make, and nothing left running."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as p:
+        try:
+            out, err = p.communicate(timeout=limit)
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+            raise
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
 def _make(directory: Path, *args: str) -> None:
     toolchain.require()
-    r = subprocess.run(["make", "-s", "-C", str(directory), *args], capture_output=True, text=True,
-                       timeout=TIMEOUT_S * 5)
+    limit = TIMEOUT_S * 5
+    try:
+        r = _run(["make", "-s", "-C", str(directory), *args], limit)
+    except subprocess.TimeoutExpired:
+        raise UserError(f"{directory}: building the ELF did not finish within {limit} s; run make -C {directory} "
+                        "to see where it stops") from None
     if r.returncode != 0:
         last = (r.stderr.strip() or r.stdout.strip()).splitlines()[-3:]
         raise UserError(f"{directory}: building the ELF failed: {' | '.join(last)}")
@@ -68,7 +90,7 @@ def _qemu(mcu: dict, elf: Path, inputs: int) -> str:
     cmd = toolchain.qemu_command(toolchain.isa(mcu["isa"]), str(elf))
     limit = TIMEOUT_S + PER_INPUT_S * inputs
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
+        r = _run(cmd, limit)
     except subprocess.TimeoutExpired:
         raise UserError(f"{elf}: QEMU did not finish within {limit} s (a hang in the model code?); "
                         "rerun with make -C OUTDIR run to watch it") from None

@@ -55,6 +55,25 @@ def golden_model(onnx_path, calib) -> tuple[onnx.ModelProto, dict]:
     return qdq, report.variants()
 
 
+def one_line_error(capsys_or_text) -> str:
+    """The CLI's contract for a user error: stderr is exactly one line, ``error: ...``, no traceback."""
+    err = capsys_or_text if isinstance(capsys_or_text, str) else capsys_or_text.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ") and "Traceback" not in err
+    return lines[0]
+
+
+@pytest.fixture(scope="session")
+def rv32_toolchain():
+    """Skip, saying why, when the bare-metal toolchain is not installed: `make test` installs it, so
+    this happens only where apt-get itself could not run."""
+    from codegen.rv32 import toolchain
+
+    if (why := toolchain.missing()) is not None:
+        pytest.skip(f"{why}: `make test` installs {toolchain.PACKAGES} with apt-get; that was impossible here")
+
+
 def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
     """The real console entry point in a subprocess: exit codes and stderr as a user sees them."""
     return subprocess.run([sys.executable, "-m", "compiler.cli", *map(str, args)], capture_output=True,

@@ -7,17 +7,9 @@ import json
 import numpy as np
 import onnx
 import pytest
-from conftest import mlp_model, run_cli
+from conftest import mlp_model, one_line_error, run_cli
 
 from compiler.cli import main
-
-
-def _one_line_error(capsys_or_text) -> str:
-    err = capsys_or_text if isinstance(capsys_or_text, str) else capsys_or_text.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: ") and "Traceback" not in err
-    return lines[0]
 
 
 def test_compile_run_inspect(tmp_path, mlp_path, capsys):
@@ -63,7 +55,7 @@ def test_unsupported_op_exit_2_one_line_no_outdir(tmp_path):
     onnx.save(m, path)
     r = run_cli("compile", path, "--target", "llvm", "-o", tmp_path / "out")
     assert r.returncode == 2
-    line = _one_line_error(r.stderr)
+    line = one_line_error(r.stderr)
     assert f"{path}: 2 unsupported ops: FancyMatMul (node fc1), QLinearFoo (node relu1)" in line
     assert not (tmp_path / "out").exists()
 
@@ -72,7 +64,7 @@ def test_truncated_model_exit_2_no_outdir(tmp_path, mlp_path, capsys):
     bad = tmp_path / "trunc.onnx"
     bad.write_bytes(mlp_path.read_bytes()[:100])
     assert main(["compile", str(bad), "-o", str(tmp_path / "out")]) == 2
-    assert "trunc.onnx" in _one_line_error(capsys)
+    assert "trunc.onnx" in one_line_error(capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlp.onnx", "trunc.onnx"]
 
 
@@ -82,7 +74,7 @@ def test_run_with_wrong_shape_exit_2_no_output(tmp_path, mlp_path):
     np.savez(tmp_path / "bad.npz", x=np.zeros((2, 9), np.float32))
     r = run_cli("run", out, "--input", tmp_path / "bad.npz", "-o", tmp_path / "y.npz")
     assert r.returncode == 2
-    assert "input 'x' has shape (2, 9), the model expects (N, 8)" in _one_line_error(r.stderr)
+    assert "input 'x' has shape (2, 9), the model expects (N, 8)" in one_line_error(r.stderr)
     assert not (tmp_path / "y.npz").exists()
 
 
@@ -100,7 +92,7 @@ def test_user_errors_exit_2(tmp_path, mlp_path, capsys, args, match):
     before = sorted(p.name for p in tmp_path.iterdir())
     argv = [a.format(art=art, tmp=tmp_path, mlp=mlp_path) for a in args]
     assert main(argv) == 2
-    assert match in _one_line_error(capsys)
+    assert match in one_line_error(capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 

@@ -27,14 +27,6 @@ from runtime import golden
 MODELS = ["digits_cnn", "digits_vit", "ds_cnn", "resnet8", "mobilenet_v1_025", "fc_autoencoder"]
 
 
-@pytest.fixture(scope="session")
-def rv32_toolchain():
-    """Skip, saying why, when the bare-metal toolchain is not installed: `make test` installs it, so
-    this happens only where apt-get itself could not run."""
-    if (why := toolchain.missing()) is not None:
-        pytest.skip(f"{why}: `make test` installs {toolchain.PACKAGES} with apt-get; that was impossible here")
-
-
 # ----------------------------------------------------------------------------------------------
 # the memory planner
 # ----------------------------------------------------------------------------------------------
