@@ -64,8 +64,8 @@ def rewrite(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
     """A copy of ``model`` in the forms above (``model`` itself when nothing needs them)."""
     if not needs_rewrite(model):
         return model
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
+    # value_info gives the rank and sizes that per-axis and blocked parameters broadcast against
+    m = onnx.shape_inference.infer_shapes(model)
     g = m.graph
     types = _elem_types(g)
     rw = Rewriter(m)

@@ -772,7 +772,12 @@ def lower_qdq(mod: tvm.IRModule, variants="auto", vnni: bool = False,
                                                             b.value.attrs))
                         result = low.env[b.var]
                         continue
-                    low.env[b.var] = low.lower(b.value)
+                    try:
+                        low.env[b.var] = low.lower(b.value)
+                    except QDQLoweringError:
+                        raise
+                    except ValueError as exc:   # a ratio or offset passes/dyadic.py cannot represent
+                        raise QDQLoweringError(f"{_name(b.value)}: {exc}") from None
             if result is None:
                 raise QDQLoweringError("no output dequantize found")
             out = bb.emit_output(result)

@@ -284,8 +284,10 @@ def check_outdir(outdir: str | os.PathLike) -> Path:
         parent = parent.parent
     if not parent.is_dir():
         raise UserError(f"{parent}: is a file, so {out} cannot be created under it; choose another -o")
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"{parent}: directory is not writable; choose another -o")
+    try:        # a real write, not os.access: root passes permission bits but not a read-only filesystem
+        os.rmdir(tempfile.mkdtemp(prefix=".lowbit-probe-", dir=parent))
+    except OSError as exc:
+        raise UserError(f"{parent}: directory is not writable ({exc.strerror}); choose another -o") from None
     return out
 
 
