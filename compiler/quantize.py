@@ -503,6 +503,7 @@ def _rewrite(m: onnx.ModelProto, plan: _Plan, params: dict[str, QuantParams], co
     ends = set(list(plan.layers)[:1] + list(plan.layers)[-1:]) if config.pin_ends else set()
     bits_of = {w: config.layer_bits.get(layer, 8 if layer in ends else config.weight_bits)
                for layer, w in plan.layers.items()}
+
     def per_axis(axis: int) -> dict:
         return {"axis": axis} if config.per_channel else {}
 

@@ -370,7 +370,7 @@ def _tree(root: Path) -> dict[str, bytes | None]:
     ("a file", "notes.txt: exists and is not a directory"),
     ("under a file", "notes.txt: is a file, so"),
     ("a web app with a manifest.json", "webapp: exists and is not a lowbit artifact; refusing to overwrite it"),
-    ("in a read-only directory", "readonly: directory is not writable"),
+    ("in a read-only directory", ": directory is not writable"),
 ])
 def test_outdir_that_is_not_ours_is_refused_and_nothing_is_written(tmp_path, mlp_path, capsys, case, match):
     (tmp_path / "notes.txt").write_text("mine")
