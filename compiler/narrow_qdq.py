@@ -57,7 +57,8 @@ def needs_rewrite(model: onnx.ModelProto) -> bool:
     types += [t.data_type for t in g.initializer]
     if any(container(t) != t for t in types):
         return True
-    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") and _expanded(n, g) for n in g.node)
+    inits = {t.name: t for t in g.initializer}
+    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") and _expanded(n, inits) for n in g.node)
 
 
 def rewrite(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
@@ -109,11 +110,10 @@ def _elem_types(g: onnx.GraphProto) -> dict[str, int]:
     return out
 
 
-def _expanded(n: onnx.NodeProto, g: onnx.GraphProto) -> bool:
+def _expanded(n: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> bool:
     """Blocked parameters, or per-axis ones on an activation: applied as explicit arithmetic."""
     if attrs(n).get("block_size", 0):
         return True
-    inits = {t.name: t for t in g.initializer}
     scale = inits.get(n.input[1])
     per_axis = scale is not None and int(np.prod(scale.dims)) > 1
     return per_axis and n.input[0] not in inits
@@ -157,7 +157,7 @@ def _quantize(rw: Rewriter, n: onnx.NodeProto, types: dict[str, int], out: list,
         raise UserError(f"{here}: quantizing to {np.dtype(helper.tensor_dtype_to_np_dtype(y_type)).name} is not supported "
                         "(TVM's float8 casts round wrongly); quantize to int8/uint8/int4/uint4")
     box = container(y_type)
-    if _expanded(n, rw.model.graph):
+    if _expanded(n, rw.inits):
         scale, zp = _params(rw, n, here)
         shape = _x_shape(rw, n.input[0])
         if shape is None:
@@ -193,7 +193,7 @@ def _quantize(rw: Rewriter, n: onnx.NodeProto, types: dict[str, int], out: list,
 def _dequantize(rw: Rewriter, n: onnx.NodeProto, types: dict[str, int], out: list, here: str) -> None:
     x_type = types.get(n.input[0])
     codes = x_type in FLOAT_CODES
-    if not codes and not _expanded(n, rw.model.graph):
+    if not codes and not _expanded(n, rw.inits):
         out.append(n)
         return
     s_type = types.get(n.input[1], TensorProto.FLOAT)
