@@ -138,12 +138,13 @@ def build(mod: tvm.IRModule, target: dict):
         called = _called(scheduled)
         lowered = tvm.transform.Sequential(cuda_pipeline.dataflow_lower_passes(tgt)
                                            + cuda_pipeline.finalize_passes(tgt))(scheduled)
-    executable = tvm.compile(lowered, target=tgt, relax_pipeline=None)
+    with nvcc.compiling_for_tvm(target["arch"]) as built:
+        executable = tvm.compile(lowered, target=tgt, relax_pipeline=None)
     source = device_module(executable).inspect_source()
     census = _census(source)
     device = CudaBuild(target["arch"], source, kernels=census,
                        dp4a_launches=sum(_on_dp4a(f, census) for f in called))
-    compiled = nvcc.compile(source, target["arch"])
+    compiled = built.get(source_hash(source)) or nvcc.compile(source, target["arch"])
     if compiled is not None:
         device.ptx, device.fatbin, device.nvcc = compiled
     return executable, llvm.kernel_ops(lowered, report), report, device

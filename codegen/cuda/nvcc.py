@@ -8,11 +8,13 @@ callback), which this module's warning says.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from compiler.errors import UserError
@@ -85,3 +87,34 @@ def assemble(ptx: bytes, arch: str) -> bytes:
         src.write_bytes(ptx)
         _run([tool, f"-arch={arch}", "-o", str(out), str(src)], f"ptxas -arch={arch}")
         return out.read_bytes()
+
+
+@contextlib.contextmanager
+def compiling_for_tvm(arch: str) -> Iterator[dict[str, tuple[bytes, bytes, str]]]:
+    """Within: TVM's build compiles CUDA source with nvcc (``compile``) where it compiles at all,
+    and the results are kept, keyed by source hash, so the artifact's fatbin is that same build.
+    On a machine with CUDA's Python bindings TVM would otherwise compile with NVRTC, which failed
+    on lowbit's kernels on an H100 machine with no message; elsewhere it keeps the source for later.
+    Nothing changes where nvcc is missing."""
+    import tvm.support.nvcc  # noqa: F401  (registers TVM's own callback: the one restored after)
+    import tvm_ffi
+
+    from codegen.cuda import source_hash
+
+    built: dict[str, tuple[bytes, bytes, str]] = {}
+    if find() is None:
+        yield built
+        return
+    name = "tvm_callback_cuda_compile"
+    previous = tvm_ffi.get_global_func(name, allow_missing=True)
+
+    def with_nvcc(code: str, *_target) -> bytes:
+        built[source_hash(code)] = compile(code, arch)
+        return built[source_hash(code)][1]
+
+    tvm_ffi.register_global_func(name, with_nvcc, override=True)
+    try:
+        yield built
+    finally:
+        if previous is not None:
+            tvm_ffi.register_global_func(name, previous, override=True)
