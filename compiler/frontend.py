@@ -17,8 +17,8 @@ import onnx
 import tvm
 
 from compiler.errors import UserError
+from compiler.narrow_qdq import CONTAINERS
 from runtime.artifact import TensorSpec
-from runtime.io import CONTAINERS
 
 ONNX_DOMAINS = ("", "ai.onnx")
 # TVM matches com.microsoft contrib ops by op_type (SkipLayerNormalization, FastGelu, ...)
@@ -90,15 +90,22 @@ def _walk_nodes(graph: onnx.GraphProto):
                 yield from _walk_nodes(sub)
 
 
-def check_supported(model: OnnxModel) -> None:
-    """Fail with one error that lists every unsupported op, not just the first one hit."""
+def unsupported_ops(proto: onnx.ModelProto) -> OrderedDict[str, list[str]]:
+    """Each op lowbit cannot compile (``domain::op`` outside the ONNX and contrib domains), with
+    the names of the nodes that use it, in graph order."""
     known = supported_op_types()
     missing: OrderedDict[str, list[str]] = OrderedDict()
-    for node in _walk_nodes(model.proto.graph):
+    for node in _walk_nodes(proto.graph):
         domain_ok = node.domain in ONNX_DOMAINS or node.domain in CONTRIB_DOMAINS
         if node.op_type not in known or not domain_ok:
             key = node.op_type if domain_ok else f"{node.domain}::{node.op_type}"
             missing.setdefault(key, []).append(node.name or f"#{len(missing)}")
+    return missing
+
+
+def check_supported(model: OnnxModel) -> None:
+    """Fail with one error that lists every unsupported op, not just the first one hit."""
+    missing = unsupported_ops(model.proto)
     if missing:
         parts = []
         for op, nodes in missing.items():
@@ -223,7 +230,7 @@ def output_dtypes(model: OnnxModel) -> dict[str, str]:
 
 def relax_output_specs(mod, names: list[str], declared: dict[str, str] | None = None) -> list[TensorSpec]:
     """Output specs from the imported function's return type (static dims resolved by overrides);
-    an output ``declared`` in a type carried in a byte (runtime/io.CONTAINERS) keeps that type."""
+    an output ``declared`` in a type carried in a byte (compiler/narrow_qdq.CONTAINERS) keeps that type."""
     from tvm import relax
 
     def dtype(name: str, got: str) -> str:

@@ -20,7 +20,7 @@ parameter layouts the integer lowering does not apply:
   graph still lowers to integers.
 
 Graph inputs and outputs in a narrow type keep it in the artifact's signature; ``Artifact.run``
-converts them to and from their byte containers (runtime/io.to_container / from_container).
+converts them to and from their byte containers (``to_container`` / ``from_container``).
 """
 
 from __future__ import annotations
@@ -43,6 +43,29 @@ def container(elem_type: int) -> int:
     if elem_type in NARROW_INT:
         return NARROW_INT[elem_type][0]
     return TensorProto.UINT8 if elem_type in FLOAT_CODES else elem_type
+
+
+def _np_name(elem_type: int) -> str:
+    return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).name
+
+
+# the same by numpy dtype name (an artifact's signature): "int4" -> "int8", "float8_e4m3fn" -> "uint8"
+CONTAINERS = {_np_name(t): _np_name(container(t)) for t in (*NARROW_INT, *FLOAT_CODES)}
+_CODES = {_np_name(t) for t in FLOAT_CODES}
+
+
+def to_container(a: np.ndarray) -> np.ndarray:
+    """An array of a narrow type in its byte: integers by value, float codes by bit pattern."""
+    box = CONTAINERS.get(a.dtype.name)
+    if box is None:
+        return a
+    return a.view(box) if a.dtype.name in _CODES else a.astype(box)
+
+
+def from_container(a: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype not in CONTAINERS:
+        return a
+    return a.view(dtype) if dtype in _CODES else a.astype(dtype)
 
 
 def decode_table(elem_type: int, dtype: np.dtype) -> np.ndarray:
@@ -72,7 +95,7 @@ def rewrite(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
     rw = Rewriter(m)
     for t in g.initializer:
         if container(t.data_type) != t.data_type:
-            t.CopyFrom(numpy_helper.from_array(_to_container(numpy_helper.to_array(t)), t.name))
+            t.CopyFrom(numpy_helper.from_array(to_container(numpy_helper.to_array(t)), t.name))
     for vi in (*g.input, *g.output, *g.value_info):
         tt = vi.type.tensor_type
         tt.elem_type = container(tt.elem_type)
@@ -89,13 +112,6 @@ def rewrite(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
     g.node.extend(nodes)
     g.initializer.extend(rw.new_inits)
     return m
-
-
-def _to_container(a: np.ndarray) -> np.ndarray:
-    kind = helper.np_dtype_to_tensor_dtype(a.dtype)
-    if kind in NARROW_INT:
-        return a.astype(helper.tensor_dtype_to_np_dtype(NARROW_INT[kind][0]))
-    return a.view(np.uint8) if kind in FLOAT_CODES else a
 
 
 def _elem_types(g: onnx.GraphProto) -> dict[str, int]:

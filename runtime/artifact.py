@@ -210,7 +210,8 @@ class Artifact:
         """Run on numpy inputs keyed by ONNX input name (a bare array for a single-input model)."""
         import tvm
 
-        from runtime.io import check_inputs, from_container, to_container
+        from compiler.narrow_qdq import from_container, to_container
+        from runtime.io import check_inputs
 
         feeds = {k: to_container(v) for k, v in check_inputs(inputs, self.manifest.inputs, where="inputs").items()}
         if self.manifest.mcu is not None:

@@ -35,6 +35,7 @@ import onnx
 from onnx import numpy_helper
 from onnx.backend.base import Backend, BackendRep
 
+from compiler import frontend
 from compiler.errors import UserError
 from compiler.progress import native_stderr_to_debug
 
@@ -104,7 +105,7 @@ class LowbitBackend(Backend):
 
     @classmethod
     def is_compatible(cls, model, device="CPU", **kwargs) -> bool:
-        return device == "CPU" and not unsupported_ops(model)
+        return device == "CPU" and not frontend.unsupported_ops(model)
 
     @classmethod
     def prepare(cls, model, device="CPU", **kwargs):
@@ -114,16 +115,6 @@ class LowbitBackend(Backend):
     @classmethod
     def supports_device(cls, device: str) -> bool:
         return device == "CPU"
-
-
-def unsupported_ops(model: onnx.ModelProto) -> list[str]:
-    from compiler import frontend
-
-    try:
-        frontend.check_supported(frontend.OnnxModel(model, "model", ""))
-    except UserError as exc:
-        return re.findall(r"(\S+) \(node", str(exc))
-    return []
 
 
 def node_cases() -> list:
@@ -244,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     ops = op_of(cases)
     if args.only == "quantization":
         cases = [c for c in cases if ops[c.name] in QUANTIZATION_OPS]
-    runnable = [c.name for c in cases if not unsupported_ops(c.model)]
+    runnable = [c.name for c in cases if not frontend.unsupported_ops(c.model)]
     outcome = {c.name: "unsupported" for c in cases}
     outcome.update(run_cases(runnable))
     ort = {c.name: ort_result(c) for c in cases}

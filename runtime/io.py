@@ -12,24 +12,6 @@ import numpy as np
 from compiler.errors import UserError
 from runtime.artifact import TensorSpec
 
-# tensor types with no TVM tensors, carried in a byte (compiler/narrow_qdq.py): integers by value,
-# float codes by bit pattern
-CONTAINERS = {"int4": "int8", "int2": "int8", "uint4": "uint8", "uint2": "uint8",
-              "float8_e4m3fn": "uint8", "float8_e5m2": "uint8", "float4_e2m1fn": "uint8"}
-
-
-def to_container(a: np.ndarray) -> np.ndarray:
-    box = CONTAINERS.get(a.dtype.name)
-    if box is None:
-        return a
-    return a.view(box) if a.dtype.name.startswith("float") else a.astype(box)
-
-
-def from_container(a: np.ndarray, dtype: str) -> np.ndarray:
-    if dtype not in CONTAINERS:
-        return a
-    return a.view(dtype) if dtype.startswith("float") else a.astype(dtype)
-
 
 def cache_root() -> Path:
     """Where models built from recipes and measured tables are kept ($LOWBIT_CACHE)."""

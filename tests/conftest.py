@@ -55,6 +55,17 @@ def golden_model(onnx_path, calib) -> tuple[onnx.ModelProto, dict]:
     return qdq, report.variants()
 
 
+def assert_golden_per_sample(art, onnx_path, calib, x) -> None:
+    """``art`` (a zoo model's build) bit-exact with the golden interpreter, sample by sample."""
+    from models import zoo
+    from runtime import golden
+
+    qdq, variants = golden_model(onnx_path, calib)
+    for i in range(len(x)):
+        feeds = {zoo.INPUT: x[i:i + 1]}
+        np.testing.assert_array_equal(art.run(feeds)[zoo.OUTPUT], golden.run_qdq(qdq, feeds, variants)[zoo.OUTPUT])
+
+
 def one_line_error(capsys_or_text) -> str:
     """The CLI's contract for a user error: stderr is exactly one line, ``error: ...``, no traceback."""
     err = capsys_or_text if isinstance(capsys_or_text, str) else capsys_or_text.readouterr().err

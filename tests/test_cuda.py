@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from conftest import ROOT, golden_model, run_cli
+from conftest import ROOT, assert_golden_per_sample, run_cli
 
 import compiler
 from codegen import cuda
@@ -24,7 +24,6 @@ from compiler.errors import UserError
 from compiler.options import CompileOptions
 from models import zoo
 from passes import lower_qdq as lowering
-from runtime import golden
 
 ARCHS = ("sm_80", "sm_90")
 FLOAT_INSTRUCTION = re.compile(r"^\s*[a-z][\w.]*\.(f16|f16x2|bf16|f32|f64)\b", re.M)
@@ -101,12 +100,7 @@ def test_dp4a_layouts_compute_the_golden_integers(name, monkeypatch):
     first = art.manifest.quantization["weights"][0]
     out_channels, channels, kh, kw = first["shape"]
     assert first["op"] == "conv2d" and channels in (1, 3) and first["bytes"] == out_channels * kh * kw * 4
-    qdq, variants = golden_model(files.onnx, calib)
-    x = zoo.get(name).samples(3, seed=5)
-    for i in range(len(x)):
-        feeds = {zoo.INPUT: x[i:i + 1]}
-        want = golden.run_qdq(qdq, feeds, variants)[zoo.OUTPUT]
-        np.testing.assert_array_equal(art.run(feeds)[zoo.OUTPUT], want)
+    assert_golden_per_sample(art, files.onnx, calib, zoo.get(name).samples(3, seed=5))
 
 
 def test_without_nvcc_the_library_keeps_the_source_and_warns(mlp_path, tmp_path):

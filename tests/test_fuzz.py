@@ -13,6 +13,7 @@ import pytest
 from fuzzing import REGRESSIONS, check_fp32, check_integer, examples, params_of, save_failure
 from hypothesis import HealthCheck, given, settings
 
+CHECKS = {"fp32": check_fp32, "integer-llvm": check_integer, "integer-rv32": lambda m: check_integer(m, "rv32")}
 EXAMPLES = int(os.environ.get("LOWBIT_FUZZ_EXAMPLES", "0"))      # 0: the CI budgets below
 SAVED: dict = {}
 
@@ -23,9 +24,9 @@ def budget(ci: int, share: float = 1.0):
                     database=None, deadline=None, suppress_health_check=list(HealthCheck), print_blob=True)
 
 
-def _saving(check: str, run, model: onnx.ModelProto) -> None:
+def _saving(check: str, model: onnx.ModelProto) -> None:
     try:
-        run(model)
+        CHECKS[check](model)
     except Exception:
         save_failure(model, check, SAVED)
         raise
@@ -34,22 +35,19 @@ def _saving(check: str, run, model: onnx.ModelProto) -> None:
 @budget(ci=50)
 @given(examples())
 def test_fp32_matches_onnxruntime(model):
-    _saving("fp32", check_fp32, model)
+    _saving("fp32", model)
 
 
 @budget(ci=50)
 @given(examples())
 def test_integer_llvm_is_bit_exact_with_the_golden_reference(model):
-    _saving("integer-llvm", check_integer, model)
+    _saving("integer-llvm", model)
 
 
 @budget(ci=10, share=0.1)
 @given(model=examples(families=("image",)))
 def test_integer_rv32_is_bit_exact_with_the_golden_reference(model, rv32_toolchain):
-    _saving("integer-rv32", lambda m: check_integer(m, "rv32"), model)
-
-
-CHECKS = {"fp32": check_fp32, "integer-llvm": check_integer, "integer-rv32": lambda m: check_integer(m, "rv32")}
+    _saving("integer-rv32", model)
 
 
 @pytest.mark.parametrize("path", sorted(REGRESSIONS.glob("*.onnx")), ids=lambda p: p.stem)

@@ -5,12 +5,11 @@ fatbin).  Skips, saying why, on a machine without a GPU."""
 from __future__ import annotations
 
 import pytest
-from conftest import golden_model
+from conftest import assert_golden_per_sample
 
 import compiler
 from compiler.options import CompileOptions
 from models import zoo
-from runtime import golden
 
 
 @pytest.fixture(scope="session")
@@ -26,8 +25,6 @@ def gpu_arch():
 
 @pytest.mark.parametrize("name", list(zoo.ENTRIES))
 def test_zoo_model_bit_exact_on_the_gpu(name, gpu_arch, tmp_path, monkeypatch):
-    import numpy as np
-
     import runtime
 
     files = zoo.ensure(name)
@@ -37,9 +34,4 @@ def test_zoo_model_bit_exact_on_the_gpu(name, gpu_arch, tmp_path, monkeypatch):
     # loading must not compile: the fatbin built here is what runs
     monkeypatch.setenv("TVM_CUDA_COMPILE_MODE", "none-expected")
     art = runtime.load(tmp_path / "a")
-    qdq, variants = golden_model(files.onnx, calib)
-    x = zoo.get(name).samples(4, seed=21)
-    for i in range(len(x)):
-        feeds = {zoo.INPUT: x[i:i + 1]}
-        want = golden.run_qdq(qdq, feeds, variants)[zoo.OUTPUT]
-        np.testing.assert_array_equal(art.run(feeds)[zoo.OUTPUT], want)
+    assert_golden_per_sample(art, files.onnx, calib, zoo.get(name).samples(4, seed=21))
