@@ -27,6 +27,7 @@ from tvm.target.codegen import target_has_features
 from codegen import amx, vnni
 from codegen.cpu_schedule import CPUDefault
 from compiler.errors import UserError
+from passes.defined_semantics import DefinedSemantics
 from passes.fusion_report import CountKernels, FusionReport, RecordFusion, RecordUnscheduled
 from passes.merge_kernels import MergeKernels
 from passes.narrow_constants import NarrowConstants
@@ -140,7 +141,9 @@ def fusion(target: tvm.target.Target, report: FusionReport, narrow: bool = False
         legalize.append(p)
         if p.info.name == "FuseOps":
             legalize += [MergeKernels(row_contractions), RecordFusion(report)]
-    return tvm.transform.Sequential(cpu.library_dispatch_passes(target) + legalize, name="lowbit_fusion")
+    # conversions and shifts made total first, so no backend compiles undefined behaviour
+    return tvm.transform.Sequential([DefinedSemantics(), *cpu.library_dispatch_passes(target), *legalize],
+                                    name="lowbit_fusion")
 
 
 def lowering(target: tvm.target.Target, report: FusionReport) -> tvm.transform.Pass:

@@ -18,7 +18,9 @@ import tvm
 
 from compiler.errors import UserError
 from compiler.narrow_qdq import CONTAINERS
+from passes.defined_semantics import integer_range, saturate
 from runtime.artifact import TensorSpec
+from runtime.golden import saturating_cast
 
 ONNX_DOMAINS = ("", "ai.onnx")
 # TVM matches com.microsoft contrib ops by op_type (SkipLayerNormalization, FastGelu, ...)
@@ -166,7 +168,7 @@ def to_relax(model: OnnxModel, specs: list[TensorSpec]):
     shape_dict = {s.name: list(s.shape) for s in specs if all(isinstance(d, int) for d in s.shape)}
     dtype_dict = {s.name: CONTAINERS.get(s.dtype, s.dtype) for s in specs}     # int4 & co. travel in a byte
     try:
-        with _constant_clip():
+        with _converters():
             return from_onnx(model.proto, shape_dict=shape_dict, dtype_dict=dtype_dict)
     except Exception as exc:  # the importer raises bare TVM errors for unsupported attribute combinations
         message = f"{model.path}: TVM's ONNX importer rejected the model: {first_line(exc)}{symbolic_hint(specs)}"
@@ -176,11 +178,19 @@ def to_relax(model: OnnxModel, specs: list[TensorSpec]):
 
 
 @contextlib.contextmanager
-def _constant_clip():
-    """Import Clip with constant bounds as ``relax.clip``.  TVM's converter emits maximum and
-    minimum kernels behind NaN guards on the bounds, which hides them from the integer lowering
-    (passes/lower_qdq.py folds a Clip into its requantize's clamp, as ReLU6 and u4 need).  The
-    importer looks its converters up through one module function, swapped here for the call."""
+def _converters():
+    """lowbit's own converters for a few ONNX ops (passes/defined_semantics.py states the rule), in place of TVM's for one import (the importer
+    looks its converters up through one module function, swapped here for the call):
+
+    - Clip with constant bounds as ``relax.clip``.  TVM's converter emits maximum and minimum
+      kernels behind NaN guards on the bounds, which hides them from the integer lowering
+      (passes/lower_qdq.py folds a Clip into its requantize's clamp, as ReLU6 and u4 need).
+    - Cast / CastLike from a float to an integer type saturate (``saturating_cast``'s rule): ONNX
+      leaves that conversion undefined out of range, and TVM's converter wraps it through an int32
+      or int64 whose own conversion is undefined past its range.  A narrow type (int4, uint2) is
+      clamped to its own range and carried in its byte.  Constants fold by the same rule
+      (runtime/golden.saturating_cast).
+    """
     from tvm import relax
     from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
 
@@ -200,10 +210,40 @@ def _constant_clip():
                 return super()._impl_v13(bb, inputs, attr, params)
             return relax.op.clip(inputs[0], lo, hi)
 
+    class Cast(tvm_onnx.Cast):
+        @classmethod
+        def _impl_v13(cls, bb, inputs, attr, params):
+            x, to = inputs[0], tvm_onnx.get_type(attr["to"])
+            bounds = integer_range(to) if to not in ("bool", "uint1") else None
+            if bounds is None:
+                return super()._impl_v13(bb, inputs, attr, params)
+            box = CONTAINERS.get(to, to)
+            if isinstance(x, tvm.ir.GenericConst) and x.value.numpy().dtype.kind == "f":
+                return relax.const(saturating_cast(x.value.numpy(), *bounds).astype(box), box)
+            src = str(x.ty.dtype) if isinstance(getattr(x, "ty", None), relax.TensorType) else None
+            if src in ("float16", "float32", "float64"):
+                return saturate(x, src, to, box)
+            if to != box and src is not None:       # integer -> narrow: keep the low bits, sign-extended
+                bits = tvm.DataType(to).bits
+                low = relax.op.bitwise_and(relax.op.astype(x, "int32"), relax.const((1 << bits) - 1, "int32"))
+                if bounds[0] < 0:
+                    low = relax.op.where(relax.op.greater(low, relax.const(bounds[1], "int32")),
+                                         relax.op.subtract(low, relax.const(1 << bits, "int32")), low)
+                return relax.op.astype(low, box)
+            return super()._impl_v13(bb, inputs, attr, params)
+
+    class CastLike(tvm_onnx.CastLike):
+        @classmethod
+        def _impl_v15(cls, bb, inputs, attr, params):
+            like = inputs[1]
+            if isinstance(like, relax.ShapeExpr) or not isinstance(getattr(like, "ty", None), relax.TensorType):
+                return super()._impl_v15(bb, inputs, attr, params)
+            return Cast._impl_v13(bb, [inputs[0]], {"to": str(like.ty.dtype)}, params)
+
     original = tvm_onnx._get_convert_map
 
     def convert_map():
-        return {**original(), "Clip": Clip}
+        return {**original(), "Clip": Clip, "Cast": Cast, "CastLike": CastLike}
 
     tvm_onnx._get_convert_map = convert_map
     try:

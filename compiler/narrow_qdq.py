@@ -106,6 +106,9 @@ def rewrite(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
             _quantize(rw, n, types, nodes, here)
         elif n.op_type == "DequantizeLinear":
             _dequantize(rw, n, types, nodes, here)
+        elif n.op_type == "CastLike" and types.get(n.input[1]) in NARROW_INT:
+            # the type to cast to, before its input becomes a byte (Cast saturates to the narrow range)
+            nodes.append(helper.make_node("Cast", [n.input[0]], list(n.output), name=n.name, to=types[n.input[1]]))
         else:
             nodes.append(n)
     del g.node[:]

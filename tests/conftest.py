@@ -14,6 +14,26 @@ from onnx import TensorProto, helper, numpy_helper
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# the x86 ISA paths lowbit's kernels differ by (codegen/llvm.cpu_target): generic, AVX2, AVX-VNNI,
+# AVX-512 VNNI, AMX
+ISA_PATHS = ("x86-64", "haswell", "alderlake", "icelake-server", "sapphirerapids")
+
+
+def runnable_cpus() -> list[str]:
+    """The ISA paths this machine executes: every CPUID feature of the LLVM CPU is the host's (LLVM's
+    tuning flags, which are no CPUID bits, are not compared)."""
+    import tvm
+    from tvm.target import codegen
+
+    host = tvm.get_global_func("tvm.codegen.llvm.GetHostCPUFeatures")()
+    runnable = []
+    for cpu in ISA_PATHS:
+        features = codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": cpu}))
+        if all(bool(host[f]) for f in features if f in host):
+            runnable.append(cpu)
+    return runnable
+
+
 def make_model(nodes, inputs, outputs, inits=(), opset=17, name="test") -> onnx.ModelProto:
     graph = helper.make_graph(nodes, name, inputs, outputs, initializer=list(inits))
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
