@@ -190,19 +190,33 @@ def _is_vnni(sch: s_tir.Schedule, block) -> bool:
     return sch.get(block).name_hint.startswith((vnni.BLOCK, vnni.CONV_BLOCK))
 
 
-def _epilogues_at(sch: s_tir.Schedule, epilogues, anchor, lanes: int) -> None:
+def _epilogues_at(sch: s_tir.Schedule, epilogues, anchor, lanes: int) -> list:
     """Each epilogue computed per tile under ``anchor``, right after the tile's reduction, its
-    innermost loop vectorized ``lanes`` wide where the tile row divides into vectors."""
+    innermost loop vectorized ``lanes`` wide where the tile row divides into vectors.  Returns the
+    epilogues left as separate nests, for the caller to schedule: those reading the whole output,
+    those whose reads TVM cannot solve per tile, and those with points no tile provides (a copy
+    into a bordered layout, AMX's input rows: ``pool[y - 1, x - 1]`` over rows 0..11 of an
+    8-row pool), which reverse_compute_at would drop or assert on."""
+    apart = []
     for epi in epilogues:
+        # tried on a copy: TVM 0.27 raises a ValueError (not a ScheduleError) when it cannot
+        # match a read's index to the tile (v - 1), and a dropped border is only seen afterwards
+        trial = sch.copy()
         try:
-            sch.reverse_compute_at(epi.block_rv, anchor)
-        except ScheduleError:     # an epilogue reading the whole output stays a separate nest
+            trial.reverse_compute_at(epi.block_rv, anchor)
+        except (ScheduleError, tvm.error.InternalError, ValueError):
+            apart.append(epi)
             continue
+        if not _covered(trial, epi.block_rv):
+            apart.append(epi)
+            continue
+        sch.reverse_compute_at(epi.block_rv, anchor)
         eloops = sch.get_loops(epi.block_rv)
         extent = _const(sch.get(eloops[-1]).extent) if eloops else None
         if lanes > 1 and extent and extent % lanes == 0:
             inner = sch.split(eloops[-1], [None, lanes])[1] if extent > lanes else eloops[-1]
             sch.vectorize(inner)
+    return apart
 
 
 class CPUDefault(dl.ScheduleRule):
@@ -314,11 +328,13 @@ class CPUDefault(dl.ScheduleRule):
         tile = sch.fuse(*rows[:-1], r0, c0)
         if None in extents or int(np.prod(extents, dtype=np.int64)) >= MIN_PARALLEL_WORK:
             sch.parallel(tile)
-        _epilogues_at(sch, epilogues, tile, vnni.LANES)
+        apart = _epilogues_at(sch, epilogues, tile, vnni.LANES)
         sch.unroll(c1)
         sch.unroll(r1)
         sch.decompose_reduction(block, (outer_red or [k0])[0])
         sch.tensorize(c2, vnni.intrinsic(flavour))
+        for b in apart:
+            self._injective(sch, b.block_rv)
 
     def _rowwise(self, sch: s_tir.Schedule, blocks, first_reduction, flavour: str | None) -> s_tir.Schedule:
         """One pass per row: every block from the first reduction on is computed under the output's
@@ -445,14 +461,15 @@ class CPUDefault(dl.ScheduleRule):
         outer = [lp for lp in spatial if lp not in inner]
         sch.reorder(*outer, *reduce_, *inner)
         work = [_const(sch.get(lp).extent) for lp in loops]
+        apart = []
         if outer:
             fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
             if None in work or int(np.prod(work, dtype=np.int64)) >= MIN_PARALLEL_WORK:
                 sch.parallel(fused)
-            _epilogues_at(sch, epilogues, fused, 1)
+            apart = _epilogues_at(sch, epilogues, fused, 1)
         if inner:
             sch.decompose_reduction(block, reduce_[0])
-        for b in head:
+        for b in head + apart:
             self._injective(sch, b.block_rv)
 
     def _pad_to_tiles(self, sch: s_tir.Schedule, red) -> bool:
@@ -617,7 +634,7 @@ class CPUDefault(dl.ScheduleRule):
         aloops = sch.get_loops(acc)
         if lanes > 1:
             sch.vectorize(aloops[-1])
-        _epilogues_at(sch, epilogues, anchor, lanes)
+        apart = _epilogues_at(sch, epilogues, anchor, lanes)
         # annotate before decomposing: afterwards the init block also writes the
         # accumulator and the update block no longer passes vectorize's dataflow check
         if len(tiles_inner) == 2:
@@ -625,4 +642,6 @@ class CPUDefault(dl.ScheduleRule):
         if lanes > 1:
             sch.vectorize(tiles_inner[-1])
         sch.decompose_reduction(block, reduce_[0])
+        for b in apart:
+            self._injective(sch, b.block_rv)
         return sch
