@@ -215,17 +215,18 @@ def cmd_profile(args) -> int:
 
 def cmd_run(args) -> int:
     import runtime
-    from runtime.io import check_inputs, read_tensors, write_npz
+    from runtime.io import read_tensors, run_batched, write_npz
 
     art = runtime.load(args.artifact)
-    feeds = check_inputs(read_tensors(args.input, art.manifest.inputs), art.manifest.inputs, where=args.input)
+    feeds = read_tensors(args.input, art.manifest.inputs)
     remote = _remote(args)
     if remote and art.manifest.mcu is not None:
         from compiler.errors import UserError
 
         raise UserError(f"{args.artifact}: an rv32 build runs under QEMU here (drop --rpc/--tracker), or on the "
                         "board from its C project (make -C OUTDIR)")
-    outs = (remote.load(art) if remote else art).run(feeds)
+    runner = remote.load(art) if remote else art
+    outs = run_batched(runner.run, feeds, art.manifest.inputs, art.manifest.outputs, where=args.input)
     write_npz(args.output, outs)
     where = f" (ran on {remote.describe()})" if remote else ""
     _say(args, f"wrote {args.output}: " + ", ".join(f"{k} {v.shape} {v.dtype}" for k, v in outs.items()) + where)
@@ -393,8 +394,8 @@ def cmd_plan(args) -> int:
 
     opts = CompileOptions(input_shapes=_shapes(args), calib=args.calib, weight_bits="mixed", **_plan_options(args))
     src = frontend.load(args.model)
-    _, shapes = driver.quantization_shapes(src, frontend.input_specs(src, opts.input_shapes))
-    plan, layers = driver.plan_bits(src, quantize.load_calibration(args.calib), opts, shapes, latency=True)
+    specs, shapes = driver.quantization_shapes(src, frontend.input_specs(src, opts.input_shapes))
+    plan, layers = driver.plan_bits(src, quantize.load_calibration(args.calib, specs), opts, shapes, latency=True)
     name_width = max(len(layer.name) for layer in layers)
     print(f"{'layer':<{name_width}}  bits {'params':>9} {'MACs':>11}   {'Omega@8':>9} {'Omega@4':>9} "
           f"{'Omega@2':>9}   {'ms@8':>7} {'ms@4':>7} {'ms@2':>7} {'bytes':>8} {'BOPs':>10} {'ms':>7}")

@@ -79,7 +79,7 @@ def _compile(model, opts: CompileOptions, config, remote=None) -> Artifact:
                             "its own scales are used")
         inputs, shapes = quantization_shapes(src, inputs)
         is_file = isinstance(opts.calib, (str, os.PathLike))
-        calib = quantize.load_calibration(opts.calib) if is_file else opts.calib
+        calib = quantize.load_calibration(opts.calib, inputs) if is_file else opts.calib
         bit_plan = None
         if opts.weight_bits == "mixed":
             with stage("sensitivity + bit plan"):

@@ -36,6 +36,7 @@ from compiler.canonicalize import canonicalize
 from compiler.errors import UserError
 from compiler.fold_batchnorm import fold_batchnorm, output_axis
 from runtime.artifact import QuantParams
+from runtime.io import read_tensors
 
 WEIGHT_BITS = (8, 4, 2)
 OBSERVERS = {"minmax": calibration.MinMaxObserver, "percentile": calibration.PercentileObserver,
@@ -125,15 +126,10 @@ class QuantReport:
         return out
 
 
-def load_calibration(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    from runtime.io import check_array_headers
-
-    check_array_headers(path)
-    try:
-        with np.load(path) as z:
-            arrays = {k: z[k] for k in z.files}
-    except Exception as exc:            # noqa: BLE001 - zipfile, numpy and pickle each raise their own
-        raise UserError(f"{path}: cannot read calibration data ({exc}); expected an .npz of input arrays") from None
+def load_calibration(path: str | os.PathLike, specs) -> dict[str, np.ndarray]:
+    """Calibration samples from an ``.npz`` keyed by input name, or a plain ``.npy`` for a
+    single-input model (``specs``: the model's inputs), as ``lowbit run`` reads its inputs."""
+    arrays = read_tensors(path, specs)
     for k, a in arrays.items():
         if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
             raise UserError(f"{path}: calibration array {k!r} holds {a.size - int(np.isfinite(a).sum())} NaN or Inf "

@@ -2,11 +2,13 @@
 
 The region is defined by the graph itself.  It opens at ``relax.quantize``
 calls whose input is float (the input quantize) and closes at
-``relax.dequantize`` calls that feed the function's result (the output
-dequantize).  Every binding that depends on an opening quantize *and* that
-some closing dequantize depends on is inside; inside, every call must produce
-an integer (or bool) tensor from integer operands.  Shape-only values and
-views of integer tensors pass.
+``relax.dequantize`` calls whose value reaches the function's result through
+views only (the output dequantize).  Every binding that depends on an opening
+quantize is inside unless it comes after a closing dequantize; inside, every
+call must produce an integer (or bool) tensor from integer operands.
+Shape-only values and views of integer tensors pass.  A region with no closing
+dequantize, or with nothing computed in it, is not integer-only: a model whose
+float head leaves through no dequantize is float compute, not an empty proof.
 
 This is what makes "integer-only" checkable rather than a promise: a float op
 smuggled between the boundaries, say a QDQ pair around a float GELU, is
@@ -102,9 +104,14 @@ def check_integer_only(mod: tvm.IRModule, func_name: str = "main") -> IntegerVer
     result = _ancestors(free_vars(func.body.body), bindings, deps)
     closing = {b.var for b in bindings
                if _op_name(b.value) == DEQUANTIZE and b.var in result and only_views_after(b.var)}
-    before = _ancestors(closing, bindings, deps)
-    inside = [b for b in bindings if b.var in after and b.var in before
-              and b.var not in opening and b.var not in closing]
+    # past a closing dequantize there are only views on the way out; everything else that an input
+    # quantize reaches is inside, whether or not it reaches a closing dequantize: a float conv whose
+    # result leaves the model without one is float compute all the same
+    past = set(closing)
+    for b in bindings:
+        if deps[b.var] & past:
+            past.add(b.var)
+    inside = [b for b in bindings if b.var in after and b.var not in opening and b.var not in past]
 
     offenders = []
     for b in inside:
@@ -120,6 +127,10 @@ def check_integer_only(mod: tvm.IRModule, func_name: str = "main") -> IntegerVer
         offenders.sort(key=lambda o: o.split(" ")[0] in (QUANTIZE, DEQUANTIZE))
         more = f" and {len(offenders) - 1} more" if len(offenders) > 1 else ""
         return IntegerVerdict(False, f"float op inside the integer region: {offenders[0]}{more}", offenders)
+    computing = [b for b in inside if _op_name(b.value) not in (None, *VIEW_OPS)]
+    if not closing or not computing:
+        return IntegerVerdict(False, "empty integer region: nothing is computed between the input quantize(s) and "
+                                     "an output dequantize")
     return IntegerVerdict(True, f"{len(inside)} integer ops between {len(opening)} input quantize(s) "
                                 f"and {len(closing)} output dequantize(s)")
 

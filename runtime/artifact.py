@@ -207,13 +207,18 @@ class Artifact:
         return module.imports[0]
 
     def run(self, inputs: Mapping[str, np.ndarray] | np.ndarray) -> dict[str, np.ndarray]:
-        """Run on numpy inputs keyed by ONNX input name (a bare array for a single-input model)."""
+        """Run on numpy inputs keyed by ONNX input name (a bare array for a single-input model).
+        A model compiled for a fixed batch B takes any multiple of B samples, B at a time."""
+        from runtime.io import run_batched
+
+        return run_batched(self._run_checked, inputs, self.manifest.inputs, self.manifest.outputs, "inputs")
+
+    def _run_checked(self, checked: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import tvm
 
         from compiler.narrow_qdq import from_container, to_container
-        from runtime.io import check_inputs
 
-        feeds = {k: to_container(v) for k, v in check_inputs(inputs, self.manifest.inputs, where="inputs").items()}
+        feeds = {k: to_container(v) for k, v in checked.items()}
         if self.manifest.mcu is not None:
             from runtime import qemu
 

@@ -78,14 +78,49 @@ def check_array_headers(path: str | os.PathLike) -> None:
         return
 
 
-def check_inputs(inputs: Mapping[str, np.ndarray] | np.ndarray, specs: list[TensorSpec],
-                 where: str) -> dict[str, np.ndarray]:
-    """Exact names, dtypes and shapes; a symbolic dimension must be consistent across inputs."""
+def as_feeds(inputs: Mapping[str, np.ndarray] | np.ndarray, specs: list[TensorSpec], where: str) -> Mapping:
+    """Inputs keyed by name; a bare array for a single-input model."""
     if isinstance(inputs, np.ndarray):
         if len(specs) != 1:
             raise UserError(f"{where}: a bare array works only for single-input models; "
                             f"pass a dict keyed by {[s.name for s in specs]}")
-        inputs = {specs[0].name: inputs}
+        return {specs[0].name: inputs}
+    return inputs
+
+
+def fixed_batches(inputs: Mapping[str, np.ndarray], specs: list[TensorSpec],
+                  outputs: list[TensorSpec]) -> list[dict[str, np.ndarray]] | None:
+    """A model compiled for a fixed batch B (the torch exporter's default is 1) given N = k * B
+    samples: the k slices of B to run one after the other, or None when the inputs are not that.
+    Every input and output must lead with the same static B; the other dimensions are checked
+    per slice, by ``check_inputs``."""
+    leading = {s.shape[0] if s.shape and isinstance(s.shape[0], int) else None for s in (*specs, *outputs)}
+    if len(leading) != 1 or None in leading or set(inputs) != {s.name for s in specs}:
+        return None
+    b = leading.pop()
+    sizes = {np.shape(inputs[s.name])[0] if np.ndim(inputs[s.name]) == len(s.shape) else None for s in specs}
+    if len(sizes) != 1 or None in sizes or (n := sizes.pop()) == b or n == 0 or n % b:
+        return None
+    return [{k: np.asarray(v)[i : i + b] for k, v in inputs.items()} for i in range(0, n, b)]
+
+
+def run_batched(run, inputs: Mapping[str, np.ndarray] | np.ndarray, specs: list[TensorSpec],
+                outputs: list[TensorSpec], where: str) -> dict[str, np.ndarray]:
+    """``run`` (checked feeds -> outputs by name) on ``inputs``: all at once, or for a fixed-batch
+    model given a multiple of its batch, slice by slice with the outputs concatenated."""
+    inputs = as_feeds(inputs, specs, where)
+    slices = fixed_batches(inputs, specs, outputs)
+    if slices is None:
+        return run(check_inputs(inputs, specs, where))
+    runs = [run(check_inputs(part, specs, f"{where} (samples {i * len(next(iter(part.values())))}...)"))
+            for i, part in enumerate(slices)]
+    return {s.name: np.concatenate([r[s.name] for r in runs]) for s in outputs}
+
+
+def check_inputs(inputs: Mapping[str, np.ndarray] | np.ndarray, specs: list[TensorSpec],
+                 where: str) -> dict[str, np.ndarray]:
+    """Exact names, dtypes and shapes; a symbolic dimension must be consistent across inputs."""
+    inputs = as_feeds(inputs, specs, where)
     names = [s.name for s in specs]
     missing = [n for n in names if n not in inputs]
     extra = [k for k in inputs if k not in names]

@@ -224,8 +224,8 @@ def test_npz_declaring_more_than_it_holds_is_refused_before_allocating(tmp_path,
     ask for 40 TB, whether it is calibration data or a run's input."""
     path = tmp_path / "data.npz"
     _npz_declaring(path, shape, bytes(64))
-    for read in (lambda: quantize.load_calibration(path), lambda: read_tensors(path, [TensorSpec("x", ("N", 8),
-                                                                                                    "float32")])):
+    specs = [TensorSpec("x", ("N", 8), "float32")]
+    for read in (lambda: quantize.load_calibration(path, specs), lambda: read_tensors(path, specs)):
         with pytest.raises(UserError, match=f"{path}: ") as e:
             read()
         assert match in str(e.value)
