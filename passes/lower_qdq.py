@@ -33,10 +33,12 @@ pattern this pass does not know raises ``QDQLoweringError`` naming the op.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
 import tvm
+from scipy.special import erf
 from tvm import relax
 
 from codegen import amx, vnni
@@ -47,7 +49,7 @@ from passes.dyadic import dyadic_from_ratio, fine_offset, rescale, saturate
 
 op = relax.op
 VIEWS = {"relax.reshape", "relax.permute_dims", "relax.flatten", "relax.squeeze", "relax.expand_dims", "relax.take",
-         "relax.strided_slice"}
+         "relax.strided_slice", "relax.broadcast_to"}
 NONLINEAR_OPS = {"relax.nn.softmax": "softmax", "relax.nn.gelu": "gelu", "relax.nn.gelu_tanh": "gelu"}
 
 
@@ -80,6 +82,43 @@ class _ConstDeq:
     axis: int
 
 
+@dataclass
+class _Unary:
+    """A float function of one 8-bit integer tensor (float ops between a dequantize and a
+    quantize, with only constants beside it: GELU's x / sqrt(2) -> Erf as ORT leaves it),
+    awaiting the quantize that turns it into a 256-entry table of the integers."""
+    x: _Int
+    fn: Callable[[np.ndarray], np.ndarray]     # the integers (int64) -> the float32 values
+
+
+def _f32(op):
+    """An elementwise float op as ONNX computes it on float32 tensors: evaluated in float64 (the
+    table is then the same on every host, whatever numpy's SIMD paths), rounded to float32."""
+    return lambda *a: np.asarray(op(*(np.asarray(v, np.float64) for v in a))).astype(np.float32)
+
+
+# float ops a table can absorb, as numpy; runtime/golden.py has ONNX's names for the same math
+FLOAT_UNARY = {"relax.erf": _f32(erf), "relax.tanh": _f32(np.tanh), "relax.exp": _f32(np.exp),
+               "relax.sigmoid": _f32(lambda v: 1.0 / (1.0 + np.exp(-v))), "relax.sqrt": _f32(np.sqrt),
+               "relax.negative": _f32(np.negative), "relax.abs": _f32(np.abs)}
+FLOAT_BINARY = {"relax.add": _f32(np.add), "relax.subtract": _f32(np.subtract), "relax.multiply": _f32(np.multiply),
+                "relax.divide": _f32(np.divide), "relax.power": _f32(np.power)}
+
+
+def _composed(f, fn, c: np.ndarray, first: bool):
+    """q -> f(fn(q), c), or f(c, fn(q)) when the constant is the first operand."""
+    return (lambda q: f(fn(q), c)) if first else (lambda q: f(c, fn(q)))
+
+
+@dataclass
+class _FloatView:
+    """Views of a float constant awaiting the quantize that gives them a grid (a class token
+    broadcast to the batch, then quantized): the constant is quantized at compile time and the
+    views replayed on its integers."""
+    value: np.ndarray
+    views: list             # relax.Call of a VIEWS op, operand first
+
+
 class _BatchNormStats:
     """batch_norm's running-statistics outputs: unused at inference; any use fails lowering."""
 
@@ -102,6 +141,14 @@ class _Pending:
     # the one term is table[index] (an elementwise function of an 8-bit value): the requantize
     # that follows is tabulated with it, one read per element and no 64-bit arithmetic
     table: tuple[np.ndarray, relax.Expr] | None = None
+
+
+def _real(v: _ConstDeq) -> np.ndarray:
+    """The float32 values of a dequantized constant."""
+    shape = [1] * v.q.ndim
+    if v.scale.size > 1:
+        shape[v.axis % v.q.ndim] = -1
+    return ((v.q - v.zero.reshape(shape)).astype(np.float32) * v.scale.reshape(shape)).astype(np.float32)
 
 
 def _np(c) -> np.ndarray:
@@ -170,6 +217,10 @@ class _Lowering:
     # ---- one binding ------------------------------------------------------------
     def lower(self, call) -> object:
         name = _name(call)
+        if name == "relax.shape_of":        # the integer tensor has the float one's shape
+            return self.bb.emit(op.shape_of(self.same_shape(self.val(call.args[0]))))
+        if (plain := self.plain_call(call)) is not None:
+            return plain
         if name == "relax.quantize":
             return self.quantize(call)
         if name == "relax.dequantize":
@@ -211,6 +262,13 @@ class _Lowering:
             return self.layer_norm(call)
         if name in ("relax.multiply", "relax.divide"):
             return self.scale(call, name)
+        if name in FLOAT_UNARY:
+            u = self.as_unary(self.val(call.args[0]))
+            if u is None:
+                raise QDQLoweringError(f"{name}: a float op of a value that is not one 8-bit tensor")
+            return _Unary(u.x, lambda q, fn=u.fn, f=FLOAT_UNARY[name]: f(fn(q)))
+        if name in ("relax.subtract", "relax.power"):
+            return self.float_binary(call, name)
         if isinstance(call, relax.TupleGetItem):
             v = self.val(call.tuple_value)
             if isinstance(v, _Pending):     # batch_norm: 0 is the output; 1, 2 (running stats) go unused
@@ -239,21 +297,83 @@ class _Lowering:
             v = self.val(call.args[0])
             if isinstance(v, _ConstDeq) and name in VIEWS:
                 return self.const_view(call, v)
+            if name in VIEWS and isinstance(v, (tvm.ir.GenericConst, _FloatView)):
+                base = v if isinstance(v, _FloatView) else _FloatView(_np(v), [])
+                return _FloatView(base.value, [*base.views, call])
+            if name in VIEWS and isinstance(v, _Pending):
+                return self.pending_view(call, v)
             x = v if isinstance(v, _Int) else self.deq(v, name)
             if x.scale.size != 1:
                 raise QDQLoweringError(f"{name} of a per-channel tensor is not supported")
-            moved = _Int(self.bb.emit(relax.Call(call.op, [x.expr, *call.args[1:]], call.attrs)),
+            moved = _Int(self.bb.emit(relax.Call(call.op, [x.expr, *self.rest(call)], call.attrs)),
                          x.scale, x.zero, x.dtype)
             return moved if isinstance(v, _Int) else _Deq(moved)
         raise QDQLoweringError(f"{name}: no integer lowering for this op")
+
+    def rest(self, call) -> list:
+        """A call's operands after the data: target shapes, indices (a symbolic batch's are
+        computed in the graph, so they come from the lowered program)."""
+        out = []
+        for a in call.args[1:]:
+            v = self.val(a) if isinstance(a, relax.Var) else a
+            if not isinstance(v, relax.Expr):
+                raise QDQLoweringError(f"{_name(call)}: an operand after the data is a quantized value")
+            out.append(v)
+        return out
+
+    def same_shape(self, v) -> relax.Expr:
+        """An expression with the shape of lowered value ``v`` (NCHW)."""
+        inner = v.value if isinstance(v, _Deq) else v
+        if isinstance(inner, _Int):
+            return self.to_nchw(inner).expr if inner.channels_last else inner.expr
+        if isinstance(inner, _Pending) and not inner.channels_last:
+            return inner.terms[0][0]
+        if isinstance(inner, relax.Expr):
+            return inner
+        raise QDQLoweringError(f"shape of an unsupported value ({type(inner).__name__})")
+
+    def plain_call(self, call) -> relax.Expr | None:
+        """A call on shapes and integer tensors the quantizer never touched (a symbolic batch's
+        shape arithmetic), emitted as it is; None when an operand is quantized or float."""
+        if not isinstance(call, relax.Call) or not isinstance(call.op, tvm.ir.Op) or \
+                _name(call) in ("relax.quantize", "relax.dequantize"):
+            return None
+
+        def plain(a):
+            if isinstance(a, relax.Tuple):
+                fields = [plain(f) for f in a.fields]
+                return None if any(f is None for f in fields) else relax.Tuple(fields)
+            if not isinstance(a, (relax.Var, tvm.ir.GenericConst)):
+                return a                    # shapes, prim values, strings: no tensor data
+            v = self.val(a)
+            ty = getattr(v, "ty", None)
+            if not isinstance(v, relax.Expr) or (isinstance(ty, relax.TensorType) and str(ty.dtype).startswith(
+                    ("float", "bfloat"))):
+                return None
+            return v
+
+        args = [plain(a) for a in call.args]
+        if any(a is None for a in args):
+            return None
+        return self.bb.emit(relax.Call(call.op, args, call.attrs, call.ty_args))
 
     def quantize(self, call):
         src = self.val(call.args[0], channels_last=True)
         scale, zero = _np(call.args[1]).astype(np.float32), _np(call.args[2])
         dtype = str(call.ty.dtype)
         info = np.iinfo(dtype)
+        if isinstance(src, (tvm.ir.GenericConst, _FloatView)) and scale.size == 1:     # on the host
+            base = src if isinstance(src, _FloatView) else _FloatView(_np(src), [])
+            q = np.clip(np.round(base.value.astype(np.float32) / scale.reshape(-1)[0]) + int(zero.reshape(-1)[0]),
+                        info.min, info.max).astype(dtype)
+            expr = relax.const(q, dtype)
+            for view in base.views:
+                expr = self.bb.emit(relax.Call(view.op, [expr, *self.rest(view)], view.attrs))
+            return _Int(expr, scale, zero, dtype)
+        if isinstance(src, _Unary) and scale.size == 1:
+            return self.tabulate(src, float(scale.reshape(-1)[0]), int(zero.reshape(-1)[0]), dtype)
         if isinstance(src, relax.Var) or isinstance(src, tvm.ir.GenericConst):   # input boundary
-            expr = self.bb.emit(relax.Call(call.op, [src, *call.args[1:]], call.attrs))
+            expr = self.bb.emit(relax.Call(call.op, [src, *self.rest(call)], call.attrs))
             return _Int(expr, scale, zero, dtype)
         if isinstance(src, _Deq):
             x = src.value
@@ -293,10 +413,7 @@ class _Lowering:
         if isinstance(v, tvm.ir.GenericConst):
             return _np(v).astype(np.float32)
         if isinstance(v, _ConstDeq):
-            shape = [1] * v.q.ndim
-            if v.scale.size > 1:
-                shape[v.axis % v.q.ndim] = -1
-            return ((v.q - v.zero.reshape(shape)).astype(np.float32) * v.scale.reshape(shape)).astype(np.float32)
+            return _real(v)
         raise QDQLoweringError("batch_norm: parameters must be constants")
 
     def batch_norm(self, call):
@@ -386,15 +503,56 @@ class _Lowering:
         return acc
 
     def scale(self, call, name):
-        """A positive scalar constant times a pending result (attention's 1/sqrt(d)): folded
-        into the requantize ratio, no runtime multiply."""
-        p, c = self.val(call.args[0]), call.args[1]
+        """Products and quotients:
+        - a pending result times a positive scalar constant (attention's 1/sqrt(d)): folded into
+          the requantize ratio, no runtime multiply;
+        - an activation times a positive quantized scalar (ORT's sqrt(1/sqrt(d)) on q and k): a
+          requantize term s_x * c;
+        - two activations: their centered product, ratio s_a * s_b (GELU's x * Phi(x) as ORT
+          quantizes it);
+        - an 8-bit activation with a float scalar constant: a float function, tabulated at its quantize."""
+        p, c = self.val(call.args[0]), self.val(call.args[1])
         if isinstance(p, _Pending) and isinstance(c, tvm.ir.GenericConst) and _np(c).size == 1 \
                 and float(_np(c).reshape(-1)[0]) > 0 and len(p.terms) == 1:
             v = float(_np(c).reshape(-1)[0])
             acc, num, axis = p.terms[0]
             return _Pending([(acc, num * (v if name == "relax.multiply" else 1.0 / v), axis)], p.lo, p.hi, p.bound)
-        raise QDQLoweringError(f"{name}: only a positive scalar scale of a linear result is supported")
+        if name == "relax.multiply":
+            if isinstance(p, _ConstDeq):
+                p, c = c, p
+            if isinstance(p, _Deq) and isinstance(c, _ConstDeq) and c.q.size == 1 and p.value.scale.size == 1:
+                real = float(_real(c).reshape(-1)[0])
+                if real > 0:
+                    return _Pending([(self.centered(p.value), p.value.scale.astype(np.float64) * np.float64(real),
+                                      None)])
+            if isinstance(p, _Deq) and isinstance(c, _Deq) and p.value.scale.size == c.value.scale.size == 1:
+                a, b = p.value, c.value
+                wide = max(np.iinfo(a.dtype).bits, np.iinfo(b.dtype).bits) > 8     # 16-bit products pass 2^31
+                acc = op.multiply(self.centered(a), self.centered(b))
+                if wide:
+                    acc = op.multiply(op.astype(self.centered(a), "int64"), op.astype(self.centered(b), "int64"))
+                return _Pending([(self.bb.emit(acc), a.scale.astype(np.float64) * b.scale.astype(np.float64), None)])
+        return self.float_binary(call, name)
+
+    def float_binary(self, call, name):
+        """A float op of an 8-bit activation (or a float function of one) and a scalar float
+        constant: still a function of the one tensor's integers."""
+        a, b = self.val(call.args[0]), self.val(call.args[1])
+        for u, k, first in ((self.as_unary(a), b, True), (self.as_unary(b), a, False)):
+            if u is not None and isinstance(k, tvm.ir.GenericConst) and _np(k).size == 1:
+                return _Unary(u.x, _composed(FLOAT_BINARY[name], u.fn, _np(k).reshape(()), first))
+        raise QDQLoweringError(f"{name}: only a positive scalar scale of a linear result, a product of "
+                               "activations, or a float op of one 8-bit tensor and a scalar is supported")
+
+    def as_unary(self, v) -> _Unary | None:
+        """``v`` as a float function of one 8-bit tensor's integers, where it is one."""
+        if isinstance(v, _Unary):
+            return v
+        if isinstance(v, _Deq) and v.value.scale.size == 1 and np.iinfo(v.value.dtype).bits == 8:
+            x = v.value
+            s, z = np.float32(x.scale.reshape(-1)[0]), int(x.zero.reshape(-1)[0])
+            return _Unary(x, lambda q: ((q - z).astype(np.float32) * s).astype(np.float32))
+        return None
 
     def variant(self, kind: str) -> str:
         if isinstance(self.variants, str):
@@ -472,6 +630,8 @@ class _Lowering:
     def dequantize(self, call):
         src = self.val(call.args[0], channels_last=True)
         scale, zero = _np(call.args[1]).astype(np.float32), _np(call.args[2])
+        if isinstance(src, _Int) and isinstance(src.expr, tvm.ir.GenericConst):     # a constant quantized here
+            src = src.expr
         if isinstance(src, tvm.ir.GenericConst):
             return _ConstDeq(_np(src).astype(np.int64), scale.reshape(-1), zero.reshape(-1).astype(np.int64),
                              int(call.attrs.axis))
@@ -480,6 +640,34 @@ class _Lowering:
                 raise QDQLoweringError("per-axis dequantize of an activation is not supported")
             return _Deq(src)
         raise QDQLoweringError("dequantize of an unsupported value")
+
+    def tabulate(self, u: _Unary, s: float, z: int, dtype: str) -> _Int:
+        """q_y = T[q_x]: the float function at each of the 256 integers, quantized as
+        QuantizeLinear does (float32 division, ties to even, saturated; NaN to the maximum)."""
+        info, src = np.iinfo(dtype), np.iinfo(u.x.dtype)
+        values = u.fn(np.arange(src.min, src.max + 1, dtype=np.int64))
+        with np.errstate(invalid="ignore", over="ignore"):
+            y = np.clip(np.round(values / np.float32(s)) + z, info.min, info.max)
+        table = np.where(np.isnan(y), info.max, y).astype(np.int32)
+        index = op.subtract(op.astype(u.x.expr, "int32"), relax.const(int(src.min), "int32"))
+        y = op.astype(op.take(relax.const(table, "int32"), index, axis=0), dtype)
+        return _Int(self.bb.emit(y), np.float32([s]), np.array([z]), dtype, u.x.channels_last)
+
+    def pending_view(self, call, p: _Pending) -> _Pending:
+        """A view of a result awaiting its requantize (ORT leaves Flatten / Reshape after a mean
+        unquantized): applied to each integer term, a per-channel term's axis moved with it."""
+        if p.table is not None:
+            raise QDQLoweringError(f"{_name(call)} of a tabulated value is not supported")
+        terms = []
+        for acc, num, axis in p.terms:
+            if p.channels_last:
+                acc = self.bb.emit(op.permute_dims(acc, [0, 3, 1, 2]))
+                axis = None if axis is None else 1
+            view = self.bb.emit(relax.Call(call.op, [acc, *self.rest(call)], call.attrs))
+            if axis is not None:
+                axis = _moved_axis(call, acc, view, axis)
+            terms.append((view, num, axis))
+        return replace(p, terms=terms, channels_last=False)
 
     def const_view(self, call, c: _ConstDeq):
         name = _name(call)
@@ -692,7 +880,33 @@ class _Lowering:
                     value = self.to_nhwc(v.value) if nhwc else v.value
                     terms.append((self.centered(value), value.scale.astype(np.float64), None))
             return _Pending(terms, channels_last=nhwc)
-        raise QDQLoweringError("add: operands are not a supported integer pattern")
+        return self.float_binary(call, "relax.add")
+
+
+def _static_shape(expr) -> list[int] | None:
+    try:
+        return [int(d) for d in expr.ty.shape.values]
+    except (TypeError, AttributeError):
+        return None
+
+
+def _moved_axis(call, before, after, axis: int) -> int:
+    """Where a per-channel axis of ``before`` lies in ``after = view(before)``: permuted by a
+    transpose, kept by a reshape that leaves the axis and the elements before it in place (a
+    flatten of [N, C, 1, 1]); anything else has no single channel axis."""
+    old, new = _static_shape(before), _static_shape(after)
+    axis %= len(old) if old else 1
+    if _name(call) == "relax.permute_dims":
+        perm = [int(a) for a in call.attrs.axes] if call.attrs.axes is not None else list(reversed(range(len(old))))
+        return perm.index(axis)
+    if _name(call) == "relax.broadcast_to" and old and new:
+        return axis + len(new) - len(old)
+    if old and new and _name(call) in ("relax.reshape", "relax.flatten", "relax.squeeze", "relax.expand_dims"):
+        lead = int(np.prod(old[:axis]))
+        for j in range(len(new)):
+            if int(np.prod(new[:j])) == lead and new[j] == old[axis]:
+                return j
+    raise QDQLoweringError(f"{_name(call)} of a per-channel result moves its channels apart")
 
 
 def _conv_zero_padded(x, w, strides, padding, dilation, groups, pad_value, out_dtype, packing=(None, None)):

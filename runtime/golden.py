@@ -8,6 +8,7 @@ and this reference check each other bit for bit.
 from __future__ import annotations
 
 import numpy as np
+from scipy.special import erf
 
 
 def saturating_cast(a: np.ndarray, lo: int, hi: int) -> np.ndarray:
@@ -26,7 +27,7 @@ def requantize(x: np.ndarray, m: np.ndarray, e: np.ndarray, qmin: int, qmax: int
     Floor division by 2^e of ``x*m + 2^e/2`` is rounding half toward +inf; done
     with Python integers per distinct (m, e) so no intermediate can overflow.
     """
-    x = np.asarray(x, np.int64)
+    x = np.atleast_1d(np.asarray(x, np.int64))      # a scalar term (a constant's) broadcasts as (1,)
     m = np.atleast_1d(np.asarray(m, np.int64))
     e = np.atleast_1d(np.asarray(e, np.int64))
     out = np.empty(x.shape, np.int64)
@@ -158,6 +159,77 @@ def _on_integers(v, deq_of):
     return "deq", deq_of(v)
 
 
+VIEW_OPS = ("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Gather", "Slice", "Expand")
+
+
+def _view(op: str, a: dict, ins: list, x: np.ndarray) -> np.ndarray:
+    """A view op on any array: integers, a pending term's accumulator, or floats."""
+    if op == "Flatten":
+        ax = a.get("axis", 1)
+        return x.reshape(int(np.prod(x.shape[:ax])), -1)
+    if op == "Reshape":
+        return x.reshape([d if d else x.shape[i] for i, d in enumerate(np.asarray(ins[1]).tolist())])
+    if op == "Transpose":
+        return x.transpose(a.get("perm"))
+    if op == "Gather":
+        return np.take(x, np.asarray(ins[1]), axis=a.get("axis", 0))
+    if op == "Expand":
+        return x * np.ones(np.asarray(ins[1]).tolist(), x.dtype)         # numpy broadcasting, both ways
+    if op == "Slice":
+        index = [slice(None)] * x.ndim
+        axes = np.asarray(ins[3]).tolist() if len(ins) > 3 and ins[3] is not None else range(len(ins[1]))
+        steps = np.asarray(ins[4]).tolist() if len(ins) > 4 and ins[4] is not None else [1] * len(ins[1])
+        for ax, b, e, st in zip(axes, np.asarray(ins[1]).tolist(), np.asarray(ins[2]).tolist(), steps, strict=True):
+            index[ax] = slice(b, e, st)
+        return x[tuple(index)]
+    if op == "Squeeze":
+        return np.squeeze(x, axis=tuple(np.asarray(ins[1]).tolist()) if len(ins) > 1 else None)
+    return np.expand_dims(x, tuple(np.asarray(ins[1]).tolist()))
+
+
+def _moved_axis(op: str, a: dict, old: tuple, new: tuple, axis: int) -> int:
+    """Where a per-channel axis goes under a view: permuted by Transpose; kept by a reshape that
+    leaves it and everything before it in place; a broadcast adds leading axes."""
+    axis %= len(old)
+    if op == "Transpose":
+        return list(a.get("perm")).index(axis)
+    if op == "Expand":
+        return axis + len(new) - len(old)
+    for j in range(len(new)):
+        if int(np.prod(old[:axis])) == int(np.prod(new[:j])) and new[j] == old[axis]:
+            return j
+    raise QDQUnsupported(f"{op}: the channels of a per-channel result move apart")
+
+
+def _f32(f):
+    """An elementwise float op as ONNX computes it on float32 tensors: evaluated in float64, the
+    result rounded to float32."""
+    return lambda *v: np.asarray(f(*(np.asarray(x, np.float64) for x in v))).astype(np.float32)
+
+
+FLOAT_UNARY = {"Erf": _f32(erf), "Tanh": _f32(np.tanh), "Exp": _f32(np.exp), "Sqrt": _f32(np.sqrt),
+               "Sigmoid": _f32(lambda x: 1.0 / (1.0 + np.exp(-x))), "Neg": _f32(np.negative), "Abs": _f32(np.abs)}
+FLOAT_BINARY = {"Add": _f32(np.add), "Sub": _f32(np.subtract), "Mul": _f32(np.multiply), "Div": _f32(np.divide),
+                "Pow": _f32(np.power)}
+
+
+def _floating(v) -> bool:
+    """A dequantized activation or a float tensor: what a float op may read."""
+    return (isinstance(v, tuple) and v[0] == "deq") or (isinstance(v, np.ndarray) and v.dtype.kind == "f")
+
+
+def _plain_scalar(v) -> bool:
+    return isinstance(v, np.ndarray) and v.dtype.kind == "f" and v.size == 1
+
+
+def _as_float(v) -> np.ndarray:
+    """The float32 value: a dequantized tensor's s * (q - z), or the array itself."""
+    if isinstance(v, tuple):
+        q = v[1]
+        return (q.centered() * q.scale.reshape(-1)[0]).astype(np.float32)
+    return np.asarray(v)
+
+
 def _same_kind(v, kind, q: _Q):
     return ("q", q, v[2]) if kind == "q" else ("deq", q)
 
@@ -285,6 +357,8 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
             elif isinstance(x, _Pending) and isinstance(y, tuple):   # matmul + bias (int32 at s_x*s_w)
                 acc, num, axis = x.terms[0]
                 env[n.output[0]] = _Pending([(acc + _bias(deq_of(y), num, n), num, axis)], x.lo, x.hi)
+            elif any(_floating(v) for v in ins) and any(_plain_scalar(v) for v in ins):
+                env[n.output[0]] = FLOAT_BINARY[op](_as_float(x), _as_float(y))
             else:
                 raise QDQUnsupported(f"Add {n.name}: operands are not a supported integer pattern")
         elif op in ("Relu", "Clip"):
@@ -356,30 +430,39 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
             fill = np.iinfo(np.int64).min
             pooled = _maxpool_int(x.q, k, a.get("strides", [1, 1]), a.get("pads", [0, 0, 0, 0]), fill)
             env[n.output[0]] = _same_kind(ins[0], kind, _Q(pooled, x.scale, x.zero, x.axis, x.dtype))
-        elif op in ("Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Gather", "Slice"):
-            kind, x = _on_integers(ins[0], deq_of)
-            if op == "Flatten":
-                ax = a.get("axis", 1)
-                q = x.q.reshape(int(np.prod(x.q.shape[:ax])), -1)
-            elif op == "Reshape":
-                q = x.q.reshape([d if d else x.q.shape[i] for i, d in enumerate(np.asarray(ins[1]).tolist())])
-            elif op == "Transpose":
-                q = x.q.transpose(a.get("perm"))
-            elif op == "Gather":
-                q = np.take(x.q, np.asarray(ins[1]), axis=a.get("axis", 0))
-            elif op == "Slice":
-                index = [slice(None)] * x.q.ndim
-                axes = np.asarray(ins[3]).tolist() if len(ins) > 3 and ins[3] is not None else range(len(ins[1]))
-                steps = np.asarray(ins[4]).tolist() if len(ins) > 4 and ins[4] is not None else [1] * len(ins[1])
-                for ax, b, e, st in zip(axes, np.asarray(ins[1]).tolist(), np.asarray(ins[2]).tolist(), steps,
-                                        strict=True):
-                    index[ax] = slice(b, e, st)
-                q = x.q[tuple(index)]
-            elif op == "Squeeze":
-                q = np.squeeze(x.q, axis=tuple(np.asarray(ins[1]).tolist()) if len(ins) > 1 else None)
+        elif op in VIEW_OPS:
+            v = ins[0]
+            if isinstance(v, _Pending):         # a view of a result awaiting its requantize: of each term
+                terms = []
+                for acc, num, axis in v.terms:
+                    moved = _view(op, a, ins, acc)
+                    terms.append((moved, num, None if axis is None else _moved_axis(op, a, acc.shape, moved.shape,
+                                                                                   axis)))
+                env[n.output[0]] = _Pending(terms, v.lo, v.hi)
+            elif not isinstance(v, tuple):      # a float tensor (a constant, or float ops' result)
+                env[n.output[0]] = _view(op, a, ins, np.asarray(v))
             else:
-                q = np.expand_dims(x.q, tuple(np.asarray(ins[1]).tolist()))
-            env[n.output[0]] = _same_kind(ins[0], kind, _Q(q, x.scale, x.zero, x.axis, x.dtype))
+                kind, x = _on_integers(v, deq_of)
+                env[n.output[0]] = _same_kind(v, kind, _Q(_view(op, a, ins, x.q), x.scale, x.zero, x.axis, x.dtype))
+        elif op == "Constant":
+            env[n.output[0]] = numpy_helper.to_array(a["value"])
+        elif op in FLOAT_UNARY and _floating(ins[0]):
+            env[n.output[0]] = FLOAT_UNARY[op](_as_float(ins[0]))
+        elif op == "Mul" and all(isinstance(v, tuple) for v in ins) and \
+                all(deq_of(v).scale.size == 1 for v in ins):
+            x, y = (deq_of(v) for v in ins)
+            if y.q.size == 1 and x.q.size > 1 or x.q.size == 1 and y.q.size > 1:     # by a quantized scalar
+                x, c = (x, y) if y.q.size == 1 else (y, x)
+                real = np.float64(_float(("deq", c)).reshape(-1)[0])
+                if real <= 0:
+                    raise QDQUnsupported(f"Mul {n.name}: a scalar factor must be positive")
+                env[n.output[0]] = _Pending([(x.centered(), x.scale.astype(np.float64) * real, None)])
+            else:                                                                     # two activations
+                env[n.output[0]] = _Pending([(x.centered() * y.centered(),
+                                              x.scale.astype(np.float64) * y.scale.astype(np.float64), None)])
+        elif op in FLOAT_BINARY and any(_floating(v) for v in ins) and any(_plain_scalar(v) for v in ins):
+            x, y = ins
+            env[n.output[0]] = FLOAT_BINARY[op](_as_float(x), _as_float(y))
         else:
             raise QDQUnsupported(f"{op} {n.name}: no integer semantics for this op yet")
     return {o.name: env[o.name] for o in g.output}
