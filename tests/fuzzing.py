@@ -1,8 +1,8 @@
 """Random small ONNX graphs for differential fuzzing (tests/test_fuzz.py), and the checks they run.
 
-A graph is a chain of layers over an image ``[1, C, H, W]`` (Conv with random kernel, stride,
+A graph is a chain of layers over an image ``[B, C, H, W]`` (Conv with random kernel, stride,
 padding and groups, ReLU, residual or bias Add, Max/AveragePool, then maybe a GlobalAveragePool
--> Flatten -> Gemm head and a Softmax) or over a sequence ``[1, T, D]`` (MatMul + bias, ReLU,
+-> Flatten -> Gemm head and a Softmax) or over a sequence ``[B, T, D]`` (MatMul + bias, ReLU,
 GELU, LayerNormalization, Softmax, residual Add).  Each example also fixes how it is quantized:
 activations u8 or s8, weights per channel or per tensor, a random per-layer bit plan (8 / 4 / 2
 bits), and the softmax / GELU family (I-ViT shift or I-BERT polynomial).  Everything an example needs to run again is in the model's metadata
@@ -17,10 +17,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from conftest import ISA_PATHS, runnable_cpus
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 REGRESSIONS = Path(__file__).resolve().parent / "regressions"
+# beyond the zoo's: channel counts that fill or straddle AMX / VNNI tiles, spatial sizes that are odd or prime
+WIDE_CHANNELS = (16, 24, 32, 40, 64)
+ODD_SIZES = (13, 17, 20)
 META = "lowbit_fuzz"
 FP32_TOLERANCE = dict(rtol=1e-4, atol=1e-4)     # lowbit FP32 vs ORT: float reassociation only
 
@@ -49,7 +53,7 @@ def image_layers(draw, net: _Net, x: str, c: int, hw: int) -> tuple[str, int, in
         if kind == "conv":
             k = draw(st.integers(1, min(3, hw)))
             stride, pad = draw(st.integers(1, 2)), draw(st.integers(0, k - 1))
-            out = draw(st.integers(1, 8))
+            out = draw(st.sampled_from([*range(1, 9), *WIDE_CHANNELS]))
             group = draw(st.sampled_from([g for g in (1, c) if c % g == 0 and out % g == 0]))
             w = net.rng.normal(0, 1 / np.sqrt(k * k * c / group), (out, c // group, k, k))
             x = net.add("Conv", [x, net.const(f"w{len(net.nodes)}", w), net.const(f"b{len(net.nodes)}",
@@ -77,24 +81,24 @@ def image_layers(draw, net: _Net, x: str, c: int, hw: int) -> tuple[str, int, in
 
 
 @st.composite
-def image_net(draw, rng: np.random.Generator) -> tuple[onnx.ModelProto, dict]:
+def image_net(draw, rng: np.random.Generator, batch: int = 1) -> tuple[onnx.ModelProto, dict]:
     net = _Net(rng)
-    c, hw = draw(st.integers(1, 6)), draw(st.integers(3, 10))
+    c, hw = draw(st.sampled_from([*range(1, 7), 16, 24])), draw(st.sampled_from([*range(3, 11), *ODD_SIZES]))
     x, oc, ohw = draw(image_layers(net, "x", c, hw))
-    out_shape = [1, oc, ohw, ohw]
+    out_shape = [batch, oc, ohw, ohw]
     if draw(st.booleans()):
         classes = draw(st.integers(2, 10))
         x = net.add("Flatten", [net.add("GlobalAveragePool", [x])])
         x = net.add("Gemm", [x, net.const(f"w{len(net.nodes)}", rng.normal(0, 1 / np.sqrt(oc), (classes, oc))),
                              net.const(f"b{len(net.nodes)}", rng.normal(0, 0.1, classes))], transB=1)
-        out_shape = [1, classes]
+        out_shape = [batch, classes]
         if draw(st.booleans()):
             x = net.add("Softmax", [x], axis=-1)
-    return _model(net, x, [1, c, hw, hw], out_shape), {"family": "image"}
+    return _model(net, x, [batch, c, hw, hw], out_shape), {"family": "image"}
 
 
 @st.composite
-def sequence_net(draw, rng: np.random.Generator) -> tuple[onnx.ModelProto, dict]:
+def sequence_net(draw, rng: np.random.Generator, batch: int = 1) -> tuple[onnx.ModelProto, dict]:
     net = _Net(rng)
     t, d = draw(st.integers(1, 6)), draw(st.sampled_from([4, 8, 12, 16]))
     x, width, residual = "x", d, "x"
@@ -117,7 +121,7 @@ def sequence_net(draw, rng: np.random.Generator) -> tuple[onnx.ModelProto, dict]
             x = net.add("Softmax", [x], axis=-1)
         elif width == d and x != residual:
             x = residual = net.add("Add", [x, residual])
-    return _model(net, x, [1, t, d], [1, t, width]), {"family": "sequence"}
+    return _model(net, x, [batch, t, d], [batch, t, width]), {"family": "sequence"}
 
 
 def _model(net: _Net, y: str, in_shape, out_shape) -> onnx.ModelProto:
@@ -131,13 +135,17 @@ def _model(net: _Net, y: str, in_shape, out_shape) -> onnx.ModelProto:
 
 
 @st.composite
-def examples(draw, families=("image", "sequence")):
-    """(model, params): an FP32 graph and how to quantize it, params stored in its metadata."""
+def examples(draw, families=("image", "sequence"), one_sample: bool = False):
+    """(model, params): an FP32 graph and how to quantize it, params stored in its metadata: a
+    static batch of 1 to 8 samples (``one_sample``: 1, as a microcontroller runs) and the x86 ISA
+    path the integer build is compiled for (conftest.ISA_PATHS: run where this machine can, else
+    compiled, which must not fail either)."""
     seed = draw(st.integers(0, 2**31 - 1))
     family = draw(st.sampled_from(families))
-    model, params = draw((image_net if family == "image" else sequence_net)(np.random.default_rng(seed)))
+    batch = 1 if one_sample else draw(st.sampled_from([1, 1, 2, 3, 5, 8]))
+    model, params = draw((image_net if family == "image" else sequence_net)(np.random.default_rng(seed), batch))
     layers = [n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
-    params.update(seed=seed, activations=draw(st.sampled_from(["u8", "s8"])),
+    params.update(seed=seed, activations=draw(st.sampled_from(["u8", "s8"])), cpu=draw(st.sampled_from(ISA_PATHS)),
                   nonlinear=draw(st.sampled_from(["shift", "poly"])),
                   per_tensor=draw(st.booleans()),
                   layer_bits={name: draw(st.sampled_from([8, 8, 4, 2])) for name in layers})
@@ -154,7 +162,9 @@ def data(model: onnx.ModelProto) -> tuple[dict, dict]:
     rng = np.random.default_rng(params_of(model)["seed"] + 1)
     shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
     calib = rng.normal(0, 1, (8, *shape[1:])).astype(np.float32)
-    return {"x": rng.normal(0, 1, shape).astype(np.float32)}, {"x": calib}
+    x = rng.normal(0, 1, shape).astype(np.float32)
+    x[-1] *= 1000.0             # far outside the calibrated range: every input quantize saturates
+    return {"x": x}, {"x": calib}
 
 
 def quantized(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -189,9 +199,12 @@ def check_integer(model: onnx.ModelProto, target: str = "llvm") -> None:
     from runtime import golden
 
     qdq, family = quantized(model), params_of(model)["nonlinear"]
+    cpu = params_of(model).get("cpu") if target == "llvm" else None
     feeds, _ = data(model)
-    art = driver.compile(qdq, options=CompileOptions(target=target, nonlinear=family))
+    art = driver.compile(qdq, options=CompileOptions(target=target, nonlinear=family, cpu=cpu))
     assert art.manifest.integer_only, art.manifest.integer_region
+    if cpu is not None and cpu not in runnable_cpus():
+        return                  # built for an ISA this machine lacks: that it compiles is the check
     (got,) = art.run(feeds).values()
     # the golden interpreter takes the family per node, as the quantizer reports its choices
     per_node: dict[str, list[str]] = {}

@@ -45,7 +45,7 @@ def test_integer_llvm_is_bit_exact_with_the_golden_reference(model):
 
 
 @budget(ci=10, share=0.1)
-@given(model=examples(families=("image",)))
+@given(model=examples(families=("image",), one_sample=True))
 def test_integer_rv32_is_bit_exact_with_the_golden_reference(model, rv32_toolchain):
     _saving("integer-rv32", model)
 
