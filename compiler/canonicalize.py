@@ -3,14 +3,18 @@
 Exporters spell the same network many ways.  Before the quantizer plans its
 Q/DQ pairs, the graph is rewritten at the compiled input shapes so that
 
-* shape arithmetic disappears: ``Shape`` of a statically shaped tensor, and every
-  node whose inputs are all constant, are evaluated (``onnx.reference``) into
-  initializers, so Reshape/Slice/Gather see constants;
+* shape arithmetic disappears: ``Shape`` (and ``Size``) of a statically shaped
+  tensor, with or without opset 15's ``start``/``end`` (torch's dynamo exporter
+  reads ``x.shape[0]`` as ``Shape(x, start=0, end=1)``), and every node whose
+  inputs are all constant, are evaluated (``onnx.reference``) into initializers,
+  repeatedly until nothing more folds, so Reshape/Slice/Gather/Expand see constants;
 * ``x * 0`` (the torch idiom that broadcasts a class token to the batch) becomes
   the zero tensor it is, and folds away with the Add that follows;
 * ``Gather`` of one constant, non-negative index (the q/k/v split, the class
   token) becomes ``Slice`` + ``Squeeze``, which import as views with no index
   arithmetic;
+* ``Split`` at constant sizes (TorchScript's ``qkv.unbind(0)``) becomes one
+  ``Slice`` per output, the same views;
 * GELU, exported as ``x * 0.5 * (1 + erf(x / sqrt 2))`` or as its tanh
   approximation ``x * 0.5 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3)))``, becomes
   one ``Gelu`` node (domain com.microsoft, which ORT runs and TVM imports as
@@ -39,13 +43,14 @@ def canonicalize(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | No
     m.CopyFrom(model)
     if shapes:
         _fix_input_shapes(m, shapes)
-        for _ in range(3):                  # folding exposes x * 0, which exposes more folding
-            _fold_constants(m)
-            if not _zero_products(m):
+        for _ in range(8):                  # folding exposes x * 0 and new static shapes, which fold further
+            folded = _fold_constants(m)
+            if not _zero_products(m) and not folded:
                 break
     _fuse_gelu(m)
     _fuse_layernorm(m)
     _gather_to_slice(m)
+    _split_to_slice(m)
     _drop_dead(m)
     return m
 
@@ -69,7 +74,9 @@ def _opset(m: onnx.ModelProto) -> int:
     return next(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def _fold_constants(m: onnx.ModelProto) -> None:
+def _fold_constants(m: onnx.ModelProto) -> bool:
+    """Evaluate Constant, Shape/Size of statically shaped tensors and all-constant nodes into
+    initializers.  Returns whether anything folded."""
     from onnx.reference import ReferenceEvaluator
 
     g = m.graph
@@ -85,8 +92,12 @@ def _fold_constants(m: onnx.ModelProto) -> None:
         value = None
         if n.op_type == "Constant":
             value = ReferenceEvaluator(n).run(None, {})
-        elif n.op_type == "Shape" and n.input[0] in shape_of and not n.attribute:
-            value = [np.array(shape_of[n.input[0]], np.int64)]
+        elif n.op_type == "Shape" and n.input[0] in shape_of:
+            attrs = {a.name: a.i for a in n.attribute}
+            dims = shape_of[n.input[0]]     # slicing clamps and wraps as Shape's start/end do
+            value = [np.array(dims[attrs.get("start", 0):attrs.get("end", len(dims))], np.int64)]
+        elif n.op_type == "Size" and n.input[0] in shape_of:
+            value = [np.array(int(np.prod(shape_of[n.input[0]], dtype=np.int64)), np.int64)]
         elif n.domain in ("", "ai.onnx") and n.input and all(i == "" or i in consts for i in n.input) \
                 and n.op_type not in ("QuantizeLinear", "DequantizeLinear"):
             node_model = helper.make_model(helper.make_graph(
@@ -100,8 +111,10 @@ def _fold_constants(m: onnx.ModelProto) -> None:
         for name, v in zip(n.output, value, strict=False):
             consts[name] = np.asarray(v)
             g.initializer.append(numpy_helper.from_array(np.asarray(v), name))
+    folded = len(keep) < len(g.node)
     del g.node[:]
     g.node.extend(keep)
+    return folded
 
 
 def _zero_products(m: onnx.ModelProto) -> bool:
@@ -338,3 +351,46 @@ def _drop_dead(m: onnx.ModelProto) -> None:
     inits = [t for t in g.initializer if t.name in live]
     del g.initializer[:]
     g.initializer.extend(inits)
+
+
+def _split_to_slice(m: onnx.ModelProto) -> None:
+    """Split at known sizes (the ``split`` input or attribute, or equal parts of a dimension
+    shape inference knows) -> one Slice per used output."""
+    g = m.graph
+    if not any(n.op_type == "Split" for n in g.node):
+        return
+    consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    dims = {}
+    for vi in list(onnx.shape_inference.infer_shapes(m).graph.value_info) + list(g.input):
+        d = vi.type.tensor_type.shape.dim
+        if vi.type.tensor_type.HasField("shape"):
+            dims[vi.name] = [x.dim_value if x.HasField("dim_value") else None for x in d]
+    nodes = []
+    for n in g.node:
+        if n.op_type != "Split" or n.domain not in ("", "ai.onnx"):
+            nodes.append(n)
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        axis, sizes = attrs.get("axis", 0), attrs.get("split")
+        given = len(n.input) > 1 and bool(n.input[1])
+        if given:
+            sizes = consts[n.input[1]].tolist() if n.input[1] in consts else None
+        shape = dims.get(n.input[0])
+        if sizes is None and not given and shape is not None and -len(shape) <= axis < len(shape) and shape[axis]:
+            parts, total = len(n.output), shape[axis]
+            step = -(-total // parts)           # opset 18: equal parts, the last one smaller
+            sizes = [min(step, total - k * step) for k in range(parts)]
+        if sizes is None or len(sizes) != len(n.output) or min(sizes) < 0:
+            nodes.append(n)
+            continue
+        start = 0
+        for k, (out, size) in enumerate(zip(n.output, sizes, strict=True)):
+            if out:
+                base = f"{out}_split{k}"
+                for name, value in (("_starts", start), ("_ends", start + size), ("_axes", axis)):
+                    g.initializer.append(numpy_helper.from_array(np.array([value], np.int64), base + name))
+                nodes.append(helper.make_node("Slice", [n.input[0], base + "_starts", base + "_ends", base + "_axes"],
+                                              [out], name=f"{n.name or n.output[0]}_slice{k}"))
+            start += size
+    del g.node[:]
+    g.node.extend(nodes)

@@ -14,7 +14,10 @@ The plan quantizes every tensor an integer kernel reads or writes: graph
 inputs, the inputs of Conv/Gemm/MatMul, residual-Add operands, pooling and
 Concat operands, and each kernel's output *after* its bias, ReLU and Clip (so
 those fold into the requantize clamp).  Max-pool and shape views keep their
-operand's parameters and get no pair of their own.
+operand's parameters and get no pair of their own.  Shape arithmetic never gets
+a pair: no tensor that is not float, and no tensor computed from shapes (``Shape``,
+``Size``, shape and index operands, ``ConstantOfShape``, ``Range``; see
+``shape_tensors``), whatever op reads it.
 
 Weights are symmetric per output channel at ``QuantConfig.weight_bits``
 (stored in int8); biases are int32 at scale s_x * s_w[c] (HAWQ-V3 §3.2).
@@ -189,6 +192,50 @@ class _Plan:
     rectified: set[str]                     # outputs of a layer's ReLU (or Clip from >= 0): u4 candidates
 
 
+FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
+# inputs that an op reads as a shape, an index, an axis list or a count, never as data
+SHAPE_OPERANDS = {"Reshape": (1,), "Expand": (1,), "Tile": (1,), "Slice": (1, 2, 3, 4), "Squeeze": (1,),
+                  "Unsqueeze": (1,), "ConstantOfShape": (0,), "Range": (0, 1, 2), "Gather": (1,),
+                  "GatherElements": (1,), "GatherND": (1,), "ScatterElements": (1,), "ScatterND": (1,),
+                  "Pad": (1, 3), "Resize": (1, 2, 3), "Upsample": (1,), "Split": (1,), "TopK": (1,),
+                  "OneHot": (0, 1), "CenterCropPad": (1,), "Trilu": (1,), "CumSum": (1,),
+                  "ReduceMean": (1,), "ReduceSum": (1,), "ReduceMax": (1,), "ReduceMin": (1,),
+                  "ReduceProd": (1,), "ReduceL1": (1,), "ReduceL2": (1,), "ReduceSumSquare": (1,),
+                  "ReduceLogSum": (1,), "ReduceLogSumExp": (1,)}
+SHAPE_SOURCES = ("Shape", "Size", "ConstantOfShape", "Range", "NonZero", "ArgMax", "ArgMin")
+
+
+def shape_tensors(m: onnx.ModelProto) -> set[str]:
+    """The graph's shape arithmetic: every tensor that is not float (int64/int32 shapes and
+    indices, bools), every shape or index operand (``SHAPE_OPERANDS``), the outputs of
+    ``SHAPE_SOURCES``, and every tensor computed from those and constants alone (a shape cast to
+    float and divided: the 1/sqrt(d) some exporters compute from ``Shape``).  None of them
+    carries a quantize/dequantize pair: they are no activations, and TVM's importer turns
+    them into shape expressions that a QuantizeLinear cannot read."""
+    g = m.graph
+    try:
+        inferred = onnx.shape_inference.infer_shapes(m).graph
+    except Exception:                                               # noqa: BLE001 - types are a hint here
+        inferred = g
+    elem = {t.name: t.data_type for t in g.initializer}
+    for vi in (*inferred.value_info, *inferred.input, *inferred.output, *g.input, *g.output):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+            elem.setdefault(vi.name, vi.type.tensor_type.elem_type)
+    shape = {t for t, e in elem.items() if e not in FLOAT_TYPES}
+    const = {t.name for t in g.initializer}
+    for n in g.node:
+        shape.update(n.input[i] for i in SHAPE_OPERANDS.get(n.op_type, ()) if i < len(n.input) and n.input[i])
+    for n in g.node:                        # graph order is topological
+        operands = set(SHAPE_OPERANDS.get(n.op_type, ()))
+        data = [i for k, i in enumerate(n.input) if i and k not in operands]
+        if n.op_type in SHAPE_SOURCES or (data and all(i in shape or i in const for i in data)
+                                          and any(i in shape for i in data)):
+            shape.update(o for o in n.output if o)
+        elif all(i in const for i in data) and n.op_type not in ("RandomNormal", "RandomUniform", "Multinomial"):
+            const.update(o for o in n.output if o)      # Constant, or a node of constants only
+    return shape
+
+
 def _plan(m: onnx.ModelProto) -> _Plan:
     g = m.graph
     inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
@@ -199,9 +246,10 @@ def _plan(m: onnx.ModelProto) -> _Plan:
     outputs = {o.name for o in g.output}
     plan = _Plan([], {}, {}, {}, {}, [], set(), set(), set())
     transformer = any(n.op_type == "LayerNormalization" for n in g.node)
+    shapes = shape_tensors(m)
 
     def need(t: str) -> None:
-        if t not in plan.root:
+        if t not in plan.root and t not in shapes:
             plan.act.append(t)
             plan.root[t] = t
 
@@ -240,7 +288,7 @@ def _plan(m: onnx.ModelProto) -> _Plan:
             need(i.name)
     skip: set[int] = set()
     for n in g.node:
-        if id(n) in skip:
+        if id(n) in skip or not n.output or n.output[0] in shapes:     # shape arithmetic stays as it is
             continue
         op = n.op_type
         if op in LINEAR and (axis := _weight_axis(n, inits)) is not None:
@@ -280,7 +328,7 @@ def _plan(m: onnx.ModelProto) -> _Plan:
         elif op in VIEWS and n.input[0] in plan.root and all(i in inits for i in n.input[1:] if i):
             plan.root[n.output[0]] = plan.root[n.input[0]]
     for o in g.output:
-        if o.name not in plan.act:      # the output dequantize must follow a quantize
+        if o.name not in plan.act and o.name not in shapes:     # the output dequantize must follow a quantize
             plan.act.append(o.name)
             plan.root[o.name] = o.name
     return plan
