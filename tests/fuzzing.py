@@ -191,7 +191,7 @@ def check_fp32(model: onnx.ModelProto) -> None:
     np.testing.assert_allclose(got, want, **FP32_TOLERANCE)
 
 
-def check_integer(model: onnx.ModelProto, target: str = "llvm") -> None:
+def check_integer(model: onnx.ModelProto, target: str = "llvm", cpu: str | None = None) -> None:
     """lowbit's integer build (llvm, or rv32 under QEMU) against the golden reference: the build
     is integer-only and its outputs are bit-identical."""
     from compiler import driver
@@ -199,7 +199,7 @@ def check_integer(model: onnx.ModelProto, target: str = "llvm") -> None:
     from runtime import golden
 
     qdq, family = quantized(model), params_of(model)["nonlinear"]
-    cpu = params_of(model).get("cpu") if target == "llvm" else None
+    cpu = (cpu or params_of(model).get("cpu")) if target == "llvm" else None     # ``cpu``: instead of the drawn one
     feeds, _ = data(model)
     art = driver.compile(qdq, options=CompileOptions(target=target, nonlinear=family, cpu=cpu))
     assert art.manifest.integer_only, art.manifest.integer_region

@@ -1,0 +1,136 @@
+"""The models users bring, as they bring them (tests/real_models.py): a digits CNN and a timm-style
+ViT through torch's dynamo exporter, with a symbolic or a fixed batch, FP32 + calibration data,
+ORT's QDQ (u8 activations) and NNCF's layout (s8 activations, zero point 0).  Each compiles
+integer-only and is bit-exact with the golden interpreter; the first input paths work."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import real_models
+from conftest import ISA_PATHS, golden_model, runnable_cpus
+
+import compiler
+from compiler import CompileOptions, frontend
+from compiler.canonicalize import canonicalize
+from passes.verify_integer import check_integer_only
+from runtime import golden
+
+pytest.importorskip("onnxscript", reason="torch's dynamo exporter needs onnxscript (the zoo extra installs it)")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("real")
+    out = {}
+    for name in real_models.MODELS:
+        calib = real_models.samples(name, 16, seed=3)
+        out[name] = real_models.export(name, d / f"{name}.onnx")
+        out[f"{name}_calib"] = calib
+        np.save(d / f"{name}.npy", calib)
+        out[f"{name}_npy"] = d / f"{name}.npy"
+        out[f"{name}_qdq"] = real_models.quantize_ort(out[name], d / f"{name}_qdq.onnx", calib)
+    out["digits_cnn_b1"] = real_models.export("digits_cnn", d / "digits_cnn_b1.onnx", batch=1)
+    out["digits_cnn_nncf"] = real_models.quantize_ort(out["digits_cnn"], d / "digits_cnn_nncf.onnx",
+                                                      out["digits_cnn_calib"], nncf_layout=True)
+    return out
+
+
+def _lowbit(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "compiler.cli", *map(str, args)], capture_output=True, text=True)
+
+
+def assert_bit_exact_qdq(art, qdq_path, x):
+    """A given QDQ model's build against the golden interpreter, which reads the model with its
+    shape arithmetic folded at one sample (compiler/canonicalize.py), sample by sample."""
+    model = canonicalize(onnx.load(qdq_path), {"input": (1, *x.shape[1:])})
+    got = art.run({"input": x})["output"]
+    want = np.concatenate([golden.run_qdq(model, {"input": x[i:i + 1]})["output"] for i in range(len(x))])
+    np.testing.assert_array_equal(got, want)
+
+
+def test_calib_npy_and_a_fixed_batch_run_on_many_samples(files, tmp_path):
+    """`--calib x.npy` on a single-input model, as `run` reads inputs; a model exported at batch 1
+    (the exporter's default) runs 16 samples, and they equal 16 single runs."""
+    out = tmp_path / "cnn_b1"
+    r = _lowbit("compile", files["digits_cnn_b1"], "--calib", files["digits_cnn_npy"], "-o", out, "-q")
+    assert r.returncode == 0, r.stderr
+    x = files["digits_cnn_calib"]
+    np.savez(tmp_path / "x.npz", input=x)
+    r = _lowbit("run", out, "--input", tmp_path / "x.npz", "-o", tmp_path / "y.npz", "-q")
+    assert r.returncode == 0, r.stderr
+    y = np.load(tmp_path / "y.npz")["output"]
+    art = compiler.compile(files["digits_cnn_b1"], options=CompileOptions(calib=str(files["digits_cnn_npy"])))
+    assert art.manifest.integer_only, art.manifest.integer_region
+    assert y.shape == (16, 10)
+    np.testing.assert_array_equal(y, np.concatenate([art.run({"input": x[i:i + 1]})["output"] for i in range(16)]))
+    # a count that is no multiple of the batch is refused in one line
+    np.savez(tmp_path / "bad.npz", input=x[:3, :, :16])
+    r = _lowbit("run", out, "--input", tmp_path / "bad.npz", "-o", tmp_path / "z.npz")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.parametrize("cpu", ISA_PATHS)
+def test_static_batch_cnn_on_every_isa_path(files, cpu):
+    """The digits CNN with a static batch of 8 crashed in the AMX schedules: it compiles for every
+    ISA path, integer-only, and where this machine runs the path, it is bit-exact with golden."""
+    x = files["digits_cnn_calib"][:8].copy()
+    x[-1] *= 1000.0             # far outside the calibrated range
+    art = compiler.compile(files["digits_cnn"], options=CompileOptions(
+        cpu=cpu, input_shapes={"input": (8, 1, 32, 32)}, calib={"input": files["digits_cnn_calib"]}))
+    assert art.manifest.integer_only, art.manifest.integer_region
+    if cpu not in runnable_cpus():
+        return
+    qdq, variants = golden_model(files["digits_cnn"], {"input": files["digits_cnn_calib"]})
+    np.testing.assert_array_equal(art.run({"input": x})["output"], golden.run_qdq(qdq, {"input": x}, variants)["output"])
+
+
+@pytest.mark.parametrize("name, data", [("digits_cnn_qdq", "digits_cnn"), ("tiny_vit_qdq", "tiny_vit"),
+                                        ("digits_cnn_nncf", "digits_cnn")])
+def test_given_qdq_models_lower_integer_only_and_bit_exact(files, name, data):
+    """ORT's QDQ files of both models and NNCF's layout fell back to fake-quant (a Reshape after an
+    unquantized mean, a class token's Expand, GELU's Div -> Erf between Q/DQ pairs); now integer-only,
+    with a symbolic batch, and bit-exact with golden."""
+    art = compiler.compile(files[name])
+    assert art.manifest.integer_only, art.manifest.integer_region
+    assert art.manifest.precision == "int8"
+    assert_bit_exact_qdq(art, files[name], files[f"{data}_calib"][:3])
+
+
+def test_the_verifier_names_the_float_op_of_a_fake_quant_build(files):
+    """NNCF's layout imported as fake-quant (not lowered): not integer-only, naming the float conv;
+    and a fake-quant graph whose float head leaves through no dequantize is no proof either."""
+    src = frontend.load(files["digits_cnn_nncf"])
+    mod = frontend.to_relax(src, frontend.input_specs(src))
+    verdict = check_integer_only(mod)
+    assert not verdict.integer_only and verdict.reason.startswith("float op inside the integer region: relax.nn.conv2d")
+    # drop the output Q/DQ pair: the Gemm's float result is the output
+    m = onnx.load(files["digits_cnn_nncf"])
+    g = m.graph
+    last_q = next(n for n in reversed(g.node) if n.op_type == "QuantizeLinear")
+    last_dq = next(n for n in g.node if n.input[0] == last_q.output[0])
+    for n in g.node:
+        n.output[:] = [g.output[0].name if o == last_q.input[0] else o for o in n.output]
+    g.node.remove(last_q)
+    g.node.remove(last_dq)
+    src = frontend.OnnxModel(m, "headless.onnx", "0")
+    verdict = check_integer_only(frontend.to_relax(src, frontend.input_specs(src)))
+    assert not verdict.integer_only and "relax.nn.conv2d" in verdict.reason
+
+
+def test_dynamo_vit_with_calibration(files):
+    """The timm-style ViT (dynamo, opset 18, symbolic batch) with --calib: no Q/DQ on its shape
+    arithmetic, integer-only, bit-exact with golden."""
+    calib = {"input": files["tiny_vit_calib"]}
+    art = compiler.compile(files["tiny_vit"], options=CompileOptions(calib=calib))
+    assert art.manifest.integer_only, art.manifest.integer_region
+    x = files["tiny_vit_calib"][:2]
+    qdq, variants = golden_model(files["tiny_vit"], calib)
+    n = art.manifest.inputs[0].shape[0]
+    got = np.concatenate([art.run({"input": x[i:i + n]})["output"] for i in range(0, len(x), n)])
+    want = np.concatenate([golden.run_qdq(qdq, {"input": x[i:i + 1]}, variants)["output"] for i in range(len(x))])
+    np.testing.assert_array_equal(got, want)
