@@ -65,6 +65,7 @@ def _compile(model, opts: CompileOptions, config, remote=None) -> Artifact:
         frontend.check_supported(src)
         frontend.validate(src)
         frontend.check_scales(src)
+        src = frontend.rebatch(src, opts.input_shapes)
         inputs = declared = frontend.input_specs(src, opts.input_shapes)
         output_dtypes = frontend.output_dtypes(src)
         src = frontend.OnnxModel(narrow_qdq.rewrite(src.proto, src.path), src.path, src.sha256)

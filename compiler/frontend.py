@@ -135,6 +135,57 @@ def _spec(vi: onnx.ValueInfoProto, model: OnnxModel) -> TensorSpec:
     return TensorSpec(vi.name, tuple(dims), dtype)
 
 
+def rebatch(model: OnnxModel, overrides: dict[str, tuple[int, ...]] | None) -> OnnxModel:
+    """``model`` with its static batch (dimension 0 of every input and output) set to the one
+    ``--input-shape`` asks for, where the graph allows it: ONNX's shape inference at the new batch
+    must carry it to every output.  An exporter that baked the batch into a Reshape or Expand
+    constant does not allow it, and that is said in one line."""
+    inits = _initializer_names(model.proto.graph)
+    inputs = [vi for vi in model.proto.graph.input if vi.name not in inits]
+    wanted = {}
+    for vi in inputs:
+        dims = vi.type.tensor_type.shape.dim
+        new = (overrides or {}).get(vi.name)
+        if new and dims and len(new) == len(dims) and dims[0].HasField("dim_value") and dims[0].dim_value != new[0] \
+                and all(not d.HasField("dim_value") or d.dim_value == n for d, n in zip(dims[1:], new[1:], strict=True)):
+            wanted[vi.name] = (dims[0].dim_value, new[0])
+    if not wanted:
+        return model
+    olds = {b for b, _ in wanted.values()}
+    news = {n for _, n in wanted.values()}
+    old_b, new_b = olds.pop(), news.pop()
+    fixed = [vi.name for vi in inputs if vi.name not in wanted and vi.type.tensor_type.shape.dim
+             and vi.type.tensor_type.shape.dim[0].dim_value == old_b]
+    if olds or news or fixed:
+        raise UserError(f"{model.path}: --input-shape re-batches {sorted(wanted)} but not every input with batch "
+                        f"{old_b} the same way; give every input the same new batch")
+    m = onnx.ModelProto()
+    m.CopyFrom(model.proto)
+    for vi in m.graph.input:
+        if vi.name in wanted:
+            vi.type.tensor_type.shape.dim[0].dim_value = new_b
+    del m.graph.value_info[:]
+    for o in m.graph.output:
+        if o.type.tensor_type.shape.dim:
+            o.type.tensor_type.shape.dim[0].dim_param = "batch"
+    try:
+        inferred = onnx.shape_inference.infer_shapes(m, strict_mode=True, data_prop=True)
+    except Exception as exc:    # noqa: BLE001 - onnx raises InferenceError and others, all about the graph
+        raise UserError(f"{model.path}: --input-shape cannot re-batch it from {old_b} to {new_b}: "
+                        f"{first_line(exc)}") from None
+    for o in inferred.graph.output:
+        dims = o.type.tensor_type.shape.dim
+        if not dims or not dims[0].HasField("dim_value") or dims[0].dim_value != new_b:
+            got = ",".join(str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?") for d in dims)
+            raise UserError(f"{model.path}: --input-shape cannot re-batch it from {old_b} to {new_b}: output "
+                            f"{o.name!r} stays ({got}), since the exporter fixed the batch inside the graph; "
+                            f"compile it as it is (lowbit run takes any multiple of {old_b} samples) or "
+                            "re-export with a dynamic batch axis")
+    for o, io in zip(m.graph.output, inferred.graph.output, strict=True):
+        o.CopyFrom(io)
+    return OnnxModel(m, model.path, model.sha256)
+
+
 def input_specs(model: OnnxModel, overrides: dict[str, tuple[int, ...]] | None = None) -> list[TensorSpec]:
     """Graph inputs (initializers excluded), with ``--input-shape`` overrides applied."""
     overrides = dict(overrides or {})

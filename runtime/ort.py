@@ -3,7 +3,8 @@
 * ``ort-int8``: ``quant_pre_process`` then ``quantize_static`` in QDQ format,
   u8 activations and s8 per-channel weights.  QUInt8 is passed explicitly:
   ORT 1.31 defaults to s8s8, which takes MLAS's slow path on x86 (2.6x slower
-  on ResNet-18, ~40x for a plain MatMulInteger).
+  on ResNet-18, ~40x for a plain MatMulInteger).  On a CPU without VNNI the weights
+  are 7-bit (``reduce_range``), as ORT advises against vpmaddubsw's saturation.
 * For transformers, all-op static quantization wrecks the outputs (softmax
   quantized to u8), so two more variants users pick for fidelity:
   ``ort-int8-wonly`` quantizes only Conv/Gemm and MatMuls with a weight
@@ -114,10 +115,20 @@ def _quantize(model_path: str, calib: Mapping[str, np.ndarray], out_path: str, v
         quantize_static(
             pre, out_path, _Reader(calib, _static_batch(model)), quant_format=QuantFormat.QDQ,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+            reduce_range=not _host_has_vnni(),
             calibrate_method=CalibrationMethod.MinMax,
             nodes_to_quantize=weight_op_nodes(model) if variant == "wonly" else None,
         )
     return out_path
+
+
+def _host_has_vnni() -> bool:
+    """Without VNNI, MLAS multiplies u8 x s8 with vpmaddubsw, whose int16 pair sums saturate: ORT
+    then asks for 7-bit weights (reduce_range), its documented remedy, or its int8 is not faithful."""
+    import tvm
+
+    host = tvm.get_global_func("tvm.codegen.llvm.GetHostCPUFeatures")()
+    return any(bool(host.get(f, False)) for f in ("avx512vnni", "avxvnni"))
 
 
 def variants(model_path: str, calib: Mapping[str, np.ndarray], workdir: str) -> list[tuple[str, str]]:

@@ -115,17 +115,22 @@ def samples(name: str, n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(n, *shape)).astype(np.float32)
 
 
-def export(name: str, path: str | Path, *, batch: int | None = None, seed: int = 0) -> Path:
-    """The dynamo export, opset 18, with a symbolic batch (``batch=None``) or a fixed one;
-    weights inline (``external_data=False``) and ``ir_version`` clamped for ORT."""
+def export(name: str, path: str | Path, *, batch: int | None = None, seed: int = 0, dynamo: bool = True) -> Path:
+    """The dynamo export, opset 18 (or ``dynamo=False``: the TorchScript exporter, opset 17), with a
+    symbolic batch (``batch=None``) or a fixed one; ``ir_version`` clamped for ORT."""
     model = build(name, seed)
     x = torch.from_numpy(samples(name, batch or 2, seed + 7))
-    dyn = None if batch else ({0: torch.export.Dim("batch", min=1, max=1024)},)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prog = torch.onnx.export(model, (x,), dynamo=True, opset_version=OPSET, input_names=["input"],
-                                 output_names=["output"], dynamic_shapes=dyn, verbose=False)
-    proto = prog.model_proto
+        if not dynamo:
+            axes = None if batch else {"input": {0: "batch"}, "output": {0: "batch"}}
+            torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17, input_names=["input"],
+                              output_names=["output"], dynamic_axes=axes)
+            proto = onnx.load(str(path))
+        else:
+            dyn = None if batch else ({0: torch.export.Dim("batch", min=1, max=1024)},)
+            proto = torch.onnx.export(model, (x,), dynamo=True, opset_version=OPSET, input_names=["input"],
+                                      output_names=["output"], dynamic_shapes=dyn, verbose=False).model_proto
     proto.ir_version = min(proto.ir_version, 10)
     onnx.save(proto, str(path))
     return Path(path)

@@ -93,11 +93,11 @@ def test_golden_digits_cnn(tmp_path):
 def test_unsupported_op_is_named():
     nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], name="q"),
              helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"], name="dq"),
-             helper.make_node("Sigmoid", ["d"], ["y"], name="sig")]
+             helper.make_node("Hardmax", ["d"], ["y"], name="hm")]
     inits = [numpy_helper.from_array(np.float32(0.1), "s"), numpy_helper.from_array(np.uint8(128), "z")]
     m = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], inits)
-    with pytest.raises(golden.QDQUnsupported, match="Sigmoid sig"):
+    with pytest.raises(golden.QDQUnsupported, match="Hardmax hm"):
         golden.run_qdq(m, {"x": np.zeros((2, 3), np.float32)})
 
 

@@ -74,6 +74,23 @@ def test_calib_npy_and_a_fixed_batch_run_on_many_samples(files, tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+def test_input_shape_rebatches_a_static_batch_where_the_graph_allows(files, tmp_path):
+    """--input-shape may change a static batch: the TorchScript export (Flatten) carries it to the
+    output and compiles at 16, equal to 16 runs of its batch-1 build; the dynamo export baked the
+    batch into a Reshape constant, and that is said in one line."""
+    ts = real_models.export("digits_cnn", tmp_path / "ts_b1.onnx", batch=1, dynamo=False)
+    calib = {"input": files["digits_cnn_calib"]}
+    one = compiler.compile(ts, options=CompileOptions(calib=calib))
+    many = compiler.compile(ts, options=CompileOptions(calib=calib, input_shapes={"input": (16, 1, 32, 32)}))
+    assert many.manifest.integer_only and many.manifest.inputs[0].shape == (16, 1, 32, 32)
+    x = files["digits_cnn_calib"]
+    np.testing.assert_array_equal(many.run({"input": x})["output"], one.run({"input": x})["output"])
+    r = _lowbit("compile", files["digits_cnn_b1"], "--input-shape", "input=16,1,32,32", "-o", tmp_path / "no")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "cannot re-batch it from 1 to 16: output 'output' stays (1,10)" in r.stderr
+    assert not (tmp_path / "no").exists()
+
+
 @pytest.mark.parametrize("cpu", ISA_PATHS)
 def test_static_batch_cnn_on_every_isa_path(files, cpu):
     """The digits CNN with a static batch of 8 crashed in the AMX schedules: it compiles for every
