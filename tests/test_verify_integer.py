@@ -80,6 +80,22 @@ def test_float_constant_operand_is_caught():
     assert not verdict.integer_only and any("relax.multiply" in o for o in verdict.offenders)
 
 
+def test_float_compute_with_no_output_dequantize_is_caught():
+    """A float head after the last dequantize, leaving the model with no output dequantize: the
+    region used to be empty and called integer-only; the float matmul is named now."""
+    def body(bb, x):
+        f = _dequantize(bb, _quantize(bb, x))
+        return bb.emit(relax.op.matmul(f, relax.const(np.ones((8, 8), np.float32))))
+
+    verdict = check_integer_only(_module(body))
+    assert not verdict.integer_only and verdict.reason.startswith("float op inside the integer region: relax.matmul")
+
+
+def test_a_region_that_computes_nothing_is_not_integer_only():
+    verdict = check_integer_only(_module(lambda bb, x: _dequantize(bb, _quantize(bb, x))))
+    assert not verdict.integer_only and verdict.reason.startswith("empty integer region")
+
+
 def test_float_model_has_no_region():
     verdict = check_integer_only(_module(lambda bb, x: bb.emit(relax.op.nn.relu(x))))
     assert not verdict.integer_only and verdict.offenders == []
