@@ -115,14 +115,14 @@ def _quantize(model_path: str, calib: Mapping[str, np.ndarray], out_path: str, v
         quantize_static(
             pre, out_path, _Reader(calib, _static_batch(model)), quant_format=QuantFormat.QDQ,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
-            reduce_range=not _host_has_vnni(),
+            reduce_range=not host_has_vnni(),
             calibrate_method=CalibrationMethod.MinMax,
             nodes_to_quantize=weight_op_nodes(model) if variant == "wonly" else None,
         )
     return out_path
 
 
-def _host_has_vnni() -> bool:
+def host_has_vnni() -> bool:
     """Without VNNI, MLAS multiplies u8 x s8 with vpmaddubsw, whose int16 pair sums saturate: ORT
     then asks for 7-bit weights (reduce_range), its documented remedy, or its int8 is not faithful."""
     import tvm

@@ -8,7 +8,7 @@ import logging
 import numpy as np
 import onnx
 import pytest
-from conftest import concat_cnn, make_model, mlp_model
+from conftest import concat_cnn, golden_model, make_model, mlp_model
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 from test_qoperator import _residual_cnn
@@ -82,19 +82,36 @@ def test_zoo_cnn(tmp_path, name, fmt):
     _check_bit_exact(path, zoo.get(name).samples(3, seed=7))
 
 
+def _conv_then(op: str) -> onnx.ModelProto:
+    w = numpy_helper.from_array(_rand(4, 3, 3, 3), "w")
+    return make_model([helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+                       helper.make_node(op, ["c"], ["y"], name=op.lower())],
+                      [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 4, 4])], [w])
+
+
 def test_unsupported_pattern_falls_back_to_fake_quant(caplog):
     """A float op with no integer form between Q/DQ pairs: still a correct program, compiled as
     fake-quant with a warning that names the op, and the verifier says no."""
-    w = numpy_helper.from_array(_rand(4, 3, 3, 3), "w")
-    model = make_model([helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
-                        helper.make_node("Sigmoid", ["c"], ["y"], name="sigmoid")],
-                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6])],
-                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 4, 4])], [w])
     with caplog.at_level(logging.WARNING, logger="lowbit"):
-        art = compiler.compile(model, options=CompileOptions(calib={"x": _rand(8, 3, 6, 6)}))
+        art = compiler.compile(_conv_then("Sin"), options=CompileOptions(calib={"x": _rand(8, 3, 6, 6)}))
     assert art.manifest.precision == "fake-quant" and not art.manifest.integer_only
-    assert "relax.sigmoid" in caplog.text and "fake-quant" in caplog.text
+    assert "relax.sin" in caplog.text and "fake-quant" in caplog.text
     assert art.manifest.integer_region.startswith("float op inside the integer region")
+
+
+@pytest.mark.parametrize("op", ["Sigmoid", "Tanh", "Erf"])
+def test_a_float_op_of_one_8bit_tensor_is_a_table(op, tmp_path):
+    """Between a dequantize and a quantize, a float op of one 8-bit tensor is a function of its 256
+    integers: one table lookup, integer-only, bit-exact with the golden interpreter."""
+    path = tmp_path / "m.onnx"
+    onnx.save(_conv_then(op), path)
+    calib = {"x": _rand(8, 3, 6, 6)}
+    art = compiler.compile(path, options=CompileOptions(calib=calib))
+    assert art.manifest.integer_only, art.manifest.integer_region
+    qdq, variants = golden_model(path, calib)
+    x = {"x": _rand(2, 3, 6, 6) * 50}
+    np.testing.assert_array_equal(art.run(x)["y"], golden.run_qdq(qdq, x, variants)["y"])
 
 
 def test_relu6_clip_folds_into_the_requantize_clamp():
