@@ -143,6 +143,14 @@ class _Pending:
     table: tuple[np.ndarray, relax.Expr] | None = None
 
 
+def _host_quantize(values: np.ndarray, s: float, z: int, info: np.iinfo) -> np.ndarray:
+    """QuantizeLinear of float32 ``values`` at compile time, as the compiled one computes it:
+    float32 division, ties to even, saturated, NaN to the maximum (passes/defined_semantics.py)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        q = np.clip(np.round(values / np.float32(s)) + z, info.min, info.max)
+    return np.where(np.isnan(q), info.max, q).astype(np.int64)
+
+
 def _real(v: _ConstDeq) -> np.ndarray:
     """The float32 values of a dequantized constant."""
     shape = [1] * v.q.ndim
@@ -364,9 +372,9 @@ class _Lowering:
         info = np.iinfo(dtype)
         if isinstance(src, (tvm.ir.GenericConst, _FloatView)) and scale.size == 1:     # on the host
             base = src if isinstance(src, _FloatView) else _FloatView(_np(src), [])
-            q = np.clip(np.round(base.value.astype(np.float32) / scale.reshape(-1)[0]) + int(zero.reshape(-1)[0]),
-                        info.min, info.max).astype(dtype)
-            expr = relax.const(q, dtype)
+            q = _host_quantize(base.value.astype(np.float32), float(scale.reshape(-1)[0]), int(zero.reshape(-1)[0]),
+                               info)
+            expr = relax.const(q.astype(dtype), dtype)
             for view in base.views:
                 expr = self.bb.emit(relax.Call(view.op, [expr, *self.rest(view)], view.attrs))
             return _Int(expr, scale, zero, dtype)
@@ -645,10 +653,7 @@ class _Lowering:
         """q_y = T[q_x]: the float function at each of the 256 integers, quantized as
         QuantizeLinear does (float32 division, ties to even, saturated; NaN to the maximum)."""
         info, src = np.iinfo(dtype), np.iinfo(u.x.dtype)
-        values = u.fn(np.arange(src.min, src.max + 1, dtype=np.int64))
-        with np.errstate(invalid="ignore", over="ignore"):
-            y = np.clip(np.round(values / np.float32(s)) + z, info.min, info.max)
-        table = np.where(np.isnan(y), info.max, y).astype(np.int32)
+        table = _host_quantize(u.fn(np.arange(src.min, src.max + 1, dtype=np.int64)), s, z, info).astype(np.int32)
         index = op.subtract(op.astype(u.x.expr, "int32"), relax.const(int(src.min), "int32"))
         y = op.astype(op.take(relax.const(table, "int32"), index, axis=0), dtype)
         return _Int(self.bb.emit(y), np.float32([s]), np.array([z]), dtype, u.x.channels_last)
