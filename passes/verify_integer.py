@@ -23,7 +23,8 @@ import tvm
 from tvm import relax
 
 QUANTIZE, DEQUANTIZE = "relax.quantize", "relax.dequantize"
-VIEW_OPS = {"relax.reshape", "relax.permute_dims", "relax.squeeze", "relax.expand_dims", "relax.flatten"}
+VIEW_OPS = {"relax.reshape", "relax.permute_dims", "relax.squeeze", "relax.expand_dims", "relax.flatten",
+            "relax.broadcast_to", "relax.strided_slice", "relax.take"}
 
 
 @dataclass
