@@ -112,7 +112,8 @@ def evaluate(model_path: str, calib: Mapping[str, np.ndarray], dataset: str = "d
                     {s: float((out[s].argmax(1) == ref[s].argmax(1)).mean()) for s in splits},
                     {s: float(np.abs(out[s] - ref[s]).mean()) for s in splits})
             for r, out in logits.items()]
-    notes = {"ORT INT8": "quant_pre_process + quantize_static, QDQ, u8 activations / s8 per-channel weights, MinMax",
+    notes = {"ORT INT8": ("quant_pre_process + quantize_static, QDQ, u8 activations / s8 per-channel weights"
+                         + ("" if ort.host_has_vnni() else " (7-bit: no VNNI here)") + ", MinMax"),
              "lowbit": f"{art.manifest.precision}, integer-only: {'yes' if art.manifest.integer_only else 'no'}, "
                        f"observer {opts.observer}, weights {_bits(art.manifest.quantization['weight_bits'])}, "
                        f"activations {'u4 after ReLU, else ' if opts.activation_bits == 4 else ''}u8, "
