@@ -535,11 +535,12 @@ class _Lowering:
                                       None)])
             if isinstance(p, _Deq) and isinstance(c, _Deq) and p.value.scale.size == c.value.scale.size == 1:
                 a, b = p.value, c.value
-                wide = max(np.iinfo(a.dtype).bits, np.iinfo(b.dtype).bits) > 8     # 16-bit products pass 2^31
-                acc = op.multiply(self.centered(a), self.centered(b))
-                if wide:
-                    acc = op.multiply(op.astype(self.centered(a), "int64"), op.astype(self.centered(b), "int64"))
-                return _Pending([(self.bb.emit(acc), a.scale.astype(np.float64) * b.scale.astype(np.float64), None)])
+                ca, cb = self.centered(a), self.centered(b)
+                bound = (1 << np.iinfo(a.dtype).bits) * (1 << np.iinfo(b.dtype).bits)     # |q - z| < 2^bits
+                if bound >= 2**31:                                  # a 16-bit operand: the product in int64
+                    ca, cb = op.astype(ca, "int64"), op.astype(cb, "int64")
+                return _Pending([(self.bb.emit(op.multiply(ca, cb)), a.scale.astype(np.float64) * b.scale.astype(np.float64),
+                                  None)], bound=bound)
         return self.float_binary(call, name)
 
     def float_binary(self, call, name):
