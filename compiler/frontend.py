@@ -230,7 +230,7 @@ def to_relax(model: OnnxModel, specs: list[TensorSpec]):
 
 @contextlib.contextmanager
 def _converters():
-    """lowbit's own converters for a few ONNX ops (passes/defined_semantics.py states the rule), in place of TVM's for one import (the importer
+    """lowbit's own converters for a few ONNX ops, in place of TVM's for one import (the importer
     looks its converters up through one module function, swapped here for the call):
 
     - Clip with constant bounds as ``relax.clip``.  TVM's converter emits maximum and minimum
@@ -239,8 +239,8 @@ def _converters():
     - Cast / CastLike from a float to an integer type saturate (``saturating_cast``'s rule): ONNX
       leaves that conversion undefined out of range, and TVM's converter wraps it through an int32
       or int64 whose own conversion is undefined past its range.  A narrow type (int4, uint2) is
-      clamped to its own range and carried in its byte.  Constants fold by the same rule
-      (runtime/golden.saturating_cast).
+      clamped to its own range and carried in its byte.  passes/defined_semantics.py states the
+      rule; constants fold by it too (runtime/golden.saturating_cast).
     """
     from tvm import relax
     from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
