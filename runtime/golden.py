@@ -222,14 +222,6 @@ def _plain_scalar(v) -> bool:
     return isinstance(v, np.ndarray) and v.dtype.kind == "f" and v.size == 1
 
 
-def _as_float(v) -> np.ndarray:
-    """The float32 value: a dequantized tensor's s * (q - z), or the array itself."""
-    if isinstance(v, tuple):
-        q = v[1]
-        return (q.centered() * q.scale.reshape(-1)[0]).astype(np.float32)
-    return np.asarray(v)
-
-
 def _same_kind(v, kind, q: _Q):
     return ("q", q, v[2]) if kind == "q" else ("deq", q)
 
@@ -358,7 +350,7 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
                 acc, num, axis = x.terms[0]
                 env[n.output[0]] = _Pending([(acc + _bias(deq_of(y), num, n), num, axis)], x.lo, x.hi)
             elif any(_floating(v) for v in ins) and any(_plain_scalar(v) for v in ins):
-                env[n.output[0]] = FLOAT_BINARY[op](_as_float(x), _as_float(y))
+                env[n.output[0]] = FLOAT_BINARY[op](_float(x), _float(y))
             else:
                 raise QDQUnsupported(f"Add {n.name}: operands are not a supported integer pattern")
         elif op in ("Relu", "Clip"):
@@ -447,7 +439,7 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
         elif op == "Constant":
             env[n.output[0]] = numpy_helper.to_array(a["value"])
         elif op in FLOAT_UNARY and _floating(ins[0]):
-            env[n.output[0]] = FLOAT_UNARY[op](_as_float(ins[0]))
+            env[n.output[0]] = FLOAT_UNARY[op](_float(ins[0]))
         elif op == "Mul" and all(isinstance(v, tuple) for v in ins) and \
                 all(deq_of(v).scale.size == 1 for v in ins):
             x, y = (deq_of(v) for v in ins)
@@ -462,7 +454,7 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
                                               x.scale.astype(np.float64) * y.scale.astype(np.float64), None)])
         elif op in FLOAT_BINARY and any(_floating(v) for v in ins) and any(_plain_scalar(v) for v in ins):
             x, y = ins
-            env[n.output[0]] = FLOAT_BINARY[op](_as_float(x), _as_float(y))
+            env[n.output[0]] = FLOAT_BINARY[op](_float(x), _float(y))
         else:
             raise QDQUnsupported(f"{op} {n.name}: no integer semantics for this op yet")
     return {o.name: env[o.name] for o in g.output}
