@@ -30,7 +30,7 @@ demo: setup
 	$(BIN)/lowbit compile $(DEMO)/digits_cnn.onnx --calib $(DEMO)/digits_cnn.calib.npz --target rv32 -o $(DEMO)/digits_cnn_rv32
 	$(BIN)/lowbit profile $(DEMO)/digits_cnn_rv32 | tail -2
 	@# accuracy: ORT FP32 and INT8, lowbit on this CPU, and lowbit's rv32 build under QEMU
-	$(BIN)/lowbit eval $(DEMO)/digits_cnn.onnx --data digits --calib $(DEMO)/digits_cnn.calib.npz --rv32
+	$(BIN)/lowbit eval $(DEMO)/digits_cnn.onnx --data digits --calib $(DEMO)/digits_cnn.calib.npz --also rv32
 	$(BIN)/lowbit bench $(DEMO)/digits_cnn.onnx --calib $(DEMO)/digits_cnn.calib.npz --seconds 6 -q
 	@# mixed precision: the per-layer plan at half the int8-to-int4 size range, then its accuracy
 	$(BIN)/lowbit plan $(DEMO)/digits_cnn.onnx --calib $(DEMO)/digits_cnn.calib.npz --size-budget 0.5
@@ -48,11 +48,11 @@ test: lint
 	$(BIN)/python -m pytest -q
 
 # ONNX's backend node tests (onnx 1.23, generated in memory) through lowbit's onnx.backend Backend:
-# pass / fail / unsupported per op beside ONNX Runtime's passes (runtime/conformance.py); fails when a
+# pass / fail / unsupported per op beside ONNX Runtime's passes (compiler/tools/conformance.py); fails when a
 # case of tests/conformance/passing.txt regresses
 conformance: setup
 	@mkdir -p bench/results
-	$(BIN)/python -m runtime.conformance --json bench/results/conformance.json > bench/results/conformance.md; \
+	$(BIN)/python -m compiler.tools.conformance --json bench/results/conformance.json > bench/results/conformance.md; \
 		status=$$?; cat bench/results/conformance.md; exit $$status
 
 # differential fuzzing past CI's fixed seed and budget: random seeds, FUZZ_EXAMPLES per property (rv32:
@@ -63,7 +63,7 @@ fuzz: setup
 	LOWBIT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q tests/test_fuzz.py
 
 # ResNet-18, DeiT-tiny and the four MLPerf Tiny models: each at batch 1 and 8, 1 and 2 threads, lowbit
-# INT8 and FP32 against ORT FP32 and INT8, interleaved (runtime/bench.py); JSON per model, then the
+# INT8 and FP32 against ORT FP32 and INT8, interleaved (compiler/tools/bench.py); JSON per model, then the
 # README's table
 BENCH_MODELS := resnet18 deit_tiny ds_cnn resnet8 mobilenet_v1_025 fc_autoencoder
 
@@ -72,16 +72,16 @@ bench: setup
 	for m in $(BENCH_MODELS); do \
 		$(BIN)/lowbit bench $$m --batch 1,8 --threads 1,2 --seconds 8 -q --json bench/results/$$m.json || exit 1; \
 	done
-	$(BIN)/python -m runtime.bench $(addprefix bench/results/,$(addsuffix .json,$(BENCH_MODELS))) \
+	$(BIN)/python -m compiler.tools.bench $(addprefix bench/results/,$(addsuffix .json,$(BENCH_MODELS))) \
 		| tee bench/results/table.md
 
 # on a CUDA GPU (the device tool's machines): lowbit INT8 against lowbit FP32, TVM FP16 and ORT CUDA for
-# DeiT-tiny and ResNet-18 at batch 1 and 8, interleaved (runtime/bench_gpu.py); exits 2, measuring
+# DeiT-tiny and ResNet-18 at batch 1 and 8, interleaved (compiler/tools/bench_gpu.py); exits 2, measuring
 # nothing, where there is no GPU
 GPU_BENCH_MODELS := deit_tiny resnet18
 
 bench-gpu: setup
-	$(BIN)/python -m runtime.bench_gpu $(GPU_BENCH_MODELS) --batch 1,8 --out bench/results/gpu
+	$(BIN)/python -m compiler.tools.bench_gpu $(GPU_BENCH_MODELS) --batch 1,8 --out bench/results/gpu
 
 # every zoo model for rv32imc: instructions per MAC (QEMU, -icount shift=0: exact), the static plan's
 # arena against its lower bound and against no reuse, stack, flash and code; JSON per model, then the
@@ -95,7 +95,7 @@ rv32-profile: setup
 		$(BIN)/lowbit compile build/rv32/$$m.onnx --calib build/rv32/$$m.npz --target rv32 -o build/rv32/$$m -q && \
 		$(BIN)/lowbit profile build/rv32/$$m --json bench/results/rv32/$$m.json > /dev/null || exit 1; \
 	done
-	$(BIN)/python -m runtime.qemu $(foreach m,$(RV32_MODELS),$(m)=bench/results/rv32/$(m).json) \
+	$(BIN)/python -m codegen.rv32.qemu $(foreach m,$(RV32_MODELS),$(m)=bench/results/rv32/$(m).json) \
 		| tee bench/results/rv32/table.md
 
 clean:

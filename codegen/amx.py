@@ -28,6 +28,12 @@ pixels and applies the epilogue.
 
 Linux grants AMX's 8 KiB of tile state per process, on request (``arch_prctl``); each kernel
 call asks, which costs one syscall, so that the library needs no set-up call from its host.
+
+``ConvUnit`` and ``TokenMatmulUnit`` are the contraction units (passes/contraction.py) that the
+integer lowering prefers to VNNI's on an AMX target (Backend.units, codegen/backend.py).  The first keeps its
+input and output channels-last, so that the requantize, residual adds and max pools between two
+tile convolutions read and write NHWC; a token matmul [B, T, K] @ [K, N] runs as a 1 x 1
+convolution of B one-row images of T pixels.
 """
 
 from __future__ import annotations
@@ -36,6 +42,9 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
+
+from codegen import vnni
+from passes.contraction import Accumulator, Contraction
 
 ROWS = 16                   # pixels per tile, and output channels per B tile (16 x 4 bytes)
 DEPTH = 64                  # bytes per tile row
@@ -309,3 +318,73 @@ def conv_kernel(g: ConvGeometry):
             T.evaluate(amx("tilerelease"))
 
     return kernel
+
+
+def conv2d(bb, x, packed, g: ConvGeometry, pad_value: int, channels_last: bool):
+    """Emit the convolution: the input (NCHW, or NHWC with ``channels_last``) flattened to rows,
+    the tile kernel, and the valid pixels, channels-last (the epilogue fuses into that last step)."""
+    from tvm import relax
+
+    rows = bb.emit_te(lambda t: flatten(t, g, pad_value, channels_last), x, primfunc_name_hint="amx_rows")
+    kernel = bb.add_func(conv_kernel(g).without_attr("global_symbol"), "conv2d_amx")
+    out = relax.TensorType((x.ty.shape.values[0], g.pixels, g.out_channels), "int32")
+    offsets = relax.const(g.offsets(), "int32")
+    acc = bb.emit(relax.call_tir(kernel, [rows, packed, offsets], out))
+    return bb.emit_te(lambda t: unflatten(t, g), acc, primfunc_name_hint="amx_valid")
+
+
+class ConvUnit:
+    """A convolution VNNI could run (u8 x s8, static image) whose shape fits the tiles
+    (``conv_fits``): channels-last in and out, weights packed per step (``ConvGeometry.pack``)."""
+    name = "conv2d_amx"
+    channels_last = True
+
+    @staticmethod
+    def geometry(c: Contraction) -> ConvGeometry | None:
+        if not vnni.ConvUnit().fits(c):
+            return None
+        out_channels, channels, kh, kw = c.weights.shape
+        if not conv_fits(channels, out_channels, c.groups, c.strides, c.dilation):
+            return None
+        _, _, height, width = c.x.shape
+        return ConvGeometry(channels, height, width, out_channels, (kh, kw), c.strides[0], c.padding, c.dilation)
+
+    def fits(self, c: Contraction) -> bool:
+        return self.geometry(c) is not None
+
+    def pack(self, c: Contraction) -> np.ndarray:
+        return self.geometry(c).pack(c.weights)
+
+    def emit(self, bb, c: Contraction, x, w) -> Accumulator:
+        return Accumulator(conv2d(bb, x, w, self.geometry(c), c.x.zero, c.x.channels_last), 3)
+
+
+class TokenMatmulUnit:
+    """A matmul VNNI could run over a static number of tokens, at least one tile block, as a
+    1 x 1 convolution of each sample's token row."""
+    name = "conv2d_amx"
+    channels_last = False
+
+    @staticmethod
+    def geometry(c: Contraction) -> ConvGeometry | None:
+        dims = c.x.shape
+        if not (vnni.MatmulUnit().fits(c) and len(dims) == 3 and dims[1] is not None and dims[1] >= BLOCK):
+            return None
+        k, n = c.weights.shape
+        if not conv_fits(k, n, 1, (1, 1), (1, 1)):
+            return None
+        return ConvGeometry(k, 1, dims[1], n, (1, 1), 1, (0, 0, 0, 0), (1, 1))
+
+    def fits(self, c: Contraction) -> bool:
+        return self.geometry(c) is not None
+
+    def pack(self, c: Contraction) -> np.ndarray:
+        return self.geometry(c).pack(c.weights.T[:, :, None, None])
+
+    def emit(self, bb, c: Contraction, x, w) -> Accumulator:
+        from tvm.relax import op
+
+        dims = x.ty.shape.values
+        rows = bb.emit(op.reshape(x, (dims[0], 1, dims[1], dims[2])))
+        acc = conv2d(bb, rows, w, self.geometry(c), c.x.zero, True)
+        return Accumulator(bb.emit(op.reshape(acc, (dims[0], dims[1], c.weights.shape[1]))), -1)

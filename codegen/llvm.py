@@ -13,7 +13,6 @@ from meta_schedule's database (codegen/tune.py).
 from __future__ import annotations
 
 import os
-import platform
 import re
 import shutil
 from dataclasses import dataclass
@@ -24,14 +23,14 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu
 from tvm.s_tir import dlight as dl
 from tvm.target.codegen import target_has_features
 
-from codegen import amx, vnni
+from codegen import amx
 from codegen.cpu_schedule import CPUDefault
-from compiler.errors import UserError
 from passes.defined_semantics import DefinedSemantics
 from passes.fusion_report import CountKernels, FusionReport, RecordFusion, RecordUnscheduled
 from passes.merge_kernels import MergeKernels
 from passes.narrow_constants import NarrowConstants
 from passes.reduce_epilogue import ReduceEpilogue
+from runtime.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -96,12 +95,6 @@ def cross_of(target: dict) -> CrossTarget | None:
     return next((c for c in CROSS.values() if c.triple == target.get("mtriple")), None)
 
 
-def foreign_arch(target: dict) -> str | None:
-    """The architecture a target compiles for when this machine cannot run it, else None."""
-    cross = cross_of(target)
-    arch = cross.triple.split("-")[0] if cross else None
-    return arch if arch and arch != platform.machine() else None
-
 
 def linker(target: dict):
     """``export_library``'s fcompile for the target: None (TVM's host default) or the cross gcc,
@@ -115,16 +108,6 @@ def linker(target: dict):
     from tvm.support import cc
 
     return cc.cross_compiler(cross.linker)
-
-
-def vnni_isa(target: dict) -> str | None:
-    """The target's VNNI flavour (codegen/vnni.py), or None."""
-    return vnni.isa(tvm.target.Target(target))
-
-
-def amx_available(target: dict) -> bool:
-    """Whether the target has AMX-INT8 (codegen/amx.py)."""
-    return amx.available(tvm.target.Target(target))
 
 
 def fusion(target: tvm.target.Target, report: FusionReport, narrow: bool = False,

@@ -32,7 +32,7 @@ from tvm import s_tir, tirx
 
 from codegen import vnni
 from codegen.cpu_schedule import CPUDefault
-from compiler.errors import UserError
+from runtime.errors import UserError
 from runtime.io import cache_root
 
 MARGIN = 0.95                   # tuned time / ours below which the tuned schedule is used

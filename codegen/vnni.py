@@ -14,6 +14,10 @@ same product over (y, x, c) once its input is channels-last, so that 4 channels 
 one ``vpdpbusd`` zmm; ``avx_vnni`` (Alder Lake and later, VEX-encoded, 256-bit) in two ymm halves.
 Targets with neither keep the generic schedule (codegen/cpu_schedule.py).
 
+``MatmulUnit``, ``ConvUnit`` and ``ActivationMatmulUnit`` are the contraction units
+(passes/contraction.py) that the integer lowering uses on a VNNI target (Backend.units, codegen/backend.py): they
+decide which layers fit, pack the weights, and emit the kernels above.
+
 TVM ships ``dot_16x4_vnni`` but passes ``<16 x i32>`` where LLVM 22 declares ``<64 x i8>``
 operands, so the implementations here pass byte vectors (shared notes, tvm-0.27 §7).
 """
@@ -21,6 +25,8 @@ operands, so the implementations here pass byte vectors (shared notes, tvm-0.27 
 from __future__ import annotations
 
 import numpy as np
+
+from passes.contraction import ACTIVATION_MATMUL, CONV2D, MATMUL, Accumulator, Contraction
 
 LANES = 16                  # int32 accumulators per instruction group
 GROUP = 4                   # u8 x s8 products summed into each lane
@@ -137,6 +143,112 @@ def pack_operand(b, shift: int):
         return tirx.if_then_else(tirx.all(row < k, col < n), v.astype("int8"), tirx.const(0, "int8"))
 
     return te.compute((*batch, n16 // LANES, k4 // GROUP, LANES, GROUP), value, name="pack_operand")
+
+
+def padded_columns(columns: int) -> int:
+    """A weight matrix's output columns, padded to whole 16-lane blocks where that adds little
+    (a 1000-class head: 8 columns); the padding is sliced off after the sum."""
+    return -(-columns // LANES) * LANES if columns >= 4 * LANES else columns
+
+
+def u8s8(c: Contraction) -> bool:
+    """The operands vpdpbusd multiplies: a u8 input, int8 weights, an int32 sum."""
+    return c.int8_weights and c.x.dtype == "uint8" and c.acc_dtype == "int32"
+
+
+class MatmulUnit:
+    """x[..., K] @ W[K, N] with W packed (``pack``), its columns padded (``padded_columns``)."""
+    name = BLOCK
+    channels_last = False
+
+    def fits(self, c: Contraction) -> bool:
+        return (c.kind == MATMUL and u8s8(c) and c.weights.ndim == 2
+                and fits(c.weights.shape[0], padded_columns(c.weights.shape[1])))
+
+    def pack(self, c: Contraction) -> np.ndarray:
+        columns = c.weights.shape[1]
+        return pack(np.pad(c.weights, [(0, 0), (0, padded_columns(columns) - columns)]))
+
+    def emit(self, bb, c: Contraction, x, w) -> Accumulator:
+        from tvm.relax import op
+
+        acc = bb.emit_te(matmul, x, w, primfunc_name_hint="matmul")
+        columns = c.weights.shape[1]
+        if padded_columns(columns) != columns:
+            acc = bb.emit(op.strided_slice(acc, axes=[acc.ty.ndim - 1], begin=[0], end=[columns]))
+        return Accumulator(acc, -1)
+
+
+class ConvUnit:
+    """An ungrouped NCHW convolution with whole 16-channel output blocks and a static image (the
+    kernel copies it channels-last itself), weights packed by ``pack_conv``."""
+    name = CONV_BLOCK
+    channels_last = False
+
+    def fits(self, c: Contraction) -> bool:
+        return (c.kind == CONV2D and u8s8(c) and conv_fits(c.weights.shape[0], c.groups)
+                and all(d is not None for d in c.x.shape[1:]))
+
+    def pack(self, c: Contraction) -> np.ndarray:
+        return pack_conv(c.weights)
+
+    def emit(self, bb, c: Contraction, x, w) -> Accumulator:
+        acc = bb.emit_te(conv2d, x, w, list(c.strides), list(c.padding), list(c.dilation), c.x.zero,
+                         primfunc_name_hint="conv2d")
+        return Accumulator(acc, 1)
+
+
+class ActivationMatmulUnit:
+    """Attention's Q.K^T and P.V (both operands at run time): 8-bit per-tensor operands of one
+    static batch shape, an int32 sum (``activation_matmul``)."""
+    name = BLOCK
+    channels_last = False
+
+    def fits(self, c: Contraction) -> bool:
+        a, b = c.x, c.y
+        return (c.kind == ACTIVATION_MATMUL and c.acc_dtype == "int32"
+                and all(v.dtype in ("uint8", "int8") and v.zero is not None and v.static for v in (a, b))
+                and a.shape[:-2] == b.shape[:-2])
+
+    def pack(self, c: Contraction) -> np.ndarray:
+        raise TypeError("attention's operands are packed at run time (pack_operand)")
+
+    def emit(self, bb, c: Contraction, x, w) -> Accumulator:
+        return Accumulator(activation_matmul(bb, x, c.x, w, c.y), -1)
+
+
+def activation_matmul(bb, a, a_info, b, b_info):
+    """(a - z_a)(b - z_b) with both operands at run time, on the kernel above: a as u8 (s8 + 128),
+    b packed per call as s8 (u8 - 128, shift t; ``pack_operand``), so with z_b' = z_b - t
+
+        sum (a - z_a)(b' - z_b') = sum a b' - z_b' sum_k a - z_a sum_k b + K z_a z_b
+
+    (sum_k b' = sum_k b - K t).  The row and column sums are small reductions of their own; K pads
+    to a multiple of 4 with zeros in both operands (in the kernel), which adds nothing.
+    ``a_info``, ``b_info``: the operands' dtypes, static shapes and zero points
+    (passes/contraction.Operand)."""
+    from tvm import relax
+    from tvm.relax import op
+
+    k, n = b_info.shape[-2:]
+    za, zb = a_info.zero, b_info.zero
+    x = a
+    if a_info.dtype == "int8":
+        x = bb.emit(op.astype(op.add(op.astype(x, "int16"), relax.const(128, "int16")), "uint8"))
+        za += 128
+    shift = 128 if b_info.dtype == "uint8" else 0
+    packed = bb.emit_te(pack_operand, b, shift, primfunc_name_hint="pack_operand")
+    acc = bb.emit_te(matmul, x, packed, primfunc_name_hint="matmul")
+    if operand_columns(n) != n:
+        acc = bb.emit(op.strided_slice(acc, axes=[acc.ty.ndim - 1], begin=[0], end=[n]))
+    if zb - shift:
+        rows = op.sum(op.astype(x, "int32"), axis=[-1], keepdims=True)
+        acc = bb.emit(op.subtract(acc, op.multiply(rows, relax.const(zb - shift, "int32"))))
+    if za:
+        cols = op.sum(op.astype(b, "int32"), axis=[-2], keepdims=True)
+        acc = bb.emit(op.subtract(acc, op.multiply(cols, relax.const(za, "int32"))))
+        acc = bb.emit(op.add(acc, relax.const(k * za * zb, "int32")))
+    return acc
 
 
 _registered: set[str] = set()

@@ -1,6 +1,6 @@
 """lowbit compiler: ``compiler.compile(model, target=...) -> Artifact``.
 
-Imports are lazy so that ``lowbit --help`` and the CLI's environment set-up run
+Imports are lazy (CLI start-up time) so that ``lowbit --help`` and the CLI's environment set-up run
 before TVM, numpy and onnxruntime load.
 """
 
@@ -15,7 +15,7 @@ def __getattr__(name):
 
         return CompileOptions
     if name == "UserError":
-        from compiler.errors import UserError
+        from runtime.errors import UserError
 
         return UserError
     raise AttributeError(name)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime.artifact import QuantParams
+from runtime.types import QuantParams
 
 MIN_SCALE = 1e-8            # HAWQ-V3's floor: an all-zero channel still gets a usable scale
 RESERVOIR = 1 << 18

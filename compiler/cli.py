@@ -117,36 +117,45 @@ def _shapes(args) -> dict[str, tuple[int, ...]]:
     return dict(parse_input_shape(s) for s in args.input_shape)
 
 
+def _add_target_args(p: argparse.ArgumentParser, targets: tuple[str, ...] | None = None) -> None:
+    """--target and the targets' own options, from codegen/registry.py (data: nothing is imported)."""
+    from codegen import registry
+
+    names = targets or tuple(registry.TARGETS)
+    if len(names) > 1:
+        p.add_argument("--target", default="llvm", help="; ".join(
+            f"{n}: {registry.TARGETS[n].help}" for n in names))
+    for option, takers in registry.options().values():
+        if set(takers) & set(names):
+            p.add_argument(option.flag, dest=f"target_{option.name}", metavar=option.metavar,
+                           help=f"{', '.join(takers)}: {option.help}")
+
+
+def _target_options(args) -> dict:
+    return {k.removeprefix("target_"): v for k, v in vars(args).items() if k.startswith("target_") and v is not None}
+
+
 def cmd_compile(args) -> int:
     import compiler
     from runtime.artifact import check_outdir
 
     check_outdir(args.output)                       # fail before a long compile, not after
     t0 = time.perf_counter()
-    from codegen.rv32 import parse_bytes
     from compiler.options import CompileOptions
 
-    mcu_flags = {k: v for k, v in (("march", args.march), ("codegen", args.codegen)) if v is not None}
-    ram_limit = parse_bytes(args.ram_limit) if args.ram_limit else None
-    opts = CompileOptions(target=args.target, cpu=args.mcpu, input_shapes=_shapes(args), calib=args.calib,
-                          tune=args.tune, ram_limit=ram_limit, arch=args.arch, **mcu_flags, **_quant_options(args))
+    opts = CompileOptions(target=args.target, target_options=_target_options(args), input_shapes=_shapes(args),
+                          calib=args.calib, tune=args.tune, **_quant_options(args))
     art = compiler.compile(args.model, options=opts, remote=_remote(args))
     art.save(args.output)
-    if (mcu := art.manifest.mcu) is not None:
-        _say(args, f"wrote {args.output}: C project for {mcu['isa']} ({mcu['codegen']} kernels), "
-                   f"{mcu['calls']} kernel calls, arena {mcu['arena_bytes']} B (lower bound "
-                   f"{mcu['arena_lower_bound']} B), weights {mcu['weight_bytes']} B, {mcu['macs']} MACs "
-                   f"({time.perf_counter() - t0:.1f} s); make -C {args.output} run")
-        return 0
-    if art.manifest.tuning:
-        _say(args, f"tuning: {tune_summary(art.manifest.tuning)}")
-    if (gpu := art.manifest.gpu) is not None:
-        shipped = " + ".join(f for f in (gpu["ptx"], gpu["fatbin"]) if f) or "no PTX/cubin (nvcc not found)"
-        _say(args, f"cuda {gpu['arch']}: {len(gpu['dp4a_kernels'])} dp4a kernels, "
-                   f"{len(gpu['row_reduction_kernels'])} with warp-shuffle row reductions; {shipped}")
-    size = os.path.getsize(os.path.join(args.output, art.manifest.library))
-    _say(args, f"wrote {args.output}: {len(art.manifest.kernels)} kernels, {size / 1024:.0f} KiB library, "
-               f"{art.manifest.precision} for {args.target} ({time.perf_counter() - t0:.1f} s)")
+    m = art.manifest
+    if m.tuning:
+        _say(args, f"tuning: {tune_summary(m.tuning)}")
+    for line in opts.backend.summary_lines(m.build) if m.build else []:
+        _say(args, line)
+    files = [m.library] if m.library else m.files
+    size = sum(os.path.getsize(os.path.join(args.output, f)) for f in files)
+    _say(args, f"wrote {args.output}: {len(m.kernels)} kernels, {size / 1024:.0f} KiB {' + '.join(files)}, "
+               f"{m.precision} for {args.target} ({time.perf_counter() - t0:.1f} s)")
     return 0
 
 
@@ -163,7 +172,8 @@ def cmd_tune(args) -> int:
     from codegen.tune import TuneReport, verdicts
     from compiler.options import CompileOptions
 
-    opts = CompileOptions(cpu=args.mcpu, input_shapes=_shapes(args), calib=args.calib, tune=args.trials,
+    opts = CompileOptions(target_options=_target_options(args), input_shapes=_shapes(args), calib=args.calib,
+                          tune=args.trials,
                           **_quant_options(args))
     art = compiler.compile(args.model, options=opts, remote=_remote(args))
     report = TuneReport(**art.manifest.tuning)
@@ -182,15 +192,14 @@ def cmd_tune(args) -> int:
 def cmd_profile(args) -> int:
     """Per-kernel instruction counts of an rv32 artifact under QEMU (deterministic: -icount shift=0)."""
     import runtime
-    from compiler.errors import UserError
-    from runtime import qemu
+    from runtime.errors import UserError
 
     art = runtime.load(args.artifact)
-    mcu = art.manifest.mcu
-    if mcu is None:
-        raise UserError(f"{args.artifact}: profile counts instructions of rv32 artifacts; this one is for "
-                        f"{art.manifest.target.get('kind')} (time it with lowbit bench)")
-    prof = qemu.profile(art.project(), mcu, mcu["kernel_macs"])
+    if not hasattr(art.runner, "profile"):
+        raise UserError(f"{args.artifact}: profile counts instructions on a simulator (rv32 artifacts); this one "
+                        f"is for {art.manifest.backend} (time it with lowbit bench)")
+    block = art.manifest.build
+    prof = art.runner.profile(art)
     width = max(len(c.kernel) for c in prof.calls)
     print(f"{'#':>3} {'kernel':<{width}} {'instructions':>13} {'MACs':>10} {'instr/MAC':>9}")
     for c in prof.calls:
@@ -201,15 +210,15 @@ def cmd_profile(args) -> int:
     print(f"code (.text) {prof.text_bytes:,} B (kernels + call sequence; the whole harness ELF "
           f"{prof.elf_text_bytes:,} B); flash weights (.rodata) {prof.weight_bytes:,} B; "
           f"RAM {prof.arena_bytes + prof.stack_bytes:,} B = arena {prof.arena_bytes:,} + stack {prof.stack_bytes:,} "
-          f"(arena lower bound {mcu['arena_lower_bound']:,}, no reuse {mcu['arena_no_reuse']:,})")
+          f"(arena lower bound {block['arena_lower_bound']:,}, no reuse {block['arena_no_reuse']:,})")
     if args.json:
         import json
         from dataclasses import asdict
 
         _write_text(args.json, json.dumps({**asdict(prof), "instructions": prof.instructions, "macs": prof.macs,
-                                           "isa": mcu["isa"], "codegen": mcu["codegen"],
-                                           "arena_lower_bound": mcu["arena_lower_bound"],
-                                           "arena_no_reuse": mcu["arena_no_reuse"]}, indent=2))
+                                           "isa": block["isa"], "codegen": block["codegen"],
+                                           "arena_lower_bound": block["arena_lower_bound"],
+                                           "arena_no_reuse": block["arena_no_reuse"]}, indent=2))
     return 0
 
 
@@ -220,11 +229,11 @@ def cmd_run(args) -> int:
     art = runtime.load(args.artifact)
     feeds = read_tensors(args.input, art.manifest.inputs)
     remote = _remote(args)
-    if remote and art.manifest.mcu is not None:
-        from compiler.errors import UserError
+    if remote and not art.runner.remote:
+        from runtime.errors import UserError
 
-        raise UserError(f"{args.artifact}: an rv32 build runs under QEMU here (drop --rpc/--tracker), or on the "
-                        "board from its C project (make -C OUTDIR)")
+        raise UserError(f"{args.artifact}: a {art.manifest.backend} build does not run over TVM RPC; run it here "
+                        "(drop --rpc/--tracker)")
     runner = remote.load(art) if remote else art
     outs = run_batched(runner.run, feeds, art.manifest.inputs, art.manifest.outputs, where=args.input)
     write_npz(args.output, outs)
@@ -259,129 +268,25 @@ def cmd_bench(args) -> int:
     from runtime.threads import configure_threads
 
     configure_threads(max(args.threads))
-    import tempfile
+    from compiler.tools import bench
 
-    import compiler
-    from compiler.errors import UserError
-    from compiler.frontend import input_specs, load
-    from compiler.options import CompileOptions
-    from compiler.progress import stage
-    from compiler.quantize import is_quantized
-    from runtime import bench, ort
-    from runtime.threads import set_tvm_threads
-
-    if args.target == "rv32":
-        raise UserError("bench times wall-clock latency on this machine or a board; an rv32 build runs under QEMU, "
-                        "whose exact instruction counts `lowbit profile OUTDIR` reports")
-    remote = _remote(args)
-    if remote and len(args.threads) > 1:
-        raise UserError("--threads sets this machine's runtimes; a board's thread count is its rpc_server's "
-                        "TVM_NUM_THREADS: give one --threads value with --rpc/--tracker")
-    model_path, calib, samples = _bench_inputs(args, args.eval_samples * max(args.batch))
-    specs = input_specs(load(model_path))
-    quantized = is_quantized(load(model_path).proto)
-    results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        if not remote:
-            with stage("ORT baselines (quantize)"):
-                ort_models = ort.variants(model_path, calib, tmp)
-        for batch in args.batch:
-            inputs = bench.batches(samples, batch, args.eval_samples, specs, where=args.model)
-            shapes = {**{k: v.shape for k, v in inputs[0].items()}, **_shapes(args)}
-            target = {"target": args.target, "cpu": args.mcpu, "input_shapes": shapes}
-            arts = [] if quantized else [compiler.compile(model_path, options=CompileOptions(calib=calib, **target))]
-            arts.append(compiler.compile(model_path, options=CompileOptions(**target)))
-            # first: the row t/lowbit refers to
-            session = remote.connect() if remote else None
-            lowbit = {f"lowbit-{a.manifest.precision}": (remote.load(a, session) if remote else a) for a in arts}
-            for threads in args.threads:
-                runners = {n: (a if remote else a.run) for n, a in lowbit.items()}
-                if remote:              # ORT runs here, not on the board: lowbit's own FP32 is the reference
-                    reference = next(reversed(runners))
-                else:
-                    set_tvm_threads(threads)
-                    baselines = ort.baselines(model_path, calib, threads, tmp, ort_models)
-                    runners.update((r.name, r) for r in baselines)
-                    reference = baselines[0].name
-                result = bench.compare(os.path.basename(args.model), runners, inputs[0], inputs, threads,
-                                       args.seconds, reference=reference, batch=batch,
-                                       where=remote.describe() if remote else "this machine")
-                print(result.table(), flush=True)
-                results.append(result)
+    results = bench.sweep(args.model, args.calib, target=args.target, target_options=_target_options(args),
+                          batch_sizes=args.batch, threads=args.threads, seconds=args.seconds,
+                          samples=args.eval_samples, shapes=_shapes(args), remote=_remote(args),
+                          report=lambda r: print(r.table(), flush=True))
     if args.json:
         _write_text(args.json, bench.results_json(results))
     return 0
-
-
-def _bench_inputs(args, count: int):
-    """(model path, calibration dict, ``count`` evaluation samples of batch 1) for a file or a zoo
-    name; a file's samples come from its calibration data, as many as it has."""
-    import numpy as np
-
-    from compiler.errors import UserError
-    from compiler.frontend import input_specs, load
-    from models import zoo
-    from runtime.io import read_tensors
-
-    if not os.path.exists(args.model) and args.model in zoo.ENTRIES:
-        files = zoo.ensure(args.model)
-        entry = zoo.get(args.model)
-        calib = files.calibration()
-        samples = entry.samples(count, seed=entry.seed + 3)
-        return str(files.onnx), calib, [{zoo.INPUT: samples[i : i + 1]} for i in range(len(samples))]
-    specs = input_specs(load(args.model))
-    if args.calib:
-        calib = read_tensors(args.calib, specs)
-    else:
-        logging.getLogger("lowbit").warning(
-            "no --calib given: ORT INT8 is calibrated on random normal inputs, so its fidelity numbers mean little")
-        rng = np.random.default_rng(0)
-        calib = {}
-        for s in specs:
-            shape = [8] + [d if isinstance(d, int) else 1 for d in s.shape[1:]]
-            if not np.issubdtype(np.dtype(s.dtype), np.floating):
-                raise UserError(f"{args.model}: input {s.name!r} is {s.dtype}; pass --calib with real inputs")
-            calib[s.name] = rng.normal(size=shape).astype(s.dtype)
-    n = min(count, len(next(iter(calib.values()))))
-    return args.model, calib, [{k: v[i : i + 1] for k, v in calib.items()} for i in range(n)]
-
-
-def _eval_inputs(args):
-    """(model path, calibration arrays) for eval and pareto: a zoo name or a file; --calib, else
-    the zoo's calibration set, else 256 images of the dataset's training split."""
-    import numpy as np
-
-    from compiler.frontend import input_specs, load
-    from models import data, zoo
-    from runtime.evaluate import labeled_splits
-    from runtime.io import read_tensors
-
-    labeled_splits(args.data)                       # unknown dataset: fail before any work
-    model_path = args.model
-    if not os.path.exists(model_path) and model_path in zoo.ENTRIES:
-        files = zoo.ensure(model_path)
-        model_path = str(files.onnx)
-        calib = files.calibration() if not args.calib else None
-    else:
-        calib = None
-    specs = input_specs(load(model_path))
-    if args.calib:
-        calib = read_tensors(args.calib, specs)
-    elif calib is None:                             # the dataset's training split, never its test splits
-        train = data.digits("train").x
-        pick = np.random.default_rng(0).choice(len(train), size=min(256, len(train)), replace=False)
-        calib = {specs[0].name: train[pick]}
-    return model_path, calib
 
 
 def cmd_eval(args) -> int:
     from runtime.threads import configure_threads
 
     configure_threads(args.threads)
-    from runtime.evaluate import evaluate
+    from compiler.tools.evaluate import eval_inputs, evaluate
 
-    model_path, calib = _eval_inputs(args)
-    result = evaluate(model_path, calib, args.data, args.threads, rv32=args.rv32, **_quant_options(args))
+    model_path, calib = eval_inputs(args.model, args.calib, args.data)
+    result = evaluate(model_path, calib, args.data, args.threads, also=args.also, **_quant_options(args))
     print(result.table())
     if args.json:
         _write_text(args.json, result.to_json())
@@ -389,8 +294,9 @@ def cmd_eval(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from compiler import bitplan, driver, frontend, quantize
+    from compiler import driver, frontend, quantize
     from compiler.options import CompileOptions
+    from compiler.planning import bitplan
 
     opts = CompileOptions(input_shapes=_shapes(args), calib=args.calib, weight_bits="mixed", **_plan_options(args))
     src = frontend.load(args.model)
@@ -417,9 +323,10 @@ def cmd_plan(args) -> int:
 
 
 def cmd_pareto(args) -> int:
-    from runtime import pareto
+    from compiler.tools import pareto
+    from compiler.tools.evaluate import eval_inputs
 
-    model_path, calib = _eval_inputs(args)
+    model_path, calib = eval_inputs(args.model, args.calib, args.data)
     points = pareto.sweep(model_path, calib, args.data, args.budgets, timing_s=args.seconds,
                           sensitivity=args.sensitivity)
     print(pareto.table(points))
@@ -436,26 +343,26 @@ def cmd_inspect(args) -> int:
     import json
 
     import runtime
+    from codegen import registry
 
     art = runtime.load(args.artifact)
     m = art.manifest
-    lib_bytes = os.path.getsize(os.path.join(args.artifact, m.library))
+    files = [m.library] if m.library else m.files
+    lib_bytes = sum(os.path.getsize(os.path.join(args.artifact, f)) for f in files)
     if args.json:
         print(json.dumps({"manifest": json.loads(m.to_json()), "library_bytes": lib_bytes}, indent=2))
         return 0
     print(f"model      {m.model} (sha256 {m.model_sha256[:12]})")
-    print(f"target     {json.dumps(m.target)}")
+    print(f"target     {m.backend} {json.dumps(m.target)}")
     print(f"precision  {m.precision}")
     print(f"integer-only: {'yes' if m.integer_only else 'no'} ({m.integer_region})")
     for kind, specs in (("input", m.inputs), ("output", m.outputs)):
         for s in specs:
             q = f"  quant {m.quant[s.name]}" if m.quant and s.name in m.quant else ""
             print(f"{kind:<10} {s.name} {s.shape_str()} {s.dtype}{q}")
-    print(f"sizes      library {lib_bytes / 1024:.1f} KiB, weights {m.weight_bytes / 1024:.1f} KiB")
-    if m.mcu:
-        print(f"rv32       {m.mcu['function']} for {m.mcu['isa']} ({m.mcu['codegen']} kernels): arena "
-              f"{m.mcu['arena_bytes']} B ({m.mcu['arena_method']}; lower bound {m.mcu['arena_lower_bound']} B, no "
-              f"reuse {m.mcu['arena_no_reuse']} B), flash weights {m.mcu['weight_bytes']} B, {m.mcu['macs']} MACs")
+    print(f"sizes      {' + '.join(files)} {lib_bytes / 1024:.1f} KiB, weights {m.weight_bytes / 1024:.1f} KiB")
+    for line in registry.backend(m.backend).summary_lines(m.build) if m.build else []:
+        print(line)
     print(f"versions   {', '.join(f'{k} {v}' for k, v in m.versions.items())}")
     if m.quantization:
         q = {k: v for k, v in m.quantization.items() if k not in ("nonlinear", "weights", "bit_plan")}
@@ -571,20 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compile", parents=[common], help="compile an ONNX model into an artifact directory")
     c.add_argument("model", metavar="MODEL.onnx")
-    c.add_argument("--target", default="llvm",
-                   help="llvm (default): this machine's CPU; aarch64-linux: a 64-bit Arm Linux board, "
-                        "cross-compiled (run it there with lowbit run --rpc); rv32: a RISC-V microcontroller, "
-                        "as a C project with a static memory plan (run it under QEMU with lowbit run); cuda: an "
-                        "NVIDIA GPU (int8 on dp4a; PTX and cubin from nvcc, no GPU needed to compile)")
-    c.add_argument("--arch", help="cuda: the GPU architecture, sm_75, sm_80 (default), sm_86, sm_89 or sm_90")
-    c.add_argument("--march", help="rv32: the ISA, rv32imc (default), rv32imac, rv32gc, or rv32imc+zve32x "
-                                   "(RVV, with --codegen llvm)")
-    c.add_argument("--codegen", help="rv32: kernels as C compiled by gcc (c, default) or an LLVM object (llvm)")
-    c.add_argument("--ram-limit", metavar="BYTES", help="rv32: fail unless the arena fits, e.g. 64K")
-    c.add_argument("--mcpu", metavar="CPU", help="LLVM CPU to compile for instead of this machine's, e.g. haswell "
-                                                 "(AVX2, no VNNI) or alderlake (AVX-VNNI); its ISA picks the kernels. "
-                                                 "With aarch64-linux the board's, e.g. cortex-a72 (default: "
-                                                 "Armv8.2 with NEON dot product)")
+    _add_target_args(c)
     _add_shape_arg(c)
     c.add_argument("--calib", metavar="DATA.npz",
                    help="quantize an FP32 model to integer-only, calibrating on these inputs (any sample count)")
@@ -599,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tune", parents=[common], help="tune a model's kernels into the database compile --tune reads")
     t.add_argument("model", metavar="MODEL.onnx")
     t.add_argument("--trials", type=_positive(int), default=64, help="candidates measured per kernel (default 64)")
-    t.add_argument("--mcpu", metavar="CPU", help="LLVM CPU to tune for (default: this machine's)")
+    _add_target_args(t, ("llvm",))
     _add_shape_arg(t)
     t.add_argument("--calib", metavar="DATA.npz", help="quantize an FP32 model first, as compile --calib does")
     _add_quant_args(t)
@@ -626,8 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="threads for every runtime; several are measured one after another (default: all cores)")
     b.add_argument("--batch", type=_counts, default=(1,), metavar="B1,B2,...",
                    help="batch sizes, each compiled and measured (default 1)")
-    b.add_argument("--target", default="llvm", help="what lowbit compiles for: llvm, or aarch64-linux with --rpc")
-    b.add_argument("--mcpu", metavar="CPU", help="LLVM CPU to compile for (default: this machine's)")
+    _add_target_args(b)
     b.add_argument("--calib", metavar="DATA.npz", help="calibration data for the INT8 baselines")
     b.add_argument("--seconds", type=_positive(float), default=20.0,
                    help="time budget for the timed rounds of each batch and thread count")
@@ -642,8 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataset_args(e)
     _add_quant_args(e)
     e.add_argument("--threads", type=_positive(int), default=os.cpu_count() or 1, help="threads for every runtime")
-    e.add_argument("--rv32", action="store_true",
-                   help="also lowbit's rv32 microcontroller build (--target rv32), run under QEMU")
+    e.add_argument("--also", action="append", default=[], metavar="TARGET",
+                   help="also lowbit's build for TARGET, run here (rv32: under QEMU); repeatable")
     e.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     e.set_defaults(func=cmd_eval)
 
@@ -703,8 +596,8 @@ def main(argv: list[str] | None = None) -> int:
     # flags may sit before or after the subcommand; absent ones are not set at all (SUPPRESS)
     args.verbose, args.quiet = getattr(args, "verbose", 0), getattr(args, "quiet", False)
     _configure_logging(args.verbose)
-    from compiler.errors import UserError
-    from compiler.progress import set_quiet
+    from runtime.errors import UserError
+    from runtime.progress import set_quiet
 
     set_quiet(args.quiet)
     try:

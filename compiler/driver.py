@@ -1,38 +1,34 @@
-"""The lowbit pipeline, top to bottom.  Each stage is one call.
+"""The lowbit pipeline, top to bottom.  Each stage is one call, the same for every target.
 
     ONNX file --load, QOperator->QDQ, check, Q/DQ forms TVM cannot import--> ONNX proto
       --calibrate + quantize (FP32 models given calibration data)--> QDQ ONNX --import--> Relax IRModule
-      --lower QDQ to integer (quantized models)--> integer-only Relax
+      --lower QDQ to integer (quantized models), on the target's contraction units--> integer-only Relax
       --analyze--> op histogram, weights, integer-only verdict
-      --build (fuse, [--tune: meta_schedule], schedule, lower, LLVM)--> VM executable
-      --> Artifact (library + manifest)
-    --target cuda: int8 operands laid out for dp4a, the CPU fusion, GPU schedules (codegen/cuda),
-      CUDA source in the library, PTX and a fatbin from nvcc beside it
-    --target rv32: after lowering, the integer region only (int8 in, int8 out)
-      --codegen/rv32 (fuse, scalar schedules, C kernels, call sequence, static memory plan)--> C project
+      --the backend's build (codegen/registry.py: fuse, schedule, lower, code generation)--> Build
+      --> Artifact (the build's files + a manifest made once from the stages' reports)
+
+What differs between targets is asked of the backend (codegen/backend.py); this module names none.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, replace
-from functools import partial
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import onnx
 
-from codegen import cuda, llvm, rv32, tune
-from codegen.rv32 import toolchain
-from compiler import bitplan, canonicalize, frontend, limits, narrow_qdq, qoperator, quantize, sensitivity
-from compiler.errors import UserError
+from codegen.backend import Backend, Build, BuildContext
+from compiler import canonicalize, frontend, limits, narrow_qdq, qoperator, quantize
 from compiler.options import CompileOptions
-from compiler.progress import log, native_stderr_to_debug, stage, steps
-from passes import integer_region
+from compiler.planning import bitplan, latency, sensitivity
 from passes.analysis import op_histogram, weight_bytes
-from passes.lower_qdq import QDQLoweringError, is_qdq, lower_qdq
-from passes.verify_integer import check_integer_only
-from runtime import latency
+from passes.lower_qdq import LoweringReport, QDQLoweringError, is_qdq, lower_qdq
+from passes.verify_integer import IntegerVerdict, check_integer_only
 from runtime.artifact import Artifact, Manifest, versions
+from runtime.errors import UserError
+from runtime.progress import log, native_stderr_to_debug, stage, steps
+from runtime.types import TensorSpec
 
 
 def compile(model: str | os.PathLike | onnx.ModelProto, target: str = "llvm", *,
@@ -46,159 +42,170 @@ def compile(model: str | os.PathLike | onnx.ModelProto, target: str = "llvm", *,
         return _compile(model, opts, config, remote)
 
 
-def _compile(model, opts: CompileOptions, config, remote=None) -> Artifact:
+@dataclass(frozen=True)
+class Loaded:
+    """The checked ONNX model and its boundary."""
+    src: frontend.OnnxModel
+    inputs: list[TensorSpec]            # what the build takes (static where the backend needs it)
+    declared: list[TensorSpec]          # the model's own (a symbolic batch kept)
+    output_dtypes: dict
+    given_quantized: bool
 
-    mcu, gpu = opts.target == "rv32", opts.target == "cuda"
-    if mcu:
-        toolchain.require()                 # a missing toolchain fails before any work
-        target = {"kind": "rv32", "march": opts.march, "codegen": opts.codegen}
-    elif gpu:
-        target = cuda.target_dict(opts.arch)
-    else:
-        target = llvm.target_dict(opts.target, opts.cpu)
-        llvm.linker(target)
+
+@dataclass(frozen=True)
+class Calibrated:
+    """What calibration made of an FP32 model."""
+    report: quantize.QuantReport
+    config: quantize.QuantConfig
+    bit_plan: bitplan.BitPlan | None
+    sensitivity: str
+
+
+def _compile(model, opts: CompileOptions, config, remote=None) -> Artifact:
+    backend = opts.backend
+    backend.require()                       # a missing toolchain fails before any work
+    target = backend.target(opts)
     with stage("load + check"):
-        src = frontend.load(model)
-        frontend.check_opset(src)               # to_qdq raises a QOperator model's opset to 13
-        limits.check_onnx(src.proto, src.path)  # before anything reads tensor data by its declared shape
-        src = frontend.OnnxModel(qoperator.to_qdq(src.proto), src.path, src.sha256)
-        frontend.check_supported(src)
-        frontend.validate(src)
-        frontend.check_scales(src)
-        src = frontend.rebatch(src, opts.input_shapes)
-        inputs = declared = frontend.input_specs(src, opts.input_shapes)
-        output_dtypes = frontend.output_dtypes(src)
-        src = frontend.OnnxModel(narrow_qdq.rewrite(src.proto, src.path), src.path, src.sha256)
-        if mcu:                             # a microcontroller runs one sample at a time
-            inputs = frontend.static_specs(src, inputs, "a microcontroller runs one sample at a time")
-        given_quantized = quantize.is_quantized(src.proto)
-        if opts.tune and (hint := frontend.symbolic_hint(inputs)):
-            raise UserError(f"{src.path}: --tune needs static shapes (meta_schedule cannot tile symbolic ones){hint}")
+        loaded = load(model, opts, backend)
+    src, inputs, calibrated = loaded.src, loaded.inputs, None
     if config is not None:
-        if given_quantized:
-            raise UserError(f"{src.path}: the model is already quantized; drop --calib (and --bits), "
-                            "its own scales are used")
-        inputs, shapes = quantization_shapes(src, inputs)
-        is_file = isinstance(opts.calib, (str, os.PathLike))
-        calib = quantize.load_calibration(opts.calib, inputs) if is_file else opts.calib
-        bit_plan = None
-        if opts.weight_bits == "mixed":
-            with stage("sensitivity + bit plan"):
-                bit_plan, _ = plan_bits(src, calib, opts, shapes)
-                config = opts.quant_config(bit_plan.bits)
-        with stage("calibrate + quantize"):
-            proto, report = quantize.quantize(src.proto, calib, config, where=src.path, shapes=shapes,
-                                              calib_where=os.fspath(opts.calib) if is_file else "calibration data")
-            src = frontend.OnnxModel(proto, src.path, src.sha256)
-        variants = report.variants()
-        quantization = {"source": "calibrated", "observer": config.observer, "activations": config.activations,
-                        "weight_bits": config.weight_bits, "calibration_samples": report.samples,
-                        "quantized_tensors": report.tensors, "batchnorm_folded": report.bn_folded}
-        if bit_plan is not None:
-            quantization["weight_bits"] = "mixed"
-            quantization["bit_plan"] = bit_plan.bits
-            quantization["sensitivity"] = opts.sensitivity
-            quantization["budgets"] = {m: round(v, 3) for m, v in bit_plan.limits.items()}
-        if report.residual:
-            quantization["residual_stream"] = f"{report.residual} tensors in int{config.residual_bits}"
-        if report.narrow:
-            quantization["activations_u4"] = f"{report.narrow} ReLU outputs on the u4 grid [0, 15]"
-        if report.softmax:
-            quantization["softmax_output"] = f"{report.softmax} tensors in uint{config.softmax_bits}"
-        if report.nonlinear:
-            quantization["nonlinear"] = [asdict(c) for c in report.nonlinear]
-    else:
-        variants = opts.nonlinear
-        quantization = {"source": "as given"} if given_quantized else None
+        src, inputs, calibrated = calibrate(loaded, opts, config)
     frontend.check_qdq_params(src)
     with stage("import to Relax"):
         mod = frontend.to_relax(src, inputs)
         limits.check_relax(mod, src.path)
-        outputs = frontend.relax_output_specs(mod, [o.name for o in src.proto.graph.output], output_dtypes)
-    lowering = None
-    if is_qdq(mod):
-        with stage("lower QDQ to integer"):
-            try:
-                cpu = not (mcu or gpu)
-                mod, lowering = lower_qdq(mod, variants, vnni=cpu and llvm.vnni_isa(target) is not None,
-                                          amx=cpu and llvm.amx_available(target), dp4a=gpu)
-                quantization["accumulators"] = lowering.summary()
-                if lowering.int64:
-                    log.warning("%s: %s", src.path, lowering.summary())
-            except QDQLoweringError as exc:
-                if mcu:
-                    raise UserError(f"{src.path}: integer lowering not possible ({exc}); the rv32 target runs "
-                                    "integer-only models") from None
-                # still a correct program: the float math between the Q/DQ pairs runs as is
-                # the message, not the exception: a log record kept (pytest's caplog) would keep its frames,
-                # and the lowering's BlockBuilder would warn on stderr whenever it is finally freed
-                log.warning("%s: integer lowering not possible (%s); compiled as fake-quant", src.path, str(exc))
+        outputs = frontend.relax_output_specs(mod, [o.name for o in src.proto.graph.output], loaded.output_dtypes)
+    mod, lowering = lower(mod, src, calibrated.report.variants() if calibrated else opts.nonlinear, backend, target)
     with stage("analyze"):
         histogram, nbytes = op_histogram(mod), weight_bytes(mod)
         verdict = check_integer_only(mod)
-    if mcu:
-        return _build_rv32(src, opts, mod, inputs, outputs, histogram, nbytes, verdict, quantization, target,
-                           declared)
-    device = None
-    tuning = tune.TuneReport(opts.tune) if opts.tune else None
-    # --tune: meta_schedule's kernels, where they beat ours, between fusion and our schedules
-    schedule = partial(tune.schedule, trials=opts.tune, remote=remote, report=tuning) if tuning else None
-    with stage(f"build cuda {opts.arch}" if gpu else "tune + build llvm" if tuning else "build llvm"):
+    if backend.integer_only and not verdict.integer_only:
+        raise UserError(f"{src.path}: not integer-only ({verdict.reason}); the {backend.name} target runs "
+                        "integer-only models: quantize it (--calib DATA.npz) or give a QDQ model")
+    ctx = BuildContext(Path(src.path).name.split(".")[0], Path(src.path).name, inputs, outputs, opts, remote)
+    with stage(backend.stage(opts)):
+        build = build_for(backend, mod, target, ctx)
+    manifest = Manifest(
+        model=Path(src.path).name, model_sha256=src.sha256, backend=backend.name, target=target,
+        precision=_precision(histogram, verdict), inputs=loaded.declared if backend.one_sample else inputs,
+        outputs=outputs, kernels=sorted(build.kernel_ops), op_histogram=histogram, weight_bytes=nbytes,
+        versions=versions(), integer_only=verdict.integer_only, integer_region=verdict.reason,
+        quant=quantize.boundary_params(src.proto) or None,
+        quantization=quantization(loaded.given_quantized, calibrated, lowering, build),
+        kernel_ops=build.kernel_ops, kernels_unfused=build.kernels_unfused, kernel_launches=len(build.launch_sequence),
+        launch_sequence=build.launch_sequence, tuning=build.tuning, unscheduled=build.unscheduled,
+        build=build.summary, files=sorted(build.files), library=build.library)
+    return Artifact(manifest, build.executable, files=build.files, fcompile=build.fcompile)
+
+
+def load(model, opts: CompileOptions, backend: Backend) -> Loaded:
+    """Load, check, make QOperator QDQ, fix the batch the options ask for, and rewrite the Q/DQ
+    forms TVM cannot import (narrow types)."""
+    src = frontend.load(model)
+    frontend.check_opset(src)               # to_qdq raises a QOperator model's opset to 13
+    limits.check_onnx(src.proto, src.path)  # before anything reads tensor data by its declared shape
+    src = frontend.OnnxModel(qoperator.to_qdq(src.proto), src.path, src.sha256)
+    frontend.check_supported(src)
+    frontend.validate(src)
+    frontend.check_scales(src)
+    src = frontend.rebatch(src, opts.input_shapes)
+    inputs = declared = frontend.input_specs(src, opts.input_shapes)
+    output_dtypes = frontend.output_dtypes(src)
+    src = frontend.OnnxModel(narrow_qdq.rewrite(src.proto, src.path), src.path, src.sha256)
+    if backend.one_sample:
+        inputs = frontend.static_specs(src, inputs, backend.one_sample)
+    if opts.tune and (hint := frontend.symbolic_hint(inputs)):
+        raise UserError(f"{src.path}: --tune needs static shapes (meta_schedule cannot tile symbolic ones){hint}")
+    return Loaded(src, inputs, declared, output_dtypes, quantize.is_quantized(src.proto))
+
+
+def calibrate(loaded: Loaded, opts: CompileOptions, config: quantize.QuantConfig):
+    """Quantize an FP32 model on the calibration data (after a bit plan for ``--bits mixed``).
+    Returns (QDQ model, its input specs, Calibrated)."""
+    src = loaded.src
+    if loaded.given_quantized:
+        raise UserError(f"{src.path}: the model is already quantized; drop --calib (and --bits), "
+                        "its own scales are used")
+    inputs, shapes = quantization_shapes(src, loaded.inputs)
+    is_file = isinstance(opts.calib, (str, os.PathLike))
+    calib = quantize.load_calibration(opts.calib, inputs) if is_file else opts.calib
+    bit_plan = None
+    if opts.weight_bits == "mixed":
+        with stage("sensitivity + bit plan"):
+            bit_plan, _ = plan_bits(src, calib, opts, shapes)
+            config = opts.quant_config(bit_plan.bits)
+    with stage("calibrate + quantize"):
+        proto, report = quantize.quantize(src.proto, calib, config, where=src.path, shapes=shapes,
+                                          calib_where=os.fspath(opts.calib) if is_file else "calibration data")
+    return frontend.OnnxModel(proto, src.path, src.sha256), inputs, Calibrated(report, config, bit_plan,
+                                                                                 opts.sensitivity)
+
+
+def lower(mod, src: frontend.OnnxModel, variants, backend: Backend, target: dict):
+    """QDQ -> integer Relax on the backend's contraction units; a pattern the lowering does not
+    know leaves the float math between the Q/DQ pairs (fake-quant), or fails where the backend
+    runs integer-only models.  Returns (module, LoweringReport or None)."""
+    if not is_qdq(mod):
+        return mod, None
+    with stage("lower QDQ to integer"):
         try:
-            if gpu:
-                executable, kernel_ops, fusion, device = cuda.build(mod, target)
-            else:
-                executable, kernel_ops, fusion = llvm.build(mod, target, schedule=schedule)
-        except UserError:
+            mod, report = lower_qdq(mod, variants, units=backend.units(target))
+        except QDQLoweringError as exc:
+            if backend.integer_only:
+                raise UserError(f"{src.path}: integer lowering not possible ({exc}); the {backend.name} target "
+                                "runs integer-only models") from None
+            # still a correct program: the float math between the Q/DQ pairs runs as is
+            # the message, not the exception: a log record kept (pytest's caplog) would keep its frames,
+            # and the lowering's BlockBuilder would warn on stderr whenever it is finally freed
+            log.warning("%s: integer lowering not possible (%s); compiled as fake-quant", src.path, str(exc))
+            return mod, None
+    if report.int64:
+        log.warning("%s: %s", src.path, report.summary())
+    return mod, report
+
+
+def build_for(backend: Backend, mod, target: dict, ctx: BuildContext) -> Build:
+    """The backend's build.  With symbolic shapes a failure is the user's to fix (one line);
+    with static ones it is a lowbit bug, and keeps its traceback."""
+    try:
+        return backend.build(mod, target, ctx)
+    except UserError:
+        raise
+    except Exception as exc:
+        hint = frontend.symbolic_hint(ctx.inputs)
+        if not hint:
             raise
-        except Exception as exc:
-            hint = frontend.symbolic_hint(inputs)
-            if not hint:        # static shapes: a build failure is a lowbit bug, keep the traceback
-                raise
-            raise UserError(f"{src.path}: building with symbolic shapes failed: "
-                            f"{frontend.first_line(exc)}{hint}") from None
-    if lowering is not None:        # each layer's stored weights, and the kernel that reads them
-        quantization["weights"] = [{**w, "kernel": fusion.readers.get(d)}
-                                   for w, d in zip(lowering.weights, lowering.digests, strict=True)]
-
-    manifest = Manifest(
-        model=Path(src.path).name, model_sha256=src.sha256, target=target, precision=_precision(histogram, verdict),
-        inputs=inputs, outputs=outputs, kernels=list(kernel_ops), op_histogram=histogram, weight_bytes=nbytes,
-        versions=versions(), integer_only=verdict.integer_only, integer_region=verdict.reason,
-        quant=quantize.boundary_params(src.proto) or None, quantization=quantization,
-        kernel_ops=kernel_ops, kernels_unfused=fusion.before, kernel_launches=fusion.launches,
-        launch_sequence=fusion.sequence, tuning=asdict(tuning) if tuning else None, unscheduled=fusion.unscheduled,
-        gpu=device.summary() if device else None,
-    )
-    return Artifact(manifest, executable, files=device.files() if device else None)
+        raise UserError(f"{ctx.source}: building with symbolic shapes failed: {frontend.first_line(exc)}{hint}") from None
 
 
-def _build_rv32(src, opts: CompileOptions, mod, inputs, outputs, histogram, nbytes, verdict, quantization,
-                target, declared) -> Artifact:
-    """The integer region as a C project for a RISC-V microcontroller (codegen/rv32).  The C
-    interface takes one sample; the manifest keeps the model's declared inputs (a symbolic batch),
-    since ``run`` takes a batch and runs it sample by sample."""
-    if not verdict.integer_only:
-        raise UserError(f"{src.path}: not integer-only ({verdict.reason}); the rv32 target runs integer-only "
-                        "models: quantize it (--calib DATA.npz) or give a QDQ model")
-    name = Path(src.path).name.split(".")[0]
-    with stage(f"build {opts.march} C project"):
-        try:
-            region, ins, outs = integer_region.extract(mod, [s.name for s in inputs], [s.name for s in outputs])
-            build = rv32.build(region, ins, outs, name=name, source=Path(src.path).name,
-                               isa=toolchain.isa(opts.march), codegen=opts.codegen, ram_limit=opts.ram_limit)
-        except (integer_region.RegionError, rv32.program.ProgramError) as exc:
-            raise UserError(f"{src.path}: {exc}; the rv32 target cannot compile this model yet") from None
-    manifest = Manifest(
-        model=Path(src.path).name, model_sha256=src.sha256, target=target, precision=_precision(histogram, verdict),
-        inputs=declared, outputs=outputs, kernels=sorted(build.kernel_ops), op_histogram=histogram, weight_bytes=nbytes,
-        versions=versions(), integer_only=verdict.integer_only, integer_region=verdict.reason,
-        quant=quantize.boundary_params(src.proto) or None, quantization=quantization,
-        kernel_ops=build.kernel_ops, kernels_unfused=build.unfused, kernel_launches=len(build.calls),
-        launch_sequence=build.calls,
-        mcu=build.summary, library="model.c",
-    )
-    return Artifact(manifest, None, files=build.files)
+def quantization(given_quantized: bool, calibrated: Calibrated | None, lowering: LoweringReport | None,
+                 build: Build) -> dict | None:
+    """The manifest's account of the quantization: where the scales came from (calibration and its
+    settings, or "as given"), the bit plan, the accumulators' proof, and each layer's stored
+    weights with the kernel that reads them."""
+    if calibrated is None:
+        out = {"source": "as given"} if given_quantized else None
+    else:
+        r, c = calibrated.report, calibrated.config
+        out = {"source": "calibrated", "observer": c.observer, "activations": c.activations,
+               "weight_bits": c.weight_bits, "calibration_samples": r.samples,
+               "quantized_tensors": r.tensors, "batchnorm_folded": r.bn_folded}
+        if (plan := calibrated.bit_plan) is not None:
+            out |= {"weight_bits": "mixed", "bit_plan": plan.bits, "sensitivity": calibrated.sensitivity,
+                    "budgets": {m: round(v, 3) for m, v in plan.limits.items()}}
+        if r.residual:
+            out["residual_stream"] = f"{r.residual} tensors in int{c.residual_bits}"
+        if r.narrow:
+            out["activations_u4"] = f"{r.narrow} ReLU outputs on the u4 grid [0, 15]"
+        if r.softmax:
+            out["softmax_output"] = f"{r.softmax} tensors in uint{c.softmax_bits}"
+        if r.nonlinear:
+            out["nonlinear"] = [asdict(n) for n in r.nonlinear]
+    if lowering is not None:
+        out |= {"accumulators": lowering.summary(),
+                "weights": [{**w, "kernel": build.readers.get(d)}
+                            for w, d in zip(lowering.weights, lowering.digests, strict=True)]}
+    return out
 
 
 def quantization_shapes(src: frontend.OnnxModel, inputs):
@@ -212,9 +219,9 @@ def quantization_shapes(src: frontend.OnnxModel, inputs):
 
 def plan_bits(src: frontend.OnnxModel, calib, opts: CompileOptions, shapes=None, *, latency: bool = False):
     """Per-layer weight bits for ``--bits mixed``: the sensitivity of every weighted layer
-    (compiler/sensitivity.py), their kernel times at each width when a latency budget (or
-    ``latency``) asks for them (runtime/latency.py), then the ILP within the budgets
-    (compiler/bitplan.py).  Returns (BitPlan, the layers with their sensitivities)."""
+    (compiler/planning/sensitivity.py), their kernel times at each width when a latency budget (or
+    ``latency``) asks for them (compiler/planning/latency.py), then the ILP within the budgets
+    (compiler/planning/bitplan.py).  Returns (BitPlan, the layers with their sensitivities)."""
     layers = sensitivity.measure(src.proto, calib, method=opts.sensitivity, where=src.path, shapes=shapes,
                                  activation_bits=opts.activation_bits)
     if not layers:
@@ -234,7 +241,7 @@ def plan_bits(src: frontend.OnnxModel, calib, opts: CompileOptions, shapes=None,
 
 def latency_table(src: frontend.OnnxModel, calib, opts: CompileOptions, layers) -> dict[str, dict[int, float]]:
     """Each layer's kernel time at 8, 4 and 2 bits on this machine, from one uniform build per
-    width (runtime/latency.py), cached per model, target, shapes and quantization options."""
+    width (compiler/planning/latency.py), cached per model, target, shapes and quantization options."""
     builds = {}
 
     def build(bits: int):
@@ -249,17 +256,17 @@ def latency_table(src: frontend.OnnxModel, calib, opts: CompileOptions, layers) 
         feeds = latency.sample_feeds(first.manifest.inputs, calib)
         return latency.measure(lambda b: builds.get(b) or build(b), layers, feeds)
 
-    if llvm.foreign_arch(llvm.target_dict(opts.target, opts.cpu)):
+    if not opts.backend.measures_latency:
         raise UserError(f"--latency-budget times kernels on this machine, which cannot run {opts.target} code; "
                         "plan with --size-budget or --bops-budget")
-    key = {"model": src.sha256, "target": llvm.target_dict(opts.target, opts.cpu), "shapes": opts.input_shapes,
+    key = {"model": src.sha256, "target": opts.backend.target(opts), "shapes": opts.input_shapes,
            "calibration": latency.digest_feeds(calib), "layers": [layer.name for layer in layers],
            "quantization": [opts.observer, opts.nonlinear, opts.residual_bits, opts.softmax_bits,
                             opts.activation_bits]}
     return latency.cached(key, compute)
 
 
-def _precision(histogram: dict[str, int], verdict) -> str:
+def _precision(histogram: dict[str, int], verdict: IntegerVerdict) -> str:
     """What the artifact computes in: QDQ models that still do float math between
     their quantize/dequantize pairs are "fake-quant", not int8."""
     if "relax.quantize" not in histogram and "relax.dequantize" not in histogram:

@@ -16,11 +16,13 @@ import numpy as np
 import onnx
 import tvm
 
-from compiler.errors import UserError
 from compiler.narrow_qdq import CONTAINERS
+from compiler.qoperator import CONVERTERS
 from passes.defined_semantics import integer_range, saturate
-from runtime.artifact import TensorSpec
+from runtime.errors import UserError
 from runtime.golden import saturating_cast
+from runtime.progress import log
+from runtime.types import TensorSpec
 
 ONNX_DOMAINS = ("", "ai.onnx")
 # TVM matches com.microsoft contrib ops by op_type (SkipLayerNormalization, FastGelu, ...)
@@ -78,8 +80,6 @@ def validate(model: OnnxModel) -> None:
 def supported_op_types() -> frozenset[str]:
     """TVM's importer's ops, and the QOperator ops compiler/qoperator.py rewrites into them."""
     from tvm.relax.frontend.onnx import onnx_frontend
-
-    from compiler.qoperator import CONVERTERS
 
     return frozenset(onnx_frontend._get_convert_map()) | frozenset(CONVERTERS)
 
@@ -376,8 +376,6 @@ def static_specs(model: OnnxModel, specs: list[TensorSpec],
                  why: str = "this graph computes shapes at run time") -> list[TensorSpec]:
     """Input specs with every symbolic dimension fixed (to 1, with a warning naming it and ``why``):
     for graphs whose shape arithmetic must be folded before integer lowering, and microcontrollers."""
-    from compiler.progress import log
-
     out = []
     for s in specs:
         symbolic = [d for d in s.shape if not isinstance(d, int)]

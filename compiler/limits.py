@@ -19,10 +19,9 @@ import math
 import numpy as np
 import onnx
 
-from compiler.errors import UserError
+from runtime.errors import UserError
+from runtime.io import LIMIT, MAX_TENSOR_BYTES
 
-MAX_TENSOR_BYTES = 2 << 30
-LIMIT = "lowbit's limit of 2 GiB per tensor"
 # initializers at most this large keep their values for shape inference (Reshape / Expand
 # targets); larger ones are passed as typed inputs, so inference copies no weights
 SHAPE_CONSTANT_ELEMENTS = 1 << 12

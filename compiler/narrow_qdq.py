@@ -29,8 +29,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from compiler.errors import UserError
 from compiler.qoperator import Rewriter, attrs
+from runtime.errors import UserError
 
 # narrow integer type -> (byte container, its range)
 NARROW_INT = {TensorProto.INT4: (TensorProto.INT8, -8, 7), TensorProto.UINT4: (TensorProto.UINT8, 0, 15),

@@ -36,10 +36,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 from compiler import calibration
 from compiler.canonicalize import canonicalize
-from compiler.errors import UserError
 from compiler.fold_batchnorm import fold_batchnorm, output_axis
-from runtime.artifact import QuantParams
+from passes.integer_nonlinear import FAMILIES
+from runtime import golden_nonlinear as gnl
+from runtime.errors import UserError
 from runtime.io import read_tensors
+from runtime.progress import log
+from runtime.types import QuantParams
 
 WEIGHT_BITS = (8, 4, 2)
 OBSERVERS = {"minmax": calibration.MinMaxObserver, "percentile": calibration.PercentileObserver,
@@ -87,8 +90,6 @@ class QuantConfig:
 
 
 def check_nonlinear(family: str) -> None:
-    from passes.integer_nonlinear import FAMILIES
-
     if family not in (*FAMILIES, "auto"):
         raise UserError(f"--nonlinear {family}: choose {', '.join(FAMILIES)} or auto")
 
@@ -467,8 +468,6 @@ def _calibrate(m: onnx.ModelProto, plan: _Plan, batches, config: QuantConfig, wh
 
     params = {t: params_of(t, obs) for t, obs in observers.items()}
     if zeros:
-        from compiler.progress import log
-
         log.warning("%s: %d tensor(s) were zero on every calibration sample (%s%s); their range is taken as "
                     "[%g, %g]: calibrate on data that exercises them", calib_where, len(zeros), ", ".join(zeros[:5]),
                     ", ..." if len(zeros) > 5 else "", *calibration.ZERO_RANGE_FALLBACK)
@@ -485,8 +484,6 @@ def activation_bits(t: str, plan: _Plan, config: QuantConfig) -> int:
 def _choose_nonlinear(m: onnx.ModelProto, plan: _Plan, params, seen, mode: str) -> list[NonlinearChoice]:
     """Measure each softmax / GELU / LayerNorm node's integer variants against the float op on the
     calibration activations (quantized with the node's input parameters), and pick per node."""
-    from runtime import golden_nonlinear as gnl
-
     inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
     out = []
     for n in m.graph.node:

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from compiler.progress import bar
 from models.data import LabeledSet
+from runtime.progress import bar
 
 
 @dataclass(frozen=True)

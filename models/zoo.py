@@ -20,11 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from compiler.errors import UserError
-from compiler.progress import log, stage
 from models import data as zdata
 from models import nets
 from models.train import TrainConfig, calibrate_batchnorm, train_classifier
+from runtime.errors import UserError
+from runtime.io import cache_root
+from runtime.progress import log, stage
 
 FORMAT = 1              # bump when _export changes what it writes
 OPSET = 17              # legacy TorchScript exporter (dynamo=False): no onnxscript needed, ir_version 8
@@ -108,8 +109,6 @@ def get(name: str) -> Entry:
 
 
 def cache_dir() -> Path:
-    from runtime.io import cache_root
-
     return cache_root() / "zoo"
 
 

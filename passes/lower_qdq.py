@@ -25,6 +25,12 @@ and emits the integer program (HAWQ-V3, with the dyadic multiplier of
 
 (conv and matmul read the raw input: z_x * sum(w) is folded into the bias offline.)
 
+How a conv2d or matmul is computed on a target (VNNI's operand order, AMX tiles, CUDA's dp4a)
+is not decided here: each is described as a ``passes.contraction.Contraction`` and given to the
+first of the backend's contraction units that fits (Backend.units, codegen/backend.py), else to the generic
+kernels below.  The accumulator bounds are passes/accumulators.py's, sub-byte weights
+passes/subbyte.py's.  Each op has one handler, found by name in ``HANDLERS``.
+
 The input ``quantize`` and the output ``dequantize`` stay as the float
 boundary.  ``runtime/golden.run_qdq`` defines the same integers in numpy from
 the ONNX graph, independently; tests hold the two equal bit for bit.  A
@@ -33,7 +39,7 @@ pattern this pass does not know raises ``QDQLoweringError`` naming the op.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -41,10 +47,9 @@ import tvm
 from scipy.special import erf
 from tvm import relax
 
-from codegen import amx, vnni
-from codegen.cuda import dp4a
-from passes import integer_nonlinear, subbyte
+from passes import accumulators, integer_nonlinear, subbyte
 from passes.analysis import digest
+from passes.contraction import ACTIVATION_MATMUL, CONV2D, MATMUL, Contraction, ContractionUnit, Operand, first_fit
 from passes.dyadic import dyadic_from_ratio, fine_offset, rescale, saturate
 
 op = relax.op
@@ -167,13 +172,25 @@ def _name(call) -> str:
     return call.op.name if isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op) else type(call).__name__
 
 
+# each op's lowering, by the name ``_name`` gives its binding: filled by ``_handles`` below
+HANDLERS: dict[str, Callable[[_Lowering, relax.Call], object]] = {}
+
+
+def _handles(*names: str):
+    """Register the decorated ``_Lowering`` method as the handler of the ops ``names``."""
+    def register(fn):
+        for name in names:
+            if name in HANDLERS:
+                raise ValueError(f"{name}: two integer lowerings")
+            HANDLERS[name] = fn
+        return fn
+    return register
+
+
 class _Lowering:
-    def __init__(self, bb: relax.BlockBuilder, variants, vnni: bool = False, amx: bool = False,
-                 dp4a: bool = False):
+    def __init__(self, bb: relax.BlockBuilder, variants, units: Sequence[ContractionUnit] = ()):
         self.bb = bb
-        self.dp4a = dp4a                    # CUDA: int8 operands laid out for dp4a (codegen/cuda/dp4a.py)
-        self.vnni = vnni                    # pack int8 matmul and conv weights for x86 VNNI
-        self.amx = amx                      # ... and run the convs that fit on AMX tiles
+        self.units = tuple(units)           # the target's contraction units, preferred first
         self.env: dict = {}
         self.variants = variants            # "shift" | "poly" | {kind: [variant per node, in order]}
         self.seen: dict[str, int] = {}
@@ -229,94 +246,103 @@ class _Lowering:
             return self.bb.emit(op.shape_of(self.same_shape(self.val(call.args[0]))))
         if (plain := self.plain_call(call)) is not None:
             return plain
-        if name == "relax.quantize":
-            return self.quantize(call)
-        if name == "relax.dequantize":
-            return self.dequantize(call)
-        if name in ("relax.nn.conv2d", "relax.matmul"):
-            return self.linear(call, name)
-        if name == "relax.add":
-            return self.add(call)
-        if name in ("relax.nn.relu", "relax.clip"):
-            p = self.val(call.args[0])
-            if isinstance(p, _Deq) and p.value.zero.size == 1:
-                x = p.value
-                if name == "relax.nn.relu":     # s (q - z) >= 0  <=>  q >= z: the same grid, exactly
-                    z = relax.const(int(x.zero.reshape(-1)[0]), x.dtype)
-                    return _Deq(replace(x, expr=self.bb.emit(op.maximum(x.expr, z))))
-                # Clip's bounds need not lie on the grid: a requantize of its own (as Q(DQ(q)) with
-                # other parameters) clamps them in the output's integer domain
-                p = _Pending([(self.centered(x), x.scale.astype(np.float64), None)], channels_last=x.channels_last)
-            if not isinstance(p, _Pending):
-                raise QDQLoweringError(f"{name} is supported only between a linear op and its quantize")
-            lo, hi = (0.0, np.inf) if name == "relax.nn.relu" else (
-                float(call.args[1].value), float(call.args[2].value))
-            return replace(p, lo=max(p.lo, lo), hi=min(p.hi, hi))
-        if name == "relax.mean":
-            x = self.deq(self.val(call.args[0]), name)
-            axes = [int(a) for a in call.attrs.axis]
-            total = self.bb.emit(op.sum(self.centered(x), axis=axes, keepdims=bool(call.attrs.keepdims)))
-            dims = x.expr.ty.shape.values
-            try:
-                n = int(np.prod([int(dims[a]) for a in axes]))
-            except TypeError:
-                raise QDQLoweringError("mean over a dynamic dimension has no fixed divisor") from None
-            return _Pending([(total, x.scale.astype(np.float64) / n, None)])
-        if name == "relax.nn.batch_norm":
-            return self.batch_norm(call)
-        if name in NONLINEAR_OPS:
-            return self.nonlinear(call, NONLINEAR_OPS[name])
-        if name == "relax.nn.layer_norm":
-            return self.layer_norm(call)
-        if name in ("relax.multiply", "relax.divide"):
-            return self.scale(call, name)
-        if name in FLOAT_UNARY:
-            u = self.as_unary(self.val(call.args[0]))
-            if u is None:
-                raise QDQLoweringError(f"{name}: a float op of a value that is not one 8-bit tensor")
-            return _Unary(u.x, lambda q, fn=u.fn, f=FLOAT_UNARY[name]: f(fn(q)))
-        if name in ("relax.subtract", "relax.power"):
-            return self.float_binary(call, name)
-        if isinstance(call, relax.TupleGetItem):
-            v = self.val(call.tuple_value)
-            if isinstance(v, _Pending):     # batch_norm: 0 is the output; 1, 2 (running stats) go unused
-                return v if call.index == 0 else _BatchNormStats()
-            raise QDQLoweringError("tuple access of an unsupported value")
-        if name == "relax.nn.avg_pool2d":
-            return self.avg_pool(call)
-        if name == "relax.concat":
-            fields = call.args[0].fields if isinstance(call.args[0], relax.Tuple) else None
-            if fields is None:
-                raise QDQLoweringError("concat of a tuple variable is not supported")
-            return _Concat([self.const_int(v) if isinstance(v := self.val(f), _ConstDeq) else self.deq(v, name)
-                            for f in fields], int(call.attrs.axis))
-        if name == "relax.nn.max_pool2d" and str(call.attrs.layout) == "NCHW":
+        handler = HANDLERS.get(name)
+        if handler is None:
+            raise QDQLoweringError(f"{name}: no integer lowering for this op")
+        return handler(self, call)
+
+    # ---- the handlers -----------------------------------------------------------
+    @_handles("relax.nn.relu", "relax.clip")
+    def clamp(self, call):
+        name = _name(call)
+        p = self.val(call.args[0])
+        if isinstance(p, _Deq) and p.value.zero.size == 1:
+            x = p.value
+            if name == "relax.nn.relu":     # s (q - z) >= 0  <=>  q >= z: the same grid, exactly
+                z = relax.const(int(x.zero.reshape(-1)[0]), x.dtype)
+                return _Deq(replace(x, expr=self.bb.emit(op.maximum(x.expr, z))))
+            # Clip's bounds need not lie on the grid: a requantize of its own (as Q(DQ(q)) with
+            # other parameters) clamps them in the output's integer domain
+            p = _Pending([(self.centered(x), x.scale.astype(np.float64), None)], channels_last=x.channels_last)
+        if not isinstance(p, _Pending):
+            raise QDQLoweringError(f"{name} is supported only between a linear op and its quantize")
+        lo, hi = (0.0, np.inf) if name == "relax.nn.relu" else (
+            float(call.args[1].value), float(call.args[2].value))
+        return replace(p, lo=max(p.lo, lo), hi=min(p.hi, hi))
+
+    @_handles("relax.mean")
+    def mean(self, call):
+        x = self.deq(self.val(call.args[0]), "relax.mean")
+        axes = [int(a) for a in call.attrs.axis]
+        total = self.bb.emit(op.sum(self.centered(x), axis=axes, keepdims=bool(call.attrs.keepdims)))
+        dims = x.expr.ty.shape.values
+        try:
+            n = int(np.prod([int(dims[a]) for a in axes]))
+        except TypeError:
+            raise QDQLoweringError("mean over a dynamic dimension has no fixed divisor") from None
+        return _Pending([(total, x.scale.astype(np.float64) / n, None)])
+
+    @_handles(*FLOAT_UNARY)
+    def float_unary(self, call):
+        name = _name(call)
+        u = self.as_unary(self.val(call.args[0]))
+        if u is None:
+            raise QDQLoweringError(f"{name}: a float op of a value that is not one 8-bit tensor")
+        return _Unary(u.x, lambda q, fn=u.fn, f=FLOAT_UNARY[name]: f(fn(q)))
+
+    @_handles("TupleGetItem")               # _name of a relax.TupleGetItem
+    def tuple_get_item(self, call: relax.TupleGetItem):
+        v = self.val(call.tuple_value)
+        if isinstance(v, _Pending):     # batch_norm: 0 is the output; 1, 2 (running stats) go unused
+            return v if call.index == 0 else _BatchNormStats()
+        raise QDQLoweringError("tuple access of an unsupported value")
+
+    @_handles("relax.concat")
+    def concat(self, call):
+        fields = call.args[0].fields if isinstance(call.args[0], relax.Tuple) else None
+        if fields is None:
+            raise QDQLoweringError("concat of a tuple variable is not supported")
+        return _Concat([self.const_int(v) if isinstance(v := self.val(f), _ConstDeq) else self.deq(v, "relax.concat")
+                        for f in fields], int(call.attrs.axis))
+
+    @_handles("relax.nn.max_pool2d")
+    def max_pool(self, call):
+        if str(call.attrs.layout) == "NCHW":
             v = self.val(call.args[0], channels_last=True)
-            x = v if isinstance(v, _Int) else self.deq(v, name)
+            x = v if isinstance(v, _Int) else self.deq(v, "relax.nn.max_pool2d")
             if x.channels_last:     # channels are the contiguous vector; the stride only moves rows
                 a = call.attrs
                 pooled = op.nn.max_pool2d(x.expr, a.pool_size, a.strides, a.padding, a.dilation, a.ceil_mode,
                                           a.count_include_pad, layout="NHWC")
                 moved = replace(x, expr=self.bb.emit(pooled))
                 return moved if isinstance(v, _Int) else _Deq(moved)
-        if name == "relax.nn.max_pool2d" or name in VIEWS:
-            # on the integers; QOperator graphs apply these to quantized tensors directly,
-            # QDQ graphs to their dequantization: the result keeps the operand's form
-            v = self.val(call.args[0])
-            if isinstance(v, _ConstDeq) and name in VIEWS:
-                return self.const_view(call, v)
-            if name in VIEWS and isinstance(v, (tvm.ir.GenericConst, _FloatView)):
-                base = v if isinstance(v, _FloatView) else _FloatView(_np(v), [])
-                return _FloatView(base.value, [*base.views, call])
-            if name in VIEWS and isinstance(v, _Pending):
-                return self.pending_view(call, v)
-            x = v if isinstance(v, _Int) else self.deq(v, name)
-            if x.scale.size != 1:
-                raise QDQLoweringError(f"{name} of a per-channel tensor is not supported")
-            moved = _Int(self.bb.emit(relax.Call(call.op, [x.expr, *self.rest(call)], call.attrs)),
-                         x.scale, x.zero, x.dtype)
-            return moved if isinstance(v, _Int) else _Deq(moved)
-        raise QDQLoweringError(f"{name}: no integer lowering for this op")
+        return self.on_integers(call)
+
+    @_handles(*VIEWS)
+    def view(self, call):
+        """A view of a dequantized constant or a float one (replayed on the integers at its
+        quantize), of a result awaiting its requantize, or of an integer tensor."""
+        v = self.val(call.args[0])
+        if isinstance(v, _ConstDeq):
+            return self.const_view(call, v)
+        if isinstance(v, (tvm.ir.GenericConst, _FloatView)):
+            base = v if isinstance(v, _FloatView) else _FloatView(_np(v), [])
+            return _FloatView(base.value, [*base.views, call])
+        if isinstance(v, _Pending):
+            return self.pending_view(call, v)
+        return self.on_integers(call)
+
+    def on_integers(self, call):
+        """Max-pool and views on the integers; QOperator graphs apply these to quantized tensors
+        directly, QDQ graphs to their dequantization: the result keeps the operand's form."""
+        name = _name(call)
+        v = self.val(call.args[0])
+        x = v if isinstance(v, _Int) else self.deq(v, name)
+        if x.scale.size != 1:
+            raise QDQLoweringError(f"{name} of a per-channel tensor is not supported")
+        moved = _Int(self.bb.emit(relax.Call(call.op, [x.expr, *self.rest(call)], call.attrs)),
+                     x.scale, x.zero, x.dtype)
+        return moved if isinstance(v, _Int) else _Deq(moved)
 
     def rest(self, call) -> list:
         """A call's operands after the data: target shapes, indices (a symbolic batch's are
@@ -365,6 +391,7 @@ class _Lowering:
             return None
         return self.bb.emit(relax.Call(call.op, args, call.attrs, call.ty_args))
 
+    @_handles("relax.quantize")
     def quantize(self, call):
         src = self.val(call.args[0], channels_last=True)
         scale, zero = _np(call.args[1]).astype(np.float32), _np(call.args[2])
@@ -403,7 +430,7 @@ class _Lowering:
         for acc, num, axis in src.terms:
             ratio = num.astype(np.float32).astype(np.float64) / np.float64(np.float32(s_out))
             d = dyadic_from_ratio(ratio)
-            if src.bound * int(d.m.max()) >= 2**62:     # x * m + 2^(e-1) must stay inside int64
+            if not accumulators.requantize_fits(src.bound, int(d.m.max())):     # x * m + 2^(e-1) in int64
                 raise QDQLoweringError(f"requantize: accumulator bound {src.bound} times multiplier "
                                        f"{int(d.m.max())} may overflow int64")
             if src.table is not None and len(src.terms) == 1 and axis is None:
@@ -424,6 +451,7 @@ class _Lowering:
             return _real(v)
         raise QDQLoweringError("batch_norm: parameters must be constants")
 
+    @_handles("relax.nn.batch_norm")
     def batch_norm(self, call):
         """Inference BatchNormalization of a dequantized tensor, y = g*x + b per channel with
         g = gamma/sqrt(var+eps), b = beta - mean*g.  With the shift written on the input's grid,
@@ -458,59 +486,23 @@ class _Lowering:
         return _Int(relax.const(c.q.astype(dtype), dtype), c.scale, c.zero, dtype)
 
     def activation_matmul(self, a: _Int, b: _Int):
-        """Attention's Q.K^T and P.V: both operands are quantized activations, (a - z_a)(b - z_b)."""
-        k = int(a.expr.ty.shape.values[-1])
-
-        def span(v: _Int) -> int:           # max |q - z|
-            info, z = np.iinfo(v.dtype), int(v.zero.reshape(-1)[0])
-            return max(abs(int(info.min) - z), abs(int(info.max) - z))
-
-        bound = k * span(a) * span(b)
-        dtype = "int32" if bound < 2**31 else "int64"
-        if self.vnni and dtype == "int32" and self.vnni_operands(a, b):
-            acc = self.vnni_activation_matmul(a, b)
+        """Attention's Q.K^T and P.V: both operands are quantized activations, (a - z_a)(b - z_b),
+        on the first unit that fits, else one int32 (or int64) matmul of the centered operands."""
+        bound = accumulators.activation_matmul(int(a.expr.ty.shape.values[-1]), a.dtype, int(a.zero.reshape(-1)[0]),
+                                               b.dtype, int(b.zero.reshape(-1)[0]))
+        dtype = accumulators.accumulator_dtype(bound)
+        c = Contraction(ACTIVATION_MATMUL, Operand.of(a.expr, a.dtype, a.zero), dtype,
+                        y=Operand.of(b.expr, b.dtype, b.zero))
+        unit = first_fit(self.units, c)
+        if unit is not None:
+            acc = unit.emit(self.bb, c, a.expr, b.expr).expr
         else:
             acc = self.bb.emit(op.matmul(self.centered(a), self.centered(b), out_dtype=dtype))
         num = (a.scale.reshape(-1)[:1].astype(np.float32) * b.scale.reshape(-1)[:1].astype(np.float32))
         return _Pending([(acc, num.astype(np.float64), None)], bound=bound)
 
-    @staticmethod
-    def vnni_operands(a: _Int, b: _Int) -> bool:
-        """8-bit per-tensor operands of one static batch shape: vpdpbusd's u8 x s8 after an offset."""
-        shapes = [v.expr.ty.shape.values for v in (a, b)]
-        return (all(v.dtype in ("uint8", "int8") and v.zero.size == 1 for v in (a, b))
-                and all(isinstance(d, tvm.tirx.IntImm) for s in shapes for d in s)
-                and [int(d) for d in shapes[0][:-2]] == [int(d) for d in shapes[1][:-2]])
-
-    def vnni_activation_matmul(self, a: _Int, b: _Int) -> relax.Expr:
-        """(a - z_a)(b - z_b) with both operands at run time, on codegen/vnni.py's kernel: a as u8
-        (s8 + 128), b packed per call as s8 (u8 - 128, shift t), so with z_b' = z_b - t
-
-            sum (a - z_a)(b' - z_b') = sum a b' - z_b' sum_k a - z_a sum_k b + K z_a z_b
-
-        (sum_k b' = sum_k b - K t).  The row and column sums are small reductions of their own;
-        K pads to a multiple of 4 with zeros in both operands (in the kernel), which adds nothing."""
-        k, n = (int(d) for d in b.expr.ty.shape.values[-2:])
-        za, zb = int(a.zero.reshape(-1)[0]), int(b.zero.reshape(-1)[0])
-        x = a.expr
-        if a.dtype == "int8":
-            x = self.bb.emit(op.astype(op.add(op.astype(x, "int16"), relax.const(128, "int16")), "uint8"))
-            za += 128
-        shift = 128 if b.dtype == "uint8" else 0
-        packed = self.bb.emit_te(vnni.pack_operand, b.expr, shift, primfunc_name_hint="pack_operand")
-        acc = self.bb.emit_te(vnni.matmul, x, packed, primfunc_name_hint="matmul")
-        if vnni.operand_columns(n) != n:
-            acc = self.bb.emit(op.strided_slice(acc, axes=[acc.ty.ndim - 1], begin=[0], end=[n]))
-        if zb - shift:
-            rows = op.sum(op.astype(x, "int32"), axis=[-1], keepdims=True)
-            acc = self.bb.emit(op.subtract(acc, op.multiply(rows, relax.const(zb - shift, "int32"))))
-        if za:
-            cols = op.sum(op.astype(b.expr, "int32"), axis=[-2], keepdims=True)
-            acc = self.bb.emit(op.subtract(acc, op.multiply(cols, relax.const(za, "int32"))))
-            acc = self.bb.emit(op.add(acc, relax.const(k * za * zb, "int32")))
-        return acc
-
-    def scale(self, call, name):
+    @_handles("relax.multiply", "relax.divide")
+    def scale(self, call):
         """Products and quotients:
         - a pending result times a positive scalar constant (attention's 1/sqrt(d)): folded into
           the requantize ratio, no runtime multiply;
@@ -519,6 +511,7 @@ class _Lowering:
         - two activations: their centered product, ratio s_a * s_b (GELU's x * Phi(x) as ORT
           quantizes it);
         - an 8-bit activation with a float scalar constant: a float function, tabulated at its quantize."""
+        name = _name(call)
         p, c = self.val(call.args[0]), self.val(call.args[1])
         if isinstance(p, _Pending) and isinstance(c, tvm.ir.GenericConst) and _np(c).size == 1 \
                 and float(_np(c).reshape(-1)[0]) > 0 and len(p.terms) == 1:
@@ -536,16 +529,19 @@ class _Lowering:
             if isinstance(p, _Deq) and isinstance(c, _Deq) and p.value.scale.size == c.value.scale.size == 1:
                 a, b = p.value, c.value
                 ca, cb = self.centered(a), self.centered(b)
-                bound = (1 << np.iinfo(a.dtype).bits) * (1 << np.iinfo(b.dtype).bits)     # |q - z| < 2^bits
-                if bound >= 2**31:                                  # a 16-bit operand: the product in int64
+                bound = accumulators.product(a.dtype, b.dtype)
+                if accumulators.accumulator_dtype(bound) == "int64":    # a 16-bit operand: the product in int64
                     ca, cb = op.astype(ca, "int64"), op.astype(cb, "int64")
                 return _Pending([(self.bb.emit(op.multiply(ca, cb)), a.scale.astype(np.float64) * b.scale.astype(np.float64),
                                   None)], bound=bound)
-        return self.float_binary(call, name)
+        return self.float_binary(call)
 
-    def float_binary(self, call, name):
+    @_handles("relax.subtract", "relax.power")
+    def float_binary(self, call):
         """A float op of an 8-bit activation (or a float function of one) and a scalar float
-        constant: still a function of the one tensor's integers."""
+        constant: still a function of the one tensor's integers (any of FLOAT_BINARY: add,
+        multiply and divide come here when they are nothing else)."""
+        name = _name(call)
         a, b = self.val(call.args[0]), self.val(call.args[1])
         for u, k, first in ((self.as_unary(a), b, True), (self.as_unary(b), a, False)):
             if u is not None and isinstance(k, tvm.ir.GenericConst) and _np(k).size == 1:
@@ -570,7 +566,9 @@ class _Lowering:
         self.seen[kind] = i + 1
         return self.variants[kind][i]
 
-    def nonlinear(self, call, kind: str):
+    @_handles(*NONLINEAR_OPS)
+    def nonlinear(self, call):
+        kind = NONLINEAR_OPS[_name(call)]
         x = self.deq(self.val(call.args[0]), kind)
         ndim = x.expr.ty.ndim
         if kind == "softmax" and int(call.attrs.axis) % ndim != ndim - 1:
@@ -591,6 +589,7 @@ class _Lowering:
             y, scale, bound = build(variant, self.centered(x), s)
         return _Pending([(self.bb.emit(y), np.array([scale], np.float64), None)], bound=bound)
 
+    @_handles("relax.nn.layer_norm")
     def layer_norm(self, call):
         x = self.deq(self.val(call.args[0]), "relax.nn.layer_norm")
         ndim = x.expr.ty.ndim
@@ -601,13 +600,14 @@ class _Lowering:
         if np.any(gamma == 0):
             raise QDQLoweringError("layer_norm with a zero gamma has no integer form")
         info, channels = np.iinfo(str(x.expr.ty.dtype)), int(gamma.size)
-        if channels * (channels * (int(info.max) - int(info.min))) ** 2 >= 1 << 62:
+        if not accumulators.layer_norm_fits(channels, str(x.expr.ty.dtype)):
             raise QDQLoweringError(f"layer_norm over {channels} channels of {info.dtype} input: the integer "
                                    "variance could overflow int64; keep the residual stream in 8 bits")
         s = float(np.float32(x.scale.reshape(-1)[0]))
         y, scale, bound = integer_nonlinear.layer_norm(self.centered(x), s, gamma, beta, float(call.attrs.epsilon))
         return _Pending([(self.bb.emit(y), scale, -1)], bound=bound)
 
+    @_handles("relax.nn.avg_pool2d")
     def avg_pool(self, call):
         """A window sum as a depthwise convolution with a ones kernel, then rescale by s_x / (kh*kw).
         The divisor is one constant only when padding counts (or there is none)."""
@@ -636,6 +636,7 @@ class _Lowering:
         return self.bb.emit(saturate(rescale(self.centered(x), d), int(zero.reshape(-1)[0]), int(info.min),
                                      int(info.max), dtype))
 
+    @_handles("relax.dequantize")
     def dequantize(self, call):
         src = self.val(call.args[0], channels_last=True)
         scale, zero = _np(call.args[1]).astype(np.float32), _np(call.args[2])
@@ -689,12 +690,17 @@ class _Lowering:
             return _ConstDeq(c.q.reshape(shape), c.scale, c.zero, shape.index(c.q.size))
         raise QDQLoweringError(f"{name} of a per-channel constant is not supported")
 
-    def linear(self, call, name):
+    @_handles("relax.nn.conv2d", "relax.matmul")
+    def linear(self, call):
         """acc = sum(q_x * w) + (bias - z_x * sum(w)): the input's zero point is folded into the bias
         offline, so the kernel reads the raw 8-bit input (padding it with z_x, which is real 0)
-        and the int8 weights: the u8 x s8 -> int32 product VNNI and dp4a execute."""
-        # only an AMX convolution reads a channels-last input as it is
-        x = self.deq(self.val(call.args[0], channels_last=name == "relax.nn.conv2d" and (self.amx or self.dp4a)),
+        and the int8 weights: the u8 x s8 -> int32 product VNNI and dp4a execute.  The first of the
+        target's units that fits stores the weights in its layout and emits the kernel; with none,
+        the generic kernels below do (sub-byte weights stay packed, passes/subbyte.py)."""
+        name = _name(call)
+        is_conv = name == "relax.nn.conv2d"
+        # only a channels-last unit's convolution reads a channels-last input as it is
+        x = self.deq(self.val(call.args[0], channels_last=is_conv and any(u.channels_last for u in self.units)),
                      name)
         w = self.val(call.args[1])
         if name == "relax.matmul" and isinstance(w, _Deq):
@@ -705,152 +711,58 @@ class _Lowering:
             raise QDQLoweringError(f"{name}: per-channel weights need zero points of 0")
         if x.zero.size != 1:
             raise QDQLoweringError("per-axis zero points on activations are not supported")
-        is_conv = name == "relax.nn.conv2d"
         out_axis = 0 if is_conv else w.q.ndim - 1
         if w.scale.size > 1 and w.axis % w.q.ndim != out_axis:
             raise QDQLoweringError(f"{name}: weights must be quantized per output channel")
+        a = call.attrs
+        if is_conv and (str(a.data_layout) != "NCHW" or str(a.kernel_layout) != "OIHW"):
+            raise QDQLoweringError(f"{name}: only NCHW/OIHW layouts are supported")
         wq = w.q - (w.zero.reshape(-1)[0] if w.zero.size == 1 else 0)
         zx = int(x.zero.reshape(-1)[0])
-        # per output channel: sum of |w| over the reduction, and the zero-point correction
-        red = tuple(i for i in range(wq.ndim) if i != out_axis)
-        w_abs, w_sum = np.abs(wq).sum(axis=red), wq.sum(axis=red)
-        correction = -zx * w_sum
-        info = np.iinfo(x.dtype)
-        x_max = max(abs(int(info.min)), abs(int(info.max)))
-        bound = int((w_abs * x_max + np.abs(correction)).max())
-        acc_dtype = "int32" if bound < 2**31 else "int64"
+        acc_range = accumulators.linear(wq, out_axis, x.dtype, zx)
+        bound, acc_dtype = acc_range.bound, acc_range.dtype
         if acc_dtype == "int64":
             self.widened.append(f"{name.split('.')[-1]} #{len(self.weights)} (bound 2^{np.log2(bound):.1f})")
         # 4- and 2-bit weights stay packed in the artifact; the kernel unpacks them (passes/subbyte.py)
         bits = subbyte.width(wq)
-        if bits:
-            stored = subbyte.pack(wq, bits)
-        else:
-            stored = wq.astype(next(t for t in ("int8", "int16", "int32")
-                                    if np.iinfo(t).min <= wq.min() and wq.max() <= np.iinfo(t).max))
-        # x86 VNNI: u8 x s8 matmuls and convs read their weights in vpdpbusd's operand order
-        # (codegen/vnni.py); the conv's input channels are padded to a multiple of 4 there
-        u8s8 = (self.vnni and not bits and stored.dtype == np.int8 and x.dtype == "uint8"
-                and acc_dtype == "int32")
-        # output columns pad to whole 16-lane blocks where that adds little (a 1000-class head: 8
-        # columns), sliced off after the sum
-        columns = stored.shape[-1]
-        lanes = -(-columns // vnni.LANES) * vnni.LANES if columns >= 4 * vnni.LANES else columns
-        packed_vnni = u8s8 and not is_conv and stored.ndim == 2 and vnni.fits(stored.shape[0], lanes)
-        conv_vnni = (u8s8 and is_conv and vnni.conv_fits(stored.shape[0], int(call.attrs.groups))
-                     and all(isinstance(d, tvm.tirx.IntImm) for d in x.expr.ty.shape.values[1:]))
-        tiles = self.amx_geometry(call, x, wq.shape) if conv_vnni and self.amx else None
-        # CUDA dp4a: 8-bit operands with 4 consecutive bytes of the reduction contiguous in both; a
-        # convolution (not grouped) channels-last, its input padded by a kernel of its own
-        dp4a_operands = (self.dp4a and not bits and stored.dtype == np.int8 and x.dtype in ("uint8", "int8")
-                         and acc_dtype == "int32")
-        conv_dp4a = (dp4a_operands and is_conv and int(call.attrs.groups) == 1
-                     and all(isinstance(d, tvm.tirx.IntImm) for d in x.expr.ty.shape.values[1:]))
-        matmul_dp4a = dp4a_operands and not is_conv and stored.ndim == 2
-        if tiles is None and not conv_dp4a and x.channels_last:
+        weights = wq.astype(next(t for t in ("int8", "int16", "int32")
+                                 if np.iinfo(t).min <= wq.min() and wq.max() <= np.iinfo(t).max))
+        geometry = {}
+        if is_conv:
+            geometry = dict(groups=int(a.groups), strides=tuple(int(v) for v in a.strides),
+                            padding=tuple(int(v) for v in a.padding), dilation=tuple(int(v) for v in a.dilation))
+        c = Contraction(CONV2D if is_conv else MATMUL, Operand.of(x.expr, x.dtype, x.zero, x.channels_last), acc_dtype,
+                        weights, bits, **geometry)
+        unit = first_fit(self.units, c)
+        if (unit is None or not unit.channels_last) and x.channels_last:
             x = self.deq(self.val(call.args[0]), name)
-        # a token matmul [B, T, K] @ [K, N] on AMX is a 1 x 1 convolution of B one-row images
-        dims = x.expr.ty.shape.values
-        token_tiles = None
-        if (packed_vnni and self.amx and len(dims) == 3 and isinstance(dims[1], tvm.tirx.IntImm)
-                and int(dims[1]) >= amx.BLOCK and amx.conv_fits(*stored.shape, 1, (1, 1), (1, 1))):
-            token_tiles = amx.ConvGeometry(stored.shape[0], 1, int(dims[1]), stored.shape[1], (1, 1), 1,
-                                           (0, 0, 0, 0), (1, 1))
-            packed_vnni = False
-        if conv_dp4a:
-            stored = dp4a.pack_conv_weights(stored)
-        elif matmul_dp4a:
-            stored = dp4a.pack_matmul_weights(stored)
-        elif packed_vnni:
-            stored = vnni.pack(np.pad(stored, [(0, 0), (0, lanes - columns)]))
-        elif token_tiles is not None:
-            stored = token_tiles.pack(stored.T[:, :, None, None])
-        elif tiles is not None:
-            stored = tiles.pack(stored)
-        elif conv_vnni:
-            stored = vnni.pack_conv(stored)
+            c = replace(c, x=Operand.of(x.expr, x.dtype, x.zero))
+        stored = unit.pack(c) if unit is not None else subbyte.pack(wq, bits) if bits else weights
         wc = relax.const(stored, str(stored.dtype))
         self.digests.append(digest(stored))
-        packing = (tuple(wq.shape), bits)
         self.weights.append({"op": name.split(".")[-1], "shape": list(wq.shape),
                              "bits": bits or 8 * stored.itemsize, "bytes": int(stored.nbytes)})
-        if is_conv:
-            a = call.attrs
-            if str(a.data_layout) != "NCHW" or str(a.kernel_layout) != "OIHW":
-                raise QDQLoweringError(f"{name}: only NCHW/OIHW layouts are supported")
-            geometry = [int(v) for v in a.strides], [int(v) for v in a.padding], [int(v) for v in a.dilation]
+        if unit is not None:
+            result = unit.emit(self.bb, c, x.expr, wc)
+            acc, axis, shape = result.expr, result.axis, result.channel_shape
+        elif is_conv:
+            acc = self.bb.emit_te(_conv_zero_padded, x.expr, wc, list(c.strides), list(c.padding), list(c.dilation),
+                                  c.groups, zx, acc_dtype, (tuple(wq.shape), bits), primfunc_name_hint="conv2d")
             axis, shape = 1, (1, -1, 1, 1)
-            if tiles is not None:
-                acc = self.amx_conv2d(x, wc, tiles, zx)
-                axis, shape = 3, (1, 1, 1, -1)
-            elif conv_dp4a:
-                acc = self.dp4a_conv2d(x, wc, *geometry, zx)
-                axis, shape = 3, (1, 1, 1, -1)
-            elif conv_vnni:
-                acc = self.bb.emit_te(vnni.conv2d, x.expr, wc, *geometry, zx, primfunc_name_hint="conv2d")
-            else:
-                acc = self.bb.emit_te(_conv_zero_padded, x.expr, wc, *geometry, int(a.groups), zx, acc_dtype,
-                                      packing, primfunc_name_hint="conv2d")
-        elif matmul_dp4a:
-            k_dim = int(wq.shape[0])
-            xk = x.expr if k_dim % dp4a.LANES == 0 else self.bb.emit_te(
-                dp4a.pad_columns, x.expr, dp4a.rounded(k_dim), primfunc_name_hint="pad")
-            acc = self.bb.emit_te(dp4a.matmul, xk, wc, primfunc_name_hint="matmul")
-            axis, shape = -1, (-1,)
         elif bits:
-            acc = self.bb.emit_te(_matmul_packed, x.expr, wc, packing, acc_dtype, primfunc_name_hint="matmul")
-            axis, shape = -1, (-1,)
-        elif token_tiles is not None:
-            rows = replace(x, expr=self.bb.emit(op.reshape(x.expr, (dims[0], 1, dims[1], dims[2]))), channels_last=True)
-            acc = self.bb.emit(op.reshape(self.amx_conv2d(rows, wc, token_tiles, zx), (dims[0], dims[1], columns)))
-            axis, shape = -1, (-1,)
-        elif packed_vnni:
-            acc = self.bb.emit_te(vnni.matmul, x.expr, wc, primfunc_name_hint="matmul")
-            if lanes != columns:
-                acc = self.bb.emit(op.strided_slice(acc, axes=[acc.ty.ndim - 1], begin=[0], end=[columns]))
+            acc = self.bb.emit_te(subbyte.matmul, x.expr, wc, (tuple(wq.shape), bits), acc_dtype,
+                                  primfunc_name_hint="matmul")
             axis, shape = -1, (-1,)
         else:
             acc = self.bb.emit(op.matmul(x.expr, wc, out_dtype=acc_dtype))
             axis, shape = -1, (-1,)
         if zx:
+            correction = acc_range.correction
             acc = self.bb.emit(op.add(acc, relax.const(correction.reshape(shape).astype(acc_dtype), acc_dtype)))
         num = (x.scale.reshape(-1)[0].astype(np.float32) * w.scale.astype(np.float32)).astype(np.float64)
-        return _Pending([(acc, num, axis)], bound=bound, channels_last=tiles is not None or conv_dp4a)
+        return _Pending([(acc, num, axis)], bound=bound, channels_last=unit is not None and unit.channels_last)
 
-    def dp4a_conv2d(self, x: _Int, weights, strides, padding, dilation, zx: int) -> relax.Expr:
-        """codegen/cuda/dp4a.py's convolution of the channels-last input, padded first (spatially with
-        its zero point, channels to a multiple of 4) unless it needs none."""
-        x = self.to_nhwc(x)
-        channels = int(weights.ty.shape.values[3])
-        xp = x.expr
-        if any(padding) or channels != int(x.expr.ty.shape.values[3]):
-            xp = self.bb.emit_te(dp4a.pad_input, x.expr, padding, channels, zx, primfunc_name_hint="pad")
-        return self.bb.emit_te(dp4a.conv2d, xp, weights, strides, dilation, primfunc_name_hint="conv2d")
-
-    @staticmethod
-    def amx_geometry(call, x: _Int, shape) -> amx.ConvGeometry | None:
-        """The AMX form of a conv2d (codegen/amx.py), or None when its shape does not fit."""
-        a = call.attrs
-        strides, dilation = [int(v) for v in a.strides], [int(v) for v in a.dilation]
-        if not amx.conv_fits(shape[1], shape[0], int(a.groups), strides, dilation):
-            return None
-        dims = x.expr.ty.shape.values
-        height, width = dims[1:3] if x.channels_last else dims[2:4]
-        return amx.ConvGeometry(shape[1], int(height), int(width), shape[0], tuple(shape[2:]),
-                                strides[0], tuple(int(v) for v in a.padding), tuple(dilation))
-
-    def amx_conv2d(self, x: _Int, packed, g: amx.ConvGeometry, zx: int):
-        """codegen/amx.py's convolution: the input flattened to rows, the tile kernel, and the valid
-        pixels, channels-last (the epilogue fuses into that last step)."""
-        rows = self.bb.emit_te(lambda t: amx.flatten(t, g, zx, x.channels_last), x.expr,
-                               primfunc_name_hint="amx_rows")
-        kernel = self.bb.add_func(amx.conv_kernel(g).without_attr("global_symbol"), "conv2d_amx")
-        out = relax.TensorType((x.expr.ty.shape.values[0], g.pixels, g.out_channels), "int32")
-        offsets = relax.const(g.offsets(), "int32")
-        acc = self.bb.emit(relax.call_tir(kernel, [rows, packed, offsets], out))
-        return self.bb.emit_te(lambda t: amx.unflatten(t, g), acc,
-                               primfunc_name_hint="amx_valid")
-
+    @_handles("relax.add")
     def add(self, call):
         a, b = self.val(call.args[0], channels_last=True), self.val(call.args[1], channels_last=True)
         if isinstance(a, _ConstDeq) and isinstance(b, _Pending):
@@ -861,9 +773,9 @@ class _Lowering:
             if b.scale.size not in (1, expect.size) or not np.allclose(b.scale, expect, rtol=1e-6) \
                     or np.any(b.zero != 0):
                 raise QDQLoweringError("bias add: the bias must be int32 at scale s_x*s_w (as ORT writes it)")
-            bound = a.bound + int(np.abs(b.q).max())
+            bound = accumulators.bias_add(a.bound, b.q)
             dtype = str(acc.ty.dtype)
-            if bound >= 2**31 and dtype == "int32":     # the sum may not fit: add in int64
+            if dtype == "int32" and accumulators.accumulator_dtype(bound) == "int64":    # may not fit: add in int64
                 acc, dtype = self.bb.emit(op.astype(acc, "int64")), "int64"
                 self.widened.append(f"bias add #{len(self.weights) - 1} (bound 2^{np.log2(bound):.1f})")
             q = b.q.reshape(-1) if a.channels_last and b.q.size > 1 else b.q      # per channel: the last axis
@@ -886,7 +798,7 @@ class _Lowering:
                     value = self.to_nhwc(v.value) if nhwc else v.value
                     terms.append((self.centered(value), value.scale.astype(np.float64), None))
             return _Pending(terms, channels_last=nhwc)
-        return self.float_binary(call, "relax.add")
+        return self.float_binary(call)
 
 
 def _static_shape(expr) -> list[int] | None:
@@ -930,20 +842,9 @@ def _conv_zero_padded(x, w, strides, padding, dilation, groups, pad_value, out_d
     return topi.nn.group_conv2d_nchw(xp, w, strides, 0, dilation, groups, out_dtype=out_dtype)
 
 
-def _matmul_packed(x, packed, packing, out_dtype):
-    """x[..., K] @ w[K, N] with w read out of its packed sub-byte bytes."""
-    from tvm import te
-
-    (k_dim, n_dim), bits = packing
-    w = subbyte.unpacked(packed, (k_dim, n_dim), bits)
-    k = te.reduce_axis((0, k_dim), name="k")
-    return te.compute((*x.shape[:-1], n_dim), lambda *i: te.sum(
-        x[(*i[:-1], k)].astype(out_dtype) * w[k, i[-1]].astype(out_dtype), axis=k), name="matmul")
-
-
 @dataclass(frozen=True)
 class LoweringReport:
-    """The static range analysis' result: every linear layer's accumulator bound is
+    """The static range analysis' result (passes/accumulators.py): every linear layer's accumulator bound is
     max_c(sum_k |w[c,k]| * max|q_x| + |z_x * sum_k w[c,k]|) (+ |bias|); layers whose bound
     reaches 2^31 accumulate in int64 and are listed here.  ``weights``: per linear layer, in
     order, its op, weight shape, and bits and bytes as stored (sub-byte widths packed);
@@ -962,20 +863,20 @@ class LoweringReport:
         return f"{len(self.int64)} of {self.layers} accumulators widened to int64: {', '.join(self.int64)}"
 
 
-def lower_qdq(mod: tvm.IRModule, variants="auto", vnni: bool = False,
-              amx: bool = False, dp4a: bool = False) -> tuple[tvm.IRModule, LoweringReport]:
+def lower_qdq(mod: tvm.IRModule, variants="auto",
+              units: Sequence[ContractionUnit] = ()) -> tuple[tvm.IRModule, LoweringReport]:
     """Rebuild ``main`` with integer ops; raises QDQLoweringError on an unknown pattern.
     ``variants``: the softmax / GELU family, "shift" or "poly" for every node ("auto" without
     calibration data means poly), or per kind the list chosen per node (compiler/quantize.py).
-    ``vnni``: the target has x86 VNNI; int8 matmul and conv weights are stored in its operand layout.
-    ``amx``: it has AMX too; convolutions that fit run on its tiles (codegen/amx.py), channels-last.
-    ``dp4a``: CUDA; int8 matmuls and convolutions in dp4a's operand layout (codegen/cuda/dp4a.py)."""
+    ``units``: the target's contraction units, preferred first (Backend.units, codegen/backend.py): each conv2d and
+    matmul runs on the first that fits, in its weight layout; with none (the default), on the
+    generic kernels."""
     func = mod["main"]
     bb = relax.BlockBuilder()
     attrs = {k: func.attrs[k] for k in func.attrs.keys()} if func.attrs is not None else {}
     with bb.function("main", list(func.params), attrs=attrs):
         with bb.dataflow():
-            low = _Lowering(bb, variants, vnni, amx, dp4a)
+            low = _Lowering(bb, variants, units)
             outputs = set()
             for block in func.body.blocks:
                 for b in block.bindings:

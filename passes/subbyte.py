@@ -47,3 +47,15 @@ def unpacked(packed, shape, bits: int, name: str = BLOCK):
         return ((field ^ half) - half).astype("int8")
 
     return te.compute(shape, value, name=name)
+
+
+def matmul(x, packed, packing, out_dtype: str):
+    """TE: x[..., K] @ w[K, N] with w read out of its packed bytes (``packing``: ((K, N), bits)),
+    summed in ``out_dtype``: the integer lowering's generic kernel for a sub-byte matmul."""
+    from tvm import te
+
+    (k_dim, n_dim), bits = packing
+    w = unpacked(packed, (k_dim, n_dim), bits)
+    k = te.reduce_axis((0, k_dim), name="k")
+    return te.compute((*x.shape[:-1], n_dim), lambda *i: te.sum(
+        x[(*i[:-1], k)].astype(out_dtype) * w[k, i[-1]].astype(out_dtype), axis=k), name="matmul")

@@ -1,4 +1,8 @@
-"""lowbit runtime: load and run artifacts, baselines, measurement."""
+"""lowbit runtime: the bottom layer.  Loading and running artifacts (artifact, runner, io,
+remote), the shared plain types (types, errors, progress) and the numpy golden reference.  It
+imports nothing from the compiler; the backends' runners plug in through codegen/registry.py.
+
+``load`` is imported lazily (CLI start-up time: ``lowbit --help`` runs before TVM loads)."""
 
 
 def load(directory):

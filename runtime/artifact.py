@@ -1,16 +1,16 @@
-"""The compiled artifact: a library plus ``manifest.json``, saved atomically.
+"""The compiled artifact: its files plus ``manifest.json``, saved atomically.
 
 Layout of an artifact directory::
 
     OUTDIR/
-      manifest.json   what was compiled, for which target, with which tensors
+      manifest.json   what was compiled, for which backend, with which tensors
       model.so        the Relax VM executable (kernels + graph), loadable by TVM's runtime
 
-plus, for ``--target cuda``, kernels.cu (the CUDA source the library also embeds), and where nvcc
-was found kernels.ptx (for --arch) and kernels.fatbin (its cubin + PTX): loading hands the fatbin
-to TVM, so the GPU machine compiles nothing (codegen/cuda);
-or, for ``--target rv32``, the C project of codegen/rv32 (model.h, model.c, kernels.c|o, main.c,
-input.S, input.bin, Makefile) next to the manifest; runs go through QEMU (runtime/qemu.py).
+plus the backend's own files, listed in the manifest's ``files``: for ``--target cuda`` the CUDA
+source and, where nvcc was found, its PTX and fatbin (codegen/cuda); for ``--target rv32`` the C
+project instead of the library (codegen/rv32).  How an artifact loads and runs is its backend's
+runner (runtime/runner.py), found by the manifest's ``backend`` in codegen/registry.py; this
+module imports nothing from the compiler, the passes or code generation.
 """
 
 from __future__ import annotations
@@ -18,50 +18,36 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import platform
 import re
 import secrets
 import shutil
 import socket
 import tempfile
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from compiler.errors import UserError
+from codegen import registry
+from runtime.errors import UserError
+from runtime.io import run_batched
+from runtime.types import QuantParams, TensorSpec, from_container, to_container
 
-FORMAT = 1
+# 2: the backend by name with its own block (``build``) and the file list, instead of "mcu" / "gpu"
+FORMAT = 2
 NON_COMPUTE_OPS = {"quantize", "dequantize", "shape_func"}    # float boundary, symbolic-shape arithmetic
 MANIFEST = "manifest.json"
 LIBRARY = "model.so"
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    shape: tuple[int | str, ...]    # a str is a symbolic dimension, e.g. "batch"
-    dtype: str
-
-    def shape_str(self) -> str:
-        return "(" + ", ".join(map(str, self.shape)) + ")"
-
-
-@dataclass(frozen=True)
-class QuantParams:
-    """Affine quantization of a graph input or output: real = scale * (q - zero_point)."""
-    scale: float
-    zero_point: int
-    dtype: str
 
 
 @dataclass
 class Manifest:
     model: str                      # source model file name
     model_sha256: str
-    target: dict
+    backend: str                    # the target's name in codegen/registry.py: who builds and runs it
+    target: dict                    # the TVM target (or the backend's own description of it)
     precision: str                  # "fp32" | "int8" | "mixed"
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
@@ -79,10 +65,10 @@ class Manifest:
     launch_sequence: list[str] | None = None    # the kernels in the order one inference calls them
     tuning: dict | None = None      # --tune: codegen/tune.TuneReport (which kernels meta_schedule scheduled)
     unscheduled: list[str] | None = None    # kernels that kept TVM's naive loop nests (no rule fit)
-    mcu: dict | None = None         # rv32: ISA, memory plan, flash, MACs, the C interface's tensors
-    gpu: dict | None = None         # cuda: arch, the device code's files, nvcc, dp4a and row-reduction kernels
+    build: dict | None = None       # the backend's own block (rv32: ISA, memory plan, C interface; cuda: arch, nvcc)
+    files: list[str] = field(default_factory=list)      # the backend's files beside the library
     format: int = FORMAT
-    library: str = LIBRARY
+    library: str | None = LIBRARY   # the Relax VM library; None: the backend's files are the program
 
     def compute_kernels(self) -> list[str]:
         """Kernels that do more than the float boundary (input quantize, output dequantize) or
@@ -118,49 +104,6 @@ class Manifest:
         return cls(**d)
 
 
-# instruction sets the kernels may use; running code for one the host lacks dies with SIGILL
-CPU_FEATURES = ("avx2", "avx512f", "avx512bw", "avx512vnni", "avxvnni", "amx-tile", "amx-int8")
-
-
-def missing_cpu_features(target: dict) -> list[str]:
-    """The instruction sets ``target`` compiles for that this machine does not have.  The host's
-    features come from CPUID through LLVM, not from its CPU name: a VM may report an older model
-    (this one says Rocket Lake and has AVX-VNNI and AMX)."""
-    if target.get("kind") != "llvm" or not target.get("mcpu"):
-        return []
-    import tvm
-    from tvm.target import codegen
-
-    host = tvm.get_global_func("tvm.codegen.llvm.GetHostCPUFeatures")()
-    built = tvm.target.Target({k: v for k, v in target.items() if k in ("kind", "mcpu", "mattr")})
-    return [f for f in CPU_FEATURES if codegen.target_has_features(f, built) and not bool(host.get(f, False))]
-
-
-def gpu_present() -> bool:
-    import tvm
-
-    return bool(tvm.cuda().exist)
-
-
-def check_runs_here(manifest: Manifest) -> None:
-    """Refuse, in one line, an artifact this machine cannot execute: cross-compiled for another
-    architecture (pointing at the board), for instruction sets it lacks (instead of SIGILL), or
-    for a GPU it does not have."""
-    from codegen.llvm import foreign_arch
-
-    if manifest.gpu is not None and not gpu_present():
-        raise UserError(f"{manifest.model}: compiled for CUDA {manifest.gpu['arch']}, and this machine has no CUDA "
-                        "GPU (or no driver); run it on a GPU machine (copy the artifact directory)")
-
-    if foreign_arch(manifest.target):
-        raise UserError(f"{manifest.model}: compiled for {manifest.target['mtriple']}, and this machine is "
-                        f"{platform.machine()}; run it on the board: lowbit run OUTDIR --rpc HOST:PORT")
-    if missing := missing_cpu_features(manifest.target):
-        raise UserError(f"{manifest.model}: compiled for CPU {manifest.target.get('mcpu')}, whose "
-                        f"{', '.join(missing)} this machine lacks; recompile without --mcpu (or with "
-                        "one this machine has)")
-
-
 def versions() -> dict[str, str]:
     import importlib.metadata as md
 
@@ -174,31 +117,27 @@ def versions() -> dict[str, str]:
 
 
 class Artifact:
-    """A compiled model.  ``run`` executes it; ``save`` writes it as a directory."""
+    """A compiled model.  ``run`` executes it (through its backend's runner); ``save`` writes it
+    as a directory."""
 
     def __init__(self, manifest: Manifest, module: Any, library_path: Path | None = None,
-                 files: Mapping[str, bytes] | None = None, directory: Path | None = None):
+                 files: Mapping[str, bytes] | None = None, directory: Path | None = None, fcompile: Any = None):
         self.manifest = manifest
-        self._module = module               # tvm Executable (fresh) or runtime.Module (loaded)
+        self.runner = registry.runner(manifest.backend)
+        self._module = module               # tvm Executable (fresh), runtime.Module (loaded) or None
         self._library_path = library_path
-        self._files = dict(files or {})     # rv32: the C project, until saved; cuda: the device code
-        self._directory = directory         # rv32: where the project is (builds happen there)
+        self._files = dict(files or {})     # a fresh build's files, until saved
+        self._directory = directory         # a loaded artifact's directory
+        self._fcompile = fcompile           # export_library's linker: a cross gcc, or None (the host's)
         self._scratch = None
         self._vm = None
 
     @property
     def vm(self):
+        """The Relax VM over the library, on the runner's device."""
         if self._vm is None:
-            import tvm
-            from tvm import relax
-
-            from compiler.progress import native_stderr_to_debug
-
-            check_runs_here(self.manifest)
-
-            with native_stderr_to_debug():
-                device = tvm.cuda() if self.manifest.gpu is not None else tvm.cpu()
-                self._vm = relax.VirtualMachine(self._module, device)
+            self.runner.check(self.manifest)
+            self._vm = self.runner.vm(self._module)
         return self._vm
 
     def kernel_library(self):
@@ -209,31 +148,18 @@ class Artifact:
     def run(self, inputs: Mapping[str, np.ndarray] | np.ndarray) -> dict[str, np.ndarray]:
         """Run on numpy inputs keyed by ONNX input name (a bare array for a single-input model).
         A model compiled for a fixed batch B takes any multiple of B samples, B at a time."""
-        from runtime.io import run_batched
-
         return run_batched(self._run_checked, inputs, self.manifest.inputs, self.manifest.outputs, "inputs")
 
     def _run_checked(self, checked: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import tvm
-
-        from compiler.narrow_qdq import from_container, to_container
-
-        feeds = {k: to_container(v) for k, v in checked.items()}
-        if self.manifest.mcu is not None:
-            from runtime import qemu
-
-            outs = list(qemu.run(self.project(), self.manifest.mcu, feeds).values())
-        else:
-            device = tvm.cuda() if self.manifest.gpu is not None else tvm.cpu()
-            out = self.vm["main"](*[tvm.runtime.tensor(feeds[s.name], device) for s in self.manifest.inputs])
-            outs = [o.numpy() for o in (list(out) if not hasattr(out, "numpy") else [out])]
+        outs = self.runner.run(self, [to_container(checked[s.name]) for s in self.manifest.inputs])
         return {s.name: from_container(o, s.dtype) for s, o in zip(self.manifest.outputs, outs, strict=True)}
 
-    def project(self) -> Path:
-        """rv32: the C project's directory (a fresh build is written to a temporary one first)."""
+    def directory(self) -> Path:
+        """A directory holding the artifact: the loaded one, or a fresh build saved to a temporary
+        one first (an rv32 C project builds there)."""
         if self._directory is None:
-            self._scratch = tempfile.TemporaryDirectory(prefix="lowbit-rv32-")
-            self._directory = Path(self._scratch.name) / "project"
+            self._scratch = tempfile.TemporaryDirectory(prefix="lowbit-artifact-")
+            self._directory = Path(self._scratch.name) / "artifact"
             self.save(self._directory)
         return self._directory
 
@@ -242,26 +168,19 @@ class Artifact:
         (linked by the target's cross gcc when it is another architecture's)."""
         if self._library_path is not None:
             return self._library_path
-        from codegen.llvm import linker
-
         path = directory / LIBRARY
-        self._module.export_library(str(path), fcompile=linker(self.manifest.target))
+        self._module.export_library(str(path), fcompile=self._fcompile)
         return path
 
     def save(self, outdir: str | os.PathLike) -> Path:
         """Write the artifact directory atomically: a failure leaves no OUTDIR behind."""
         with atomic_directory(outdir) as tmp:
-            if self.manifest.mcu is not None:
-                source = self._directory
-                for name in self._files or (p.name for p in source.iterdir() if p.is_file()):
-                    data = self._files[name] if self._files else (source / name).read_bytes()
-                    (tmp / name).write_bytes(data)
-                (tmp / MANIFEST).write_text(self.manifest.to_json())
-                return Path(outdir)
-            library = self.library_file(tmp)
-            if library != tmp / LIBRARY:
-                shutil.copyfile(library, tmp / LIBRARY)
-            for name, data in self._files.items():      # cuda: the device code beside the library
+            if self._module is not None or self._library_path is not None:
+                library = self.library_file(tmp)
+                if library != tmp / LIBRARY:
+                    shutil.copyfile(library, tmp / LIBRARY)
+            for name in self.manifest.files:
+                data = self._files[name] if name in self._files else (self._directory / name).read_bytes()
                 (tmp / name).write_bytes(data)
             (tmp / MANIFEST).write_text(self.manifest.to_json())
         return Path(outdir)
@@ -370,32 +289,20 @@ def load(directory: str | os.PathLike) -> Artifact:
     if not mpath.is_file():
         raise UserError(f"{d}: not a lowbit artifact (no {MANIFEST}); create one with `lowbit compile`")
     try:
-        manifest = Manifest.from_dict(json.loads(mpath.read_text()))
+        raw = json.loads(mpath.read_text())
+    except ValueError as exc:
+        raise UserError(f"{mpath}: unreadable manifest ({exc}); recompile the model") from None
+    if isinstance(raw, dict) and raw.get("format") != FORMAT:
+        raise UserError(f"{mpath}: artifact format {raw.get('format')}, this lowbit reads {FORMAT}; recompile the model")
+    try:
+        manifest = Manifest.from_dict(raw)
     except (ValueError, TypeError, KeyError) as exc:
         raise UserError(f"{mpath}: unreadable manifest ({exc}); recompile the model") from None
-    if manifest.format != FORMAT:
-        raise UserError(f"{mpath}: artifact format {manifest.format}, this lowbit reads {FORMAT}; recompile the model")
-    lib = d / manifest.library
-    if not lib.is_file():
-        raise UserError(f"{d}: {manifest.library} is missing; recompile the model")
-    if manifest.mcu is not None:
-        return Artifact(manifest, None, directory=d)
-    from codegen.llvm import foreign_arch
-
-    if foreign_arch(manifest.target):           # a cross-compiled library: inspected, copied, sent over RPC
-        return Artifact(manifest, None, library_path=lib)
-    if manifest.gpu is not None:
-        names = [manifest.gpu[k] for k in ("source", "ptx", "fatbin") if manifest.gpu.get(k)]
-        files = {name: (d / name).read_bytes() for name in names}
-        if not gpu_present():                   # no CUDA here: inspected and copied, not run
-            return Artifact(manifest, None, library_path=lib, files=files)
-        from codegen.cuda import loader
-
-        loader.provide(files[manifest.gpu["source"]].decode(), files.get(manifest.gpu["fatbin"]))
-    import tvm
-
-    from compiler.progress import native_stderr_to_debug
-
-    with native_stderr_to_debug():
-        module = tvm.runtime.load_module(str(lib))
-    return Artifact(manifest, module, library_path=lib)
+    if manifest.backend not in registry.TARGETS:
+        raise UserError(f"{mpath}: compiled for target {manifest.backend!r}, which this lowbit does not know; "
+                        "recompile the model")
+    for name in ([manifest.library] if manifest.library else []) + manifest.files:
+        if not (d / name).is_file():
+            raise UserError(f"{d}: {name} is missing; recompile the model")
+    module = registry.runner(manifest.backend).load(d, manifest)      # None: this machine does not run it
+    return Artifact(manifest, module, library_path=d / manifest.library if manifest.library else None, directory=d)

@@ -10,6 +10,9 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import erf
 
+from passes.dyadic import dyadic_from_ratio, fine_offset
+from runtime import golden_nonlinear as gnl
+
 
 def saturating_cast(a: np.ndarray, lo: int, hi: int) -> np.ndarray:
     """Float -> integer as lowbit defines it (ONNX leaves it undefined out of range): NaN -> 0,
@@ -231,9 +234,6 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
     (the final DequantizeLinear) keyed by output name.  ``nonlinear``: the softmax / GELU
     family for every node ("auto": poly), or per kind the variant of each node in order."""
     from onnx import helper, numpy_helper
-
-    from passes.dyadic import dyadic_from_ratio, fine_offset
-    from runtime import golden_nonlinear as gnl
 
     g = model.graph
     env: dict = {t.name: numpy_helper.to_array(t) for t in g.initializer}

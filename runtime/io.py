@@ -9,8 +9,12 @@ from pathlib import Path
 import ml_dtypes  # noqa: F401  (registers int4, float8_e4m3fn, ... as numpy dtype names)
 import numpy as np
 
-from compiler.errors import UserError
-from runtime.artifact import TensorSpec
+from runtime.errors import UserError
+from runtime.types import TensorSpec
+
+# numpy allocates an array header's declared size before reading: one cap for every tensor lowbit reads
+MAX_TENSOR_BYTES = 2 << 30
+LIMIT = "lowbit's limit of 2 GiB per tensor"
 
 
 def cache_root() -> Path:
@@ -46,7 +50,6 @@ def check_array_headers(path: str | os.PathLike) -> None:
     import math
     import zipfile
 
-    from compiler.limits import LIMIT, MAX_TENSOR_BYTES
 
     def check(fp, stored: int, name: str) -> None:
         try:

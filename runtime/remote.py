@@ -24,7 +24,8 @@ from typing import TypeVar
 
 import numpy as np
 
-from compiler.errors import UserError
+from runtime.errors import UserError
+from runtime.io import check_inputs
 
 T = TypeVar("T")
 _uploads = itertools.count()
@@ -117,7 +118,6 @@ class RemoteModel:
     def _args(self, inputs):
         import tvm
 
-        from runtime.io import check_inputs
 
         feeds = check_inputs(inputs, self.manifest.inputs, where="inputs")
         return [tvm.runtime.tensor(feeds[s.name], self.device) for s in self.manifest.inputs]

@@ -16,9 +16,10 @@ import onnxruntime as ort
 from onnx import numpy_helper
 from scipy.stats import spearmanr
 
-from compiler import calibration, quantize, sensitivity
+from compiler import calibration, quantize
+from compiler.planning import sensitivity
+from compiler.tools.evaluate import labeled_splits
 from models import zoo
-from runtime.evaluate import labeled_splits
 
 
 def accuracy(model: onnx.ModelProto, splits) -> float:

@@ -201,7 +201,7 @@ def check_integer(model: onnx.ModelProto, target: str = "llvm", cpu: str | None 
     qdq, family = quantized(model), params_of(model)["nonlinear"]
     cpu = (cpu or params_of(model).get("cpu")) if target == "llvm" else None     # ``cpu``: instead of the drawn one
     feeds, _ = data(model)
-    art = driver.compile(qdq, options=CompileOptions(target=target, nonlinear=family, cpu=cpu))
+    art = driver.compile(qdq, options=CompileOptions(target=target, nonlinear=family, target_options={"mcpu": cpu}))
     assert art.manifest.integer_only, art.manifest.integer_region
     if cpu is not None and cpu not in runnable_cpus():
         return                  # built for an ISA this machine lacks: that it compiles is the check

@@ -18,7 +18,7 @@ from codegen.llvm import host_target
 from compiler import quantize
 from compiler.options import CompileOptions
 from runtime import golden
-from runtime.artifact import missing_cpu_features
+from runtime.runner import missing_cpu_features
 
 GEOMETRIES = [      # channels, height, width, out channels, kernel, stride, padding, dilation
     (3, 20, 21, 32, (7, 7), 2, (3, 3, 3, 3), (1, 1)),       # the stem: 3 channels pad to 4, 16 taps a step
@@ -101,7 +101,7 @@ def test_network_on_amx_is_bit_exact():
     model = _net()
     rng = np.random.default_rng(1)
     calib = {"x": rng.normal(size=(16, 3, 22, 19)).astype(np.float32)}
-    opts = CompileOptions(calib=calib, cpu="sapphirerapids")
+    opts = CompileOptions(calib=calib, target_options={"mcpu": "sapphirerapids"})
     art = compiler.compile(model, options=opts)
     assert art.manifest.integer_only
     assert sum("conv2d_amx" in k for k in art.manifest.kernels) == 5     # one tile kernel per conv
@@ -121,7 +121,7 @@ def test_without_amx_the_vnni_kernels_remain():
     """An AVX-512 VNNI CPU (Ice Lake) gets no tile code: the same network's convs are VNNI ones."""
     model = _net()
     calib = {"x": np.random.default_rng(1).normal(size=(4, 3, 22, 19)).astype(np.float32)}
-    art = compiler.compile(model, options=CompileOptions(calib=calib, cpu="icelake-server"))
+    art = compiler.compile(model, options=CompileOptions(calib=calib, target_options={"mcpu": "icelake-server"}))
     asm = art.kernel_library().inspect_source("asm")
     assert "tdpbusd" not in asm and "vpdpbusd" in asm
 
@@ -132,7 +132,7 @@ def test_token_matmuls_on_amx_are_bit_exact():
     model = _mlp(lead=("N", 40), dims=(128, 64, 32), scale=0.2)
     rng = np.random.default_rng(2)
     calib = {"x": rng.normal(size=(8, 40, 128)).astype(np.float32)}
-    opts = CompileOptions(calib=calib, cpu="sapphirerapids")
+    opts = CompileOptions(calib=calib, target_options={"mcpu": "sapphirerapids"})
     art = compiler.compile(model, options=opts)
     assert sum("conv2d_amx" in k for k in art.manifest.kernels) == 2
     if missing_cpu_features({**host_target(), "mcpu": "sapphirerapids"}):

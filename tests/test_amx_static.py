@@ -40,7 +40,7 @@ def test_pool_into_amx_conv_compiles_with_a_static_batch(tmp_path, batch):
     path = tmp_path / "cnn.onnx"
     path.write_bytes(_pooled_cnn(20).SerializeToString())
     calib = {"x": np.random.default_rng(1).normal(size=(8, 1, 20, 20)).astype(np.float32)}
-    opts = CompileOptions(cpu="sapphirerapids", input_shapes={"x": (batch, 1, 20, 20)}, calib=calib)
+    opts = CompileOptions(target_options={"mcpu": "sapphirerapids"}, input_shapes={"x": (batch, 1, 20, 20)}, calib=calib)
     art = compiler.compile(str(path), options=opts)
     assert art.manifest.integer_only
     assert not art.manifest.unscheduled

@@ -11,8 +11,8 @@ from conftest import mlp_model
 
 import compiler
 import runtime
-from compiler.errors import UserError
 from runtime.artifact import MANIFEST, Artifact
+from runtime.errors import UserError
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from conftest import make_model, mlp_model
 from onnx import TensorProto, helper, numpy_helper
 
 from compiler.cli import main
-from runtime import bench, ort
+from compiler.tools import bench, ort
 
 
 def test_time_interleaved_rotates_and_samples_every_runner():

@@ -1,4 +1,4 @@
-"""The bit-width ILP (compiler/bitplan.py) against brute force, and its budget errors."""
+"""The bit-width ILP (compiler/planning/bitplan.py) against brute force, and its budget errors."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import re
 import numpy as np
 import pytest
 
-from compiler.bitplan import BITS, Budget, Layer, solve
-from compiler.errors import UserError
+from compiler.planning.bitplan import BITS, Budget, Layer, solve
+from runtime.errors import UserError
 
 
 def layers(n: int, seed: int = 0, latency: bool = False) -> list[Layer]:

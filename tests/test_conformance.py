@@ -10,7 +10,7 @@ from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
 
 from compiler import frontend
-from runtime import conformance
+from compiler.tools import conformance
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ from conftest import concat_cnn, run_cli
 
 import compiler
 from codegen import llvm
-from compiler.errors import UserError
 from compiler.options import CompileOptions
+from runtime.errors import UserError
 
 EM_AARCH64 = 183          # ELF e_machine
 
@@ -57,7 +57,7 @@ def test_board_cpu_picks_features():
     assert llvm.target_dict("aarch64-linux", "cortex-a72") == {"kind": "llvm", "mtriple": "aarch64-linux-gnu",
                                                                "mcpu": "cortex-a72"}
     with pytest.raises(UserError, match="not a CPU LLVM knows for aarch64-linux"):
-        CompileOptions(target="aarch64-linux", cpu="haswell")
+        CompileOptions(target="aarch64-linux", target_options={"mcpu": "haswell"})
     with pytest.raises(UserError, match="unknown target 'riscv'"):
         CompileOptions(target="riscv")
 

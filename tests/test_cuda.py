@@ -17,13 +17,13 @@ import pytest
 from conftest import ROOT, assert_golden_per_sample, run_cli
 
 import compiler
-from codegen import cuda
+from codegen.cuda import build as cuda
 from codegen.cuda import nvcc
 from compiler import driver
-from compiler.errors import UserError
 from compiler.options import CompileOptions
 from models import zoo
 from passes import lower_qdq as lowering
+from runtime.errors import UserError
 
 ARCHS = ("sm_80", "sm_90")
 FLOAT_INSTRUCTION = re.compile(r"^\s*[a-z][\w.]*\.(f16|f16x2|bf16|f32|f64)\b", re.M)
@@ -57,10 +57,10 @@ def linear_layers(model: onnx.ModelProto) -> int:
 @pytest.mark.parametrize("name, arch", [(name, ARCHS[i % len(ARCHS)]) for i, name in enumerate(zoo.ENTRIES)])
 def test_zoo_model_builds_assembles_and_runs_int8_on_dp4a(name, arch, cuda_toolkit, tmp_path):
     files = zoo.ensure(name)
-    art = compiler.compile(files.onnx, options=CompileOptions(target="cuda", arch=arch, calib=files.calibration()))
+    art = compiler.compile(files.onnx, options=CompileOptions(target="cuda", target_options={"arch": arch}, calib=files.calibration()))
     outdir = tmp_path / "cuda"
     art.save(outdir)
-    gpu = json.loads((outdir / "manifest.json").read_text())["gpu"]
+    gpu = json.loads((outdir / "manifest.json").read_text())["build"]
     assert art.manifest.integer_only and gpu["arch"] == arch
     source, ptx = (outdir / gpu["source"]).read_text(), (outdir / gpu["ptx"]).read_text()
     assert re.search(rf"^\.target {arch}\b", ptx, re.M)
@@ -89,11 +89,12 @@ def test_dp4a_layouts_compute_the_golden_integers(name, monkeypatch):
     """The CUDA graph (channels-last convs padded once, channels to 4, weights transposed for
     dp4a) built for this CPU is bit-exact with the golden reference: only the schedules differ
     between it and the GPU build."""
+    from codegen.cuda.backend import cuda_units
+
     files = zoo.ensure(name)
     calib = files.calibration()
     real = lowering.lower_qdq
-    monkeypatch.setattr(driver, "lower_qdq", lambda *a, **k: real(*a, **{**k, "vnni": False, "amx": False,
-                                                                         "dp4a": True}))
+    monkeypatch.setattr(driver, "lower_qdq", lambda mod, variants, **_: real(mod, variants, units=cuda_units()))
     art = compiler.compile(files.onnx, options=CompileOptions(calib=calib))
     assert art.manifest.integer_only
     # the dp4a layout is the one built: the first convolution's 1 or 3 input channels stored as 4
@@ -116,7 +117,7 @@ def test_without_nvcc_the_library_keeps_the_source_and_warns(mlp_path, tmp_path)
     assert len(warning) == 1 and "no PTX or cubin" in warning[0]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["target"]["host"] == {"kind": "llvm", "mtriple": "x86_64-pc-linux-gnu"}    # any x86-64 host
-    gpu = manifest["gpu"]
+    gpu = manifest["build"]
     assert gpu["ptx"] is None and gpu["fatbin"] is None and gpu["nvcc"] is None
     assert sorted(p.name for p in out.iterdir()) == ["kernels.cu", "manifest.json", "model.so"]
     # the library embeds the CUDA source, which TVM compiles when a GPU machine loads it
@@ -146,7 +147,7 @@ def test_cuda_flag_errors(mlp_path):
 
 def test_a_cuda_artifact_refuses_to_run_without_a_gpu(tmp_path, mlp_path):
     import runtime
-    from runtime.artifact import gpu_present
+    from codegen.cuda.loader import gpu_present
 
     if gpu_present():
         pytest.skip("this machine has a CUDA GPU; tests/gpu runs the artifacts")
@@ -161,8 +162,8 @@ def test_a_cuda_artifact_refuses_to_run_without_a_gpu(tmp_path, mlp_path):
 
 
 def test_gpu_bench_table_and_refusal_without_a_gpu(tmp_path):
-    from runtime import bench, bench_gpu
-    from runtime.artifact import gpu_present
+    from codegen.cuda.loader import gpu_present
+    from compiler.tools import bench, bench_gpu
 
     rows = [bench.Row(n, ms, ms * 0.9, ms * 1.1, 1.0, 1.0, 0.0, cos, None)
             for n, ms, cos in (("lowbit-int8", 2.0, 0.995), ("lowbit-fp32", 9.0, 1.0), ("tvm-fp32", 7.0, 1.0),
@@ -171,6 +172,6 @@ def test_gpu_bench_table_and_refusal_without_a_gpu(tmp_path):
     line = table.splitlines()[-1]
     assert "| deit_tiny | 8 | H100 |" in line and "| 4.50x | 3.50x | 1.50x | 0.9950 |" in line and "| - |" in line
     if not gpu_present():
-        res = subprocess.run([sys.executable, "-m", "runtime.bench_gpu", "deit_tiny", "--out", str(tmp_path / "g")],
+        res = subprocess.run([sys.executable, "-m", "compiler.tools.bench_gpu", "deit_tiny", "--out", str(tmp_path / "g")],
                              capture_output=True, text=True, cwd=ROOT)
         assert res.returncode == 2 and "no CUDA GPU" in res.stderr and not (tmp_path / "g").exists()

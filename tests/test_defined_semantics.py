@@ -89,7 +89,7 @@ def test_every_isa_path_gives_the_defined_answer(cpu):
     integers on every ISA path this machine executes, and the ones the rule defines."""
     u = np.array([200, 1, 255, 128, 7, 9, 3, 255], np.uint8)
     v = np.array([1, 8, 9, 255, 7, 0, 2, 3], np.uint8)
-    art = compiler.compile(_model(), options=CompileOptions(cpu=cpu))
+    art = compiler.compile(_model(), options=CompileOptions(target_options={"mcpu": cpu}))
     got = art.run({"x": EXTREMES, "i": SHIFT_X, "s": SHIFT_Y, "u": u, "v": v})
     for k, want in _expected(u, v).items():
         np.testing.assert_array_equal(got[k], want, err_msg=f"{k} on {cpu}")

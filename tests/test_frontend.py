@@ -9,8 +9,8 @@ from conftest import make_model, mlp_model
 from onnx import TensorProto, helper
 
 from compiler import frontend
-from compiler.errors import UserError
 from compiler.options import CompileOptions, parse_input_shape
+from runtime.errors import UserError
 
 
 def _model_with_unknown_ops() -> onnx.ModelProto:

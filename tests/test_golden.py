@@ -12,8 +12,9 @@ from conftest import make_model, mlp_model
 from onnx import TensorProto, helper, numpy_helper
 from test_qoperator import _residual_cnn
 
+from compiler.tools import ort
 from models import zoo
-from runtime import golden, ort
+from runtime import golden
 
 
 def _naive_conv(x, w, stride, pad, dil, group):

@@ -1,4 +1,4 @@
-"""The loss gradient by TVM Relax's Gradient pass (compiler/gradient.py), with lowbit's rules for
+"""The loss gradient by TVM Relax's Gradient pass (compiler/planning/gradient.py), with lowbit's rules for
 GELU, squeeze and strided_slice, against central differences of the loss itself."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from conftest import make_model
 from onnx import TensorProto, helper, numpy_helper
 
 from compiler import quantize
-from compiler.gradient import LossGradient
+from compiler.planning.gradient import LossGradient
 
 
 def _transformer_head(seed=0):

@@ -29,10 +29,10 @@ import compiler
 import runtime
 from compiler import quantize
 from compiler.cli import main
-from compiler.errors import UserError
 from compiler.options import CompileOptions
-from runtime.artifact import TensorSpec
+from runtime.errors import UserError
 from runtime.io import read_tensors
+from runtime.types import TensorSpec
 
 X = np.random.default_rng(0).normal(size=(16, 8)).astype(np.float32)     # the mlp's calibration data
 LIMIT = "over lowbit's limit of 2 GiB per tensor"
@@ -409,8 +409,7 @@ def _running(pid: int) -> bool:
 
 @pytest.mark.parametrize("hang", ["QEMU with no program", "a command whose child hangs too"])
 def test_a_hanging_qemu_run_times_out_in_one_line_and_leaves_no_process(rv32_toolchain, monkeypatch, tmp_path, hang):
-    from codegen.rv32 import toolchain
-    from runtime import qemu
+    from codegen.rv32 import qemu, toolchain
 
     real = toolchain.qemu_command
     child = tmp_path / "child.pid"

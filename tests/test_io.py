@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from compiler.errors import UserError
-from runtime.artifact import TensorSpec
+from runtime.errors import UserError
 from runtime.io import check_inputs, read_tensors, write_npz
+from runtime.types import TensorSpec
 
 SPECS = [TensorSpec("a", ("batch", 3), "float32"), TensorSpec("b", ("batch", 2), "int8")]
 

@@ -34,7 +34,7 @@ def test_zoo_models_are_bit_identical_on_every_isa_path(name):
     want = np.concatenate([golden.run_qdq(qdq, {zoo.INPUT: x[i:i + 1]}, variants)[zoo.OUTPUT] for i in range(len(x))])
     print(f"ISA paths run here: {CPUS}")
     for cpu in CPUS:
-        art = compiler.compile(files.onnx, options=CompileOptions(cpu=cpu, calib=calib))
+        art = compiler.compile(files.onnx, options=CompileOptions(target_options={"mcpu": cpu}, calib=calib))
         assert art.manifest.integer_only, art.manifest.integer_region
         np.testing.assert_array_equal(art.run({zoo.INPUT: x})[zoo.OUTPUT], want, err_msg=f"{name} on {cpu}")
 

@@ -1,4 +1,4 @@
-"""Latency tables (runtime/latency.py): every layer's kernel found, timed at each width, cached,
+"""Latency tables (compiler/planning/latency.py): every layer's kernel found, timed at each width, cached,
 and budgeted by the ILP.  No timing is asserted beyond being measured: the machine is noisy."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import pytest
 from conftest import concat_cnn, run_cli
 
 import compiler
-from compiler import driver, frontend, sensitivity
-from compiler.bitplan import BITS
+from compiler import driver, frontend
 from compiler.options import CompileOptions
-from runtime import latency
+from compiler.planning import latency, sensitivity
+from compiler.planning.bitplan import BITS
 
 
 @pytest.fixture

@@ -16,8 +16,9 @@ from test_qoperator import _residual_cnn
 import compiler
 from compiler import qoperator
 from compiler.options import CompileOptions
+from compiler.tools import ort
 from models import zoo
-from runtime import golden, ort
+from runtime import golden
 
 
 class _Reader:
@@ -136,3 +137,95 @@ def test_relu6_clip_folds_into_the_requantize_clamp():
     y = art.run({"x": x})["y"]
     np.testing.assert_array_equal(y, golden.run_qdq(qdq, {"x": x})["y"])
     assert y.min() == 0 and 5.9 < y.max() <= 6.0
+
+
+# ---- the lowering's structure: target-neutral, ops by table, contractions as data ---------------
+
+def test_passes_import_no_backend():
+    """passes/ describes the integer program only: nothing there imports codegen/, runtime/ or
+    compiler/ (targets reach the lowering as contraction units, Backend.units in codegen/backend.py)."""
+    import ast
+
+    from conftest import ROOT
+
+    for path in sorted((ROOT / "passes").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                modules = [node.module or ""]
+            else:
+                continue
+            assert not any(m.split(".")[0] in ("codegen", "runtime", "compiler") for m in modules), (path.name, modules)
+
+
+def test_every_op_family_has_its_handler():
+    from passes.lower_qdq import FLOAT_BINARY, FLOAT_UNARY, HANDLERS, NONLINEAR_OPS, VIEWS
+
+    families = [*VIEWS, *FLOAT_UNARY, *FLOAT_BINARY, *NONLINEAR_OPS, "relax.quantize", "relax.dequantize",
+                "relax.nn.conv2d", "relax.matmul", "relax.nn.max_pool2d", "relax.nn.avg_pool2d", "relax.concat",
+                "relax.mean", "relax.nn.batch_norm", "relax.nn.layer_norm", "relax.nn.relu", "relax.clip",
+                "TupleGetItem"]
+    assert not set(families) - HANDLERS.keys()
+    assert len({HANDLERS[v] for v in VIEWS}) == 1 and len({HANDLERS[f] for f in FLOAT_UNARY}) == 1
+
+
+def _unit_names(units) -> list[str]:
+    return [f"{type(u).__module__.split('.')[-1]}.{type(u).__name__}" for u in units]
+
+
+@pytest.mark.parametrize("target, names", [
+    ({"kind": "llvm", "mcpu": "haswell"}, []),
+    ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]}, []),
+    ({"kind": "llvm", "mcpu": "alderlake"}, ["vnni.MatmulUnit", "vnni.ConvUnit", "vnni.ActivationMatmulUnit"]),
+    ({"kind": "llvm", "mcpu": "icelake-server"}, ["vnni.MatmulUnit", "vnni.ConvUnit", "vnni.ActivationMatmulUnit"]),
+    ({"kind": "llvm", "mcpu": "sapphirerapids"}, ["amx.ConvUnit", "amx.TokenMatmulUnit", "vnni.MatmulUnit",
+                                                  "vnni.ConvUnit", "vnni.ActivationMatmulUnit"]),
+], ids=["avx2", "aarch64", "avx_vnni", "avx512_vnni", "amx"])
+def test_cpu_units_follow_the_isa(target, names):
+    from codegen.cpu import cpu_units
+    from codegen.cuda.backend import cuda_units
+    from passes.contraction import ContractionUnit
+
+    got = cpu_units(target)
+    assert _unit_names(got) == names
+    assert all(isinstance(u, ContractionUnit) for u in (*got, *cuda_units()))
+
+
+@pytest.mark.parametrize("tokens, weights, x_dtype, want", [
+    (40, np.int8, "uint8", {"amx": "amx.TokenMatmulUnit", "vnni": "vnni.MatmulUnit", "cuda": "dp4a.MatmulUnit"}),
+    (8, np.int8, "uint8", {"amx": "vnni.MatmulUnit", "vnni": "vnni.MatmulUnit", "cuda": "dp4a.MatmulUnit"}),
+    (40, np.int8, "int8", {"amx": None, "vnni": None, "cuda": "dp4a.MatmulUnit"}),      # vpdpbusd: u8 x s8
+    (40, np.int16, "uint8", {"amx": None, "vnni": None, "cuda": None}),
+])
+def test_the_first_unit_that_fits_takes_the_matmul(tokens, weights, x_dtype, want):
+    """A token matmul goes to AMX's tiles from a whole tile block of tokens on, else to VNNI; an
+    s8 input only to dp4a; 16-bit weights to no unit (the generic int32 matmul)."""
+    from codegen.cpu import cpu_units
+    from codegen.cuda.backend import cuda_units
+    from passes.contraction import MATMUL, Contraction, Operand, first_fit
+
+    c = Contraction(MATMUL, Operand(x_dtype, (None, tokens, 64), 3), "int32",
+                    np.ones((64, 64), weights))
+    targets = {"amx": cpu_units({"kind": "llvm", "mcpu": "sapphirerapids"}),
+               "vnni": cpu_units({"kind": "llvm", "mcpu": "icelake-server"}), "cuda": cuda_units()}
+    for name, us in targets.items():
+        unit = first_fit(us, c)
+        assert (_unit_names([unit])[0] if unit else None) == want[name], name
+
+
+def test_linear_bound_holds_for_every_input():
+    """passes/accumulators.linear bounds |sum_k q_x w - z_x sum_k w| over every u8 input."""
+    import itertools
+
+    from passes import accumulators
+
+    w = np.array([[3, -2, 0], [1, 1, -5]])          # [K, N]
+    for zx in (0, 128, 255):
+        got = accumulators.linear(w, 1, "uint8", zx)
+        worst = max(int(np.abs(np.array(x) @ w + got.correction).max())
+                    for x in itertools.product((0, 255), repeat=w.shape[0]))
+        assert worst <= got.bound and got.dtype == "int32"
+        np.testing.assert_array_equal(got.correction, -zx * w.sum(axis=0))
+    assert accumulators.accumulator_dtype(2**31 - 1) == "int32" and accumulators.accumulator_dtype(2**31) == "int64"
+    assert accumulators.activation_matmul(64, "uint8", 0, "int8", 0) == 64 * 255 * 128

@@ -8,8 +8,9 @@ from conftest import concat_cnn, mlp_model, run_cli
 from onnx import numpy_helper
 
 import compiler
-from compiler import quantize, sensitivity
+from compiler import quantize
 from compiler.options import CompileOptions
+from compiler.planning import sensitivity
 from runtime import golden
 
 

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from compiler import driver
-from compiler.errors import UserError
+from runtime.errors import UserError
 
 
 def _int_weight_mlp(w_type: int, w: np.ndarray) -> object:

@@ -13,7 +13,7 @@ from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, q
 
 import compiler
 from compiler import qoperator
-from runtime import ort
+from compiler.tools import ort
 
 
 def _residual_cnn() -> onnx.ModelProto:

@@ -14,12 +14,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 import compiler
 from compiler import quantize
-from compiler.errors import UserError
 from compiler.fold_batchnorm import fold_batchnorm
 from compiler.options import CompileOptions
+from compiler.tools import ort as ort_baseline
 from models import zoo
 from runtime import golden
-from runtime import ort as ort_baseline
+from runtime.errors import UserError
 
 
 def _rand(*shape, seed=0):

@@ -20,8 +20,8 @@ from test_vnni import _mlp
 
 import compiler
 from codegen import tune
-from compiler.errors import UserError
 from compiler.options import CompileOptions
+from runtime.errors import UserError
 from runtime.remote import Remote
 
 

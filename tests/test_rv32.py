@@ -19,10 +19,10 @@ from codegen import memory_plan
 from codegen.memory_plan import Tensor
 from codegen.rv32 import toolchain
 from compiler import driver, frontend, quantize
-from compiler.errors import UserError
 from compiler.options import CompileOptions
 from models import zoo
 from runtime import golden
+from runtime.errors import UserError
 
 MODELS = ["digits_cnn", "digits_vit", "ds_cnn", "resnet8", "mobilenet_v1_025", "fc_autoencoder"]
 
@@ -91,7 +91,7 @@ def test_rv32_bit_exact_against_golden_and_cpu(built):
 
     name, outdir, cpu, qdq, variants = built
     art = runtime.load(outdir)
-    assert art.manifest.integer_only and art.manifest.mcu["isa"] == "rv32imc"
+    assert art.manifest.integer_only and art.manifest.build["isa"] == "rv32imc"
     x = zoo.get(name).samples(3, seed=11)
     batch = art.run({zoo.INPUT: x})[zoo.OUTPUT]            # one QEMU run, sample after sample
     assert batch.shape[0] == len(x)
@@ -105,7 +105,7 @@ def test_rv32_bit_exact_against_golden_and_cpu(built):
 
 def test_rv32_project_has_no_float_no_malloc_and_a_planned_arena(built):
     _, outdir, *_ = built
-    mcu = _manifest(outdir)["mcu"]
+    mcu = _manifest(outdir)["build"]
     sources = {f: (outdir / f).read_text() for f in ("kernels.c", "model.c", "model.h")}
     for f, text in sources.items():
         code = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
@@ -149,7 +149,7 @@ def test_profile_counts_are_deterministic_and_cover_every_call(rv32_toolchain, d
 
     profiles = [json.loads((tmp_path / f"p{i}.json").read_text()) for i in range(2)]
     assert profiles[0]["calls"] == profiles[1]["calls"]          # -icount shift=0: exact counts
-    mcu = _manifest(out)["mcu"]
+    mcu = _manifest(out)["build"]
     assert [c["kernel"] for c in profiles[0]["calls"]] == _manifest(out)["launch_sequence"]
     assert profiles[0]["macs"] == mcu["macs"] > 0
     assert 0 < profiles[0]["text_bytes"] < profiles[0]["elf_text_bytes"]
@@ -213,11 +213,11 @@ def test_missing_toolchain_is_one_line_naming_the_packages(digits_cnn, tmp_path)
 
 def test_rv32_flags_are_refused_for_other_targets():
     with pytest.raises(UserError, match="--target rv32"):
-        CompileOptions(target="llvm", march="rv32imac")
+        CompileOptions(target="llvm", target_options={"march": "rv32imac"})
     with pytest.raises(UserError, match="--march rv64"):
-        CompileOptions(target="rv32", march="rv64gc")
+        CompileOptions(target="rv32", target_options={"march": "rv64gc"})
     with pytest.raises(UserError, match="codegen llvm"):
-        CompileOptions(target="rv32", march="rv32imc+zve32x")
+        CompileOptions(target="rv32", target_options={"march": "rv32imc+zve32x"})
 
 
 def test_in_place_only_for_elementwise_kernels_of_equal_element_size():
@@ -249,7 +249,7 @@ def test_mixed_precision_weights_stay_packed_in_flash_and_bit_exact(rv32_toolcha
     mcu, cpu = runtime.load(tmp_path / "rv32"), runtime.load(tmp_path / "llvm")
     assert any(b < 8 for b in mcu.manifest.quantization["bit_plan"].values())
     one_byte_each = sum(int(np.prod(w["shape"])) for w in cpu.manifest.quantization["weights"])
-    assert mcu.manifest.mcu["weight_bytes"] < 0.8 * one_byte_each      # packed (biases, multipliers included)
+    assert mcu.manifest.build["weight_bytes"] < 0.8 * one_byte_each      # packed (biases, multipliers included)
     x = zoo.get("digits_cnn").samples(3, seed=9)
     np.testing.assert_array_equal(mcu.run({zoo.INPUT: x})[zoo.OUTPUT], cpu.run({zoo.INPUT: x})[zoo.OUTPUT])
 

@@ -13,9 +13,9 @@ from test_vnni import _cnn, _mlp
 import compiler
 from codegen import tune
 from compiler import quantize
-from compiler.errors import UserError
 from compiler.options import CompileOptions
 from runtime import golden
+from runtime.errors import UserError
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

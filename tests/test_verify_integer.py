@@ -11,9 +11,10 @@ from tvm import relax
 
 import compiler
 from compiler import frontend
+from compiler.tools import ort
 from passes.dyadic import dyadic_from_ratio, requantize
 from passes.verify_integer import VerifyIntegerOnly, check_integer_only
-from runtime import golden, ort
+from runtime import golden
 
 
 def _module(body) -> tvm.IRModule:

@@ -18,7 +18,7 @@ from codegen.llvm import host_target
 from compiler import quantize
 from compiler.options import CompileOptions
 from runtime import golden
-from runtime.artifact import missing_cpu_features
+from runtime.runner import missing_cpu_features
 
 CPUS = {"avx512_vnni": "icelake-server", "avx_vnni": "alderlake", None: "haswell"}
 
@@ -63,7 +63,7 @@ def test_isa_paths(flavour, kind):
     model = _mlp() if kind == "matmul" else _cnn()
     shape = (64, 64) if kind == "matmul" else (16, 3, 9, 9)
     calib = {"x": np.random.default_rng(1).normal(size=shape).astype(np.float32)}
-    opts = CompileOptions(calib=calib, cpu=cpu)
+    opts = CompileOptions(calib=calib, target_options={"mcpu": cpu})
     art = compiler.compile(model, options=opts)
     assert art.manifest.integer_only and art.manifest.target["mcpu"] == cpu
     asm = art.kernel_library().inspect_source("asm")
@@ -75,7 +75,7 @@ def test_isa_paths(flavour, kind):
     else:
         assert not dots
     if not _host_can_run(cpu):
-        from compiler.errors import UserError
+        from runtime.errors import UserError
 
         with pytest.raises(UserError, match=f"compiled for CPU {cpu}, whose .* this machine lacks"):
             art.run({"x": np.zeros((1, *shape[1:]), np.float32)})       # refused, not a SIGILL
@@ -114,10 +114,10 @@ def test_pack_layout():
 
 
 def test_bad_cpu_is_a_user_error():
-    from compiler.errors import UserError
+    from runtime.errors import UserError
 
     with pytest.raises(UserError, match="--mcpu pentium9: not a CPU LLVM knows for llvm"):
-        CompileOptions(cpu="pentium9")
+        CompileOptions(target_options={"mcpu": "pentium9"})
 
 
 @pytest.mark.parametrize("a_dtype, b_dtype, shape", [
@@ -134,6 +134,7 @@ def test_runtime_operand_matmul_bit_exact(a_dtype, b_dtype, shape):
     from tvm import relax
 
     from codegen import llvm
+    from codegen.cpu import cpu_units
     from passes.lower_qdq import _Int, _Lowering
 
     batch, m, k, n = shape
@@ -146,7 +147,7 @@ def test_runtime_operand_matmul_bit_exact(a_dtype, b_dtype, shape):
     va, vb = (relax.Var(name, relax.TensorType(v.shape, str(v.dtype))) for name, v in (("a", a), ("b", b)))
     with bb.function("main", [va, vb]):
         with bb.dataflow():
-            low = _Lowering(bb, "auto", vnni=True)
+            low = _Lowering(bb, "auto", cpu_units(host_target()))
             pending = low.activation_matmul(_Int(va, np.array([0.1]), np.array([za]), a_dtype),
                                             _Int(vb, np.array([0.1]), np.array([zb]), b_dtype))
             out = bb.emit_output(pending.terms[0][0])

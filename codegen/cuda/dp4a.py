@@ -5,7 +5,7 @@ accumulator in one instruction (PTX ``dp4a.u32.s32``: u8 activations times s8
 weights, exactly the HAWQ-V3 accumulator ``sum q_x * q_w`` of
 passes/lower_qdq.py, whose ``-z_x * sum(w)`` is folded into the bias).  Four
 consecutive bytes of the reduction must be contiguous in both operands, so
-passes/lower_qdq.py lays the operands out for it on this target:
+the lowering lays the operands out for it on this target (``ConvUnit``, ``MatmulUnit``):
 
 * convolution: the input channels-last (NHWC) and padded once (spatially with
   the zero point, its channels to a multiple of 4) by its own kernel, weights
@@ -19,6 +19,9 @@ schedule (``Dp4a``) splits ``k`` by 4 and tensorizes each step into one
 ``offset_factor=4``, so tensorize proves the alignment).  Each thread owns a
 register tile of rows x columns, accumulates in registers, and runs the fused
 requantize epilogue on its tile before the one store.
+
+``ConvUnit`` and ``MatmulUnit`` are the contraction units (passes/contraction.py) through which the
+integer lowering lays out and emits these kernels on the cuda target (Backend.units, codegen/backend.py).
 """
 
 from __future__ import annotations
@@ -26,12 +29,13 @@ from __future__ import annotations
 from functools import partial
 
 import numpy as np
-from tvm import s_tir, te, tirx, topi
+from tvm import relax, s_tir, te, tirx, topi
 from tvm.s_tir import dlight as dl
 from tvm.script import tirx as T
 
 from codegen.cpu_schedule import _const, _divisor_at_most, _feeds, _inline_read_once
 from codegen.cuda.rows import CudaRule, own_kernel
+from passes.contraction import CONV2D, MATMUL, Accumulator, Contraction
 
 LANES = 4                   # bytes per dp4a operand
 BLOCK = "dp4a_"             # the reduction blocks this rule schedules
@@ -80,7 +84,7 @@ def _intrinsic(a_dtype: str, b_dtype: str, index: str) -> str:
 INTRINSICS = {(a, b, i): _intrinsic(a, b, i) for a in ("uint8", "int8") for b in ("int8",) for i in ("int32", "int64")}
 
 
-# ---- the operand layouts (used by passes/lower_qdq.py) -------------------------------------
+# ---- the operand layouts (the contraction units below) ----------------------------------------
 
 def pack_conv_weights(w):
     """OIHW int8 weights -> [O, KH, KW, C4], zero bytes in the padding channels."""
@@ -129,6 +133,54 @@ def matmul(x, w):
     k = te.reduce_axis((0, int(w.shape[1])), "k")
     return te.compute((*x.shape[:-1], w.shape[0]), lambda *i: te.sum(
         x[(*i[:-1], k)].astype("int32") * w[i[-1], k].astype("int32"), axis=k), name=f"{BLOCK}matmul")
+
+
+# ---- the contraction units (passes/contraction.py) -------------------------------------------
+
+def _operands(c: Contraction) -> bool:
+    """8-bit operands (u8 or s8 input, int8 weights) summed in int32: dp4a.u32.s32 / s32.s32."""
+    return c.int8_weights and c.x.dtype in ("uint8", "int8") and c.acc_dtype == "int32"
+
+
+class ConvUnit:
+    """An ungrouped convolution of a static image: channels-last in and out, its input padded
+    once by a kernel of its own (``pad_input``) unless it needs none."""
+    name = f"{BLOCK}conv2d"
+    channels_last = True
+
+    def fits(self, c: Contraction) -> bool:
+        return c.kind == CONV2D and _operands(c) and c.groups == 1 and all(d is not None for d in c.x.shape[1:])
+
+    def pack(self, c: Contraction) -> np.ndarray:
+        return pack_conv_weights(c.weights)
+
+    def emit(self, bb, c: Contraction, x, w) -> Accumulator:
+        if not c.x.channels_last:
+            x = bb.emit(relax.op.permute_dims(x, [0, 2, 3, 1]))
+        channels = int(w.ty.shape.values[3])
+        padding = list(c.padding)
+        xp = x
+        if any(padding) or channels != int(x.ty.shape.values[3]):
+            xp = bb.emit_te(pad_input, x, padding, channels, c.x.zero, primfunc_name_hint="pad")
+        return Accumulator(bb.emit_te(conv2d, xp, w, list(c.strides), list(c.dilation), primfunc_name_hint="conv2d"), 3)
+
+
+class MatmulUnit:
+    """x[..., K] @ W[K, N], W stored [N, K4]; the input's K padded to 4s by a kernel of its own
+    where it is not a multiple."""
+    name = f"{BLOCK}matmul"
+    channels_last = False
+
+    def fits(self, c: Contraction) -> bool:
+        return c.kind == MATMUL and _operands(c) and c.weights.ndim == 2
+
+    def pack(self, c: Contraction) -> np.ndarray:
+        return pack_matmul_weights(c.weights)
+
+    def emit(self, bb, c: Contraction, x, w) -> Accumulator:
+        k_dim = int(c.weights.shape[0])
+        xk = x if k_dim % LANES == 0 else bb.emit_te(pad_columns, x, rounded(k_dim), primfunc_name_hint="pad")
+        return Accumulator(bb.emit_te(matmul, xk, w, primfunc_name_hint="matmul"), -1)
 
 
 # ---- the schedule ------------------------------------------------------------------------------

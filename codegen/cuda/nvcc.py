@@ -17,8 +17,9 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from compiler.errors import UserError
-from compiler.progress import log
+from codegen.cuda.loader import source_hash
+from runtime.errors import UserError
+from runtime.progress import log
 
 TIMEOUT_S = 600
 
@@ -98,8 +99,6 @@ def compiling_for_tvm(arch: str) -> Iterator[dict[str, tuple[bytes, bytes, str]]
     Nothing changes where nvcc is missing."""
     import tvm.support.nvcc  # noqa: F401  (registers TVM's own callback: the one restored after)
     import tvm_ffi
-
-    from codegen.cuda import source_hash
 
     built: dict[str, tuple[bytes, bytes, str]] = {}
     if find() is None:

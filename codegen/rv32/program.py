@@ -20,7 +20,7 @@ from tvm import relax
 
 from codegen.memory_plan import MemoryPlan, Tensor
 from codegen.rv32.kernels import Scratch
-from passes.integer_region import BoundaryTensor
+from runtime.types import BoundaryTensor
 
 CTYPES = {"int8": "int8_t", "uint8": "uint8_t", "int16": "int16_t", "uint16": "uint16_t", "int32": "int32_t",
           "uint32": "uint32_t", "int64": "int64_t", "uint64": "uint64_t", "bool": "int8_t"}

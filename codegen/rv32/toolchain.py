@@ -12,7 +12,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 
-from compiler.errors import UserError
+from runtime.errors import UserError
 
 GCC = "riscv64-unknown-elf-gcc"
 QEMU = "qemu-system-riscv32"

@@ -14,11 +14,11 @@ from models import zoo
 
 @pytest.fixture(scope="session")
 def gpu_arch():
-    from runtime.artifact import gpu_present
+    from codegen.cuda.loader import gpu_present
 
     if not gpu_present():
         pytest.skip("no CUDA GPU on this machine (tvm.cuda() does not exist): the GPU runs need one")
-    from runtime.bench_gpu import gpu_arch
+    from compiler.tools.bench_gpu import gpu_arch
 
     return gpu_arch()
 
@@ -29,7 +29,7 @@ def test_zoo_model_bit_exact_on_the_gpu(name, gpu_arch, tmp_path, monkeypatch):
 
     files = zoo.ensure(name)
     calib = files.calibration()
-    compiler.compile(files.onnx, options=CompileOptions(target="cuda", arch=gpu_arch, calib=calib)).save(
+    compiler.compile(files.onnx, options=CompileOptions(target="cuda", target_options={"arch": gpu_arch}, calib=calib)).save(
         tmp_path / "a")
     # loading must not compile: the fatbin built here is what runs
     monkeypatch.setenv("TVM_CUDA_COMPILE_MODE", "none-expected")

@@ -10,27 +10,15 @@ the bindings the output does not depend on are dropped.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import numpy as np
 import tvm
 from tvm import relax
 
 from passes.verify_integer import DEQUANTIZE, QUANTIZE
+from runtime.types import BoundaryTensor
 
 
 class RegionError(ValueError):
     pass
-
-
-@dataclass(frozen=True)
-class BoundaryTensor:
-    """A graph input or output at the edge of the integer region: real = scale * (q - zero_point)."""
-    name: str                       # the ONNX tensor name
-    shape: tuple[int, ...]
-    dtype: str                      # the integer type the C interface passes
-    scale: float
-    zero_point: int
 
 
 def _op(value) -> str | None:
@@ -133,13 +121,3 @@ class _Substitute(relax.PyExprMutator):
     def visit_dataflow_var_(self, var):
         return self.remap.get(var, var)
 
-
-def quantize(x: np.ndarray, t: BoundaryTensor) -> np.ndarray:
-    """The host side of the input quantize (ONNX QuantizeLinear: round half to even, saturate)."""
-    info = np.iinfo(t.dtype)
-    q = np.round(np.asarray(x, np.float32) / np.float32(t.scale)) + t.zero_point
-    return np.clip(q, info.min, info.max).astype(t.dtype)
-
-
-def dequantize(q: np.ndarray, t: BoundaryTensor) -> np.ndarray:
-    return ((np.asarray(q).astype(np.int32) - t.zero_point).astype(np.float32) * np.float32(t.scale))

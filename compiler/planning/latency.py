@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from compiler.bitplan import BITS, Layer
-from compiler.errors import UserError
+from compiler.planning.bitplan import BITS, Layer
 from runtime.artifact import Artifact
+from runtime.errors import UserError
 from runtime.io import cache_root
 
 ROUNDS = 15

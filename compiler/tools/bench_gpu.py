@@ -4,10 +4,10 @@ For each model and batch, on this machine's GPU: lowbit's integer-only INT8 buil
 build (both ``--target cuda``), stock TVM on the FP32 model and on it cast to FP16 (ToMixedPrecision, TVM's
 default CUDA pipeline: dlight's tensor-core matmuls), and ONNX Runtime's CUDAExecutionProvider
 where onnxruntime-gpu is installed.  Runners are timed interleaved in one process
-(runtime/bench.py: medians and p10/p90 over rounds); every call copies its input to the GPU and
+(compiler/tools/bench.py: medians and p10/p90 over rounds); every call copies its input to the GPU and
 its output back, for all runners alike.  The reference for the ratios and fidelity is lowbit FP32.
 
-    python -m runtime.bench_gpu deit_tiny resnet18 --batch 1,8 --out bench/results/gpu
+    python -m compiler.tools.bench_gpu deit_tiny resnet18 --batch 1,8 --out bench/results/gpu
 """
 
 from __future__ import annotations
@@ -19,23 +19,25 @@ from pathlib import Path
 
 import numpy as np
 
-from compiler.errors import UserError
-from runtime import bench
+import compiler
+from codegen.cuda.backend import ARCHS
+from codegen.cuda.loader import gpu_present
+from compiler.options import CompileOptions
+from compiler.tools import bench
+from models import zoo
+from runtime.errors import UserError
 
 
 def gpu_arch() -> str:
     """The lent GPU's architecture as an ``--arch`` (the newest lowbit knows at or below it)."""
     import tvm
 
-    from codegen import cuda
-    from runtime.artifact import gpu_present
-
     if not gpu_present():
         raise UserError("make bench-gpu: this machine has no CUDA GPU (tvm.cuda() does not exist); run it on a "
                         "GPU machine: nothing was measured")
     major, minor = tvm.cuda().compute_version.split(".")
     have = int(major) * 10 + int(minor)
-    known = [a for a in cuda.ARCHS if int(a.removeprefix("sm_")) <= have]
+    known = [a for a in ARCHS if int(a.removeprefix("sm_")) <= have]
     if not known:
         raise UserError(f"GPU compute capability {major}.{minor}: lowbit's CUDA target needs sm_75 or later")
     return known[-1]
@@ -74,16 +76,12 @@ def ort_cuda(onnx_path: Path):
 def measure(name: str, batch: int, arch: str, seconds: float) -> bench.BenchResult:
     import tvm
 
-    import compiler
-    from compiler.options import CompileOptions
-    from models import zoo
-
     files = zoo.ensure(name)
     shapes = {zoo.INPUT: (batch, *zoo.get(name).sample_shape)}
     calib = files.calibration()
-    int8 = compiler.compile(files.onnx, options=CompileOptions(target="cuda", arch=arch, calib=calib,
+    int8 = compiler.compile(files.onnx, options=CompileOptions(target="cuda", target_options={"arch": arch}, calib=calib,
                                                                input_shapes=shapes))
-    fp32 = compiler.compile(files.onnx, options=CompileOptions(target="cuda", arch=arch, input_shapes=shapes))
+    fp32 = compiler.compile(files.onnx, options=CompileOptions(target="cuda", target_options={"arch": arch}, input_shapes=shapes))
     # lowbit's FP32 build runs float matmuls on its fallback schedule (its GPU rules are for integer
     # kernels), so stock TVM FP32 is timed too: the fair FP32 bar
     runners = {"lowbit-int8": int8.run, "lowbit-fp32": fp32.run,
@@ -124,7 +122,7 @@ def markdown(results: list[bench.BenchResult]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m runtime.bench_gpu", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m compiler.tools.bench_gpu", description=__doc__.splitlines()[0])
     p.add_argument("models", nargs="+")
     p.add_argument("--batch", default="1,8")
     p.add_argument("--seconds", type=float, default=10.0)

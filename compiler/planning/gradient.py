@@ -1,5 +1,5 @@
 """The loss of an ONNX classifier and its gradient in chosen weights, by TVM Relax's ``Gradient``
-pass: the Hessian sensitivity's first derivative (compiler/sensitivity.py), with no training
+pass: the Hessian sensitivity's first derivative (compiler/planning/sensitivity.py), with no training
 framework.
 
 The model is imported with its initializers as function parameters.  ``AppendLoss`` adds the
@@ -16,8 +16,13 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
+import tvm
+from tvm import relax
+from tvm.s_tir import dlight as dl
 
-from compiler.errors import UserError
+from codegen.cpu_schedule import CPUDefault
+from codegen.llvm import host_target
+from runtime.errors import UserError
 
 
 def _gelu_grad(orig_var, orig_call, output_grad, ctx):
@@ -66,13 +71,6 @@ def _strided_slice_grad(orig_var, orig_call, output_grad, ctx):
 
 def _build(mod):
     """Legalized, and each op scheduled by lowbit's CPU rules (codegen/cpu_schedule.py)."""
-    import tvm
-    from tvm import relax
-    from tvm.s_tir import dlight as dl
-
-    from codegen.cpu_schedule import CPUDefault
-    from codegen.llvm import host_target
-
     target = tvm.target.Target(host_target())
     with target:
         mod = tvm.transform.Sequential([relax.transform.LegalizeOps(), dl.ApplyDefaultSchedule(CPUDefault())])(mod)

@@ -1,4 +1,4 @@
-"""Per-layer sensitivity to weight quantization, the ILP's objective (compiler/bitplan.py).
+"""Per-layer sensitivity to weight quantization, the ILP's objective (compiler/planning/bitplan.py).
 
 Two measures, both computed from the ONNX model in ONNX Runtime (no training framework):
 
@@ -15,7 +15,7 @@ central difference of the loss gradient, H E v ~ (g(W + E v) - g(W - E v)) / 2, 
 quadratic loss and O(e^2) otherwise, with E scaling each layer by e_l = STEP * rms(W_l).  Then
 v_l^T (H E v)_l / e_l has mean tr(H_l): the cross-layer terms average out since the layers'
 signs are independent.  The gradient comes from TVM Relax's Gradient pass on the ONNX model
-(compiler/gradient.py).  The loss is cross-entropy against the labels when given, else against
+(compiler/planning/gradient.py).  The loss is cross-entropy against the labels when given, else against
 the FP32 model's own predictions.
 
 Weights are fed to one ORT session as inputs that override their initializers, so every
@@ -32,8 +32,9 @@ import onnx
 from onnx import helper, numpy_helper
 
 from compiler import calibration, quantize
-from compiler.bitplan import BITS, Layer
-from compiler.errors import UserError
+from compiler.planning.bitplan import BITS, Layer
+from compiler.planning.gradient import LossGradient
+from runtime.errors import UserError
 
 SAMPLES = 64            # calibration samples per measurement
 PROBES = 32             # Hutchinson vectors per layer
@@ -132,8 +133,6 @@ def _traces(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], target: np.
             where: str) -> dict[str, float]:
     """tr(H_l) per layer name, from the loss gradient of the model at a batch that splits the
     samples (its own fixed batch, else all of them at once)."""
-    from compiler.gradient import LossGradient
-
     first = next(i for i in model.graph.input if i.name in feeds)
     batch = first.type.tensor_type.shape.dim[0].dim_value or len(target)
     folded, grad_plan, _ = quantize.prepare(model, {k: (batch, *v.shape[1:]) for k, v in feeds.items()})

@@ -7,7 +7,7 @@ that the ONNX spec uses as parameters (scales, zero points, target shapes, pads,
 ``PARAMETERS``) are bound as constants from the first run's values; a later run with other
 values compiles again.
 
-``python -m runtime.conformance`` (``make conformance``) runs every node test that onnx 1.23
+``python -m compiler.tools.conformance`` (``make conformance``) runs every node test that onnx 1.23
 generates in memory through ``onnx.backend.test.BackendTest``: the cases whose ops lowbit
 supports run, the others count as unsupported.  It prints pass / fail / unsupported per op
 (fail split into *rejected*: a clean one-line UserError, *crash*: any other exception, and
@@ -37,10 +37,10 @@ import onnx
 from onnx import numpy_helper
 from onnx.backend.base import Backend, BackendRep
 
-from compiler import frontend
-from compiler.errors import UserError
-from compiler.progress import native_stderr_to_debug
+from compiler import driver, frontend
 from passes.defined_semantics import integer_range
+from runtime.errors import UserError
+from runtime.progress import native_stderr_to_debug
 
 ORT_MAX_IR, ORT_MAX_OPSET = 10, 23
 PASSING = Path(__file__).resolve().parents[1] / "tests" / "conformance" / "passing.txt"
@@ -91,8 +91,6 @@ class LowbitRep(BackendRep):
         self._built: dict[str, object] = {}
 
     def run(self, inputs, **kwargs):
-        from compiler import driver
-
         feeds = dict(zip(self.inputs, inputs if isinstance(inputs, (list, tuple)) else [inputs], strict=True))
         bound = {k: np.asarray(feeds.pop(k)) for k in self.parameters}
         key = hashlib.sha256(b"".join(k.encode() + v.dtype.str.encode() + str(v.shape).encode() + v.tobytes()
@@ -274,7 +272,7 @@ def ort_result(case) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m runtime.conformance", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m compiler.tools.conformance", description=__doc__.split("\n\n")[0])
     p.add_argument("--only", choices=["quantization", "all"], default="all",
                    help="quantization: the 45 cases of the quantization ops only")
     p.add_argument("--json", type=Path, help="write {case: {op, result}} here")

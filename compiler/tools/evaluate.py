@@ -18,6 +18,15 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import onnx
+
+import compiler
+from compiler.frontend import input_specs, load
+from compiler.options import CompileOptions
+from compiler.tools import ort
+from models import data, zoo
+from runtime.errors import UserError
+from runtime.io import read_tensors
 
 DATASETS = ("digits",)
 REFERENCE = "ORT FP32"
@@ -59,22 +68,34 @@ class EvalResult:
 
 
 def labeled_splits(dataset: str):
-    from compiler.errors import UserError
-    from models import data
-
     if dataset != "digits":
         raise UserError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
     return {s: data.digits(s) for s in ("test", "perturbed")}
 
 
+def eval_inputs(model: str, calib_path: str | None, dataset: str):
+    """(model path, calibration arrays) for eval and pareto: a zoo name or a file; ``calib_path``,
+    else the zoo's calibration set, else 256 images of the dataset's training split (never its
+    test splits)."""
+    labeled_splits(dataset)                         # unknown dataset: fail before any work
+    model_path, calib = model, None
+    if not os.path.exists(model) and model in zoo.ENTRIES:
+        files = zoo.ensure(model)
+        model_path = str(files.onnx)
+        calib = files.calibration() if not calib_path else None
+    specs = input_specs(load(model_path))
+    if calib_path:
+        calib = read_tensors(calib_path, specs)
+    elif calib is None:
+        train = data.digits("train").x
+        pick = np.random.default_rng(0).choice(len(train), size=min(256, len(train)), replace=False)
+        calib = {specs[0].name: train[pick]}
+    return model_path, calib
+
+
 def compile_for_splits(model_path: str, calib: Mapping[str, np.ndarray], splits, **quantization):
     """lowbit integer-only for whole splits at once: a graph with run-time shape arithmetic is
     compiled at the split's size (static shapes).  Returns (artifact, CompileOptions)."""
-    import onnx
-
-    import compiler
-    from compiler.options import CompileOptions
-
     name = onnx.load(model_path, load_external_data=False).graph.input[0].name
     sizes = {len(d.x) for d in splits.values()}
     shapes = {name: next(iter(splits.values())).x.shape} if len(sizes) == 1 else {}
@@ -83,13 +104,9 @@ def compile_for_splits(model_path: str, calib: Mapping[str, np.ndarray], splits,
 
 
 def evaluate(model_path: str, calib: Mapping[str, np.ndarray], dataset: str = "digits",
-             threads: int = 1, rv32: bool = False, **quantization) -> EvalResult:
+             threads: int = 1, also: tuple[str, ...] = (), **quantization) -> EvalResult:
     """``quantization``: lowbit's CompileOptions fields (observer, nonlinear, weight_bits, budgets...).
-    ``rv32``: also the rv32 build of the same model, run under QEMU (codegen/rv32, runtime/qemu.py)."""
-    import onnx
-
-    from runtime import ort
-
+    ``also``: more targets whose builds of the same model run here (rv32: under QEMU, codegen/rv32/qemu.py)."""
     splits = labeled_splits(dataset)
     name = onnx.load(model_path, load_external_data=False).graph.input[0].name
     with tempfile.TemporaryDirectory() as tmp:
@@ -98,13 +115,10 @@ def evaluate(model_path: str, calib: Mapping[str, np.ndarray], dataset: str = "d
         runners = {REFERENCE: ort.OrtRunner(REFERENCE, model_path, threads),
                    "ORT INT8 (QDQ)": ort.OrtRunner("ORT INT8 (QDQ)", qdq, threads),
                    f"lowbit {art.manifest.precision}": art.run}
-        if rv32:
-            import compiler
-            from compiler.options import CompileOptions
-
-            mcu = compiler.compile(model_path, options=CompileOptions(target="rv32", calib=dict(calib),
-                                                                      **quantization))
-            runners[f"lowbit {mcu.manifest.precision} rv32"] = mcu.run
+        for target in also:
+            other = compiler.compile(model_path, options=CompileOptions(target=target, calib=dict(calib),
+                                                                        **quantization))
+            runners[f"lowbit {other.manifest.precision} {target}"] = other.run
         logits = {r: {s: next(iter(run({name: d.x}).values())) for s, d in splits.items()}
                   for r, run in runners.items()}
     ref = logits[REFERENCE]

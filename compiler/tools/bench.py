@@ -11,14 +11,24 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from compiler.progress import bar, stage
-from runtime.threads import TIMING_ENV
+import compiler
+from codegen import registry
+from compiler.frontend import input_specs, load
+from compiler.options import CompileOptions
+from compiler.quantize import is_quantized
+from compiler.tools import ort
+from models import zoo
+from runtime.errors import UserError
+from runtime.io import read_tensors
+from runtime.progress import bar, log, stage
+from runtime.threads import TIMING_ENV, set_tvm_threads
 
 Runner = Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
 
@@ -155,14 +165,84 @@ def machine() -> dict[str, str]:
 def batches(samples: list[Mapping[str, np.ndarray]], batch: int, count: int, specs, where: str
             ) -> list[dict[str, np.ndarray]]:
     """``count`` inputs of ``batch`` samples each, cycling through the batch-1 ``samples``."""
-    from compiler.errors import UserError
-
     for s in specs:
         if isinstance(s.shape[0], int) and s.shape[0] != batch:
             raise UserError(f"{where}: input {s.name!r} has a fixed batch of {s.shape[0]}; --batch {batch} needs "
                             "a model exported with a dynamic batch axis")
     picks = [[samples[(i * batch + j) % len(samples)] for j in range(batch)] for i in range(count)]
     return [{k: np.concatenate([p[k] for p in pick]) for k in pick[0]} for pick in picks]
+
+
+def inputs(model: str, calib_path: str | None, count: int):
+    """(model path, calibration dict, ``count`` evaluation samples of batch 1) for a file or a zoo
+    name; a file's samples come from its calibration data, as many as it has.  With no data at all,
+    random normal inputs, with a warning: ORT INT8's fidelity numbers then mean little."""
+    if not os.path.exists(model) and model in zoo.ENTRIES:
+        files = zoo.ensure(model)
+        entry = zoo.get(model)
+        samples = entry.samples(count, seed=entry.seed + 3)
+        return str(files.onnx), files.calibration(), [{zoo.INPUT: samples[i : i + 1]} for i in range(len(samples))]
+    specs = input_specs(load(model))
+    if calib_path:
+        calib = read_tensors(calib_path, specs)
+    else:
+        log.warning("no --calib given: ORT INT8 is calibrated on random normal inputs, so its fidelity numbers "
+                    "mean little")
+        rng = np.random.default_rng(0)
+        calib = {}
+        for s in specs:
+            shape = [8] + [d if isinstance(d, int) else 1 for d in s.shape[1:]]
+            if not np.issubdtype(np.dtype(s.dtype), np.floating):
+                raise UserError(f"{model}: input {s.name!r} is {s.dtype}; pass --calib with real inputs")
+            calib[s.name] = rng.normal(size=shape).astype(s.dtype)
+    n = min(count, len(next(iter(calib.values()))))
+    return model, calib, [{k: v[i : i + 1] for k, v in calib.items()} for i in range(n)]
+
+
+def sweep(model: str, calib_path: str | None, *, target: str, target_options: Mapping, batch_sizes: list[int],
+          threads: list[int], seconds: float, samples: int, shapes: Mapping, remote=None,
+          report: Callable[[BenchResult], None] = lambda r: None) -> list[BenchResult]:
+    """``lowbit bench``: lowbit INT8 (for an FP32 model) and FP32 against the ORT baselines, each
+    batch size compiled once, each thread count timed interleaved; with ``remote`` lowbit runs on
+    the board and its own FP32 is the reference.  ``report`` sees each result as it comes."""
+    backend = CompileOptions(target=target, target_options=target_options).backend
+    if not (registry.runner(target).remote if remote else backend.measures_latency):
+        raise UserError(f"bench times wall-clock latency on this machine or a board over TVM RPC, and a {target} "
+                        "build runs on neither (an rv32 build's exact instruction counts: `lowbit profile OUTDIR`)")
+    if remote and len(threads) > 1:
+        raise UserError("--threads sets this machine's runtimes; a board's thread count is its rpc_server's "
+                        "TVM_NUM_THREADS: give one --threads value with --rpc/--tracker")
+    model_path, calib, picked = inputs(model, calib_path, samples * max(batch_sizes))
+    specs = input_specs(load(model_path))
+    quantized = is_quantized(load(model_path).proto)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        if not remote:
+            with stage("ORT baselines (quantize)"):
+                ort_models = ort.variants(model_path, calib, tmp)
+        for batch in batch_sizes:
+            feeds = batches(picked, batch, samples, specs, where=model)
+            fixed = {**{k: v.shape for k, v in feeds[0].items()}, **shapes}
+            common = {"target": target, "target_options": target_options, "input_shapes": fixed}
+            arts = [] if quantized else [compiler.compile(model_path, options=CompileOptions(calib=calib, **common))]
+            arts.append(compiler.compile(model_path, options=CompileOptions(**common)))
+            # first: the row t/lowbit refers to
+            session = remote.connect() if remote else None
+            lowbit = {f"lowbit-{a.manifest.precision}": (remote.load(a, session) if remote else a) for a in arts}
+            for t in threads:
+                runners = {n: (a if remote else a.run) for n, a in lowbit.items()}
+                if remote:              # ORT runs here, not on the board: lowbit's own FP32 is the reference
+                    reference = next(reversed(runners))
+                else:
+                    set_tvm_threads(t)
+                    baselines = ort.baselines(model_path, calib, t, tmp, ort_models)
+                    runners.update((r.name, r) for r in baselines)
+                    reference = baselines[0].name
+                result = compare(os.path.basename(model), runners, feeds[0], feeds, t, seconds, reference=reference,
+                                 batch=batch, where=remote.describe() if remote else "this machine")
+                report(result)
+                results.append(result)
+    return results
 
 
 def results_json(results: list[BenchResult]) -> str:
@@ -201,7 +281,7 @@ def markdown(results: list[BenchResult]) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":          # python -m runtime.bench bench/results/*.json: the README table
+if __name__ == "__main__":          # python -m compiler.tools.bench bench/results/*.json: the README table
     import sys
 
     loaded = []

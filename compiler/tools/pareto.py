@@ -5,7 +5,7 @@ size budgets, each compiled integer-only and run on the labeled test splits.
 
 Size is the stored weight bytes of the linear layers (packed sub-byte widths), the part a bit
 plan changes.  Speed is milliseconds per sample over the first split run as one batch, every
-configuration timed interleaved with the others (runtime/bench.py), medians.
+configuration timed interleaved with the others (compiler/tools/bench.py), medians.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from runtime.bench import time_interleaved
-from runtime.evaluate import compile_for_splits, labeled_splits
+from compiler.tools.bench import time_interleaved
+from compiler.tools.evaluate import compile_for_splits, labeled_splits
 
 BUDGETS = (0.25, 0.5, 0.75)
 

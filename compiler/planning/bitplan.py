@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from compiler.errors import UserError
+from runtime.errors import UserError
 
 BITS = (8, 4, 2)
 METRICS = ("size", "bops", "latency")

@@ -1,6 +1,7 @@
 """Running and profiling an rv32 artifact under QEMU.
 
-The artifact directory is the generated C project (codegen/rv32).  A run quantizes the input on
+The artifact directory is the generated C project (codegen/rv32).  ``RUNNER`` is the run side of
+the rv32 backend (codegen/registry.py).  A run quantizes the input on
 the host with the header's parameters, links an ELF around it (the project's Makefile; objects
 are built once per directory and reused), runs ``qemu-system-riscv32`` with a timeout, and
 decodes the bytes the harness prints.  ``profile`` builds with ``-DLOWBIT_PROFILE``: ``minstret``
@@ -21,8 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from codegen.rv32 import toolchain
-from compiler.errors import UserError
-from passes.integer_region import BoundaryTensor, dequantize, quantize
+from runtime.errors import UserError
+from runtime.runner import Runner
+from runtime.types import BoundaryTensor
 
 TIMEOUT_S = 120                 # per run of the harness, plus PER_INPUT_S for each input it processes
 PER_INPUT_S = 2
@@ -53,9 +55,6 @@ class Profile:
     def macs(self) -> int:
         return sum(c.macs for c in self.calls)
 
-
-def _boundary(d: dict) -> BoundaryTensor:
-    return BoundaryTensor(d["name"], tuple(d["shape"]), d["dtype"], d["scale"], d["zero_point"])
 
 
 def _run(cmd: list[str], limit: float) -> subprocess.CompletedProcess:
@@ -103,7 +102,7 @@ def _qemu(mcu: dict, elf: Path, inputs: int) -> str:
 def run_int(directory: Path, mcu: dict, q: np.ndarray, *, profile: bool = False) -> tuple[np.ndarray, str]:
     """The integer outputs for integer inputs ``q`` (any number of the model's input, stacked on a
     leading axis; one QEMU run for all of them), and the harness's full stdout."""
-    inp, out = _boundary(mcu["inputs"][0]), _boundary(mcu["outputs"][0])
+    inp, out = BoundaryTensor.from_dict(mcu["inputs"][0]), BoundaryTensor.from_dict(mcu["outputs"][0])
     count = q.size // int(np.prod(inp.shape))
     with tempfile.TemporaryDirectory(prefix="lowbit-qemu-") as tmp:
         path, elf = Path(tmp) / "input.bin", Path(tmp) / "model.elf"
@@ -119,17 +118,17 @@ def run_int(directory: Path, mcu: dict, q: np.ndarray, *, profile: bool = False)
 def run(directory: Path, mcu: dict, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Float in, float out, as the CPU backend: the host quantizes and dequantizes.  A batch runs
     sample by sample (the C interface takes one), all in one QEMU run."""
-    (inp,), (out,) = (_boundary(d) for d in mcu["inputs"]), (_boundary(d) for d in mcu["outputs"])
+    (inp,), (out,) = (BoundaryTensor.from_dict(d) for d in mcu["inputs"]), (BoundaryTensor.from_dict(d) for d in mcu["outputs"])
     x = np.asarray(feeds[inp.name])
     if x.ndim != len(inp.shape) or tuple(x.shape[1:]) != inp.shape[1:]:
         raise UserError(f"input {inp.name!r}: shape {x.shape}, the model takes {inp.shape} (any batch)")
-    q, _ = run_int(directory, mcu, quantize(x, inp))
+    q, _ = run_int(directory, mcu, inp.quantize(x))
     y = q.reshape((-1, *out.shape[1:])) if len(out.shape) > 1 else q.reshape(-1)
-    return {out.name: dequantize(y, out)}
+    return {out.name: out.dequantize(y)}
 
 
 def profile(directory: Path, mcu: dict, macs: dict[str, int]) -> Profile:
-    inp = _boundary(mcu["inputs"][0])
+    inp = BoundaryTensor.from_dict(mcu["inputs"][0])
     zero = np.full(inp.shape, inp.zero_point, inp.dtype)
     _, stdout = run_int(directory, mcu, zero, profile=True)
     calls, stack = [], 0
@@ -175,7 +174,23 @@ def markdown(profiles: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":          # python -m runtime.qemu NAME=PROFILE.json ...: the README table
+class Qemu(Runner):
+    """An rv32 artifact is its C project's directory; a run builds and runs it under QEMU."""
+
+    def run(self, artifact, feeds: list[np.ndarray]) -> list[np.ndarray]:
+        named = {s.name: f for s, f in zip(artifact.manifest.inputs, feeds, strict=True)}
+        return list(run(artifact.directory(), artifact.manifest.build, named).values())
+
+    def profile(self, artifact) -> Profile:
+        """Per-kernel instruction counts of one inference (``lowbit profile``)."""
+        block = artifact.manifest.build
+        return profile(artifact.directory(), block, block["kernel_macs"])
+
+
+RUNNER = Qemu()
+
+
+if __name__ == "__main__":          # python -m codegen.rv32.qemu NAME=PROFILE.json ...: the README table
     import json
     import sys
 
