@@ -1,0 +1,165 @@
+"""Each handler of the integer lowering (passes/lower_qdq.HANDLERS) on a tiny model of its own.
+
+Every case is a few ONNX nodes around the op under test, quantized by lowbit's quantizer (or, for
+a BatchNorm that the quantizer would fold, written as QDQ by hand).  The test records which
+handlers the lowering dispatched to, requires the op's own handler among them and the build to be
+integer-only, and compares the outputs with the golden interpreter (runtime/golden.run_qdq)
+exactly, on inputs three times wider than the calibration data so that every clamp is hit.
+A last test checks that the cases together reach every handler in the table.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from conftest import golden_model, make_model
+from onnx import TensorProto, helper, numpy_helper
+
+import compiler
+from compiler.options import CompileOptions
+from passes import lower_qdq
+from runtime import golden
+
+IMAGE = (2, 4, 6, 6)
+SEQUENCE = (2, 6, 8)
+_node = helper.make_node
+
+
+def _param(rng, name, *shape, scale=0.3):
+    return numpy_helper.from_array((rng.normal(size=shape) * scale).astype(np.float32), name)
+
+
+def _const(name, value, dtype=np.float32):
+    return numpy_helper.from_array(np.array(value, dtype), name)
+
+
+def _model(nodes, inits, x_shape) -> onnx.ModelProto:
+    """x -> nodes -> y, with y's type from ONNX shape inference."""
+    m = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))], [], inits,
+                   opset=20)
+    inferred = onnx.shape_inference.infer_shapes(m, strict_mode=True)
+    m.graph.output.append(next(v for v in inferred.graph.value_info if v.name == "y"))
+    return m
+
+
+class _Case:
+    """A tiny FP32 graph: ``layers`` are (node, initializers) pairs or nodes, on input ``x`` of ``shape``."""
+
+    def __init__(self, handlers: set[str], shape, layers, inits=()):
+        self.handlers, self.shape, self.layers, self.inits = handlers, shape, layers, inits
+
+    def model(self, seed: int) -> onnx.ModelProto:
+        rng = np.random.default_rng(seed)
+        nodes, inits = [], [f(rng) if callable(f) else f for f in self.inits]
+        for layer in self.layers:
+            node, make = layer if isinstance(layer, tuple) else (layer, ())
+            nodes.append(node)
+            inits += [f(rng) for f in make]
+        return _model(nodes, inits, self.shape)
+
+
+def _conv(src, dst, w, channels=4, k=3):
+    return (_node("Conv", [src, w, w + "_b"], [dst], pads=[k // 2] * 4),
+            (lambda rng: _param(rng, w, channels, IMAGE[1], k, k), lambda rng: _param(rng, w + "_b", channels)))
+
+
+def _matmul(src, dst, w, n=8):
+    return _node("MatMul", [src, w], [dst]), (lambda rng: _param(rng, w, SEQUENCE[-1], n),)
+
+
+CASES = {
+    "conv_relu": _Case({"relax.nn.conv2d", "relax.nn.relu"}, IMAGE, [_conv("x", "c", "w"), _node("Relu", ["c"], ["y"])]),
+    "clip": _Case({"relax.clip"}, IMAGE, [_conv("x", "c", "w"), _node("Clip", ["c", "lo", "hi"], ["y"])],
+                  [_const("lo", 0.0), _const("hi", 0.5)]),
+    "matmul_bias": _Case({"relax.matmul", "relax.add"}, SEQUENCE,
+                         [_matmul("x", "m", "w"), _node("Add", ["m", "b"], ["y"])], [lambda rng: _param(rng, "b", 8)]),
+    "residual_add": _Case({"relax.add"}, IMAGE,
+                          [_conv("x", "c", "w"), _node("Add", ["c", "x"], ["s"]), _node("Relu", ["s"], ["y"])]),
+    "concat": _Case({"relax.concat"}, IMAGE,
+                    [_conv("x", "a", "w1"), _conv("x", "b", "w2"), _node("Concat", ["a", "b"], ["y"], axis=1)]),
+    "max_pool": _Case({"relax.nn.max_pool2d"}, IMAGE,
+                      [_conv("x", "c", "w"), _node("MaxPool", ["c"], ["y"], kernel_shape=[2, 2], strides=[2, 2])]),
+    "avg_pool": _Case({"relax.nn.avg_pool2d"}, IMAGE,
+                      [_conv("x", "c", "w"), _node("AveragePool", ["c"], ["y"], kernel_shape=[2, 2], strides=[2, 2])]),
+    "mean": _Case({"relax.mean"}, IMAGE, [_conv("x", "c", "w"), _node("ReduceMean", ["c", "axes"], ["y"], keepdims=0)],
+                  [_const("axes", [2, 3], np.int64)]),
+    "views": _Case({"relax.permute_dims", "relax.reshape"}, IMAGE,
+                   [_conv("x", "c", "w"), _node("Transpose", ["c"], ["t"], perm=[0, 2, 3, 1]),
+                    _node("Reshape", ["t", "shape"], ["r"]), _node("MatMul", ["r", "wm"], ["y"])],
+                   [_const("shape", [IMAGE[0], 36, 4], np.int64), lambda rng: _param(rng, "wm", 4, 4)]),
+    "table": _Case({"relax.sigmoid"}, IMAGE, [_conv("x", "c", "w"), _node("Sigmoid", ["c"], ["y"])]),
+    "float_binary": _Case({"relax.subtract", "relax.power"}, IMAGE,
+                          [_conv("x", "c", "w"), _node("Sub", ["c", "k"], ["d"]), _node("Pow", ["d", "two"], ["y"])],
+                          [_const("k", 0.5), _const("two", 2.0)]),
+    "product": _Case({"relax.multiply"}, IMAGE,
+                     [_conv("x", "a", "w1"), _conv("x", "b", "w2"), _node("Mul", ["a", "b"], ["y"])]),
+    "scalar_divide": _Case({"relax.divide"}, SEQUENCE, [_matmul("x", "m", "w"), _node("Div", ["m", "k"], ["y"])],
+                           [_const("k", 2.8)]),
+    "softmax": _Case({"relax.nn.softmax"}, SEQUENCE, [_matmul("x", "m", "w"), _node("Softmax", ["m"], ["y"], axis=-1)]),
+    "gelu": _Case({"relax.nn.gelu"}, SEQUENCE, [_matmul("x", "m", "w"), _node("Gelu", ["m"], ["y"])]),
+    "layer_norm": _Case({"relax.nn.layer_norm"}, SEQUENCE,
+                        [_matmul("x", "m", "w"), _node("LayerNormalization", ["m", "g", "beta"], ["y"], axis=-1)],
+                        [lambda rng: _param(rng, "g", 8), lambda rng: _param(rng, "beta", 8)]),
+}
+
+
+def _batch_norm_qdq() -> onnx.ModelProto:
+    """DQ -> BatchNormalization -> Q -> DQ, as a quantizer that does not fold BatchNorm leaves it,
+    with a negative gamma on one channel (the sign term)."""
+    inits = [_const("sx", 0.05), _const("zx", 128, np.uint8), _const("sy", 0.08), _const("zy", 120, np.uint8),
+             _const("gamma", [1.5, -0.7, 0.3, 2.0]), _const("beta", [0.1, -0.2, 0.0, 0.4]),
+             _const("mean", [0.05, 0.0, -0.1, 0.2]), _const("var", [0.8, 1.2, 0.5, 2.0])]
+    nodes = [_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]), _node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+             _node("BatchNormalization", ["xd", "gamma", "beta", "mean", "var"], ["b"]),
+             _node("QuantizeLinear", ["b", "sy", "zy"], ["bq"]), _node("DequantizeLinear", ["bq", "sy", "zy"], ["y"])]
+    return _model(nodes, inits, IMAGE)
+
+
+def _recording(monkeypatch) -> set[str]:
+    """Wrap every handler so that the names the lowering dispatches land in the returned set."""
+    seen: set[str] = set()
+    for name, fn in list(lower_qdq.HANDLERS.items()):
+        def wrapped(self, call, fn=fn, name=name):
+            seen.add(name)
+            return fn(self, call)
+        monkeypatch.setitem(lower_qdq.HANDLERS, name, wrapped)
+    return seen
+
+
+def _shape(model) -> list[int]:
+    return [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+
+
+def _compile_and_compare(model, path, calib, monkeypatch) -> set[str]:
+    seen = _recording(monkeypatch)
+    onnx.save(model, path)
+    art = compiler.compile(path, options=CompileOptions(calib=calib))
+    assert art.manifest.precision == "int8" and art.manifest.integer_only, art.manifest.integer_region
+    qdq, variants = golden_model(path, calib) if calib is not None else (model, None)
+    x = {"x": np.random.default_rng(1).normal(size=_shape(model)).astype(np.float32) * 3}
+    np.testing.assert_array_equal(art.run(x)["y"], golden.run_qdq(qdq, x, variants)["y"])
+    return seen
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_handler_is_integer_and_bit_exact(name, tmp_path, monkeypatch):
+    case = CASES[name]
+    model = case.model(seed=sorted(CASES).index(name))
+    calib = {"x": np.random.default_rng(0).normal(size=(16, *case.shape[1:])).astype(np.float32)}
+    seen = _compile_and_compare(model, tmp_path / "m.onnx", calib, monkeypatch)
+    assert case.handlers <= seen, f"{sorted(case.handlers - seen)} not dispatched; saw {sorted(seen)}"
+
+
+def test_batch_norm_left_in_a_quantized_graph(tmp_path, monkeypatch):
+    seen = _compile_and_compare(_batch_norm_qdq(), tmp_path / "bn.onnx", None, monkeypatch)
+    assert {"relax.nn.batch_norm", "TupleGetItem", "relax.quantize", "relax.dequantize"} <= seen
+
+
+def test_the_cases_reach_every_handler():
+    """Each distinct handler function is the one under test in some case above (families such as
+    the views or the float unary ops share one function, so one member stands for it)."""
+    covered = set().union(*(c.handlers for c in CASES.values()),
+                          {"relax.nn.batch_norm", "TupleGetItem", "relax.quantize", "relax.dequantize"})
+    missing = {fn.__name__ for fn in lower_qdq.HANDLERS.values()} - {lower_qdq.HANDLERS[n].__name__ for n in covered}
+    assert not missing, f"handlers without a case: {sorted(missing)}"
