@@ -16,13 +16,12 @@ import numpy as np
 import onnx
 import tvm
 
-from compiler.narrow_qdq import CONTAINERS
 from compiler.qoperator import CONVERTERS
 from passes.defined_semantics import integer_range, saturate
 from runtime.errors import UserError
 from runtime.golden import saturating_cast
 from runtime.progress import log
-from runtime.types import TensorSpec
+from runtime.types import CONTAINERS, TensorSpec
 
 ONNX_DOMAINS = ("", "ai.onnx")
 # TVM matches com.microsoft contrib ops by op_type (SkipLayerNormalization, FastGelu, ...)
@@ -321,7 +320,7 @@ def output_dtypes(model: OnnxModel) -> dict[str, str]:
 
 def relax_output_specs(mod, names: list[str], declared: dict[str, str] | None = None) -> list[TensorSpec]:
     """Output specs from the imported function's return type (static dims resolved by overrides);
-    an output ``declared`` in a type carried in a byte (compiler/narrow_qdq.CONTAINERS) keeps that type."""
+    an output ``declared`` in a type carried in a byte (runtime/types.CONTAINERS) keeps that type."""
     from tvm import relax
 
     def dtype(name: str, got: str) -> str:

@@ -20,7 +20,7 @@ parameter layouts the integer lowering does not apply:
   graph still lowers to integers.
 
 Graph inputs and outputs in a narrow type keep it in the artifact's signature; ``Artifact.run``
-converts them to and from their byte containers (``to_container`` / ``from_container``).
+converts them to and from their byte containers (runtime/types.py: ``to_container`` / ``from_container``).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from compiler.qoperator import Rewriter, attrs
 from runtime.errors import UserError
+from runtime.types import to_container
 
 # narrow integer type -> (byte container, its range)
 NARROW_INT = {TensorProto.INT4: (TensorProto.INT8, -8, 7), TensorProto.UINT4: (TensorProto.UINT8, 0, 15),
@@ -43,29 +44,6 @@ def container(elem_type: int) -> int:
     if elem_type in NARROW_INT:
         return NARROW_INT[elem_type][0]
     return TensorProto.UINT8 if elem_type in FLOAT_CODES else elem_type
-
-
-def _np_name(elem_type: int) -> str:
-    return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)).name
-
-
-# the same by numpy dtype name (an artifact's signature): "int4" -> "int8", "float8_e4m3fn" -> "uint8"
-CONTAINERS = {_np_name(t): _np_name(container(t)) for t in (*NARROW_INT, *FLOAT_CODES)}
-_CODES = {_np_name(t) for t in FLOAT_CODES}
-
-
-def to_container(a: np.ndarray) -> np.ndarray:
-    """An array of a narrow type in its byte: integers by value, float codes by bit pattern."""
-    box = CONTAINERS.get(a.dtype.name)
-    if box is None:
-        return a
-    return a.view(box) if a.dtype.name in _CODES else a.astype(box)
-
-
-def from_container(a: np.ndarray, dtype: str) -> np.ndarray:
-    if dtype not in CONTAINERS:
-        return a
-    return a.view(dtype) if dtype in _CODES else a.astype(dtype)
 
 
 def decode_table(elem_type: int, dtype: np.dtype) -> np.ndarray:

@@ -9,7 +9,8 @@ from conftest import make_model
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from compiler import driver
+from compiler import driver, narrow_qdq
+from runtime import types
 from runtime.errors import UserError
 
 
@@ -108,3 +109,14 @@ def test_per_axis_activation_quantization_runs_as_float_and_is_refused_on_rv32(r
     with pytest.raises(UserError, match="not integer-only") as exc:
         driver.compile(model, "rv32")
     assert "\n" not in str(exc.value)
+
+
+def test_the_artifact_containers_match_the_onnx_types():
+    """runtime/types.CONTAINERS (what Artifact.run converts, with no ONNX import) is the table
+    narrow_qdq.container gives, by numpy dtype name."""
+    def name(t):
+        return np.dtype(helper.tensor_dtype_to_np_dtype(t)).name
+
+    assert types.CONTAINERS == {name(t): name(narrow_qdq.container(t))
+                                for t in (*narrow_qdq.NARROW_INT, *narrow_qdq.FLOAT_CODES)}
+    assert types.FLOAT_CODES == {name(t) for t in narrow_qdq.FLOAT_CODES}
