@@ -27,6 +27,10 @@ def _is(expr, name: str) -> bool:
 
 @relax.expr_functor.mutator
 class _HighWord(relax.PyExprMutator):
+    def __init__(self, mod=None):
+        super().__init__(mod)
+        self._high: list[relax.Expr] = []   # the int32 results of the rescales rewritten here
+
     def _value(self, expr):
         """The expression a dataflow variable is bound to (the lowering binds every op)."""
         while isinstance(expr, relax.Var):
@@ -58,11 +62,14 @@ class _HighWord(relax.PyExprMutator):
         half = _const(add.args[1])
         if high is None or not np.array_equal(half, np.left_shift(1, np.maximum(e, 1) - 1) * (e > 0)):
             return call
-        return self.builder_.normalize(high)
+        high = self.builder_.normalize(high)
+        self._high.append(self._value(high.args[0]))    # astype(int32 result, int64): |result| < 2^30
+        return high
 
     def _saturate(self, call):
-        """``dyadic.saturate`` of a term that is an int32 widened: ``astype(clip(astype(v, int64) +
-        z, lo, hi), int8)`` clamps in int32 instead (``|v| < 2^30``, so ``v + z`` cannot wrap)."""
+        """``dyadic.saturate`` of a rescale rewritten above: ``astype(clip(astype(v, int64) + z, lo,
+        hi), int8)`` clamps in int32 instead, since ``|v| < 2^30`` and ``v + z`` cannot wrap.  Any
+        other int32 ``v`` may be near 2^31, so its sum stays in int64."""
         if tvm.DataType(str(call.ty.dtype)).bits > 32:
             return call
         clip = self._value(call.args[0])
@@ -73,8 +80,10 @@ class _HighWord(relax.PyExprMutator):
             total, zero = self._value(total.args[0]), int(z.reshape(-1)[0])
         if not _is(total, "relax.astype") or str(total.args[0].ty.dtype) != "int32":
             return call
-        lo, hi = (int(v.value) for v in clip.args[1:3])
         v = total.args[0]
+        if not any(self._value(v).same_as(h) for h in self._high):
+            return call
+        lo, hi = (int(b.value) for b in clip.args[1:3])
         if zero:
             v = relax.op.add(v, relax.const(zero, "int32"))
         return self.builder_.normalize(relax.op.astype(relax.op.clip(v, lo, hi), call.ty.dtype))
