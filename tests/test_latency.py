@@ -100,3 +100,16 @@ def test_no_integer_kernels_no_table(tmp_path, cache):
     bad = run_cli("plan", path, "--calib", calib, "--latency-budget", "0.5")
     assert bad.returncode == 2 and "per-layer times cannot be measured" in bad.stderr, bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_the_source_hash_reads_the_compiler(tmp_path, monkeypatch):
+    """A cached table is keyed by the compiler's sources: the hash must see them (it read nothing
+    for a while after the module moved), and any edit to one must change it."""
+    assert all((latency.ROOT / pkg / "__init__.py").is_file() for pkg in latency.SOURCES)
+    for pkg in latency.SOURCES:
+        (tmp_path / pkg / "sub").mkdir(parents=True)
+        (tmp_path / pkg / "sub" / "m.py").write_text("x = 1\n")
+    monkeypatch.setattr(latency, "ROOT", tmp_path)
+    before = latency._source_hash()
+    (tmp_path / "passes" / "sub" / "m.py").write_text("x = 2\n")
+    assert latency._source_hash() != before

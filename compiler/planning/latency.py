@@ -32,16 +32,16 @@ from runtime.io import cache_root
 
 ROUNDS = 15
 MIN_SAMPLE_MS = 1.0         # each timed sample repeats a kernel until it lasts this long
+ROOT = Path(__file__).resolve().parents[2]         # the checkout: compiler/planning/latency.py
 SOURCES = ("compiler", "passes", "codegen")
 
 
 def _source_hash() -> str:
     """The compiler's own code: a table measured with other kernels is stale."""
     h = hashlib.sha256()
-    root = Path(__file__).resolve().parent.parent
     for pkg in SOURCES:
-        for f in sorted((root / pkg).glob("*.py")):
-            h.update(f.read_bytes())
+        for f in sorted((ROOT / pkg).rglob("*.py")):
+            h.update(f.relative_to(ROOT).as_posix().encode() + f.read_bytes())
     return h.hexdigest()[:16]
 
 
