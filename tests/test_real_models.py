@@ -99,7 +99,7 @@ def test_static_batch_cnn_on_every_isa_path(files, cpu):
     x = files["digits_cnn_calib"][:8].copy()
     x[-1] *= 1000.0             # far outside the calibrated range
     art = compiler.compile(files["digits_cnn"], options=CompileOptions(
-        cpu=cpu, input_shapes={"input": (8, 1, 32, 32)}, calib={"input": files["digits_cnn_calib"]}))
+        target_options={"mcpu": cpu}, input_shapes={"input": (8, 1, 32, 32)}, calib={"input": files["digits_cnn_calib"]}))
     assert art.manifest.integer_only, art.manifest.integer_region
     if cpu not in runnable_cpus():
         return
