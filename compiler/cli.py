@@ -144,7 +144,7 @@ def cmd_compile(args) -> int:
     from compiler.options import CompileOptions
 
     opts = CompileOptions(target=args.target, target_options=_target_options(args), input_shapes=_shapes(args),
-                          calib=args.calib, tune=args.tune, **_quant_options(args))
+                          calib=args.calib, tune=args.tune, integer_only=args.integer_only, **_quant_options(args))
     art = compiler.compile(args.model, options=opts, remote=_remote(args))
     art.save(args.output)
     m = art.manifest
@@ -356,6 +356,8 @@ def cmd_inspect(args) -> int:
     print(f"target     {m.backend} {json.dumps(m.target)}")
     print(f"precision  {m.precision}")
     print(f"integer-only: {'yes' if m.integer_only else 'no'} ({m.integer_region})")
+    for island in m.islands:
+        print(f"island     {island['op']} at node {island['node']!r}: {island['reason']}")
     for kind, specs in (("input", m.inputs), ("output", m.outputs)):
         for s in specs:
             q = f"  quant {m.quant[s.name]}" if m.quant and s.name in m.quant else ""
@@ -483,6 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib", metavar="DATA.npz",
                    help="quantize an FP32 model to integer-only, calibrating on these inputs (any sample count)")
     _add_quant_args(c)
+    c.add_argument("--integer-only", action="store_true",
+                   help="fail (exit 2, no artifact) unless every op between the input quantize and the output "
+                        "dequantize is integer: no float islands, no fake-quant")
     c.add_argument("--tune", type=_positive(int), default=0, metavar="TRIALS",
                    help="meta_schedule search, TRIALS candidates per kernel, kept where it beats lowbit's schedule; "
                         "results are cached, so a second compile measures nothing (needs static shapes)")

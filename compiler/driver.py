@@ -75,21 +75,25 @@ def _compile(model, opts: CompileOptions, config, remote=None) -> Artifact:
         mod = frontend.to_relax(src, inputs)
         limits.check_relax(mod, src.path)
         outputs = frontend.relax_output_specs(mod, [o.name for o in src.proto.graph.output], loaded.output_dtypes)
-    mod, lowering = lower(mod, src, calibrated.report.variants() if calibrated else opts.nonlinear, backend, target)
+    mod, lowering = lower(mod, src, calibrated.report.variants() if calibrated else opts.nonlinear, backend, target,
+                          opts.integer_only)
     with stage("analyze"):
         histogram, nbytes = op_histogram(mod), weight_bytes(mod)
         verdict = check_integer_only(mod)
-    if backend.integer_only and not verdict.integer_only:
-        raise UserError(f"{src.path}: not integer-only ({verdict.reason}); the {backend.name} target runs "
-                        "integer-only models: quantize it (--calib DATA.npz) or give a QDQ model")
+    if (backend.integer_only or opts.integer_only) and not verdict.integer_only:
+        why = "--integer-only was given" if opts.integer_only else f"the {backend.name} target runs integer-only models"
+        raise UserError(f"{src.path}: not integer-only ({verdict.reason}); {why}: quantize it (--calib DATA.npz) "
+                        "or give a QDQ model")
+    islands = lowering.islands if lowering else ()
     ctx = BuildContext(Path(src.path).name.split(".")[0], Path(src.path).name, inputs, outputs, opts, remote)
     with stage(backend.stage(opts)):
         build = build_for(backend, mod, target, ctx)
     manifest = Manifest(
         model=Path(src.path).name, model_sha256=src.sha256, backend=backend.name, target=target,
-        precision=_precision(histogram, verdict), inputs=loaded.declared if backend.one_sample else inputs,
+        precision=_precision(histogram, verdict, islands), inputs=loaded.declared if backend.one_sample else inputs,
         outputs=outputs, kernels=sorted(build.kernel_ops), op_histogram=histogram, weight_bytes=nbytes,
-        versions=versions(), integer_only=verdict.integer_only, integer_region=verdict.reason,
+        versions=versions(), integer_only=verdict.integer_only, integer_region=_region(verdict, islands),
+        islands=[asdict(i) for i in islands],
         quant=quantize.boundary_params(src.proto) or None,
         quantization=quantization(loaded.given_quantized, calibrated, lowering, build),
         kernel_ops=build.kernel_ops, kernels_unfused=build.kernels_unfused, kernel_launches=len(build.launch_sequence),
@@ -141,27 +145,44 @@ def calibrate(loaded: Loaded, opts: CompileOptions, config: quantize.QuantConfig
                                                                                  opts.sensitivity)
 
 
-def lower(mod, src: frontend.OnnxModel, variants, backend: Backend, target: dict):
-    """QDQ -> integer Relax on the backend's contraction units; a pattern the lowering does not
-    know leaves the float math between the Q/DQ pairs (fake-quant), or fails where the backend
-    runs integer-only models.  Returns (module, LoweringReport or None)."""
+def lower(mod, src: frontend.OnnxModel, variants, backend: Backend, target: dict, integer_only: bool):
+    """QDQ -> integer Relax on the backend's contraction units.  An op with no integer form runs
+    in float between a dequantize and a quantize (an island, one warning each), or fails where
+    the options or the backend ask for integer-only code; a graph the lowering cannot follow at
+    all keeps its float math between the Q/DQ pairs (fake-quant).  Returns (module,
+    LoweringReport or None)."""
     if not is_qdq(mod):
         return mod, None
+    refuse = "--integer-only was given: replace the op or drop the flag" if integer_only else \
+        f"the {backend.name} target runs integer-only models: replace the op" if backend.integer_only else None
     with stage("lower QDQ to integer"):
         try:
-            mod, report = lower_qdq(mod, variants, units=backend.units(target))
+            lowered, report = lower_qdq(mod, variants, units=backend.units(target))
         except QDQLoweringError as exc:
-            if backend.integer_only:
-                raise UserError(f"{src.path}: integer lowering not possible ({exc}); the {backend.name} target "
-                                "runs integer-only models") from None
+            if refuse:
+                raise UserError(f"{src.path}: integer lowering not possible ({exc}); {refuse}") from None
             # still a correct program: the float math between the Q/DQ pairs runs as is
             # the message, not the exception: a log record kept (pytest's caplog) would keep its frames,
             # and the lowering's BlockBuilder would warn on stderr whenever it is finally freed
             log.warning("%s: integer lowering not possible (%s); compiled as fake-quant", src.path, str(exc))
             return mod, None
+    if report.islands:
+        first = report.islands[0]
+        if refuse:
+            raise UserError(f"{src.path}: {_island_line(first)}{_more(report.islands)}; {refuse}")
+        for island in report.islands:
+            log.warning("%s: %s", src.path, _island_line(island))
     if report.int64:
         log.warning("%s: %s", src.path, report.summary())
-    return mod, report
+    return lowered, report
+
+
+def _island_line(island) -> str:
+    return f"float island: {island.op} at node {island.node!r} ({island.reason})"
+
+
+def _more(islands) -> str:
+    return f" and {len(islands) - 1} more" if len(islands) > 1 else ""
 
 
 def build_for(backend: Backend, mod, target: dict, ctx: BuildContext) -> Build:
@@ -266,9 +287,17 @@ def latency_table(src: frontend.OnnxModel, calib, opts: CompileOptions, layers) 
     return latency.cached(key, compute)
 
 
-def _precision(histogram: dict[str, int], verdict: IntegerVerdict) -> str:
-    """What the artifact computes in: QDQ models that still do float math between
-    their quantize/dequantize pairs are "fake-quant", not int8."""
+def _region(verdict: IntegerVerdict, islands) -> str:
+    """The verifier's verdict, or with float islands, which ops they are."""
+    if not islands:
+        return verdict.reason
+    return f"{len(islands)} float island(s): " + ", ".join(f"{i.op} ({i.node})" for i in islands)
+
+
+def _precision(histogram: dict[str, int], verdict: IntegerVerdict, islands) -> str:
+    """What the artifact computes in: QDQ models that still do float math between their
+    quantize/dequantize pairs are "fake-quant"; integer code with float islands is int8 (the
+    manifest's ``islands`` and ``integer_only`` say where it is not)."""
     if "relax.quantize" not in histogram and "relax.dequantize" not in histogram:
         return "fp32"
-    return "int8" if verdict.integer_only else "fake-quant"
+    return "int8" if verdict.integer_only or islands else "fake-quant"

@@ -230,7 +230,8 @@ def to_relax(model: OnnxModel, specs: list[TensorSpec]):
 @contextlib.contextmanager
 def _converters():
     """lowbit's own converters for a few ONNX ops, in place of TVM's for one import (the importer
-    looks its converters up through one module function, swapped here for the call):
+    looks its converters up through one module function, swapped here for the call), and each
+    node's name kept on the op it becomes:
 
     - Clip with constant bounds as ``relax.clip``.  TVM's converter emits maximum and minimum
       kernels behind NaN guards on the bounds, which hides them from the integer lowering
@@ -295,11 +296,26 @@ def _converters():
     def convert_map():
         return {**original(), "Clip": Clip, "Cast": Cast, "CastLike": CastLike}
 
+    importer = tvm_onnx.ONNXGraphImporter
+    convert_operator = importer._convert_operator
+
+    def convert_named(self, op_name, inputs, attrs, opset):
+        """The op a node converts to carries the node's name as its span (a float island names
+        its ONNX node with it; spans take no part in equality or code generation)."""
+        name = attrs.get("tvm_custom", {}).get("name")
+        sym = convert_operator(self, op_name, inputs, attrs, opset)
+        if name and isinstance(sym, relax.Call) and isinstance(sym.op, tvm.ir.Op):
+            sym = self.bb.normalize(relax.Call(sym.op, sym.args, sym.attrs, sym.ty_args,
+                                               span=tvm.ir.Span(tvm.ir.SourceName(name), 0, 0, 0, 0)))
+        return sym
+
     tvm_onnx._get_convert_map = convert_map
+    importer._convert_operator = convert_named
     try:
         yield
     finally:
         tvm_onnx._get_convert_map = original
+        importer._convert_operator = convert_operator
 
 
 def symbolic_hint(specs: list[TensorSpec]) -> str:

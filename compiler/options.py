@@ -39,6 +39,7 @@ class CompileOptions:
     residual_bits: int = 16                 # with calib: a transformer's residual stream in 16 or 8 bits
     softmax_bits: int = 8                   # with calib: softmax outputs (attention probabilities) in 8 or 16 bits
     activation_bits: int = 8                # with calib: 4 puts each layer's ReLU output on the u4 grid
+    integer_only: bool = False              # an op with no integer form is an error, not a float island
 
     def __post_init__(self):
         if self.target not in registry.TARGETS:

@@ -168,6 +168,13 @@ def _np(c) -> np.ndarray:
     return c.value.numpy()
 
 
+def _constant_parameters(call) -> None:
+    """A quantize or dequantize whose scale or zero point is computed at run time (ONNX's
+    DynamicQuantizeLinear) has no grid to lower to."""
+    if not all(isinstance(a, tvm.ir.GenericConst) for a in call.args[1:3]):
+        raise QDQLoweringError(f"{_name(call)} with a scale or zero point computed at run time")
+
+
 def _name(call) -> str:
     return call.op.name if isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op) else type(call).__name__
 
@@ -198,6 +205,7 @@ class _Lowering:
         self.weights: list[dict] = []       # each linear layer's stored weights
         self.digests: list[str] = []        # ... and their identity, to find the kernel that reads them
         self.nchw: dict = {}                # channels-last values' NCHW copies, by variable
+        self.islands: list[Island] = []     # ops run in float, in program order
 
     def val(self, expr, channels_last: bool = False):
         """The lowered value of ``expr``; a channels-last tensor comes back NCHW (one copy per
@@ -238,6 +246,57 @@ class _Lowering:
         if isinstance(v, _ConstDeq):
             return v
         raise QDQLoweringError(f"{what}: operand is not a dequantized integer tensor")
+
+    # ---- float islands ------------------------------------------------------------
+    def island(self, binding, reason: QDQLoweringError) -> relax.Var:
+        """``binding``'s op, which has no integer form, in float: each integer operand
+        dequantized, x = s (q - z), or an accumulator awaiting its requantize read at its real
+        value, x = clamp(sum_i acc_i * r_i, lo, hi); the result stays float until the quantize
+        that follows it, which quantizes it as it would a graph input.  Raises ``reason`` where an
+        operand has no float form here."""
+        value = binding.value
+        if isinstance(value, relax.TupleGetItem):
+            expr = relax.TupleGetItem(self.as_float(value.tuple_value, reason), value.index)
+        elif isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op):
+            expr = relax.Call(value.op, [self.as_float(a, reason) for a in value.args], value.attrs, value.ty_args)
+        elif isinstance(value, relax.Tuple):
+            expr = self.as_float(value, reason)
+        else:
+            raise reason
+        out = self.bb.emit(expr)
+        node = value.span.source_name.name if value.span is not None else None
+        self.islands.append(Island(_name(value), node or binding.var.name, str(reason)))
+        return out
+
+    def as_float(self, arg, reason: QDQLoweringError) -> relax.Expr:
+        """An operand's real value as a float32 expression (see ``island``)."""
+        if isinstance(arg, relax.Tuple):
+            return relax.Tuple([self.as_float(f, reason) for f in arg.fields])
+        if not isinstance(arg, relax.Var):
+            return arg                      # constants, shapes, prim values
+        v = self.val(arg)
+        if isinstance(v, relax.Expr):       # a parameter, a shape, or an island's float result
+            return v
+        if isinstance(v, _ConstDeq):
+            return relax.const(_real(v), "float32")
+        if isinstance(v, _Deq) and v.value.scale.size == 1:
+            x = v.value
+            centered = op.astype(self.centered(x), "float32")
+            return self.bb.emit(op.multiply(centered, relax.const(np.float32(x.scale.reshape(-1)[0]), "float32")))
+        if isinstance(v, _Pending) and v.table is None and not v.channels_last:
+            total = None
+            for acc, num, axis in v.terms:
+                ratio = num.astype(np.float32)
+                if ratio.size > 1:
+                    shape = [1] * acc.ty.ndim
+                    shape[axis] = -1
+                    ratio = ratio.reshape(shape)
+                term = op.multiply(op.astype(acc, "float32"), relax.const(ratio, "float32"))
+                total = term if total is None else op.add(total, term)
+            if np.isfinite(v.lo) or np.isfinite(v.hi):
+                total = op.clip(total, max(v.lo, -3.4e38), min(v.hi, 3.4e38))
+            return self.bb.emit(total)
+        raise reason
 
     # ---- one binding ------------------------------------------------------------
     def lower(self, call) -> object:
@@ -393,6 +452,7 @@ class _Lowering:
 
     @_handles("relax.quantize")
     def quantize(self, call):
+        _constant_parameters(call)
         src = self.val(call.args[0], channels_last=True)
         scale, zero = _np(call.args[1]).astype(np.float32), _np(call.args[2])
         dtype = str(call.ty.dtype)
@@ -638,6 +698,7 @@ class _Lowering:
 
     @_handles("relax.dequantize")
     def dequantize(self, call):
+        _constant_parameters(call)
         src = self.val(call.args[0], channels_last=True)
         scale, zero = _np(call.args[1]).astype(np.float32), _np(call.args[2])
         if isinstance(src, _Int) and isinstance(src.expr, tvm.ir.GenericConst):     # a constant quantized here
@@ -843,6 +904,15 @@ def _conv_zero_padded(x, w, strides, padding, dilation, groups, pad_value, out_d
 
 
 @dataclass(frozen=True)
+class Island:
+    """An op with no integer form, run in float: its integer operands dequantized, its result
+    quantized by the quantize that follows it (the next op with an integer form)."""
+    op: str                 # the Relax op, e.g. relax.sin
+    node: str               # its ONNX node's name (compiler/frontend.py keeps it as the op's span), else its value's
+    reason: str             # why no integer form
+
+
+@dataclass(frozen=True)
 class LoweringReport:
     """The static range analysis' result (passes/accumulators.py): every linear layer's accumulator bound is
     max_c(sum_k |w[c,k]| * max|q_x| + |z_x * sum_k w[c,k]|) (+ |bias|); layers whose bound
@@ -852,6 +922,7 @@ class LoweringReport:
     int64: tuple[str, ...]
     weights: tuple[dict, ...] = ()
     digests: tuple[str, ...] = ()
+    islands: tuple[Island, ...] = ()
 
     @property
     def layers(self) -> int:
@@ -895,10 +966,10 @@ def lower_qdq(mod: tvm.IRModule, variants="auto",
                         continue
                     try:
                         low.env[b.var] = low.lower(b.value)
-                    except QDQLoweringError:
-                        raise
+                    except QDQLoweringError as exc:
+                        low.env[b.var] = low.island(b, exc)
                     except ValueError as exc:   # a ratio or offset passes/dyadic.py cannot represent
-                        raise QDQLoweringError(f"{_name(b.value)}: {exc}") from None
+                        low.env[b.var] = low.island(b, QDQLoweringError(f"{_name(b.value)}: {exc}"))
             if result is None:
                 raise QDQLoweringError("no output dequantize found")
             out = bb.emit_output(result)
@@ -906,7 +977,7 @@ def lower_qdq(mod: tvm.IRModule, variants="auto",
     new = bb.get()
     lowered = tvm.IRModule({**{gv: f for gv, f in mod.functions_items() if gv.name_hint != "main"},
                             **{gv: f for gv, f in new.functions_items()}})
-    return lowered, LoweringReport(tuple(low.widened), tuple(low.weights), tuple(low.digests))
+    return lowered, LoweringReport(tuple(low.widened), tuple(low.weights), tuple(low.digests), tuple(low.islands))
 
 
 def is_qdq(mod: tvm.IRModule) -> bool:

@@ -58,6 +58,8 @@ class Manifest:
     quant: dict[str, QuantParams] | None = None
     integer_only: bool = False
     integer_region: str = ""        # the verifier's one-line verdict (passes/verify_integer.py)
+    # ops with no integer form run in float between a dequantize and a quantize: {op, node, reason}
+    islands: list[dict] = field(default_factory=list)
     quantization: dict | None = None    # where the scales came from: calibration settings, or "as given"
     kernel_ops: dict[str, list[str]] | None = None     # kernel -> the source ops fused into it
     kernels_unfused: int = 0        # kernel launches without fusion (one per op)

@@ -154,6 +154,54 @@ def _float(v) -> np.ndarray:
     return np.asarray(v, np.float32)
 
 
+def _real(v, reason: QDQUnsupported) -> np.ndarray | None:
+    """An operand's real value for a float island: a dequantized tensor's s (q - z) in float32,
+    a result awaiting its requantize as the float32 sum of its terms acc * ratio, clamped; plain
+    arrays (floats, indices, shapes) as they are."""
+    if v is None:
+        return None
+    if isinstance(v, tuple) and v[0] == "deq":
+        return _float(v)
+    if isinstance(v, _Pending):
+        total = None
+        for acc, num, axis in v.terms:
+            ratio = num.astype(np.float32)
+            if ratio.size > 1:
+                shape = [1] * acc.ndim
+                shape[axis] = -1
+                ratio = ratio.reshape(shape)
+            term = (acc.astype(np.float32) * ratio).astype(np.float32)
+            total = term if total is None else (total + term).astype(np.float32)
+        return np.clip(total, np.float32(max(v.lo, -3.4e38)), np.float32(min(v.hi, 3.4e38))).astype(np.float32)
+    if isinstance(v, np.ndarray) or np.isscalar(v):
+        return np.asarray(v)
+    raise reason
+
+
+def _island(node, ins, reason: QDQUnsupported) -> list:
+    """An op with no integer semantics: a float island, as the lowering makes it
+    (passes/lower_qdq.py): ONNX's reference implementation on its operands' real values, the
+    result quantized by the QuantizeLinear after it as a graph input is.  Raises ``reason`` where
+    an operand has no float value (a quantized tensor of a QOperator graph, a concatenation)."""
+    from onnx.reference import ReferenceEvaluator
+
+    values = [_real(v, reason) for v in ins]
+    names = [f"in{i}" if v is not None else "" for i, v in enumerate(values)]
+    single = _onnx_node(node, names)
+    return ReferenceEvaluator(single).run(None, {k: v for k, v in zip(names, values, strict=True) if k})
+
+
+def _onnx_node(node, inputs: list[str]):
+    """``node`` reading ``inputs`` (empty names for absent optional ones), its outputs as they are."""
+    from onnx import NodeProto
+
+    out = NodeProto()
+    out.CopyFrom(node)
+    del out.input[:]
+    out.input.extend(inputs)
+    return out
+
+
 def _on_integers(v, deq_of):
     """Max-pool and views act on the integers: QOperator graphs apply them to quantized
     tensors ("q"), QDQ graphs to dequantized ones ("deq"); the result keeps the form."""
@@ -272,10 +320,8 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
         count[kind] = count.get(kind, 0) + 1
         return nonlinear[kind][count[kind] - 1]
 
-    for n in g.node:
-        a = attrs(n)
-        ins = [env.get(i) if i else None for i in n.input]
-        op = n.op_type
+    def step(n, a: dict, ins: list, op: str) -> None:
+        """One node with lowbit's integer semantics; raises QDQUnsupported where it has none."""
         if op == "QuantizeLinear":
             x, s, z = ins[0], np.float32(np.asarray(ins[1]).reshape(-1)[0]), ins[2] if len(ins) > 2 else np.uint8(0)
             zdt = np.asarray(z).dtype
@@ -359,7 +405,7 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
                 x = deq_of(p)
                 if op == "Relu":        # on the grid: max(q, z)
                     env[n.output[0]] = ("deq", _Q(np.maximum(x.q, x.zero[0]), x.scale, x.zero, x.axis, x.dtype))
-                    continue
+                    return
                 p = _Pending([(x.centered(), x.scale.astype(np.float64), None)])       # Clip: requantized
             if not isinstance(p, _Pending):
                 raise QDQUnsupported(f"{op} {n.name}: only supported right before a QuantizeLinear")
@@ -457,4 +503,11 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
             env[n.output[0]] = FLOAT_BINARY[op](_float(x), _float(y))
         else:
             raise QDQUnsupported(f"{op} {n.name}: no integer semantics for this op yet")
+
+    for n in g.node:
+        ins = [env.get(i) if i else None for i in n.input]
+        try:
+            step(n, attrs(n), ins, n.op_type)
+        except QDQUnsupported as exc:      # a float island, as the lowering makes one
+            env.update(zip(n.output, _island(n, ins, exc), strict=False))
     return {o.name: env[o.name] for o in g.output}

@@ -78,16 +78,17 @@ def test_plan_cli_prints_the_latency_columns(tmp_path, cache):
 
 
 def test_no_integer_kernels_no_table(tmp_path, cache):
-    """A model the lowering leaves as fake-quant (a Sin between the layers: no integer form) has no kernel per
-    layer: ``plan`` still plans without times, a latency budget is a user error."""
+    """A model the lowering leaves as fake-quant (a float Sin after the last layer: no output
+    dequantize closes an integer region) has no kernel per layer: ``plan`` still plans without
+    times, a latency budget is a user error."""
     import onnx
     from conftest import make_model
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
     model = make_model([helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
-                        helper.make_node("Sin", ["h"], ["s"], name="act"),
-                        helper.make_node("MatMul", ["s", "w2"], ["y"], name="fc2")],
+                        helper.make_node("MatMul", ["h", "w2"], ["s"], name="fc2"),
+                        helper.make_node("Sin", ["s"], ["y"], name="act")],
                        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
                        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
                        [numpy_helper.from_array(rng.normal(size=s).astype(np.float32), n)

@@ -91,14 +91,16 @@ def _conv_then(op: str) -> onnx.ModelProto:
                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 4, 4])], [w])
 
 
-def test_unsupported_pattern_falls_back_to_fake_quant(caplog):
-    """A float op with no integer form between Q/DQ pairs: still a correct program, compiled as
-    fake-quant with a warning that names the op, and the verifier says no."""
+def test_an_op_without_integer_form_is_an_island_the_rest_integer(caplog):
+    """A float op with no integer form between Q/DQ pairs: that op runs in float (an island,
+    named with its node in a warning and the verdict), the convolution before it stays integer."""
     with caplog.at_level(logging.WARNING, logger="lowbit"):
         art = compiler.compile(_conv_then("Sin"), options=CompileOptions(calib={"x": _rand(8, 3, 6, 6)}))
-    assert art.manifest.precision == "fake-quant" and not art.manifest.integer_only
-    assert "relax.sin" in caplog.text and "fake-quant" in caplog.text
-    assert art.manifest.integer_region.startswith("float op inside the integer region")
+    m = art.manifest
+    assert m.precision == "int8" and not m.integer_only and "fake-quant" not in caplog.text
+    assert "float island: relax.sin at node 'sin'" in caplog.text
+    assert m.integer_region == "1 float island(s): relax.sin (sin)"
+    assert [w["op"] for w in m.quantization["weights"]] == ["conv2d"]
 
 
 @pytest.mark.parametrize("op", ["Sigmoid", "Tanh", "Erf"])

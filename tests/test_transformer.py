@@ -303,12 +303,14 @@ def test_residual_stream_width_bit_exact(bits):
     np.testing.assert_array_equal(art.run({"x": x})["y"], golden.run_qdq(qdq, {"x": x})["y"])
 
 
-def test_residual_stream_too_wide_for_int64_variance_falls_back_with_a_reason(caplog):
+def test_residual_stream_too_wide_for_int64_variance_is_an_island_with_a_reason(caplog):
     """16-bit input over 2048 channels: C * (C * 65535)^2 >= 2^62, so I-LayerNorm's variance could
-    overflow; the compile says so and stays correct (fake-quant), and 8 bits lowers fully."""
+    overflow; the compile says so and runs that LayerNorm in float (an island), and 8 bits lowers
+    fully."""
     model, calib = residual_model(c=2048, t=2), {"x": _rand(4, 2, 2048, seed=4)}
     art = compiler.compile(model, options=CompileOptions(calib=calib))
-    assert art.manifest.precision == "fake-quant"
+    assert art.manifest.precision == "int8" and not art.manifest.integer_only
+    assert [i["op"] for i in art.manifest.islands] == ["relax.nn.layer_norm"]
     assert "keep the residual stream in 8 bits" in caplog.text
     assert compiler.compile(model, options=CompileOptions(calib=calib, residual_bits=8)).manifest.integer_only
 

@@ -1,0 +1,77 @@
+"""Float islands (passes/lower_qdq.py ``_Lowering.island``): an op with no integer form runs in
+float between a dequantize of its operands and the quantize after it, and everything else stays
+integer.  The island is named (op, ONNX node, why) in the compile's warnings, the manifest and
+``lowbit inspect``; ``--integer-only`` and the rv32 target refuse it in one line."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+import pytest
+from conftest import golden_model, make_model, one_line_error, run_cli
+from onnx import TensorProto, helper, numpy_helper
+
+import compiler
+from compiler.options import CompileOptions
+from runtime import golden
+from runtime.errors import UserError
+
+
+def _sandwich(op: str = "Sin") -> onnx.ModelProto:
+    """MatMul -> ``op`` (no integer form) -> MatMul: two integer layers around one island."""
+    rng = np.random.default_rng(0)
+    return make_model([helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+                       helper.make_node(op, ["h"], ["s"], name="odd_one"),
+                       helper.make_node("MatMul", ["s", "w2"], ["y"], name="fc2")],
+                      [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+                      [numpy_helper.from_array(rng.normal(size=s).astype(np.float32), n)
+                       for n, s in (("w1", (8, 16)), ("w2", (16, 4)))])
+
+
+def _calib(n=32, seed=1):
+    return {"x": np.random.default_rng(seed).normal(size=(n, 8)).astype(np.float32)}
+
+
+def test_an_op_without_integer_form_is_a_named_island(tmp_path, caplog):
+    path = tmp_path / "m.onnx"
+    onnx.save(_sandwich(), path)
+    with caplog.at_level(logging.WARNING, logger="lowbit"):
+        art = compiler.compile(path, options=CompileOptions(calib=_calib()))
+    m = art.manifest
+    assert m.precision == "int8" and not m.integer_only
+    assert [(i["op"], i["node"]) for i in m.islands] == [("relax.sin", "odd_one")]
+    assert m.integer_region == "1 float island(s): relax.sin (odd_one)"
+    assert "float island: relax.sin at node 'odd_one'" in caplog.text and "fake-quant" not in caplog.text
+    # both matmuls are integer layers, with their accumulators proven
+    assert [w["op"] for w in m.quantization["weights"]] == ["matmul", "matmul"]
+    # the integer layers are bit-exact; only the island's float sin may round differently from
+    # numpy's, so an output may move by one step of the next quantize, times fc2's weights
+    qdq, variants = golden_model(path, _calib())
+    x = {"x": np.random.default_rng(5).normal(size=(64, 8)).astype(np.float32) * 2}
+    got, want = art.run(x)["y"], golden.run_qdq(qdq, x, variants)["y"]
+    assert np.mean(got == want) >= 0.99
+    np.testing.assert_allclose(got, want, atol=0.05 * np.abs(want).max())
+
+
+def test_integer_only_refuses_the_island_in_one_line(tmp_path):
+    path, calib, out = tmp_path / "m.onnx", tmp_path / "c.npz", tmp_path / "out"
+    onnx.save(_sandwich(), path)
+    np.savez(calib, **_calib())
+    r = run_cli("compile", path, "--calib", calib, "--integer-only", "-o", out)
+    assert r.returncode == 2 and not out.exists()
+    line = one_line_error(r.stderr)
+    assert "float island: relax.sin at node 'odd_one'" in line and "--integer-only" in line
+    ok = run_cli("compile", path, "--calib", calib, "-o", out)
+    assert ok.returncode == 0, ok.stderr
+    shown = run_cli("inspect", out)
+    assert "island     relax.sin at node 'odd_one': relax.sin: no integer lowering for this op" in shown.stdout
+
+
+def test_rv32_refuses_the_island_with_the_same_line(rv32_toolchain):
+    with pytest.raises(UserError, match=r"float island: relax.sin at node 'odd_one' .*the rv32 target runs "
+                                        r"integer-only models"):
+        compiler.compile(_sandwich(), options=CompileOptions(target="rv32", calib=_calib(),
+                                                             input_shapes={"x": (1, 8)}))
