@@ -156,6 +156,22 @@ def _host_quantize(values: np.ndarray, s: float, z: int, info: np.iinfo) -> np.n
     return np.where(np.isnan(q), info.max, q).astype(np.int64)
 
 
+def _on_accumulator_grid(b: _ConstDeq, num: np.ndarray) -> np.ndarray:
+    """A bias added to an accumulator at scale s_x*s_w (``num``, per channel or per tensor), as
+    integers on that grid.  ORT writes it there already (int32, scale s_x*s_w, zero point 0) and
+    it is taken as is; at any other scale or zero point (a bias Add an exporter split off and a
+    quantizer gave its own grid) its real value moves to the accumulator's grid:
+    round(s_b (q_b - z_b) / (s_x s_w)), one rounding of at most half an accumulator step."""
+    expect = num.astype(np.float32)
+    if b.scale.size in (1, expect.size) and np.allclose(b.scale, expect, rtol=1e-6) and not np.any(b.zero != 0):
+        return b.q
+    real = _real(b).astype(np.float64)
+    if num.size > 1 and real.size != num.size:
+        raise QDQLoweringError("bias add: a per-tensor bias on a per-channel accumulator has no single grid")
+    step = expect.astype(np.float64).reshape(real.shape if num.size > 1 else ())
+    return np.round(real / step).astype(np.int64)
+
+
 def _real(v: _ConstDeq) -> np.ndarray:
     """The float32 values of a dequantized constant."""
     shape = [1] * v.q.ndim
@@ -830,16 +846,13 @@ class _Lowering:
             a, b = b, a
         if isinstance(a, _Pending) and isinstance(b, _ConstDeq) and len(a.terms) == 1:
             acc, num, axis = a.terms[0]
-            expect = num.astype(np.float32)
-            if b.scale.size not in (1, expect.size) or not np.allclose(b.scale, expect, rtol=1e-6) \
-                    or np.any(b.zero != 0):
-                raise QDQLoweringError("bias add: the bias must be int32 at scale s_x*s_w (as ORT writes it)")
-            bound = accumulators.bias_add(a.bound, b.q)
+            bq = _on_accumulator_grid(b, num)
+            bound = accumulators.bias_add(a.bound, bq)
             dtype = str(acc.ty.dtype)
             if dtype == "int32" and accumulators.accumulator_dtype(bound) == "int64":    # may not fit: add in int64
                 acc, dtype = self.bb.emit(op.astype(acc, "int64")), "int64"
                 self.widened.append(f"bias add #{len(self.weights) - 1} (bound 2^{np.log2(bound):.1f})")
-            q = b.q.reshape(-1) if a.channels_last and b.q.size > 1 else b.q      # per channel: the last axis
+            q = bq.reshape(-1) if a.channels_last and bq.size > 1 else bq        # per channel: the last axis
             bias = relax.const(q.astype(dtype), dtype)
             return _Pending([(self.bb.emit(op.add(acc, bias)), num, axis)], a.lo, a.hi, bound, a.channels_last)
         if isinstance(a, (_Deq, _ConstDeq)) and isinstance(b, (_Deq, _ConstDeq)):

@@ -136,11 +136,16 @@ def _maxpool_int(q, kernel, strides, pads, fill):
 
 
 def _bias(b: _Q, acc_scale: np.ndarray, node) -> np.ndarray:
-    """An int32 bias adds to the accumulator only at the accumulator's scale s_x*s_w (as ORT
-    writes it); any other scale would need its own rescale, which is not defined here."""
-    if np.any(b.zero != 0) or not np.allclose(b.scale, acc_scale.astype(np.float32), rtol=1e-6):
-        raise QDQUnsupported(f"{node.op_type} {node.name}: bias not quantized at scale s_x*s_w with zero point 0")
-    return b.centered()
+    """A bias on the accumulator's grid s_x*s_w: as it is where ORT wrote it there (zero point 0),
+    else its real value s_b (q_b - z_b) rounded to that grid, half to even."""
+    step = acc_scale.astype(np.float32)
+    if not np.any(b.zero != 0) and np.allclose(b.scale, step, rtol=1e-6):
+        return b.centered()
+    real = _float(("deq", b)).astype(np.float64)
+    if step.size > 1 and real.size != step.size:
+        raise QDQUnsupported(f"{node.op_type} {node.name}: a per-tensor bias on a per-channel accumulator")
+    return np.round(real / (step.astype(np.float64).reshape(real.shape) if step.size > 1 else
+                            np.float64(step.reshape(-1)[0]))).astype(np.int64)
 
 
 def _float(v) -> np.ndarray:
