@@ -232,8 +232,11 @@ def shape_tensors(m: onnx.ModelProto) -> set[str]:
         if n.op_type in SHAPE_SOURCES or (data and all(i in shape or i in const for i in data)
                                           and any(i in shape for i in data)):
             shape.update(o for o in n.output if o)
-        elif all(i in const for i in data) and n.op_type not in ("RandomNormal", "RandomUniform", "Multinomial"):
-            const.update(o for o in n.output if o)      # Constant, or a node of constants only
+        elif all(i in const for i in n.input if i) and n.op_type not in ("RandomNormal", "RandomUniform",
+                                                                          "Multinomial"):
+            # Constant, or a node of constants only: an embedding Gather of a constant table by
+            # token ids read at run time is an activation, not a constant
+            const.update(o for o in n.output if o)
     return shape
 
 
@@ -371,8 +374,10 @@ def _batches(m: onnx.ModelProto, calib: Mapping[str, np.ndarray], batch: int, wh
         if x.ndim != len(dims) or any(d and d != x.shape[i] for i, d in enumerate(dims) if i > 0):
             raise UserError(f"{calib_where}: array {s.name!r} has shape {tuple(x.shape)} but {where} input "
                             f"{s.name!r} is {expect}; give samples stacked along the batch axis")
-        if not np.issubdtype(x.dtype, np.floating):
-            raise UserError(f"{calib_where}: array {s.name!r} is {x.dtype}; {where} takes float32")
+        want = np.dtype(helper.tensor_dtype_to_np_dtype(s.type.tensor_type.elem_type))
+        kind = np.floating if np.issubdtype(want, np.floating) else np.integer
+        if not np.issubdtype(x.dtype, kind):     # token ids and masks are integers, and pass through as they are
+            raise UserError(f"{calib_where}: array {s.name!r} is {x.dtype}; {where} input {s.name!r} takes {want}")
         if n is not None and len(x) != n:
             raise UserError(f"{calib_where}: arrays hold different sample counts ({n} and {len(x)})")
         n, fixed = len(x), dims[0] or fixed
@@ -381,7 +386,8 @@ def _batches(m: onnx.ModelProto, calib: Mapping[str, np.ndarray], batch: int, wh
     step = fixed or batch
     for start in range(0, n, step):
         idx = np.arange(start, start + step) % n if fixed else np.arange(start, min(start + step, n))
-        yield {s.name: calib[s.name][idx].astype(np.float32) for s in specs}
+        yield {s.name: calib[s.name][idx].astype(helper.tensor_dtype_to_np_dtype(s.type.tensor_type.elem_type))
+               for s in specs}
 
 
 def _check_finite_weights(m: onnx.ModelProto, plan: _Plan, where: str) -> None:

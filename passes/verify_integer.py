@@ -42,6 +42,10 @@ def _is_float(dtype: str | None) -> bool:
     return dtype is not None and (dtype.startswith("float") or dtype.startswith("bfloat"))
 
 
+def _is_integer(dtype: str | None) -> bool:
+    return dtype is not None and dtype.startswith(("int", "uint"))
+
+
 def _op_name(value) -> str | None:
     if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op):
         return value.op.name
@@ -77,8 +81,10 @@ def check_integer_only(mod: tvm.IRModule, func_name: str = "main") -> IntegerVer
     for b in bindings:
         deps[b.var] = free_vars(b.value)
 
-    # opening: quantizes of float values that no earlier quantize feeds (the input quantize)
-    after: set = set()
+    # opening: quantizes of float values that no earlier quantize feeds (the input quantize), and
+    # in a quantized graph its integer inputs (token ids, masks), which are integers already
+    quantized = any(_op_name(b.value) == DEQUANTIZE for b in bindings)
+    after: set = {p for p in func.params if quantized and _is_integer(_dtype(p.ty))}
     opening: set = set()
     for b in bindings:
         if deps[b.var] & after:
@@ -86,7 +92,7 @@ def check_integer_only(mod: tvm.IRModule, func_name: str = "main") -> IntegerVer
         elif _op_name(b.value) == QUANTIZE and _is_float(_dtype(b.value.args[0].ty)):
             opening.add(b.var)
             after.add(b.var)
-    if not opening:
+    if not opening and not after:
         return IntegerVerdict(False, "no quantized region (float model)")
 
     # closing: dequantizes whose value reaches the result through views and tuples only
@@ -132,8 +138,10 @@ def check_integer_only(mod: tvm.IRModule, func_name: str = "main") -> IntegerVer
     if not closing or not computing:
         return IntegerVerdict(False, "empty integer region: nothing is computed between the input quantize(s) and "
                                      "an output dequantize")
-    return IntegerVerdict(True, f"{len(inside)} integer ops between {len(opening)} input quantize(s) "
-                                f"and {len(closing)} output dequantize(s)")
+    ints = len([p for p in func.params if p in after])
+    return IntegerVerdict(True, f"{len(inside)} integer ops between {len(opening)} input quantize(s)"
+                                f"{f' and {ints} integer input(s)' if ints else ''} and {len(closing)} output "
+                                "dequantize(s)")
 
 
 @tvm.transform.module_pass(opt_level=0, name="VerifyIntegerOnly")

@@ -345,7 +345,7 @@ def test_zero_or_non_finite_scale_in_a_given_qdq_model_is_refused():
     ({"a": np.ones((4, 4), np.float32)}, "arrays ['a'] but two_inputs takes inputs ['a', 'b']"),
     ({"a": np.ones((4, 4), np.float32), "b": np.ones((4, 4), np.float32), "c": np.ones((4, 4), np.float32)},
      "arrays ['a', 'b', 'c'] but two_inputs takes inputs ['a', 'b']"),
-    ({"a": np.ones((4, 4), np.float32), "b": np.ones((4, 4), np.int64)}, "array 'b' is int64; two_inputs takes float32"),
+    ({"a": np.ones((4, 4), np.float32), "b": np.ones((4, 4), np.int64)}, "array 'b' is int64; two_inputs input 'b' takes float32"),
     ({"a": np.ones((4, 4), np.float32), "b": np.ones((4, 5), np.float32)},
      "array 'b' has shape (4, 5) but two_inputs input 'b' is (N, 4)"),
 ])

@@ -227,3 +227,29 @@ def test_calib_on_a_quantized_model_is_refused(tmp_path):
     qdq, _ = quantize.quantize(mlp_model(), {"x": _rand(4, 8)})
     with pytest.raises(UserError, match="already quantized"):
         compiler.compile(qdq, options=CompileOptions(calib={"x": _rand(4, 8)}))
+
+
+def test_token_ids_pass_through_calibration_and_the_embedding_is_integer(tmp_path):
+    """An int64 input (token ids) is calibrated with int64 arrays, untouched; the Gather of the
+    constant embedding table by those ids is an activation (not a constant), so the MatMul
+    after it is quantized, and the whole model is integer-only, with the ids as an integer input,
+    bit-exact with the golden interpreter."""
+    rng = np.random.default_rng(0)
+    model = make_model([helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+                        helper.make_node("MatMul", ["e", "w"], ["y"], name="fc")],
+                       [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 5])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, 4])],
+                       [numpy_helper.from_array(rng.normal(size=(10, 8)).astype(np.float32), "table"),
+                        numpy_helper.from_array(rng.normal(size=(8, 4)).astype(np.float32), "w")])
+    path, calib_path = tmp_path / "emb.onnx", tmp_path / "ids.npz"
+    onnx.save(model, path)
+    calib = {"ids": rng.integers(0, 10, (16, 5)).astype(np.int64)}
+    np.savez(calib_path, **calib)
+    art = compiler.compile(path, options=CompileOptions(calib=str(calib_path)))
+    assert art.manifest.integer_only, art.manifest.integer_region
+    assert "1 integer input(s)" in art.manifest.integer_region
+    qdq, _ = quantize.quantize(model, calib)
+    ids = {"ids": rng.integers(0, 10, (1, 5)).astype(np.int64)}
+    np.testing.assert_array_equal(art.run(ids)["y"], golden.run_qdq(qdq, ids)["y"])
+    with pytest.raises(UserError, match="'ids' takes int64"):
+        compiler.compile(path, options=CompileOptions(calib={"ids": calib["ids"].astype(np.float32)}))
