@@ -219,11 +219,23 @@ def _epilogues_at(sch: s_tir.Schedule, epilogues, anchor, lanes: int) -> list:
     return apart
 
 
+GENERIC = tvm.target.Target({"kind": "llvm"})
+
+
 class CPUDefault(dl.ScheduleRule):
     def apply(self, func, target, tunable):
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
             return None
-        return self.schedule(s_tir.Schedule(func), target)
+        try:
+            return self.schedule(s_tir.Schedule(func), target)
+        except (ScheduleError, tvm.error.InternalError, ValueError):
+            # a shape the VNNI/AMX tiling does not take (TVM 0.27 asserts in tensorize on some
+            # regions): the same kernel on the plain vector schedule; a schedule decides speed, never
+            # the result, so the fallback is exact
+            try:
+                return self.schedule(s_tir.Schedule(func), GENERIC)
+            except (ScheduleError, tvm.error.InternalError, ValueError):
+                return None
 
     def schedule(self, sch: s_tir.Schedule, target) -> s_tir.Schedule | None:
         """Schedule the kernel in ``sch`` in place (also a tuning candidate: codegen/tune.py);

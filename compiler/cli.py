@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
 
 def _positive(kind):
@@ -454,6 +455,32 @@ def cmd_zoo_export(args) -> int:
     return 0
 
 
+def cmd_corpus_list(args) -> int:
+    from models import corpus
+
+    for v in corpus.variants():
+        r = v.recipe
+        print(f"{v.name:<34}{r.family:<13}{r.library:<13}{r.builder}")
+    return 0
+
+
+def cmd_corpus_build(args) -> int:
+    from models import corpus
+
+    for v in corpus.find(args.names):
+        _say(args, f"{v.name}: {corpus.ensure(v).onnx}")
+    return 0
+
+
+def cmd_corpus_report(args) -> int:
+    from compiler.tools import corpus as report
+
+    results = report.report(args.names, Path(args.output), args.timeout, progress=lambda m: _say(args, m))
+    _say(args, report.summary(results))
+    _say(args, f"wrote {args.output}/corpus.md and corpus.json")
+    return 0
+
+
 def _say(args, msg: str) -> None:
     if not args.quiet:
         print(msg)
@@ -577,6 +604,19 @@ def build_parser() -> argparse.ArgumentParser:
     ze.add_argument("-o", "--output", required=True, metavar="FILE.onnx")
     ze.add_argument("--calib", metavar="FILE.npz", help="also write its calibration set")
     ze.set_defaults(func=cmd_zoo_export)
+
+    c = sub.add_parser("corpus", parents=[common], help="the real-model corpus (torchvision, HF transformers exports)")
+    csub = c.add_subparsers(dest="corpus_command", required=True, metavar="CORPUS_COMMAND")
+    csub.add_parser("list", parents=[common], help="list the corpus's ONNX files").set_defaults(func=cmd_corpus_list)
+    cb = csub.add_parser("build", parents=[common], help="export (cached) the named corpus models, or all")
+    cb.add_argument("names", nargs="*", metavar="NAME", help="a model (resnet18) or one file (resnet18.dynamo)")
+    cb.set_defaults(func=cmd_corpus_build)
+    cr = csub.add_parser("report", parents=[common],
+                         help="compile every corpus model FP32 and INT8, against ORT and golden; write the table")
+    cr.add_argument("names", nargs="*", metavar="NAME", help="a model (resnet18) or one file (resnet18.dynamo)")
+    cr.add_argument("-o", "--output", default="bench/results", metavar="DIR", help="where corpus.{md,json} go")
+    cr.add_argument("--timeout", type=_positive(float), default=3600.0, metavar="S", help="per model")
+    cr.set_defaults(func=cmd_corpus_report)
     return p
 
 

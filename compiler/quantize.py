@@ -52,6 +52,12 @@ VIEWS = ("MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "
 NONLINEAR_OPS = {"Softmax": "softmax", "Gelu": "gelu", "LayerNormalization": "layernorm"}
 POOLS = ("GlobalAveragePool", "ReduceMean", "AveragePool")
 ACTIVATIONS = ("Relu", "Clip")
+# elementwise float functions of one tensor: a chain of them (constants beside) on one 8-bit
+# tensor is one table lookup in the lowering, with no quantize inside the chain
+ELEMENTWISE_UNARY = ("Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Erf", "Exp", "Log", "Softplus", "Softsign",
+                     "Elu", "Selu", "Celu", "LeakyRelu", "Mish", "Neg", "Abs", "Sqrt", "Reciprocal", "Sin", "Cos",
+                     "Relu", "Clip", "Gelu", "Cast")
+ELEMENTWISE_BINARY = ("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min")
 
 
 @dataclass(frozen=True)
@@ -287,6 +293,21 @@ def _plan(m: onnx.ModelProto) -> _Plan:
                 plan.rectified.add(t)
         return t
 
+    producer = {o: n for n in g.node for o in n.output}
+    constant = set(inits)
+    for n in g.node:                        # Constant nodes, and what is computed from constants alone
+        if all(i in constant for i in n.input if i) and n.op_type not in ("RandomNormal", "RandomUniform"):
+            constant.update(n.output)
+
+    def root(t: str) -> str:
+        """The tensor a chain of elementwise functions of one tensor (and constants) starts from:
+        x for x * sigmoid(x), x * x * x, Softplus, GELU spelled out."""
+        n = producer.get(t)
+        if n is None or t in plan.root or not (n.op_type in ELEMENTWISE_UNARY or n.op_type in ELEMENTWISE_BINARY):
+            return t
+        roots = {root(i) for i in n.input if i and i not in constant and i not in shapes}
+        return roots.pop() if len(roots) == 1 else t
+
     for i in g.input:
         if i.name not in inits and i.type.tensor_type.elem_type == TensorProto.FLOAT:
             need(i.name)
@@ -306,13 +327,21 @@ def _plan(m: onnx.ModelProto) -> _Plan:
             need(n.input[0])
             need(n.input[1])
             need(chain_end(n, "scale"))
-        elif op == "Add" and not any(i in inits for i in n.input):
+        elif op == "Add" and not any(i in constant for i in n.input) and root(n.input[0]) != root(n.input[1]):
             need(n.input[0])
             need(n.input[1])
             need(out := chain_end(n))
             if transformer:
                 plan.residual.add(out)
-        elif op == "Add" and sum(i in inits for i in n.input) == 1:           # x + constant (position embedding)
+        elif op in ELEMENTWISE_BINARY and not any(i in constant or i in shapes for i in n.input) \
+                and root(n.input[0]) != root(n.input[1]):
+            # two activations (SE's gate x * sigmoid(s), LayerScale, a mask): each operand on a grid, the
+            # product an integer multiply and a requantize; an op of one tensor's functions is a table
+            need(n.input[0])
+            need(n.input[1])
+            need(n.output[0])
+        elif op == "Add" and sum(i in inits for i in n.input) == 1 \
+                and max(inits[i].size for i in n.input if i in inits) > 1:    # x + constant (position embedding)
             act_in, const_in = (n.input[0], n.input[1]) if n.input[1] in inits else (n.input[1], n.input[0])
             need(act_in)
             plan.consts.append(const_in)

@@ -89,3 +89,54 @@ def log_mel_frames(rng: np.random.Generator, n: int, features: int = 640, mels: 
     base = ndimage.uniform_filter1d(rng.normal(size=(n, 1, mels)), size=9, axis=2) * 3.0
     x = base + 0.3 * rng.normal(size=(n, frames, mels))
     return x.reshape(n, features).astype(np.float32)
+
+
+# --- real photos, shipped offline in the scikit-image and scikit-learn wheels ------------------------------
+
+# skimage.data's colour images that need no download, and sklearn's two sample images
+_SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "cat", "hubble_deep_field",
+                   "immunohistochemistry", "retina", "colorwheel")
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def photos() -> list[np.ndarray]:
+    """The offline colour photos as (H, W, 3) uint8 arrays, in a fixed order."""
+    import skimage.data
+    from sklearn.datasets import load_sample_images
+
+    out = [getattr(skimage.data, name)()[..., :3] for name in _SKIMAGE_PHOTOS]
+    return out + list(load_sample_images().images)
+
+
+def photo_crops(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
+    """(n, 3, size, size) float32: random square crops (30-100% of the short side, random
+    position and horizontal flip) of the offline photos, resized bilinearly and normalized with
+    ImageNet's mean and std, as torchvision's and HF's image processors feed a classifier."""
+    images = photos()
+    out = np.empty((n, 3, size, size), np.float32)
+    for i in range(n):
+        img = images[rng.integers(len(images))]
+        h, w = img.shape[:2]
+        side = int(min(h, w) * rng.uniform(0.3, 1.0))
+        y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+        crop = img[y : y + side, x : x + side].astype(np.float32) / 255.0
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        crop = ndimage.zoom(crop, (size / side, size / side, 1), order=1)[:size, :size]
+        out[i] = ((crop - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)
+    return out
+
+
+def token_batch(rng: np.random.Generator, n: int, seq: int, vocab: int, cls: int = 101, sep: int = 102,
+                pad: int = 0) -> dict[str, np.ndarray]:
+    """BERT-style inputs: ``input_ids`` of [CLS] tokens... [SEP] then padding, with lengths drawn from
+    a quarter to all of ``seq``, and the matching ``attention_mask`` (int64, as tokenizers return)."""
+    ids = np.full((n, seq), pad, np.int64)
+    mask = np.zeros((n, seq), np.int64)
+    for i in range(n):
+        length = int(rng.integers(max(3, seq // 4), seq + 1))
+        ids[i, 0], ids[i, length - 1] = cls, sep
+        ids[i, 1 : length - 1] = rng.integers(1000, vocab, size=length - 2)
+        mask[i, :length] = 1
+    return {"input_ids": ids, "attention_mask": mask}

@@ -72,6 +72,9 @@ class _Int:
     # an NCHW tensor stored NHWC: AMX convolutions read and write channels-last, and so do the
     # epilogues, residual adds and pools between them; any other reader gets an NCHW copy
     channels_last: bool = False
+    # this tensor is also an elementwise function of another 8-bit tensor (ReLU's max(q, z) of x),
+    # so that a chain reading both (ELU: -a relu(1 - exp(x)) + relu(x)) is still one table of x
+    of: _Unary | None = None
 
 
 @dataclass
@@ -102,12 +105,39 @@ def _f32(op):
     return lambda *a: np.asarray(op(*(np.asarray(v, np.float64) for v in a))).astype(np.float32)
 
 
-# float ops a table can absorb, as numpy; runtime/golden.py has ONNX's names for the same math
+# float ops a table can absorb, as numpy; runtime/golden.py has ONNX's names for the same math.  TVM's
+# importer decomposes ONNX's other elementwise functions into these (HardSwish: x * clip(x + 3, 0, 6) / 6,
+# Softplus: max(x, 0) + log(1 + exp(-|x|)), Elu, Selu, Mish, Softsign, Reciprocal), so each is a
+# composition of table entries below
 FLOAT_UNARY = {"relax.erf": _f32(erf), "relax.tanh": _f32(np.tanh), "relax.exp": _f32(np.exp),
                "relax.sigmoid": _f32(lambda v: 1.0 / (1.0 + np.exp(-v))), "relax.sqrt": _f32(np.sqrt),
-               "relax.negative": _f32(np.negative), "relax.abs": _f32(np.abs)}
+               "relax.negative": _f32(np.negative), "relax.abs": _f32(np.abs), "relax.log": _f32(np.log),
+               "relax.sign": _f32(np.sign), "relax.floor": _f32(np.floor), "relax.ceil": _f32(np.ceil),
+               "relax.round": _f32(np.round), "relax.sin": _f32(np.sin), "relax.cos": _f32(np.cos),
+               "relax.rsqrt": _f32(lambda v: 1.0 / np.sqrt(v)), "relax.square": _f32(np.square)}
 FLOAT_BINARY = {"relax.add": _f32(np.add), "relax.subtract": _f32(np.subtract), "relax.multiply": _f32(np.multiply),
-                "relax.divide": _f32(np.divide), "relax.power": _f32(np.power)}
+                "relax.divide": _f32(np.divide), "relax.power": _f32(np.power), "relax.maximum": _f32(np.maximum),
+                "relax.minimum": _f32(np.minimum)}
+
+
+def _unary_with_attrs(call) -> Callable[[np.ndarray], np.ndarray] | None:
+    """Elementwise ops whose function depends on the call's attributes or constant operands."""
+    name = _name(call)
+    if name == "relax.clip":
+        lo, hi = float(call.args[1].value), float(call.args[2].value)
+        return _f32(lambda v: np.clip(v, lo, hi))
+    if name == "relax.nn.relu":
+        return _f32(lambda v: np.maximum(v, 0.0))
+    if name == "relax.nn.leakyrelu":
+        alpha = np.float64(np.float32(call.attrs.alpha))
+        return _f32(lambda v: np.where(v >= 0, v, v * alpha))
+    if name in ("relax.nn.gelu", "relax.nn.gelu_tanh"):
+        tanh = name == "relax.nn.gelu_tanh"
+        return _f32(lambda v: 0.5 * v * (1.0 + (np.tanh(np.sqrt(2 / np.pi) * (v + 0.044715 * v**3)) if tanh
+                                                else erf(v / np.sqrt(2.0)))))
+    if name == "relax.astype" and str(call.attrs.dtype) == "float32":
+        return lambda v: v
+    return FLOAT_UNARY.get(name)
 
 
 def _composed(f, fn, c: np.ndarray, first: bool):
@@ -122,6 +152,10 @@ class _FloatView:
     views replayed on its integers."""
     value: np.ndarray
     views: list             # relax.Call of a VIEWS op, operand first
+
+
+class _NeverNaN:
+    """isnan of a quantized tensor: false everywhere."""
 
 
 class _BatchNormStats:
@@ -295,6 +329,14 @@ class _Lowering:
             return v
         if isinstance(v, _ConstDeq):
             return relax.const(_real(v), "float32")
+        if isinstance(v, _Unary):           # the function's 256 values, looked up
+            src = np.iinfo(v.x.dtype)
+            table = v.fn(np.arange(src.min, src.max + 1, dtype=np.int64)).astype(np.float32)
+            x = self.to_nchw(v.x) if v.x.channels_last else v.x
+            index = op.subtract(op.astype(x.expr, "int32"), relax.const(int(src.min), "int32"))
+            return self.bb.emit(op.take(relax.const(table, "float32"), index, axis=0))
+        if isinstance(v, (_Deq, _Pending)) and (v.value if isinstance(v, _Deq) else v).channels_last:
+            v = _Deq(self.to_nchw(v.value)) if isinstance(v, _Deq) else self.pending_view_nchw(v)
         if isinstance(v, _Deq) and v.value.scale.size == 1:
             x = v.value
             centered = op.astype(self.centered(x), "float32")
@@ -321,10 +363,40 @@ class _Lowering:
             return self.bb.emit(op.shape_of(self.same_shape(self.val(call.args[0]))))
         if (plain := self.plain_call(call)) is not None:
             return plain
+        if (u := self.closure(call)) is not None:
+            return u
         handler = HANDLERS.get(name)
         if handler is None:
             raise QDQLoweringError(f"{name}: no integer lowering for this op")
         return handler(self, call)
+
+    def closure(self, call) -> _Unary | None:
+        """Elementwise float functions of one 8-bit tensor stay one: f(g(x)), and f(g(x), h(x)) of
+        the same tensor x (SiLU's x * sigmoid(x), HardSwish's x * clip(x + 3, 0, 6) / 6, Mish,
+        Softplus, every GELU form as exporters spell it out).  The quantize after the chain
+        tabulates it: 256 entries computed at compile time, one lookup per element (TFLite's
+        integer kernels do the same).  None where ``call`` is not such an op of such values."""
+        if not isinstance(call, relax.Call):
+            return None
+        name = _name(call)
+        if name in FLOAT_BINARY and len(call.args) == 2:
+            a, b = (self.val(arg) if isinstance(arg, (relax.Var, tvm.ir.GenericConst)) else None for arg in call.args)
+            for v, k, first in ((a, b, True), (b, a, False)):     # with a scalar constant (max(x, 0) in Softplus)
+                if isinstance(k, tvm.ir.GenericConst) and _np(k).size == 1 and (u := self.as_unary(v)) is not None \
+                        and (isinstance(v, _Unary) or name not in HANDLERS):
+                    return _Unary(u.x, _composed(FLOAT_BINARY[name], u.fn, _np(k).reshape(()), first))
+            ua, ub = self.as_unary(a), self.as_unary(b)
+            if ua is None or ub is None or not ua.x.expr.same_as(ub.x.expr) or \
+                    not (isinstance(a, _Unary) or isinstance(b, _Unary) or a is b):
+                return None
+            f = FLOAT_BINARY[name]
+            return _Unary(ua.x, lambda q, f=f, fa=ua.fn, fb=ub.fn: f(fa(q), fb(q)))
+        if not call.args or not isinstance(call.args[0], relax.Var):
+            return None
+        v = self.val(call.args[0])
+        if not isinstance(v, _Unary) or (fn := _unary_with_attrs(call)) is None:
+            return None
+        return _Unary(v.x, lambda q, fn=fn, inner=v.fn: fn(inner(q)))
 
     # ---- the handlers -----------------------------------------------------------
     @_handles("relax.nn.relu", "relax.clip")
@@ -335,7 +407,9 @@ class _Lowering:
             x = p.value
             if name == "relax.nn.relu":     # s (q - z) >= 0  <=>  q >= z: the same grid, exactly
                 z = relax.const(int(x.zero.reshape(-1)[0]), x.dtype)
-                return _Deq(replace(x, expr=self.bb.emit(op.maximum(x.expr, z))))
+                u = self.as_unary(p)
+                of = None if u is None else _Unary(u.x, lambda q, fn=u.fn: np.maximum(fn(q), np.float32(0)))
+                return _Deq(replace(x, expr=self.bb.emit(op.maximum(x.expr, z)), of=of))
             # Clip's bounds need not lie on the grid: a requantize of its own (as Q(DQ(q)) with
             # other parameters) clamps them in the output's integer domain
             p = _Pending([(self.centered(x), x.scale.astype(np.float64), None)], channels_last=x.channels_last)
@@ -357,13 +431,14 @@ class _Lowering:
             raise QDQLoweringError("mean over a dynamic dimension has no fixed divisor") from None
         return _Pending([(total, x.scale.astype(np.float64) / n, None)])
 
-    @_handles(*FLOAT_UNARY)
+    @_handles(*FLOAT_UNARY, "relax.nn.leakyrelu")
     def float_unary(self, call):
         name = _name(call)
         u = self.as_unary(self.val(call.args[0]))
         if u is None:
             raise QDQLoweringError(f"{name}: a float op of a value that is not one 8-bit tensor")
-        return _Unary(u.x, lambda q, fn=u.fn, f=FLOAT_UNARY[name]: f(fn(q)))
+        f = _unary_with_attrs(call)
+        return _Unary(u.x, lambda q, fn=u.fn: f(fn(q)))
 
     @_handles("TupleGetItem")               # _name of a relax.TupleGetItem
     def tuple_get_item(self, call: relax.TupleGetItem):
@@ -389,7 +464,7 @@ class _Lowering:
                 a = call.attrs
                 pooled = op.nn.max_pool2d(x.expr, a.pool_size, a.strides, a.padding, a.dilation, a.ceil_mode,
                                           a.count_include_pad, layout="NHWC")
-                moved = replace(x, expr=self.bb.emit(pooled))
+                moved = replace(x, expr=self.bb.emit(pooled), of=None)
                 return moved if isinstance(v, _Int) else _Deq(moved)
         return self.on_integers(call)
 
@@ -577,6 +652,23 @@ class _Lowering:
         num = (a.scale.reshape(-1)[:1].astype(np.float32) * b.scale.reshape(-1)[:1].astype(np.float32))
         return _Pending([(acc, num.astype(np.float64), None)], bound=bound)
 
+    @_handles("relax.isnan")
+    def isnan(self, call):
+        """A quantized value's real value is s (q - z): never NaN, whatever q is (SDPA as torch's
+        dynamo exporter writes it replaces a softmax's NaN rows with where(isnan(p), 0, p))."""
+        v = self.val(call.args[0])
+        if isinstance(v, relax.Expr):
+            raise QDQLoweringError("relax.isnan of a float tensor")
+        return _NeverNaN()
+
+    @_handles("relax.where")
+    def where(self, call):
+        if not isinstance(self.val(call.args[0]), _NeverNaN):
+            raise QDQLoweringError("relax.where: only where(isnan(q), c, q) of a quantized q has an integer form")
+        if _static_shape(call) is None or _static_shape(call) != _static_shape(call.args[2]):
+            raise QDQLoweringError("relax.where: the kept operand is broadcast")
+        return self.val(call.args[2])
+
     @_handles("relax.multiply", "relax.divide")
     def scale(self, call):
         """Products and quotients:
@@ -602,6 +694,14 @@ class _Lowering:
                 if real > 0:
                     return _Pending([(self.centered(p.value), p.value.scale.astype(np.float64) * np.float64(real),
                                       None)])
+            if isinstance(p, (tvm.ir.GenericConst, _ConstDeq)):
+                p, c = c, p
+            if isinstance(c, _ConstDeq) and c.scale.size == 1 and c.q.size > 1:     # a quantized tensor constant
+                c = _Deq(self.const_int(c))
+            real = _np(c) if isinstance(c, tvm.ir.GenericConst) else _real(c) if isinstance(c, _ConstDeq) else None
+            if isinstance(p, _Deq) and real is not None and p.value.scale.size == 1 \
+                    and (axis := _channel_axis(real, _static_shape(call))) is not None:
+                return self.channel_scale(p.value, real, axis)
             if isinstance(p, _Deq) and isinstance(c, _Deq) and p.value.scale.size == c.value.scale.size == 1:
                 a, b = p.value, c.value
                 ca, cb = self.centered(a), self.centered(b)
@@ -612,7 +712,20 @@ class _Lowering:
                                   None)], bound=bound)
         return self.float_binary(call)
 
-    @_handles("relax.subtract", "relax.power")
+    def channel_scale(self, x: _Int, c: np.ndarray, axis: int) -> _Pending:
+        """x * c[channel] (LayerScale, a per-channel gain): y = sign(c) (q - z) * s_x |c|, a
+        per-channel requantize ratio; the sign multiplies the integers (a ratio is positive)."""
+        c = np.asarray(c, np.float32).reshape(-1).astype(np.float64)
+        sign = np.sign(c)
+        ratio = x.scale.astype(np.float64) * np.where(c == 0, 1.0, np.abs(c))
+        centered = self.centered(x)
+        if np.any(sign != 1):
+            shape = [1] * x.expr.ty.ndim
+            shape[axis] = -1
+            centered = self.bb.emit(op.multiply(centered, relax.const(sign.astype(np.int32).reshape(shape), "int32")))
+        return _Pending([(centered, ratio, axis)])
+
+    @_handles("relax.subtract", "relax.power", "relax.maximum", "relax.minimum")
     def float_binary(self, call):
         """A float op of an 8-bit activation (or a float function of one) and a scalar float
         constant: still a function of the one tensor's integers (any of FLOAT_BINARY: add,
@@ -629,6 +742,8 @@ class _Lowering:
         """``v`` as a float function of one 8-bit tensor's integers, where it is one."""
         if isinstance(v, _Unary):
             return v
+        if isinstance(v, _Deq) and v.value.of is not None:
+            return v.value.of
         if isinstance(v, _Deq) and v.value.scale.size == 1 and np.iinfo(v.value.dtype).bits == 8:
             x = v.value
             s, z = np.float32(x.scale.reshape(-1)[0]), int(x.zero.reshape(-1)[0])
@@ -753,6 +868,12 @@ class _Lowering:
             terms.append((view, num, axis))
         return replace(p, terms=terms, channels_last=False)
 
+    def pending_view_nchw(self, p: _Pending) -> _Pending:
+        """A channels-last pending result with its terms moved back to NCHW."""
+        terms = [(self.bb.emit(op.permute_dims(acc, [0, 3, 1, 2])), num, None if axis is None else 1)
+                 for acc, num, axis in p.terms]
+        return replace(p, terms=terms, channels_last=False)
+
     def const_view(self, call, c: _ConstDeq):
         name = _name(call)
         if name == "relax.permute_dims":
@@ -842,6 +963,11 @@ class _Lowering:
     @_handles("relax.add")
     def add(self, call):
         a, b = self.val(call.args[0], channels_last=True), self.val(call.args[1], channels_last=True)
+        for x, zero in ((a, b), (b, a)):        # + an all-zero constant (an attention mask with nothing masked)
+            if isinstance(zero, tvm.ir.GenericConst) and not np.any(_np(zero)) and not isinstance(x, relax.Expr) \
+                    and _static_shape(call) is not None \
+                    and _static_shape(call) == _static_shape(call.args[0 if x is a else 1]):
+                return x
         if isinstance(a, _ConstDeq) and isinstance(b, _Pending):
             a, b = b, a
         if isinstance(a, _Pending) and isinstance(b, _ConstDeq) and len(a.terms) == 1:
@@ -873,6 +999,16 @@ class _Lowering:
                     terms.append((self.centered(value), value.scale.astype(np.float64), None))
             return _Pending(terms, channels_last=nhwc)
         return self.float_binary(call)
+
+
+def _channel_axis(c: np.ndarray, out_shape: list[int] | None) -> int | None:
+    """The one axis a constant factor varies along (broadcast against the output), or None for a
+    scalar or a constant that varies along several axes."""
+    if out_shape is None or c.size <= 1 or c.ndim > len(out_shape):
+        return None
+    dims = [1] * (len(out_shape) - c.ndim) + list(c.shape)
+    varying = [i for i, d in enumerate(dims) if d != 1]
+    return varying[0] if len(varying) == 1 and dims[varying[0]] == out_shape[varying[0]] else None
 
 
 def _static_shape(expr) -> list[int] | None:

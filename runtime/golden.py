@@ -269,6 +269,36 @@ FLOAT_BINARY = {"Add": _f32(np.add), "Sub": _f32(np.subtract), "Mul": _f32(np.mu
                 "Pow": _f32(np.power)}
 
 
+NEVER_NAN = object()     # IsNaN of a quantized value
+
+
+def _floating_array(v) -> bool:
+    return isinstance(v, np.ndarray) and v.dtype.kind == "f"
+
+
+def _zeros_like_other(x, zero) -> bool:
+    """``zero`` an all-zero float constant that does not broadcast ``x`` (a quantized value) larger."""
+    if not _floating_array(zero) or np.any(zero) or _floating_array(x) or x is None:
+        return False
+    shape = x[1].q.shape if isinstance(x, tuple) else x.terms[0][0].shape if isinstance(x, _Pending) else None
+    return shape is not None and np.broadcast_shapes(shape, zero.shape) == tuple(shape)
+
+
+def _channel_factor(ins) -> tuple | None:
+    """(x, c per channel, axis) for a dequantized per-tensor x times a float constant c that varies
+    along one axis of x."""
+    for x, c in (ins, ins[::-1]):
+        if isinstance(c, tuple) and c[0] == "deq" and c[1].scale.size > 1:        # a per-channel constant
+            c = _float(c)
+        if isinstance(x, tuple) and x[0] == "deq" and x[1].scale.size == 1 and _floating_array(c) and c.size > 1 \
+                and c.ndim <= x[1].q.ndim:
+            dims = [1] * (x[1].q.ndim - c.ndim) + list(c.shape)
+            varying = [i for i, d in enumerate(dims) if d != 1]
+            if len(varying) == 1 and dims[varying[0]] == x[1].q.shape[varying[0]]:
+                return x[1], np.asarray(c, np.float32).reshape(-1).astype(np.float64), varying[0]
+    return None
+
+
 def _floating(v) -> bool:
     """A dequantized activation or a float tensor: what a float op may read."""
     return (isinstance(v, tuple) and v[0] == "deq") or (isinstance(v, np.ndarray) and v.dtype.kind == "f")
@@ -386,6 +416,19 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
                 shape[axis] = -1
                 acc = acc + b.reshape(shape)
             env[n.output[0]] = _Pending([(acc, num, axis)])
+        elif op == "Add" and any(_zeros_like_other(u, v) for u, v in (ins, ins[::-1])):
+            env[n.output[0]] = next(u for u, v in (ins, ins[::-1]) if _zeros_like_other(u, v))
+        elif op == "IsNaN" and not _floating_array(ins[0]):
+            env[n.output[0]] = NEVER_NAN        # s (q - z) is a number whatever q is
+        elif op == "Where" and ins[0] is NEVER_NAN:
+            env[n.output[0]] = ins[2]
+        elif op == "Mul" and (k := _channel_factor(ins)) is not None:
+            x, c, axis = k                      # LayerScale: sign(c) (q - z) at ratio s |c| per channel
+            shape = [1] * x.q.ndim
+            shape[axis] = -1
+            sign = np.sign(c).astype(np.int64)
+            env[n.output[0]] = _Pending([(x.centered() * sign.reshape(shape),
+                                          x.scale.astype(np.float64) * np.where(c == 0, 1.0, np.abs(c)), axis)])
         elif op == "Add":
             x, y = ins
             if isinstance(x, tuple) and isinstance(y, tuple):
@@ -457,6 +500,8 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
             env[n.output[0]] = _Pending([(acc, num * (c if op == "Mul" else 1.0 / c), axis)], ins[0].lo, ins[0].hi)
         elif op in ("Softmax", "Gelu"):
             x = deq_of(ins[0])
+            if op == "Softmax" and a.get("axis", -1) % x.q.ndim != x.q.ndim - 1:
+                raise QDQUnsupported(f"Softmax {n.name}: over an axis other than the last")
             kind = "softmax" if op == "Softmax" else "gelu"
             y, sc = (gnl.softmax if kind == "softmax" else gnl.gelu)(variant(kind), x.centered(), float(x.scale[0]))
             env[n.output[0]] = _Pending([(y, np.array([sc]), None)])

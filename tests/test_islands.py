@@ -19,11 +19,12 @@ from runtime import golden
 from runtime.errors import UserError
 
 
-def _sandwich(op: str = "Sin") -> onnx.ModelProto:
-    """MatMul -> ``op`` (no integer form) -> MatMul: two integer layers around one island."""
+def _sandwich() -> onnx.ModelProto:
+    """MatMul -> softmax over the batch axis (no integer form: I-ViT's Shiftmax runs along rows) ->
+    MatMul: two integer layers around one island."""
     rng = np.random.default_rng(0)
     return make_model([helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
-                       helper.make_node(op, ["h"], ["s"], name="odd_one"),
+                       helper.make_node("Softmax", ["h"], ["s"], name="odd_one", axis=0),
                        helper.make_node("MatMul", ["s", "w2"], ["y"], name="fc2")],
                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
@@ -42,12 +43,12 @@ def test_an_op_without_integer_form_is_a_named_island(tmp_path, caplog):
         art = compiler.compile(path, options=CompileOptions(calib=_calib()))
     m = art.manifest
     assert m.precision == "int8" and not m.integer_only
-    assert [(i["op"], i["node"]) for i in m.islands] == [("relax.sin", "odd_one")]
-    assert m.integer_region == "1 float island(s): relax.sin (odd_one)"
-    assert "float island: relax.sin at node 'odd_one'" in caplog.text and "fake-quant" not in caplog.text
+    assert [(i["op"], i["node"]) for i in m.islands] == [("relax.nn.softmax", "odd_one")]
+    assert m.integer_region == "1 float island(s): relax.nn.softmax (odd_one)"
+    assert "float island: relax.nn.softmax at node 'odd_one'" in caplog.text and "fake-quant" not in caplog.text
     # both matmuls are integer layers, with their accumulators proven
     assert [w["op"] for w in m.quantization["weights"]] == ["matmul", "matmul"]
-    # the integer layers are bit-exact; only the island's float sin may round differently from
+    # the integer layers are bit-exact; only the island's float softmax may round differently from
     # numpy's, so an output may move by one step of the next quantize, times fc2's weights
     qdq, variants = golden_model(path, _calib())
     x = {"x": np.random.default_rng(5).normal(size=(64, 8)).astype(np.float32) * 2}
@@ -63,15 +64,15 @@ def test_integer_only_refuses_the_island_in_one_line(tmp_path):
     r = run_cli("compile", path, "--calib", calib, "--integer-only", "-o", out)
     assert r.returncode == 2 and not out.exists()
     line = one_line_error(r.stderr)
-    assert "float island: relax.sin at node 'odd_one'" in line and "--integer-only" in line
+    assert "float island: relax.nn.softmax at node 'odd_one'" in line and "--integer-only" in line
     ok = run_cli("compile", path, "--calib", calib, "-o", out)
     assert ok.returncode == 0, ok.stderr
     shown = run_cli("inspect", out)
-    assert "island     relax.sin at node 'odd_one': relax.sin: no integer lowering for this op" in shown.stdout
+    assert "island     relax.nn.softmax at node 'odd_one': softmax over an axis other than the last is not supported" in shown.stdout
 
 
 def test_rv32_refuses_the_island_with_the_same_line(rv32_toolchain):
-    with pytest.raises(UserError, match=r"float island: relax.sin at node 'odd_one' .*the rv32 target runs "
+    with pytest.raises(UserError, match=r"float island: relax.nn.softmax at node 'odd_one' .*the rv32 target runs "
                                         r"integer-only models"):
         compiler.compile(_sandwich(), options=CompileOptions(target="rv32", calib=_calib(),
                                                              input_shapes={"x": (1, 8)}))
