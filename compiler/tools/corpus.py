@@ -36,7 +36,15 @@ from typing import Literal
 import numpy as np
 import onnx
 
+import compiler
+from compiler import driver, frontend, quantize
+from compiler.canonicalize import canonicalize
+from compiler.options import CompileOptions
+from compiler.qoperator import has_qoperators, to_qdq
+from compiler.tools.ort import OrtRunner
+from compiler.tools.ort import quantize as ort_quantize
 from models import corpus
+from runtime import golden
 from runtime.errors import UserError
 from runtime.io import cache_root
 
@@ -181,15 +189,6 @@ def _first(outs: dict) -> np.ndarray:
 
 def measure(v: corpus.Variant, quantized: bool = True) -> ModelResult:
     """``v``'s row of the report; ``quantized``: also the other tools' quantized versions."""
-    import compiler
-    from compiler import driver, frontend, quantize
-    from compiler.canonicalize import canonicalize
-    from compiler.options import CompileOptions
-    from compiler.qoperator import has_qoperators, to_qdq
-    from compiler.tools.ort import OrtRunner
-    from compiler.tools.ort import quantize as ort_quantize
-    from runtime import golden
-
     f = corpus.ensure(v)
     calib, evals = f.calibration(), _samples(f.evaluation(), corpus.EVAL_SAMPLES)
     ref = OrtRunner("ort-fp32", str(f.onnx), 2)
