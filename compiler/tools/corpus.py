@@ -266,7 +266,9 @@ def run_one(v: corpus.Variant, src: str, timeout: float) -> ModelResult:
         path.parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "compiler.tools.corpus", "--one", v.name, "--json", str(path)]
         try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            # in a scratch directory: ORT's quantizer leaves shape-inference and external-data files in the cwd
+            with tempfile.TemporaryDirectory() as scratch:
+                p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=scratch)
             failure = None if p.returncode == 0 and path.exists() else \
                 f"child exited {p.returncode}: " + (p.stderr.strip().splitlines() or [""])[-1][:200]
         except subprocess.TimeoutExpired:
