@@ -43,7 +43,7 @@ def canonicalize(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | No
     m.CopyFrom(model)
     if shapes:
         _fix_input_shapes(m, shapes)
-        for _ in range(8):                  # folding exposes x * 0 and new static shapes, which fold further
+        for _ in range(64):                 # folding exposes x * 0 and new static shapes, which fold further
             folded = _fold_constants(m)
             if not _zero_products(m) and not folded:
                 break

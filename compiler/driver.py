@@ -116,6 +116,11 @@ def load(model, opts: CompileOptions, backend: Backend) -> Loaded:
     inputs = declared = frontend.input_specs(src, opts.input_shapes)
     output_dtypes = frontend.output_dtypes(src)
     src = frontend.OnnxModel(narrow_qdq.rewrite(src.proto, src.path), src.path, src.sha256)
+    if not quantize.is_quantized(src.proto) and all(isinstance(d, int) for s in inputs for d in s.shape):
+        # an FP32 model at static shapes: its shape arithmetic folded as calibration folds it (a Reshape
+        # or Pad whose operand is computed from Shape is one TVM's importer rejects, or types loosely)
+        src = frontend.OnnxModel(canonicalize.canonicalize(src.proto, {s.name: s.shape for s in inputs}), src.path,
+                                 src.sha256)
     if backend.one_sample:
         inputs = frontend.static_specs(src, inputs, backend.one_sample)
     if opts.tune and (hint := frontend.symbolic_hint(inputs)):

@@ -523,7 +523,14 @@ def _choose_nonlinear(m: onnx.ModelProto, plan: _Plan, params, seen, mode: str) 
     out = []
     for n in m.graph.node:
         kind = NONLINEAR_OPS.get(n.op_type)
-        if kind is None or n.input[0] not in seen:
+        if kind is None:
+            continue
+        if n.input[0] not in seen:
+            # not observed (a view of a quantized tensor: Swin's windows reshaped around the mask add):
+            # the default variant, so that the choices still line up one per node with what the
+            # lowering and the golden interpreter read in order
+            default = "i-layernorm" if kind == "layernorm" else "poly" if mode == "auto" else mode
+            out.append(NonlinearChoice(n.name or n.output[0], kind, default, {}, {}))
             continue
         p = params[plan.root[n.input[0]]]
         info = np.iinfo(p.dtype)

@@ -123,11 +123,21 @@ def _conv_int(x, w, strides, pads, dilations, group):
     return out
 
 
-def _maxpool_int(q, kernel, strides, pads, fill):
+def _pooled_size(size: int, k: int, s: int, lo: int, hi: int, ceil: bool) -> int:
+    """ONNX's output size; in ceil mode a last window that would start in the end padding is dropped."""
+    span = size + lo + hi - k
+    out = (-(-span // s) if ceil else span // s) + 1
+    return out - 1 if ceil and (out - 1) * s >= size + lo else out
+
+
+def _maxpool_int(q, kernel, strides, pads, fill, ceil_mode: bool = False):
     n, c, h, w = q.shape
-    qp = np.pad(q, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])), constant_values=fill)
-    oh = (qp.shape[2] - kernel[0]) // strides[0] + 1
-    ow = (qp.shape[3] - kernel[1]) // strides[1] + 1
+    oh = _pooled_size(h, kernel[0], strides[0], pads[0], pads[2], ceil_mode)
+    ow = _pooled_size(w, kernel[1], strides[1], pads[1], pads[3], ceil_mode)
+    # ceil mode reads past the end padding: more fill there, which max never picks
+    extra_h = max(0, (oh - 1) * strides[0] + kernel[0] - (h + pads[0] + pads[2]))
+    extra_w = max(0, (ow - 1) * strides[1] + kernel[1] - (w + pads[1] + pads[3]))
+    qp = np.pad(q, ((0, 0), (0, 0), (pads[0], pads[2] + extra_h), (pads[1], pads[3] + extra_w)), constant_values=fill)
     out = np.full((n, c, oh, ow), fill, np.int64)
     for i in range(kernel[0]):
         for j in range(kernel[1]):
@@ -515,8 +525,11 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
         elif op == "MaxPool":
             kind, x = _on_integers(ins[0], deq_of)
             k = a["kernel_shape"]
+            if any(d != 1 for d in a.get("dilations", [1, 1])) or a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+                raise QDQUnsupported(f"MaxPool {n.name}: dilations or auto_pad")
             fill = np.iinfo(np.int64).min
-            pooled = _maxpool_int(x.q, k, a.get("strides", [1, 1]), a.get("pads", [0, 0, 0, 0]), fill)
+            pooled = _maxpool_int(x.q, k, a.get("strides", [1, 1]), a.get("pads", [0, 0, 0, 0]), fill,
+                                  bool(a.get("ceil_mode", 0)))
             env[n.output[0]] = _same_kind(ins[0], kind, _Q(pooled, x.scale, x.zero, x.axis, x.dtype))
         elif op in VIEW_OPS:
             v = ins[0]

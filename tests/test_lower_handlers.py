@@ -80,6 +80,10 @@ CASES = {
                     [_conv("x", "a", "w1"), _conv("x", "b", "w2"), _node("Concat", ["a", "b"], ["y"], axis=1)]),
     "max_pool": _Case({"relax.nn.max_pool2d"}, IMAGE,
                       [_conv("x", "c", "w"), _node("MaxPool", ["c"], ["y"], kernel_shape=[2, 2], strides=[2, 2])]),
+    # GoogLeNet's pools: ceil mode adds a last, partial window (6 -> 3, not 2)
+    "max_pool_ceil": _Case({"relax.nn.max_pool2d"}, IMAGE,
+                           [_conv("x", "c", "w"), _node("MaxPool", ["c"], ["y"], kernel_shape=[3, 3], strides=[2, 2],
+                                                        ceil_mode=1)]),
     "avg_pool": _Case({"relax.nn.avg_pool2d"}, IMAGE,
                       [_conv("x", "c", "w"), _node("AveragePool", ["c"], ["y"], kernel_shape=[2, 2], strides=[2, 2])]),
     "mean": _Case({"relax.mean"}, IMAGE, [_conv("x", "c", "w"), _node("ReduceMean", ["c", "axes"], ["y"], keepdims=0)],

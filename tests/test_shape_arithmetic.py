@@ -125,3 +125,30 @@ def test_canonicalize_folds_sliced_shape_and_splits():
     assert "Shape" not in ops and "Split" not in ops and ops.count("Slice") == 5
     x = rng.normal(size=(2, 4, 6)).astype(np.float32)
     np.testing.assert_allclose(_ort(canon, x), _ort(model, x), rtol=1e-6, atol=1e-6)
+
+
+def _computed_reshape_model() -> onnx.ModelProto:
+    """x (1, 4, 6, 6) -> Reshape(x, [1, ceil(C / 2), -1]) computed in float from Shape, as HF's
+    MobileViT unfolds patches: TVM's importer rejects a Reshape whose shape is a tensor."""
+    c = [numpy_helper.from_array(np.array(v, dt), n) for n, v, dt in
+         (("one", [1], np.int64), ("minus", [-1], np.int64), ("idx", 1, np.int64), ("two", 2.0, np.float32),
+          ("ax", [0], np.int64))]
+    nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Gather", ["s", "idx"], ["ch"]),
+             helper.make_node("Cast", ["ch"], ["chf"], to=TensorProto.FLOAT),
+             helper.make_node("Div", ["chf", "two"], ["half"]), helper.make_node("Ceil", ["half"], ["up"]),
+             helper.make_node("Cast", ["up"], ["hi"], to=TensorProto.INT64),
+             helper.make_node("Unsqueeze", ["hi", "ax"], ["h1"]),
+             helper.make_node("Concat", ["one", "h1", "minus"], ["shape"], axis=0),
+             helper.make_node("Reshape", ["x", "shape"], ["r"]), helper.make_node("Relu", ["r"], ["y"])]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 72])], c, opset=17)
+
+
+def test_fp32_model_at_static_shapes_folds_its_shape_arithmetic():
+    """An FP32 model with static inputs is canonicalized as calibration canonicalizes it: the
+    computed Reshape target folds to a constant and the model compiles, equal to ORT."""
+    model = _computed_reshape_model()
+    art = compiler.compile(model)
+    x = np.random.default_rng(0).normal(size=(1, 4, 6, 6)).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(art.run({"x": x})["y"], want)
