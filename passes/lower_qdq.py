@@ -199,11 +199,27 @@ def _on_accumulator_grid(b: _ConstDeq, num: np.ndarray) -> np.ndarray:
     expect = num.astype(np.float32)
     if b.scale.size in (1, expect.size) and np.allclose(b.scale, expect, rtol=1e-6) and not np.any(b.zero != 0):
         return b.q
-    real = _real(b).astype(np.float64)
+    return _real_on_grid(_real(b), num)
+
+
+def _real_on_grid(real: np.ndarray, num: np.ndarray) -> np.ndarray:
+    """A real bias (float32) on the accumulator's grid s_x*s_w, rounded half to even."""
+    real = real.astype(np.float64)
     if num.size > 1 and real.size != num.size:
         raise QDQLoweringError("bias add: a per-tensor bias on a per-channel accumulator has no single grid")
-    step = expect.astype(np.float64).reshape(real.shape if num.size > 1 else ())
+    step = num.astype(np.float32).astype(np.float64).reshape(real.shape if num.size > 1 else ())
     return np.round(real / step).astype(np.int64)
+
+
+def _float_bias(v) -> np.ndarray | None:
+    """A float constant operand's value (NNCF and some exporters leave a convolution's bias float),
+    its reshapes applied; None for anything else."""
+    if isinstance(v, tvm.ir.GenericConst) and _np(v).dtype == np.float32:
+        return _np(v)
+    if isinstance(v, _FloatView) and v.value.dtype == np.float32 and all(
+            _name(c) == "relax.reshape" for c in v.views):
+        return v.value.reshape([int(d) for d in v.views[-1].args[1].values]) if v.views else v.value
+    return None
 
 
 def _real(v: _ConstDeq) -> np.ndarray:
@@ -355,6 +371,22 @@ class _Lowering:
                 total = op.clip(total, max(v.lo, -3.4e38), min(v.hi, 3.4e38))
             return self.bb.emit(total)
         raise reason
+
+    def float_output(self, v) -> relax.Expr:
+        """A graph whose last layer's result leaves unquantized (NNCF keeps the classifier's output
+        float): the accumulator is the integer result, and its dequantize at s_x*s_w (per channel
+        where the weights are) the float boundary, as an output dequantize would be."""
+        if not isinstance(v, _Pending) or len(v.terms) != 1 or v.table is not None or \
+                np.isfinite(v.lo) or np.isfinite(v.hi):
+            raise QDQLoweringError("no output dequantize found")
+        if v.channels_last:
+            v = self.pending_view_nchw(v)
+        acc, num, axis = v.terms[0]
+        scale = num.astype(np.float32).reshape(-1)
+        zero = np.zeros(scale.shape, np.int32 if str(acc.ty.dtype) == "int32" else np.int64)
+        ndim = acc.ty.ndim
+        return self.bb.emit(op.dequantize(acc, relax.const(scale, "float32"), relax.const(zero, str(zero.dtype)),
+                                          axis=(axis if axis is not None else -1) % ndim, out_dtype="float32"))
 
     # ---- one binding ------------------------------------------------------------
     def lower(self, call) -> object:
@@ -968,11 +1000,14 @@ class _Lowering:
                     and _static_shape(call) is not None \
                     and _static_shape(call) == _static_shape(call.args[0 if x is a else 1]):
                 return x
-        if isinstance(a, _ConstDeq) and isinstance(b, _Pending):
+        if isinstance(b, _Pending) and not isinstance(a, _Pending):
             a, b = b, a
+        real = _float_bias(b) if isinstance(a, _Pending) and len(a.terms) == 1 else None
+        if real is not None and (real.size == 1 or real.size == max(real.shape)):     # a vector along one axis
+            b = _ConstDeq(np.zeros(real.shape, np.int64), np.ones(1, np.float32), np.zeros(1, np.int64), 0)
         if isinstance(a, _Pending) and isinstance(b, _ConstDeq) and len(a.terms) == 1:
             acc, num, axis = a.terms[0]
-            bq = _on_accumulator_grid(b, num)
+            bq = _on_accumulator_grid(b, num) if real is None else _real_on_grid(real, num).reshape(real.shape)
             bound = accumulators.bias_add(a.bound, bq)
             dtype = str(acc.ty.dtype)
             if dtype == "int32" and accumulators.accumulator_dtype(bound) == "int64":    # may not fit: add in int64
@@ -1120,7 +1155,7 @@ def lower_qdq(mod: tvm.IRModule, variants="auto",
                     except ValueError as exc:   # a ratio or offset passes/dyadic.py cannot represent
                         low.env[b.var] = low.island(b, QDQLoweringError(f"{_name(b.value)}: {exc}"))
             if result is None:
-                raise QDQLoweringError("no output dequantize found")
+                result = low.float_output(low.env.get(func.body.body))
             out = bb.emit_output(result)
         bb.emit_func_output(out)
     new = bb.get()

@@ -145,13 +145,14 @@ def _maxpool_int(q, kernel, strides, pads, fill, ceil_mode: bool = False):
     return out
 
 
-def _bias(b: _Q, acc_scale: np.ndarray, node) -> np.ndarray:
+def _bias(b, acc_scale: np.ndarray, node) -> np.ndarray:
     """A bias on the accumulator's grid s_x*s_w: as it is where ORT wrote it there (zero point 0),
-    else its real value s_b (q_b - z_b) rounded to that grid, half to even."""
+    else its real value s_b (q_b - z_b), or a float bias as it is (NNCF's), rounded to that grid,
+    half to even."""
     step = acc_scale.astype(np.float32)
-    if not np.any(b.zero != 0) and np.allclose(b.scale, step, rtol=1e-6):
+    if isinstance(b, _Q) and not np.any(b.zero != 0) and np.allclose(b.scale, step, rtol=1e-6):
         return b.centered()
-    real = _float(("deq", b)).astype(np.float64)
+    real = (_float(("deq", b)) if isinstance(b, _Q) else np.asarray(b, np.float32)).astype(np.float64)
     if step.size > 1 and real.size != step.size:
         raise QDQUnsupported(f"{node.op_type} {node.name}: a per-tensor bias on a per-channel accumulator")
     return np.round(real / (step.astype(np.float64).reshape(real.shape) if step.size > 1 else
@@ -421,7 +422,7 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
             num = (x.scale[0].astype(np.float32) * wscale.astype(np.float32)).astype(np.float64)
             bias_in = 2 if op in ("Conv", "Gemm") else None
             if bias_in is not None and len(ins) > bias_in and ins[bias_in] is not None:
-                b = _bias(deq_of(ins[bias_in]), num, n)
+                b = _bias(ins[bias_in] if _floating_array(ins[bias_in]) else deq_of(ins[bias_in]), num, n)
                 shape = [1] * acc.ndim
                 shape[axis] = -1
                 acc = acc + b.reshape(shape)
@@ -573,4 +574,6 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
             step(n, attrs(n), ins, n.op_type)
         except QDQUnsupported as exc:      # a float island, as the lowering makes one
             env.update(zip(n.output, _island(n, ins, exc), strict=False))
-    return {o.name: env[o.name] for o in g.output}
+    # an output left at its accumulator (no output quantize: NNCF's classifier) is dequantized at s_x*s_w
+    return {o.name: _real(env[o.name], QDQUnsupported(o.name)) if isinstance(env[o.name], _Pending) else env[o.name]
+            for o in g.output}

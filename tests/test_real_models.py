@@ -157,3 +157,20 @@ def test_dynamo_vit_with_calibration(files):
     got = np.concatenate([art.run({"input": x[i:i + n]})["output"] for i in range(0, len(x), n)])
     want = np.concatenate([golden.run_qdq(qdq, {"input": x[i:i + 1]}, variants)["output"] for i in range(len(x))])
     np.testing.assert_array_equal(got, want)
+
+
+def test_nncf_ptq_of_the_onnx_model_lowers_integer_only_and_bit_exact(files, tmp_path):
+    """NNCF's own ONNX PTQ (not ORT's writer in NNCF's layout): float convolution biases (they join
+    the accumulator at s_x*s_w), and a classifier whose output leaves unquantized (its accumulator
+    is dequantized at s_x*s_w as the boundary)."""
+    nncf = pytest.importorskip("nncf", reason="NNCF is in the zoo extra")
+    calib = files["digits_cnn_calib"]
+    q = nncf.quantize(onnx.load(files["digits_cnn"]), nncf.Dataset([{"input": calib[i:i + 1]} for i in range(16)]),
+                      subset_size=16)
+    path = tmp_path / "nncf.onnx"
+    onnx.save(q, path)
+    assert not any(o.name in {n.output[0] for n in q.graph.node if n.op_type == "DequantizeLinear"}
+                   for o in q.graph.output)             # NNCF leaves the logits float
+    art = compiler.compile(path)
+    assert art.manifest.integer_only and not art.manifest.islands, art.manifest.integer_region
+    assert_bit_exact_qdq(art, path, calib[:2])
