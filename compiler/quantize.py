@@ -38,6 +38,7 @@ from compiler import calibration
 from compiler.canonicalize import canonicalize
 from compiler.fold_batchnorm import fold_batchnorm, output_axis
 from passes.integer_nonlinear import FAMILIES
+from passes.lower_qdq import MASKED
 from runtime import golden_nonlinear as gnl
 from runtime.errors import UserError
 from runtime.io import read_tensors
@@ -472,7 +473,12 @@ def _calibrate(m: onnx.ModelProto, plan: _Plan, batches, config: QuantConfig, wh
         values.update(feeds)
         for t, obs in observers.items():
             try:
-                obs.update(values[t])
+                v = values[t]
+                if t not in feeds and v.dtype.kind == "f" and (masked := v <= MASKED).any() and not masked.all():
+                    # attention scores a padding mask sent to -inf or float32's lowest: they quantize to the
+                    # grid's minimum whatever the range (passes/lower_qdq.py: the mask is a select)
+                    v = v[~masked]
+                obs.update(v)
             except calibration.NonFinite:
                 if t in feeds:
                     raise UserError(f"{calib_where}: array {t!r} holds NaN or Inf values; calibration data must be "

@@ -154,6 +154,16 @@ class _FloatView:
     views: list             # relax.Call of a VIEWS op, operand first
 
 
+MASKED = -1e30      # a mask value this low saturates any grid: (s (q - z) + M) / s_y is below every qmin
+
+
+@dataclass
+class _MaskBias:
+    """An attention mask's additive bias where(keep, 0, M), M <= MASKED: the quantize after
+    scores + bias is where(keep, q_scores, qmin)."""
+    keep: relax.Expr
+
+
 class _NeverNaN:
     """isnan of a quantized tensor: false everywhere."""
 
@@ -180,6 +190,7 @@ class _Pending:
     # the one term is table[index] (an elementwise function of an 8-bit value): the requantize
     # that follows is tabulated with it, one read per element and no 64-bit arithmetic
     table: tuple[np.ndarray, relax.Expr] | None = None
+    keep: relax.Expr | None = None      # an attention mask: elsewhere the result is the grid's minimum
 
 
 def _host_quantize(values: np.ndarray, s: float, z: int, info: np.iinfo) -> np.ndarray:
@@ -357,7 +368,7 @@ class _Lowering:
             x = v.value
             centered = op.astype(self.centered(x), "float32")
             return self.bb.emit(op.multiply(centered, relax.const(np.float32(x.scale.reshape(-1)[0]), "float32")))
-        if isinstance(v, _Pending) and v.table is None and not v.channels_last:
+        if isinstance(v, _Pending) and v.table is None and v.keep is None and not v.channels_last:
             total = None
             for acc, num, axis in v.terms:
                 ratio = num.astype(np.float32)
@@ -623,7 +634,10 @@ class _Lowering:
                 return _Int(self.bb.emit(y), scale, zero, dtype, src.channels_last)
             term = rescale(acc, d, axis if axis is not None else -1)
             total = term if total is None else op.add(total, term)
-        return _Int(self.bb.emit(saturate(total, z_out, lo, hi, dtype)), scale, zero, dtype, src.channels_last)
+        y = saturate(total, z_out, lo, hi, dtype)
+        if src.keep is not None:
+            y = op.where(src.keep, y, relax.const(int(info.min), dtype))
+        return _Int(self.bb.emit(y), scale, zero, dtype, src.channels_last)
 
     def const_value(self, expr) -> np.ndarray:
         """A constant operand as float32: a plain constant, or DequantizeLinear of one."""
@@ -695,11 +709,28 @@ class _Lowering:
 
     @_handles("relax.where")
     def where(self, call):
-        if not isinstance(self.val(call.args[0]), _NeverNaN):
-            raise QDQLoweringError("relax.where: only where(isnan(q), c, q) of a quantized q has an integer form")
+        cond = self.val(call.args[0])
+        if not isinstance(cond, _NeverNaN):
+            return self.mask_bias(call, cond)
         if _static_shape(call) is None or _static_shape(call) != _static_shape(call.args[2]):
             raise QDQLoweringError("relax.where: the kept operand is broadcast")
         return self.val(call.args[2])
+
+    def mask_bias(self, call, cond) -> _MaskBias:
+        """where(keep, 0, M) with M far below any grid (-inf, or float32's lowest as transformers
+        write it) and ``keep`` computed from integer inputs (a padded attention mask): added to
+        scores, it leaves them or sends them below every representable value."""
+        values = [self.val(a) for a in call.args[1:]]
+        consts = [_np(v) if isinstance(v, tvm.ir.GenericConst) and _np(v).size == 1 else None for v in values]
+        if not isinstance(cond, relax.Expr) or str(cond.ty.dtype) != "bool" or None in consts:
+            raise QDQLoweringError("relax.where: only where(isnan(q), c, q) of a quantized q, or an attention "
+                                   "mask where(keep, 0, -inf) of integer inputs, has an integer form")
+        zero, low = (float(c.reshape(-1)[0]) for c in consts)
+        if zero == 0.0 and low <= MASKED:
+            return _MaskBias(cond)
+        if low == 0.0 and zero <= MASKED:
+            return _MaskBias(self.bb.emit(op.logical_not(cond)))
+        raise QDQLoweringError(f"relax.where: a mask of {zero} and {low} does not saturate the grid")
 
     @_handles("relax.multiply", "relax.divide")
     def scale(self, call):
@@ -887,8 +918,8 @@ class _Lowering:
     def pending_view(self, call, p: _Pending) -> _Pending:
         """A view of a result awaiting its requantize (ORT leaves Flatten / Reshape after a mean
         unquantized): applied to each integer term, a per-channel term's axis moved with it."""
-        if p.table is not None:
-            raise QDQLoweringError(f"{_name(call)} of a tabulated value is not supported")
+        if p.table is not None or p.keep is not None:
+            raise QDQLoweringError(f"{_name(call)} of a tabulated or masked value is not supported")
         terms = []
         for acc, num, axis in p.terms:
             if p.channels_last:
@@ -995,6 +1026,13 @@ class _Lowering:
     @_handles("relax.add")
     def add(self, call):
         a, b = self.val(call.args[0], channels_last=True), self.val(call.args[1], channels_last=True)
+        if isinstance(a, _MaskBias) or isinstance(b, _MaskBias):
+            mask, x = (a, self.val(call.args[1])) if isinstance(a, _MaskBias) else (b, self.val(call.args[0]))
+            if isinstance(x, _Deq) and x.value.scale.size == 1:             # the scores, NCHW as the mask is
+                x = _Pending([(self.centered(x.value), x.value.scale.astype(np.float64), None)])
+            if not isinstance(x, _Pending) or x.keep is not None or x.table is not None or x.channels_last:
+                raise QDQLoweringError("relax.add: an attention mask on a value that is not one requantize")
+            return replace(x, keep=mask.keep)
         for x, zero in ((a, b), (b, a)):        # + an all-zero constant (an attention mask with nothing masked)
             if isinstance(zero, tvm.ir.GenericConst) and not np.any(_np(zero)) and not isinstance(x, relax.Expr) \
                     and _static_shape(call) is not None \

@@ -89,9 +89,21 @@ class _Pending:
     """An integer value awaiting its output QuantizeLinear: one or more (int tensor, scale) terms
     summed after each is requantized, plus real-valued clamp bounds from ReLU/Clip."""
 
-    def __init__(self, terms, lo=-np.inf, hi=np.inf):
+    def __init__(self, terms, lo=-np.inf, hi=np.inf, keep=None):
         self.terms = terms            # list of (int64 array, float64 ratio numerator array, channel axis)
         self.lo, self.hi = lo, hi
+        self.keep = keep              # an attention mask (bool): elsewhere the quantized result is qmin
+
+
+MASKED = -1e30      # an additive mask value this low sends any quantized sum to the grid's minimum
+
+
+def _mask_keep(b) -> np.ndarray | None:
+    """An additive attention mask (a float array of zeros and values <= MASKED, computed from the
+    integer mask input): where it keeps; None for anything else."""
+    if not _floating_array(b) or b.size < 2 or np.isnan(b).any():
+        return None
+    return (b == 0) if np.all((b == 0) | (b <= MASKED)) else None
 
 
 class _Concat:
@@ -374,6 +386,8 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
             info = np.iinfo(zdt)
             if isinstance(x, _Pending):
                 val = requant(x, float(s), int(np.asarray(z).reshape(-1)[0]), info.min, info.max)
+                if x.keep is not None:
+                    val = np.where(x.keep, val, info.min)
             elif isinstance(x, _Concat):
                 val = np.concatenate([requant(_Pending([(p.centered(), p.scale.astype(np.float64), None)]), float(s),
                                               int(np.asarray(z).reshape(-1)[0]), info.min, info.max)
@@ -427,6 +441,17 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
                 shape[axis] = -1
                 acc = acc + b.reshape(shape)
             env[n.output[0]] = _Pending([(acc, num, axis)])
+        elif op == "Add" and any(_mask_keep(v) is not None and isinstance(u, (tuple, _Pending)) and
+                                 not (isinstance(u, _Pending) and (len(u.terms) != 1 or u.keep is not None))
+                                 for u, v in (ins, ins[::-1])) and not any(_zeros_like_other(u, v)
+                                                                           for u, v in (ins, ins[::-1])):
+            x, b = (ins[0], ins[1]) if _mask_keep(ins[1]) is not None else (ins[1], ins[0])
+            if isinstance(x, tuple):
+                qv = deq_of(x)
+                if qv.scale.size != 1:
+                    raise QDQUnsupported(f"Add {n.name}: a mask on a per-channel tensor")
+                x = _Pending([(qv.centered(), qv.scale.astype(np.float64), None)])
+            env[n.output[0]] = _Pending(x.terms, x.lo, x.hi, keep=_mask_keep(b))
         elif op == "Add" and any(_zeros_like_other(u, v) for u, v in (ins, ins[::-1])):
             env[n.output[0]] = next(u for u, v in (ins, ins[::-1]) if _zeros_like_other(u, v))
         elif op == "IsNaN" and not _floating_array(ins[0]):

@@ -111,3 +111,30 @@ def test_a_kernel_the_vnni_tiling_rejects_is_scheduled_plainly_and_stays_exact(t
     monkeypatch.setattr(cpu_schedule.CPUDefault, "schedule", vnni_fails)
     nodes, inits = CHAINS["silu"]
     _compare(_conv_model(nodes, inits), tmp_path)
+
+
+@pytest.mark.parametrize("low", [-np.inf, float(np.finfo(np.float32).min)])
+def test_a_padded_attention_mask_is_an_integer_select(low, tmp_path):
+    """scores + where(mask, 0, -inf) (BERT as the TorchScript exporter writes it; float32's lowest
+    in the dynamo export): the quantize after it is where(mask, q_scores, qmin), integer-only, and
+    bit-exact; calibration takes the -inf scores as the grid's minimum."""
+    rng = np.random.default_rng(5)
+    w = numpy_helper.from_array((rng.normal(size=(8, 6)) * 0.5).astype(np.float32), "w")
+    nodes = [_node("MatMul", ["x", "w"], ["s"]), _node("Cast", ["mask"], ["b"], to=TensorProto.BOOL),
+             _node("Unsqueeze", ["b", "axis"], ["keep"]), _node("Where", ["keep", "zero", "low"], ["bias"]),
+             _node("Add", ["s", "bias"], ["masked"]), _node("Softmax", ["masked"], ["y"], axis=-1)]
+    inits = [w, _const("zero", 0.0), _const("low", low), numpy_helper.from_array(np.array([1], np.int64), "axis")]
+    m = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6, 8]),
+                           helper.make_tensor_value_info("mask", TensorProto.INT64, [2, 6])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6, 6])], inits, opset=17)
+    path = tmp_path / "m.onnx"
+    onnx.save(m, path)
+    mask = (np.arange(6)[None] < rng.integers(2, 7, size=(16, 1))).astype(np.int64)
+    calib = {"x": rng.normal(size=(16, 6, 8)).astype(np.float32), "mask": mask}
+    art = compiler.compile(path, options=CompileOptions(calib=calib))
+    assert art.manifest.integer_only and not art.manifest.islands, art.manifest.integer_region
+    qdq, variants = golden_model(path, calib)
+    x = {"x": rng.normal(size=(2, 6, 8)).astype(np.float32) * 3, "mask": np.array([[1, 1, 1, 0, 0, 0], [1] * 6])}
+    got, want = art.run(x)["y"], golden.run_qdq(qdq, x, variants)["y"]
+    np.testing.assert_array_equal(got, want)
+    assert np.all(got[0, :, 3:] == 0) and np.allclose(got[0, :, :3].sum(-1), 1, atol=0.05)
