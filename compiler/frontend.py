@@ -236,6 +236,8 @@ def _converters():
     - Clip with constant bounds as ``relax.clip``.  TVM's converter emits maximum and minimum
       kernels behind NaN guards on the bounds, which hides them from the integer lowering
       (passes/lower_qdq.py folds a Clip into its requantize's clamp, as ReLU6 and u4 need).
+    - Pad with constants as ``relax.nn.pad`` (TVM's converter emits a ``call_tir`` of topi's pad,
+      opaque to the lowering), so that the integer lowering pads the integers with the zero point.
     - Cast / CastLike from a float to an integer type saturate (``saturating_cast``'s rule): ONNX
       leaves that conversion undefined out of range, and TVM's converter wraps it through an int32
       or int64 whose own conversion is undefined past its range.  A narrow type (int4, uint2) is
@@ -291,10 +293,19 @@ def _converters():
                 return super()._impl_v15(bb, inputs, attr, params)
             return Cast._impl_v13(bb, [inputs[0]], {"to": str(like.ty.dtype)}, params)
 
+    class Pad(tvm_onnx.Pad):
+        @classmethod
+        def _lower_pad(cls, bb, inputs, attr, params, allowed_modes):
+            before, after, value = cls._parse_pads_and_axes(inputs, params)
+            if attr.get("mode", b"constant").decode("utf-8") != "constant" or min(before + after) < 0:
+                return super()._lower_pad(bb, inputs, attr, params, allowed_modes)
+            return relax.op.nn.pad(inputs[0], [int(v) for pair in zip(before, after, strict=True) for v in pair],
+                                   "constant", float(value))
+
     original = tvm_onnx._get_convert_map
 
     def convert_map():
-        return {**original(), "Clip": Clip, "Cast": Cast, "CastLike": CastLike}
+        return {**original(), "Clip": Clip, "Cast": Cast, "CastLike": CastLike, "Pad": Pad}
 
     importer = tvm_onnx.ONNXGraphImporter
     convert_operator = importer._convert_operator

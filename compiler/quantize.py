@@ -49,7 +49,7 @@ WEIGHT_BITS = (8, 4, 2)
 OBSERVERS = {"minmax": calibration.MinMaxObserver, "percentile": calibration.PercentileObserver,
              "mse": calibration.MSEObserver}
 LINEAR = ("Conv", "Gemm", "MatMul")
-VIEWS = ("MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Gather", "Slice")
+VIEWS = ("MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Gather", "Slice", "Pad")
 NONLINEAR_OPS = {"Softmax": "softmax", "Gelu": "gelu", "LayerNormalization": "layernorm"}
 POOLS = ("GlobalAveragePool", "ReduceMean", "AveragePool")
 ACTIVATIONS = ("Relu", "Clip")

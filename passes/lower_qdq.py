@@ -511,6 +511,23 @@ class _Lowering:
                 return moved if isinstance(v, _Int) else _Deq(moved)
         return self.on_integers(call)
 
+    @_handles("relax.nn.pad")
+    def pad(self, call):
+        """Constant padding of a quantized tensor: the pad value's grid point, z + v / s, which must
+        be an integer (zero padding is z, exactly)."""
+        v = self.val(call.args[0])
+        x = v if isinstance(v, _Int) else self.deq(v, "relax.nn.pad")
+        if x.scale.size != 1 or str(call.attrs.pad_mode) != "constant":
+            raise QDQLoweringError("relax.nn.pad: only constant padding of a per-tensor quantized tensor")
+        step = float(call.attrs.pad_value) / float(np.float32(x.scale.reshape(-1)[0]))
+        info = np.iinfo(x.dtype)
+        q = int(x.zero.reshape(-1)[0]) + int(np.round(step))
+        if abs(step - np.round(step)) > 1e-6 or not info.min <= q <= info.max:
+            raise QDQLoweringError("relax.nn.pad: the pad value is not on the tensor's grid")
+        padded = op.nn.pad(x.expr, [int(w) for w in call.attrs.pad_width], "constant", float(q))
+        moved = _Int(self.bb.emit(padded), x.scale, x.zero, x.dtype)
+        return moved if isinstance(v, _Int) else _Deq(moved)
+
     @_handles(*VIEWS)
     def view(self, call):
         """A view of a dequantized constant or a float one (replayed on the integers at its

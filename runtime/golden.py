@@ -571,6 +571,21 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
             else:
                 kind, x = _on_integers(v, deq_of)
                 env[n.output[0]] = _same_kind(v, kind, _Q(_view(op, a, ins, x.q), x.scale, x.zero, x.axis, x.dtype))
+        elif op == "Pad" and isinstance(ins[0], tuple) and a.get("mode", b"constant") in (b"constant", "constant"):
+            kind, x = _on_integers(ins[0], deq_of)
+            pads = np.asarray(ins[1]).tolist()
+            rank = x.q.ndim
+            axes = [ax % rank for ax in np.asarray(ins[3]).tolist()] if len(ins) > 3 and ins[3] is not None \
+                else list(range(rank))
+            width = [(0, 0)] * rank
+            for i, ax in enumerate(axes):
+                width[ax] = (pads[i], pads[i + len(axes)])
+            value = float(np.asarray(ins[2]).reshape(-1)[0]) if len(ins) > 2 and ins[2] is not None else 0.0
+            step = value / float(np.float32(x.scale.reshape(-1)[0]))
+            if x.scale.size != 1 or min(pads) < 0 or abs(step - round(step)) > 1e-6:
+                raise QDQUnsupported(f"Pad {n.name}: not a padding on the tensor's grid")
+            padded = np.pad(x.q, width, constant_values=int(x.zero.reshape(-1)[0]) + round(step))
+            env[n.output[0]] = _same_kind(ins[0], kind, _Q(padded, x.scale, x.zero, x.axis, x.dtype))
         elif op == "Constant":
             env[n.output[0]] = numpy_helper.to_array(a["value"])
         elif op in FLOAT_UNARY and _floating(ins[0]):

@@ -80,6 +80,9 @@ CASES = {
                     [_conv("x", "a", "w1"), _conv("x", "b", "w2"), _node("Concat", ["a", "b"], ["y"], axis=1)]),
     "max_pool": _Case({"relax.nn.max_pool2d"}, IMAGE,
                       [_conv("x", "c", "w"), _node("MaxPool", ["c"], ["y"], kernel_shape=[2, 2], strides=[2, 2])]),
+    # Swin pads its windows: the integers padded with the zero point (an ONNX Pad becomes relax.nn.pad)
+    "pad": _Case({"relax.nn.pad"}, IMAGE, [_conv("x", "c", "w"), _node("Pad", ["c", "pads"], ["y"])],
+                 [_const("pads", [0, 0, 1, 0, 0, 0, 2, 3], np.int64)]),
     # GoogLeNet's pools: ceil mode adds a last, partial window (6 -> 3, not 2)
     "max_pool_ceil": _Case({"relax.nn.max_pool2d"}, IMAGE,
                            [_conv("x", "c", "w"), _node("MaxPool", ["c"], ["y"], kernel_shape=[3, 3], strides=[2, 2],
