@@ -358,6 +358,10 @@ def relax_output_specs(mod, names: list[str], declared: dict[str, str] | None = 
     fields = list(ret.fields) if isinstance(ret, relax.TupleType) else [ret]
     if len(fields) != len(names):
         raise UserError(f"the imported graph returns {len(fields)} tensors for {len(names)} ONNX outputs")
+    for n, f in zip(names, fields, strict=True):
+        if getattr(f, "shape", None) is None:       # a shape that depends on input values (a window's size)
+            raise UserError(f"output {n!r}: its shape depends on the input values, not only their shapes; "
+                            "lowbit compiles graphs whose shapes follow from the input shapes")
     return [TensorSpec(n, tuple(int(d) if hasattr(d, "value") else str(d) for d in f.shape.values),
                        dtype(n, str(f.dtype))) for n, f in zip(names, fields, strict=True)]
 
