@@ -33,6 +33,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from passes.defined_semantics import integer_range
+from runtime.golden import saturating_cast
+
 MS_DOMAIN = "com.microsoft"
 
 
@@ -98,6 +101,13 @@ def _fold_constants(m: onnx.ModelProto) -> bool:
             value = [np.array(dims[attrs.get("start", 0):attrs.get("end", len(dims))], np.int64)]
         elif n.op_type == "Size" and n.input[0] in shape_of:
             value = [np.array(int(np.prod(shape_of[n.input[0]], dtype=np.int64)), np.int64)]
+        elif n.op_type == "Cast" and n.input[0] in consts and consts[n.input[0]].dtype.kind == "f" and \
+                (bounds := integer_range(onnx.helper.tensor_dtype_to_np_dtype(
+                    next(a.i for a in n.attribute if a.name == "to")).name)) is not None:
+            # float -> integer saturates, as everywhere in lowbit (passes/defined_semantics.py): the reference
+            # evaluator's cast is numpy's, undefined out of range
+            to = onnx.helper.tensor_dtype_to_np_dtype(next(a.i for a in n.attribute if a.name == "to"))
+            value = [saturating_cast(consts[n.input[0]], *bounds).astype(to)]
         elif n.domain in ("", "ai.onnx") and n.input and all(i == "" or i in consts for i in n.input) \
                 and n.op_type not in ("QuantizeLinear", "DequantizeLinear"):
             node_model = helper.make_model(helper.make_graph(
