@@ -90,11 +90,12 @@ def _qlinear_binary(op: str):
     return rewrite
 
 
-def _qlinear_pool(op: str):
-    """QLinear(Global)AveragePool, NCHW: Q(pool(DQ(x))).  channels_last=1 is left
-    unconverted, so the unsupported-op check reports it."""
+def _qlinear_unary(op: str, drop: tuple[str, ...] = ()):
+    """ORT's one-input QLinear ops (x, x_scale, x_zero, y_scale, y_zero): Q(op(DQ(x))), the op's
+    attributes kept but ORT's own (``drop``).  A pool with channels_last=1 is left unconverted, so
+    the unsupported-op check reports it."""
     def rewrite(rw: Rewriter, n: onnx.NodeProto, out: list) -> None:
-        kw = attrs(n)
+        kw = {k: v for k, v in attrs(n).items() if k not in drop}
         if kw.pop("channels_last", 0):
             out.append(n)
             return
@@ -171,8 +172,11 @@ CONVERTERS = {
     "QLinearMul": _qlinear_binary("Mul"),
     "QGemm": _qgemm,
     "QLinearConcat": _qlinear_concat,
-    "QLinearGlobalAveragePool": _qlinear_pool("GlobalAveragePool"),
-    "QLinearAveragePool": _qlinear_pool("AveragePool"),
+    "QLinearGlobalAveragePool": _qlinear_unary("GlobalAveragePool"),
+    "QLinearAveragePool": _qlinear_unary("AveragePool"),
+    "QLinearSigmoid": _qlinear_unary("Sigmoid"),
+    "QLinearLeakyRelu": _qlinear_unary("LeakyRelu"),
+    "QLinearSoftmax": _qlinear_unary("Softmax", drop=("opset",)),
     "ConvInteger": _conv_integer,
 }
 

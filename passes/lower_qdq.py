@@ -495,8 +495,16 @@ class _Lowering:
         fields = call.args[0].fields if isinstance(call.args[0], relax.Tuple) else None
         if fields is None:
             raise QDQLoweringError("concat of a tuple variable is not supported")
-        return _Concat([self.const_int(v) if isinstance(v := self.val(f), _ConstDeq) else self.deq(v, "relax.concat")
-                        for f in fields], int(call.attrs.axis))
+        parts = [self.const_int(v) if isinstance(v := self.val(f), _ConstDeq) else self.deq(v, "relax.concat")
+                 for f in fields]
+        first = parts[0]
+        if all(p.scale.size == 1 and p.dtype == first.dtype and np.array_equal(p.scale, first.scale)
+               and np.array_equal(p.zero, first.zero) for p in parts):
+            # one grid (NNCF unifies a concat's input scales and quantizes after its readers): the
+            # integers concatenated are the dequantized concat's integers, exactly
+            joined = self.bb.emit(op.concat([p.expr for p in parts], axis=int(call.attrs.axis)))
+            return _Deq(_Int(joined, first.scale, first.zero, first.dtype))
+        return _Concat(parts, int(call.attrs.axis))
 
     @_handles("relax.nn.max_pool2d")
     def max_pool(self, call):

@@ -547,7 +547,14 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
             y, sc = gnl.layer_norm(x.centered(), float(x.scale[0]), gamma, beta, float(np.float32(a.get("epsilon", 1e-5))))
             env[n.output[0]] = _Pending([(y, sc, -1)])
         elif op == "Concat":
-            env[n.output[0]] = _Concat([deq_of(v) for v in ins], a["axis"])
+            parts = [deq_of(v) for v in ins]
+            p0 = parts[0]
+            if all(p.scale.size == 1 and p.dtype == p0.dtype and np.array_equal(p.scale, p0.scale)
+                   and np.array_equal(p.zero, p0.zero) for p in parts):    # one grid: concatenate the integers
+                env[n.output[0]] = ("deq", _Q(np.concatenate([p.q for p in parts], axis=a["axis"]), p0.scale, p0.zero,
+                                              None, p0.dtype))
+            else:
+                env[n.output[0]] = _Concat(parts, a["axis"])
         elif op == "MaxPool":
             kind, x = _on_integers(ins[0], deq_of)
             k = a["kernel_shape"]

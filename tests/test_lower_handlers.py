@@ -132,6 +132,20 @@ def _batch_norm_qdq() -> onnx.ModelProto:
     return _model(nodes, inits, IMAGE)
 
 
+def _same_grid_concat_qdq() -> onnx.ModelProto:
+    """NNCF's layout: a Concat of two tensors on one grid (unified scales) read by a Conv with no
+    quantize between them."""
+    rng = np.random.default_rng(4)
+    inits = [_const("sx", 0.05), _const("zx", 128, np.uint8), _const("sy", 0.2), _const("zy", 120, np.uint8),
+             numpy_helper.from_array(rng.integers(-127, 128, size=(4, 8, 3, 3)).astype(np.int8), "wq"),
+             _const("sw", 0.01), _const("zw", 0, np.int8)]
+    nodes = [_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]), _node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+             _node("Relu", ["xd"], ["r"]), _node("Concat", ["xd", "r"], ["c"], axis=1),
+             _node("DequantizeLinear", ["wq", "sw", "zw"], ["w"]), _node("Conv", ["c", "w"], ["o"], pads=[1, 1, 1, 1]),
+             _node("QuantizeLinear", ["o", "sy", "zy"], ["oq"]), _node("DequantizeLinear", ["oq", "sy", "zy"], ["y"])]
+    return _model(nodes, inits, IMAGE)
+
+
 def _recording(monkeypatch) -> set[str]:
     """Wrap every handler so that the names the lowering dispatches land in the returned set."""
     seen: set[str] = set()
@@ -170,6 +184,11 @@ def test_handler_is_integer_and_bit_exact(name, tmp_path, monkeypatch):
 def test_batch_norm_left_in_a_quantized_graph(tmp_path, monkeypatch):
     seen = _compile_and_compare(_batch_norm_qdq(), tmp_path / "bn.onnx", None, monkeypatch)
     assert {"relax.nn.batch_norm", "TupleGetItem", "relax.quantize", "relax.dequantize"} <= seen
+
+
+def test_a_concat_on_one_grid_feeds_a_conv_directly(tmp_path, monkeypatch):
+    seen = _compile_and_compare(_same_grid_concat_qdq(), tmp_path / "cat.onnx", None, monkeypatch)
+    assert {"relax.concat", "relax.nn.conv2d"} <= seen
 
 
 def test_the_cases_reach_every_handler():

@@ -48,6 +48,20 @@ def _mlp_matmul() -> onnx.ModelProto:
                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 12])], [w])
 
 
+def _se_sigmoid() -> onnx.ModelProto:
+    """Conv, Sigmoid, LeakyRelu, global pool, Softmax: ORT's one-input QLinear ops (com.microsoft)."""
+    rng = np.random.default_rng(6)
+    w = numpy_helper.from_array((rng.normal(size=(6, 4, 3, 3)) * 0.3).astype(np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Sigmoid", ["c"], ["s"], name="sig"),
+             helper.make_node("LeakyRelu", ["s"], ["l"], alpha=0.2, name="leaky"),
+             helper.make_node("GlobalAveragePool", ["l"], ["g"], name="gap"),
+             helper.make_node("Flatten", ["g"], ["f"], name="flat"),
+             helper.make_node("Softmax", ["f"], ["y"], axis=-1, name="softmax")]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 10, 10])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])], [w])
+
+
 class _Reader:
     def __init__(self, x):
         self.it = iter([{"x": x[i : i + 4]} for i in range(0, len(x), 4)])
@@ -84,6 +98,7 @@ def _output_lsb(path) -> float:
     (_residual_cnn, False, {"QLinearConv", "QLinearAdd", "QGemm"}),
     (_residual_cnn, True, {"QLinearConv", "QLinearAdd", "QGemm"}),
     (concat_cnn, True, {"QLinearConv", "QLinearConcat"}),
+    (_se_sigmoid, True, {"QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax"}),
     (_mlp_matmul, False, {"QLinearMatMul"}),
     (_mlp_matmul, True, {"QLinearMatMul"}),
 ])

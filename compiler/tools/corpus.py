@@ -115,8 +115,11 @@ def _ort_static(src: Path, out: Path, calib: dict, fmt: str, transformer: bool) 
             return next(self.it, None)
 
     with tempfile.TemporaryDirectory() as tmp:
-        pre = Path(tmp) / "pre.onnx"
-        quant_pre_process(str(src), str(pre), skip_symbolic_shape=transformer)
+        pre, inline = Path(tmp) / "pre.onnx", Path(tmp) / "inline.onnx"
+        # the weights inline (the dynamo export keeps them in model.onnx.data): ORT's pre-processing
+        # loses external data it has to move
+        onnx.save(onnx.load(str(src)), str(inline))
+        quant_pre_process(str(inline), str(pre), skip_symbolic_shape=transformer)
         quantize_static(str(pre), str(out), Reader(), per_channel=True, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8,
                         quant_format=QuantFormat.QDQ if fmt == "qdq" else QuantFormat.QOperator)
