@@ -218,11 +218,11 @@ def _torch_libraries():
 
 
 def missing() -> str | None:
-    """Why the corpus cannot be built here (a library absent), or None."""
+    """The import error that keeps the corpus from being built here (a library absent), or None."""
     try:
         _torch_libraries()
     except ImportError as e:
-        return f"the corpus needs torchvision and transformers (the zoo extra): {e}"
+        return str(e)
     return None
 
 

@@ -18,7 +18,7 @@ from compiler.tools import corpus as report
 from models import corpus
 
 if (why := corpus.missing()) is not None:
-    pytest.skip(why, allow_module_level=True)
+    pytest.skip(f"the corpus needs torchvision and transformers (the zoo extra): {why}", allow_module_level=True)
 
 FAMILIES = {"ResNet", "MobileNetV2", "MobileNetV3", "EfficientNet", "RegNetY", "ConvNeXt", "DenseNet", "GoogLeNet",
             "ShuffleNetV2", "SqueezeNet", "ViT", "DeiT", "Swin", "MobileViT", "BERT", "DistilBERT"}
