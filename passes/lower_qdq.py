@@ -47,7 +47,7 @@ import tvm
 from scipy.special import erf
 from tvm import relax
 
-from passes import accumulators, integer_nonlinear, subbyte
+from passes import accumulators, fine_grid, integer_nonlinear, subbyte
 from passes.analysis import digest
 from passes.contraction import ACTIVATION_MATMUL, CONV2D, MATMUL, Contraction, ContractionUnit, Operand, first_fit
 from passes.dyadic import dyadic_from_ratio, fine_offset, rescale, saturate
@@ -101,8 +101,16 @@ class _Unary:
 
 def _f32(op):
     """An elementwise float op as ONNX computes it on float32 tensors: evaluated in float64 (the
-    table is then the same on every host, whatever numpy's SIMD paths), rounded to float32."""
-    return lambda *a: np.asarray(op(*(np.asarray(v, np.float64) for v in a))).astype(np.float32)
+    table is then the same on every host, whatever numpy's SIMD paths), rounded to float32.
+    ``.f64`` keeps the float64 function (a function of an accumulator is tabulated in float64)."""
+    def f(*a):
+        return np.asarray(op(*(np.asarray(v, np.float64) for v in a))).astype(np.float32)
+    f.f64 = op
+    return f
+
+
+def _f64(fn):
+    return getattr(fn, "f64", fn)
 
 
 # float ops a table can absorb, as numpy; runtime/golden.py has ONNX's names for the same math.  TVM's
@@ -191,6 +199,19 @@ class _Pending:
     # that follows is tabulated with it, one read per element and no 64-bit arithmetic
     table: tuple[np.ndarray, relax.Expr] | None = None
     keep: relax.Expr | None = None      # an attention mask: elsewhere the result is the grid's minimum
+    # this result is also a float function of another accumulator (a bias add, a clamp or a positive
+    # scale of it), so that a chain reading both (HardSwish: x * clip(x + 3, 0, 6)) is one function of it
+    of: _PendingUnary | None = None
+
+
+@dataclass
+class _PendingUnary:
+    """A float function of an accumulator awaiting its requantize (a quantizer that leaves Conv ->
+    HardSwish or Gemm -> GELU unquantized in between), awaiting the quantize that tabulates it on a
+    16-bit grid (passes/fine_grid.py).  ``call``: the op as imported, for a float island."""
+    p: _Pending
+    fn: Callable[[np.ndarray], np.ndarray]     # real values (float64) -> float64
+    call: relax.Call
 
 
 def _host_quantize(values: np.ndarray, s: float, z: int, info: np.iinfo) -> np.ndarray:
@@ -356,6 +377,10 @@ class _Lowering:
             return v
         if isinstance(v, _ConstDeq):
             return relax.const(_real(v), "float32")
+        if isinstance(v, _PendingUnary) and v.call is not None:     # the float ops as imported
+            call = v.call
+            return self.bb.emit(relax.Call(call.op, [self.as_float(a, reason) for a in call.args], call.attrs,
+                                           call.ty_args))
         if isinstance(v, _Unary):           # the function's 256 values, looked up
             src = np.iinfo(v.x.dtype)
             table = v.fn(np.arange(src.min, src.max + 1, dtype=np.int64)).astype(np.float32)
@@ -409,9 +434,55 @@ class _Lowering:
         if (u := self.closure(call)) is not None:
             return u
         handler = HANDLERS.get(name)
+        args = [self.val(a) for a in call.args if isinstance(a, relax.Var)] if isinstance(call, relax.Call) else []
+        if (pu := self.pending_closure(call)) is not None:
+            # an exact integer form where one exists (a bias, a clamp, a positive scale), which also
+            # remembers the function; a table on the 16-bit grid where none does
+            if handler is None or any(isinstance(a, _PendingUnary) for a in args):
+                return pu
+            try:
+                r = handler(self, call)
+            except (QDQLoweringError, ValueError):
+                return pu
+            return replace(r, of=pu) if isinstance(r, _Pending) else r
+        if any(isinstance(a, _PendingUnary) for a in args) and name != "relax.quantize":
+            raise QDQLoweringError(f"{name}: a float function of an accumulator must be quantized next")
         if handler is None:
             raise QDQLoweringError(f"{name}: no integer lowering for this op")
         return handler(self, call)
+
+    def pending_closure(self, call) -> _PendingUnary | None:
+        """An elementwise float op of an accumulator awaiting its requantize, with scalar
+        constants beside it, or of two functions of the same accumulator: one float function of it
+        (see ``_PendingUnary``).  None for anything else."""
+        if not isinstance(call, relax.Call) or not call.args:
+            return None
+        name = _name(call)
+        vals = [self.val(a) if isinstance(a, (relax.Var, tvm.ir.GenericConst)) else None for a in call.args]
+        if name in FLOAT_BINARY and len(call.args) == 2:
+            f = _f64(FLOAT_BINARY[name])
+            for v, k, first in ((vals[0], vals[1], True), (vals[1], vals[0], False)):
+                if isinstance(k, tvm.ir.GenericConst) and _np(k).size == 1 and (u := self.as_pending_unary(v)) is not None:
+                    c = np.float64(_np(k).astype(np.float32).reshape(()))
+                    return _PendingUnary(u.p, _composed(f, u.fn, c, first), call)
+            ua, ub = (self.as_pending_unary(v) for v in vals)
+            if ua is None or ub is None or ua.p is not ub.p:
+                return None
+            return _PendingUnary(ua.p, lambda x, f=f, fa=ua.fn, fb=ub.fn: f(fa(x), fb(x)), call)
+        if (u := self.as_pending_unary(vals[0])) is None or (fn := _unary_with_attrs(call)) is None:
+            return None
+        f = _f64(fn)
+        return _PendingUnary(u.p, lambda x, f=f, inner=u.fn: f(inner(x)), call)
+
+    @staticmethod
+    def as_pending_unary(v) -> _PendingUnary | None:
+        """``v`` as a float function of an accumulator, where it is one (its own clamp bounds are
+        applied when it is requantized to the 16-bit grid)."""
+        if isinstance(v, _PendingUnary):
+            return v
+        if isinstance(v, _Pending) and v.keep is None:
+            return v.of or _PendingUnary(v, lambda x: x, None)
+        return None
 
     def closure(self, call) -> _Unary | None:
         """Elementwise float functions of one 8-bit tensor stay one: f(g(x)), and f(g(x), h(x)) of
@@ -626,6 +697,8 @@ class _Lowering:
             return _Int(expr, scale, zero, dtype)
         if isinstance(src, _Unary) and scale.size == 1:
             return self.tabulate(src, float(scale.reshape(-1)[0]), int(zero.reshape(-1)[0]), dtype)
+        if isinstance(src, _PendingUnary) and scale.size == 1:
+            return self.tabulate_pending(src, float(scale.reshape(-1)[0]), int(zero.reshape(-1)[0]), dtype)
         if isinstance(src, relax.Var) or isinstance(src, tvm.ir.GenericConst):   # input boundary
             expr = self.bb.emit(relax.Call(call.op, [src, *self.rest(call)], call.attrs))
             return _Int(expr, scale, zero, dtype)
@@ -639,7 +712,13 @@ class _Lowering:
                                                axis=src.axis)), scale, zero, dtype)
         if not isinstance(src, _Pending):
             raise QDQLoweringError("quantize of an unsupported value")
-        s_out, z_out = float(scale.reshape(-1)[0]), int(zero.reshape(-1)[0])
+        return self.requantize(src, float(scale.reshape(-1)[0]), int(zero.reshape(-1)[0]), dtype)
+
+    def requantize(self, src: _Pending, s_out: float, z_out: int, dtype: str) -> _Int:
+        """A pending result's terms, each rescaled to s_out, summed, clamped (with its ReLU / Clip
+        bounds) to ``dtype`` at zero point z_out."""
+        info = np.iinfo(dtype)
+        scale, zero = np.float32([s_out]), np.array([z_out])
         lo, hi = int(info.min), int(info.max)
         if np.isfinite(src.lo):
             lo = max(lo, z_out + int(np.round(src.lo / np.float32(s_out))))
@@ -930,6 +1009,18 @@ class _Lowering:
                 raise QDQLoweringError("per-axis dequantize of an activation is not supported")
             return _Deq(src)
         raise QDQLoweringError("dequantize of an unsupported value")
+
+    def tabulate_pending(self, u: _PendingUnary, s: float, z: int, dtype: str) -> _Int:
+        """q_y = T[q16]: the accumulator requantized to a 16-bit grid, then a 65,536-entry table of
+        the float function, quantized (passes/fine_grid.py)."""
+        info = np.iinfo(dtype)
+        grid = fine_grid.table_grid(u.fn, s, z, int(info.min), int(info.max))
+        with np.errstate(all="ignore"):
+            table = fine_grid.quantize64(u.fn(fine_grid.grid_values(grid)), s, z, int(info.min), int(info.max))
+        q16 = self.requantize(u.p, grid.scale, grid.zero, "int16")
+        index = op.subtract(op.astype(q16.expr, "int32"), relax.const(fine_grid.QMIN, "int32"))
+        y = op.take(relax.const(table.astype(dtype), dtype), index, axis=0)
+        return _Int(self.bb.emit(y), np.float32([s]), np.array([z]), dtype, q16.channels_last)
 
     def tabulate(self, u: _Unary, s: float, z: int, dtype: str) -> _Int:
         """q_y = T[q_x]: the float function at each of the 256 integers, quantized as

@@ -11,6 +11,7 @@ import numpy as np
 from scipy.special import erf
 
 from passes.dyadic import dyadic_from_ratio, fine_offset
+from passes.fine_grid import table_grid
 from runtime import golden_nonlinear as gnl
 
 
@@ -93,6 +94,18 @@ class _Pending:
         self.terms = terms            # list of (int64 array, float64 ratio numerator array, channel axis)
         self.lo, self.hi = lo, hi
         self.keep = keep              # an attention mask (bool): elsewhere the quantized result is qmin
+        self.of = None                # also a float function of another pending value (_PendingFn)
+
+
+class _PendingFn:
+    """A float function ``fn`` (float64 -> float64) of a pending value's real value, elementwise,
+    awaiting the QuantizeLinear after it (a quantizer left Conv -> HardSwish or Gemm -> Gelu
+    unquantized in between).  That quantize reads it on a 16-bit grid: the pending value is
+    requantized to (d, z16) from passes/fine_grid.py, clamped to int16, and fn is computed at
+    d (q16 - z16).  ``real()``: the float island's value, for any other reader."""
+
+    def __init__(self, p: _Pending, fn, real):
+        self.p, self.fn, self.real = p, fn, real
 
 
 MASKED = -1e30      # an additive mask value this low sends any quantized sum to the grid's minimum
@@ -190,6 +203,8 @@ def _real(v, reason: QDQUnsupported) -> np.ndarray | None:
         return None
     if isinstance(v, tuple) and v[0] == "deq":
         return _float(v)
+    if isinstance(v, _PendingFn):
+        return v.real()
     if isinstance(v, _Pending):
         total = None
         for acc, num, axis in v.terms:
@@ -212,11 +227,23 @@ def _island(node, ins, reason: QDQUnsupported) -> list:
     result quantized by the QuantizeLinear after it as a graph input is.  Raises ``reason`` where
     an operand has no float value (a quantized tensor of a QOperator graph, a concatenation)."""
     from onnx.reference import ReferenceEvaluator
+    from onnx.reference.op_run import OpRun
 
+    class MsGelu(OpRun):
+        """com.microsoft Gelu (ORT's contrib op, which compiler/canonicalize.py fuses GELU into):
+        erf GELU in float32."""
+        op_domain = "com.microsoft"
+
+        def _run(self, x, approximate=None):
+            a = {"approximate": approximate} if approximate else {}
+            return (ELEMENTWISE64["Gelu"](np.asarray(x, np.float64), a, [x]).astype(np.float32),)
+
+    MsGelu.__name__ = "Gelu"
     values = [_real(v, reason) for v in ins]
     names = [f"in{i}" if v is not None else "" for i, v in enumerate(values)]
     single = _onnx_node(node, names)
-    return ReferenceEvaluator(single).run(None, {k: v for k, v in zip(names, values, strict=True) if k})
+    return ReferenceEvaluator(single, new_ops=[MsGelu]).run(None, {k: v for k, v in zip(names, values, strict=True)
+                                                                   if k})
 
 
 def _onnx_node(node, inputs: list[str]):
@@ -290,6 +317,67 @@ FLOAT_UNARY = {"Erf": _f32(erf), "Tanh": _f32(np.tanh), "Exp": _f32(np.exp), "Sq
                "Sigmoid": _f32(lambda x: 1.0 / (1.0 + np.exp(-x))), "Neg": _f32(np.negative), "Abs": _f32(np.abs)}
 FLOAT_BINARY = {"Add": _f32(np.add), "Sub": _f32(np.subtract), "Mul": _f32(np.multiply), "Div": _f32(np.divide),
                 "Pow": _f32(np.power)}
+
+
+def _attr64(a: dict, key: str, default: float) -> np.float64:
+    return np.float64(np.float32(a.get(key, default)))      # ONNX float attributes are float32
+
+
+def _bound(ins: list, i: int, default: float) -> float:
+    return float(np.asarray(ins[i]).reshape(-1)[0]) if len(ins) > i and ins[i] is not None else default
+
+
+def _gelu64(x, a):
+    if a.get("approximate", b"none") in (b"tanh", "tanh"):
+        return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
+    return 0.5 * x * (1.0 + erf(x / np.sqrt(2.0)))
+
+
+# elementwise ops of one tensor x, in float64, as ONNX defines them: (x, attributes, inputs) -> f(x);
+# a function of a pending value is tabulated from these (see _PendingFn)
+ELEMENTWISE64 = {
+    "Relu": lambda x, a, ins: np.maximum(x, 0.0),
+    "Clip": lambda x, a, ins: np.clip(x, _bound(ins, 1, -np.inf), _bound(ins, 2, np.inf)),
+    "LeakyRelu": lambda x, a, ins: np.where(x >= 0, x, x * _attr64(a, "alpha", 0.01)),
+    "Sigmoid": lambda x, a, ins: 1.0 / (1.0 + np.exp(-x)),
+    "HardSigmoid": lambda x, a, ins: np.clip(_attr64(a, "alpha", 0.2) * x + _attr64(a, "beta", 0.5), 0.0, 1.0),
+    "HardSwish": lambda x, a, ins: x * (np.clip(x + 3.0, 0.0, 6.0) / 6.0),
+    "Gelu": lambda x, a, ins: _gelu64(x, a),
+    "Tanh": lambda x, a, ins: np.tanh(x), "Erf": lambda x, a, ins: erf(x), "Exp": lambda x, a, ins: np.exp(x),
+    "Neg": lambda x, a, ins: -x, "Abs": lambda x, a, ins: np.abs(x), "Sqrt": lambda x, a, ins: np.sqrt(x),
+    "Log": lambda x, a, ins: np.log(x),
+}
+BINARY64 = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide, "Pow": np.power}
+
+
+def _as_fn(v) -> _PendingFn | None:
+    """``v`` as a float function of a pending value, where it is one (its own clamp bounds apply
+    when it is requantized to the 16-bit grid)."""
+    if isinstance(v, _PendingFn):
+        return v
+    if isinstance(v, _Pending) and v.keep is None:
+        return v.of or _PendingFn(v, lambda x: x, None)
+    return None
+
+
+def _pending_fn(op: str, a: dict, ins: list, real) -> _PendingFn | None:
+    """An elementwise op of a pending value (with scalar constants, or of two functions of the
+    same one) as one float function of it; ``real`` computes its float island value."""
+    if op in BINARY64 and len(ins) == 2:
+        f = BINARY64[op]
+        for v, k, first in ((ins[0], ins[1], True), (ins[1], ins[0], False)):
+            if _plain_scalar(k) and (u := _as_fn(v)) is not None:
+                c = np.float64(np.asarray(k, np.float32).reshape(()))
+                fn = (lambda x, u=u, c=c: f(u.fn(x), c)) if first else (lambda x, u=u, c=c: f(c, u.fn(x)))
+                return _PendingFn(u.p, fn, real)
+        ua, ub = _as_fn(ins[0]), _as_fn(ins[1])
+        if ua is None or ub is None or ua.p is not ub.p:
+            return None
+        return _PendingFn(ua.p, lambda x: f(ua.fn(x), ub.fn(x)), real)
+    if op not in ELEMENTWISE64 or not ins or (u := _as_fn(ins[0])) is None or \
+            any(isinstance(v, (tuple, _Pending, _PendingFn)) for v in ins[1:]):
+        return None
+    return _PendingFn(u.p, lambda x: ELEMENTWISE64[op](u.fn(x), a, ins), real)
 
 
 NEVER_NAN = object()     # IsNaN of a quantized value
@@ -384,7 +472,15 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
             x, s, z = ins[0], np.float32(np.asarray(ins[1]).reshape(-1)[0]), ins[2] if len(ins) > 2 else np.uint8(0)
             zdt = np.asarray(z).dtype
             info = np.iinfo(zdt)
-            if isinstance(x, _Pending):
+            if isinstance(x, _PendingFn):
+                zo = int(np.asarray(z).reshape(-1)[0])
+                grid = table_grid(x.fn, float(s), zo, int(info.min), int(info.max))
+                q16 = requant(x.p, grid.scale, grid.zero, -(1 << 15), (1 << 15) - 1)
+                with np.errstate(all="ignore"):
+                    y = x.fn((q16 - grid.zero).astype(np.float64) * np.float64(grid.scale))
+                    val = np.clip(np.round(y / np.float64(s)) + zo, info.min, info.max)
+                val = np.where(np.isnan(val), info.max, val)
+            elif isinstance(x, _Pending):
                 val = requant(x, float(s), int(np.asarray(z).reshape(-1)[0]), info.min, info.max)
                 if x.keep is not None:
                     val = np.where(x.keep, val, info.min)
@@ -479,6 +575,13 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
             elif isinstance(x, _Pending) and isinstance(y, tuple):   # matmul + bias (int32 at s_x*s_w)
                 acc, num, axis = x.terms[0]
                 env[n.output[0]] = _Pending([(acc + _bias(deq_of(y), num, n), num, axis)], x.lo, x.hi)
+            elif any(isinstance(u, _Pending) and len(u.terms) == 1 and u.keep is None and _floating_array(v) and
+                     (v.size == 1 or v.size == max(v.shape)) for u, v in (ins, ins[::-1])):
+                # a float constant added to one accumulator (a bias left float, HardSwish's + 3):
+                # its real value on the accumulator's grid
+                p, c = (x, y) if isinstance(x, _Pending) else (y, x)
+                acc, num, axis = p.terms[0]
+                env[n.output[0]] = _Pending([(acc + _bias(c, num, n).reshape(c.shape), num, axis)], p.lo, p.hi)
             elif any(_floating(v) for v in ins) and any(_plain_scalar(v) for v in ins):
                 env[n.output[0]] = FLOAT_BINARY[op](_float(x), _float(y))
             else:
@@ -617,10 +720,23 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
 
     for n in g.node:
         ins = [env.get(i) if i else None for i in n.input]
+        a = attrs(n)
+        pf = _pending_fn(n.op_type, a, ins, lambda n=n, ins=ins: _island(n, ins, QDQUnsupported(n.name))[0])
+        if pf is not None and any(isinstance(v, _PendingFn) for v in ins):
+            env[n.output[0]] = pf
+            continue
+        if any(isinstance(v, _PendingFn) for v in ins) and n.op_type != "QuantizeLinear":
+            env.update(zip(n.output, _island(n, ins, QDQUnsupported(n.name)), strict=False))
+            continue
         try:
-            step(n, attrs(n), ins, n.op_type)
+            step(n, a, ins, n.op_type)
+            if pf is not None and isinstance(env[n.output[0]], _Pending):    # an exact form, remembering fn
+                env[n.output[0]].of = pf
         except QDQUnsupported as exc:      # a float island, as the lowering makes one
-            env.update(zip(n.output, _island(n, ins, exc), strict=False))
+            if pf is not None:
+                env[n.output[0]] = pf
+            else:
+                env.update(zip(n.output, _island(n, ins, exc), strict=False))
     # an output left at its accumulator (no output quantize: NNCF's classifier) is dequantized at s_x*s_w
     return {o.name: _real(env[o.name], QDQUnsupported(o.name)) if isinstance(env[o.name], _Pending) else env[o.name]
             for o in g.output}

@@ -1,0 +1,68 @@
+"""The 16-bit grid on which a float function of an accumulator is tabulated.
+
+A quantizer may leave a linear layer's result unquantized before an elementwise function and
+quantize only after it (NNCF: Conv -> HardSwish -> Q; Gemm -> GELU -> Q).  Its real value is
+x = sum_i acc_i * r_i, with 32-bit accumulators, so no 8-bit table can read it.  The integer
+form is two steps, both exact integer arithmetic:
+
+    q16 = clamp(rescale(acc, r / d) + z16, -2^15, 2^15 - 1)       the usual dyadic requantize
+    q_y = T[q16 + 2^15],  T[k] = clamp(round(f(d (k - 2^15 - z16)) / s_y) + z_y)   65,536 entries
+
+f is evaluated in float64 and quantized with ties to even (as QuantizeLinear rounds), NaN to the
+grid's maximum.  The grid (d, z16) must cover the inputs where the quantized output still
+changes: below a and above b, Q(f(x)) is constant, so the clamp of q16 loses nothing there.
+``table_grid`` finds [a, b] by scanning Q(f) on fixed points: dense (2^-10) on [-64, 64],
+geometric out to 2^20 (a real value past 2^20 at an 8-bit output would need s_y > 2^12).
+Inside [a, b] the step is d = (b - a) / 65535: f is read at most d / 2 from x, against an output
+step s_y that is typically 200x coarser.
+
+passes/lower_qdq.py builds the table; runtime/golden.py computes the same integers element by
+element.  Both take (d, z16) from here, as both take a dyadic multiplier from passes/dyadic.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+BITS = 16
+LEVELS = 1 << BITS
+QMIN, QMAX = -(1 << (BITS - 1)), (1 << (BITS - 1)) - 1
+DENSE = 64.0
+_SCAN = np.concatenate([-np.geomspace(2.0**20, DENSE, 1024)[:-1], np.arange(-DENSE, DENSE, 2.0**-10),
+                        np.geomspace(DENSE, 2.0**20, 1024)])
+
+
+@dataclass(frozen=True)
+class FineGrid:
+    scale: float        # d, a float32 value
+    zero: int           # z16: real = d * (q16 - z16)
+
+
+def quantize64(y: np.ndarray, s: float, z: int, qmin: int, qmax: int) -> np.ndarray:
+    """float64 values -> the output grid: ties to even, saturated, NaN to the maximum."""
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        q = np.round(np.asarray(y, np.float64) / np.float64(np.float32(s)))
+        q = np.clip(q + z, qmin, qmax)
+    return np.where(np.isnan(q), qmax, q).astype(np.int64)
+
+
+def table_grid(fn: Callable[[np.ndarray], np.ndarray], s: float, z: int, qmin: int, qmax: int) -> FineGrid:
+    """The grid for Q(fn(x)) at output (s, z, [qmin, qmax]); ``fn`` maps float64 to float64."""
+    with np.errstate(all="ignore"):
+        q = quantize64(fn(_SCAN), s, z, qmin, qmax)
+    low, high = np.flatnonzero(q != q[0]), np.flatnonzero(q != q[-1])
+    if not low.size:                      # a constant: any grid
+        a, b = -1.0, 1.0
+    else:
+        a, b = _SCAN[max(low[0] - 1, 0)], _SCAN[min(high[-1] + 1, len(_SCAN) - 1)]
+    # a narrow interval far from 0 gets a coarser step so that z16 stays well inside int32
+    d = float(np.float32(max((b - a) / (LEVELS - 1), max(abs(a), abs(b)) * 2.0**-30)))
+    return FineGrid(d, QMIN - int(np.round(a / d)))
+
+
+def grid_values(grid: FineGrid) -> np.ndarray:
+    """The real value of each of the 65,536 grid points, in float64, index k for q16 = k + QMIN."""
+    return (np.arange(QMIN, QMAX + 1, dtype=np.int64) - grid.zero).astype(np.float64) * np.float64(grid.scale)
