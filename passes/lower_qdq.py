@@ -181,6 +181,14 @@ class _BatchNormStats:
 
 
 @dataclass
+class _Split:
+    """split of an integer tensor (ShuffleNet's channel split): each part keeps its parameters."""
+    parts: relax.Expr       # the tuple of integer tensors
+    of: _Int
+    dequantized: bool       # QDQ graphs split the dequantized tensor, QOperator graphs the integers
+
+
+@dataclass
 class _Concat:
     """A concatenation of integer tensors awaiting its output quantize: each part is
     requantized to the common output scale first (HAWQ-V3 §3.4, multi-branch)."""
@@ -557,9 +565,22 @@ class _Lowering:
     @_handles("TupleGetItem")               # _name of a relax.TupleGetItem
     def tuple_get_item(self, call: relax.TupleGetItem):
         v = self.val(call.tuple_value)
+        if isinstance(v, _Split):
+            part = replace(v.of, expr=self.bb.emit(relax.TupleGetItem(v.parts, call.index)), of=None)
+            return _Deq(part) if v.dequantized else part
         if isinstance(v, _Pending):     # batch_norm: 0 is the output; 1, 2 (running stats) go unused
             return v if call.index == 0 else _BatchNormStats()
         raise QDQLoweringError("tuple access of an unsupported value")
+
+    @_handles("relax.split")
+    def split(self, call):
+        """Parts of an integer tensor, on its grid (the quantizer's Q after each part, with the
+        same parameters, is then the identity)."""
+        v = self.val(call.args[0])
+        x = v if isinstance(v, _Int) else self.deq(v, "relax.split")
+        if x.scale.size != 1:
+            raise QDQLoweringError("relax.split of a per-channel tensor is not supported")
+        return _Split(self.bb.emit(relax.Call(call.op, [x.expr], call.attrs)), x, not isinstance(v, _Int))
 
     @_handles("relax.concat")
     def concat(self, call):

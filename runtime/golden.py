@@ -696,6 +696,20 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
                 raise QDQUnsupported(f"Pad {n.name}: not a padding on the tensor's grid")
             padded = np.pad(x.q, width, constant_values=int(x.zero.reshape(-1)[0]) + round(step))
             env[n.output[0]] = _same_kind(ins[0], kind, _Q(padded, x.scale, x.zero, x.axis, x.dtype))
+        elif op == "Split" and isinstance(ins[0], tuple):      # parts of an integer tensor, on its grid
+            kind, x = _on_integers(ins[0], deq_of)
+            axis = a.get("axis", 0) % x.q.ndim
+            if len(ins) > 1 and ins[1] is not None:
+                sizes = np.asarray(ins[1]).tolist()
+            elif "split" in a:
+                sizes = list(a["split"])
+            else:                                       # num_outputs (or the output count): equal, the last smaller
+                k = len(n.output)
+                step = -(-x.q.shape[axis] // k)
+                sizes = [min(step, x.q.shape[axis] - i * step) for i in range(k)]
+            parts = np.split(x.q, np.cumsum(sizes)[:-1], axis=axis)
+            for name, part in zip(n.output, parts, strict=True):
+                env[name] = _same_kind(ins[0], kind, _Q(part, x.scale, x.zero, x.axis, x.dtype))
         elif op == "Constant":
             env[n.output[0]] = numpy_helper.to_array(a["value"])
         elif op in FLOAT_UNARY and _floating(ins[0]):

@@ -146,6 +146,24 @@ def _same_grid_concat_qdq() -> onnx.ModelProto:
     return _model(nodes, inits, IMAGE)
 
 
+def _split_qdq() -> onnx.ModelProto:
+    """ORT's layout of ShuffleNet's channel split: Split of a dequantized tensor, each part quantized
+    again with the same parameters (lowbit's own quantizer makes slices of a split at known sizes)."""
+    rng = np.random.default_rng(5)
+    inits = [_const("sx", 0.05), _const("zx", 128, np.uint8), _const("sy", 0.2), _const("zy", 120, np.uint8),
+             numpy_helper.from_array(rng.integers(-127, 128, size=(4, 2, 3, 3)).astype(np.int8), "wq"),
+             _const("sw", 0.01), _const("zw", 0, np.int8)]
+    nodes = [_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]), _node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+             _node("Split", ["xd"], ["a", "b"], axis=1, num_outputs=2),
+             *(n for part in "ab" for n in (_node("QuantizeLinear", [part, "sx", "zx"], [part + "q"]),
+                                            _node("DequantizeLinear", [part + "q", "sx", "zx"], [part + "d"]))),
+             _node("DequantizeLinear", ["wq", "sw", "zw"], ["w"]), _node("Conv", ["bd", "w"], ["o"], pads=[1, 1, 1, 1]),
+             _node("QuantizeLinear", ["o", "sx", "zx"], ["oq"]), _node("DequantizeLinear", ["oq", "sx", "zx"], ["od"]),
+             _node("Concat", ["od", "ad"], ["c"], axis=1),
+             _node("QuantizeLinear", ["c", "sy", "zy"], ["cq"]), _node("DequantizeLinear", ["cq", "sy", "zy"], ["y"])]
+    return _model(nodes, inits, IMAGE)
+
+
 def _recording(monkeypatch) -> set[str]:
     """Wrap every handler so that the names the lowering dispatches land in the returned set."""
     seen: set[str] = set()
@@ -191,10 +209,15 @@ def test_a_concat_on_one_grid_feeds_a_conv_directly(tmp_path, monkeypatch):
     assert {"relax.concat", "relax.nn.conv2d"} <= seen
 
 
+def test_split_of_an_integer_tensor(tmp_path, monkeypatch):
+    seen = _compile_and_compare(_split_qdq(), tmp_path / "split.onnx", None, monkeypatch)
+    assert {"relax.split", "TupleGetItem", "relax.concat"} <= seen
+
+
 def test_the_cases_reach_every_handler():
     """Each distinct handler function is the one under test in some case above (families such as
     the views or the float unary ops share one function, so one member stands for it)."""
     covered = set().union(*(c.handlers for c in CASES.values()),
-                          {"relax.nn.batch_norm", "TupleGetItem", "relax.quantize", "relax.dequantize"})
+                          {"relax.nn.batch_norm", "TupleGetItem", "relax.quantize", "relax.dequantize", "relax.split"})
     missing = {fn.__name__ for fn in lower_qdq.HANDLERS.values()} - {lower_qdq.HANDLERS[n].__name__ for n in covered}
     assert not missing, f"handlers without a case: {sorted(missing)}"
