@@ -884,12 +884,13 @@ class _Lowering:
                                       None)])
             if isinstance(p, (tvm.ir.GenericConst, _ConstDeq)):
                 p, c = c, p
-            if isinstance(c, _ConstDeq) and c.scale.size == 1 and c.q.size > 1:     # a quantized tensor constant
-                c = _Deq(self.const_int(c))
+            # a constant varying along one axis (LayerScale, float or quantized as ORT writes it): a gain per channel
             real = _np(c) if isinstance(c, tvm.ir.GenericConst) else _real(c) if isinstance(c, _ConstDeq) else None
             if isinstance(p, _Deq) and real is not None and p.value.scale.size == 1 \
                     and (axis := _channel_axis(real, _static_shape(call))) is not None:
                 return self.channel_scale(p.value, real, axis)
+            if isinstance(c, _ConstDeq) and c.scale.size == 1 and c.q.size > 1:     # a quantized tensor constant
+                c = _Deq(self.const_int(c))
             if isinstance(p, _Deq) and isinstance(c, _Deq) and p.value.scale.size == c.value.scale.size == 1:
                 a, b = p.value, c.value
                 ca, cb = self.centered(a), self.centered(b)

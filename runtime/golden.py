@@ -399,7 +399,8 @@ def _channel_factor(ins) -> tuple | None:
     """(x, c per channel, axis) for a dequantized per-tensor x times a float constant c that varies
     along one axis of x."""
     for x, c in (ins, ins[::-1]):
-        if isinstance(c, tuple) and c[0] == "deq" and c[1].scale.size > 1:        # a per-channel constant
+        # a constant quantized per channel, or per tensor (ORT's LayerScale): an initializer has no stored type
+        if isinstance(c, tuple) and c[0] == "deq" and (c[1].scale.size > 1 or c[1].dtype is None):
             c = _float(c)
         if isinstance(x, tuple) and x[0] == "deq" and x[1].scale.size == 1 and _floating_array(c) and c.size > 1 \
                 and c.ndim <= x[1].q.ndim:

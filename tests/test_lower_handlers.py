@@ -164,6 +164,19 @@ def _split_qdq() -> onnx.ModelProto:
     return _model(nodes, inits, IMAGE)
 
 
+def _quantized_layer_scale_qdq() -> onnx.ModelProto:
+    """ORT's layout of ConvNeXt's LayerScale: the per-channel gain is a uint8 constant with one scale,
+    multiplied with a dequantized activation."""
+    rng = np.random.default_rng(6)
+    inits = [_const("sx", 0.05), _const("zx", 128, np.uint8), _const("sy", 0.01), _const("zy", 100, np.uint8),
+             numpy_helper.from_array(rng.integers(0, 256, size=(1, IMAGE[1], 1, 1)).astype(np.uint8), "gq"),
+             _const("sg", 0.002), _const("zg", 0, np.uint8)]
+    nodes = [_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]), _node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+             _node("DequantizeLinear", ["gq", "sg", "zg"], ["g"]), _node("Mul", ["g", "xd"], ["o"]),
+             _node("QuantizeLinear", ["o", "sy", "zy"], ["oq"]), _node("DequantizeLinear", ["oq", "sy", "zy"], ["y"])]
+    return _model(nodes, inits, IMAGE)
+
+
 def _recording(monkeypatch) -> set[str]:
     """Wrap every handler so that the names the lowering dispatches land in the returned set."""
     seen: set[str] = set()
@@ -212,6 +225,11 @@ def test_a_concat_on_one_grid_feeds_a_conv_directly(tmp_path, monkeypatch):
 def test_split_of_an_integer_tensor(tmp_path, monkeypatch):
     seen = _compile_and_compare(_split_qdq(), tmp_path / "split.onnx", None, monkeypatch)
     assert {"relax.split", "TupleGetItem", "relax.concat"} <= seen
+
+
+def test_layer_scale_quantized_per_tensor(tmp_path, monkeypatch):
+    seen = _compile_and_compare(_quantized_layer_scale_qdq(), tmp_path / "ls.onnx", None, monkeypatch)
+    assert "relax.multiply" in seen
 
 
 def test_the_cases_reach_every_handler():
