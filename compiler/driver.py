@@ -190,6 +190,15 @@ def _more(islands) -> str:
     return f" and {len(islands) - 1} more" if len(islands) > 1 else ""
 
 
+def quantized_model(model, opts: CompileOptions) -> tuple[onnx.ModelProto, dict]:
+    """The QDQ model a compile with ``opts`` (and ``opts.calib``) lowers, and its softmax / GELU
+    variants: what runtime/golden.run_qdq reads as that build's reference.  Loaded and quantized
+    exactly as ``compile`` does (an FP32 model at static shapes is canonicalized first)."""
+    loaded = load(model, opts, opts.backend)
+    src, _, calibrated = calibrate(loaded, opts, opts.quant_config())
+    return src.proto, calibrated.report.variants()
+
+
 def build_for(backend: Backend, mod, target: dict, ctx: BuildContext) -> Build:
     """The backend's build.  With symbolic shapes a failure is the user's to fix (one line);
     with static ones it is a lowbit bug, and keeps its traceback."""

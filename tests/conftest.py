@@ -67,12 +67,10 @@ def mlp_path(tmp_path) -> Path:
 def golden_model(onnx_path, calib) -> tuple[onnx.ModelProto, dict]:
     """The QDQ model lowbit's quantizer makes of an FP32 model, with its softmax / GELU variants:
     what runtime/golden.run_qdq interprets as the reference."""
-    from compiler import driver, frontend, quantize
+    from compiler import driver
+    from compiler.options import CompileOptions
 
-    src = frontend.load(onnx_path)
-    _, shapes = driver.quantization_shapes(src, frontend.static_specs(src, frontend.input_specs(src)))
-    qdq, report = quantize.quantize(onnx.load(onnx_path), calib, shapes=shapes)
-    return qdq, report.variants()
+    return driver.quantized_model(onnx_path, CompileOptions(calib=calib))
 
 
 def assert_golden_per_sample(art, onnx_path, calib, x) -> None:

@@ -37,7 +37,7 @@ import numpy as np
 import onnx
 
 import compiler
-from compiler import driver, frontend, quantize
+from compiler import driver
 from compiler.canonicalize import canonicalize
 from compiler.options import CompileOptions
 from compiler.qoperator import has_qoperators, to_qdq
@@ -222,10 +222,10 @@ def measure(v: corpus.Variant, quantized: bool = True) -> ModelResult:
     def int8(out: Outcome) -> None:
         art = build(f.onnx, out, calib=calib)
         _fidelity(_rows([_first(art.run(x)) for x in evals]), want, out)
-        src = frontend.load(str(f.onnx))
-        _, shapes = driver.quantization_shapes(src, frontend.static_specs(src, frontend.input_specs(src)))
-        qdq, report = quantize.quantize(onnx.load(str(f.onnx)), calib, shapes=shapes)
-        golden_check(art, qdq, report.variants(), out, own=True)
+        # the reference of this very build: the QDQ model its compile lowered, loaded as the compile loads
+        # it (a quantization of the raw FP32 file, without the driver's canonicalization, can differ)
+        qdq, variants = driver.quantized_model(str(f.onnx), CompileOptions(calib=calib))
+        golden_check(art, qdq, variants, out, own=True)
 
     def ort_int8(variant: str):
         def run(out: Outcome) -> None:
