@@ -34,7 +34,7 @@ class CompileOptions:
     latency_budget: float | str | None = None   # kernel time measured on the target (compiler/planning/latency.py)
     pin: bool = True                        # below 8 bits, the first and last weighted layers stay at 8
     sensitivity: str = "perturb"            # with "mixed": perturb (output KL) or hessian (Hutchinson trace)
-    observer: str = "minmax"                # with calib: minmax, percentile or mse
+    observer: str = "auto"                  # with calib: auto (minmax where a matmul reads, else mse), minmax, ...
     nonlinear: str = "auto"                 # softmax / GELU: shift (I-ViT), poly (I-BERT), auto (per layer)
     residual_bits: int = 16                 # with calib: a transformer's residual stream in 16 or 8 bits
     softmax_bits: int = 8                   # with calib: softmax outputs (attention probabilities) in 8 or 16 bits
@@ -71,7 +71,7 @@ class CompileOptions:
         if budgets and self.weight_bits != "mixed":
             raise UserError("--size-budget, --bops-budget and --latency-budget choose a mixed-precision plan; "
                             "add --bits mixed")
-        if self.calib is None and (self.weight_bits is not None or self.observer != "minmax"
+        if self.calib is None and (self.weight_bits is not None or self.observer != "auto"
                                    or self.residual_bits != 16 or self.softmax_bits != 8
                                    or self.activation_bits != 8):
             raise UserError("--bits, --act-bits, --observer, --residual-bits and --softmax-bits choose how an FP32 "

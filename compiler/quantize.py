@@ -48,6 +48,9 @@ from runtime.types import QuantParams
 WEIGHT_BITS = (8, 4, 2)
 OBSERVERS = {"minmax": calibration.MinMaxObserver, "percentile": calibration.PercentileObserver,
              "mse": calibration.MSEObserver}
+# "auto": per tensor, the exact range where a MatMul, Softmax or LayerNorm reads it, MSE elsewhere
+# (see _exact_range_tensors)
+OBSERVER_CHOICES = ("auto", *OBSERVERS)
 LINEAR = ("Conv", "Gemm", "MatMul")
 VIEWS = ("MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Gather", "Slice", "Pad")
 NONLINEAR_OPS = {"Softmax": "softmax", "Gelu": "gelu", "LayerNormalization": "layernorm"}
@@ -68,7 +71,7 @@ class QuantConfig:
     (``per_channel``, the default) or one scale per tensor."""
     activations: str = "u8"
     weight_bits: int = 8
-    observer: str = "minmax"
+    observer: str = "auto"
     batch: int = 32                 # calibration batch when the model's batch axis is symbolic
     nonlinear: str = "auto"         # softmax / GELU: "shift" (I-ViT), "poly" (I-BERT), "auto" (lower error)
     residual_bits: int = 16         # a transformer's residual stream (the sums LayerNorm reads): s16 or 8-bit
@@ -82,8 +85,8 @@ class QuantConfig:
         for bits in (self.weight_bits, *self.layer_bits.values()):
             if bits not in WEIGHT_BITS:
                 raise UserError(f"--bits {bits}: weights can be quantized to 8, 4 or 2 bits; choose one of those")
-        if self.observer not in OBSERVERS:
-            raise UserError(f"unknown observer {self.observer!r}; choose one of: {', '.join(OBSERVERS)}")
+        if self.observer not in OBSERVER_CHOICES:
+            raise UserError(f"unknown observer {self.observer!r}; choose one of: {', '.join(OBSERVER_CHOICES)}")
         check_nonlinear(self.nonlinear)
         if self.activations not in ("u8", "s8"):
             raise UserError(f"unknown activation scheme {self.activations!r}; choose u8 or s8")
@@ -456,9 +459,19 @@ def _calibrate(m: onnx.ModelProto, plan: _Plan, batches, config: QuantConfig, wh
         raise UserError(f"{where}: ONNX Runtime cannot run the FP32 model for calibration: "
                         f"{str(exc).splitlines()[0]}") from None
     names = [o.name for o in sess.get_outputs()]
+    wide = plan.residual if config.residual_bits == 16 else set()
+    sixteen = wide | (plan.softmax if config.softmax_bits == 16 else set())
+
+    exact = _exact_range_tensors(m) if config.observer == "auto" else set()
+
     def observer(t):
-        if config.observer != "mse":
-            return OBSERVERS[config.observer]()
+        kind = config.observer if config.observer != "auto" else "minmax" if t in exact else "mse"
+        if kind != "mse":
+            return OBSERVERS[kind]()
+        if t in sixteen:
+            # a 16-bit grid's step is 1/256 of an 8-bit one: clipping its tails would buy nothing and
+            # cost the largest values (the residual stream's outliers); the MSE search is for 8 bits
+            return OBSERVERS["minmax"]()
         return OBSERVERS["mse"](bits=activation_bits(t, plan, config), scheme=config.activations)
 
     observers = {t: observer(t) for t in plan.act}
@@ -491,7 +504,6 @@ def _calibrate(m: onnx.ModelProto, plan: _Plan, batches, config: QuantConfig, wh
         samples += len(next(iter(feeds.values())))
     if not samples:
         raise UserError("calibration data is empty")
-    wide = plan.residual if config.residual_bits == 16 else set()
     zeros = []
 
     def params_of(t, obs):
@@ -513,6 +525,38 @@ def _calibrate(m: onnx.ModelProto, plan: _Plan, batches, config: QuantConfig, wh
                     "[%g, %g]: calibrate on data that exercises them", calib_where, len(zeros), ", ".join(zeros[:5]),
                     ", ..." if len(zeros) > 5 else "", *calibration.ZERO_RANGE_FALLBACK)
     return params, samples, seen
+
+
+EXACT_RANGE_READERS = ("MatMul", "Gemm", "Softmax", "LayerNormalization")
+
+
+def _exact_range_tensors(m: onnx.ModelProto) -> set[str]:
+    """Tensors a MatMul, Gemm, Softmax or LayerNorm reads, directly or through views and concatenation,
+    and the graph's inputs.
+
+    The "auto" observer keeps these at their exact range and clips the rest at the MSE-optimal one.
+    A CNN's features are bell-shaped per tensor, where clipping the rare tails buys a finer grid for
+    the bulk; a transformer's large values are few channels that carry the signal, and clipping them
+    costs more than it buys.  Measured on the corpus (cosine to FP32, TorchScript exports; minmax /
+    mse everywhere / auto): EfficientNet-B0 0.921 / 0.931 / 0.932, RegNetY-400MF 0.850 / 0.855 / see
+    the report, ShuffleNetV2 0.9775 / 0.9798, MobileNetV3 0.950 / 0.959, DeiT-tiny 0.9987 / 0.9986;
+    DeiT's LayerNorm outputs alone clipped: fake-quant 0.99885 -> 0.99868."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in m.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+
+    def exact(t: str, depth: int = 0) -> bool:
+        for n in readers.get(t, []):
+            if n.op_type in EXACT_RANGE_READERS and n.input[0] == t or n.op_type == "MatMul":
+                return True
+            passes_on = n.op_type == "Concat" or (n.op_type in VIEWS and n.input[0] == t)
+            if passes_on and depth < 8 and exact(n.output[0], depth + 1):
+                return True
+        return False
+
+    # the graph's inputs too: the input quantize is the boundary the user feeds, never clipped
+    return {t for t in readers if exact(t)} | {i.name for i in m.graph.input}
 
 
 def activation_bits(t: str, plan: _Plan, config: QuantConfig) -> int:

@@ -81,3 +81,20 @@ def test_weight_params_per_channel():
     assert np.abs(q4).max() == 7
     qm, sm = cal.weight_params(w.reshape(6, -1).T, axis=1)         # a MatMul weight (K, N): per column
     assert sm.shape == (6,) and np.allclose(sm, s)
+
+
+def test_auto_observer_keeps_exact_ranges_where_matmuls_read():
+    """"auto": the exact range for tensors a MatMul, Gemm, Softmax or LayerNorm reads (through views
+    and concat), MSE ranges for the rest (a CNN's features)."""
+    from onnx import TensorProto, helper
+
+    from compiler import quantize
+
+    node = helper.make_node
+    g = helper.make_graph(
+        [node("Relu", ["x"], ["r"]), node("MaxPool", ["r"], ["p"], kernel_shape=[2, 2]),
+         node("Conv", ["p", "w"], ["y"]), node("Flatten", ["y"], ["f"]), node("MatMul", ["f", "m"], ["z"]),
+         node("Softmax", ["z"], ["s"]), node("MatMul", ["s", "z"], ["o"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+        [helper.make_tensor_value_info("o", TensorProto.FLOAT, None)])
+    assert quantize._exact_range_tensors(helper.make_model(g)) == {"x", "y", "f", "z", "s", "m"}
