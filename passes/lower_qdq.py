@@ -385,6 +385,11 @@ class _Lowering:
             return v
         if isinstance(v, _ConstDeq):
             return relax.const(_real(v), "float32")
+        if isinstance(v, _FloatView):       # a float constant's views (BERT's embedding rows, gathered)
+            expr = relax.const(v.value)
+            for view in v.views:
+                expr = self.bb.emit(relax.Call(view.op, [expr, *self.rest(view)], view.attrs))
+            return expr
         if isinstance(v, _PendingUnary) and v.call is not None:     # the float ops as imported
             call = v.call
             return self.bb.emit(relax.Call(call.op, [self.as_float(a, reason) for a in call.args], call.attrs,

@@ -239,10 +239,19 @@ def _island(node, ins, reason: QDQUnsupported) -> list:
             return (ELEMENTWISE64["Gelu"](np.asarray(x, np.float64), a, [x]).astype(np.float32),)
 
     MsGelu.__name__ = "Gelu"
+
+    class GatherElements(OpRun):
+        """onnx 1.23's reference fails on 2-D data with more than 32 rows along the axis (np.choose's limit;
+        BERT's token-type buffer): take_along_axis, negative indices counted from the end."""
+
+        def _run(self, data, indices, axis=0):
+            indices = np.where(indices < 0, indices + data.shape[axis], indices)
+            return (np.take_along_axis(data, indices, axis=axis),)
+
     values = [_real(v, reason) for v in ins]
     names = [f"in{i}" if v is not None else "" for i, v in enumerate(values)]
     single = _onnx_node(node, names)
-    return ReferenceEvaluator(single, new_ops=[MsGelu]).run(None, {k: v for k, v in zip(names, values, strict=True)
+    return ReferenceEvaluator(single, new_ops=[MsGelu, GatherElements]).run(None, {k: v for k, v in zip(names, values, strict=True)
                                                                    if k})
 
 

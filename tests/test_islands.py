@@ -76,3 +76,13 @@ def test_rv32_refuses_the_island_with_the_same_line(rv32_toolchain):
                                         r"integer-only models"):
         compiler.compile(_sandwich(), options=CompileOptions(target="rv32", calib=_calib(),
                                                              input_shapes={"x": (1, 8)}))
+
+
+def test_golden_island_gathers_elements_of_a_long_buffer():
+    """BERT's position / token-type buffer: GatherElements along 512 entries, where onnx's reference
+    implementation fails (np.choose takes at most 32 choices); golden's island computes it."""
+    buffer = np.arange(512, dtype=np.int64).reshape(1, 512) * 3
+    order = np.arange(128, dtype=np.int64).reshape(1, 128)[:, ::-1].copy() - 200
+    n = helper.make_node("GatherElements", ["d", "i"], ["o"], axis=1)
+    out = golden._island(n, [buffer, order], golden.QDQUnsupported("GatherElements"))[0]
+    np.testing.assert_array_equal(out, np.take_along_axis(buffer, order + 512, axis=1))
