@@ -330,6 +330,10 @@ class _Lowering:
             return expr                      # a function parameter
         raise QDQLoweringError(f"unexpected operand {type(expr).__name__}")
 
+    def peek(self, expr):
+        """``expr``'s lowered value as recorded, with no NCHW copy made (``val`` makes one)."""
+        return self.env.get(expr, expr) if isinstance(expr, relax.Var) else expr
+
     def to_nchw(self, v: _Int) -> _Int:
         return replace(v, expr=self.bb.emit(op.permute_dims(v.expr, [0, 3, 1, 2])), channels_last=False)
 
@@ -447,7 +451,7 @@ class _Lowering:
         if (u := self.closure(call)) is not None:
             return u
         handler = HANDLERS.get(name)
-        args = [self.val(a) for a in call.args if isinstance(a, relax.Var)] if isinstance(call, relax.Call) else []
+        args = [self.peek(a) for a in call.args] if isinstance(call, relax.Call) else []
         if (pu := self.pending_closure(call)) is not None:
             # an exact integer form where one exists (a bias, a clamp, a positive scale), which also
             # remembers the function; a table on the 16-bit grid where none does
@@ -471,7 +475,7 @@ class _Lowering:
         if not isinstance(call, relax.Call) or not call.args:
             return None
         name = _name(call)
-        vals = [self.val(a) if isinstance(a, (relax.Var, tvm.ir.GenericConst)) else None for a in call.args]
+        vals = [self.peek(a) for a in call.args]
         if name in FLOAT_BINARY and len(call.args) == 2:
             f = _f64(FLOAT_BINARY[name])
             for v, k, first in ((vals[0], vals[1], True), (vals[1], vals[0], False)):
