@@ -69,7 +69,7 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     _add_plan_args(p)
     p.add_argument("--observer", default="auto", choices=["auto", "minmax", "percentile", "mse"],
                    help="activation range estimator: auto (default) is minmax (ORT's) for tensors a MatMul, Gemm, "
-                        "Softmax or LayerNorm reads and mse elsewhere")
+                        "Softmax, LayerNorm or GELU reads and mse elsewhere")
     p.add_argument("--nonlinear", default="auto", choices=["shift", "poly", "auto"],
                    help="softmax / GELU: I-ViT shift, I-BERT poly, or per layer the lower error (default)")
     p.add_argument("--residual-bits", type=int, default=16, choices=[8, 16],

@@ -48,7 +48,7 @@ from runtime.types import QuantParams
 WEIGHT_BITS = (8, 4, 2)
 OBSERVERS = {"minmax": calibration.MinMaxObserver, "percentile": calibration.PercentileObserver,
              "mse": calibration.MSEObserver}
-# "auto": per tensor, the exact range where a MatMul, Softmax or LayerNorm reads it, MSE elsewhere
+# "auto": per tensor, the exact range where a MatMul, Softmax, LayerNorm or GELU reads it, MSE elsewhere
 # (see _exact_range_tensors)
 OBSERVER_CHOICES = ("auto", *OBSERVERS)
 LINEAR = ("Conv", "Gemm", "MatMul")
@@ -527,12 +527,12 @@ def _calibrate(m: onnx.ModelProto, plan: _Plan, batches, config: QuantConfig, wh
     return params, samples, seen
 
 
-EXACT_RANGE_READERS = ("MatMul", "Gemm", "Softmax", "LayerNormalization")
+EXACT_RANGE_READERS = ("MatMul", "Gemm", "Softmax", "LayerNormalization", "Gelu")
 
 
 def _exact_range_tensors(m: onnx.ModelProto) -> set[str]:
-    """Tensors a MatMul, Gemm, Softmax or LayerNorm reads, directly or through views and concatenation,
-    and the graph's inputs.
+    """Tensors a MatMul, Gemm, Softmax, LayerNorm or GELU reads, directly or through views and
+    concatenation, and the graph's inputs.
 
     The "auto" observer keeps these at their exact range and clips the rest at the MSE-optimal one.
     A CNN's features are bell-shaped per tensor, where clipping the rare tails buys a finer grid for
@@ -540,7 +540,8 @@ def _exact_range_tensors(m: onnx.ModelProto) -> set[str]:
     costs more than it buys.  Measured on the corpus (cosine to FP32, TorchScript exports; minmax /
     mse everywhere / auto): EfficientNet-B0 0.921 / 0.931 / 0.932, RegNetY-400MF 0.850 / 0.855 / see
     the report, ShuffleNetV2 0.9775 / 0.9798, MobileNetV3 0.950 / 0.959, DeiT-tiny 0.9987 / 0.9986;
-    DeiT's LayerNorm outputs alone clipped: fake-quant 0.99885 -> 0.99868."""
+    DeiT's LayerNorm outputs alone clipped: fake-quant 0.99885 -> 0.99868; DistilBERT's GELU inputs clipped
+    0.9990 -> 0.9985."""
     readers: dict[str, list[onnx.NodeProto]] = {}
     for n in m.graph.node:
         for i in n.input:
