@@ -227,6 +227,23 @@ def test_split_of_an_integer_tensor(tmp_path, monkeypatch):
     assert {"relax.split", "TupleGetItem", "relax.concat"} <= seen
 
 
+def test_split_of_raw_integers(tmp_path, monkeypatch):
+    """QOperator's layout (to_qdq keeps it): Split reads the quantized tensor itself, each part then
+    dequantized on its grid."""
+    m = _split_qdq()
+    g = m.graph
+    split = next(n for n in g.node if n.op_type == "Split")
+    split.input[0] = "xq"
+    for n in g.node:
+        if n.op_type == "DequantizeLinear" and n.input[0] in ("aq", "bq"):
+            n.input[0] = n.input[0][0]
+    keep = [n for n in g.node if not (n.op_type == "QuantizeLinear" and n.input[0] in ("a", "b"))]
+    del g.node[:]
+    g.node.extend(keep)
+    seen = _compile_and_compare(m, tmp_path / "split_q.onnx", None, monkeypatch)
+    assert {"relax.split", "TupleGetItem"} <= seen
+
+
 def test_layer_scale_quantized_per_tensor(tmp_path, monkeypatch):
     seen = _compile_and_compare(_quantized_layer_scale_qdq(), tmp_path / "ls.onnx", None, monkeypatch)
     assert "relax.multiply" in seen
