@@ -34,6 +34,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from passes.defined_semantics import integer_range
+from runtime import onnx_reference
 from runtime.golden import saturating_cast
 
 MS_DOMAIN = "com.microsoft"
@@ -80,8 +81,6 @@ def _opset(m: onnx.ModelProto) -> int:
 def _fold_constants(m: onnx.ModelProto) -> bool:
     """Evaluate Constant, Shape/Size of statically shaped tensors and all-constant nodes into
     initializers.  Returns whether anything folded."""
-    from onnx.reference import ReferenceEvaluator
-
     g = m.graph
     inferred = onnx.shape_inference.infer_shapes(m, data_prop=True)
     shape_of = {}
@@ -94,7 +93,7 @@ def _fold_constants(m: onnx.ModelProto) -> bool:
     for n in g.node:
         value = None
         if n.op_type == "Constant":
-            value = ReferenceEvaluator(n).run(None, {})
+            value = onnx_reference.evaluator(n).run(None, {})
         elif n.op_type == "Shape" and n.input[0] in shape_of:
             attrs = {a.name: a.i for a in n.attribute}
             dims = shape_of[n.input[0]]     # slicing clamps and wraps as Shape's start/end do
@@ -115,9 +114,9 @@ def _fold_constants(m: onnx.ModelProto) -> bool:
                               for i in n.input if i], [helper.make_empty_tensor_value_info(o) for o in n.output]),
                 opset_imports=[helper.make_opsetid("", opset)])
             try:
-                value = ReferenceEvaluator(node_model).run(None, {i: consts[i] for i in n.input if i})
-            except Exception:   # noqa: BLE001  onnx's reference op failed (GatherElements of a 1-D index in 1.23):
-                value = None    # folding is an optimisation, the node runs in the compiled model instead
+                value = onnx_reference.evaluator(node_model).run(None, {i: consts[i] for i in n.input if i})
+            except Exception:   # noqa: BLE001  an op onnx's reference cannot evaluate: folding is an
+                value = None    # optimisation, the node runs in the compiled model instead
         if value is None:
             keep.append(n)
             continue

@@ -585,7 +585,8 @@ def _choose_nonlinear(m: onnx.ModelProto, plan: _Plan, params, seen, mode: str) 
             continue
         p = params[plan.root[n.input[0]]]
         info = np.iinfo(p.dtype)
-        q = np.clip(np.round(seen[n.input[0]] / np.float32(p.scale)) + p.zero_point, info.min, info.max)
+        with np.errstate(over="ignore"):    # a masked score (float32's lowest) saturates, as QuantizeLinear's does
+            q = np.clip(np.round(seen[n.input[0]] / np.float32(p.scale)) + p.zero_point, info.min, info.max)
         x = (q - p.zero_point).astype(np.int64)
         real = x * np.float64(np.float32(p.scale))
         errs = {}

@@ -13,6 +13,7 @@ from scipy.special import erf
 from passes.dyadic import dyadic_from_ratio, fine_offset
 from passes.fine_grid import table_grid
 from runtime import golden_nonlinear as gnl
+from runtime import onnx_reference
 
 
 def saturating_cast(a: np.ndarray, lo: int, hi: int) -> np.ndarray:
@@ -226,7 +227,6 @@ def _island(node, ins, reason: QDQUnsupported) -> list:
     (passes/lower_qdq.py): ONNX's reference implementation on its operands' real values, the
     result quantized by the QuantizeLinear after it as a graph input is.  Raises ``reason`` where
     an operand has no float value (a quantized tensor of a QOperator graph, a concatenation)."""
-    from onnx.reference import ReferenceEvaluator
     from onnx.reference.op_run import OpRun
 
     class MsGelu(OpRun):
@@ -240,19 +240,10 @@ def _island(node, ins, reason: QDQUnsupported) -> list:
 
     MsGelu.__name__ = "Gelu"
 
-    class GatherElements(OpRun):
-        """onnx 1.23's reference fails on 2-D data with more than 32 rows along the axis (np.choose's limit;
-        BERT's token-type buffer): take_along_axis, negative indices counted from the end."""
-
-        def _run(self, data, indices, axis=0):
-            indices = np.where(indices < 0, indices + data.shape[axis], indices)
-            return (np.take_along_axis(data, indices, axis=axis),)
-
     values = [_real(v, reason) for v in ins]
     names = [f"in{i}" if v is not None else "" for i, v in enumerate(values)]
     single = _onnx_node(node, names)
-    return ReferenceEvaluator(single, new_ops=[MsGelu, GatherElements]).run(None, {k: v for k, v in zip(names, values, strict=True)
-                                                                   if k})
+    return onnx_reference.evaluator(single, [MsGelu]).run(None, {k: v for k, v in zip(names, values, strict=True) if k})
 
 
 def _onnx_node(node, inputs: list[str]):

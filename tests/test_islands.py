@@ -86,3 +86,36 @@ def test_golden_island_gathers_elements_of_a_long_buffer():
     n = helper.make_node("GatherElements", ["d", "i"], ["o"], axis=1)
     out = golden._island(n, [buffer, order], golden.QDQUnsupported("GatherElements"))[0]
     np.testing.assert_array_equal(out, np.take_along_axis(buffer, order + 512, axis=1))
+
+
+def _embedding_model(vocab=50, seq=8, d=16, buffer=64) -> onnx.ModelProto:
+    """HF BERT's embeddings as torch's dynamo exports them: the token-type rows are gathered by
+    GatherElements of a constant buffer (longer than onnx's reference can gather), all of it
+    constant at the compiled shapes, added to the word rows gathered by the token ids."""
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.5, (vocab, d)).astype(np.float32), "word"),
+             numpy_helper.from_array(rng.normal(0, 0.5, (2, d)).astype(np.float32), "types"),
+             numpy_helper.from_array(np.zeros((1, buffer), np.int64), "buffer"),
+             numpy_helper.from_array(np.arange(seq, dtype=np.int64).reshape(1, seq), "positions"),
+             numpy_helper.from_array(rng.normal(size=(d, 4)).astype(np.float32), "w")]
+    nodes = [helper.make_node("GatherElements", ["buffer", "positions"], ["type_ids"], axis=1),
+             helper.make_node("Gather", ["word", "ids"], ["rows"]),
+             helper.make_node("Gather", ["types", "type_ids"], ["type_rows"]),
+             helper.make_node("Add", ["rows", "type_rows"], ["e"]),
+             helper.make_node("MatMul", ["e", "w"], ["y"])]
+    return make_model(nodes, [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, seq])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, seq, 4])], inits)
+
+
+def test_embedding_sum_is_integer_only(tmp_path):
+    """The constant token-type rows fold at compile time (GatherElements included), so the sum is
+    the gathered word rows plus a constant: integer-only, with no island, bit-exact with golden."""
+    path = tmp_path / "emb.onnx"
+    onnx.save(_embedding_model(), path)
+    rng = np.random.default_rng(4)
+    calib = {"ids": rng.integers(0, 50, (16, 8)).astype(np.int64)}
+    art = compiler.compile(str(path), options=CompileOptions(calib=calib))
+    assert art.manifest.integer_only and not art.manifest.islands
+    qdq, variants = golden_model(str(path), calib)
+    x = {"ids": rng.integers(0, 50, (1, 8)).astype(np.int64)}
+    np.testing.assert_array_equal(art.run(x)["y"], golden.run_qdq(qdq, x, variants)["y"])
