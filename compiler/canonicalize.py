@@ -59,6 +59,202 @@ def canonicalize(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | No
     return m
 
 
+SYMBOL_VALUES = (2, 3, 5)     # each symbolic dimension bound to these in turn (distinct primes, none 1)
+
+
+def fold_symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` (inputs with symbolic dimensions) whose shape arithmetic is constant
+    wherever its value does not depend on the symbols.
+
+    The shape arithmetic is every tensor computed from constants and ``Shape`` / ``Size`` alone:
+    a function of the input shapes, never of the input values.  Its frontier (those tensors that
+    the rest of the graph reads) is evaluated by ONNX Runtime with each symbol bound to 2, 3 and 5
+    in turn.  A value equal at all three bindings is taken as a constant (BERT's token-type rows,
+    gathered by positions computed from ``Shape``; the key layout of torch's attention).  A
+    ``Reshape`` whose result differs in one axis only (``x.view(batch, -1)``) gets that result as
+    its target with -1 on that axis: the entry ONNX infers from the element count.  A value that varies only by repeating one slice
+    along the symbolic axes (a buffer expanded to the batch, then gathered) becomes that slice when
+    every reader broadcasts it against an operand that has those axes: the readers' results are
+    unchanged.  The rest is left to TVM's importer, which takes shape expressions but not a
+    tensor-valued shape it cannot evaluate."""
+    g = model.graph
+    consts = {t.name for t in g.initializer}
+    symbolic = [i for i in g.input if i.name not in consts and any(
+        not d.HasField("dim_value") for d in i.type.tensor_type.shape.dim)]
+    if not symbolic:
+        return model
+    model = _unify_symbols(model, symbolic)
+    g = model.graph
+    derived = set(consts)
+    for n in g.node:
+        if n.op_type in ("Shape", "Size") or (n.op_type not in ("RandomNormal", "RandomUniform", "Multinomial",
+                                                                "RandomNormalLike", "RandomUniformLike")
+                                              and all(i in derived for i in n.input if i)):
+            derived.update(o for o in n.output if o)
+    readers: dict[str, list] = {}
+    for n in g.node:
+        if not all(o in derived for o in n.output if o):
+            for k, i in enumerate(n.input):
+                readers.setdefault(i, []).append((n, k))
+    frontier = [t for t in readers if t in derived and t not in consts and t]
+    frontier += [o.name for o in g.output if o.name in derived and o.name not in consts]
+    if not frontier:
+        return model
+    # the other operands of a broadcasting reader: whether they carry the axes a slice would drop
+    others = sorted({i for t in frontier for n, _ in readers.get(t, []) if n.op_type in BROADCASTING
+                     for i in n.input if i and i != t and i not in consts}
+                    | {n.output[0] for t in frontier for n, k in readers.get(t, []) if n.op_type == "Reshape" and k == 1})
+    values = _shape_values(model, frontier, others)
+    if values is None:
+        return model
+    shapes = dict(zip(others, zip(*(v[len(frontier):] for v in values), strict=True), strict=True))
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    rename = {}
+    for t, vs in zip(frontier, zip(*(v[:len(frontier)] for v in values), strict=True), strict=True):
+        vs = [np.asarray(v) for v in vs]
+        if (c := _broadcast_slice(vs)) is not None and all(
+                n.op_type in BROADCASTING and _carries(c.shape, vs, [shapes[i] for i in n.input if i in shapes])
+                for n, _ in readers.get(t, [])):
+            vs = [c]
+        first = np.asarray(vs[0])
+        same = all(np.asarray(v).shape == first.shape and np.array_equal(v, first) for v in vs)
+        reshapes = [n for n, k in readers.get(t, []) if n.op_type == "Reshape" and k == 1]
+        if not same and reshapes and len(reshapes) == len(readers[t]):
+            # the target as the reshapes resolved it (-1 and 0 entries filled in), -1 where it varies
+            results = {tuple(tuple(int(d) for d in shapes[n.output[0]][k]) for k in range(len(vs))) for n in reshapes}
+            out = results.pop() if len(results) == 1 else ()
+            if out and len({len(r) for r in out}) == 1:
+                varies = [a for a in range(len(out[0])) if len({r[a] for r in out}) > 1]
+                if len(varies) == 1:
+                    first = np.array([-1 if a == varies[0] else d for a, d in enumerate(out[0])], np.int64)
+                    same = True
+        if same:
+            rename[t] = f"{t}__folded"
+            m.graph.initializer.append(numpy_helper.from_array(first, rename[t]))
+    for n in m.graph.node:
+        for k, i in enumerate(n.input):
+            if i in rename:
+                n.input[k] = rename[i]
+    for o in m.graph.output:
+        if o.name in rename:            # a constant output keeps its name: an Identity of the constant
+            m.graph.node.append(helper.make_node("Identity", [rename[o.name]], [o.name]))
+    _drop_dead(m)
+    return m
+
+
+def _symbols(inputs) -> list[str]:
+    return list(dict.fromkeys(d.dim_param for i in inputs for d in i.type.tensor_type.shape.dim
+                              if d.HasField("dim_param")))
+
+
+def _feeds(model: onnx.ModelProto, bind: dict[str, int], default: int) -> dict[str, np.ndarray]:
+    """Zero inputs with the symbolic dimensions bound (an unnamed one to ``default``)."""
+    consts = {t.name for t in model.graph.initializer}
+    return {i.name: np.zeros([d.dim_value if d.HasField("dim_value") else bind.get(d.dim_param, default)
+                              for d in i.type.tensor_type.shape.dim],
+                             helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type))
+            for i in model.graph.input if i.name not in consts}
+
+
+def _unify_symbols(model: onnx.ModelProto, symbolic) -> onnx.ModelProto:
+    """One symbol for two input dimensions the model couples (torch's dynamo names BERT's
+    ``input_ids`` batch and ``attention_mask`` batch apart, then gathers mask rows by the ids' batch
+    index): ONNX Runtime runs the model with both at 2 but refuses it with them at 2 and 3 or at 3
+    and 2.  The compiled model then takes them equal, the one case every such model is built for;
+    TVM would otherwise see two unrelated symbols and lose every shape they meet in."""
+    import onnxruntime as ort
+
+    names = _symbols(symbolic)
+    if len(names) < 2 or len(names) > 4:
+        return model
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    try:
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        sess.run(None, _feeds(model, {}, 2))
+    except Exception:                       # noqa: BLE001 - no verdict without a run at equal values
+        return model
+    same = {}
+    for k, a in enumerate(names):
+        for b in names[k + 1:]:
+            if b in same:
+                continue
+            for x, y in ((2, 3), (3, 2)):
+                try:
+                    sess.run(None, _feeds(model, {a: x, b: y}, 2))
+                except Exception:           # noqa: BLE001 - ORT's shape errors have no one type
+                    same[b] = same.get(a, a)
+                    break
+    if not same:
+        return model
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for vi in (*m.graph.input, *m.graph.output, *m.graph.value_info):
+        for d in vi.type.tensor_type.shape.dim:
+            if d.HasField("dim_param") and d.dim_param in same:
+                d.dim_param = same[d.dim_param]
+    return m
+
+
+# elementwise ops that broadcast their operands (numpy rules)
+BROADCASTING = ("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where", "And", "Or", "Xor", "Equal", "Greater",
+                "Less", "GreaterOrEqual", "LessOrEqual")
+
+
+def _broadcast_slice(vs: list[np.ndarray]) -> np.ndarray | None:
+    """The one slice (size 1 on the axes whose length varies) that every value in ``vs`` repeats,
+    or None."""
+    if len({v.ndim for v in vs}) != 1:
+        return None
+    axes = [a for a in range(vs[0].ndim) if len({v.shape[a] for v in vs}) > 1]
+    if not axes:
+        return None
+    slices = []
+    for v in vs:
+        c = v[tuple(slice(0, 1) if a in axes else slice(None) for a in range(v.ndim))]
+        if not np.array_equal(np.broadcast_to(c, v.shape), v):
+            return None
+        slices.append(c)
+    return slices[0] if all(np.array_equal(c, slices[0]) for c in slices) else None
+
+
+def _carries(small: tuple, full: list[np.ndarray], other_shapes: list[list]) -> bool:
+    """Whether, at every binding, some other operand has the full length wherever ``small`` has 1
+    in place of a longer axis (aligned from the right): the broadcast result keeps its shape."""
+    for k, v in enumerate(full):
+        for a in range(v.ndim):
+            if small[a] == v.shape[a]:
+                continue
+            back = v.ndim - a
+            if not any(len(s[k]) >= back and int(s[k][len(s[k]) - back]) == v.shape[a] for s in other_shapes):
+                return False
+    return True
+
+
+def _shape_values(model: onnx.ModelProto, frontier: list[str], others: list[str]) -> list[list] | None:
+    """``frontier``'s values, then the shapes of ``others``, with the symbolic input dimensions
+    bound to each of ``SYMBOL_VALUES`` (zero inputs: shape arithmetic does not read values); None
+    where ONNX Runtime cannot run it."""
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    for i, t in enumerate(others):
+        probe.graph.node.append(helper.make_node("Shape", [t], [f"__lowbit_shape{i}"]))
+    outputs = [*frontier, *(f"__lowbit_shape{i}" for i in range(len(others)))]
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in outputs)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    try:
+        sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        runs = [sess.run(outputs, _feeds(model, {}, value)) for value in SYMBOL_VALUES]
+    except Exception:                       # noqa: BLE001 - folding is an optimisation; TVM's importer judges
+        return None
+    return runs
+
+
 def needs_static_shapes(model: onnx.ModelProto) -> bool:
     """Graphs that compute shapes at run time (``Shape`` ops) are canonicalized at fixed shapes."""
     return any(n.op_type == "Shape" for n in model.graph.node)

@@ -243,6 +243,10 @@ def _converters():
       or int64 whose own conversion is undefined past its range.  A narrow type (int4, uint2) is
       clamped to its own range and carried in its byte.  passes/defined_semantics.py states the
       rule; constants fold by it too (runtime/golden.saturating_cast).
+    - Range(c0, n, c1) of a dimension n (``torch.arange(batch)``, which dynamo exports for the
+      attention mask's batch index) as ``relax.arange``, whose length is the expression of n.  TVM's
+      converter computes the length into a tensor and a fresh symbol, which then no longer matches
+      the batch it came from, and every broadcast against it loses its shape.
     """
     from tvm import relax
     from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
@@ -302,10 +306,20 @@ def _converters():
             return relax.op.nn.pad(inputs[0], [int(v) for pair in zip(before, after, strict=True) for v in pair],
                                    "constant", float(value))
 
+    class Range(tvm_onnx.Range):
+        @classmethod
+        def _impl_v12(cls, bb, inputs, attr, params):
+            start, limit, delta = (tvm_onnx.get_constant(i, params) for i in inputs)
+            steps = [int(c.value.numpy().reshape(-1)[0]) if isinstance(c, tvm.ir.GenericConst) and
+                     c.value.numpy().size == 1 and c.value.numpy().dtype.kind == "i" else None for c in (start, delta)]
+            if None in steps or not tvm.ir.is_prim_expr(limit):
+                return super()._impl_v12(bb, inputs, attr, params)
+            return relax.op.arange(steps[0], limit, steps[1], str(start.ty.dtype))
+
     original = tvm_onnx._get_convert_map
 
     def convert_map():
-        return {**original(), "Clip": Clip, "Cast": Cast, "CastLike": CastLike, "Pad": Pad}
+        return {**original(), "Clip": Clip, "Cast": Cast, "CastLike": CastLike, "Pad": Pad, "Range": Range}
 
     importer = tvm_onnx.ONNXGraphImporter
     convert_operator = importer._convert_operator

@@ -13,8 +13,8 @@ parameter layouts the integer lowering does not apply:
   table of 256 (16) values, built from the type's definition in ``ml_dtypes``.  Quantizing
   *to* a float code is refused: TVM's float8 casts on LLVM round wrongly (0.0 -> 2^-7).
 * **blocked** parameters (``block_size``: one scale per block of a row) and **per-axis**
-  parameters of an activation (the integer lowering requantizes with one scale per tensor)
-  are expanded to a constant broadcast against ``x`` and applied as the spec's arithmetic,
+  parameters of an activation (other than one scale per channel of an NCHW feature map with
+  one zero point, which the integer lowering requantizes to and convolves depthwise) are expanded to a constant broadcast against ``x`` and applied as the spec's arithmetic,
   ``y = saturate(round(x / s) + zp)`` (``Round`` is half-to-even, as ``QuantizeLinear``)
   and ``x = (q - zp) * s``, so those nodes run in float (fake-quant) while the rest of the
   graph still lowers to integers.
@@ -107,13 +107,19 @@ def _elem_types(g: onnx.GraphProto) -> dict[str, int]:
     return out
 
 
-def _expanded(n: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> bool:
-    """Blocked parameters, or per-axis ones on an activation: applied as explicit arithmetic."""
+def _expanded(n: onnx.NodeProto, inits: dict[str, onnx.TensorProto], rank: int | None = None) -> bool:
+    """Blocked parameters, or per-axis ones on an activation: applied as explicit arithmetic --
+    except one scale per channel of an NCHW feature map with one zero point (NNCF quantizes a
+    depthwise convolution's input so), which the integer lowering takes as it is."""
     if attrs(n).get("block_size", 0):
         return True
     scale = inits.get(n.input[1])
     per_axis = scale is not None and int(np.prod(scale.dims)) > 1
-    return per_axis and n.input[0] not in inits
+    if not per_axis or n.input[0] in inits:
+        return False
+    zp = inits.get(n.input[2]) if len(n.input) > 2 and n.input[2] else None
+    one_zero = zp is None or len(np.unique(numpy_helper.to_array(zp))) == 1
+    return not (rank == 4 and attrs(n).get("axis", 1) % 4 == 1 and one_zero)
 
 
 def _params(rw: Rewriter, n: onnx.NodeProto, here: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -148,13 +154,18 @@ def _x_shape(rw: Rewriter, name: str) -> list[int | None] | None:
     return None
 
 
+def _rank(rw: Rewriter, name: str) -> int | None:
+    shape = _x_shape(rw, name)
+    return None if shape is None else len(shape)
+
+
 def _quantize(rw: Rewriter, n: onnx.NodeProto, types: dict[str, int], out: list, here: str) -> None:
     y_type = types.get(n.output[0], TensorProto.UINT8)
     if y_type in FLOAT_CODES:
         raise UserError(f"{here}: quantizing to {np.dtype(helper.tensor_dtype_to_np_dtype(y_type)).name} is not supported "
                         "(TVM's float8 casts round wrongly); quantize to int8/uint8/int4/uint4")
     box = container(y_type)
-    if _expanded(n, rw.inits):
+    if _expanded(n, rw.inits, _rank(rw, n.input[0])):
         scale, zp = _params(rw, n, here)
         shape = _x_shape(rw, n.input[0])
         if shape is None:
@@ -190,7 +201,7 @@ def _quantize(rw: Rewriter, n: onnx.NodeProto, types: dict[str, int], out: list,
 def _dequantize(rw: Rewriter, n: onnx.NodeProto, types: dict[str, int], out: list, here: str) -> None:
     x_type = types.get(n.input[0])
     codes = x_type in FLOAT_CODES
-    if not codes and not _expanded(n, rw.inits):
+    if not codes and not _expanded(n, rw.inits, _rank(rw, n.output[0])):
         out.append(n)
         return
     s_type = types.get(n.input[1], TensorProto.FLOAT)

@@ -192,7 +192,7 @@ class _Split:
 class _Concat:
     """A concatenation of integer tensors awaiting its output quantize: each part is
     requantized to the common output scale first (HAWQ-V3 §3.4, multi-branch)."""
-    parts: list             # _Int
+    parts: list             # _Int, or _Pending (each part's mean)
     axis: int
 
 
@@ -350,8 +350,12 @@ class _Lowering:
             x = op.subtract(x, relax.const(int(v.zero.reshape(-1)[0]), "int32"))
         return self.bb.emit(x)
 
-    def deq(self, v, what: str):
+    def deq(self, v, what: str, per_channel: bool = False):
+        """The integer tensor of a dequantized value; one quantized per channel only where the
+        reader takes one (``per_channel``: a depthwise convolution)."""
         if isinstance(v, _Deq):
+            if v.value.scale.size > 1 and not per_channel:
+                raise QDQLoweringError(f"{what} of a per-channel activation (only a depthwise convolution reads one)")
             return v.value
         if isinstance(v, _ConstDeq):
             return v
@@ -406,10 +410,11 @@ class _Lowering:
             return self.bb.emit(op.take(relax.const(table, "float32"), index, axis=0))
         if isinstance(v, (_Deq, _Pending)) and (v.value if isinstance(v, _Deq) else v).channels_last:
             v = _Deq(self.to_nchw(v.value)) if isinstance(v, _Deq) else self.pending_view_nchw(v)
-        if isinstance(v, _Deq) and v.value.scale.size == 1:
-            x = v.value
+        if isinstance(v, _Deq):
+            x = v.value         # NCHW here; a per-channel scale lies along axis 1
+            scale = x.scale.reshape((1, -1, 1, 1) if x.scale.size > 1 else ()).astype(np.float32)
             centered = op.astype(self.centered(x), "float32")
-            return self.bb.emit(op.multiply(centered, relax.const(np.float32(x.scale.reshape(-1)[0]), "float32")))
+            return self.bb.emit(op.multiply(centered, relax.const(scale, "float32")))
         if isinstance(v, _Pending) and v.table is None and v.keep is None and not v.channels_last:
             total = None
             for acc, num, axis in v.terms:
@@ -552,9 +557,21 @@ class _Lowering:
 
     @_handles("relax.mean")
     def mean(self, call):
-        x = self.deq(self.val(call.args[0]), "relax.mean")
-        axes = [int(a) for a in call.attrs.axis]
-        total = self.bb.emit(op.sum(self.centered(x), axis=axes, keepdims=bool(call.attrs.keepdims)))
+        """sum(q - z) at ratio s / n; of a concatenation of different grids (NNCF's GoogLeNet pools
+        the last inception block's concat), of each part, and concatenated after their requantize."""
+        v = self.val(call.args[0])
+        keep = bool(call.attrs.keepdims)
+        if isinstance(v, _Concat):
+            rank = len(v.parts[0].expr.ty.shape.values)
+            axes = sorted(int(a) % rank for a in call.attrs.axis)
+            if v.axis % rank in axes:
+                raise QDQLoweringError("relax.mean across the parts of a concatenation of different grids")
+            axis = v.axis % rank - (0 if keep else sum(a < v.axis % rank for a in axes))
+            return _Concat([self.mean_of(p, axes, keep) for p in v.parts], axis)
+        return self.mean_of(self.deq(v, "relax.mean"), [int(a) for a in call.attrs.axis], keep)
+
+    def mean_of(self, x: _Int, axes: list[int], keep: bool) -> _Pending:
+        total = self.bb.emit(op.sum(self.centered(x), axis=axes, keepdims=keep))
         dims = x.expr.ty.shape.values
         try:
             n = int(np.prod([int(dims[a]) for a in axes]))
@@ -623,14 +640,16 @@ class _Lowering:
     @_handles("relax.nn.pad")
     def pad(self, call):
         """Constant padding of a quantized tensor: the pad value's grid point, z + v / s, which must
-        be an integer (zero padding is z, exactly)."""
+        be an integer (zero padding is z, exactly).  A QOperator graph pads the integers themselves
+        (ORT pads with the zero point): there the value is the integer."""
         v = self.val(call.args[0])
         x = v if isinstance(v, _Int) else self.deq(v, "relax.nn.pad")
         if x.scale.size != 1 or str(call.attrs.pad_mode) != "constant":
             raise QDQLoweringError("relax.nn.pad: only constant padding of a per-tensor quantized tensor")
-        step = float(call.attrs.pad_value) / float(np.float32(x.scale.reshape(-1)[0]))
+        value = float(call.attrs.pad_value)
+        step = value if isinstance(v, _Int) else value / float(np.float32(x.scale.reshape(-1)[0]))
         info = np.iinfo(x.dtype)
-        q = int(x.zero.reshape(-1)[0]) + int(np.round(step))
+        q = (0 if isinstance(v, _Int) else int(x.zero.reshape(-1)[0])) + int(np.round(step))
         if abs(step - np.round(step)) > 1e-6 or not info.min <= q <= info.max:
             raise QDQLoweringError("relax.nn.pad: the pad value is not on the tensor's grid")
         padded = op.nn.pad(x.expr, [int(w) for w in call.attrs.pad_width], "constant", float(q))
@@ -717,6 +736,8 @@ class _Lowering:
         scale, zero = _np(call.args[1]).astype(np.float32), _np(call.args[2])
         dtype = str(call.ty.dtype)
         info = np.iinfo(dtype)
+        if scale.size > 1 and (call.ty.ndim != 4 or int(call.attrs.axis) % 4 != 1 or len(np.unique(zero)) != 1):
+            raise QDQLoweringError("per-axis quantize other than one scale per channel of an NCHW feature map")
         if isinstance(src, (tvm.ir.GenericConst, _FloatView)) and scale.size == 1:     # on the host
             base = src if isinstance(src, _FloatView) else _FloatView(_np(src), [])
             q = _host_quantize(base.value.astype(np.float32), float(scale.reshape(-1)[0]), int(zero.reshape(-1)[0]),
@@ -737,38 +758,54 @@ class _Lowering:
             if np.array_equal(x.scale, scale) and np.array_equal(x.zero, zero) and x.dtype == dtype:
                 return x                                           # Q(DQ(q)) with the same params
             src = _Pending([(self.centered(x), x.scale.astype(np.float64), None)], channels_last=x.channels_last)
-        if isinstance(src, _Concat):
-            return _Int(self.bb.emit(op.concat([self.quantize_like(p, scale, zero, dtype) for p in src.parts],
-                                               axis=src.axis)), scale, zero, dtype)
-        if not isinstance(src, _Pending):
+        if isinstance(src, _Concat) and scale.size == 1:
+            s, z = float(scale.reshape(-1)[0]), int(zero.reshape(-1)[0])
+            parts = [self.requantize(p, s, z, dtype).expr if isinstance(p, _Pending) else
+                     self.quantize_like(p, scale, zero, dtype) for p in src.parts]
+            return _Int(self.bb.emit(op.concat(parts, axis=src.axis)), scale, zero, dtype)
+        if not isinstance(src, _Pending) or (scale.size > 1 and src.keep is not None):
             raise QDQLoweringError("quantize of an unsupported value")
-        return self.requantize(src, float(scale.reshape(-1)[0]), int(zero.reshape(-1)[0]), dtype)
+        return self.requantize(src, scale.reshape(-1) if scale.size > 1 else float(scale.reshape(-1)[0]),
+                               int(zero.reshape(-1)[0]), dtype)
 
-    def requantize(self, src: _Pending, s_out: float, z_out: int, dtype: str) -> _Int:
+    def requantize(self, src: _Pending, s_out: float | np.ndarray, z_out: int, dtype: str) -> _Int:
         """A pending result's terms, each rescaled to s_out, summed, clamped (with its ReLU / Clip
-        bounds) to ``dtype`` at zero point z_out."""
+        bounds) to ``dtype`` at zero point z_out.  ``s_out`` may hold one scale per channel of a
+        feature map (NNCF quantizes a depthwise convolution's input so): the ratios, and the clamp of
+        a ReLU6, are then per channel."""
         info = np.iinfo(dtype)
-        scale, zero = np.float32([s_out]), np.array([z_out])
-        lo, hi = int(info.min), int(info.max)
+        scale, zero = np.atleast_1d(np.float32(s_out)), np.array([z_out])
+        per = scale.size > 1
+        channel = 3 if src.channels_last else 1
+        lo, hi = np.full(scale.shape, int(info.min), np.int64), np.full(scale.shape, int(info.max), np.int64)
         if np.isfinite(src.lo):
-            lo = max(lo, z_out + int(np.round(src.lo / np.float32(s_out))))
+            lo = np.maximum(lo, z_out + np.round(src.lo / scale).astype(np.int64))
         if np.isfinite(src.hi):
-            hi = min(hi, z_out + int(np.round(src.hi / np.float32(s_out))))
+            hi = np.minimum(hi, z_out + np.round(src.hi / scale).astype(np.int64))
         total = None
         for acc, num, axis in src.terms:
-            ratio = num.astype(np.float32).astype(np.float64) / np.float64(np.float32(s_out))
+            if per and axis is not None and axis % acc.ty.ndim != channel:
+                raise QDQLoweringError("a per-channel quantize of a result scaled along another axis")
+            axis = channel if per else axis
+            ratio = num.astype(np.float32).astype(np.float64) / scale.astype(np.float64)
             d = dyadic_from_ratio(ratio)
             if not accumulators.requantize_fits(src.bound, int(d.m.max())):     # x * m + 2^(e-1) in int64
                 raise QDQLoweringError(f"requantize: accumulator bound {src.bound} times multiplier "
                                        f"{int(d.m.max())} may overflow int64")
             if src.table is not None and len(src.terms) == 1 and axis is None:
                 values, index = src.table
-                out = integer_nonlinear.tabulate(lambda t, d=d: saturate(rescale(t, d), z_out, lo, hi, "int32"), values)
+                out = integer_nonlinear.tabulate(lambda t, d=d: saturate(rescale(t, d), z_out, int(lo[0]), int(hi[0]),
+                                                                         "int32"), values)
                 y = op.astype(op.take(relax.const(out.astype(np.int32), "int32"), index, axis=0), dtype)
                 return _Int(self.bb.emit(y), scale, zero, dtype, src.channels_last)
             term = rescale(acc, d, axis if axis is not None else -1)
             total = term if total is None else op.add(total, term)
-        y = saturate(total, z_out, lo, hi, dtype)
+        y = saturate(total, z_out, int(lo.min()), int(hi.max()), dtype)
+        if per and (np.any(lo != lo.min()) or np.any(hi != hi.max())):     # ReLU6's top differs per channel
+            shape = [1] * 4
+            shape[channel] = -1
+            y = op.minimum(op.maximum(y, relax.const(lo.reshape(shape).astype(dtype), dtype)),
+                           relax.const(hi.reshape(shape).astype(dtype), dtype))
         if src.keep is not None:
             y = op.where(src.keep, y, relax.const(int(info.min), dtype))
         return _Int(self.bb.emit(y), scale, zero, dtype, src.channels_last)
@@ -1036,8 +1073,9 @@ class _Lowering:
             return _ConstDeq(_np(src).astype(np.int64), scale.reshape(-1), zero.reshape(-1).astype(np.int64),
                              int(call.attrs.axis))
         if isinstance(src, _Int):
-            if scale.size != 1:
-                raise QDQLoweringError("per-axis dequantize of an activation is not supported")
+            if scale.size != 1 and not (np.array_equal(scale.reshape(-1), src.scale.reshape(-1))
+                                        and np.all(zero.reshape(-1) == src.zero.reshape(-1)[0])):
+                raise QDQLoweringError("per-axis dequantize of an activation quantized otherwise")
             return _Deq(src)
         raise QDQLoweringError("dequantize of an unsupported value")
 
@@ -1109,7 +1147,7 @@ class _Lowering:
         is_conv = name == "relax.nn.conv2d"
         # only a channels-last unit's convolution reads a channels-last input as it is
         x = self.deq(self.val(call.args[0], channels_last=is_conv and any(u.channels_last for u in self.units)),
-                     name)
+                     name, per_channel=is_conv)
         w = self.val(call.args[1])
         if name == "relax.matmul" and isinstance(w, _Deq):
             return self.activation_matmul(x, w.value)
@@ -1143,7 +1181,7 @@ class _Lowering:
                         weights, bits, **geometry)
         unit = first_fit(self.units, c)
         if (unit is None or not unit.channels_last) and x.channels_last:
-            x = self.deq(self.val(call.args[0]), name)
+            x = self.deq(self.val(call.args[0]), name, per_channel=is_conv)
             c = replace(c, x=Operand.of(x.expr, x.dtype, x.zero))
         stored = unit.pack(c) if unit is not None else subbyte.pack(wq, bits) if bits else weights
         wc = relax.const(stored, str(stored.dtype))
@@ -1167,7 +1205,12 @@ class _Lowering:
         if zx:
             correction = acc_range.correction
             acc = self.bb.emit(op.add(acc, relax.const(correction.reshape(shape).astype(acc_dtype), acc_dtype)))
-        num = (x.scale.reshape(-1)[0].astype(np.float32) * w.scale.astype(np.float32)).astype(np.float64)
+        xs = x.scale.reshape(-1)[0].astype(np.float32)
+        if x.scale.size > 1:        # a depthwise convolution: output channel o reads input channel o // multiplier
+            if not is_conv or c.groups != x.scale.size:
+                raise QDQLoweringError(f"{name}: per-channel activations feed only depthwise convolutions")
+            xs = np.repeat(x.scale.astype(np.float32), wq.shape[0] // c.groups)
+        num = (xs * w.scale.astype(np.float32)).astype(np.float64)
         return _Pending([(acc, num, axis)], bound=bound, channels_last=unit is not None and unit.channels_last)
 
     @_handles("relax.add")
@@ -1241,7 +1284,8 @@ def _static_shape(expr) -> list[int] | None:
 def _moved_axis(call, before, after, axis: int) -> int:
     """Where a per-channel axis of ``before`` lies in ``after = view(before)``: permuted by a
     transpose, kept by a reshape that leaves the axis and the elements before it in place (a
-    flatten of [N, C, 1, 1]); anything else has no single channel axis."""
+    flatten of [N, C, 1, 1]), by a take or slice along other axes (ViT's class token); anything
+    else has no single channel axis."""
     old, new = _static_shape(before), _static_shape(after)
     axis %= len(old) if old else 1
     if _name(call) == "relax.permute_dims":
@@ -1249,6 +1293,13 @@ def _moved_axis(call, before, after, axis: int) -> int:
         return perm.index(axis)
     if _name(call) == "relax.broadcast_to" and old and new:
         return axis + len(new) - len(old)
+    if _name(call) == "relax.take" and old and new:
+        taken = int(call.attrs.axis) % len(old) if call.attrs.axis is not None else None
+        if taken is not None and taken != axis:         # the class token x[:, 0]: other axes close up
+            return axis if axis < taken else axis + len(new) - len(old)
+    if _name(call) == "relax.strided_slice" and old and new and len(old) == len(new) and \
+            old[axis] == new[axis]:                     # a slice of other axes (or all of this one)
+        return axis
     if old and new and _name(call) in ("relax.reshape", "relax.flatten", "relax.squeeze", "relax.expand_dims"):
         lead = int(np.prod(old[:axis]))
         for j in range(len(new)):

@@ -295,12 +295,17 @@ def _view(op: str, a: dict, ins: list, x: np.ndarray) -> np.ndarray:
 
 def _moved_axis(op: str, a: dict, old: tuple, new: tuple, axis: int) -> int:
     """Where a per-channel axis goes under a view: permuted by Transpose; kept by a reshape that
-    leaves it and everything before it in place; a broadcast adds leading axes."""
+    leaves it and everything before it in place, and by a Gather or Slice of other axes; a
+    broadcast adds leading axes."""
     axis %= len(old)
     if op == "Transpose":
         return list(a.get("perm")).index(axis)
     if op == "Expand":
         return axis + len(new) - len(old)
+    if op == "Gather" and a.get("axis", 0) % len(old) != axis:    # ViT's class token: one axis taken
+        return axis if axis < a.get("axis", 0) % len(old) else axis - len(old) + len(new)
+    if op == "Slice" and len(old) == len(new) and old[axis] == new[axis]:
+        return axis
     for j in range(len(new)):
         if int(np.prod(old[:axis])) == int(np.prod(new[:j])) and new[j] == old[axis]:
             return j
@@ -437,21 +442,30 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
     def attrs(n):
         return {a.name: helper.get_attribute_value(a) for a in n.attribute}
 
-    def requant(p: _Pending, scale_out: float, zero_out: int, qmin: int, qmax: int) -> np.ndarray:
+    def requant(p: _Pending, scale_out, zero_out: int, qmin: int, qmax: int) -> np.ndarray:
+        """``p`` on the output grid; ``scale_out`` one scale, or one per channel (axis 1) of an
+        NCHW feature map (NNCF's depthwise inputs)."""
+        s_out = np.atleast_1d(np.asarray(scale_out, np.float32))
+        per = s_out.size > 1
         total = 0
         for acc, num, axis in p.terms:
-            ratio = num.astype(np.float32).astype(np.float64) / np.float64(np.float32(scale_out))
+            if per and axis is not None and axis % acc.ndim != 1:
+                raise QDQUnsupported("a per-channel quantize of a result scaled along another axis")
+            ratio = num.astype(np.float32).astype(np.float64) / s_out.astype(np.float64)
             d = dyadic_from_ratio(ratio)
-            total = total + requantize(acc, d.m, d.e, -(2**62), 2**62, axis=axis if axis is not None else -1,
-                                       dtype=np.int64)
+            total = total + requantize(acc, d.m, d.e, -(2**62), 2**62,
+                                       axis=1 if per else axis if axis is not None else -1, dtype=np.int64)
         # ReLU / Clip bounds are real values; in the output's integer domain they are
-        # z + round(bound / s) (round half to even, as QuantizeLinear rounds)
-        lo, hi = qmin, qmax
+        # z + round(bound / s) (round half to even, as QuantizeLinear rounds), per channel
+        shape = (1, -1, 1, 1) if per else (1,)
+        lo = np.full(s_out.shape, qmin, np.int64)
+        hi = np.full(s_out.shape, qmax, np.int64)
         if np.isfinite(p.lo):
-            lo = max(lo, zero_out + int(np.round(p.lo / np.float32(scale_out))))
+            lo = np.maximum(lo, zero_out + np.round(p.lo / s_out).astype(np.int64))
         if np.isfinite(p.hi):
-            hi = min(hi, zero_out + int(np.round(p.hi / np.float32(scale_out))))
-        return np.clip(total + zero_out, lo, hi)
+            hi = np.minimum(hi, zero_out + np.round(p.hi / s_out).astype(np.int64))
+        out = np.clip(total + zero_out, lo.reshape(shape), hi.reshape(shape))
+        return out if per else out.reshape(np.shape(total + zero_out))
 
     def deq_of(v) -> _Q:
         if not isinstance(v, tuple) or v[0] != "deq":
@@ -473,6 +487,14 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
             x, s, z = ins[0], np.float32(np.asarray(ins[1]).reshape(-1)[0]), ins[2] if len(ins) > 2 else np.uint8(0)
             zdt = np.asarray(z).dtype
             info = np.iinfo(zdt)
+            if np.asarray(ins[1]).size > 1:     # one scale per channel of a feature map, one zero point
+                s = np.asarray(ins[1], np.float32).reshape(-1)
+                if not isinstance(x, _Pending) or x.keep is not None or a.get("axis", 1) % 4 != 1 or \
+                        len(np.unique(np.asarray(z))) != 1:
+                    raise QDQUnsupported(f"QuantizeLinear {n.name}: per-axis, of other than a feature map's result")
+                val = requant(x, s, int(np.asarray(z).reshape(-1)[0]), info.min, info.max)
+                env[n.output[0]] = ("q", _Q(val, s, np.asarray(z).reshape(-1)[0], 1), zdt)
+                return
             if isinstance(x, _PendingFn):
                 zo = int(np.asarray(z).reshape(-1)[0])
                 grid = table_grid(x.fn, float(s), zo, int(info.min), int(info.max))
@@ -486,7 +508,8 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
                 if x.keep is not None:
                     val = np.where(x.keep, val, info.min)
             elif isinstance(x, _Concat):
-                val = np.concatenate([requant(_Pending([(p.centered(), p.scale.astype(np.float64), None)]), float(s),
+                val = np.concatenate([requant(p if isinstance(p, _Pending) else
+                                              _Pending([(p.centered(), p.scale.astype(np.float64), None)]), float(s),
                                               int(np.asarray(z).reshape(-1)[0]), info.min, info.max)
                                       for p in x.parts], axis=x.axis)
             elif isinstance(x, tuple):                          # Q(DQ(q)) with other params: a requantize
@@ -515,8 +538,12 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
                 env[n.output[0]] = ("deq", qv)
         elif op in ("Conv", "MatMul", "Gemm"):
             x, w = deq_of(ins[0]), deq_of(ins[1])
-            if x.scale.size != 1:
-                raise QDQUnsupported(f"{op} {n.name}: per-axis activation parameters are not supported")
+            xscale = x.scale[0].astype(np.float32)
+            if x.scale.size != 1:               # a depthwise convolution reads each channel at its scale
+                if op != "Conv" or a.get("group", 1) != x.scale.size:
+                    raise QDQUnsupported(f"{op} {n.name}: per-axis activation parameters (other than a depthwise "
+                                         "convolution's input)")
+                xscale = np.repeat(x.scale.astype(np.float32), w.q.shape[0] // x.scale.size)
             xi, wi = x.centered(), w.centered()
             if op == "Conv":
                 acc = _conv_int(xi, wi, a.get("strides", [1, 1]), a.get("pads", [0, 0, 0, 0]),
@@ -530,7 +557,7 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
                 if a.get("alpha", 1.0) != 1.0:
                     raise QDQUnsupported(f"Gemm {n.name}: alpha != 1 is not supported")
                 acc, axis, wscale = xa @ wb, -1, w.scale
-            num = (x.scale[0].astype(np.float32) * wscale.astype(np.float32)).astype(np.float64)
+            num = (xscale * wscale.astype(np.float32)).astype(np.float64)
             bias_in = 2 if op in ("Conv", "Gemm") else None
             if bias_in is not None and len(ins) > bias_in and ins[bias_in] is not None:
                 b = _bias(ins[bias_in] if _floating_array(ins[bias_in]) else deq_of(ins[bias_in]), num, n)
@@ -603,13 +630,23 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
                 hi = float(ins[2]) if len(ins) > 2 and ins[2] is not None else np.inf
             env[n.output[0]] = _Pending(p.terms, max(p.lo, lo), min(p.hi, hi))
         elif op in ("GlobalAveragePool", "ReduceMean"):
-            x = deq_of(ins[0])
             axes = (2, 3) if op == "GlobalAveragePool" else tuple(a.get("axes", ins[1] if len(ins) > 1 else ()))
             keep = op == "GlobalAveragePool" or a.get("keepdims", 1)
-            total = x.centered().sum(axis=axes, keepdims=bool(keep))
-            size = int(np.prod([x.q.shape[i] for i in axes]))
-            num = (x.scale.astype(np.float64) / size)
-            env[n.output[0]] = _Pending([(total, num, None)])
+
+            def mean(x: _Q) -> _Pending:
+                total = x.centered().sum(axis=axes, keepdims=bool(keep))
+                return _Pending([(total, x.scale.astype(np.float64) / int(np.prod([x.q.shape[i] for i in axes])),
+                                  None)])
+
+            if isinstance(ins[0], _Concat):     # of each part of a concatenation of different grids
+                rank = ins[0].parts[0].q.ndim
+                cat, reduced = ins[0].axis % rank, [ax % rank for ax in axes]
+                if cat in reduced:
+                    raise QDQUnsupported(f"{op} {n.name}: across a concatenation of different grids")
+                env[n.output[0]] = _Concat([mean(p) for p in ins[0].parts],
+                                           cat - (0 if keep else sum(ax < cat for ax in reduced)))
+            else:
+                env[n.output[0]] = mean(deq_of(ins[0]))
         elif op == "BatchNormalization":
             # y = g*x + b, g = gamma/sqrt(var+eps), b = beta - mean*g; the shift b is put on the input's
             # grid refined 2^k times: y = sign(g) * ((q - z) * 2^k + round(2^k * b / (s_x*g))) * s_x*|g| / 2^k
@@ -692,10 +729,11 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
             for i, ax in enumerate(axes):
                 width[ax] = (pads[i], pads[i + len(axes)])
             value = float(np.asarray(ins[2]).reshape(-1)[0]) if len(ins) > 2 and ins[2] is not None else 0.0
-            step = value / float(np.float32(x.scale.reshape(-1)[0]))
+            # a QOperator Pad reads the integers (its value is one); a QDQ one the real values
+            step = value if kind == "q" else value / float(np.float32(x.scale.reshape(-1)[0]))
             if x.scale.size != 1 or min(pads) < 0 or abs(step - round(step)) > 1e-6:
                 raise QDQUnsupported(f"Pad {n.name}: not a padding on the tensor's grid")
-            padded = np.pad(x.q, width, constant_values=int(x.zero.reshape(-1)[0]) + round(step))
+            padded = np.pad(x.q, width, constant_values=(0 if kind == "q" else int(x.zero.reshape(-1)[0])) + round(step))
             env[n.output[0]] = _same_kind(ins[0], kind, _Q(padded, x.scale, x.zero, x.axis, x.dtype))
         elif op == "Split" and isinstance(ins[0], tuple):      # parts of an integer tensor, on its grid
             kind, x = _on_integers(ins[0], deq_of)

@@ -256,3 +256,91 @@ def test_the_cases_reach_every_handler():
                           {"relax.nn.batch_norm", "TupleGetItem", "relax.quantize", "relax.dequantize", "relax.split"})
     missing = {fn.__name__ for fn in lower_qdq.HANDLERS.values()} - {lower_qdq.HANDLERS[n].__name__ for n in covered}
     assert not missing, f"handlers without a case: {sorted(missing)}"
+
+
+def _pooled_concat_qdq() -> onnx.ModelProto:
+    """NNCF's GoogLeNet head: a Concat of two grids pooled by ReduceMean, quantized after the pool."""
+    inits = [_const("sx", 0.05), _const("zx", 128, np.uint8), _const("sr", 0.03), _const("zr", 0, np.uint8),
+             _const("sy", 0.02), _const("zy", 110, np.uint8), _const("axes", [2, 3], np.int64)]
+    nodes = [_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]), _node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+             _node("Relu", ["x"], ["r"]), _node("QuantizeLinear", ["r", "sr", "zr"], ["rq"]),
+             _node("DequantizeLinear", ["rq", "sr", "zr"], ["rd"]), _node("Concat", ["xd", "rd"], ["c"], axis=1),
+             _node("ReduceMean", ["c", "axes"], ["m"], keepdims=0),
+             _node("QuantizeLinear", ["m", "sy", "zy"], ["mq"]), _node("DequantizeLinear", ["mq", "sy", "zy"], ["y"])]
+    return _model(nodes, inits, IMAGE)
+
+
+def test_mean_of_a_concat_of_two_grids(tmp_path, monkeypatch):
+    """Each part's mean requantized to the pool's grid, then joined (a mutation that requantizes the
+    parts before pooling, or joins them unscaled, fails)."""
+    seen = _compile_and_compare(_pooled_concat_qdq(), tmp_path / "pool_cat.onnx", None, monkeypatch)
+    assert {"relax.concat", "relax.mean"} <= seen
+
+
+def _qoperator_pad_qdq() -> onnx.ModelProto:
+    """ORT's QOperator Swin: Pad reads the quantized tensor and pads it with the zero point (an
+    integer, not a real value)."""
+    inits = [_const("sx", 0.05), _const("zx", 130, np.uint8), _const("pads", [0, 0, 1, 2, 0, 0, 3, 0], np.int64)]
+    nodes = [_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]), _node("Pad", ["xq", "pads", "zx"], ["pq"]),
+             _node("DequantizeLinear", ["pq", "sx", "zx"], ["y"])]
+    return _model(nodes, inits, IMAGE)
+
+
+def test_pad_of_raw_integers_with_the_zero_point(tmp_path, monkeypatch):
+    model = _qoperator_pad_qdq()
+    seen = _compile_and_compare(model, tmp_path / "pad_q.onnx", None, monkeypatch)
+    assert "relax.nn.pad" in seen
+    x = {"x": np.random.default_rng(1).normal(size=_shape(model)).astype(np.float32)}
+    y = golden.run_qdq(model, x)["y"]
+    assert (y[:, :, 0] == 0).all() and (y[:, :, :, :2] == 0).all()      # the padding is real 0
+
+
+def _class_token_of_layernorm_qdq() -> onnx.ModelProto:
+    """ORT QOperator's ViT head: LayerNorm (per-channel result awaiting its quantize) and the class
+    token taken by Gather along the sequence before the quantize."""
+    rng = np.random.default_rng(7)
+    inits = [_const("sx", 0.05), _const("zx", 128, np.uint8), _const("sy", 0.03), _const("zy", 128, np.uint8),
+             _const("zero", 0, np.int64), numpy_helper.from_array(rng.normal(1, 0.3, SEQUENCE[-1]).astype(np.float32),
+                                                                   "g"),
+             numpy_helper.from_array(rng.normal(0, 0.3, SEQUENCE[-1]).astype(np.float32), "b")]
+    nodes = [_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]), _node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+             _node("LayerNormalization", ["xd", "g", "b"], ["n"], axis=-1),
+             _node("Gather", ["n", "zero"], ["t"], axis=1),
+             _node("QuantizeLinear", ["t", "sy", "zy"], ["tq"]), _node("DequantizeLinear", ["tq", "sy", "zy"], ["y"])]
+    return _model(nodes, inits, SEQUENCE)
+
+
+def test_class_token_of_a_per_channel_result(tmp_path, monkeypatch):
+    seen = _compile_and_compare(_class_token_of_layernorm_qdq(), tmp_path / "cls.onnx", None, monkeypatch)
+    assert {"relax.take", "relax.nn.layer_norm"} <= seen
+
+
+def _per_channel_depthwise_qdq() -> onnx.ModelProto:
+    """NNCF's MobileNetV2 layout: a pointwise convolution's ReLU6 quantized with one scale per
+    channel (one zero point), read by a depthwise convolution whose bias is a float Add."""
+    rng = np.random.default_rng(8)
+    c = IMAGE[1]
+    inits = [_const("sx", 0.05), _const("zx", 128, np.uint8), _const("sy", 0.04), _const("zy", 0, np.uint8),
+             _const("sc", rng.uniform(0.01, 0.05, c)), _const("zc", np.zeros(c), np.uint8),
+             numpy_helper.from_array(rng.integers(-127, 128, size=(c, c, 1, 1)).astype(np.int8), "w1q"),
+             numpy_helper.from_array(rng.integers(-127, 128, size=(c, 1, 3, 3)).astype(np.int8), "w2q"),
+             _const("sw1", rng.uniform(0.002, 0.01, c)), _const("sw2", rng.uniform(0.002, 0.01, c)),
+             _const("zw", np.zeros(c), np.int8), _const("b2", rng.normal(0, 0.2, (1, c, 1, 1))),
+             _const("six", 6.0), _const("nil", 0.0)]
+    nodes = [_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]), _node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+             _node("DequantizeLinear", ["w1q", "sw1", "zw"], ["w1"], axis=0), _node("Conv", ["xd", "w1"], ["a"]),
+             _node("Clip", ["a", "nil", "six"], ["r"]),
+             _node("QuantizeLinear", ["r", "sc", "zc"], ["rq"], axis=1),
+             _node("DequantizeLinear", ["rq", "sc", "zc"], ["rd"], axis=1),
+             _node("DequantizeLinear", ["w2q", "sw2", "zw"], ["w2"], axis=0),
+             _node("Conv", ["rd", "w2"], ["d"], group=c, pads=[1, 1, 1, 1]), _node("Add", ["d", "b2"], ["db"]),
+             _node("Clip", ["db", "nil", "six"], ["o"]),
+             _node("QuantizeLinear", ["o", "sy", "zy"], ["oq"]), _node("DequantizeLinear", ["oq", "sy", "zy"], ["y"])]
+    return _model(nodes, inits, IMAGE)
+
+
+def test_per_channel_input_of_a_depthwise_convolution(tmp_path, monkeypatch):
+    """Requantized to one scale per channel (ReLU6's top per channel), then convolved depthwise
+    at s_x[c] * s_w[c]: integer-only, bit-exact with golden."""
+    seen = _compile_and_compare(_per_channel_depthwise_qdq(), tmp_path / "dw.onnx", None, monkeypatch)
+    assert {"relax.nn.conv2d", "relax.quantize", "relax.dequantize"} <= seen

@@ -94,8 +94,9 @@ def test_blocked_weights_run_as_float_and_match_the_reference():
 
 
 def test_per_axis_activation_quantization_runs_as_float_and_is_refused_on_rv32(rv32_toolchain):
-    """Per-channel scales on an activation: the integer lowering applies one scale per tensor, so
-    the pair runs as the spec's float arithmetic (exactly ONNX's reference) on the CPU, and the
+    """Per-channel scales and zero points on an activation: the integer lowering takes one zero
+    point per tensor (and per-channel scales only on a depthwise convolution's input), so the
+    pair runs as the spec's float arithmetic (exactly ONNX's reference) on the CPU, and the
     rv32 target, which runs integer-only models, refuses it in one line."""
     scale = numpy_helper.from_array(np.array([0.1, 0.05, 0.2, 0.5], np.float32), "s")
     zero = numpy_helper.from_array(np.array([0, 10, 128, 255], np.uint8), "z")

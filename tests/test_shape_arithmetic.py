@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import compiler
 from compiler import quantize
-from compiler.canonicalize import canonicalize
+from compiler.canonicalize import canonicalize, fold_symbolic_shapes
 from compiler.options import CompileOptions
 
 # the tensors of shape_model() that are shape arithmetic
@@ -152,3 +152,61 @@ def test_fp32_model_at_static_shapes_folds_its_shape_arithmetic():
     x = np.random.default_rng(0).normal(size=(1, 4, 6, 6)).astype(np.float32)
     want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_array_equal(art.run({"x": x})["y"], want)
+
+
+def _symbolic_batch_model() -> onnx.ModelProto:
+    """What torch's exporters make of a symbolic batch in HF's BERT, in small: the token-type rows
+    gathered from a constant buffer expanded to Shape(ids)[0] (the target computed as TorchScript
+    spells ``expand(batch, -1)``), the mask rows picked by
+    Range(0, batch) (two inputs whose batch symbols the exporter names apart), and a Reshape to
+    [batch, -1] computed from Shape."""
+    rng = np.random.default_rng(5)
+    c = [numpy_helper.from_array(v, n) for n, v in (
+        ("word", rng.normal(size=(50, 16)).astype(np.float32)), ("types", rng.normal(size=(2, 16)).astype(np.float32)),
+        ("buffer", np.zeros((1, 8), np.int64)), ("zero", np.array(0, np.int64)), ("one", np.array(1, np.int64)),
+        ("ax0", np.array([0], np.int64)), ("ax2", np.array([2], np.int64)), ("eight", np.array([8], np.int64)),
+        ("minus", np.array([-1], np.int64)), ("w", rng.normal(size=(128, 4)).astype(np.float32)))]
+    nodes = [helper.make_node("Shape", ["ids"], ["s"]), helper.make_node("Gather", ["s", "zero"], ["b"]),
+             helper.make_node("Unsqueeze", ["b", "ax0"], ["bu"]),
+             helper.make_node("Concat", ["bu", "eight"], ["tgt"], axis=0),
+             # TorchScript's expand(batch, -1): -1 entries replaced by ones, computed on shape tensors
+             helper.make_node("Reshape", ["tgt", "minus"], ["tgt1"]), helper.make_node("Shape", ["tgt1"], ["n"]),
+             helper.make_node("ConstantOfShape", ["n"], ["ones"], value=numpy_helper.from_array(np.array([1], np.int64))),
+             helper.make_node("Mul", ["ones", "minus"], ["negs"]), helper.make_node("Equal", ["tgt1", "negs"], ["eq"]),
+             helper.make_node("Where", ["eq", "ones", "tgt1"], ["tgt2"]),
+             helper.make_node("Expand", ["buffer", "tgt2"], ["type_ids"]),
+             helper.make_node("Gather", ["types", "type_ids"], ["type_rows"]),
+             helper.make_node("Gather", ["word", "ids"], ["rows"]),
+             helper.make_node("Add", ["rows", "type_rows"], ["e"]),
+             helper.make_node("Range", ["zero", "b", "one"], ["r"]),
+             helper.make_node("Gather", ["mask", "r"], ["mask_rows"], axis=0),
+             helper.make_node("Unsqueeze", ["mask_rows", "ax2"], ["m3"]),
+             helper.make_node("Mul", ["e", "m3"], ["em"]),
+             helper.make_node("Concat", ["bu", "minus"], ["flat"], axis=0),
+             helper.make_node("Reshape", ["em", "flat"], ["f"]),
+             helper.make_node("MatMul", ["f", "w"], ["y"])]
+    return make_model(nodes, [helper.make_tensor_value_info("ids", TensorProto.INT64, ["s0", 8]),
+                              helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["s1", 8])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["s0", 4])], c, opset=18)
+
+
+def test_symbolic_batch_shape_arithmetic_compiles():
+    """The model at a symbolic batch: the buffer's rows fold to one broadcast row, the coupled
+    batch symbols become one, Range(0, batch) keeps the batch's symbol, and the Reshape target
+    folds to [-1, 128].  It compiles once and equals ORT at batch 1 and 3."""
+    model = _symbolic_batch_model()
+    folded = fold_symbolic_shapes(model)
+    ops = {n.op_type for n in folded.graph.node}
+    assert not ops & {"ConstantOfShape", "Expand", "Equal", "Where", "Concat"}, ops     # Range(0, batch) keeps its Shape
+    assert {d.dim_param for i in folded.graph.input for d in i.type.tensor_type.shape.dim if d.dim_param} == {"s0"}
+    consts = {t.name: numpy_helper.to_array(t) for t in folded.graph.initializer}
+    reshape = next(n for n in folded.graph.node if n.op_type == "Reshape")
+    assert consts[reshape.input[1]].tolist() == [-1, 128]
+    assert next(n for n in folded.graph.node if n.op_type == "Add").input[1] in consts     # one broadcast row
+    art = compiler.compile(model)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(6)
+    for batch in (1, 3):
+        x = {"ids": rng.integers(0, 50, (batch, 8)).astype(np.int64),
+             "mask": (rng.random((batch, 8)) > 0.3).astype(np.float32)}
+        np.testing.assert_allclose(art.run(x)["y"], sess.run(None, x)[0], rtol=1e-5, atol=1e-5)
