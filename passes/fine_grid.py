@@ -49,18 +49,55 @@ def quantize64(y: np.ndarray, s: float, z: int, qmin: int, qmax: int) -> np.ndar
     return np.where(np.isnan(q), qmax, q).astype(np.int64)
 
 
-def table_grid(fn: Callable[[np.ndarray], np.ndarray], s: float, z: int, qmin: int, qmax: int) -> FineGrid:
-    """The grid for Q(fn(x)) at output (s, z, [qmin, qmax]); ``fn`` maps float64 to float64."""
+def _interval(fn: Callable[[np.ndarray], np.ndarray], s: float, z: int, qmin: int, qmax: int) -> tuple[float, float]:
+    """[a, b]: outside it Q(fn(x)) at output (s, z, [qmin, qmax]) is constant."""
     with np.errstate(all="ignore"):
         q = quantize64(fn(_SCAN), s, z, qmin, qmax)
     low, high = np.flatnonzero(q != q[0]), np.flatnonzero(q != q[-1])
     if not low.size:                      # a constant: any grid
-        a, b = -1.0, 1.0
-    else:
-        a, b = _SCAN[max(low[0] - 1, 0)], _SCAN[min(high[-1] + 1, len(_SCAN) - 1)]
+        return -1.0, 1.0
+    return _SCAN[max(low[0] - 1, 0)], _SCAN[min(high[-1] + 1, len(_SCAN) - 1)]
+
+
+def _grid(a: float, b: float) -> FineGrid:
     # a narrow interval far from 0 gets a coarser step so that z16 stays well inside int32
     d = float(np.float32(max((b - a) / (LEVELS - 1), max(abs(a), abs(b)) * 2.0**-30)))
     return FineGrid(d, QMIN - int(np.round(a / d)))
+
+
+def table_grid(fn: Callable[[np.ndarray], np.ndarray], s: float, z: int, qmin: int, qmax: int) -> FineGrid:
+    """The grid for Q(fn(x)) at output (s, z, [qmin, qmax]); ``fn`` maps float64 to float64."""
+    return _grid(*_interval(fn, s, z, qmin, qmax))
+
+
+# ---- one scale per output channel (NNCF quantizes a depthwise convolution's input so) ----------------
+#
+# One grid covers every channel's interval, and the table holds f in fixed point at a step t finer
+# than every channel's scale; each channel then requantizes the table's value by its own dyadic
+# ratio t / s_c (passes/dyadic.py), clamped to the output type:
+#
+#     q_y[c] = clamp(rescale(F[q16], t / s_c) + z_y),   F[k] = round(f(grid value k) / t) in int32
+#
+# F's rounding adds at most t / 2 to f's error, with t <= min_c s_c / 2^12.
+
+def channel_grid(fn: Callable[[np.ndarray], np.ndarray], scales: np.ndarray, z: int, qmin: int,
+                 qmax: int) -> FineGrid:
+    """The grid for Q_c(fn(x)) at every channel's scale in ``scales`` (one zero point)."""
+    spans = [_interval(fn, float(s), z, qmin, qmax) for s in np.unique(np.float32(scales))]
+    return _grid(min(a for a, _ in spans), max(b for _, b in spans))
+
+
+def fixed_table(fn: Callable[[np.ndarray], np.ndarray], grid: FineGrid, scales: np.ndarray) -> tuple[np.ndarray, float]:
+    """(F, t): fn at each grid point in fixed point at step t (float32), as int32 (saturated; NaN
+    to the maximum, as QuantizeLinear sends it)."""
+    with np.errstate(all="ignore"):
+        y = fn(grid_values(grid))
+        top = float(np.nanmax(np.abs(np.where(np.isfinite(y), y, 0.0)))) if np.isfinite(y).any() else 0.0
+    t = float(np.float32(max(float(np.min(np.float32(scales))) * 2.0**-12, top * 2.0**-30, 2.0**-100)))
+    limit = 2**31 - 1
+    with np.errstate(all="ignore"):
+        f = np.clip(np.round(y / np.float64(t)), -limit, limit)
+    return np.where(np.isnan(f), limit, f).astype(np.int64), t
 
 
 def grid_values(grid: FineGrid) -> np.ndarray:

@@ -210,6 +210,10 @@ class _Pending:
     # this result is also a float function of another accumulator (a bias add, a clamp or a positive
     # scale of it), so that a chain reading both (HardSwish: x * clip(x + 3, 0, 6)) is one function of it
     of: _PendingUnary | None = None
+    # the 16-bit grid (zero point 0) a reader that needs an integer tensor reads this value on: a mean
+    # of 8-bit values, s_x / 128, which holds every mean to 1/256 of s_x (NNCF leaves the squeeze-
+    # excitation's pool unquantized before its convolution)
+    wide: float | None = None
 
 
 @dataclass
@@ -539,6 +543,10 @@ class _Lowering:
     def clamp(self, call):
         name = _name(call)
         p = self.val(call.args[0])
+        if isinstance(p, _Concat) and all(isinstance(q, _Pending) for q in p.parts):     # of each part
+            lo, hi = (0.0, np.inf) if name == "relax.nn.relu" else (
+                float(call.args[1].value), float(call.args[2].value))
+            return _Concat([replace(q, lo=max(q.lo, lo), hi=min(q.hi, hi)) for q in p.parts], p.axis)
         if isinstance(p, _Deq) and p.value.zero.size == 1:
             x = p.value
             if name == "relax.nn.relu":     # s (q - z) >= 0  <=>  q >= z: the same grid, exactly
@@ -568,6 +576,9 @@ class _Lowering:
                 raise QDQLoweringError("relax.mean across the parts of a concatenation of different grids")
             axis = v.axis % rank - (0 if keep else sum(a < v.axis % rank for a in axes))
             return _Concat([self.mean_of(p, axes, keep) for p in v.parts], axis)
+        if isinstance(v, _Pending) and v.wide is not None and len(v.terms) == 1 and v.table is None \
+                and v.keep is None:         # a norm's result (and its ReLU), on its 16-bit grid
+            v = _Deq(self.requantize(v, v.wide, 0, "int16"))
         return self.mean_of(self.deq(v, "relax.mean"), [int(a) for a in call.attrs.axis], keep)
 
     def mean_of(self, x: _Int, axes: list[int], keep: bool) -> _Pending:
@@ -577,7 +588,9 @@ class _Lowering:
             n = int(np.prod([int(dims[a]) for a in axes]))
         except TypeError:
             raise QDQLoweringError("mean over a dynamic dimension has no fixed divisor") from None
-        return _Pending([(total, x.scale.astype(np.float64) / n, None)])
+        wide = float(np.float32(np.float32(x.scale.reshape(-1)[0]) / np.float32(128))) \
+            if x.dtype in ("int8", "uint8") and x.scale.size == 1 else None
+        return _Pending([(total, x.scale.astype(np.float64) / n, None)], wide=wide)
 
     @_handles(*FLOAT_UNARY, "relax.nn.leakyrelu")
     def float_unary(self, call):
@@ -594,7 +607,7 @@ class _Lowering:
         if isinstance(v, _Split):
             part = replace(v.of, expr=self.bb.emit(relax.TupleGetItem(v.parts, call.index)), of=None)
             return _Deq(part) if v.dequantized else part
-        if isinstance(v, _Pending):     # batch_norm: 0 is the output; 1, 2 (running stats) go unused
+        if isinstance(v, (_Pending, _Concat)):  # batch_norm: 0 is the output; 1, 2 (running stats) go unused
             return v if call.index == 0 else _BatchNormStats()
         raise QDQLoweringError("tuple access of an unsupported value")
 
@@ -750,6 +763,8 @@ class _Lowering:
             return self.tabulate(src, float(scale.reshape(-1)[0]), int(zero.reshape(-1)[0]), dtype)
         if isinstance(src, _PendingUnary) and scale.size == 1:
             return self.tabulate_pending(src, float(scale.reshape(-1)[0]), int(zero.reshape(-1)[0]), dtype)
+        if isinstance(src, _PendingUnary):
+            return self.tabulate_pending_channels(src, scale.reshape(-1), int(zero.reshape(-1)[0]), dtype)
         if isinstance(src, relax.Var) or isinstance(src, tvm.ir.GenericConst):   # input boundary
             expr = self.bb.emit(relax.Call(call.op, [src, *self.rest(call)], call.attrs))
             return _Int(expr, scale, zero, dtype)
@@ -829,22 +844,39 @@ class _Lowering:
 
         one requantize term with per-channel ratio s_x*|g| / (2^k s_y): HAWQ-V3's bias at the
         accumulator scale, with the "weight" g.  Rounding B is the only approximation."""
-        x = self.deq(self.val(call.args[0]), "relax.nn.batch_norm")
+        v = self.val(call.args[0])
         gamma, beta, mean, var = (self.const_value(a).astype(np.float64).reshape(-1) for a in call.args[1:5])
         g = gamma / np.sqrt(var + float(call.attrs.epsilon))
         if np.any(g == 0):
             raise QDQLoweringError("batch_norm with a zero scale (gamma = 0) has no integer form")
+        axis = int(call.attrs.axis)
+        if isinstance(v, _Concat) and v.axis % 4 == axis % 4 and all(isinstance(p, _Int) for p in v.parts):
+            # DenseNet's norm after a concat of different grids (NNCF): each part's channels, on its grid
+            parts, start = [], 0
+            for p in v.parts:
+                end = start + int(p.expr.ty.shape.values[axis])
+                parts.append(self.affine(p, g[start:end], (beta - mean * g)[start:end], axis))
+                start = end
+            return _Concat(parts, v.axis)
+        return self.affine(self.deq(v, "relax.nn.batch_norm"), g, beta - mean * g, axis)
+
+    def affine(self, x: _Int, g: np.ndarray, b: np.ndarray, axis: int) -> _Pending:
+        """g * x + b per channel along ``axis`` as one requantize term (see ``batch_norm``)."""
         s_x = np.float64(np.float32(x.scale.reshape(-1)[0]))
         info = np.iinfo(x.dtype)
-        k, bias = fine_offset((beta - mean * g) / (s_x * g), int(info.max) - int(info.min))
-        axis = int(call.attrs.axis)
+        k, bias = fine_offset(b / (s_x * g), int(info.max) - int(info.min))
         shape = [1] * x.expr.ty.ndim
         shape[axis] = -1
         term = op.add(op.left_shift(self.centered(x), relax.const(k, "int32")),
                       relax.const(bias.astype(np.int32).reshape(shape), "int32"))
         if np.any(g < 0):
             term = op.multiply(term, relax.const(np.sign(g).astype(np.int32).reshape(shape), "int32"))
-        return _Pending([(self.bb.emit(term), s_x * np.abs(g) / 2.0**k, axis)])
+        # a reader that needs an integer tensor (a pool: DenseNet's head in ORT's QOperator file) reads
+        # it on the 16-bit grid that holds |g| s_x |q - z| + |b| for every 8-bit q
+        z = int(x.zero.reshape(-1)[0])
+        span = max(abs(int(info.min) - z), abs(int(info.max) - z))
+        wide = float(np.float32(np.max(np.abs(g) * s_x * span + np.abs(b)) / 32767)) if info.bits == 8 else None
+        return _Pending([(self.bb.emit(term), s_x * np.abs(g) / 2.0**k, axis)], wide=wide)
 
     def const_int(self, c: _ConstDeq) -> _Int:
         """A per-tensor quantized constant as an integer tensor (e.g. a class token in a Concat)."""
@@ -1091,6 +1123,20 @@ class _Lowering:
         y = op.take(relax.const(table.astype(dtype), dtype), index, axis=0)
         return _Int(self.bb.emit(y), np.float32([s]), np.array([z]), dtype, q16.channels_last)
 
+    def tabulate_pending_channels(self, u: _PendingUnary, scales: np.ndarray, z: int, dtype: str) -> _Int:
+        """One scale per output channel (NNCF: Conv -> SiLU -> Q per channel -> depthwise): the
+        16-bit grid covers every channel, the table holds f in fixed point, and each channel
+        requantizes it by its own dyadic ratio (passes/fine_grid.py)."""
+        info = np.iinfo(dtype)
+        grid = fine_grid.channel_grid(u.fn, scales, z, int(info.min), int(info.max))
+        table, t = fine_grid.fixed_table(u.fn, grid, scales)
+        q16 = self.requantize(u.p, grid.scale, grid.zero, "int16")
+        index = op.subtract(op.astype(q16.expr, "int32"), relax.const(fine_grid.QMIN, "int32"))
+        fixed = self.bb.emit(op.take(relax.const(table.astype(np.int32), "int32"), index, axis=0))
+        d = dyadic_from_ratio(np.float64(np.float32(t)) / np.float32(scales).astype(np.float64))
+        y = saturate(rescale(fixed, d, 3 if q16.channels_last else 1), z, int(info.min), int(info.max), dtype)
+        return _Int(self.bb.emit(y), np.float32(scales), np.array([z]), dtype, q16.channels_last)
+
     def tabulate(self, u: _Unary, s: float, z: int, dtype: str) -> _Int:
         """q_y = T[q_x]: the float function at each of the 256 integers, quantized as
         QuantizeLinear does (float32 division, ties to even, saturated; NaN to the maximum)."""
@@ -1146,8 +1192,11 @@ class _Lowering:
         name = _name(call)
         is_conv = name == "relax.nn.conv2d"
         # only a channels-last unit's convolution reads a channels-last input as it is
-        x = self.deq(self.val(call.args[0], channels_last=is_conv and any(u.channels_last for u in self.units)),
-                     name, per_channel=is_conv)
+        v = self.val(call.args[0], channels_last=is_conv and any(u.channels_last for u in self.units))
+        if isinstance(v, _Pending) and v.wide is not None and len(v.terms) == 1 and v.table is None \
+                and v.keep is None:         # a pooled value: read on its 16-bit grid
+            v = _Deq(self.requantize(v, v.wide, 0, "int16"))
+        x = self.deq(v, name, per_channel=is_conv)
         w = self.val(call.args[1])
         if name == "relax.matmul" and isinstance(w, _Deq):
             return self.activation_matmul(x, w.value)

@@ -11,7 +11,7 @@ import numpy as np
 from scipy.special import erf
 
 from passes.dyadic import dyadic_from_ratio, fine_offset
-from passes.fine_grid import table_grid
+from passes.fine_grid import channel_grid, fixed_table, table_grid
 from runtime import golden_nonlinear as gnl
 from runtime import onnx_reference
 
@@ -91,11 +91,13 @@ class _Pending:
     """An integer value awaiting its output QuantizeLinear: one or more (int tensor, scale) terms
     summed after each is requantized, plus real-valued clamp bounds from ReLU/Clip."""
 
-    def __init__(self, terms, lo=-np.inf, hi=np.inf, keep=None):
+    def __init__(self, terms, lo=-np.inf, hi=np.inf, keep=None, wide=None):
         self.terms = terms            # list of (int64 array, float64 ratio numerator array, channel axis)
         self.lo, self.hi = lo, hi
         self.keep = keep              # an attention mask (bool): elsewhere the quantized result is qmin
         self.of = None                # also a float function of another pending value (_PendingFn)
+        # a mean of 8-bit values: the 16-bit grid s_x / 128 (zero point 0) a convolution reads it on
+        self.wide = wide
 
 
 class _PendingFn:
@@ -489,10 +491,19 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
             info = np.iinfo(zdt)
             if np.asarray(ins[1]).size > 1:     # one scale per channel of a feature map, one zero point
                 s = np.asarray(ins[1], np.float32).reshape(-1)
-                if not isinstance(x, _Pending) or x.keep is not None or a.get("axis", 1) % 4 != 1 or \
-                        len(np.unique(np.asarray(z))) != 1:
+                zo = int(np.asarray(z).reshape(-1)[0])
+                if not isinstance(x, (_Pending, _PendingFn)) or a.get("axis", 1) % 4 != 1 or \
+                        len(np.unique(np.asarray(z))) != 1 or (isinstance(x, _Pending) and x.keep is not None):
                     raise QDQUnsupported(f"QuantizeLinear {n.name}: per-axis, of other than a feature map's result")
-                val = requant(x, s, int(np.asarray(z).reshape(-1)[0]), info.min, info.max)
+                if isinstance(x, _PendingFn):   # f in fixed point on one grid, each channel's ratio t / s_c
+                    grid = channel_grid(x.fn, s, zo, int(info.min), int(info.max))
+                    table, t = fixed_table(x.fn, grid, s)
+                    q16 = requant(x.p, grid.scale, grid.zero, -(1 << 15), (1 << 15) - 1)
+                    d = dyadic_from_ratio(np.float64(np.float32(t)) / s.astype(np.float64))
+                    val = requantize(table[q16 + (1 << 15)], d.m, d.e, info.min - zo, info.max - zo, axis=1,
+                                     dtype=np.int64) + zo
+                else:
+                    val = requant(x, s, zo, info.min, info.max)
                 env[n.output[0]] = ("q", _Q(val, s, np.asarray(z).reshape(-1)[0], 1), zdt)
                 return
             if isinstance(x, _PendingFn):
@@ -537,7 +548,13 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
             else:
                 env[n.output[0]] = ("deq", qv)
         elif op in ("Conv", "MatMul", "Gemm"):
-            x, w = deq_of(ins[0]), deq_of(ins[1])
+            p = ins[0]
+            if isinstance(p, _Pending) and p.wide is not None and len(p.terms) == 1 and p.keep is None:
+                # a pooled value, on its 16-bit grid
+                x = _Q(requant(p, p.wide, 0, -(1 << 15), (1 << 15) - 1), p.wide, 0, None, np.int16)
+            else:
+                x = deq_of(ins[0])
+            w = deq_of(ins[1])
             xscale = x.scale[0].astype(np.float32)
             if x.scale.size != 1:               # a depthwise convolution reads each channel at its scale
                 if op != "Conv" or a.get("group", 1) != x.scale.size:
@@ -614,6 +631,13 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
                 env[n.output[0]] = FLOAT_BINARY[op](_float(x), _float(y))
             else:
                 raise QDQUnsupported(f"Add {n.name}: operands are not a supported integer pattern")
+        elif op in ("Relu", "Clip") and isinstance(ins[0], _Concat) and all(isinstance(q, _Pending)
+                                                                          for q in ins[0].parts):
+            lo = float(ins[1]) if op == "Clip" and len(ins) > 1 and ins[1] is not None else 0.0 if op == "Relu" \
+                else -np.inf
+            hi = float(ins[2]) if op == "Clip" and len(ins) > 2 and ins[2] is not None else np.inf
+            env[n.output[0]] = _Concat([_Pending(q.terms, max(q.lo, lo), min(q.hi, hi)) for q in ins[0].parts],
+                                       ins[0].axis)
         elif op in ("Relu", "Clip"):
             p = ins[0]
             if isinstance(p, tuple) and deq_of(p).zero.size == 1:   # on a dequantized tensor
@@ -628,15 +652,16 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
             if op == "Clip":
                 lo = float(ins[1]) if len(ins) > 1 and ins[1] is not None else -np.inf
                 hi = float(ins[2]) if len(ins) > 2 and ins[2] is not None else np.inf
-            env[n.output[0]] = _Pending(p.terms, max(p.lo, lo), min(p.hi, hi))
+            env[n.output[0]] = _Pending(p.terms, max(p.lo, lo), min(p.hi, hi), wide=p.wide)
         elif op in ("GlobalAveragePool", "ReduceMean"):
             axes = (2, 3) if op == "GlobalAveragePool" else tuple(a.get("axes", ins[1] if len(ins) > 1 else ()))
             keep = op == "GlobalAveragePool" or a.get("keepdims", 1)
 
             def mean(x: _Q) -> _Pending:
                 total = x.centered().sum(axis=axes, keepdims=bool(keep))
+                eight = x.dtype is not None and x.dtype.itemsize == 1 and x.scale.size == 1
                 return _Pending([(total, x.scale.astype(np.float64) / int(np.prod([x.q.shape[i] for i in axes])),
-                                  None)])
+                                  None)], wide=float(np.float32(x.scale[0] / np.float32(128))) if eight else None)
 
             if isinstance(ins[0], _Concat):     # of each part of a concatenation of different grids
                 rank = ins[0].parts[0].q.ndim
@@ -645,22 +670,39 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
                     raise QDQUnsupported(f"{op} {n.name}: across a concatenation of different grids")
                 env[n.output[0]] = _Concat([mean(p) for p in ins[0].parts],
                                            cat - (0 if keep else sum(ax < cat for ax in reduced)))
+            elif isinstance(ins[0], _Pending) and ins[0].wide is not None and len(ins[0].terms) == 1 \
+                    and ins[0].keep is None:    # a norm's result (and its ReLU), on its 16-bit grid
+                p = ins[0]
+                env[n.output[0]] = mean(_Q(requant(p, p.wide, 0, -(1 << 15), (1 << 15) - 1), p.wide, 0, None, np.int16))
             else:
                 env[n.output[0]] = mean(deq_of(ins[0]))
         elif op == "BatchNormalization":
             # y = g*x + b, g = gamma/sqrt(var+eps), b = beta - mean*g; the shift b is put on the input's
             # grid refined 2^k times: y = sign(g) * ((q - z) * 2^k + round(2^k * b / (s_x*g))) * s_x*|g| / 2^k
-            x = deq_of(ins[0])
             gamma, beta, mean, var = (np.asarray(_float(v), np.float64).reshape(-1) for v in ins[1:5])
             gain = gamma / np.sqrt(var + np.float64(np.float32(a.get("epsilon", 1e-5))))
-            s_x = np.float64(x.scale[0])
-            shape = [1] * x.q.ndim
-            shape[1] = -1
-            info = np.iinfo(x.dtype)
-            k, offset = fine_offset((beta - mean * gain) / (s_x * gain), int(info.max) - int(info.min))
-            shifted = x.centered() * (1 << k) + offset.reshape(shape)
-            env[n.output[0]] = _Pending([(shifted * np.sign(gain).astype(np.int64).reshape(shape),
-                                          s_x * np.abs(gain) / 2.0**k, 1)])
+
+            def affine(x: _Q, gain, shift) -> _Pending:
+                s_x = np.float64(x.scale[0])
+                shape = [1] * x.q.ndim
+                shape[1] = -1
+                info = np.iinfo(x.dtype)
+                k, offset = fine_offset(shift / (s_x * gain), int(info.max) - int(info.min))
+                shifted = x.centered() * (1 << k) + offset.reshape(shape)
+                # the 16-bit grid a pool reads it on: it holds |g| s_x |q - z| + |b| for every 8-bit q
+                span = max(abs(int(info.min) - int(x.zero[0])), abs(int(info.max) - int(x.zero[0])))
+                wide = float(np.float32(np.max(np.abs(gain) * s_x * span + np.abs(shift)) / 32767)) \
+                    if info.bits == 8 else None
+                return _Pending([(shifted * np.sign(gain).astype(np.int64).reshape(shape), s_x * np.abs(gain) / 2.0**k,
+                                  1)], wide=wide)
+
+            if isinstance(ins[0], _Concat) and ins[0].axis % 4 == 1:     # each part's channels, on its grid
+                bounds = np.cumsum([0] + [p.q.shape[1] for p in ins[0].parts])
+                env[n.output[0]] = _Concat([affine(p, gain[lo:hi], (beta - mean * gain)[lo:hi])
+                                            for p, lo, hi in zip(ins[0].parts, bounds[:-1], bounds[1:], strict=True)],
+                                           ins[0].axis)
+            else:
+                env[n.output[0]] = affine(deq_of(ins[0]), gain, beta - mean * gain)
         elif op == "AveragePool":
             x = deq_of(ins[0])
             k = a["kernel_shape"]
@@ -713,7 +755,7 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
                     moved = _view(op, a, ins, acc)
                     terms.append((moved, num, None if axis is None else _moved_axis(op, a, acc.shape, moved.shape,
                                                                                    axis)))
-                env[n.output[0]] = _Pending(terms, v.lo, v.hi)
+                env[n.output[0]] = _Pending(terms, v.lo, v.hi, wide=v.wide)
             elif not isinstance(v, tuple):      # a float tensor (a constant, or float ops' result)
                 env[n.output[0]] = _view(op, a, ins, np.asarray(v))
             else:

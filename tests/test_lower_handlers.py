@@ -344,3 +344,82 @@ def test_per_channel_input_of_a_depthwise_convolution(tmp_path, monkeypatch):
     at s_x[c] * s_w[c]: integer-only, bit-exact with golden."""
     seen = _compile_and_compare(_per_channel_depthwise_qdq(), tmp_path / "dw.onnx", None, monkeypatch)
     assert {"relax.nn.conv2d", "relax.quantize", "relax.dequantize"} <= seen
+
+
+def _silu_per_channel_qdq() -> onnx.ModelProto:
+    """NNCF's EfficientNet layout: Conv -> SiLU (x * sigmoid(x)) left unquantized, then one scale per
+    channel for the depthwise convolution that reads it."""
+    rng = np.random.default_rng(9)
+    c = IMAGE[1]
+    inits = [_const("sx", 0.05), _const("zx", 128, np.uint8), _const("sc", rng.uniform(0.005, 0.03, c)),
+             _const("zc", np.zeros(c), np.int8), _const("sy", 0.02), _const("zy", 0, np.int8),
+             numpy_helper.from_array(rng.integers(-127, 128, size=(c, c, 1, 1)).astype(np.int8), "w1q"),
+             numpy_helper.from_array(rng.integers(-127, 128, size=(c, 1, 3, 3)).astype(np.int8), "w2q"),
+             _const("sw1", rng.uniform(0.002, 0.01, c)), _const("sw2", rng.uniform(0.002, 0.01, c)),
+             _const("zw", np.zeros(c), np.int8)]
+    nodes = [_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]), _node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+             _node("DequantizeLinear", ["w1q", "sw1", "zw"], ["w1"], axis=0), _node("Conv", ["xd", "w1"], ["a"]),
+             _node("Sigmoid", ["a"], ["g"]), _node("Mul", ["a", "g"], ["s"]),
+             _node("QuantizeLinear", ["s", "sc", "zc"], ["sq"], axis=1),
+             _node("DequantizeLinear", ["sq", "sc", "zc"], ["sd"], axis=1),
+             _node("DequantizeLinear", ["w2q", "sw2", "zw"], ["w2"], axis=0),
+             _node("Conv", ["sd", "w2"], ["o"], group=c, pads=[1, 1, 1, 1]),
+             _node("QuantizeLinear", ["o", "sy", "zy"], ["oq"]), _node("DequantizeLinear", ["oq", "sy", "zy"], ["y"])]
+    return _model(nodes, inits, IMAGE)
+
+
+def test_float_function_quantized_per_channel(tmp_path, monkeypatch):
+    """f on one 16-bit grid for every channel, in fixed point, each channel requantized by its own
+    ratio: integer-only, bit-exact with golden."""
+    seen = _compile_and_compare(_silu_per_channel_qdq(), tmp_path / "silu_pc.onnx", None, monkeypatch)
+    assert {"relax.sigmoid", "relax.quantize"} <= seen
+
+
+def _norm_of_concat_qdq(pool: bool) -> onnx.ModelProto:
+    """DenseNet: BatchNormalization -> ReLU of a Concat of two grids, quantized after (NNCF), or
+    of one dequantized tensor pooled before the quantize (``pool``: ORT's QOperator head)."""
+    c = IMAGE[1]
+    inits = [_const("sx", 0.05), _const("zx", 128, np.uint8), _const("sr", 0.03), _const("zr", 0, np.uint8),
+             _const("sy", 0.02), _const("zy", 0, np.uint8), _const("axes", [2, 3], np.int64),
+             _const("gamma", np.linspace(-1.2, 1.5, 2 * c)), _const("beta", np.linspace(-0.3, 0.4, 2 * c)),
+             _const("mean", np.linspace(0.1, -0.1, 2 * c)), _const("var", np.linspace(0.5, 2.0, 2 * c))]
+    nodes = [_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]), _node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+             _node("Relu", ["x"], ["r"]), _node("QuantizeLinear", ["r", "sr", "zr"], ["rq"]),
+             _node("DequantizeLinear", ["rq", "sr", "zr"], ["rd"]),
+             _node("Concat", ["xd", "rd"], ["c"], axis=1)]
+    if pool:        # one grid: the concat requantized first, the pool of the norm's unquantized ReLU
+        nodes += [_node("QuantizeLinear", ["c", "sx", "zx"], ["cq"]), _node("DequantizeLinear", ["cq", "sx", "zx"], ["cd"])]
+    nodes += [_node("BatchNormalization", ["cd" if pool else "c", "gamma", "beta", "mean", "var"], ["b"]),
+              _node("Relu", ["b"], ["n"])]
+    if pool:
+        nodes += [_node("ReduceMean", ["n", "axes"], ["m"], keepdims=1), _node("QuantizeLinear", ["m", "sy", "zy"], ["q"])]
+    else:
+        nodes += [_node("QuantizeLinear", ["n", "sy", "zy"], ["q"])]
+    nodes += [_node("DequantizeLinear", ["q", "sy", "zy"], ["y"])]
+    return _model(nodes, inits, IMAGE)
+
+
+@pytest.mark.parametrize("pool", [False, True], ids=["concat", "pooled"])
+def test_batch_norm_of_a_concat_and_its_pool(pool, tmp_path, monkeypatch):
+    seen = _compile_and_compare(_norm_of_concat_qdq(pool), tmp_path / "bn_cat.onnx", None, monkeypatch)
+    assert {"relax.nn.batch_norm", "relax.nn.relu"} <= seen
+
+
+def _pool_then_conv_qdq() -> onnx.ModelProto:
+    """A squeeze-excitation's pool left unquantized before its 1x1 convolution (NNCF)."""
+    rng = np.random.default_rng(10)
+    c = IMAGE[1]
+    inits = [_const("sx", 0.05), _const("zx", 128, np.uint8), _const("sy", 0.01), _const("zy", 128, np.uint8),
+             _const("axes", [2, 3], np.int64), _const("sw", rng.uniform(0.002, 0.01, c)), _const("zw", np.zeros(c), np.int8),
+             numpy_helper.from_array(rng.integers(-127, 128, size=(c, c, 1, 1)).astype(np.int8), "wq")]
+    nodes = [_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]), _node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+             _node("ReduceMean", ["xd", "axes"], ["m"], keepdims=1),
+             _node("DequantizeLinear", ["wq", "sw", "zw"], ["w"], axis=0), _node("Conv", ["m", "w"], ["o"]),
+             _node("QuantizeLinear", ["o", "sy", "zy"], ["oq"]), _node("DequantizeLinear", ["oq", "sy", "zy"], ["y"])]
+    return _model(nodes, inits, IMAGE)
+
+
+def test_convolution_of_a_pool(tmp_path, monkeypatch):
+    """The mean read on its 16-bit grid s_x / 128, then convolved: integer-only, bit-exact."""
+    seen = _compile_and_compare(_pool_then_conv_qdq(), tmp_path / "se.onnx", None, monkeypatch)
+    assert {"relax.mean", "relax.nn.conv2d"} <= seen
