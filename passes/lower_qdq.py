@@ -354,6 +354,14 @@ class _Lowering:
             x = op.subtract(x, relax.const(int(v.zero.reshape(-1)[0]), "int32"))
         return self.bb.emit(x)
 
+    def on_wide_grid(self, v):
+        """A pooled or normalized value left unquantized (``_Pending.wide``) as the int16 tensor a
+        convolution, pool or LayerNorm reads; anything else as it is."""
+        if isinstance(v, _Pending) and v.wide is not None and len(v.terms) == 1 and v.table is None \
+                and v.keep is None:
+            return _Deq(self.requantize(v, v.wide, 0, "int16"))
+        return v
+
     def deq(self, v, what: str, per_channel: bool = False):
         """The integer tensor of a dequantized value; one quantized per channel only where the
         reader takes one (``per_channel``: a depthwise convolution)."""
@@ -576,10 +584,7 @@ class _Lowering:
                 raise QDQLoweringError("relax.mean across the parts of a concatenation of different grids")
             axis = v.axis % rank - (0 if keep else sum(a < v.axis % rank for a in axes))
             return _Concat([self.mean_of(p, axes, keep) for p in v.parts], axis)
-        if isinstance(v, _Pending) and v.wide is not None and len(v.terms) == 1 and v.table is None \
-                and v.keep is None:         # a norm's result (and its ReLU), on its 16-bit grid
-            v = _Deq(self.requantize(v, v.wide, 0, "int16"))
-        return self.mean_of(self.deq(v, "relax.mean"), [int(a) for a in call.attrs.axis], keep)
+        return self.mean_of(self.deq(self.on_wide_grid(v), "relax.mean"), [int(a) for a in call.attrs.axis], keep)
 
     def mean_of(self, x: _Int, axes: list[int], keep: bool) -> _Pending:
         total = self.bb.emit(op.sum(self.centered(x), axis=axes, keepdims=keep))
@@ -655,7 +660,7 @@ class _Lowering:
         """Constant padding of a quantized tensor: the pad value's grid point, z + v / s, which must
         be an integer (zero padding is z, exactly).  A QOperator graph pads the integers themselves
         (ORT pads with the zero point): there the value is the integer."""
-        v = self.val(call.args[0])
+        v = self.on_wide_grid(self.val(call.args[0]))
         x = v if isinstance(v, _Int) else self.deq(v, "relax.nn.pad")
         if x.scale.size != 1 or str(call.attrs.pad_mode) != "constant":
             raise QDQLoweringError("relax.nn.pad: only constant padding of a per-tensor quantized tensor")
@@ -1049,7 +1054,7 @@ class _Lowering:
 
     @_handles("relax.nn.layer_norm")
     def layer_norm(self, call):
-        x = self.deq(self.val(call.args[0]), "relax.nn.layer_norm")
+        x = self.deq(self.on_wide_grid(self.val(call.args[0])), "relax.nn.layer_norm")
         ndim = x.expr.ty.ndim
         if [int(a) % ndim for a in call.attrs.axes] != [ndim - 1]:
             raise QDQLoweringError("layer_norm over axes other than the last is not supported")
@@ -1063,7 +1068,10 @@ class _Lowering:
                                    "variance could overflow int64; keep the residual stream in 8 bits")
         s = float(np.float32(x.scale.reshape(-1)[0]))
         y, scale, bound = integer_nonlinear.layer_norm(self.centered(x), s, gamma, beta, float(call.attrs.epsilon))
-        return _Pending([(self.bb.emit(y), scale, -1)], bound=bound)
+        # read unquantized (Swin's patch norm, then the first block's norm, in ORT's QOperator file): on the
+        # 16-bit grid of |gamma| sqrt(C) + |beta|, which bounds it (|x - mean| <= sqrt(C) sigma)
+        wide = float(np.float32((np.abs(gamma).max() * np.sqrt(channels) + np.abs(beta).max()) / 32767))
+        return _Pending([(self.bb.emit(y), scale, -1)], bound=bound, wide=wide)
 
     @_handles("relax.nn.avg_pool2d")
     def avg_pool(self, call):
@@ -1192,10 +1200,7 @@ class _Lowering:
         name = _name(call)
         is_conv = name == "relax.nn.conv2d"
         # only a channels-last unit's convolution reads a channels-last input as it is
-        v = self.val(call.args[0], channels_last=is_conv and any(u.channels_last for u in self.units))
-        if isinstance(v, _Pending) and v.wide is not None and len(v.terms) == 1 and v.table is None \
-                and v.keep is None:         # a pooled value: read on its 16-bit grid
-            v = _Deq(self.requantize(v, v.wide, 0, "int16"))
+        v = self.on_wide_grid(self.val(call.args[0], channels_last=is_conv and any(u.channels_last for u in self.units)))
         x = self.deq(v, name, per_channel=is_conv)
         w = self.val(call.args[1])
         if name == "relax.matmul" and isinstance(w, _Deq):

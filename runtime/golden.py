@@ -469,6 +469,13 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
         out = np.clip(total + zero_out, lo.reshape(shape), hi.reshape(shape))
         return out if per else out.reshape(np.shape(total + zero_out))
 
+    def on_wide_grid(v):
+        """A pooled or normalized value left unquantized (``_Pending.wide``), on its 16-bit grid, as a
+        convolution, pool or LayerNorm reads it; anything else as it is."""
+        if isinstance(v, _Pending) and v.wide is not None and len(v.terms) == 1 and v.keep is None:
+            return ("deq", _Q(requant(v, v.wide, 0, -(1 << 15), (1 << 15) - 1), v.wide, 0, None, np.int16))
+        return v
+
     def deq_of(v) -> _Q:
         if not isinstance(v, tuple) or v[0] != "deq":
             raise QDQUnsupported(f"expected a dequantized tensor, got {type(v).__name__}")
@@ -548,13 +555,7 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
             else:
                 env[n.output[0]] = ("deq", qv)
         elif op in ("Conv", "MatMul", "Gemm"):
-            p = ins[0]
-            if isinstance(p, _Pending) and p.wide is not None and len(p.terms) == 1 and p.keep is None:
-                # a pooled value, on its 16-bit grid
-                x = _Q(requant(p, p.wide, 0, -(1 << 15), (1 << 15) - 1), p.wide, 0, None, np.int16)
-            else:
-                x = deq_of(ins[0])
-            w = deq_of(ins[1])
+            x, w = deq_of(on_wide_grid(ins[0])), deq_of(ins[1])
             xscale = x.scale[0].astype(np.float32)
             if x.scale.size != 1:               # a depthwise convolution reads each channel at its scale
                 if op != "Conv" or a.get("group", 1) != x.scale.size:
@@ -670,12 +671,8 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
                     raise QDQUnsupported(f"{op} {n.name}: across a concatenation of different grids")
                 env[n.output[0]] = _Concat([mean(p) for p in ins[0].parts],
                                            cat - (0 if keep else sum(ax < cat for ax in reduced)))
-            elif isinstance(ins[0], _Pending) and ins[0].wide is not None and len(ins[0].terms) == 1 \
-                    and ins[0].keep is None:    # a norm's result (and its ReLU), on its 16-bit grid
-                p = ins[0]
-                env[n.output[0]] = mean(_Q(requant(p, p.wide, 0, -(1 << 15), (1 << 15) - 1), p.wide, 0, None, np.int16))
             else:
-                env[n.output[0]] = mean(deq_of(ins[0]))
+                env[n.output[0]] = mean(deq_of(on_wide_grid(ins[0])))
         elif op == "BatchNormalization":
             # y = g*x + b, g = gamma/sqrt(var+eps), b = beta - mean*g; the shift b is put on the input's
             # grid refined 2^k times: y = sign(g) * ((q - z) * 2^k + round(2^k * b / (s_x*g))) * s_x*|g| / 2^k
@@ -725,10 +722,12 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
             y, sc = (gnl.softmax if kind == "softmax" else gnl.gelu)(variant(kind), x.centered(), float(x.scale[0]))
             env[n.output[0]] = _Pending([(y, np.array([sc]), None)])
         elif op == "LayerNormalization":
-            x = deq_of(ins[0])
+            x = deq_of(on_wide_grid(ins[0]))
             gamma, beta = (np.asarray(_float(v), np.float64).reshape(-1) for v in ins[1:3])
             y, sc = gnl.layer_norm(x.centered(), float(x.scale[0]), gamma, beta, float(np.float32(a.get("epsilon", 1e-5))))
-            env[n.output[0]] = _Pending([(y, sc, -1)])
+            # a reader that needs an integer tensor reads it on the 16-bit grid |gamma| sqrt(C) + |beta| bounds
+            wide = float(np.float32((np.abs(gamma).max() * np.sqrt(gamma.size) + np.abs(beta).max()) / 32767))
+            env[n.output[0]] = _Pending([(y, sc, -1)], wide=wide)
         elif op == "Concat":
             parts = [deq_of(v) for v in ins]
             p0 = parts[0]
@@ -761,8 +760,9 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
             else:
                 kind, x = _on_integers(v, deq_of)
                 env[n.output[0]] = _same_kind(v, kind, _Q(_view(op, a, ins, x.q), x.scale, x.zero, x.axis, x.dtype))
-        elif op == "Pad" and isinstance(ins[0], tuple) and a.get("mode", b"constant") in (b"constant", "constant"):
-            kind, x = _on_integers(ins[0], deq_of)
+        elif op == "Pad" and isinstance(on_wide_grid(ins[0]), tuple) and a.get("mode", b"constant") in (b"constant",
+                                                                                                       "constant"):
+            kind, x = _on_integers(on_wide_grid(ins[0]), deq_of)
             pads = np.asarray(ins[1]).tolist()
             rank = x.q.ndim
             axes = [ax % rank for ax in np.asarray(ins[3]).tolist()] if len(ins) > 3 and ins[3] is not None \
@@ -776,7 +776,7 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
             if x.scale.size != 1 or min(pads) < 0 or abs(step - round(step)) > 1e-6:
                 raise QDQUnsupported(f"Pad {n.name}: not a padding on the tensor's grid")
             padded = np.pad(x.q, width, constant_values=(0 if kind == "q" else int(x.zero.reshape(-1)[0])) + round(step))
-            env[n.output[0]] = _same_kind(ins[0], kind, _Q(padded, x.scale, x.zero, x.axis, x.dtype))
+            env[n.output[0]] = _same_kind(on_wide_grid(ins[0]), kind, _Q(padded, x.scale, x.zero, x.axis, x.dtype))
         elif op == "Split" and isinstance(ins[0], tuple):      # parts of an integer tensor, on its grid
             kind, x = _on_integers(ins[0], deq_of)
             axis = a.get("axis", 0) % x.q.ndim

@@ -423,3 +423,45 @@ def test_convolution_of_a_pool(tmp_path, monkeypatch):
     """The mean read on its 16-bit grid s_x / 128, then convolved: integer-only, bit-exact."""
     seen = _compile_and_compare(_pool_then_conv_qdq(), tmp_path / "se.onnx", None, monkeypatch)
     assert {"relax.mean", "relax.nn.conv2d"} <= seen
+
+
+def _pool_then_layer_norm_qdq() -> onnx.ModelProto:
+    """ConvNeXt's head in ORT's QOperator file: the pool left unquantized, then LayerNorm over the
+    channels (moved last by a Transpose), quantized after."""
+    rng = np.random.default_rng(11)
+    c = IMAGE[1]
+    inits = [_const("sx", 0.05), _const("zx", 128, np.uint8), _const("sy", 0.02), _const("zy", 128, np.uint8),
+             _const("axes", [2, 3], np.int64), numpy_helper.from_array(rng.normal(1, 0.3, c).astype(np.float32), "g"),
+             numpy_helper.from_array(rng.normal(0, 0.3, c).astype(np.float32), "b")]
+    nodes = [_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]), _node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+             _node("ReduceMean", ["xd", "axes"], ["m"], keepdims=1), _node("Transpose", ["m"], ["t"], perm=[0, 2, 3, 1]),
+             _node("LayerNormalization", ["t", "g", "b"], ["n"], axis=-1),
+             _node("QuantizeLinear", ["n", "sy", "zy"], ["nq"]), _node("DequantizeLinear", ["nq", "sy", "zy"], ["y"])]
+    return _model(nodes, inits, IMAGE)
+
+
+def test_layer_norm_of_a_pool(tmp_path, monkeypatch):
+    seen = _compile_and_compare(_pool_then_layer_norm_qdq(), tmp_path / "ln_pool.onnx", None, monkeypatch)
+    assert {"relax.mean", "relax.nn.layer_norm"} <= seen
+
+
+def _norm_then_norm_qdq() -> onnx.ModelProto:
+    """Swin's patch embedding in ORT's QOperator file: LayerNorm read by the first block's
+    LayerNorm and by a zero Pad, with no quantize between."""
+    rng = np.random.default_rng(12)
+    d = SEQUENCE[-1]
+    inits = [_const("sx", 0.05), _const("zx", 128, np.uint8), _const("sy", 0.02), _const("zy", 128, np.uint8),
+             _const("pads", [0, 1, 0, 0, 2, 0], np.int64)] + [
+        numpy_helper.from_array(rng.normal(m, 0.3, d).astype(np.float32), n) for n, m in
+        (("g1", 1.0), ("b1", 0.0), ("g2", 1.0), ("b2", 0.0))]
+    nodes = [_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]), _node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+             _node("LayerNormalization", ["xd", "g1", "b1"], ["n1"], axis=-1),
+             _node("LayerNormalization", ["n1", "g2", "b2"], ["n2"], axis=-1), _node("Pad", ["n2", "pads"], ["p"]),
+             _node("QuantizeLinear", ["p", "sy", "zy"], ["pq"]), _node("DequantizeLinear", ["pq", "sy", "zy"], ["y"])]
+    return _model(nodes, inits, SEQUENCE)
+
+
+def test_layer_norm_of_a_layer_norm_and_its_padding(tmp_path, monkeypatch):
+    """Each unquantized norm read on the 16-bit grid its bound |gamma| sqrt(C) + |beta| fixes."""
+    seen = _compile_and_compare(_norm_then_norm_qdq(), tmp_path / "ln_ln.onnx", None, monkeypatch)
+    assert {"relax.nn.layer_norm", "relax.nn.pad"} <= seen
