@@ -121,9 +121,10 @@ def load(model, opts: CompileOptions, backend: Backend) -> Loaded:
         # or Pad whose operand is computed from Shape is one TVM's importer rejects, or types loosely)
         src = frontend.OnnxModel(canonicalize.canonicalize(src.proto, {s.name: s.shape for s in inputs}), src.path,
                                  src.sha256)
-    elif not quantize.is_quantized(src.proto) and canonicalize.needs_static_shapes(src.proto):
-        # symbolic shapes: the shape arithmetic that does not depend on the symbols folds, and dimensions
-        # the model couples become one symbol (TVM's importer cannot follow tensor-valued shapes)
+    elif opts.calib is None and not quantize.is_quantized(src.proto) and canonicalize.needs_static_shapes(src.proto):
+        # an FP32 compile at symbolic shapes: the shape arithmetic that does not depend on the symbols folds,
+        # and dimensions the model couples become one symbol (TVM's importer cannot follow tensor-valued
+        # shapes); calibration fixes such a graph's shapes instead (quantization_shapes)
         src = frontend.OnnxModel(canonicalize.fold_symbolic_shapes(src.proto), src.path, src.sha256)
         inputs = declared = frontend.input_specs(src, opts.input_shapes)
     if backend.one_sample:
