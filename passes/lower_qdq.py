@@ -47,7 +47,7 @@ import tvm
 from scipy.special import erf
 from tvm import relax
 
-from passes import accumulators, fine_grid, integer_nonlinear, subbyte
+from passes import accumulators, fine_grid, integer_nonlinear, subbyte, wide_grid
 from passes.analysis import digest
 from passes.contraction import ACTIVATION_MATMUL, CONV2D, MATMUL, Contraction, ContractionUnit, Operand, first_fit
 from passes.dyadic import dyadic_from_ratio, fine_offset, rescale, saturate
@@ -214,6 +214,9 @@ class _Pending:
     # of 8-bit values, s_x / 128, which holds every mean to 1/256 of s_x (NNCF leaves the squeeze-
     # excitation's pool unquantized before its convolution)
     wide: float | None = None
+    # a linear result's proven real bound (passes/wide_grid.py): a reader that needs an integer tensor
+    # reads it on the 16-bit grid reach / 32767 (NNCF's squeeze-excitation convolutions, unquantized)
+    reach: float | None = None
 
 
 @dataclass
@@ -224,6 +227,17 @@ class _PendingUnary:
     p: _Pending
     fn: Callable[[np.ndarray], np.ndarray]     # real values (float64) -> float64
     call: relax.Call
+
+
+# the ops that read an unquantized operand on its 16-bit grid (``_Lowering.on_wide_grid``)
+WIDE_READERS = ("relax.mean", "relax.nn.pad", "relax.nn.layer_norm", "relax.nn.conv2d", "relax.matmul")
+
+
+def _wide_step(v) -> float | None:
+    """The 16-bit grid step a reader that needs an integer tensor reads pending ``v`` on, or None."""
+    if not isinstance(v, _Pending) or len(v.terms) != 1 or v.table is not None or v.keep is not None:
+        return None
+    return v.wide if v.wide is not None else None if v.reach is None else wide_grid.reach_step(v.reach)
 
 
 def _host_quantize(values: np.ndarray, s: float, z: int, info: np.iinfo) -> np.ndarray:
@@ -355,11 +369,18 @@ class _Lowering:
         return self.bb.emit(x)
 
     def on_wide_grid(self, v):
-        """A pooled or normalized value left unquantized (``_Pending.wide``) as the int16 tensor a
-        convolution, pool or LayerNorm reads; anything else as it is."""
-        if isinstance(v, _Pending) and v.wide is not None and len(v.terms) == 1 and v.table is None \
-                and v.keep is None:
-            return _Deq(self.requantize(v, v.wide, 0, "int16"))
+        """A value left unquantized as the int16 tensor a convolution, pool or LayerNorm reads: a pooled
+        or normalized one on its grid (``_Pending.wide``), a linear result on the grid its bound
+        fixes, a float function of one tabulated from that grid (passes/wide_grid.py); anything
+        else as it is."""
+        if isinstance(v, _PendingUnary) and (step := _wide_step(v.p)) is not None:
+            table, s_f = wide_grid.function_table(v.fn, step)
+            q16 = self.requantize(v.p, step, 0, "int16")
+            index = op.subtract(op.astype(q16.expr, "int32"), relax.const(fine_grid.QMIN, "int32"))
+            y = self.bb.emit(op.take(relax.const(table.astype(np.int16), "int16"), index, axis=0))
+            return _Deq(_Int(y, np.float32([s_f]), np.array([0]), "int16", q16.channels_last))
+        if (step := _wide_step(v)) is not None:
+            return _Deq(self.requantize(v, step, 0, "int16"))
         return v
 
     def deq(self, v, what: str, per_channel: bool = False):
@@ -479,7 +500,7 @@ class _Lowering:
             except (QDQLoweringError, ValueError):
                 return pu
             return replace(r, of=pu) if isinstance(r, _Pending) else r
-        if any(isinstance(a, _PendingUnary) for a in args) and name != "relax.quantize":
+        if any(isinstance(a, _PendingUnary) for a in args) and name not in ("relax.quantize", *WIDE_READERS):
             raise QDQLoweringError(f"{name}: a float function of an accumulator must be quantized next")
         if handler is None:
             raise QDQLoweringError(f"{name}: no integer lowering for this op")
@@ -1205,13 +1226,18 @@ class _Lowering:
         w = self.val(call.args[1])
         if name == "relax.matmul" and isinstance(w, _Deq):
             return self.activation_matmul(x, w.value)
+        out_axis = 0 if is_conv else -1
+        if isinstance(w, tvm.ir.GenericConst) and _np(w).dtype == np.float32 and _np(w).ndim >= 2:
+            # a quantizer left this layer's weights float (NNCF's squeeze-excitation): int8 per channel
+            wq, ws = wide_grid.float_weights(_np(w), out_axis)
+            w = _ConstDeq(wq, ws, np.zeros(ws.shape, np.int64), out_axis % wq.ndim)
         if not isinstance(w, _ConstDeq):
             raise QDQLoweringError(f"{name} with a non-constant second operand is not supported yet")
         if w.scale.size > 1 and np.any(w.zero != 0):
             raise QDQLoweringError(f"{name}: per-channel weights need zero points of 0")
         if x.zero.size != 1:
             raise QDQLoweringError("per-axis zero points on activations are not supported")
-        out_axis = 0 if is_conv else w.q.ndim - 1
+        out_axis %= w.q.ndim
         if w.scale.size > 1 and w.axis % w.q.ndim != out_axis:
             raise QDQLoweringError(f"{name}: weights must be quantized per output channel")
         a = call.attrs
@@ -1265,7 +1291,9 @@ class _Lowering:
                 raise QDQLoweringError(f"{name}: per-channel activations feed only depthwise convolutions")
             xs = np.repeat(x.scale.astype(np.float32), wq.shape[0] // c.groups)
         num = (xs * w.scale.astype(np.float32)).astype(np.float64)
-        return _Pending([(acc, num, axis)], bound=bound, channels_last=unit is not None and unit.channels_last)
+        reach = wide_grid.linear_reach(wq, out_axis, accumulators.span(x.dtype, zx), num)
+        return _Pending([(acc, num, axis)], bound=bound, channels_last=unit is not None and unit.channels_last,
+                        reach=reach)
 
     @_handles("relax.add")
     def add(self, call):
@@ -1297,7 +1325,9 @@ class _Lowering:
                 self.widened.append(f"bias add #{len(self.weights) - 1} (bound 2^{np.log2(bound):.1f})")
             q = bq.reshape(-1) if a.channels_last and bq.size > 1 else bq        # per channel: the last axis
             bias = relax.const(q.astype(dtype), dtype)
-            return _Pending([(self.bb.emit(op.add(acc, bias)), num, axis)], a.lo, a.hi, bound, a.channels_last)
+            reach = None if a.reach is None else wide_grid.bias_reach(a.reach, bq, num)
+            return _Pending([(self.bb.emit(op.add(acc, bias)), num, axis)], a.lo, a.hi, bound, a.channels_last,
+                            reach=reach)
         if isinstance(a, (_Deq, _ConstDeq)) and isinstance(b, (_Deq, _ConstDeq)):
             # residual add (or QLinearAdd with a constant operand): each term rescaled to the output
             nhwc = any(isinstance(v, _Deq) and v.value.channels_last for v in (a, b))

@@ -12,6 +12,7 @@ from scipy.special import erf
 
 from passes.dyadic import dyadic_from_ratio, fine_offset
 from passes.fine_grid import channel_grid, fixed_table, table_grid
+from passes.wide_grid import bias_reach, float_weights, function_table, linear_reach, reach_step
 from runtime import golden_nonlinear as gnl
 from runtime import onnx_reference
 
@@ -91,13 +92,21 @@ class _Pending:
     """An integer value awaiting its output QuantizeLinear: one or more (int tensor, scale) terms
     summed after each is requantized, plus real-valued clamp bounds from ReLU/Clip."""
 
-    def __init__(self, terms, lo=-np.inf, hi=np.inf, keep=None, wide=None):
+    def __init__(self, terms, lo=-np.inf, hi=np.inf, keep=None, wide=None, reach=None):
         self.terms = terms            # list of (int64 array, float64 ratio numerator array, channel axis)
         self.lo, self.hi = lo, hi
         self.keep = keep              # an attention mask (bool): elsewhere the quantized result is qmin
         self.of = None                # also a float function of another pending value (_PendingFn)
         # a mean of 8-bit values: the 16-bit grid s_x / 128 (zero point 0) a convolution reads it on
         self.wide = wide
+        # a linear result's real bound: read by a convolution on the 16-bit grid reach / 32767
+        self.reach = reach
+
+    def step(self) -> float | None:
+        """The 16-bit grid a reader that needs an integer tensor reads this value on, or None."""
+        if len(self.terms) != 1 or self.keep is not None:
+            return None
+        return self.wide if self.wide is not None else None if self.reach is None else reach_step(self.reach)
 
 
 class _PendingFn:
@@ -387,6 +396,9 @@ def _pending_fn(op: str, a: dict, ins: list, real) -> _PendingFn | None:
     return _PendingFn(u.p, lambda x: ELEMENTWISE64[op](u.fn(x), a, ins), real)
 
 
+# the ops that read an unquantized operand on its 16-bit grid (``on_wide_grid``)
+WIDE_READERS = ("Conv", "MatMul", "Gemm", "ReduceMean", "GlobalAveragePool", "Pad", "LayerNormalization")
+
 NEVER_NAN = object()     # IsNaN of a quantized value
 
 
@@ -470,10 +482,15 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
         return out if per else out.reshape(np.shape(total + zero_out))
 
     def on_wide_grid(v):
-        """A pooled or normalized value left unquantized (``_Pending.wide``), on its 16-bit grid, as a
-        convolution, pool or LayerNorm reads it; anything else as it is."""
-        if isinstance(v, _Pending) and v.wide is not None and len(v.terms) == 1 and v.keep is None:
-            return ("deq", _Q(requant(v, v.wide, 0, -(1 << 15), (1 << 15) - 1), v.wide, 0, None, np.int16))
+        """A value left unquantized, on its 16-bit grid, as a convolution, pool or LayerNorm reads it:
+        a pooled or normalized one (``_Pending.wide``), a linear result (its proven bound), a float
+        function of one (tabulated on that grid); anything else as it is."""
+        if isinstance(v, _PendingFn) and isinstance(v.p, _Pending) and (step := v.p.step()) is not None:
+            table, s_f = function_table(v.fn, step)
+            q16 = requant(v.p, step, 0, -(1 << 15), (1 << 15) - 1)
+            return ("deq", _Q(table[q16 + (1 << 15)], s_f, 0, None, np.int16))
+        if isinstance(v, _Pending) and (step := v.step()) is not None:
+            return ("deq", _Q(requant(v, step, 0, -(1 << 15), (1 << 15) - 1), step, 0, None, np.int16))
         return v
 
     def deq_of(v) -> _Q:
@@ -555,7 +572,13 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
             else:
                 env[n.output[0]] = ("deq", qv)
         elif op in ("Conv", "MatMul", "Gemm"):
-            x, w = deq_of(on_wide_grid(ins[0])), deq_of(ins[1])
+            x = deq_of(on_wide_grid(ins[0]))
+            out = 0 if op == "Conv" else -1 if op == "MatMul" else 0 if a.get("transB", 0) else 1
+            if _floating_array(ins[1]) and ins[1].dtype == np.float32 and ins[1].ndim >= 2:    # left float: int8 per channel
+                wq, ws = float_weights(ins[1], out)
+                w = _Q(wq, ws, np.zeros(ws.shape, np.int64), out)
+            else:
+                w = deq_of(ins[1])
             xscale = x.scale[0].astype(np.float32)
             if x.scale.size != 1:               # a depthwise convolution reads each channel at its scale
                 if op != "Conv" or a.get("group", 1) != x.scale.size:
@@ -582,7 +605,12 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
                 shape = [1] * acc.ndim
                 shape[axis] = -1
                 acc = acc + b.reshape(shape)
-            env[n.output[0]] = _Pending([(acc, num, axis)])
+            else:
+                b = np.zeros(1, np.int64)
+            span = None if x.dtype is None else max(abs(int(np.iinfo(x.dtype).min) - int(x.zero.reshape(-1)[0])),
+                                                    abs(int(np.iinfo(x.dtype).max) - int(x.zero.reshape(-1)[0])))
+            reach = None if span is None else bias_reach(linear_reach(wi, out, span, num), b, num)
+            env[n.output[0]] = _Pending([(acc, num, axis)], reach=reach)
         elif op == "Add" and any(_mask_keep(v) is not None and isinstance(u, (tuple, _Pending)) and
                                  not (isinstance(u, _Pending) and (len(u.terms) != 1 or u.keep is not None))
                                  for u, v in (ins, ins[::-1])) and not any(_zeros_like_other(u, v)
@@ -627,7 +655,9 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
                 # its real value on the accumulator's grid
                 p, c = (x, y) if isinstance(x, _Pending) else (y, x)
                 acc, num, axis = p.terms[0]
-                env[n.output[0]] = _Pending([(acc + _bias(c, num, n).reshape(c.shape), num, axis)], p.lo, p.hi)
+                bq = _bias(c, num, n)
+                env[n.output[0]] = _Pending([(acc + bq.reshape(c.shape), num, axis)], p.lo, p.hi,
+                                            reach=None if p.reach is None else bias_reach(p.reach, bq, num))
             elif any(_floating(v) for v in ins) and any(_plain_scalar(v) for v in ins):
                 env[n.output[0]] = FLOAT_BINARY[op](_float(x), _float(y))
             else:
@@ -653,7 +683,7 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
             if op == "Clip":
                 lo = float(ins[1]) if len(ins) > 1 and ins[1] is not None else -np.inf
                 hi = float(ins[2]) if len(ins) > 2 and ins[2] is not None else np.inf
-            env[n.output[0]] = _Pending(p.terms, max(p.lo, lo), min(p.hi, hi), wide=p.wide)
+            env[n.output[0]] = _Pending(p.terms, max(p.lo, lo), min(p.hi, hi), wide=p.wide, reach=p.reach)
         elif op in ("GlobalAveragePool", "ReduceMean"):
             axes = (2, 3) if op == "GlobalAveragePool" else tuple(a.get("axes", ins[1] if len(ins) > 1 else ()))
             keep = op == "GlobalAveragePool" or a.get("keepdims", 1)
@@ -754,7 +784,7 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
                     moved = _view(op, a, ins, acc)
                     terms.append((moved, num, None if axis is None else _moved_axis(op, a, acc.shape, moved.shape,
                                                                                    axis)))
-                env[n.output[0]] = _Pending(terms, v.lo, v.hi, wide=v.wide)
+                env[n.output[0]] = _Pending(terms, v.lo, v.hi, wide=v.wide, reach=v.reach)
             elif not isinstance(v, tuple):      # a float tensor (a constant, or float ops' result)
                 env[n.output[0]] = _view(op, a, ins, np.asarray(v))
             else:
@@ -820,7 +850,7 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
         if pf is not None and any(isinstance(v, _PendingFn) for v in ins):
             env[n.output[0]] = pf
             continue
-        if any(isinstance(v, _PendingFn) for v in ins) and n.op_type != "QuantizeLinear":
+        if any(isinstance(v, _PendingFn) for v in ins) and n.op_type not in ("QuantizeLinear", *WIDE_READERS):
             env.update(zip(n.output, _island(n, ins, QDQUnsupported(n.name)), strict=False))
             continue
         try:

@@ -465,3 +465,32 @@ def test_layer_norm_of_a_layer_norm_and_its_padding(tmp_path, monkeypatch):
     """Each unquantized norm read on the 16-bit grid its bound |gamma| sqrt(C) + |beta| fixes."""
     seen = _compile_and_compare(_norm_then_norm_qdq(), tmp_path / "ln_ln.onnx", None, monkeypatch)
     assert {"relax.nn.layer_norm", "relax.nn.pad"} <= seen
+
+
+def _float_excitation_qdq(middle: str) -> onnx.ModelProto:
+    """NNCF's squeeze-excitation: quantized at the pool's input and the gate's output only, with
+    float weights in between: mean -> Conv(W1, b1) -> ReLU | SiLU -> Conv(W2) -> Sigmoid -> Q -> x * gate."""
+    rng = np.random.default_rng(13)
+    c, r = IMAGE[1], 3
+    inits = [_const("sx", 0.05), _const("zx", 128, np.uint8), _const("sg", 1 / 255), _const("zg", 0, np.uint8),
+             _const("sy", 0.04), _const("zy", 128, np.uint8), _const("axes", [2, 3], np.int64),
+             numpy_helper.from_array((rng.normal(size=(r, c, 1, 1)) * 0.5).astype(np.float32), "w1"),
+             numpy_helper.from_array((rng.normal(size=r) * 0.3).astype(np.float32), "b1"),
+             numpy_helper.from_array((rng.normal(size=(c, r, 1, 1)) * 0.8).astype(np.float32), "w2")]
+    act = [_node("Relu", ["h"], ["a"])] if middle == "relu" else \
+        [_node("Sigmoid", ["h"], ["hs"]), _node("Mul", ["h", "hs"], ["a"])]
+    nodes = [_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]), _node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+             _node("ReduceMean", ["xd", "axes"], ["m"], keepdims=1), _node("Conv", ["m", "w1", "b1"], ["h"]), *act,
+             _node("Conv", ["a", "w2"], ["e"]), _node("Sigmoid", ["e"], ["s"]),
+             _node("QuantizeLinear", ["s", "sg", "zg"], ["sq"]), _node("DequantizeLinear", ["sq", "sg", "zg"], ["g"]),
+             _node("Mul", ["xd", "g"], ["p"]),
+             _node("QuantizeLinear", ["p", "sy", "zy"], ["pq"]), _node("DequantizeLinear", ["pq", "sy", "zy"], ["y"])]
+    return _model(nodes, inits, IMAGE)
+
+
+@pytest.mark.parametrize("middle", ["relu", "silu"])
+def test_squeeze_excitation_with_float_weights(middle, tmp_path, monkeypatch):
+    """Float weights become int8 per channel; each unquantized result is read on the 16-bit grid its
+    proven bound fixes, SiLU's through a table of that grid (passes/wide_grid.py): integer-only, bit-exact."""
+    seen = _compile_and_compare(_float_excitation_qdq(middle), tmp_path / "se_float.onnx", None, monkeypatch)
+    assert {"relax.mean", "relax.nn.conv2d", "relax.multiply"} <= seen
