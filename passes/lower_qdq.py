@@ -1096,23 +1096,42 @@ class _Lowering:
 
     @_handles("relax.nn.avg_pool2d")
     def avg_pool(self, call):
-        """A window sum as a depthwise convolution with a ones kernel, then rescale by s_x / (kh*kw).
-        The divisor is one constant only when padding counts (or there is none)."""
+        """A window sum as a depthwise convolution with a ones kernel, then divided by the window's
+        count: the cells inside the input (count_include_pad=0), or inside the padded input (a
+        ceil-mode window is cut at its end).  Where the count varies, sum / count is exactly
+        sum * (L / count) / L with L the counts' least common multiple: one integer multiply by a
+        constant per position, then one requantize at ratio s_x / L."""
         x = self.deq(self.val(call.args[0]), "relax.nn.avg_pool2d")
         a = call.attrs
-        kh, kw = (int(v) for v in a.pool_size)
-        padding = [int(v) for v in a.padding]
-        if str(a.layout) != "NCHW" or bool(a.ceil_mode) or (any(padding) and not bool(a.count_include_pad)):
-            raise QDQLoweringError("avg_pool2d: only NCHW, floor mode, and padding that counts "
-                                   "(count_include_pad=1) have a constant divisor")
+        if str(a.layout) != "NCHW" or any(int(v) != 1 for v in a.dilation):
+            raise QDQLoweringError("avg_pool2d: only NCHW without dilation")
+        k = [int(v) for v in a.pool_size]
+        strides, padding = [int(v) for v in a.strides], [int(v) for v in a.padding]
+        in_shape, out_shape = _static_shape(call.args[0]), _static_shape(call)
+        if in_shape is None or out_shape is None:
+            raise QDQLoweringError("avg_pool2d: the window counts need static shapes")
+        counts = []
+        for ax in (0, 1):
+            size, out = in_shape[2 + ax], out_shape[2 + ax]
+            start = np.arange(out) * strides[ax] - padding[ax]
+            lo, hi = (-padding[ax], size + padding[ax + 2]) if bool(a.count_include_pad) else (0, size)
+            counts.append(np.minimum(start + k[ax], hi) - np.maximum(start, lo))
+            # a ceil-mode window past the end padding reads more zeros (centered: nothing)
+            padding[ax + 2] += max(0, (out - 1) * strides[ax] + k[ax] - (size + padding[ax] + padding[ax + 2]))
+        count = np.outer(*counts)
+        lcm = int(np.lcm.reduce(count.reshape(-1)))
+        if k[0] * k[1] * accumulators.span(x.dtype, int(x.zero.reshape(-1)[0])) * lcm >= accumulators.INT32_LIMIT:
+            raise QDQLoweringError(f"avg_pool2d: the window counts' common multiple {lcm} overflows int32")
         channels = int(x.expr.ty.shape.values[1])
         zx = int(x.zero.reshape(-1)[0])
-        ones = relax.const(np.ones((channels, 1, kh, kw), np.int8), "int8")
-        total = self.bb.emit_te(_conv_zero_padded, x.expr, ones, [int(v) for v in a.strides], padding,
-                                [int(v) for v in a.dilation], channels, zx, "int32", primfunc_name_hint="sum_pool")
+        ones = relax.const(np.ones((channels, 1, *k), np.int8), "int8")
+        total = self.bb.emit_te(_conv_zero_padded, x.expr, ones, strides, padding, [1, 1], channels, zx, "int32",
+                                primfunc_name_hint="sum_pool")
         if zx:
-            total = self.bb.emit(op.subtract(total, relax.const(zx * kh * kw, "int32")))
-        return _Pending([(total, x.scale.astype(np.float64) / (kh * kw), None)])
+            total = self.bb.emit(op.subtract(total, relax.const(zx * k[0] * k[1], "int32")))
+        if np.any(count != lcm):
+            total = self.bb.emit(op.multiply(total, relax.const((lcm // count).astype(np.int32), "int32")))
+        return _Pending([(total, x.scale.astype(np.float64) / lcm, None)])
 
     def quantize_like(self, x: _Int, scale, zero, dtype) -> relax.Expr:
         """``x`` requantized to (scale, zero, dtype); as is when it already has them."""

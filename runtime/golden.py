@@ -731,15 +731,33 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
             else:
                 env[n.output[0]] = affine(deq_of(ins[0]), gain, beta - mean * gain)
         elif op == "AveragePool":
+            # sum / count per window, count the window's cells inside the input (count_include_pad=0)
+            # or inside the padded input (ceil mode's last window is cut at its end): exactly
+            # sum * (L / count) at one ratio s_x / L, L the counts' least common multiple
             x = deq_of(ins[0])
             k = a["kernel_shape"]
-            pads = a.get("pads", [0, 0, 0, 0])
-            if a.get("ceil_mode", 0) or (any(pads) and not a.get("count_include_pad", 0)):
-                raise QDQUnsupported(f"AveragePool {n.name}: the divisor is not one constant")
+            pads = list(a.get("pads", [0, 0, 0, 0]))
+            if any(d != 1 for d in a.get("dilations", [1, 1])) or a.get("auto_pad", b"NOTSET") not in (b"NOTSET",
+                                                                                                      "NOTSET"):
+                raise QDQUnsupported(f"AveragePool {n.name}: dilations or auto_pad")
+            strides, ceil, include = a.get("strides", [1, 1]), bool(a.get("ceil_mode", 0)), \
+                bool(a.get("count_include_pad", 0))
+            counts = []
+            for ax in (0, 1):
+                size = x.q.shape[2 + ax]
+                out = _pooled_size(size, k[ax], strides[ax], pads[ax], pads[ax + 2], ceil)
+                start = np.arange(out) * strides[ax] - pads[ax]
+                lo, hi = (-pads[ax], size + pads[ax + 2]) if include else (0, size)
+                counts.append(np.minimum(start + k[ax], hi) - np.maximum(start, lo))
+                pads[ax + 2] += max(0, (out - 1) * strides[ax] + k[ax] - (size + pads[ax] + pads[ax + 2]))
+            count = np.outer(*counts)
+            lcm = int(np.lcm.reduce(count.reshape(-1)))
+            span = max(abs(int(np.iinfo(x.dtype).min) - int(x.zero[0])), abs(int(np.iinfo(x.dtype).max) - int(x.zero[0])))
+            if k[0] * k[1] * span * lcm >= 2**31:       # sum * (L / count) must fit the int32 the lowering uses
+                raise QDQUnsupported(f"AveragePool {n.name}: the counts' common multiple {lcm} overflows int32")
             channels = x.q.shape[1]
-            total = _conv_int(x.centered(), np.ones((channels, 1, *k), np.int64), a.get("strides", [1, 1]), pads,
-                              a.get("dilations", [1, 1]), channels)
-            env[n.output[0]] = _Pending([(total, x.scale.astype(np.float64) / (k[0] * k[1]), None)])
+            total = _conv_int(x.centered(), np.ones((channels, 1, *k), np.int64), strides, pads, [1, 1], channels)
+            env[n.output[0]] = _Pending([(total * (lcm // count), x.scale.astype(np.float64) / lcm, None)])
         elif op in ("Mul", "Div") and isinstance(ins[0], _Pending) and np.asarray(ins[1]).size == 1:
             c = float(np.asarray(ins[1]).reshape(-1)[0])      # attention's 1/sqrt(d), folded into the ratio
             acc, num, axis = ins[0].terms[0]

@@ -89,6 +89,14 @@ CASES = {
                                                         ceil_mode=1)]),
     "avg_pool": _Case({"relax.nn.avg_pool2d"}, IMAGE,
                       [_conv("x", "c", "w"), _node("AveragePool", ["c"], ["y"], kernel_shape=[2, 2], strides=[2, 2])]),
+    # a divisor per window: the cells inside the input (Inception's pools), ceil mode's cut last window
+    "avg_pool_exclude_pad": _Case({"relax.nn.avg_pool2d"}, IMAGE, [
+        _conv("x", "c", "w"), _node("AveragePool", ["c"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])]),
+    "avg_pool_ceil": _Case({"relax.nn.avg_pool2d"}, IMAGE, [
+        _conv("x", "c", "w"), _node("AveragePool", ["c"], ["y"], kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1)]),
+    "avg_pool_ceil_counting_pad": _Case({"relax.nn.avg_pool2d"}, IMAGE, [
+        _conv("x", "c", "w"), _node("AveragePool", ["c"], ["y"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1],
+                                    ceil_mode=1, count_include_pad=1)]),
     "mean": _Case({"relax.mean"}, IMAGE, [_conv("x", "c", "w"), _node("ReduceMean", ["c", "axes"], ["y"], keepdims=0)],
                   [_const("axes", [2, 3], np.int64)]),
     "views": _Case({"relax.permute_dims", "relax.reshape"}, IMAGE,
