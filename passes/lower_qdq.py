@@ -1107,12 +1107,13 @@ class _Lowering:
             raise QDQLoweringError("avg_pool2d: only NCHW without dilation")
         k = [int(v) for v in a.pool_size]
         strides, padding = [int(v) for v in a.strides], [int(v) for v in a.padding]
-        in_shape, out_shape = _static_shape(call.args[0]), _static_shape(call)
-        if in_shape is None or out_shape is None:
-            raise QDQLoweringError("avg_pool2d: the window counts need static shapes")
+        try:        # the spatial sizes (the batch may be symbolic)
+            sizes = [[int(e.ty.shape.values[d]) for d in (2, 3)] for e in (call.args[0], call)]
+        except TypeError:
+            raise QDQLoweringError("avg_pool2d: the window counts need static spatial sizes") from None
         counts = []
         for ax in (0, 1):
-            size, out = in_shape[2 + ax], out_shape[2 + ax]
+            size, out = sizes[0][ax], sizes[1][ax]
             start = np.arange(out) * strides[ax] - padding[ax]
             lo, hi = (-padding[ax], size + padding[ax + 2]) if bool(a.count_include_pad) else (0, size)
             counts.append(np.minimum(start + k[ax], hi) - np.maximum(start, lo))

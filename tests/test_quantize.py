@@ -170,6 +170,49 @@ def test_batchnorm_folding_preserves_fp32():
         np.testing.assert_allclose(_ort(folded, {name: x}), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
 
 
+def _linear_norm(bias: bool, norm_rank: int) -> onnx.ModelProto:
+    """LeViT's LinearNorm: x[2, 5, 8] -> MatMul (-> Add b) -> Reshape to [10, 6] (or [2, 5, 6]
+    unchanged, a 3-D norm over axis 1 that is not the channels) -> BatchNormalization -> Reshape."""
+    rng = np.random.default_rng(3)
+    c = 6
+    inits = [numpy_helper.from_array(rng.normal(size=(8, c)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.normal(size=c).astype(np.float32), "b"),
+             numpy_helper.from_array(np.array([-1, c] if norm_rank == 2 else [2, 5, c], np.int64), "flat"),
+             numpy_helper.from_array(np.array([2, 5, c], np.int64), "back")] + [
+        numpy_helper.from_array(v.astype(np.float32), n) for n, v in (
+            ("gamma", rng.normal(1, 0.3, c)), ("beta", rng.normal(0, 0.3, c)), ("mean", rng.normal(0, 0.5, c)),
+            ("var", rng.uniform(0.5, 2, c)))]
+    if norm_rank == 3:      # a norm over axis 1 of [2, 5, 6] normalizes the 5 tokens: not foldable
+        inits = [i for i in inits if i.name not in ("gamma", "beta", "mean", "var")] + [
+            numpy_helper.from_array(v.astype(np.float32), n) for n, v in (
+                ("gamma", rng.normal(1, 0.3, 5)), ("beta", rng.normal(0, 0.3, 5)), ("mean", rng.normal(0, 0.5, 5)),
+                ("var", rng.uniform(0.5, 2, 5)))]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"])]
+    nodes += [helper.make_node("Add", ["m", "b"], ["a"])] if bias else []
+    nodes += [helper.make_node("Reshape", ["a" if bias else "m", "flat"], ["f"]),
+              helper.make_node("BatchNormalization", ["f", "gamma", "beta", "mean", "var"], ["n"]),
+              helper.make_node("Reshape", ["n", "back"], ["y"])]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 8])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, c])], inits)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_batchnorm_after_matmul_folds_through_views(bias):
+    """The norm over a linear layer's channels, reached through its bias Add and a flatten, folds into
+    the weights and the bias (an Add inserted where the MatMul has none); the FP32 function is kept."""
+    model, x = _linear_norm(bias, 2), _rand(2, 5, 8)
+    folded = fold_batchnorm(model)
+    assert not any(n.op_type == "BatchNormalization" for n in folded.graph.node)
+    want = _ort(model, {"x": x})
+    np.testing.assert_allclose(_ort(folded, {"x": x}), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+def test_batchnorm_over_another_axis_stays():
+    """A 3-D norm input normalizes axis 1, not the product's channels: left as it is."""
+    folded = fold_batchnorm(_linear_norm(True, 3))
+    assert any(n.op_type == "BatchNormalization" for n in folded.graph.node)
+
+
 def test_calibration_batch_is_independent_of_compiled_shape():
     """7 calibration samples, a model compiled for batch 1, and a model whose batch is fixed at 2
     (the last calibration batch wraps around): all quantize and stay bit-exact."""
