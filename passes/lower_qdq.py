@@ -220,6 +220,16 @@ class _Pending:
 
 
 @dataclass
+class _Viewed:
+    """A result awaiting its requantize, seen through views that split or merge its per-channel
+    ratio's axis with others (MobileViT's unfold of a normalized feature map into patches): a
+    requantize to one scale is elementwise, so it commutes with every view; the terms stay as
+    they are, and the views are replayed on the integers after it."""
+    p: _Pending
+    views: list             # relax.Call of a VIEWS op, operand first
+
+
+@dataclass
 class _PendingUnary:
     """A float function of an accumulator awaiting its requantize (a quantizer that leaves Conv ->
     HardSwish or Gemm -> GELU unquantized in between), awaiting the quantize that tabulates it on a
@@ -421,7 +431,15 @@ class _Lowering:
             return relax.Tuple([self.as_float(f, reason) for f in arg.fields])
         if not isinstance(arg, relax.Var):
             return arg                      # constants, shapes, prim values
-        v = self.val(arg)
+        return self.float_value(self.val(arg), reason)
+
+    def float_value(self, v, reason: QDQLoweringError) -> relax.Expr:
+        """A lowered value's real value as a float32 expression (see ``island``)."""
+        if isinstance(v, _Viewed):
+            expr = self.float_value(v.p, reason)
+            for view in v.views:
+                expr = self.bb.emit(relax.Call(view.op, [expr, *self.rest(view)], view.attrs))
+            return expr
         if isinstance(v, relax.Expr):       # a parameter, a shape, or an island's float result
             return v
         if isinstance(v, _ConstDeq):
@@ -586,6 +604,13 @@ class _Lowering:
             # Clip's bounds need not lie on the grid: a requantize of its own (as Q(DQ(q)) with
             # other parameters) clamps them in the output's integer domain
             p = _Pending([(self.centered(x), x.scale.astype(np.float64), None)], channels_last=x.channels_last)
+        if isinstance(p, _Viewed):
+            return _Viewed(self.clamp_of(call, p.p), p.views)
+        return self.clamp_of(call, p)
+
+    @staticmethod
+    def clamp_of(call, p) -> _Pending:
+        name = _name(call)
         if not isinstance(p, _Pending):
             raise QDQLoweringError(f"{name} is supported only between a linear op and its quantize")
         lo, hi = (0.0, np.inf) if name == "relax.nn.relu" else (
@@ -707,6 +732,8 @@ class _Lowering:
             return _FloatView(base.value, [*base.views, call])
         if isinstance(v, _Pending):
             return self.pending_view(call, v)
+        if isinstance(v, _Viewed):
+            return _Viewed(v.p, [*v.views, call])
         return self.on_integers(call)
 
     def on_integers(self, call):
@@ -785,6 +812,11 @@ class _Lowering:
             for view in base.views:
                 expr = self.bb.emit(relax.Call(view.op, [expr, *self.rest(view)], view.attrs))
             return _Int(expr, scale, zero, dtype)
+        if isinstance(src, _Viewed) and scale.size == 1:
+            y = self.requantize(src.p, float(scale.reshape(-1)[0]), int(zero.reshape(-1)[0]), dtype).expr
+            for view in src.views:
+                y = self.bb.emit(relax.Call(view.op, [y, *self.rest(view)], view.attrs))
+            return _Int(y, scale, zero, dtype)
         if isinstance(src, _Unary) and scale.size == 1:
             return self.tabulate(src, float(scale.reshape(-1)[0]), int(zero.reshape(-1)[0]), dtype)
         if isinstance(src, _PendingUnary) and scale.size == 1:
@@ -973,11 +1005,16 @@ class _Lowering:
         - an 8-bit activation with a float scalar constant: a float function, tabulated at its quantize."""
         name = _name(call)
         p, c = self.val(call.args[0]), self.val(call.args[1])
+        viewed = p.views if isinstance(p, _Viewed) else None
+        p = p.p if isinstance(p, _Viewed) else p
         if isinstance(p, _Pending) and isinstance(c, tvm.ir.GenericConst) and _np(c).size == 1 \
                 and float(_np(c).reshape(-1)[0]) > 0 and len(p.terms) == 1:
             v = float(_np(c).reshape(-1)[0])
             acc, num, axis = p.terms[0]
-            return _Pending([(acc, num * (v if name == "relax.multiply" else 1.0 / v), axis)], p.lo, p.hi, p.bound)
+            scaled = _Pending([(acc, num * (v if name == "relax.multiply" else 1.0 / v), axis)], p.lo, p.hi, p.bound)
+            return scaled if viewed is None else _Viewed(scaled, viewed)
+        if viewed is not None:
+            raise QDQLoweringError(f"{name} of a viewed result other than a positive scalar scale")
         if name == "relax.multiply":
             if isinstance(p, _ConstDeq):
                 p, c = c, p
@@ -1200,16 +1237,18 @@ class _Lowering:
         unquantized): applied to each integer term, a per-channel term's axis moved with it."""
         if p.table is not None or p.keep is not None:
             raise QDQLoweringError(f"{_name(call)} of a tabulated or masked value is not supported")
+        if p.channels_last:
+            p = self.pending_view_nchw(p)
         terms = []
         for acc, num, axis in p.terms:
-            if p.channels_last:
-                acc = self.bb.emit(op.permute_dims(acc, [0, 3, 1, 2]))
-                axis = None if axis is None else 1
             view = self.bb.emit(relax.Call(call.op, [acc, *self.rest(call)], call.attrs))
             if axis is not None:
-                axis = _moved_axis(call, acc, view, axis)
+                try:
+                    axis = _moved_axis(call, acc, view, axis)
+                except QDQLoweringError:
+                    return _Viewed(p, [call])
             terms.append((view, num, axis))
-        return replace(p, terms=terms, channels_last=False)
+        return replace(p, terms=terms)
 
     def pending_view_nchw(self, p: _Pending) -> _Pending:
         """A channels-last pending result with its terms moved back to NCHW."""

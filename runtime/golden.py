@@ -109,6 +109,15 @@ class _Pending:
         return self.wide if self.wide is not None else None if self.reach is None else reach_step(self.reach)
 
 
+class _Viewed:
+    """A pending value seen through views that split or merge its per-channel ratio's axis with
+    others: requantized to one scale as it is, the views then applied to the integers (the two
+    orders give the same integers, a requantize to one scale being elementwise)."""
+
+    def __init__(self, p: _Pending, views: list):
+        self.p, self.views = p, views       # views: (op, attributes, operands) each
+
+
 class _PendingFn:
     """A float function ``fn`` (float64 -> float64) of a pending value's real value, elementwise,
     awaiting the QuantizeLinear after it (a quantizer left Conv -> HardSwish or Gemm -> Gelu
@@ -217,6 +226,11 @@ def _real(v, reason: QDQUnsupported) -> np.ndarray | None:
         return _float(v)
     if isinstance(v, _PendingFn):
         return v.real()
+    if isinstance(v, _Viewed):
+        real = _real(v.p, reason)
+        for view in v.views:
+            real = _view(*view, real)
+        return real
     if isinstance(v, _Pending):
         total = None
         for acc, num, axis in v.terms:
@@ -538,6 +552,10 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
                     y = x.fn((q16 - grid.zero).astype(np.float64) * np.float64(grid.scale))
                     val = np.clip(np.round(y / np.float64(s)) + zo, info.min, info.max)
                 val = np.where(np.isnan(val), info.max, val)
+            elif isinstance(x, _Viewed):
+                val = requant(x.p, float(s), int(np.asarray(z).reshape(-1)[0]), info.min, info.max)
+                for view in x.views:
+                    val = _view(*view, val)
             elif isinstance(x, _Pending):
                 val = requant(x, float(s), int(np.asarray(z).reshape(-1)[0]), info.min, info.max)
                 if x.keep is not None:
@@ -669,6 +687,9 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
             hi = float(ins[2]) if op == "Clip" and len(ins) > 2 and ins[2] is not None else np.inf
             env[n.output[0]] = _Concat([_Pending(q.terms, max(q.lo, lo), min(q.hi, hi)) for q in ins[0].parts],
                                        ins[0].axis)
+        elif op in ("Relu", "Clip") and isinstance(ins[0], _Viewed):
+            step(n, a, [ins[0].p, *ins[1:]], op)
+            env[n.output[0]] = _Viewed(env[n.output[0]], ins[0].views)
         elif op in ("Relu", "Clip"):
             p = ins[0]
             if isinstance(p, tuple) and deq_of(p).zero.size == 1:   # on a dequantized tensor
@@ -758,6 +779,10 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
             channels = x.q.shape[1]
             total = _conv_int(x.centered(), np.ones((channels, 1, *k), np.int64), strides, pads, [1, 1], channels)
             env[n.output[0]] = _Pending([(total * (lcm // count), x.scale.astype(np.float64) / lcm, None)])
+        elif op in ("Mul", "Div") and isinstance(ins[0], _Viewed) and np.asarray(ins[1]).size == 1 and \
+                float(np.asarray(ins[1]).reshape(-1)[0]) > 0:
+            step(n, a, [ins[0].p, *ins[1:]], op)
+            env[n.output[0]] = _Viewed(env[n.output[0]], ins[0].views)
         elif op in ("Mul", "Div") and isinstance(ins[0], _Pending) and np.asarray(ins[1]).size == 1:
             c = float(np.asarray(ins[1]).reshape(-1)[0])      # attention's 1/sqrt(d), folded into the ratio
             acc, num, axis = ins[0].terms[0]
@@ -798,11 +823,16 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
             v = ins[0]
             if isinstance(v, _Pending):         # a view of a result awaiting its requantize: of each term
                 terms = []
-                for acc, num, axis in v.terms:
-                    moved = _view(op, a, ins, acc)
-                    terms.append((moved, num, None if axis is None else _moved_axis(op, a, acc.shape, moved.shape,
-                                                                                   axis)))
-                env[n.output[0]] = _Pending(terms, v.lo, v.hi, wide=v.wide, reach=v.reach)
+                try:
+                    for acc, num, axis in v.terms:
+                        moved = _view(op, a, ins, acc)
+                        terms.append((moved, num, None if axis is None else _moved_axis(op, a, acc.shape, moved.shape,
+                                                                                       axis)))
+                    env[n.output[0]] = _Pending(terms, v.lo, v.hi, wide=v.wide, reach=v.reach)
+                except QDQUnsupported:          # the channels move apart: the views wait for the quantize
+                    env[n.output[0]] = _Viewed(v, [(op, a, ins)])
+            elif isinstance(v, _Viewed):
+                env[n.output[0]] = _Viewed(v.p, [*v.views, (op, a, ins)])
             elif not isinstance(v, tuple):      # a float tensor (a constant, or float ops' result)
                 env[n.output[0]] = _view(op, a, ins, np.asarray(v))
             else:
@@ -820,10 +850,10 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
                 width[ax] = (pads[i], pads[i + len(axes)])
             value = float(np.asarray(ins[2]).reshape(-1)[0]) if len(ins) > 2 and ins[2] is not None else 0.0
             # a QOperator Pad reads the integers (its value is one); a QDQ one the real values
-            step = value if kind == "q" else value / float(np.float32(x.scale.reshape(-1)[0]))
-            if x.scale.size != 1 or min(pads) < 0 or abs(step - round(step)) > 1e-6:
+            levels = value if kind == "q" else value / float(np.float32(x.scale.reshape(-1)[0]))
+            if x.scale.size != 1 or min(pads) < 0 or abs(levels - round(levels)) > 1e-6:
                 raise QDQUnsupported(f"Pad {n.name}: not a padding on the tensor's grid")
-            padded = np.pad(x.q, width, constant_values=(0 if kind == "q" else int(x.zero.reshape(-1)[0])) + round(step))
+            padded = np.pad(x.q, width, constant_values=(0 if kind == "q" else int(x.zero.reshape(-1)[0])) + round(levels))
             env[n.output[0]] = _same_kind(on_wide_grid(ins[0]), kind, _Q(padded, x.scale, x.zero, x.axis, x.dtype))
         elif op == "Split" and isinstance(ins[0], tuple):      # parts of an integer tensor, on its grid
             kind, x = _on_integers(ins[0], deq_of)
@@ -834,8 +864,8 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
                 sizes = list(a["split"])
             else:                                       # num_outputs (or the output count): equal, the last smaller
                 k = len(n.output)
-                step = -(-x.q.shape[axis] // k)
-                sizes = [min(step, x.q.shape[axis] - i * step) for i in range(k)]
+                width_k = -(-x.q.shape[axis] // k)
+                sizes = [min(width_k, x.q.shape[axis] - i * width_k) for i in range(k)]
             parts = np.split(x.q, np.cumsum(sizes)[:-1], axis=axis)
             for name, part in zip(n.output, parts, strict=True):
                 env[name] = _same_kind(ins[0], kind, _Q(part, x.scale, x.zero, x.axis, x.dtype))

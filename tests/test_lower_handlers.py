@@ -502,3 +502,26 @@ def test_squeeze_excitation_with_float_weights(middle, tmp_path, monkeypatch):
     proven bound fixes, SiLU's through a table of that grid (passes/wide_grid.py): integer-only, bit-exact."""
     seen = _compile_and_compare(_float_excitation_qdq(middle), tmp_path / "se_float.onnx", None, monkeypatch)
     assert {"relax.mean", "relax.nn.conv2d", "relax.multiply"} <= seen
+
+
+def _norm_unfolded_qdq() -> onnx.ModelProto:
+    """MobileViT's fold in ORT's QOperator file: a LayerNorm's result (a ratio per channel) reshaped so
+    that its channels merge with the tokens, transposed, scaled and clamped, quantized only after."""
+    rng = np.random.default_rng(14)
+    d = SEQUENCE[-1]
+    inits = [_const("sx", 0.05), _const("zx", 128, np.uint8), _const("sy", 0.02), _const("zy", 128, np.uint8),
+             _const("half", 0.5), _const("shape", [2, 4, 12], np.int64),
+             numpy_helper.from_array(rng.normal(1, 0.3, d).astype(np.float32), "g"),
+             numpy_helper.from_array(rng.normal(0, 0.3, d).astype(np.float32), "b")]
+    nodes = [_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]), _node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+             _node("LayerNormalization", ["xd", "g", "b"], ["n"], axis=-1), _node("Reshape", ["n", "shape"], ["r"]),
+             _node("Transpose", ["r"], ["t"], perm=[0, 2, 1]), _node("Mul", ["t", "half"], ["h"]),
+             _node("Relu", ["h"], ["a"]),
+             _node("QuantizeLinear", ["a", "sy", "zy"], ["aq"]), _node("DequantizeLinear", ["aq", "sy", "zy"], ["y"])]
+    return _model(nodes, inits, SEQUENCE)
+
+
+def test_views_that_move_a_per_channel_ratio_apart(tmp_path, monkeypatch):
+    """The requantize to one scale commutes with the views: applied first, the views replayed on its integers."""
+    seen = _compile_and_compare(_norm_unfolded_qdq(), tmp_path / "unfold.onnx", None, monkeypatch)
+    assert {"relax.nn.layer_norm", "relax.reshape", "relax.permute_dims", "relax.multiply"} <= seen
