@@ -196,11 +196,14 @@ def _more(islands) -> str:
     return f" and {len(islands) - 1} more" if len(islands) > 1 else ""
 
 
-def quantized_model(model, opts: CompileOptions) -> tuple[onnx.ModelProto, dict]:
+def quantized_model(model, opts: CompileOptions) -> tuple[onnx.ModelProto, dict | str]:
     """The QDQ model a compile with ``opts`` (and ``opts.calib``) lowers, and its softmax / GELU
     variants: what runtime/golden.run_qdq reads as that build's reference.  Loaded and quantized
-    exactly as ``compile`` does (an FP32 model at static shapes is canonicalized first)."""
+    exactly as ``compile`` does (an FP32 model at static shapes is canonicalized first; a model
+    quantized elsewhere is read as it is loaded, its variants chosen per op: "auto")."""
     loaded = load(model, opts, opts.backend)
+    if loaded.given_quantized:
+        return loaded.src.proto, "auto"
     src, _, calibrated = calibrate(loaded, opts, opts.quant_config())
     return src.proto, calibrated.report.variants()
 

@@ -81,9 +81,12 @@ def table_grid(fn: Callable[[np.ndarray], np.ndarray], s: float, z: int, qmin: i
 # F's rounding adds at most t / 2 to f's error, with t <= min_c s_c / 2^12.
 
 def channel_grid(fn: Callable[[np.ndarray], np.ndarray], scales: np.ndarray, z: int, qmin: int,
-                 qmax: int) -> FineGrid:
-    """The grid for Q_c(fn(x)) at every channel's scale in ``scales`` (one zero point)."""
-    spans = [_interval(fn, float(s), z, qmin, qmax) for s in np.unique(np.float32(scales))]
+                 qmax: int, sign: np.ndarray | None = None) -> FineGrid:
+    """The grid for Q_c(sign_c fn(x)) at every channel's scale in ``scales`` (one zero point; the
+    sign per channel, +1 where ``sign`` is None)."""
+    signs = np.ones(np.size(scales)) if sign is None else np.asarray(sign, np.float64).reshape(-1)
+    pairs = sorted(set(zip(np.float32(scales).reshape(-1).tolist(), signs.tolist(), strict=True)))
+    spans = [_interval(lambda x, g=g: g * fn(x), s, z, qmin, qmax) for s, g in pairs]
     return _grid(min(a for a, _ in spans), max(b for _, b in spans))
 
 

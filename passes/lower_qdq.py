@@ -237,17 +237,23 @@ class _PendingUnary:
     p: _Pending
     fn: Callable[[np.ndarray], np.ndarray]     # real values (float64) -> float64
     call: relax.Call
+    # times a constant per channel (NNCF's SmoothQuant factor after an unquantized GELU): (c, axis);
+    # the quantize at scale s is then one at s / |c| per channel, the table's sign flipped where c < 0
+    gain: tuple[np.ndarray, int] | None = None
 
 
 # the ops that read an unquantized operand on its 16-bit grid (``_Lowering.on_wide_grid``)
-WIDE_READERS = ("relax.mean", "relax.nn.pad", "relax.nn.layer_norm", "relax.nn.conv2d", "relax.matmul")
+WIDE_READERS = ("relax.mean", "relax.nn.pad", "relax.nn.layer_norm", "relax.nn.conv2d", "relax.matmul",
+                "relax.nn.softmax")
 
 
 def _wide_step(v) -> float | None:
     """The 16-bit grid step a reader that needs an integer tensor reads pending ``v`` on, or None."""
-    if not isinstance(v, _Pending) or len(v.terms) != 1 or v.table is not None or v.keep is not None:
+    if not isinstance(v, _Pending) or v.table is not None or v.keep is not None:
         return None
-    return v.wide if v.wide is not None else None if v.reach is None else wide_grid.reach_step(v.reach)
+    if v.wide is not None and len(v.terms) == 1:
+        return v.wide
+    return None if v.reach is None else wide_grid.reach_step(wide_grid.clamped_reach(v.reach, v.lo, v.hi))
 
 
 def _host_quantize(values: np.ndarray, s: float, z: int, info: np.iinfo) -> np.ndarray:
@@ -383,7 +389,7 @@ class _Lowering:
         or normalized one on its grid (``_Pending.wide``), a linear result on the grid its bound
         fixes, a float function of one tabulated from that grid (passes/wide_grid.py); anything
         else as it is."""
-        if isinstance(v, _PendingUnary) and (step := _wide_step(v.p)) is not None:
+        if isinstance(v, _PendingUnary) and v.gain is None and (step := _wide_step(v.p)) is not None:
             table, s_f = wide_grid.function_table(v.fn, step)
             q16 = self.requantize(v.p, step, 0, "int16")
             index = op.subtract(op.astype(q16.expr, "int32"), relax.const(fine_grid.QMIN, "int32"))
@@ -518,6 +524,8 @@ class _Lowering:
             except (QDQLoweringError, ValueError):
                 return pu
             return replace(r, of=pu) if isinstance(r, _Pending) else r
+        if name == "relax.multiply" and (gained := self.channel_gain(call)) is not None:
+            return gained
         if any(isinstance(a, _PendingUnary) for a in args) and name not in ("relax.quantize", *WIDE_READERS):
             raise QDQLoweringError(f"{name}: a float function of an accumulator must be quantized next")
         if handler is None:
@@ -532,6 +540,8 @@ class _Lowering:
             return None
         name = _name(call)
         vals = [self.peek(a) for a in call.args]
+        if any(isinstance(v, _PendingUnary) and v.gain is not None for v in vals):
+            return None
         if name in FLOAT_BINARY and len(call.args) == 2:
             f = _f64(FLOAT_BINARY[name])
             for v, k, first in ((vals[0], vals[1], True), (vals[1], vals[0], False)):
@@ -677,6 +687,8 @@ class _Lowering:
         fields = call.args[0].fields if isinstance(call.args[0], relax.Tuple) else None
         if fields is None:
             raise QDQLoweringError("concat of a tuple variable is not supported")
+        if any(isinstance(self.peek(f), _Pending) for f in fields):
+            return self.concat_pending(call, [self.val(f) for f in fields])
         parts = [self.const_int(v) if isinstance(v := self.val(f), _ConstDeq) else self.deq(v, "relax.concat")
                  for f in fields]
         first = parts[0]
@@ -687,6 +699,39 @@ class _Lowering:
             joined = self.bb.emit(op.concat([p.expr for p in parts], axis=int(call.attrs.axis)))
             return _Deq(_Int(joined, first.scale, first.zero, first.dtype))
         return _Concat(parts, int(call.attrs.axis))
+
+    def concat_pending(self, call, values: list) -> _Pending:
+        """A result awaiting its requantize joined with float constants (ViT's class token before the
+        position embedding, both left float by NNCF): each constant on the result's accumulator grid,
+        round(c / (s_x s_w)) per channel, concatenated with the accumulator."""
+        pending = [v for v in values if isinstance(v, _Pending)]
+        p = pending[0]
+        if len(pending) != 1 or len(p.terms) != 1 or p.table is not None or p.keep is not None \
+                or np.isfinite(p.lo) or np.isfinite(p.hi):
+            raise QDQLoweringError("relax.concat of a result awaiting its requantize with other than float constants")
+        p = self.pending_view_nchw(p) if p.channels_last else p
+        acc, num, term_axis = p.terms[0]
+        ndim = acc.ty.ndim
+        axis = int(call.attrs.axis) % ndim
+        if term_axis is not None and term_axis % ndim == axis:
+            raise QDQLoweringError("relax.concat along the channels of a per-channel result")
+        step = _term_step(num, term_axis, ndim)
+        dtype = str(acc.ty.dtype)
+        parts, reach, bound = [], p.reach, p.bound
+        for v in values:
+            if v is p or isinstance(v, _Pending):
+                parts.append(acc)
+                continue
+            real = _float_bias(v)
+            if real is None or real.ndim != ndim:
+                raise QDQLoweringError("relax.concat of a result awaiting its requantize with other than float constants")
+            q = np.round(real.astype(np.float64) / step).astype(np.int64)
+            if np.abs(q).max() >= accumulators.INT32_LIMIT // 2:
+                raise QDQLoweringError("relax.concat: a constant too large for the accumulator's grid")
+            parts.append(relax.const(q.astype(dtype), dtype))
+            reach = None if reach is None else max(reach, wide_grid.const_reach(q, step))
+            bound = max(bound, int(np.abs(q).max()))
+        return _Pending([(self.bb.emit(op.concat(parts, axis=axis)), num, term_axis)], bound=bound, reach=reach)
 
     @_handles("relax.nn.max_pool2d")
     def max_pool(self, call):
@@ -819,6 +864,14 @@ class _Lowering:
             return _Int(y, scale, zero, dtype)
         if isinstance(src, _Unary) and scale.size == 1:
             return self.tabulate(src, float(scale.reshape(-1)[0]), int(zero.reshape(-1)[0]), dtype)
+        if isinstance(src, _PendingUnary) and src.gain is not None:
+            if scale.size != 1:
+                raise QDQLoweringError("per-axis quantize of a float function times a per-channel factor")
+            c, axis = src.gain
+            s = float(scale.reshape(-1)[0])
+            return replace(self.tabulate_pending_channels(src, np.float32(s / np.where(c == 0, 1.0, np.abs(c))),
+                                                          int(zero.reshape(-1)[0]), dtype, axis, np.sign(c)),
+                           scale=scale.reshape(-1)[:1])
         if isinstance(src, _PendingUnary) and scale.size == 1:
             return self.tabulate_pending(src, float(scale.reshape(-1)[0]), int(zero.reshape(-1)[0]), dtype)
         if isinstance(src, _PendingUnary):
@@ -957,7 +1010,9 @@ class _Lowering:
         else:
             acc = self.bb.emit(op.matmul(self.centered(a), self.centered(b), out_dtype=dtype))
         num = (a.scale.reshape(-1)[:1].astype(np.float32) * b.scale.reshape(-1)[:1].astype(np.float32))
-        return _Pending([(acc, num.astype(np.float64), None)], bound=bound)
+        reach = wide_grid.product_reach(int(a.expr.ty.shape.values[-1]), accumulators.span(a.dtype, int(a.zero.reshape(-1)[0])),
+                                        accumulators.span(b.dtype, int(b.zero.reshape(-1)[0])), num)
+        return _Pending([(acc, num.astype(np.float64), None)], bound=bound, reach=reach)
 
     @_handles("relax.isnan")
     def isnan(self, call):
@@ -1042,6 +1097,35 @@ class _Lowering:
                                   None)], bound=bound)
         return self.float_binary(call)
 
+    def channel_gain(self, call) -> _PendingUnary | _Pending | None:
+        """x * c[channel] where x awaits its quantize (NNCF's SmoothQuant factor after a LayerNorm, an
+        attention output or a GELU): a result's ratio times |c| per channel (its integers times
+        sign(c)), or a float function of one with the gain kept for its quantize; None otherwise."""
+        a, b = (self.peek(x) for x in call.args)
+        x, c = (a, b) if isinstance(b, tvm.ir.GenericConst) else (b, a)
+        if not isinstance(c, tvm.ir.GenericConst) or _np(c).dtype != np.float32 or _np(c).size < 2:
+            return None
+        axis = _channel_axis(_np(c), _static_shape(call))
+        if axis is None:
+            return None
+        c = _np(c).reshape(-1).astype(np.float64)
+        if isinstance(x, _PendingUnary) and x.gain is None and not x.p.channels_last:
+            return replace(x, call=call, gain=(c, axis))
+        if not isinstance(x, _Pending) or len(x.terms) != 1 or x.table is not None or x.keep is not None \
+                or x.channels_last or np.isfinite(x.lo) or np.isfinite(x.hi):
+            return None
+        acc, num, term_axis = x.terms[0]
+        if num.size > 1 and term_axis % acc.ty.ndim != axis:
+            return None
+        sign = np.sign(c)
+        if np.any(sign != 1):
+            shape = [1] * acc.ty.ndim
+            shape[axis] = -1
+            acc = self.bb.emit(op.multiply(acc, relax.const(sign.astype(np.int32).reshape(shape), str(acc.ty.dtype))))
+        ratio = num * np.where(c == 0, 1.0, np.abs(c))
+        reach = None if x.reach is None else x.reach * float(np.abs(c).max())
+        return _Pending([(acc, ratio, axis)], bound=x.bound, reach=reach)
+
     def channel_scale(self, x: _Int, c: np.ndarray, axis: int) -> _Pending:
         """x * c[channel] (LayerScale, a per-channel gain): y = sign(c) (q - z) * s_x |c|, a
         per-channel requantize ratio; the sign multiplies the integers (a ratio is positive)."""
@@ -1090,7 +1174,10 @@ class _Lowering:
     @_handles(*NONLINEAR_OPS)
     def nonlinear(self, call):
         kind = NONLINEAR_OPS[_name(call)]
-        x = self.deq(self.val(call.args[0]), kind)
+        v = self.val(call.args[0])
+        # scores no quantize follows (NNCF's Q.K^T): on their 16-bit grid; a GELU of a linear result is
+        # a float function of it instead, tabulated at its quantize (``pending_closure``)
+        x = self.deq(self.on_wide_grid(v) if kind == "softmax" else v, kind)
         ndim = x.expr.ty.ndim
         if kind == "softmax" and int(call.attrs.axis) % ndim != ndim - 1:
             raise QDQLoweringError("softmax over an axis other than the last is not supported")
@@ -1209,18 +1296,25 @@ class _Lowering:
         y = op.take(relax.const(table.astype(dtype), dtype), index, axis=0)
         return _Int(self.bb.emit(y), np.float32([s]), np.array([z]), dtype, q16.channels_last)
 
-    def tabulate_pending_channels(self, u: _PendingUnary, scales: np.ndarray, z: int, dtype: str) -> _Int:
-        """One scale per output channel (NNCF: Conv -> SiLU -> Q per channel -> depthwise): the
-        16-bit grid covers every channel, the table holds f in fixed point, and each channel
-        requantizes it by its own dyadic ratio (passes/fine_grid.py)."""
+    def tabulate_pending_channels(self, u: _PendingUnary, scales: np.ndarray, z: int, dtype: str,
+                                  axis: int | None = None, sign: np.ndarray | None = None) -> _Int:
+        """One scale per output channel (NNCF: Conv -> SiLU -> Q per channel -> depthwise; or f times a
+        factor per channel quantized at one scale, each channel at s / |c|, along ``axis``): the
+        16-bit grid covers every channel, the table holds f in fixed point, ``sign`` flips it per
+        channel, and each channel requantizes it by its own dyadic ratio (passes/fine_grid.py)."""
         info = np.iinfo(dtype)
-        grid = fine_grid.channel_grid(u.fn, scales, z, int(info.min), int(info.max))
+        grid = fine_grid.channel_grid(u.fn, scales, z, int(info.min), int(info.max), sign)
         table, t = fine_grid.fixed_table(u.fn, grid, scales)
         q16 = self.requantize(u.p, grid.scale, grid.zero, "int16")
         index = op.subtract(op.astype(q16.expr, "int32"), relax.const(fine_grid.QMIN, "int32"))
         fixed = self.bb.emit(op.take(relax.const(table.astype(np.int32), "int32"), index, axis=0))
+        axis = axis if axis is not None else 3 if q16.channels_last else 1
+        if sign is not None and np.any(sign != 1):
+            shape = [1] * q16.expr.ty.ndim
+            shape[axis] = -1
+            fixed = self.bb.emit(op.multiply(fixed, relax.const(sign.astype(np.int32).reshape(shape), "int32")))
         d = dyadic_from_ratio(np.float64(np.float32(t)) / np.float32(scales).astype(np.float64))
-        y = saturate(rescale(fixed, d, 3 if q16.channels_last else 1), z, int(info.min), int(info.max), dtype)
+        y = saturate(rescale(fixed, d, axis), z, int(info.min), int(info.max), dtype)
         return _Int(self.bb.emit(y), np.float32(scales), np.array([z]), dtype, q16.channels_last)
 
     def tabulate(self, u: _Unary, s: float, z: int, dtype: str) -> _Int:
@@ -1242,6 +1336,7 @@ class _Lowering:
         terms = []
         for acc, num, axis in p.terms:
             view = self.bb.emit(relax.Call(call.op, [acc, *self.rest(call)], call.attrs))
+            axis = None if num.size == 1 else axis      # one ratio: no channel axis to follow
             if axis is not None:
                 try:
                     axis = _moved_axis(call, acc, view, axis)
@@ -1354,6 +1449,54 @@ class _Lowering:
         return _Pending([(acc, num, axis)], bound=bound, channels_last=unit is not None and unit.channels_last,
                         reach=reach)
 
+    def tensor_add(self, a: _Pending, real: np.ndarray) -> _Pending:
+        """A float tensor added to one accumulator (ViT's position embedding, which NNCF leaves
+        float): its real value on the accumulator's grid, round(e / (s_x s_w)) per channel, half to even."""
+        acc, num, axis = a.terms[0]
+        shape = _static_shape(acc)
+        step = _term_step(num, axis, acc.ty.ndim)
+        try:
+            fits = shape is not None and list(np.broadcast_shapes(real.shape, step.shape, tuple(shape))) == shape
+        except ValueError:
+            fits = False
+        if not fits:
+            raise QDQLoweringError("relax.add: a tensor constant that does not broadcast against the result")
+        q = np.round(real.astype(np.float64) / step).astype(np.int64)
+        if np.abs(q).max() >= accumulators.INT32_LIMIT // 2:
+            raise QDQLoweringError("relax.add: a tensor constant too large for the accumulator's grid")
+        bound = accumulators.bias_add(a.bound, q)
+        dtype = str(acc.ty.dtype) if accumulators.accumulator_dtype(bound) == "int32" else "int64"
+        acc = acc if dtype == str(acc.ty.dtype) else self.bb.emit(op.astype(acc, dtype))
+        total = self.bb.emit(op.add(acc, relax.const(q.astype(dtype), dtype)))
+        reach = None if a.reach is None else wide_grid.bias_reach(a.reach, q, step)
+        return _Pending([(total, num, axis)], bound=bound, reach=reach)
+
+    def residual_sum(self, a: _Pending, b) -> _Pending:
+        """A sum that no quantize follows (NNCF leaves a transformer's residual stream float): the
+        terms of both, each requantized by its own ratio where the sum is read; its bound the sum
+        of theirs (passes/wide_grid.py)."""
+        values = [a, b]
+        if any(v.channels_last if isinstance(v, _Pending) else v.value.channels_last for v in values):
+            values = [self.pending_view_nchw(v) if isinstance(v, _Pending) else _Deq(self.to_nchw(v.value))
+                      for v in values]
+        terms, reach, bound = [], 0.0, 0
+        for v in values:
+            if isinstance(v, _Deq):
+                x = v.value
+                if x.scale.size != 1 or x.zero.size != 1:
+                    raise QDQLoweringError("relax.add of a per-channel activation and a pending result")
+                span = accumulators.span(x.dtype, int(x.zero.reshape(-1)[0]))
+                terms.append((self.centered(x), x.scale.astype(np.float64), None))
+                reach = None if reach is None else reach + wide_grid.const_reach(np.array([span]), x.scale)
+                bound = max(bound, span)
+                continue
+            if v.table is not None or v.keep is not None or np.isfinite(v.lo) or np.isfinite(v.hi):
+                raise QDQLoweringError("relax.add of a tabulated, masked or clamped pending result")
+            terms += v.terms
+            reach = None if reach is None or v.reach is None else reach + v.reach
+            bound = max(bound, v.bound)
+        return _Pending(terms, bound=bound, reach=reach)
+
     @_handles("relax.add")
     def add(self, call):
         a, b = self.val(call.args[0], channels_last=True), self.val(call.args[1], channels_last=True)
@@ -1371,7 +1514,11 @@ class _Lowering:
                 return x
         if isinstance(b, _Pending) and not isinstance(a, _Pending):
             a, b = b, a
+        if isinstance(a, _Pending) and (np.isfinite(a.lo) or np.isfinite(a.hi)):
+            raise QDQLoweringError("relax.add after a clamp that awaits its quantize")
         real = _float_bias(b) if isinstance(a, _Pending) and len(a.terms) == 1 else None
+        if real is not None and real.size > 1 and real.size != max(real.shape) and not a.channels_last:
+            return self.tensor_add(a, real)         # a position embedding: a tensor on the accumulator's grid
         if real is not None and (real.size == 1 or real.size == max(real.shape)):     # a vector along one axis
             b = _ConstDeq(np.zeros(real.shape, np.int64), np.ones(1, np.float32), np.zeros(1, np.int64), 0)
         if isinstance(a, _Pending) and isinstance(b, _ConstDeq) and len(a.terms) == 1:
@@ -1384,9 +1531,11 @@ class _Lowering:
                 self.widened.append(f"bias add #{len(self.weights) - 1} (bound 2^{np.log2(bound):.1f})")
             q = bq.reshape(-1) if a.channels_last and bq.size > 1 else bq        # per channel: the last axis
             bias = relax.const(q.astype(dtype), dtype)
-            reach = None if a.reach is None else wide_grid.bias_reach(a.reach, bq, num)
+            reach = None if a.reach is None else wide_grid.bias_reach(a.reach, bq.reshape(-1), num.reshape(-1))
             return _Pending([(self.bb.emit(op.add(acc, bias)), num, axis)], a.lo, a.hi, bound, a.channels_last,
                             reach=reach)
+        if isinstance(a, _Pending) and isinstance(b, (_Pending, _Deq)):
+            return self.residual_sum(a, b)
         if isinstance(a, (_Deq, _ConstDeq)) and isinstance(b, (_Deq, _ConstDeq)):
             # residual add (or QLinearAdd with a constant operand): each term rescaled to the output
             nhwc = any(isinstance(v, _Deq) and v.value.channels_last for v in (a, b))
@@ -1405,6 +1554,16 @@ class _Lowering:
                     terms.append((self.centered(value), value.scale.astype(np.float64), None))
             return _Pending(terms, channels_last=nhwc)
         return self.float_binary(call)
+
+
+def _term_step(num: np.ndarray, axis: int | None, ndim: int) -> np.ndarray:
+    """A term's ratio as an array broadcast against its accumulator (per channel along ``axis``)."""
+    step = num.astype(np.float32).astype(np.float64)
+    if step.size == 1:
+        return step.reshape(())
+    shape = [1] * ndim
+    shape[axis] = -1
+    return step.reshape(shape)
 
 
 def _channel_axis(c: np.ndarray, out_shape: list[int] | None) -> int | None:

@@ -49,9 +49,25 @@ def linear_reach(wq: np.ndarray, out_axis: int, span: int, num: np.ndarray) -> f
     return float(np.max(per_channel * np.asarray(num, np.float64).reshape(-1)))
 
 
-def bias_reach(reach: float, bias_q: np.ndarray, num: np.ndarray) -> float:
-    """R once an integer bias on the accumulator's grid (``num`` per channel or one) joins it."""
-    return reach + float(np.max(np.abs(np.asarray(bias_q, np.float64)).reshape(-1) * np.asarray(num, np.float64).reshape(-1)))
+def product_reach(k: int, span_a: int, span_b: int, num: np.ndarray) -> float:
+    """R of a product of two activations summed over k (attention's Q.K^T, P.V): k span_a span_b num."""
+    return float(k) * float(span_a) * float(span_b) * float(np.max(np.asarray(num, np.float64)))
+
+
+def bias_reach(reach: float, bias_q: np.ndarray, step: np.ndarray) -> float:
+    """R once integers on the accumulator's grid join it: a bias, a position embedding (``step``
+    the grid's ratio, broadcast against ``bias_q``: per channel or one)."""
+    return reach + const_reach(bias_q, step)
+
+
+def const_reach(q: np.ndarray, step: np.ndarray) -> float:
+    """max |q * step|: the real bound of integers ``q`` on a grid ``step`` (broadcast against them)."""
+    return float(np.max(np.abs(np.asarray(q, np.float64)) * np.asarray(step, np.float64)))
+
+
+def clamped_reach(reach: float, lo: float, hi: float) -> float:
+    """R of a value clamped to [lo, hi] (a bound outside R is still reached: Clip(x, 7, 9))."""
+    return max([reach, *(abs(b) for b in (lo, hi) if np.isfinite(b))])
 
 
 def reach_step(reach: float) -> float:

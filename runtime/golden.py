@@ -12,7 +12,16 @@ from scipy.special import erf
 
 from passes.dyadic import dyadic_from_ratio, fine_offset
 from passes.fine_grid import channel_grid, fixed_table, table_grid
-from passes.wide_grid import bias_reach, float_weights, function_table, linear_reach, reach_step
+from passes.wide_grid import (
+    bias_reach,
+    clamped_reach,
+    const_reach,
+    float_weights,
+    function_table,
+    linear_reach,
+    product_reach,
+    reach_step,
+)
 from runtime import golden_nonlinear as gnl
 from runtime import onnx_reference
 
@@ -104,9 +113,11 @@ class _Pending:
 
     def step(self) -> float | None:
         """The 16-bit grid a reader that needs an integer tensor reads this value on, or None."""
-        if len(self.terms) != 1 or self.keep is not None:
+        if self.keep is not None:
             return None
-        return self.wide if self.wide is not None else None if self.reach is None else reach_step(self.reach)
+        if self.wide is not None and len(self.terms) == 1:
+            return self.wide
+        return None if self.reach is None else reach_step(clamped_reach(self.reach, self.lo, self.hi))
 
 
 class _Viewed:
@@ -125,8 +136,11 @@ class _PendingFn:
     requantized to (d, z16) from passes/fine_grid.py, clamped to int16, and fn is computed at
     d (q16 - z16).  ``real()``: the float island's value, for any other reader."""
 
-    def __init__(self, p: _Pending, fn, real):
+    def __init__(self, p: _Pending, fn, real, gain=None):
         self.p, self.fn, self.real = p, fn, real
+        # times a float constant per channel (NNCF's SmoothQuant factor after an unquantized GELU):
+        # (c, axis); quantized at s, each channel is quantized at s / |c|, the table's sign flipped where c < 0
+        self.gain = gain
 
 
 MASKED = -1e30      # an additive mask value this low sends any quantized sum to the grid's minimum
@@ -384,7 +398,7 @@ def _as_fn(v) -> _PendingFn | None:
     """``v`` as a float function of a pending value, where it is one (its own clamp bounds apply
     when it is requantized to the 16-bit grid)."""
     if isinstance(v, _PendingFn):
-        return v
+        return v if v.gain is None else None
     if isinstance(v, _Pending) and v.keep is None:
         return v.of or _PendingFn(v, lambda x: x, None)
     return None
@@ -411,7 +425,7 @@ def _pending_fn(op: str, a: dict, ins: list, real) -> _PendingFn | None:
 
 
 # the ops that read an unquantized operand on its 16-bit grid (``on_wide_grid``)
-WIDE_READERS = ("Conv", "MatMul", "Gemm", "ReduceMean", "GlobalAveragePool", "Pad", "LayerNormalization")
+WIDE_READERS = ("Conv", "MatMul", "Gemm", "ReduceMean", "GlobalAveragePool", "Pad", "LayerNormalization", "Softmax")
 
 NEVER_NAN = object()     # IsNaN of a quantized value
 
@@ -442,6 +456,63 @@ def _channel_factor(ins) -> tuple | None:
             if len(varying) == 1 and dims[varying[0]] == x[1].q.shape[varying[0]]:
                 return x[1], np.asarray(c, np.float32).reshape(-1).astype(np.float64), varying[0]
     return None
+
+
+def _term_step(num: np.ndarray, axis, ndim: int) -> np.ndarray:
+    """A term's ratio (float32 values) broadcast against its accumulator, per channel along ``axis``."""
+    step = num.astype(np.float32).astype(np.float64)
+    if step.size == 1:
+        return step.reshape(())
+    shape = [1] * ndim
+    shape[axis] = -1
+    return step.reshape(shape)
+
+
+def _fn_gain(ins, real) -> _PendingFn | None:
+    """f(x) * c[channel] for a float function of a pending value and a float32 constant varying along
+    one axis: the function with the gain kept for its quantize."""
+    for u, c in (ins, ins[::-1]):
+        if isinstance(u, _PendingFn) and u.gain is None and _floating_array(c) and c.dtype == np.float32:
+            acc = u.p.terms[0][0]
+            axis = _varying_axis(c, np.broadcast_shapes(acc.shape, c.shape))
+            if axis is not None:
+                return _PendingFn(u.p, u.fn, real, (c.reshape(-1).astype(np.float64), axis))
+    return None
+
+
+def _pending_gain(ins) -> _Pending | None:
+    """x * c[channel] for a pending x (one unclamped term) and a float32 constant varying along one
+    axis (NNCF's SmoothQuant factor): ratio * |c| along that axis, the integers times sign(c)."""
+    for x, c in (ins, ins[::-1]):
+        if not isinstance(x, _Pending) or not _floating_array(c) or c.dtype != np.float32 or len(x.terms) != 1 \
+                or x.keep is not None or np.isfinite(x.lo) or np.isfinite(x.hi):
+            continue
+        acc, num, term_axis = x.terms[0]
+        axis = _varying_axis(c, np.broadcast_shapes(acc.shape, c.shape))
+        if axis is None or (num.size > 1 and term_axis % acc.ndim != axis):
+            continue
+        c = c.reshape(-1).astype(np.float64)
+        shape = [1] * acc.ndim
+        shape[axis] = -1
+        reach = None if x.reach is None else x.reach * float(np.abs(c).max())
+        return _Pending([(acc * np.sign(c).astype(np.int64).reshape(shape), num * np.where(c == 0, 1.0, np.abs(c)),
+                          axis)], reach=reach)
+    return None
+
+
+def _span(x: _Q) -> int:
+    """max |q - z| over the stored integer type."""
+    info = np.iinfo(x.dtype)
+    return max(abs(int(info.min) - int(x.zero.reshape(-1)[0])), abs(int(info.max) - int(x.zero.reshape(-1)[0])))
+
+
+def _varying_axis(c: np.ndarray, shape) -> int | None:
+    """The one axis of ``shape`` a constant factor varies along, or None."""
+    if c.size <= 1 or c.ndim > len(shape):
+        return None
+    dims = [1] * (len(shape) - c.ndim) + list(c.shape)
+    varying = [i for i, d in enumerate(dims) if d != 1]
+    return varying[0] if len(varying) == 1 and dims[varying[0]] == shape[varying[0]] else None
 
 
 def _floating(v) -> bool:
@@ -499,7 +570,7 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
         """A value left unquantized, on its 16-bit grid, as a convolution, pool or LayerNorm reads it:
         a pooled or normalized one (``_Pending.wide``), a linear result (its proven bound), a float
         function of one (tabulated on that grid); anything else as it is."""
-        if isinstance(v, _PendingFn) and isinstance(v.p, _Pending) and (step := v.p.step()) is not None:
+        if isinstance(v, _PendingFn) and v.gain is None and (step := v.p.step()) is not None:
             table, s_f = function_table(v.fn, step)
             q16 = requant(v.p, step, 0, -(1 << 15), (1 << 15) - 1)
             return ("deq", _Q(table[q16 + (1 << 15)], s_f, 0, None, np.int16))
@@ -531,6 +602,7 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
                 s = np.asarray(ins[1], np.float32).reshape(-1)
                 zo = int(np.asarray(z).reshape(-1)[0])
                 if not isinstance(x, (_Pending, _PendingFn)) or a.get("axis", 1) % 4 != 1 or \
+                        (isinstance(x, _PendingFn) and x.gain is not None) or \
                         len(np.unique(np.asarray(z))) != 1 or (isinstance(x, _Pending) and x.keep is not None):
                     raise QDQUnsupported(f"QuantizeLinear {n.name}: per-axis, of other than a feature map's result")
                 if isinstance(x, _PendingFn):   # f in fixed point on one grid, each channel's ratio t / s_c
@@ -544,7 +616,19 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
                     val = requant(x, s, zo, info.min, info.max)
                 env[n.output[0]] = ("q", _Q(val, s, np.asarray(z).reshape(-1)[0], 1), zdt)
                 return
-            if isinstance(x, _PendingFn):
+            if isinstance(x, _PendingFn) and x.gain is not None:   # each channel at s / |c|, the sign flipped
+                c, axis = x.gain
+                zo = int(np.asarray(z).reshape(-1)[0])
+                scales = np.float32(float(s) / np.where(c == 0, 1.0, np.abs(c)))
+                grid = channel_grid(x.fn, scales, zo, int(info.min), int(info.max), np.sign(c))
+                table, t = fixed_table(x.fn, grid, scales)
+                q16 = requant(x.p, grid.scale, grid.zero, -(1 << 15), (1 << 15) - 1)
+                shape = [1] * q16.ndim
+                shape[axis] = -1
+                fixed = table[q16 + (1 << 15)] * np.sign(c).astype(np.int64).reshape(shape)
+                d = dyadic_from_ratio(np.float64(np.float32(t)) / scales.astype(np.float64))
+                val = requantize(fixed, d.m, d.e, info.min - zo, info.max - zo, axis=axis, dtype=np.int64) + zo
+            elif isinstance(x, _PendingFn):
                 zo = int(np.asarray(z).reshape(-1)[0])
                 grid = table_grid(x.fn, float(s), zo, int(info.min), int(info.max))
                 q16 = requant(x.p, grid.scale, grid.zero, -(1 << 15), (1 << 15) - 1)
@@ -625,9 +709,13 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
                 acc = acc + b.reshape(shape)
             else:
                 b = np.zeros(1, np.int64)
-            span = None if x.dtype is None else max(abs(int(np.iinfo(x.dtype).min) - int(x.zero.reshape(-1)[0])),
-                                                    abs(int(np.iinfo(x.dtype).max) - int(x.zero.reshape(-1)[0])))
-            reach = None if span is None else bias_reach(linear_reach(wi, out, span, num), b, num)
+            span = None if x.dtype is None else _span(x)
+            if span is None:
+                reach = None
+            elif w.dtype is not None:           # two activations (attention's Q.K^T, P.V)
+                reach = product_reach(xi.shape[-1], span, _span(w), num)
+            else:
+                reach = bias_reach(linear_reach(wi, out, span, num), b.reshape(-1), num.reshape(-1))
             env[n.output[0]] = _Pending([(acc, num, axis)], reach=reach)
         elif op == "Add" and any(_mask_keep(v) is not None and isinstance(u, (tuple, _Pending)) and
                                  not (isinstance(u, _Pending) and (len(u.terms) != 1 or u.keep is not None))
@@ -653,6 +741,8 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
             sign = np.sign(c).astype(np.int64)
             env[n.output[0]] = _Pending([(x.centered() * sign.reshape(shape),
                                           x.scale.astype(np.float64) * np.where(c == 0, 1.0, np.abs(c)), axis)])
+        elif op == "Mul" and (g := _pending_gain(ins)) is not None:
+            env[n.output[0]] = g
         elif op == "Add":
             x, y = ins
             if isinstance(x, tuple) and isinstance(y, tuple):
@@ -661,12 +751,28 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
                     qv = deq_of(v)
                     terms.append((qv.centered(), qv.scale.astype(np.float64), qv.axis if qv.scale.size > 1 else None))
                 env[n.output[0]] = _Pending(terms)
-            elif isinstance(y, _Pending) and isinstance(x, tuple):   # bias + matmul
-                acc, num, axis = y.terms[0]
-                env[n.output[0]] = _Pending([(acc + _bias(deq_of(x), num, n), num, axis)], y.lo, y.hi)
-            elif isinstance(x, _Pending) and isinstance(y, tuple):   # matmul + bias (int32 at s_x*s_w)
-                acc, num, axis = x.terms[0]
-                env[n.output[0]] = _Pending([(acc + _bias(deq_of(y), num, n), num, axis)], x.lo, x.hi)
+            elif any(isinstance(v, _Pending) and (np.isfinite(v.lo) or np.isfinite(v.hi)) for v in ins):
+                raise QDQUnsupported(f"Add {n.name}: after a clamp that awaits its quantize")
+            elif any(isinstance(u, _Pending) and isinstance(v, tuple) and deq_of(v).dtype is None
+                     for u, v in (ins, ins[::-1])):                 # matmul + bias (int32 at s_x*s_w)
+                p, c = (x, y) if isinstance(x, _Pending) else (y, x)
+                acc, num, axis = p.terms[0]
+                bq = _bias(deq_of(c), num, n)
+                env[n.output[0]] = _Pending([(acc + bq, num, axis)], p.lo, p.hi, reach=None if p.reach is None else
+                                            bias_reach(p.reach, bq.reshape(-1), num.reshape(-1)))
+            elif any(isinstance(u, _Pending) and len(u.terms) == 1 and u.keep is None and _floating_array(v) and
+                     v.size > 1 and v.size != max(v.shape) for u, v in (ins, ins[::-1])):
+                # a float tensor (a position embedding NNCF leaves float): on the accumulator's grid
+                p, c = (x, y) if isinstance(x, _Pending) else (y, x)
+                acc, num, axis = p.terms[0]
+                ratio = _term_step(num, axis, acc.ndim)
+                if tuple(np.broadcast_shapes(c.shape, ratio.shape, acc.shape)) != acc.shape:
+                    raise QDQUnsupported(f"Add {n.name}: a tensor constant that does not broadcast against the result")
+                q = np.round(np.asarray(c, np.float32).astype(np.float64) / ratio).astype(np.int64)
+                if np.abs(q).max() >= 2**30:
+                    raise QDQUnsupported(f"Add {n.name}: a tensor constant too large for the accumulator's grid")
+                env[n.output[0]] = _Pending([(acc + q, num, axis)],
+                                            reach=None if p.reach is None else bias_reach(p.reach, q, ratio))
             elif any(isinstance(u, _Pending) and len(u.terms) == 1 and u.keep is None and _floating_array(v) and
                      (v.size == 1 or v.size == max(v.shape)) for u, v in (ins, ins[::-1])):
                 # a float constant added to one accumulator (a bias left float, HardSwish's + 3):
@@ -675,7 +781,24 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
                 acc, num, axis = p.terms[0]
                 bq = _bias(c, num, n)
                 env[n.output[0]] = _Pending([(acc + bq.reshape(c.shape), num, axis)], p.lo, p.hi,
-                                            reach=None if p.reach is None else bias_reach(p.reach, bq, num))
+                                            reach=None if p.reach is None else bias_reach(p.reach, bq.reshape(-1),
+                                                                                          num.reshape(-1)))
+            elif any(isinstance(v, _Pending) for v in ins) and all(isinstance(v, (_Pending, tuple)) for v in ins):
+                # a sum no quantize follows (NNCF's residual stream): the terms of both, bounds added
+                terms, reach = [], 0.0
+                for v in ((x, y) if isinstance(x, _Pending) else (y, x)):
+                    if isinstance(v, tuple):
+                        qv = deq_of(v)
+                        if qv.scale.size != 1 or qv.zero.size != 1:
+                            raise QDQUnsupported(f"Add {n.name}: a per-channel activation and a pending result")
+                        terms.append((qv.centered(), qv.scale.astype(np.float64), None))
+                        reach = None if reach is None else reach + const_reach(np.array([_span(qv)]), qv.scale)
+                        continue
+                    if v.keep is not None:
+                        raise QDQUnsupported(f"Add {n.name}: of a masked pending result")
+                    terms += v.terms
+                    reach = None if reach is None or v.reach is None else reach + v.reach
+                env[n.output[0]] = _Pending(terms, reach=reach)
             elif any(_floating(v) for v in ins) and any(_plain_scalar(v) for v in ins):
                 env[n.output[0]] = FLOAT_BINARY[op](_float(x), _float(y))
             else:
@@ -788,7 +911,7 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
             acc, num, axis = ins[0].terms[0]
             env[n.output[0]] = _Pending([(acc, num * (c if op == "Mul" else 1.0 / c), axis)], ins[0].lo, ins[0].hi)
         elif op in ("Softmax", "Gelu"):
-            x = deq_of(ins[0])
+            x = deq_of(on_wide_grid(ins[0]) if op == "Softmax" else ins[0])
             if op == "Softmax" and a.get("axis", -1) % x.q.ndim != x.q.ndim - 1:
                 raise QDQUnsupported(f"Softmax {n.name}: over an axis other than the last")
             kind = "softmax" if op == "Softmax" else "gelu"
@@ -801,6 +924,32 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
             # a reader that needs an integer tensor reads it on the 16-bit grid |gamma| sqrt(C) + |beta| bounds
             wide = float(np.float32((np.abs(gamma).max() * np.sqrt(gamma.size) + np.abs(beta).max()) / 32767))
             env[n.output[0]] = _Pending([(y, sc, -1)], wide=wide)
+        elif op == "Concat" and any(isinstance(v, _Pending) for v in ins):
+            # a result awaiting its requantize with float constants (ViT's class token, NNCF): each
+            # constant on the accumulator's grid, concatenated with it
+            (p,) = [v for v in ins if isinstance(v, _Pending)] if sum(isinstance(v, _Pending) for v in ins) == 1 \
+                else (None,)
+            if p is None or len(p.terms) != 1 or p.keep is not None or np.isfinite(p.lo) or np.isfinite(p.hi):
+                raise QDQUnsupported(f"Concat {n.name}: of a result awaiting its requantize with other than constants")
+            acc, num, term_axis = p.terms[0]
+            axis = a["axis"] % acc.ndim
+            if term_axis is not None and term_axis % acc.ndim == axis:
+                raise QDQUnsupported(f"Concat {n.name}: along the channels of a per-channel result")
+            ratio = _term_step(num, term_axis, acc.ndim)
+            parts, reach = [], p.reach
+            for v in ins:
+                if isinstance(v, _Pending):
+                    parts.append(acc)
+                    continue
+                if not _floating_array(v) or v.dtype != np.float32 or v.ndim != acc.ndim:
+                    raise QDQUnsupported(f"Concat {n.name}: of a result awaiting its requantize with other than "
+                                         "float constants")
+                q = np.round(v.astype(np.float64) / ratio).astype(np.int64)
+                if np.abs(q).max() >= 2**30:
+                    raise QDQUnsupported(f"Concat {n.name}: a constant too large for the accumulator's grid")
+                parts.append(q)
+                reach = None if reach is None else max(reach, const_reach(q, ratio))
+            env[n.output[0]] = _Pending([(np.concatenate(parts, axis=axis), num, term_axis)], reach=reach)
         elif op == "Concat":
             parts = [deq_of(v) for v in ins]
             p0 = parts[0]
@@ -826,8 +975,8 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
                 try:
                     for acc, num, axis in v.terms:
                         moved = _view(op, a, ins, acc)
-                        terms.append((moved, num, None if axis is None else _moved_axis(op, a, acc.shape, moved.shape,
-                                                                                       axis)))
+                        terms.append((moved, num, None if axis is None or num.size == 1 else
+                                      _moved_axis(op, a, acc.shape, moved.shape, axis)))
                     env[n.output[0]] = _Pending(terms, v.lo, v.hi, wide=v.wide, reach=v.reach)
                 except QDQUnsupported:          # the channels move apart: the views wait for the quantize
                     env[n.output[0]] = _Viewed(v, [(op, a, ins)])
@@ -895,6 +1044,10 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
         ins = [env.get(i) if i else None for i in n.input]
         a = attrs(n)
         pf = _pending_fn(n.op_type, a, ins, lambda n=n, ins=ins: _island(n, ins, QDQUnsupported(n.name))[0])
+        if n.op_type == "Mul" and pf is None and (gained := _fn_gain(ins, lambda n=n, ins=ins: _island(
+                n, ins, QDQUnsupported(n.name))[0])) is not None:
+            env[n.output[0]] = gained
+            continue
         if pf is not None and any(isinstance(v, _PendingFn) for v in ins):
             env[n.output[0]] = pf
             continue

@@ -205,7 +205,7 @@ def _compile_and_compare(model, path, calib, monkeypatch) -> set[str]:
     onnx.save(model, path)
     art = compiler.compile(path, options=CompileOptions(calib=calib))
     assert art.manifest.precision == "int8" and art.manifest.integer_only, art.manifest.integer_region
-    qdq, variants = golden_model(path, calib) if calib is not None else (model, None)
+    qdq, variants = golden_model(path, calib) if calib is not None else (model, "auto")
     x = {"x": np.random.default_rng(1).normal(size=_shape(model)).astype(np.float32) * 3}
     np.testing.assert_array_equal(art.run(x)["y"], golden.run_qdq(qdq, x, variants)["y"])
     return seen
@@ -525,3 +525,58 @@ def test_views_that_move_a_per_channel_ratio_apart(tmp_path, monkeypatch):
     """The requantize to one scale commutes with the views: applied first, the views replayed on its integers."""
     seen = _compile_and_compare(_norm_unfolded_qdq(), tmp_path / "unfold.onnx", None, monkeypatch)
     assert {"relax.nn.layer_norm", "relax.reshape", "relax.permute_dims", "relax.multiply"} <= seen
+
+
+def _nncf_encoder_qdq() -> onnx.ModelProto:
+    """A transformer block as NNCF quantizes one: the residual stream float (a patch projection, a float
+    class token and position embedding, two residual adds), SmoothQuant factors per channel before
+    each quantize (after LayerNorm, attention and an erf GELU, some negative), the scores unquantized
+    into Softmax; quantized only at the inputs of the matmuls."""
+    rng = np.random.default_rng(15)
+    t, d = 5, 8
+    f32 = lambda name, *shape, scale=0.5, mean=0.0: numpy_helper.from_array(   # noqa: E731
+        (rng.normal(mean, scale, size=shape)).astype(np.float32), name)
+    inits = [_const("sx", 0.05), _const("zx", 128, np.uint8), _const("sa", 0.04), _const("za", 0, np.int8),
+             _const("sp", 1 / 255), _const("zp", 0, np.uint8), _const("half", 0.5), _const("root2", 1.4142135),
+             _const("one", 1.0), f32("cls", 1, 1, d), f32("pos", 1, t + 1, d), f32("g1", d, mean=1.0, scale=0.2),
+             f32("b1", d, scale=0.2), f32("g2", d, mean=1.0, scale=0.2), f32("b2", d, scale=0.2),
+             numpy_helper.from_array(rng.uniform(0.5, 2, d).astype(np.float32).reshape(1, 1, d), "c1"),
+             numpy_helper.from_array(rng.uniform(0.5, 2, d).astype(np.float32).reshape(1, 1, d), "c2"),
+             numpy_helper.from_array(rng.uniform(0.5, 2, d).astype(np.float32).reshape(1, 1, d), "c3"),
+             numpy_helper.from_array((rng.uniform(0.5, 2, d) * rng.choice([-1, 1], d)).astype(np.float32)
+                                     .reshape(1, 1, d), "c4"),
+             f32("bo", d, scale=0.2), f32("bm", d, scale=0.2)]
+    nodes = [_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]), _node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"])]
+    for w in ("wp", "wq", "wk", "wv", "wo", "wm"):      # int8 per output channel, as NNCF writes weights
+        inits += [numpy_helper.from_array(rng.integers(-127, 128, size=(d, d)).astype(np.int8), w + "_q"),
+                  _const(w + "_s", rng.uniform(0.002, 0.01, d)), _const(w + "_z", np.zeros(d), np.int8)]
+        nodes.append(_node("DequantizeLinear", [w + "_q", w + "_s", w + "_z"], [w], axis=1))
+
+    def quantized(src, dst, s="sa", z="za"):
+        return [_node("QuantizeLinear", [src, s, z], [dst + "_q"]), _node("DequantizeLinear", [dst + "_q", s, z], [dst])]
+
+    nodes += [_node("MatMul", ["xd", "wp"], ["patches"]), _node("Concat", ["cls", "patches"], ["tokens"], axis=1),
+              _node("Add", ["tokens", "pos"], ["r0"]),
+              _node("LayerNormalization", ["r0", "g1", "b1"], ["n1"], axis=-1), _node("Mul", ["n1", "c1"], ["n1s"]),
+              *quantized("n1s", "h1"),
+              _node("MatMul", ["h1", "wq"], ["q"]), *quantized("q", "qd"),
+              _node("MatMul", ["h1", "wk"], ["k"]), _node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+              *quantized("kt", "ktd"), _node("MatMul", ["h1", "wv"], ["v"]), *quantized("v", "vd"),
+              _node("MatMul", ["qd", "ktd"], ["scores"]), _node("Softmax", ["scores"], ["p"], axis=-1),
+              *quantized("p", "pd", "sp", "zp"), _node("MatMul", ["pd", "vd"], ["att"]),
+              _node("Mul", ["att", "c2"], ["atts"]), *quantized("atts", "ad"),
+              _node("MatMul", ["ad", "wo"], ["o"]), _node("Add", ["o", "bo"], ["ob"]), _node("Add", ["ob", "r0"], ["r1"]),
+              _node("LayerNormalization", ["r1", "g2", "b2"], ["n2"], axis=-1), _node("Mul", ["n2", "c3"], ["n2s"]),
+              *quantized("n2s", "h2"), _node("MatMul", ["h2", "wm"], ["m"]), _node("Add", ["m", "bm"], ["mb"]),
+              _node("Div", ["mb", "root2"], ["md"]), _node("Erf", ["md"], ["me"]), _node("Add", ["me", "one"], ["m1"]),
+              _node("Mul", ["mb", "half"], ["mh"]), _node("Mul", ["mh", "m1"], ["gelu"]),
+              _node("Mul", ["gelu", "c4"], ["gs"]), *quantized("gs", "y")]
+    return _model(nodes, inits, (1, t, d))
+
+
+def test_transformer_block_with_a_float_residual_stream(tmp_path, monkeypatch):
+    """Integer-only and bit-exact: the class token and position embedding on the projection's grid, the
+    residual sums as terms read on the 16-bit grid their bound fixes (by LayerNorm), the scores on theirs
+    (by Softmax), each SmoothQuant factor a ratio per channel (a table's sign per channel after the GELU)."""
+    seen = _compile_and_compare(_nncf_encoder_qdq(), tmp_path / "nncf_block.onnx", None, monkeypatch)
+    assert {"relax.concat", "relax.add", "relax.nn.layer_norm", "relax.nn.softmax", "relax.quantize"} <= seen
