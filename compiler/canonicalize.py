@@ -59,6 +59,20 @@ def canonicalize(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | No
     return m
 
 
+def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` with every node computed from constants alone (and Shape of a static
+    shape) evaluated into an initializer, and nothing else rewritten: for a model quantized
+    elsewhere, whose quantizer left such subgraphs (NNCF's Swin computes its shifted-window mask
+    with ScatterND, Equal and Where at run time); quantize and dequantize nodes stay."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for _ in range(64):
+        if not _fold_constants(m):
+            break
+    _drop_dead(m)
+    return m
+
+
 SYMBOL_VALUES = (2, 3, 5)     # each symbolic dimension bound to these in turn (distinct primes, none 1)
 
 

@@ -121,6 +121,10 @@ def load(model, opts: CompileOptions, backend: Backend) -> Loaded:
         # or Pad whose operand is computed from Shape is one TVM's importer rejects, or types loosely)
         src = frontend.OnnxModel(canonicalize.canonicalize(src.proto, {s.name: s.shape for s in inputs}), src.path,
                                  src.sha256)
+    elif quantize.is_quantized(src.proto) and all(isinstance(d, int) for s in inputs for d in s.shape):
+        # a model quantized elsewhere keeps its form (its float functions are read as written), but what
+        # it computes from constants alone is computed here once (NNCF's Swin builds its window mask at run time)
+        src = frontend.OnnxModel(canonicalize.fold_constants(src.proto), src.path, src.sha256)
     elif opts.calib is None and not quantize.is_quantized(src.proto) and canonicalize.needs_static_shapes(src.proto):
         # an FP32 compile at symbolic shapes: the shape arithmetic that does not depend on the symbols folds,
         # and dimensions the model couples become one symbol (TVM's importer cannot follow tensor-valued

@@ -52,7 +52,13 @@ def quantize64(y: np.ndarray, s: float, z: int, qmin: int, qmax: int) -> np.ndar
 def _interval(fn: Callable[[np.ndarray], np.ndarray], s: float, z: int, qmin: int, qmax: int) -> tuple[float, float]:
     """[a, b]: outside it Q(fn(x)) at output (s, z, [qmin, qmax]) is constant."""
     with np.errstate(all="ignore"):
-        q = quantize64(fn(_SCAN), s, z, qmin, qmax)
+        return _interval_of(fn(_SCAN), s, z, qmin, qmax)
+
+
+def _interval_of(y: np.ndarray, s: float, z: int, qmin: int, qmax: int) -> tuple[float, float]:
+    """``_interval`` from f's values on the scan points."""
+    with np.errstate(all="ignore"):
+        q = quantize64(y, s, z, qmin, qmax)
     low, high = np.flatnonzero(q != q[0]), np.flatnonzero(q != q[-1])
     if not low.size:                      # a constant: any grid
         return -1.0, 1.0
@@ -86,7 +92,9 @@ def channel_grid(fn: Callable[[np.ndarray], np.ndarray], scales: np.ndarray, z: 
     sign per channel, +1 where ``sign`` is None)."""
     signs = np.ones(np.size(scales)) if sign is None else np.asarray(sign, np.float64).reshape(-1)
     pairs = sorted(set(zip(np.float32(scales).reshape(-1).tolist(), signs.tolist(), strict=True)))
-    spans = [_interval(lambda x, g=g: g * fn(x), s, z, qmin, qmax) for s, g in pairs]
+    with np.errstate(all="ignore"):
+        y = fn(_SCAN)                       # once: a GELU's erf at every scan point is the cost, not the quantize
+    spans = [_interval_of(g * y, s, z, qmin, qmax) for s, g in pairs]
     return _grid(min(a for a, _ in spans), max(b for _, b in spans))
 
 

@@ -397,6 +397,12 @@ class _Lowering:
             return _Deq(_Int(y, np.float32([s_f]), np.array([0]), "int16", q16.channels_last))
         if (step := _wide_step(v)) is not None:
             return _Deq(self.requantize(v, step, 0, "int16"))
+        if isinstance(v, _Viewed) and (step := _wide_step(v.p)) is not None:   # on the grid, then the views
+            y = self.requantize(v.p, step, 0, "int16")
+            expr = y.expr
+            for view in v.views:
+                expr = self.bb.emit(relax.Call(view.op, [expr, *self.rest(view)], view.attrs))
+            return _Deq(replace(y, expr=expr))
         return v
 
     def deq(self, v, what: str, per_channel: bool = False):
@@ -811,6 +817,13 @@ class _Lowering:
             return self.to_nchw(inner).expr if inner.channels_last else inner.expr
         if isinstance(inner, _Pending) and not inner.channels_last:
             return inner.terms[0][0]
+        if isinstance(inner, _Viewed):      # the views replayed on a term: the viewed shape
+            expr = self.same_shape(inner.p)
+            for view in inner.views:
+                expr = self.bb.emit(relax.Call(view.op, [expr, *self.rest(view)], view.attrs))
+            return expr
+        if isinstance(inner, _FloatView):
+            return self.float_value(inner, QDQLoweringError("shape of a float constant's views"))
         if isinstance(inner, relax.Expr):
             return inner
         raise QDQLoweringError(f"shape of an unsupported value ({type(inner).__name__})")
@@ -1492,6 +1505,12 @@ class _Lowering:
                 continue
             if v.table is not None or v.keep is not None or np.isfinite(v.lo) or np.isfinite(v.hi):
                 raise QDQLoweringError("relax.add of a tabulated, masked or clamped pending result")
+            if len(v.terms) > 1 and v.reach is not None:    # the stream so far: one int32 tensor
+                step = wide_grid.stream_step(v.reach)
+                terms.append((self.requantize(v, step, 0, "int32").expr, np.array([step], np.float64), None))
+                reach = None if reach is None else reach + v.reach
+                bound = max(bound, 1 << (wide_grid.STREAM_BITS + 1))
+                continue
             terms += v.terms
             reach = None if reach is None or v.reach is None else reach + v.reach
             bound = max(bound, v.bound)
@@ -1542,17 +1561,22 @@ class _Lowering:
             if nhwc and any(isinstance(v, _ConstDeq) for v in (a, b)):
                 a, b = (self.val(x) for x in call.args)
                 nhwc = False
-            terms = []
+            terms, reach = [], 0.0
             for v in (a, b):
                 if isinstance(v, _ConstDeq):
                     if v.scale.size != 1:
                         raise QDQLoweringError("add of a per-channel constant is not supported")
-                    terms.append((relax.const((v.q - int(v.zero[0])).astype(np.int32), "int32"),
-                                  v.scale.astype(np.float64), None))
+                    centered = v.q - int(v.zero[0])
+                    terms.append((relax.const(centered.astype(np.int32), "int32"), v.scale.astype(np.float64), None))
+                    reach += wide_grid.const_reach(centered, v.scale)
                 else:
                     value = self.to_nhwc(v.value) if nhwc else v.value
                     terms.append((self.centered(value), value.scale.astype(np.float64), None))
-            return _Pending(terms, channels_last=nhwc)
+                    span = accumulators.span(value.dtype, int(value.zero.reshape(-1)[0]))
+                    reach += wide_grid.const_reach(np.array([span]), value.scale)
+            # its bound: a reader with no quantize between (ConvNeXt's downsampling LayerNorm, NNCF) reads
+            # the sum on the 16-bit grid it fixes
+            return _Pending(terms, channels_last=nhwc, reach=reach)
         return self.float_binary(call)
 
 

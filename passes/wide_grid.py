@@ -14,6 +14,9 @@ compute the same integers:
   from the integers: |acc[c]| <= sum_k |q_w[c, k]| * max|q_x - z_x| (passes/accumulators.py's
   span), so |y| <= R = max_c (sum_k |q_w[c, k]| span_x) * s_x s_w[c], plus max |bias| once a
   bias joins it; the grid's step is R / 32767.
+* **a residual sum** (NNCF leaves a transformer's residual stream float): the terms of both
+  operands, bounds added; an operand that is itself such a sum is first kept as int32 on the grid
+  R / 2^29 (its real value to 2^-29 of its bound), so the stream is one tensor plus the new term.
 * **a float function f of such a result** (SiLU between the two convolutions) read by a linear
   layer: f at each of the 65,536 points of that grid, quantized to a second 16-bit grid whose
   step is max |f| / 32767 over them; one table lookup per element.
@@ -73,6 +76,15 @@ def clamped_reach(reach: float, lo: float, hi: float) -> float:
 def reach_step(reach: float) -> float:
     """The 16-bit grid's step (float32) for values of magnitude at most ``reach``."""
     return float(np.float32(max(reach, _TINY) / WIDE_MAX))
+
+
+STREAM_BITS = 29           # a residual sum kept as int32: |q| <= 2^29 leaves the requantize's products in int64
+
+
+def stream_step(reach: float) -> float:
+    """The int32 grid (zero point 0) a residual sum of several terms is kept on before the next
+    term joins it: step R / 2^29, so the stream stays one tensor and two terms, whatever its depth."""
+    return float(np.float32(max(reach, _TINY) / 2.0**STREAM_BITS))
 
 
 def function_table(fn: Callable[[np.ndarray], np.ndarray], step: float) -> tuple[np.ndarray, float]:

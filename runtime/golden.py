@@ -21,6 +21,7 @@ from passes.wide_grid import (
     linear_reach,
     product_reach,
     reach_step,
+    stream_step,
 )
 from runtime import golden_nonlinear as gnl
 from runtime import onnx_reference
@@ -576,6 +577,11 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
             return ("deq", _Q(table[q16 + (1 << 15)], s_f, 0, None, np.int16))
         if isinstance(v, _Pending) and (step := v.step()) is not None:
             return ("deq", _Q(requant(v, step, 0, -(1 << 15), (1 << 15) - 1), step, 0, None, np.int16))
+        if isinstance(v, _Viewed) and (step := v.p.step()) is not None:     # on the grid, then the views
+            q16 = requant(v.p, step, 0, -(1 << 15), (1 << 15) - 1)
+            for view in v.views:
+                q16 = _view(*view, q16)
+            return ("deq", _Q(q16, step, 0, None, np.int16))
         return v
 
     def deq_of(v) -> _Q:
@@ -746,11 +752,12 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
         elif op == "Add":
             x, y = ins
             if isinstance(x, tuple) and isinstance(y, tuple):
-                terms = []
+                terms, reach = [], 0.0
                 for v in (x, y):
                     qv = deq_of(v)
                     terms.append((qv.centered(), qv.scale.astype(np.float64), qv.axis if qv.scale.size > 1 else None))
-                env[n.output[0]] = _Pending(terms)
+                    reach += const_reach(qv.centered() if qv.dtype is None else np.array([_span(qv)]), qv.scale)
+                env[n.output[0]] = _Pending(terms, reach=reach)
             elif any(isinstance(v, _Pending) and (np.isfinite(v.lo) or np.isfinite(v.hi)) for v in ins):
                 raise QDQUnsupported(f"Add {n.name}: after a clamp that awaits its quantize")
             elif any(isinstance(u, _Pending) and isinstance(v, tuple) and deq_of(v).dtype is None
@@ -796,6 +803,12 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
                         continue
                     if v.keep is not None:
                         raise QDQUnsupported(f"Add {n.name}: of a masked pending result")
+                    if len(v.terms) > 1 and v.reach is not None:     # the stream so far, kept as int32
+                        grid = stream_step(v.reach)
+                        terms.append((requant(v, grid, 0, -(1 << 31), (1 << 31) - 1), np.array([grid], np.float64),
+                                      None))
+                        reach = None if reach is None else reach + v.reach
+                        continue
                     terms += v.terms
                     reach = None if reach is None or v.reach is None else reach + v.reach
                 env[n.output[0]] = _Pending(terms, reach=reach)

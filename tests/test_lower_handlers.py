@@ -547,7 +547,7 @@ def _nncf_encoder_qdq() -> onnx.ModelProto:
                                      .reshape(1, 1, d), "c4"),
              f32("bo", d, scale=0.2), f32("bm", d, scale=0.2)]
     nodes = [_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]), _node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"])]
-    for w in ("wp", "wq", "wk", "wv", "wo", "wm"):      # int8 per output channel, as NNCF writes weights
+    for w in ("wp", "wq", "wk", "wv", "wo", "wm", "wf"):      # int8 per output channel, as NNCF writes weights
         inits += [numpy_helper.from_array(rng.integers(-127, 128, size=(d, d)).astype(np.int8), w + "_q"),
                   _const(w + "_s", rng.uniform(0.002, 0.01, d)), _const(w + "_z", np.zeros(d), np.int8)]
         nodes.append(_node("DequantizeLinear", [w + "_q", w + "_s", w + "_z"], [w], axis=1))
@@ -570,7 +570,10 @@ def _nncf_encoder_qdq() -> onnx.ModelProto:
               *quantized("n2s", "h2"), _node("MatMul", ["h2", "wm"], ["m"]), _node("Add", ["m", "bm"], ["mb"]),
               _node("Div", ["mb", "root2"], ["md"]), _node("Erf", ["md"], ["me"]), _node("Add", ["me", "one"], ["m1"]),
               _node("Mul", ["mb", "half"], ["mh"]), _node("Mul", ["mh", "m1"], ["gelu"]),
-              _node("Mul", ["gelu", "c4"], ["gs"]), *quantized("gs", "y")]
+              _node("Mul", ["gelu", "c4"], ["gs"]), *quantized("gs", "g"),
+              # a second residual add reads the first's sum: kept as one int32 stream before the new term joins
+              _node("MatMul", ["g", "wf"], ["f"]), _node("Add", ["f", "r1"], ["r2"]),
+              _node("LayerNormalization", ["r2", "g1", "b1"], ["n3"], axis=-1), *quantized("n3", "y")]
     return _model(nodes, inits, (1, t, d))
 
 
