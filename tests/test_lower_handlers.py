@@ -17,6 +17,7 @@ from conftest import golden_model, make_model
 from onnx import TensorProto, helper, numpy_helper
 
 import compiler
+from compiler import driver
 from compiler.options import CompileOptions
 from passes import lower_qdq
 from runtime import golden
@@ -205,7 +206,9 @@ def _compile_and_compare(model, path, calib, monkeypatch) -> set[str]:
     onnx.save(model, path)
     art = compiler.compile(path, options=CompileOptions(calib=calib))
     assert art.manifest.precision == "int8" and art.manifest.integer_only, art.manifest.integer_region
-    qdq, variants = golden_model(path, calib) if calib is not None else (model, "auto")
+    # a given QDQ model's reference: the model as the compile loads it (constant subgraphs folded)
+    qdq, variants = golden_model(path, calib) if calib is not None else \
+        driver.quantized_model(str(path), CompileOptions())
     x = {"x": np.random.default_rng(1).normal(size=_shape(model)).astype(np.float32) * 3}
     np.testing.assert_array_equal(art.run(x)["y"], golden.run_qdq(qdq, x, variants)["y"])
     return seen
@@ -583,3 +586,21 @@ def test_transformer_block_with_a_float_residual_stream(tmp_path, monkeypatch):
     (by Softmax), each SmoothQuant factor a ratio per channel (a table's sign per channel after the GELU)."""
     seen = _compile_and_compare(_nncf_encoder_qdq(), tmp_path / "nncf_block.onnx", None, monkeypatch)
     assert {"relax.concat", "relax.add", "relax.nn.layer_norm", "relax.nn.softmax", "relax.quantize"} <= seen
+
+
+def _constant_mask_qdq() -> onnx.ModelProto:
+    """A quantized graph that computes a constant at run time from constants alone (NNCF's Swin builds
+    its shifted-window mask with ScatterND, Equal and Where): x + sum(where(a == b, 0, -1))."""
+    inits = [_const("sx", 0.05), _const("zx", 128, np.uint8), _const("sy", 0.05), _const("zy", 128, np.uint8),
+             _const("a", [0, 1, 2], np.int64), _const("b", [0, 0, 2], np.int64), _const("axes", [0], np.int64),
+             _const("zero", 0.0), _const("minus", -1.0)]
+    nodes = [_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]), _node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+             _node("Equal", ["a", "b"], ["same"]), _node("Where", ["same", "zero", "minus"], ["each"]),
+             _node("ReduceSum", ["each", "axes"], ["mask"], keepdims=0), _node("Add", ["xd", "mask"], ["s"]),
+             _node("QuantizeLinear", ["s", "sy", "zy"], ["sq"]), _node("DequantizeLinear", ["sq", "sy", "zy"], ["y"])]
+    return _model(nodes, inits, SEQUENCE)
+
+
+def test_constant_subgraph_of_a_given_model_folds(tmp_path, monkeypatch):
+    """Computed once at compile time, the mask is a constant the add's table absorbs: no island."""
+    _compile_and_compare(_constant_mask_qdq(), tmp_path / "mask.onnx", None, monkeypatch)
