@@ -721,11 +721,11 @@ class _Lowering:
         axis = int(call.attrs.axis) % ndim
         if term_axis is not None and term_axis % ndim == axis:
             raise QDQLoweringError("relax.concat along the channels of a per-channel result")
-        step = _term_step(num, term_axis, ndim)
+        step = wide_grid.term_step(num, term_axis, ndim)
         dtype = str(acc.ty.dtype)
         parts, reach, bound = [], p.reach, p.bound
         for v in values:
-            if v is p or isinstance(v, _Pending):
+            if isinstance(v, _Pending):
                 parts.append(acc)
                 continue
             real = _float_bias(v)
@@ -1467,7 +1467,7 @@ class _Lowering:
         float): its real value on the accumulator's grid, round(e / (s_x s_w)) per channel, half to even."""
         acc, num, axis = a.terms[0]
         shape = _static_shape(acc)
-        step = _term_step(num, axis, acc.ty.ndim)
+        step = wide_grid.term_step(num, axis, acc.ty.ndim)
         try:
             fits = shape is not None and list(np.broadcast_shapes(real.shape, step.shape, tuple(shape))) == shape
         except ValueError:
@@ -1578,16 +1578,6 @@ class _Lowering:
             # the sum on the 16-bit grid it fixes
             return _Pending(terms, channels_last=nhwc, reach=reach)
         return self.float_binary(call)
-
-
-def _term_step(num: np.ndarray, axis: int | None, ndim: int) -> np.ndarray:
-    """A term's ratio as an array broadcast against its accumulator (per channel along ``axis``)."""
-    step = num.astype(np.float32).astype(np.float64)
-    if step.size == 1:
-        return step.reshape(())
-    shape = [1] * ndim
-    shape[axis] = -1
-    return step.reshape(shape)
 
 
 def _channel_axis(c: np.ndarray, out_shape: list[int] | None) -> int | None:

@@ -63,6 +63,17 @@ def bias_reach(reach: float, bias_q: np.ndarray, step: np.ndarray) -> float:
     return reach + const_reach(bias_q, step)
 
 
+def term_step(num: np.ndarray, axis: int | None, ndim: int) -> np.ndarray:
+    """A term's ratio (its float32 values, in float64) broadcast against its accumulator: one value, or one
+    per channel along ``axis`` (the grid a float constant joining the accumulator is put on)."""
+    step = np.asarray(num).astype(np.float32).astype(np.float64)
+    if step.size == 1:
+        return step.reshape(())
+    shape = [1] * ndim
+    shape[axis] = -1
+    return step.reshape(shape)
+
+
 def const_reach(q: np.ndarray, step: np.ndarray) -> float:
     """max |q * step|: the real bound of integers ``q`` on a grid ``step`` (broadcast against them)."""
     return float(np.max(np.abs(np.asarray(q, np.float64)) * np.asarray(step, np.float64)))

@@ -22,6 +22,7 @@ from passes.wide_grid import (
     product_reach,
     reach_step,
     stream_step,
+    term_step,
 )
 from runtime import golden_nonlinear as gnl
 from runtime import onnx_reference
@@ -459,16 +460,6 @@ def _channel_factor(ins) -> tuple | None:
     return None
 
 
-def _term_step(num: np.ndarray, axis, ndim: int) -> np.ndarray:
-    """A term's ratio (float32 values) broadcast against its accumulator, per channel along ``axis``."""
-    step = num.astype(np.float32).astype(np.float64)
-    if step.size == 1:
-        return step.reshape(())
-    shape = [1] * ndim
-    shape[axis] = -1
-    return step.reshape(shape)
-
-
 def _fn_gain(ins, real) -> _PendingFn | None:
     """f(x) * c[channel] for a float function of a pending value and a float32 constant varying along
     one axis: the function with the gain kept for its quantize."""
@@ -772,7 +763,7 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
                 # a float tensor (a position embedding NNCF leaves float): on the accumulator's grid
                 p, c = (x, y) if isinstance(x, _Pending) else (y, x)
                 acc, num, axis = p.terms[0]
-                ratio = _term_step(num, axis, acc.ndim)
+                ratio = term_step(num, axis, acc.ndim)
                 if tuple(np.broadcast_shapes(c.shape, ratio.shape, acc.shape)) != acc.shape:
                     raise QDQUnsupported(f"Add {n.name}: a tensor constant that does not broadcast against the result")
                 q = np.round(np.asarray(c, np.float32).astype(np.float64) / ratio).astype(np.int64)
@@ -948,7 +939,7 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
             axis = a["axis"] % acc.ndim
             if term_axis is not None and term_axis % acc.ndim == axis:
                 raise QDQUnsupported(f"Concat {n.name}: along the channels of a per-channel result")
-            ratio = _term_step(num, term_axis, acc.ndim)
+            ratio = term_step(num, term_axis, acc.ndim)
             parts, reach = [], p.reach
             for v in ins:
                 if isinstance(v, _Pending):
