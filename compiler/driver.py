@@ -12,6 +12,7 @@ What differs between targets is asked of the backend (codegen/backend.py); this 
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -154,10 +155,31 @@ def calibrate(loaded: Loaded, opts: CompileOptions, config: quantize.QuantConfig
             bit_plan, _ = plan_bits(src, calib, opts, shapes)
             config = opts.quant_config(bit_plan.bits)
     with stage("calibrate + quantize"):
-        proto, report = quantize.quantize(src.proto, calib, config, where=src.path, shapes=shapes,
-                                          calib_where=os.fspath(opts.calib) if is_file else "calibration data")
+        proto, report = _quantize(src, calib, config, shapes,
+                                  calib_where=os.fspath(opts.calib) if is_file else "calibration data")
     return frontend.OnnxModel(proto, src.path, src.sha256), inputs, Calibrated(report, config, bit_plan,
                                                                                  opts.sensitivity)
+
+
+_LAST_QUANTIZATION: dict[tuple, tuple[bytes, quantize.QuantReport]] = {}
+
+
+def _quantize(src: frontend.OnnxModel, calib, config: quantize.QuantConfig, shapes, calib_where: str):
+    """``quantize.quantize``, remembered for the last model, data and settings: a compile followed by
+    ``quantized_model`` of the same inputs (the golden reference of that very build, as the corpus
+    report and the tests take it) calibrates once.  Keyed by content, so a changed model or sample
+    misses; a reader (``get_next``) is consumed as it is read and never remembered."""
+    if hasattr(calib, "get_next") or src.proto.ByteSize() >= 2**31:
+        return quantize.quantize(src.proto, calib, config, where=src.path, shapes=shapes, calib_where=calib_where)
+    key = (hashlib.sha256(src.proto.SerializeToString()).hexdigest(), latency.digest_feeds(calib), repr(config),
+           repr(shapes), src.path)
+    if key not in _LAST_QUANTIZATION:
+        proto, report = quantize.quantize(src.proto, calib, config, where=src.path, shapes=shapes,
+                                          calib_where=calib_where)
+        _LAST_QUANTIZATION.clear()
+        _LAST_QUANTIZATION[key] = (proto.SerializeToString(), report)
+    raw, report = _LAST_QUANTIZATION[key]
+    return onnx.load_from_string(raw), report
 
 
 def lower(mod, src: frontend.OnnxModel, variants, backend: Backend, target: dict, integer_only: bool):

@@ -13,7 +13,7 @@ from conftest import concat_cnn, make_model, mlp_model, run_cli
 from onnx import TensorProto, helper, numpy_helper
 
 import compiler
-from compiler import quantize
+from compiler import driver, quantize
 from compiler.fold_batchnorm import fold_batchnorm
 from compiler.options import CompileOptions
 from compiler.tools import ort as ort_baseline
@@ -296,3 +296,26 @@ def test_token_ids_pass_through_calibration_and_the_embedding_is_integer(tmp_pat
     np.testing.assert_array_equal(art.run(ids)["y"], golden.run_qdq(qdq, ids)["y"])
     with pytest.raises(UserError, match="'ids' takes int64"):
         compiler.compile(path, options=CompileOptions(calib={"ids": calib["ids"].astype(np.float32)}))
+
+
+
+def _scales(qdq: onnx.ModelProto) -> dict[str, np.ndarray]:
+    consts = {t.name: numpy_helper.to_array(t) for t in qdq.graph.initializer}
+    return {n.input[0]: consts[n.input[1]] for n in qdq.graph.node if n.op_type == "QuantizeLinear"}
+
+
+def test_the_golden_reference_of_a_build_reuses_its_calibration(monkeypatch):
+    """driver.quantized_model right after compile (the corpus report's and the tests' reference of
+    that build) takes the compile's QDQ model, not a second calibration; other data calibrates anew."""
+    model = mlp_model(batch=1)
+    calib = {"x": np.random.default_rng(0).normal(size=(16, 8)).astype(np.float32)}
+    art = compiler.compile(model, options=CompileOptions(calib=calib))
+    calls = []
+    real = quantize.quantize
+    monkeypatch.setattr(quantize, "quantize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    qdq, variants = driver.quantized_model(model, CompileOptions(calib=calib))
+    assert not calls
+    x = {"x": calib["x"][:1]}
+    np.testing.assert_array_equal(art.run(x)["y"], golden.run_qdq(qdq, x, variants)["y"])
+    other, _ = driver.quantized_model(model, CompileOptions(calib={"x": calib["x"] * 2}))
+    assert calls == [1] and not np.array_equal(_scales(other)["x"], _scales(qdq)["x"])
