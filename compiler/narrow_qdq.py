@@ -13,8 +13,8 @@ parameter layouts the integer lowering does not apply:
   table of 256 (16) values, built from the type's definition in ``ml_dtypes``.  Quantizing
   *to* a float code is refused: TVM's float8 casts on LLVM round wrongly (0.0 -> 2^-7).
 * **blocked** parameters (``block_size``: one scale per block of a row) and **per-axis**
-  parameters of an activation (other than one scale per channel of an NCHW feature map with
-  one zero point, which the integer lowering requantizes to and convolves depthwise) are expanded to a constant broadcast against ``x`` and applied as the spec's arithmetic,
+  parameters of an activation (other than one scale and zero point per channel of an NCHW
+  feature map, which the integer lowering requantizes to and convolves depthwise) are expanded to a constant broadcast against ``x`` and applied as the spec's arithmetic,
   ``y = saturate(round(x / s) + zp)`` (``Round`` is half-to-even, as ``QuantizeLinear``)
   and ``x = (q - zp) * s``, so those nodes run in float (fake-quant) while the rest of the
   graph still lowers to integers.
@@ -109,17 +109,15 @@ def _elem_types(g: onnx.GraphProto) -> dict[str, int]:
 
 def _expanded(n: onnx.NodeProto, inits: dict[str, onnx.TensorProto], rank: int | None = None) -> bool:
     """Blocked parameters, or per-axis ones on an activation: applied as explicit arithmetic --
-    except one scale per channel of an NCHW feature map with one zero point (NNCF quantizes a
-    depthwise convolution's input so), which the integer lowering takes as it is."""
+    except one scale and zero point per channel of an NCHW feature map (NNCF quantizes a depthwise
+    convolution's input so), which the integer lowering takes as it is."""
     if attrs(n).get("block_size", 0):
         return True
     scale = inits.get(n.input[1])
     per_axis = scale is not None and int(np.prod(scale.dims)) > 1
     if not per_axis or n.input[0] in inits:
         return False
-    zp = inits.get(n.input[2]) if len(n.input) > 2 and n.input[2] else None
-    one_zero = zp is None or len(np.unique(numpy_helper.to_array(zp))) == 1
-    return not (rank == 4 and attrs(n).get("axis", 1) % 4 == 1 and one_zero)
+    return not (rank == 4 and attrs(n).get("axis", 1) % 4 == 1)
 
 
 def _params(rw: Rewriter, n: onnx.NodeProto, here: str) -> tuple[np.ndarray, np.ndarray | None]:

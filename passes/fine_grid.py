@@ -86,15 +86,17 @@ def table_grid(fn: Callable[[np.ndarray], np.ndarray], s: float, z: int, qmin: i
 #
 # F's rounding adds at most t / 2 to f's error, with t <= min_c s_c / 2^12.
 
-def channel_grid(fn: Callable[[np.ndarray], np.ndarray], scales: np.ndarray, z: int, qmin: int,
+def channel_grid(fn: Callable[[np.ndarray], np.ndarray], scales: np.ndarray, z: int | np.ndarray, qmin: int,
                  qmax: int, sign: np.ndarray | None = None) -> FineGrid:
-    """The grid for Q_c(sign_c fn(x)) at every channel's scale in ``scales`` (one zero point; the
-    sign per channel, +1 where ``sign`` is None)."""
+    """The grid for Q_c(sign_c fn(x)) at every channel's scale in ``scales`` and zero point in ``z``
+    (one for all, or one per channel: NNCF's asymmetric depthwise inputs); the sign per channel, +1
+    where ``sign`` is None."""
     signs = np.ones(np.size(scales)) if sign is None else np.asarray(sign, np.float64).reshape(-1)
-    pairs = sorted(set(zip(np.float32(scales).reshape(-1).tolist(), signs.tolist(), strict=True)))
+    zeros = np.broadcast_to(np.asarray(z, np.int64).reshape(-1), (np.size(scales),))
+    triples = sorted(set(zip(np.float32(scales).reshape(-1).tolist(), signs.tolist(), zeros.tolist(), strict=True)))
     with np.errstate(all="ignore"):
         y = fn(_SCAN)                       # once: a GELU's erf at every scan point is the cost, not the quantize
-    spans = [_interval_of(g * y, s, z, qmin, qmax) for s, g in pairs]
+    spans = [_interval_of(g * y, s, zc, qmin, qmax) for s, g, zc in triples]
     return _grid(min(a for a, _ in spans), max(b for _, b in spans))
 
 

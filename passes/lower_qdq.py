@@ -376,13 +376,25 @@ class _Lowering:
             return v
         return replace(v, expr=self.bb.emit(op.permute_dims(v.expr, [0, 2, 3, 1])), channels_last=True)
 
-    def centered(self, v: _Int) -> relax.Expr:
-        x = op.astype(v.expr, "int32")
+    def centered(self, v: _Int, dtype: str = "int32") -> relax.Expr:
+        """q - z: one zero point, or one per channel of a feature map (NNCF's depthwise inputs)."""
+        x = op.astype(v.expr, dtype)
         if np.any(v.zero != 0):
-            if v.zero.size != 1:
-                raise QDQLoweringError("per-axis zero points on activations are not supported")
-            x = op.subtract(x, relax.const(int(v.zero.reshape(-1)[0]), "int32"))
+            z = v.zero.reshape(-1)
+            if z.size != 1 and v.expr.ty.ndim != 4:
+                raise QDQLoweringError("per-axis zero points on activations other than a feature map's channels")
+            shape = [1] * 4
+            shape[3 if v.channels_last else 1] = -1
+            x = op.subtract(x, relax.const(int(z[0]), dtype) if z.size == 1 else
+                            relax.const(z.reshape(shape).astype(dtype), dtype))
         return self.bb.emit(x)
+
+    def one_zero(self, v: _Int) -> _Int:
+        """A feature map with a zero point per channel as q - z_c in int16 (zero point 0): what a
+        depthwise convolution reads, its padding then plain zeros.  |q - z_c| <= 255."""
+        if v.zero.size == 1:
+            return v
+        return replace(v, expr=self.centered(v, "int16"), zero=np.zeros(1, np.int64), dtype="int16")
 
     def on_wide_grid(self, v):
         """A value left unquantized as the int16 tensor a convolution, pool or LayerNorm reads: a pooled
@@ -860,8 +872,10 @@ class _Lowering:
         scale, zero = _np(call.args[1]).astype(np.float32), _np(call.args[2])
         dtype = str(call.ty.dtype)
         info = np.iinfo(dtype)
-        if scale.size > 1 and (call.ty.ndim != 4 or int(call.attrs.axis) % 4 != 1 or len(np.unique(zero)) != 1):
+        if scale.size > 1 and (call.ty.ndim != 4 or int(call.attrs.axis) % 4 != 1):
             raise QDQLoweringError("per-axis quantize other than one scale per channel of an NCHW feature map")
+        # one zero point, or one per channel (NNCF's asymmetric depthwise inputs)
+        z_out = int(zero.reshape(-1)[0]) if np.all(zero == zero.reshape(-1)[0]) else zero.reshape(-1).astype(np.int64)
         if isinstance(src, (tvm.ir.GenericConst, _FloatView)) and scale.size == 1:     # on the host
             base = src if isinstance(src, _FloatView) else _FloatView(_np(src), [])
             q = _host_quantize(base.value.astype(np.float32), float(scale.reshape(-1)[0]), int(zero.reshape(-1)[0]),
@@ -888,7 +902,7 @@ class _Lowering:
         if isinstance(src, _PendingUnary) and scale.size == 1:
             return self.tabulate_pending(src, float(scale.reshape(-1)[0]), int(zero.reshape(-1)[0]), dtype)
         if isinstance(src, _PendingUnary):
-            return self.tabulate_pending_channels(src, scale.reshape(-1), int(zero.reshape(-1)[0]), dtype)
+            return self.tabulate_pending_channels(src, scale.reshape(-1), z_out, dtype)
         if isinstance(src, relax.Var) or isinstance(src, tvm.ir.GenericConst):   # input boundary
             expr = self.bb.emit(relax.Call(call.op, [src, *self.rest(call)], call.attrs))
             return _Int(expr, scale, zero, dtype)
@@ -904,23 +918,22 @@ class _Lowering:
             return _Int(self.bb.emit(op.concat(parts, axis=src.axis)), scale, zero, dtype)
         if not isinstance(src, _Pending) or (scale.size > 1 and src.keep is not None):
             raise QDQLoweringError("quantize of an unsupported value")
-        return self.requantize(src, scale.reshape(-1) if scale.size > 1 else float(scale.reshape(-1)[0]),
-                               int(zero.reshape(-1)[0]), dtype)
+        return self.requantize(src, scale.reshape(-1) if scale.size > 1 else float(scale.reshape(-1)[0]), z_out, dtype)
 
-    def requantize(self, src: _Pending, s_out: float | np.ndarray, z_out: int, dtype: str) -> _Int:
+    def requantize(self, src: _Pending, s_out: float | np.ndarray, z_out: int | np.ndarray, dtype: str) -> _Int:
         """A pending result's terms, each rescaled to s_out, summed, clamped (with its ReLU / Clip
         bounds) to ``dtype`` at zero point z_out.  ``s_out`` may hold one scale per channel of a
         feature map (NNCF quantizes a depthwise convolution's input so): the ratios, and the clamp of
-        a ReLU6, are then per channel."""
+        a ReLU6, are then per channel, and so may the zero point ``z_out`` be."""
         info = np.iinfo(dtype)
-        scale, zero = np.atleast_1d(np.float32(s_out)), np.array([z_out])
+        scale, zero = np.atleast_1d(np.float32(s_out)), np.atleast_1d(np.asarray(z_out, np.int64))
         per = scale.size > 1
         channel = 3 if src.channels_last else 1
         lo, hi = np.full(scale.shape, int(info.min), np.int64), np.full(scale.shape, int(info.max), np.int64)
         if np.isfinite(src.lo):
-            lo = np.maximum(lo, z_out + np.round(src.lo / scale).astype(np.int64))
+            lo = np.maximum(lo, zero + np.round(src.lo / scale).astype(np.int64))
         if np.isfinite(src.hi):
-            hi = np.minimum(hi, z_out + np.round(src.hi / scale).astype(np.int64))
+            hi = np.minimum(hi, zero + np.round(src.hi / scale).astype(np.int64))
         total = None
         for acc, num, axis in src.terms:
             if per and axis is not None and axis % acc.ty.ndim != channel:
@@ -939,7 +952,7 @@ class _Lowering:
                 return _Int(self.bb.emit(y), scale, zero, dtype, src.channels_last)
             term = rescale(acc, d, axis if axis is not None else -1)
             total = term if total is None else op.add(total, term)
-        y = saturate(total, z_out, int(lo.min()), int(hi.max()), dtype)
+        y = saturate(self.plus_zero(total, zero, channel, 4), 0, int(lo.min()), int(hi.max()), dtype)
         if per and (np.any(lo != lo.min()) or np.any(hi != hi.max())):     # ReLU6's top differs per channel
             shape = [1] * 4
             shape[channel] = -1
@@ -1292,7 +1305,7 @@ class _Lowering:
                              int(call.attrs.axis))
         if isinstance(src, _Int):
             if scale.size != 1 and not (np.array_equal(scale.reshape(-1), src.scale.reshape(-1))
-                                        and np.all(zero.reshape(-1) == src.zero.reshape(-1)[0])):
+                                        and np.all(zero.reshape(-1) == src.zero.reshape(-1))):
                 raise QDQLoweringError("per-axis dequantize of an activation quantized otherwise")
             return _Deq(src)
         raise QDQLoweringError("dequantize of an unsupported value")
@@ -1309,7 +1322,7 @@ class _Lowering:
         y = op.take(relax.const(table.astype(dtype), dtype), index, axis=0)
         return _Int(self.bb.emit(y), np.float32([s]), np.array([z]), dtype, q16.channels_last)
 
-    def tabulate_pending_channels(self, u: _PendingUnary, scales: np.ndarray, z: int, dtype: str,
+    def tabulate_pending_channels(self, u: _PendingUnary, scales: np.ndarray, z: int | np.ndarray, dtype: str,
                                   axis: int | None = None, sign: np.ndarray | None = None) -> _Int:
         """One scale per output channel (NNCF: Conv -> SiLU -> Q per channel -> depthwise; or f times a
         factor per channel quantized at one scale, each channel at s / |c|, along ``axis``): the
@@ -1327,8 +1340,20 @@ class _Lowering:
             shape[axis] = -1
             fixed = self.bb.emit(op.multiply(fixed, relax.const(sign.astype(np.int32).reshape(shape), "int32")))
         d = dyadic_from_ratio(np.float64(np.float32(t)) / np.float32(scales).astype(np.float64))
-        y = saturate(rescale(fixed, d, axis), z, int(info.min), int(info.max), dtype)
-        return _Int(self.bb.emit(y), np.float32(scales), np.array([z]), dtype, q16.channels_last)
+        zero = np.atleast_1d(np.asarray(z, np.int64))
+        y = saturate(self.plus_zero(rescale(fixed, d, axis), zero, axis, q16.expr.ty.ndim), 0, int(info.min),
+                     int(info.max), dtype)
+        return _Int(self.bb.emit(y), np.float32(scales), zero, dtype, q16.channels_last)
+
+    @staticmethod
+    def plus_zero(total: relax.Expr, zero: np.ndarray, axis: int, ndim: int) -> relax.Expr:
+        """total (int64) + z: one zero point, or one per channel along ``axis``."""
+        if not np.any(zero != 0):
+            return total
+        shape = [1] * ndim
+        shape[axis] = -1
+        return op.add(total, relax.const(int(zero[0]), "int64") if zero.size == 1 else
+                      relax.const(zero.reshape(shape).astype(np.int64), "int64"))
 
     def tabulate(self, u: _Unary, s: float, z: int, dtype: str) -> _Int:
         """q_y = T[q_x]: the float function at each of the 256 integers, quantized as
@@ -1389,7 +1414,7 @@ class _Lowering:
         is_conv = name == "relax.nn.conv2d"
         # only a channels-last unit's convolution reads a channels-last input as it is
         v = self.on_wide_grid(self.val(call.args[0], channels_last=is_conv and any(u.channels_last for u in self.units)))
-        x = self.deq(v, name, per_channel=is_conv)
+        x = self.one_zero(self.deq(v, name, per_channel=is_conv))
         w = self.val(call.args[1])
         if name == "relax.matmul" and isinstance(w, _Deq):
             return self.activation_matmul(x, w.value)
@@ -1402,8 +1427,6 @@ class _Lowering:
             raise QDQLoweringError(f"{name} with a non-constant second operand is not supported yet")
         if w.scale.size > 1 and np.any(w.zero != 0):
             raise QDQLoweringError(f"{name}: per-channel weights need zero points of 0")
-        if x.zero.size != 1:
-            raise QDQLoweringError("per-axis zero points on activations are not supported")
         out_axis %= w.q.ndim
         if w.scale.size > 1 and w.axis % w.q.ndim != out_axis:
             raise QDQLoweringError(f"{name}: weights must be quantized per output channel")
@@ -1428,7 +1451,7 @@ class _Lowering:
                         weights, bits, **geometry)
         unit = first_fit(self.units, c)
         if (unit is None or not unit.channels_last) and x.channels_last:
-            x = self.deq(self.val(call.args[0]), name, per_channel=is_conv)
+            x = self.one_zero(self.deq(self.val(call.args[0]), name, per_channel=is_conv))
             c = replace(c, x=Operand.of(x.expr, x.dtype, x.zero))
         stored = unit.pack(c) if unit is not None else subbyte.pack(wq, bits) if bits else weights
         wc = relax.const(stored, str(stored.dtype))

@@ -533,10 +533,11 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
     def attrs(n):
         return {a.name: helper.get_attribute_value(a) for a in n.attribute}
 
-    def requant(p: _Pending, scale_out, zero_out: int, qmin: int, qmax: int) -> np.ndarray:
+    def requant(p: _Pending, scale_out, zero_out, qmin: int, qmax: int) -> np.ndarray:
         """``p`` on the output grid; ``scale_out`` one scale, or one per channel (axis 1) of an
-        NCHW feature map (NNCF's depthwise inputs)."""
+        NCHW feature map (NNCF's depthwise inputs), and so ``zero_out``."""
         s_out = np.atleast_1d(np.asarray(scale_out, np.float32))
+        zero_out = np.atleast_1d(np.asarray(zero_out, np.int64))
         per = s_out.size > 1
         total = 0
         for acc, num, axis in p.terms:
@@ -555,7 +556,8 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
             lo = np.maximum(lo, zero_out + np.round(p.lo / s_out).astype(np.int64))
         if np.isfinite(p.hi):
             hi = np.minimum(hi, zero_out + np.round(p.hi / s_out).astype(np.int64))
-        out = np.clip(total + zero_out, lo.reshape(shape), hi.reshape(shape))
+        out = np.clip(total + zero_out.reshape(shape if zero_out.size > 1 else (1,)), lo.reshape(shape),
+                      hi.reshape(shape))
         return out if per else out.reshape(np.shape(total + zero_out))
 
     def on_wide_grid(v):
@@ -595,23 +597,24 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
             x, s, z = ins[0], np.float32(np.asarray(ins[1]).reshape(-1)[0]), ins[2] if len(ins) > 2 else np.uint8(0)
             zdt = np.asarray(z).dtype
             info = np.iinfo(zdt)
-            if np.asarray(ins[1]).size > 1:     # one scale per channel of a feature map, one zero point
+            if np.asarray(ins[1]).size > 1:     # one scale (and zero point) per channel of a feature map
                 s = np.asarray(ins[1], np.float32).reshape(-1)
-                zo = int(np.asarray(z).reshape(-1)[0])
+                zo = np.broadcast_to(np.asarray(z, np.int64).reshape(-1), s.shape)
                 if not isinstance(x, (_Pending, _PendingFn)) or a.get("axis", 1) % 4 != 1 or \
                         (isinstance(x, _PendingFn) and x.gain is not None) or \
-                        len(np.unique(np.asarray(z))) != 1 or (isinstance(x, _Pending) and x.keep is not None):
+                        (isinstance(x, _Pending) and x.keep is not None):
                     raise QDQUnsupported(f"QuantizeLinear {n.name}: per-axis, of other than a feature map's result")
                 if isinstance(x, _PendingFn):   # f in fixed point on one grid, each channel's ratio t / s_c
                     grid = channel_grid(x.fn, s, zo, int(info.min), int(info.max))
                     table, t = fixed_table(x.fn, grid, s)
                     q16 = requant(x.p, grid.scale, grid.zero, -(1 << 15), (1 << 15) - 1)
                     d = dyadic_from_ratio(np.float64(np.float32(t)) / s.astype(np.float64))
-                    val = requantize(table[q16 + (1 << 15)], d.m, d.e, info.min - zo, info.max - zo, axis=1,
-                                     dtype=np.int64) + zo
+                    zc = zo.reshape(1, -1, 1, 1)
+                    val = requantize(table[q16 + (1 << 15)], d.m, d.e, info.min - zc, info.max - zc, axis=1,
+                                     dtype=np.int64) + zc
                 else:
                     val = requant(x, s, zo, info.min, info.max)
-                env[n.output[0]] = ("q", _Q(val, s, np.asarray(z).reshape(-1)[0], 1), zdt)
+                env[n.output[0]] = ("q", _Q(val, s, zo if len(np.unique(zo)) > 1 else zo[0], 1), zdt)
                 return
             if isinstance(x, _PendingFn) and x.gain is not None:   # each channel at s / |c|, the sign flipped
                 c, axis = x.gain

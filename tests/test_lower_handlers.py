@@ -326,13 +326,15 @@ def test_class_token_of_a_per_channel_result(tmp_path, monkeypatch):
     assert {"relax.take", "relax.nn.layer_norm"} <= seen
 
 
-def _per_channel_depthwise_qdq() -> onnx.ModelProto:
+def _per_channel_depthwise_qdq(zeros: bool) -> onnx.ModelProto:
     """NNCF's MobileNetV2 layout: a pointwise convolution's ReLU6 quantized with one scale per
-    channel (one zero point), read by a depthwise convolution whose bias is a float Add."""
+    channel (one zero point, or one per channel: ``zeros``), read by a depthwise convolution whose
+    bias is a float Add."""
     rng = np.random.default_rng(8)
     c = IMAGE[1]
+    zc = rng.integers(0, 40, c) if zeros else np.zeros(c)
     inits = [_const("sx", 0.05), _const("zx", 128, np.uint8), _const("sy", 0.04), _const("zy", 0, np.uint8),
-             _const("sc", rng.uniform(0.01, 0.05, c)), _const("zc", np.zeros(c), np.uint8),
+             _const("sc", rng.uniform(0.01, 0.05, c)), _const("zc", zc, np.uint8),
              numpy_helper.from_array(rng.integers(-127, 128, size=(c, c, 1, 1)).astype(np.int8), "w1q"),
              numpy_helper.from_array(rng.integers(-127, 128, size=(c, 1, 3, 3)).astype(np.int8), "w2q"),
              _const("sw1", rng.uniform(0.002, 0.01, c)), _const("sw2", rng.uniform(0.002, 0.01, c)),
@@ -350,20 +352,24 @@ def _per_channel_depthwise_qdq() -> onnx.ModelProto:
     return _model(nodes, inits, IMAGE)
 
 
-def test_per_channel_input_of_a_depthwise_convolution(tmp_path, monkeypatch):
+@pytest.mark.parametrize("zeros", [False, True], ids=["one-zero-point", "zero-point-per-channel"])
+def test_per_channel_input_of_a_depthwise_convolution(zeros, tmp_path, monkeypatch):
     """Requantized to one scale per channel (ReLU6's top per channel), then convolved depthwise
-    at s_x[c] * s_w[c]: integer-only, bit-exact with golden."""
-    seen = _compile_and_compare(_per_channel_depthwise_qdq(), tmp_path / "dw.onnx", None, monkeypatch)
+    at s_x[c] * s_w[c]; a zero point per channel is subtracted before the convolution (q - z_c in
+    int16, padded with 0): integer-only, bit-exact with golden."""
+    seen = _compile_and_compare(_per_channel_depthwise_qdq(zeros), tmp_path / "dw.onnx", None, monkeypatch)
     assert {"relax.nn.conv2d", "relax.quantize", "relax.dequantize"} <= seen
 
 
-def _silu_per_channel_qdq() -> onnx.ModelProto:
+def _silu_per_channel_qdq(zeros: bool) -> onnx.ModelProto:
     """NNCF's EfficientNet layout: Conv -> SiLU (x * sigmoid(x)) left unquantized, then one scale per
-    channel for the depthwise convolution that reads it."""
+    channel for the depthwise convolution that reads it (and, in MobileViT, one zero point per
+    channel: ``zeros``)."""
     rng = np.random.default_rng(9)
     c = IMAGE[1]
+    zc = rng.integers(-126, -110, c) if zeros else np.zeros(c)
     inits = [_const("sx", 0.05), _const("zx", 128, np.uint8), _const("sc", rng.uniform(0.005, 0.03, c)),
-             _const("zc", np.zeros(c), np.int8), _const("sy", 0.02), _const("zy", 0, np.int8),
+             _const("zc", zc, np.int8), _const("sy", 0.02), _const("zy", 0, np.int8),
              numpy_helper.from_array(rng.integers(-127, 128, size=(c, c, 1, 1)).astype(np.int8), "w1q"),
              numpy_helper.from_array(rng.integers(-127, 128, size=(c, 1, 3, 3)).astype(np.int8), "w2q"),
              _const("sw1", rng.uniform(0.002, 0.01, c)), _const("sw2", rng.uniform(0.002, 0.01, c)),
@@ -379,10 +385,11 @@ def _silu_per_channel_qdq() -> onnx.ModelProto:
     return _model(nodes, inits, IMAGE)
 
 
-def test_float_function_quantized_per_channel(tmp_path, monkeypatch):
+@pytest.mark.parametrize("zeros", [False, True], ids=["one-zero-point", "zero-point-per-channel"])
+def test_float_function_quantized_per_channel(zeros, tmp_path, monkeypatch):
     """f on one 16-bit grid for every channel, in fixed point, each channel requantized by its own
-    ratio: integer-only, bit-exact with golden."""
-    seen = _compile_and_compare(_silu_per_channel_qdq(), tmp_path / "silu_pc.onnx", None, monkeypatch)
+    ratio (and zero point): integer-only, bit-exact with golden."""
+    seen = _compile_and_compare(_silu_per_channel_qdq(zeros), tmp_path / "silu_pc.onnx", None, monkeypatch)
     assert {"relax.sigmoid", "relax.quantize"} <= seen
 
 

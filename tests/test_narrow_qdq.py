@@ -94,17 +94,17 @@ def test_blocked_weights_run_as_float_and_match_the_reference():
 
 
 def test_per_axis_activation_quantization_runs_as_float_and_is_refused_on_rv32(rv32_toolchain):
-    """Per-channel scales and zero points on an activation: the integer lowering takes one zero
-    point per tensor (and per-channel scales only on a depthwise convolution's input), so the
-    pair runs as the spec's float arithmetic (exactly ONNX's reference) on the CPU, and the
+    """Per-channel scales and zero points on an activation other than a feature map's channels: the
+    integer lowering takes those only on an NCHW feature map (a depthwise convolution's input), so
+    the pair runs as the spec's float arithmetic (exactly ONNX's reference) on the CPU, and the
     rv32 target, which runs integer-only models, refuses it in one line."""
     scale = numpy_helper.from_array(np.array([0.1, 0.05, 0.2, 0.5], np.float32), "s")
     zero = numpy_helper.from_array(np.array([0, 10, 128, 255], np.uint8), "z")
     model = make_model([helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="q_in", axis=1),
                         helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["y"], name="dq_in", axis=1)],
-                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 2, 2])],
-                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 2, 2])], [scale, zero], opset=21)
-    x = np.random.default_rng(4).normal(0, 20, (1, 4, 2, 2)).astype(np.float32)
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 3])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 3])], [scale, zero], opset=21)
+    x = np.random.default_rng(4).normal(0, 20, (1, 4, 3)).astype(np.float32)
     (want,) = ReferenceEvaluator(model).run(None, {"x": x})
     np.testing.assert_array_equal(driver.compile(model).run(x)["y"], want)
     with pytest.raises(UserError, match="not integer-only") as exc:
