@@ -544,7 +544,9 @@ class _Lowering:
             return replace(r, of=pu) if isinstance(r, _Pending) else r
         if name == "relax.multiply" and (gained := self.channel_gain(call)) is not None:
             return gained
-        if any(isinstance(a, _PendingUnary) for a in args) and name not in ("relax.quantize", *WIDE_READERS):
+        joins_sum = name == "relax.add" and all(isinstance(a, (_PendingUnary, _Pending, _Deq)) for a in args)
+        if any(isinstance(a, _PendingUnary) for a in args) and name not in ("relax.quantize", *WIDE_READERS) \
+                and not joins_sum:
             raise QDQLoweringError(f"{name}: a float function of an accumulator must be quantized next")
         if handler is None:
             raise QDQLoweringError(f"{name}: no integer lowering for this op")
@@ -1554,6 +1556,11 @@ class _Lowering:
                     and _static_shape(call) is not None \
                     and _static_shape(call) == _static_shape(call.args[0 if x is a else 1]):
                 return x
+        if any(isinstance(v, _PendingUnary) for v in (a, b)) and all(isinstance(v, (_PendingUnary, _Pending, _Deq))
+                                                                     for v in (a, b)):
+            # a float function of an accumulator joins a sum no quantize follows (NNCF's MobileViT: a block's
+            # SiLU input plus its output): the function's table on the 16-bit grid its bound fixes
+            a, b = (self.on_wide_grid(v) if isinstance(v, _PendingUnary) else v for v in (a, b))
         if isinstance(b, _Pending) and not isinstance(a, _Pending):
             a, b = b, a
         if isinstance(a, _Pending) and (np.isfinite(a.lo) or np.isfinite(a.hi)):

@@ -745,6 +745,10 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
             env[n.output[0]] = g
         elif op == "Add":
             x, y = ins
+            if any(isinstance(v, _PendingFn) for v in ins) and all(isinstance(v, (_PendingFn, _Pending, tuple))
+                                                                   for v in ins):
+                ins = [on_wide_grid(v) if isinstance(v, _PendingFn) else v for v in ins]    # a function's table
+                x, y = ins
             if isinstance(x, tuple) and isinstance(y, tuple):
                 terms, reach = [], 0.0
                 for v in (x, y):
@@ -1058,7 +1062,9 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
         if pf is not None and any(isinstance(v, _PendingFn) for v in ins):
             env[n.output[0]] = pf
             continue
-        if any(isinstance(v, _PendingFn) for v in ins) and n.op_type not in ("QuantizeLinear", *WIDE_READERS):
+        joins_sum = n.op_type == "Add" and all(isinstance(v, (_PendingFn, _Pending, tuple)) for v in ins)
+        if any(isinstance(v, _PendingFn) for v in ins) and n.op_type not in ("QuantizeLinear", *WIDE_READERS) \
+                and not joins_sum:
             env.update(zip(n.output, _island(n, ins, QDQUnsupported(n.name)), strict=False))
             continue
         try:

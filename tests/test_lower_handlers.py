@@ -393,6 +393,32 @@ def test_float_function_quantized_per_channel(zeros, tmp_path, monkeypatch):
     assert {"relax.sigmoid", "relax.quantize"} <= seen
 
 
+def _function_joins_a_sum_qdq() -> onnx.ModelProto:
+    """NNCF's MobileViT block: SiLU of a convolution left unquantized is the residual operand of a
+    second convolution's result, both float until the sum's quantize."""
+    rng = np.random.default_rng(12)
+    c = IMAGE[1]
+    inits = [_const("sx", 0.05), _const("zx", 128, np.uint8), _const("sy", 0.03), _const("zy", 0, np.int8),
+             numpy_helper.from_array(rng.integers(-127, 128, size=(c, c, 1, 1)).astype(np.int8), "w1q"),
+             numpy_helper.from_array(rng.integers(-127, 128, size=(c, c, 1, 1)).astype(np.int8), "w2q"),
+             _const("sw1", rng.uniform(0.002, 0.01, c)), _const("sw2", rng.uniform(0.002, 0.01, c)),
+             _const("zw", np.zeros(c), np.int8)]
+    nodes = [_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]), _node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+             _node("DequantizeLinear", ["w1q", "sw1", "zw"], ["w1"], axis=0), _node("Conv", ["xd", "w1"], ["a"]),
+             _node("Sigmoid", ["a"], ["g"]), _node("Mul", ["a", "g"], ["s"]),
+             _node("DequantizeLinear", ["w2q", "sw2", "zw"], ["w2"], axis=0), _node("Conv", ["xd", "w2"], ["b"]),
+             _node("Add", ["s", "b"], ["o"]),
+             _node("QuantizeLinear", ["o", "sy", "zy"], ["oq"]), _node("DequantizeLinear", ["oq", "sy", "zy"], ["y"])]
+    return _model(nodes, inits, IMAGE)
+
+
+def test_a_float_function_of_an_accumulator_joins_a_sum(tmp_path, monkeypatch):
+    """The function tabulated on the 16-bit grid its accumulator's bound fixes, then one term of the
+    sum: integer-only, bit-exact with golden."""
+    seen = _compile_and_compare(_function_joins_a_sum_qdq(), tmp_path / "fsum.onnx", None, monkeypatch)
+    assert {"relax.sigmoid", "relax.add"} <= seen
+
+
 def _norm_of_concat_qdq(pool: bool) -> onnx.ModelProto:
     """DenseNet: BatchNormalization -> ReLU of a Concat of two grids, quantized after (NNCF), or
     of one dequantized tensor pooled before the quantize (``pool``: ORT's QOperator head)."""
