@@ -258,6 +258,7 @@ def _plan(m: onnx.ModelProto) -> _Plan:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
     outputs = {o.name for o in g.output}
+    graph_inputs = {i.name for i in g.input}
     plan = _Plan([], {}, {}, {}, {}, [], set(), set(), set())
     transformer = any(n.op_type == "LayerNormalization" for n in g.node)
     shapes = shape_tensors(m)
@@ -336,6 +337,11 @@ def _plan(m: onnx.ModelProto) -> _Plan:
             need(n.input[1])
             need(out := chain_end(n))
             if transformer:
+                # the stream's width for the sum and for a term that only joins it (an attention projection's
+                # or an MLP's output): no matmul reads such a term, so 16 bits cost no kernel an 8-bit operand
+                # and halve the error the stream takes in (DeiT-tiny's cosine to FP32 0.9986 -> 0.9990)
+                plan.residual.update(t for t in n.input[:2] if t not in outputs and t not in graph_inputs
+                                     and all(c.op_type == "Add" for c in consumers[t]))
                 plan.residual.add(out)
         elif op in ELEMENTWISE_BINARY and not any(i in constant or i in shapes for i in n.input) \
                 and root(n.input[0]) != root(n.input[1]):

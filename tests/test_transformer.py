@@ -295,10 +295,12 @@ def test_residual_stream_width_bit_exact(bits):
     qdq, report = quantize.quantize(model, calib, quantize.QuantConfig(residual_bits=bits))
     inits = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer}
     assert inits["r_zero_point"].dtype == (np.int16 if bits == 16 else np.uint8)
-    assert inits["h_zero_point"].dtype == np.uint8                  # the branch itself stays 8-bit
-    assert report.residual == 1
+    # the branch only joins the stream: at its width; the input, which LayerNorm also reads, stays 8-bit
+    assert inits["h_zero_point"].dtype == (np.int16 if bits == 16 else np.uint8)
+    assert inits["x_zero_point"].dtype == np.uint8
+    assert report.residual == 2
     art = compiler.compile(model, options=CompileOptions(calib=calib, residual_bits=bits))
-    assert art.manifest.integer_only and art.manifest.quantization["residual_stream"] == f"1 tensors in int{bits}"
+    assert art.manifest.integer_only and art.manifest.quantization["residual_stream"] == f"2 tensors in int{bits}"
     x = _rand(1, 5, 16, seed=5, scale=2.0)
     np.testing.assert_array_equal(art.run({"x": x})["y"], golden.run_qdq(qdq, {"x": x})["y"])
 
