@@ -77,6 +77,13 @@ def activation_matmul(k: int, a_dtype: str, za: int, b_dtype: str, zb: int) -> i
     return k * span(a_dtype, za) * span(b_dtype, zb)
 
 
+def probability_matmul(k: int, total: int, b_dtype: str, zb: int) -> int:
+    """sum over K of P_j (q_b - z_b), P a softmax's integer output (passes/integer_nonlinear.softmax):
+    each P_j >= 0 is rounded half up from a row whose exact terms sum to at most ``total``, so
+    sum_j P_j <= total + K/2 and |acc| <= (total + ceil(K/2)) span(b)."""
+    return (total + (k + 1) // 2) * span(b_dtype, zb)
+
+
 def product(a_dtype: str, b_dtype: str) -> int:
     """An elementwise (q_a - z_a)(q_b - z_b): |q - z| < 2^bits each."""
     return (1 << np.iinfo(a_dtype).bits) * (1 << np.iinfo(b_dtype).bits)

@@ -217,6 +217,9 @@ class _Pending:
     # a linear result's proven real bound (passes/wide_grid.py): a reader that needs an integer tensor
     # reads it on the 16-bit grid reach / 32767 (NNCF's squeeze-excitation convolutions, unquantized)
     reach: float | None = None
+    # a softmax's output: each row's exact terms sum to at most ``bound`` (passes/integer_nonlinear.py),
+    # so P.V is read on P's own integers (NNCF's Swin leaves the probabilities unquantized)
+    probabilities: bool = False
 
 
 @dataclass
@@ -283,6 +286,18 @@ def _real_on_grid(real: np.ndarray, num: np.ndarray) -> np.ndarray:
         raise QDQLoweringError("bias add: a per-tensor bias on a per-channel accumulator has no single grid")
     step = num.astype(np.float32).astype(np.float64).reshape(real.shape if num.size > 1 else ())
     return np.round(real / step).astype(np.int64)
+
+
+def _keeps_rows(call, before: relax.Expr, after: relax.Expr) -> bool:
+    """Whether a view keeps every row along the last axis whole (a softmax's rows still sum as before):
+    a transpose that leaves the last axis last, a reshape that keeps its size."""
+    a, b = _static_shape(before), _static_shape(after)
+    if a is None or b is None or a[-1] != b[-1]:
+        return False
+    if _name(call) == "relax.permute_dims":
+        axes = call.attrs.axes
+        return axes is None and len(a) == 1 or axes is not None and int(axes[-1]) % len(a) == len(a) - 1
+    return _name(call) in ("relax.reshape", "relax.expand_dims", "relax.squeeze")
 
 
 def _float_bias(v) -> np.ndarray | None:
@@ -544,7 +559,7 @@ class _Lowering:
             return replace(r, of=pu) if isinstance(r, _Pending) else r
         if name == "relax.multiply" and (gained := self.channel_gain(call)) is not None:
             return gained
-        joins_sum = name == "relax.add" and all(isinstance(a, (_PendingUnary, _Pending, _Deq)) for a in args)
+        joins_sum = name == "relax.add" and all(isinstance(a, (_PendingUnary, _Viewed, _Pending, _Deq)) for a in args)
         if any(isinstance(a, _PendingUnary) for a in args) and name not in ("relax.quantize", *WIDE_READERS) \
                 and not joins_sum:
             raise QDQLoweringError(f"{name}: a float function of an accumulator must be quantized next")
@@ -725,6 +740,8 @@ class _Lowering:
         position embedding, both left float by NNCF): each constant on the result's accumulator grid,
         round(c / (s_x s_w)) per channel, concatenated with the accumulator."""
         pending = [v for v in values if isinstance(v, _Pending)]
+        if len(pending) == len(values) > 1:
+            return self.concat_alike(call, pending)
         p = pending[0]
         if len(pending) != 1 or len(p.terms) != 1 or p.table is not None or p.keep is not None \
                 or np.isfinite(p.lo) or np.isfinite(p.hi):
@@ -752,6 +769,28 @@ class _Lowering:
             reach = None if reach is None else max(reach, wide_grid.const_reach(q, step))
             bound = max(bound, int(np.abs(q).max()))
         return _Pending([(self.bb.emit(op.concat(parts, axis=axis)), num, term_axis)], bound=bound, reach=reach)
+
+    def concat_alike(self, call, parts: list[_Pending]) -> _Pending:
+        """Results awaiting one requantize with the same terms' ratios (Swin's roll: slices of one
+        result joined the other way round): each term's accumulators concatenated."""
+        parts = [self.pending_view_nchw(p) if p.channels_last else p for p in parts]
+        first = parts[0]
+        ndim = first.terms[0][0].ty.ndim
+        axis = int(call.attrs.axis) % ndim
+        for p in parts:
+            if p.table is not None or p.keep is not None or (p.lo, p.hi) != (first.lo, first.hi) \
+                    or len(p.terms) != len(first.terms) or any(
+                        not np.array_equal(n1, n2) or a1 != a2 or (a1 is not None and a1 % ndim == axis)
+                        for (_, n1, a1), (_, n2, a2) in zip(p.terms, first.terms, strict=True)):
+                raise QDQLoweringError("relax.concat of results awaiting their requantize on different ratios")
+        terms = []
+        for i, (_, num, term_axis) in enumerate(first.terms):
+            accs = [p.terms[i][0] for p in parts]
+            dtype = "int64" if any(str(acc.ty.dtype) == "int64" for acc in accs) else str(accs[0].ty.dtype)
+            accs = [acc if str(acc.ty.dtype) == dtype else self.bb.emit(op.astype(acc, dtype)) for acc in accs]
+            terms.append((self.bb.emit(op.concat(accs, axis=axis)), num, term_axis))
+        reach = None if any(p.reach is None for p in parts) else max(p.reach for p in parts)
+        return _Pending(terms, first.lo, first.hi, bound=max(p.bound for p in parts), reach=reach)
 
     @_handles("relax.nn.max_pool2d")
     def max_pool(self, call):
@@ -1042,6 +1081,21 @@ class _Lowering:
                                         accumulators.span(b.dtype, int(b.zero.reshape(-1)[0])), num)
         return _Pending([(acc, num.astype(np.float64), None)], bound=bound, reach=reach)
 
+    def probability_matmul(self, p: _Pending, v: _Int) -> _Pending:
+        """P.V with P a softmax's output that no quantize follows (NNCF's Swin and MobileViT): P's own
+        integers (p 2^15, exact), times V centered; P's rows sum to at most 2^15 + K/2, so the sum fits
+        int32 with V on its 16-bit grid (passes/accumulators.probability_matmul)."""
+        acc, num, _ = p.terms[0]
+        if len(p.terms) != 1 or p.keep is not None or p.table is not None or v.scale.size != 1:
+            raise QDQLoweringError("relax.matmul: probabilities times a value that is not one integer tensor")
+        k, zv = int(v.expr.ty.shape.values[-2]), int(v.zero.reshape(-1)[0])
+        bound = accumulators.probability_matmul(k, p.bound, v.dtype, zv)
+        dtype = accumulators.accumulator_dtype(bound)
+        out = self.bb.emit(op.matmul(self.bb.emit(op.astype(acc, dtype)), self.centered(v, dtype), out_dtype=dtype))
+        num = (num.astype(np.float32) * v.scale.reshape(-1)[:1].astype(np.float32)).astype(np.float64)
+        return _Pending([(out, num, None)], bound=bound,
+                        reach=wide_grid.probability_reach(k, p.bound, accumulators.span(v.dtype, zv), num))
+
     @_handles("relax.isnan")
     def isnan(self, call):
         """A quantized value's real value is s (q - z): never NaN, whatever q is (SDPA as torch's
@@ -1094,7 +1148,9 @@ class _Lowering:
                 and float(_np(c).reshape(-1)[0]) > 0 and len(p.terms) == 1:
             v = float(_np(c).reshape(-1)[0])
             acc, num, axis = p.terms[0]
-            scaled = _Pending([(acc, num * (v if name == "relax.multiply" else 1.0 / v), axis)], p.lo, p.hi, p.bound)
+            factor = v if name == "relax.multiply" else 1.0 / v
+            scaled = _Pending([(acc, num * factor, axis)], p.lo, p.hi, p.bound,
+                              reach=None if p.reach is None else p.reach * factor)
             return scaled if viewed is None else _Viewed(scaled, viewed)
         if viewed is not None:
             raise QDQLoweringError(f"{name} of a viewed result other than a positive scalar scale")
@@ -1223,7 +1279,8 @@ class _Lowering:
             y, scale, bound = build(variant, self.centered(x), s, span=int(info.max) - int(info.min))
         else:
             y, scale, bound = build(variant, self.centered(x), s)
-        return _Pending([(self.bb.emit(y), np.array([scale], np.float64), None)], bound=bound)
+        return _Pending([(self.bb.emit(y), np.array([scale], np.float64), None)], bound=bound,
+                        probabilities=kind == "softmax")
 
     @_handles("relax.nn.layer_norm")
     def layer_norm(self, call):
@@ -1236,7 +1293,14 @@ class _Lowering:
         if np.any(gamma == 0):
             raise QDQLoweringError("layer_norm with a zero gamma has no integer form")
         info, channels = np.iinfo(str(x.expr.ty.dtype)), int(gamma.size)
-        if not accumulators.layer_norm_fits(channels, str(x.expr.ty.dtype)):
+        if info.bits == 16 and (k := wide_grid.norm_shift(channels)):
+            # 16 bits over many channels (Swin's 1536-channel patch merging read unquantized from NNCF's
+            # file, a wide 16-bit residual stream): the grid k bits coarser, q - z rounded half up, so
+            # that the integer variance fits int64
+            shifted = op.right_shift(op.add(self.centered(x), relax.const(1 << (k - 1), "int32")),
+                                     relax.const(k, "int32"))
+            x = _Int(self.bb.emit(shifted), np.float32(x.scale * 2.0**k), np.zeros(1, np.int64), "int32")
+        elif not accumulators.layer_norm_fits(channels, str(x.expr.ty.dtype)):
             raise QDQLoweringError(f"layer_norm over {channels} channels of {info.dtype} input: the integer "
                                    "variance could overflow int64; keep the residual stream in 8 bits")
         s = float(np.float32(x.scale.reshape(-1)[0]))
@@ -1244,7 +1308,7 @@ class _Lowering:
         # read unquantized (Swin's patch norm, then the first block's norm, in ORT's QOperator file): on the
         # 16-bit grid of |gamma| sqrt(C) + |beta|, which bounds it (|x - mean| <= sqrt(C) sigma)
         wide = float(np.float32((np.abs(gamma).max() * np.sqrt(channels) + np.abs(beta).max()) / 32767))
-        return _Pending([(self.bb.emit(y), scale, -1)], bound=bound, wide=wide)
+        return _Pending([(self.bb.emit(y), scale, -1)], bound=bound, wide=wide, reach=wide_grid.wide_reach(wide))
 
     @_handles("relax.nn.avg_pool2d")
     def avg_pool(self, call):
@@ -1383,7 +1447,7 @@ class _Lowering:
                 except QDQLoweringError:
                     return _Viewed(p, [call])
             terms.append((view, num, axis))
-        return replace(p, terms=terms)
+        return replace(p, terms=terms, probabilities=p.probabilities and _keeps_rows(call, p.terms[0][0], terms[0][0]))
 
     def pending_view_nchw(self, p: _Pending) -> _Pending:
         """A channels-last pending result with its terms moved back to NCHW."""
@@ -1416,6 +1480,8 @@ class _Lowering:
         is_conv = name == "relax.nn.conv2d"
         # only a channels-last unit's convolution reads a channels-last input as it is
         v = self.on_wide_grid(self.val(call.args[0], channels_last=is_conv and any(u.channels_last for u in self.units)))
+        if not is_conv and isinstance(v, _Pending) and v.probabilities:
+            return self.probability_matmul(v, self.deq(self.on_wide_grid(self.val(call.args[1])), name))
         x = self.one_zero(self.deq(v, name, per_channel=is_conv))
         w = self.val(call.args[1])
         if name == "relax.matmul" and isinstance(w, _Deq):
@@ -1556,11 +1622,12 @@ class _Lowering:
                     and _static_shape(call) is not None \
                     and _static_shape(call) == _static_shape(call.args[0 if x is a else 1]):
                 return x
-        if any(isinstance(v, _PendingUnary) for v in (a, b)) and all(isinstance(v, (_PendingUnary, _Pending, _Deq))
-                                                                     for v in (a, b)):
-            # a float function of an accumulator joins a sum no quantize follows (NNCF's MobileViT: a block's
-            # SiLU input plus its output): the function's table on the 16-bit grid its bound fixes
-            a, b = (self.on_wide_grid(v) if isinstance(v, _PendingUnary) else v for v in (a, b))
+        if any(isinstance(v, (_PendingUnary, _Viewed)) for v in (a, b)) and \
+                all(isinstance(v, (_PendingUnary, _Viewed, _Pending, _Deq)) for v in (a, b)):
+            # a float function of an accumulator, or a per-channel result seen through views, joins a sum no
+            # quantize follows (NNCF's MobileViT: a block's SiLU input plus its output; the unfolded patches
+            # plus the attention's projection): on the 16-bit grid its bound fixes
+            a, b = (self.on_wide_grid(v) if isinstance(v, (_PendingUnary, _Viewed)) else v for v in (a, b))
         if isinstance(b, _Pending) and not isinstance(a, _Pending):
             a, b = b, a
         if isinstance(a, _Pending) and (np.isfinite(a.lo) or np.isfinite(a.hi)):

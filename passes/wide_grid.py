@@ -57,6 +57,12 @@ def product_reach(k: int, span_a: int, span_b: int, num: np.ndarray) -> float:
     return float(k) * float(span_a) * float(span_b) * float(np.max(np.asarray(num, np.float64)))
 
 
+def probability_reach(k: int, total: int, span_b: int, num: np.ndarray) -> float:
+    """R of P.V with P a softmax's integer output whose rows sum to at most ``total`` (+ K/2 from
+    rounding each of K terms), V read at ``span_b``: (total + ceil(K/2)) span_b num."""
+    return float(total + (k + 1) // 2) * float(span_b) * float(np.max(np.asarray(num, np.float64)))
+
+
 def bias_reach(reach: float, bias_q: np.ndarray, step: np.ndarray) -> float:
     """R once integers on the accumulator's grid join it: a bias, a position embedding (``step``
     the grid's ratio, broadcast against ``bias_q``: per channel or one)."""
@@ -82,6 +88,22 @@ def const_reach(q: np.ndarray, step: np.ndarray) -> float:
 def clamped_reach(reach: float, lo: float, hi: float) -> float:
     """R of a value clamped to [lo, hi] (a bound outside R is still reached: Clip(x, 7, 9))."""
     return max([reach, *(abs(b) for b in (lo, hi) if np.isfinite(b))])
+
+
+def wide_reach(step: float) -> float:
+    """R of a value whose 16-bit grid is fixed by a bound (a LayerNorm's |gamma| sqrt(C) + |beta|,
+    step = R / 32767): the bound, for a sum it joins."""
+    return float(step) * WIDE_MAX
+
+
+def norm_shift(channels: int) -> int:
+    """Bits a LayerNorm drops, rounding, from a value read on its 16-bit grid so that I-LayerNorm's
+    integer variance, channels * (channels * span)^2 with span = 2^16 >> k, stays below 2^62 (passes/
+    integer_nonlinear.layer_norm): 0 up to 1024 channels, 1 for Swin's 1536-channel patch merging."""
+    k = 0
+    while k < 15 and channels * (channels * ((1 << 16) >> k)) ** 2 >= 2**62:
+        k += 1
+    return k
 
 
 def reach_step(reach: float) -> float:

@@ -19,10 +19,13 @@ from passes.wide_grid import (
     float_weights,
     function_table,
     linear_reach,
+    norm_shift,
+    probability_reach,
     product_reach,
     reach_step,
     stream_step,
     term_step,
+    wide_reach,
 )
 from runtime import golden_nonlinear as gnl
 from runtime import onnx_reference
@@ -103,7 +106,7 @@ class _Pending:
     """An integer value awaiting its output QuantizeLinear: one or more (int tensor, scale) terms
     summed after each is requantized, plus real-valued clamp bounds from ReLU/Clip."""
 
-    def __init__(self, terms, lo=-np.inf, hi=np.inf, keep=None, wide=None, reach=None):
+    def __init__(self, terms, lo=-np.inf, hi=np.inf, keep=None, wide=None, reach=None, probabilities=False):
         self.terms = terms            # list of (int64 array, float64 ratio numerator array, channel axis)
         self.lo, self.hi = lo, hi
         self.keep = keep              # an attention mask (bool): elsewhere the quantized result is qmin
@@ -112,6 +115,9 @@ class _Pending:
         self.wide = wide
         # a linear result's real bound: read by a convolution on the 16-bit grid reach / 32767
         self.reach = reach
+        # a softmax's integers, each row summing to at most 1 / scale (+ 1/2 per term from rounding): a
+        # MatMul reads them as they are (NNCF's Swin leaves the probabilities unquantized)
+        self.probabilities = probabilities
 
     def step(self) -> float | None:
         """The 16-bit grid a reader that needs an integer tensor reads this value on, or None."""
@@ -673,6 +679,16 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
                 env[n.output[0]] = (qv.centered() * qv.scale.reshape(shape)).astype(np.float32)
             else:
                 env[n.output[0]] = ("deq", qv)
+        elif op == "MatMul" and isinstance(ins[0], _Pending) and ins[0].probabilities:
+            # P.V of a softmax no quantize follows: P's own integers times V (on its 16-bit grid)
+            p, v = ins[0], deq_of(on_wide_grid(ins[1]))
+            if len(p.terms) != 1 or p.keep is not None or v.scale.size != 1:
+                raise QDQUnsupported(f"MatMul {n.name}: probabilities times other than one integer tensor")
+            (y, sc, _), = p.terms
+            num = (np.float32(sc) * v.scale[:1].astype(np.float32)).astype(np.float64)
+            k = v.q.shape[-2]
+            env[n.output[0]] = _Pending([(y @ v.centered(), num, None)],
+                                        reach=probability_reach(k, int(round(1 / float(sc[0]))), _span(v), num))
         elif op in ("Conv", "MatMul", "Gemm"):
             x = deq_of(on_wide_grid(ins[0]))
             out = 0 if op == "Conv" else -1 if op == "MatMul" else 0 if a.get("transB", 0) else 1
@@ -745,9 +761,10 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
             env[n.output[0]] = g
         elif op == "Add":
             x, y = ins
-            if any(isinstance(v, _PendingFn) for v in ins) and all(isinstance(v, (_PendingFn, _Pending, tuple))
-                                                                   for v in ins):
-                ins = [on_wide_grid(v) if isinstance(v, _PendingFn) else v for v in ins]    # a function's table
+            if any(isinstance(v, (_PendingFn, _Viewed)) for v in ins) and \
+                    all(isinstance(v, (_PendingFn, _Viewed, _Pending, tuple)) for v in ins):
+                # a function's table, or the views on their grid, joining a sum
+                ins = [on_wide_grid(v) if isinstance(v, (_PendingFn, _Viewed)) else v for v in ins]
                 x, y = ins
             if isinstance(x, tuple) and isinstance(y, tuple):
                 terms, reach = [], 0.0
@@ -920,21 +937,38 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
         elif op in ("Mul", "Div") and isinstance(ins[0], _Pending) and np.asarray(ins[1]).size == 1:
             c = float(np.asarray(ins[1]).reshape(-1)[0])      # attention's 1/sqrt(d), folded into the ratio
             acc, num, axis = ins[0].terms[0]
-            env[n.output[0]] = _Pending([(acc, num * (c if op == "Mul" else 1.0 / c), axis)], ins[0].lo, ins[0].hi)
+            factor, reach = c if op == "Mul" else 1.0 / c, ins[0].reach
+            env[n.output[0]] = _Pending([(acc, num * factor, axis)], ins[0].lo, ins[0].hi,
+                                        reach=None if reach is None else reach * factor)
         elif op in ("Softmax", "Gelu"):
             x = deq_of(on_wide_grid(ins[0]) if op == "Softmax" else ins[0])
             if op == "Softmax" and a.get("axis", -1) % x.q.ndim != x.q.ndim - 1:
                 raise QDQUnsupported(f"Softmax {n.name}: over an axis other than the last")
             kind = "softmax" if op == "Softmax" else "gelu"
             y, sc = (gnl.softmax if kind == "softmax" else gnl.gelu)(variant(kind), x.centered(), float(x.scale[0]))
-            env[n.output[0]] = _Pending([(y, np.array([sc]), None)])
+            env[n.output[0]] = _Pending([(y, np.array([sc]), None)], probabilities=kind == "softmax")
         elif op == "LayerNormalization":
             x = deq_of(on_wide_grid(ins[0]))
             gamma, beta = (np.asarray(_float(v), np.float64).reshape(-1) for v in ins[1:3])
+            if x.dtype is not None and x.dtype.itemsize == 2 and (k := norm_shift(gamma.size)):
+                # 16 bits over many channels: the grid k bits coarser (the integer variance in int64)
+                x = _Q((x.centered() + (1 << (k - 1))) >> k, np.float32(x.scale * 2.0**k), 0, None, np.int32)
             y, sc = gnl.layer_norm(x.centered(), float(x.scale[0]), gamma, beta, float(np.float32(a.get("epsilon", 1e-5))))
             # a reader that needs an integer tensor reads it on the 16-bit grid |gamma| sqrt(C) + |beta| bounds
             wide = float(np.float32((np.abs(gamma).max() * np.sqrt(gamma.size) + np.abs(beta).max()) / 32767))
-            env[n.output[0]] = _Pending([(y, sc, -1)], wide=wide)
+            env[n.output[0]] = _Pending([(y, sc, -1)], wide=wide, reach=wide_reach(wide))
+        elif op == "Concat" and len(ins) > 1 and all(isinstance(v, _Pending) for v in ins):
+            # results awaiting one requantize on the same ratios (Swin's roll of a block's output): per term
+            first, axis = ins[0], a["axis"]
+            for v in ins:
+                if v.keep is not None or (v.lo, v.hi) != (first.lo, first.hi) or len(v.terms) != len(first.terms) or \
+                        any(not np.array_equal(n1, n2) or a1 != a2 or (a1 is not None and a1 % t1.ndim == axis % t1.ndim)
+                            for (t1, n1, a1), (_, n2, a2) in zip(v.terms, first.terms, strict=True)):
+                    raise QDQUnsupported(f"Concat {n.name}: of results awaiting their requantize on different ratios")
+            terms = [(np.concatenate([v.terms[i][0] for v in ins], axis=axis), num, term_axis)
+                     for i, (_, num, term_axis) in enumerate(first.terms)]
+            reach = None if any(v.reach is None for v in ins) else max(v.reach for v in ins)
+            env[n.output[0]] = _Pending(terms, first.lo, first.hi, reach=reach)
         elif op == "Concat" and any(isinstance(v, _Pending) for v in ins):
             # a result awaiting its requantize with float constants (ViT's class token, NNCF): each
             # constant on the accumulator's grid, concatenated with it
@@ -988,7 +1022,11 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
                         moved = _view(op, a, ins, acc)
                         terms.append((moved, num, None if axis is None or num.size == 1 else
                                       _moved_axis(op, a, acc.shape, moved.shape, axis)))
-                    env[n.output[0]] = _Pending(terms, v.lo, v.hi, wide=v.wide, reach=v.reach)
+                    # rows stay whole where the last axis stays last at its size
+                    rows = v.terms[0][0].shape[-1] == terms[0][0].shape[-1] and \
+                        (op != "Transpose" or list(a.get("perm", [0]))[-1] == terms[0][0].ndim - 1)
+                    env[n.output[0]] = _Pending(terms, v.lo, v.hi, wide=v.wide, reach=v.reach,
+                                                probabilities=v.probabilities and rows)
                 except QDQUnsupported:          # the channels move apart: the views wait for the quantize
                     env[n.output[0]] = _Viewed(v, [(op, a, ins)])
             elif isinstance(v, _Viewed):
@@ -1062,7 +1100,7 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
         if pf is not None and any(isinstance(v, _PendingFn) for v in ins):
             env[n.output[0]] = pf
             continue
-        joins_sum = n.op_type == "Add" and all(isinstance(v, (_PendingFn, _Pending, tuple)) for v in ins)
+        joins_sum = n.op_type == "Add" and all(isinstance(v, (_PendingFn, _Viewed, _Pending, tuple)) for v in ins)
         if any(isinstance(v, _PendingFn) for v in ins) and n.op_type not in ("QuantizeLinear", *WIDE_READERS) \
                 and not joins_sum:
             env.update(zip(n.output, _island(n, ins, QDQUnsupported(n.name)), strict=False))

@@ -621,6 +621,80 @@ def test_transformer_block_with_a_float_residual_stream(tmp_path, monkeypatch):
     assert {"relax.concat", "relax.add", "relax.nn.layer_norm", "relax.nn.softmax", "relax.quantize"} <= seen
 
 
+def _window_attention_qdq() -> onnx.ModelProto:
+    """Window attention as NNCF quantizes Swin's: q and k quantized, the scores scaled by a constant
+    and the probabilities and V left float (P.V of two unquantized operands), the block's output
+    rolled back (two slices joined the other way round) before the residual add and LayerNorm."""
+    rng = np.random.default_rng(16)
+    t, d = 6, 8
+    inits = [_const("sx", 0.05), _const("zx", 128, np.uint8), _const("sa", 0.04), _const("za", 0, np.int8),
+             _const("root", 2.0), _const("g", rng.uniform(0.5, 1.5, d)), _const("b", rng.normal(0, 0.2, d)),
+             _const("bo", rng.normal(0, 0.2, d)), _const("c2", rng.uniform(0.5, 2, d).reshape(1, 1, d)),
+             _const("s0", [0], np.int64), _const("s2", [2], np.int64), _const("s9", [t], np.int64),
+             _const("ax", [1], np.int64)]
+    nodes = [_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]), _node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"])]
+    for w in ("wq", "wk", "wv", "wo"):
+        inits += [numpy_helper.from_array(rng.integers(-127, 128, size=(d, d)).astype(np.int8), w + "_q"),
+                  _const(w + "_s", rng.uniform(0.002, 0.01, d)), _const(w + "_z", np.zeros(d), np.int8)]
+        nodes.append(_node("DequantizeLinear", [w + "_q", w + "_s", w + "_z"], [w], axis=1))
+
+    def quantized(src, dst):
+        return [_node("QuantizeLinear", [src, "sa", "za"], [dst + "_q"]),
+                _node("DequantizeLinear", [dst + "_q", "sa", "za"], [dst])]
+
+    nodes += [_node("MatMul", ["xd", "wq"], ["q"]), *quantized("q", "qd"),
+              _node("MatMul", ["xd", "wk"], ["k"]), _node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+              *quantized("kt", "ktd"), _node("MatMul", ["xd", "wv"], ["v"]),
+              _node("MatMul", ["qd", "ktd"], ["scores"]), _node("Div", ["scores", "root"], ["scaled"]),
+              _node("Softmax", ["scaled"], ["p"], axis=-1), _node("MatMul", ["p", "v"], ["att"]),
+              _node("Mul", ["att", "c2"], ["atts"]), *quantized("atts", "ad"),
+              _node("MatMul", ["ad", "wo"], ["o"]), _node("Add", ["o", "bo"], ["ob"]),
+              _node("Slice", ["ob", "s0", "s2", "ax"], ["head"]), _node("Slice", ["ob", "s2", "s9", "ax"], ["tail"]),
+              _node("Concat", ["tail", "head"], ["rolled"], axis=1), _node("Add", ["xd", "rolled"], ["r"]),
+              _node("LayerNormalization", ["r", "g", "b"], ["n"], axis=-1), *quantized("n", "y")]
+    return _model(nodes, inits, (1, t, d))
+
+
+def test_window_attention_with_float_probabilities(tmp_path, monkeypatch):
+    """Integer-only and bit-exact: the scores' scale keeps their bound (Softmax reads them on its grid),
+    P.V reads the softmax's own integers (rows summing to 2^15) times V on its 16-bit grid, and the
+    roll's slices of one result rejoin as one result awaiting its requantize."""
+    seen = _compile_and_compare(_window_attention_qdq(), tmp_path / "window.onnx", None, monkeypatch)
+    assert {"relax.nn.softmax", "relax.matmul", "relax.concat", "relax.nn.layer_norm"} <= seen
+
+
+def _unfolded_patches_qdq() -> onnx.ModelProto:
+    """MobileViT's unfold as NNCF leaves it: a pointwise convolution's result (a ratio per channel) seen
+    through views that move its channels apart, added to a linear result, both float until LayerNorm."""
+    rng = np.random.default_rng(17)
+    c = IMAGE[1]
+    inits = [_const("sx", 0.05), _const("zx", 128, np.uint8), _const("sa", 0.04), _const("za", 0, np.int8),
+             numpy_helper.from_array(rng.integers(-127, 128, size=(c, c, 1, 1)).astype(np.int8), "wc_q"),
+             _const("wc_s", rng.uniform(0.002, 0.01, c)), _const("wc_z", np.zeros(c), np.int8),
+             numpy_helper.from_array(rng.integers(-127, 128, size=(c, c)).astype(np.int8), "wl_q"),
+             _const("wl_s", rng.uniform(0.002, 0.01, c)), _const("wl_z", np.zeros(c), np.int8),
+             _const("g", rng.uniform(0.5, 1.5, c)), _const("b", rng.normal(0, 0.2, c)),
+             _const("fold", [IMAGE[0] * c * 3, 2, 3, 2], np.int64), _const("patches", [IMAGE[0], c, 9, 4], np.int64),
+             _const("tokens", [IMAGE[0] * 4, 9, c], np.int64)]
+    nodes = [_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]), _node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+             _node("DequantizeLinear", ["wc_q", "wc_s", "wc_z"], ["wc"], axis=0), _node("Conv", ["xd", "wc"], ["a"]),
+             _node("Reshape", ["a", "fold"], ["a1"]), _node("Transpose", ["a1"], ["a2"], perm=[0, 2, 1, 3]),
+             _node("Reshape", ["a2", "patches"], ["a3"]), _node("Transpose", ["a3"], ["a4"], perm=[0, 3, 2, 1]),
+             _node("Reshape", ["a4", "tokens"], ["u"]),
+             _node("QuantizeLinear", ["u", "sa", "za"], ["uq"]), _node("DequantizeLinear", ["uq", "sa", "za"], ["ud"]),
+             _node("DequantizeLinear", ["wl_q", "wl_s", "wl_z"], ["wl"], axis=1), _node("MatMul", ["ud", "wl"], ["l"]),
+             _node("Add", ["l", "u"], ["r"]), _node("LayerNormalization", ["r", "g", "b"], ["n"], axis=-1),
+             _node("QuantizeLinear", ["n", "sa", "za"], ["nq"]), _node("DequantizeLinear", ["nq", "sa", "za"], ["y"])]
+    return _model(nodes, inits, IMAGE)
+
+
+def test_unfolded_patches_join_a_float_sum(tmp_path, monkeypatch):
+    """The viewed per-channel result on the 16-bit grid its bound fixes, then views, one term of the sum:
+    integer-only and bit-exact."""
+    seen = _compile_and_compare(_unfolded_patches_qdq(), tmp_path / "unfold.onnx", None, monkeypatch)
+    assert {"relax.reshape", "relax.permute_dims", "relax.add", "relax.nn.layer_norm"} <= seen
+
+
 def _constant_mask_qdq() -> onnx.ModelProto:
     """A quantized graph that computes a constant at run time from constants alone (NNCF's Swin builds
     its shifted-window mask with ScatterND, Equal and Where): x + sum(where(a == b, 0, -1))."""
