@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from codegen.backend import Backend, Build, BuildContext
@@ -168,11 +170,11 @@ def _quantize(src: frontend.OnnxModel, calib, config: quantize.QuantConfig, shap
     """``quantize.quantize``, remembered for the last model, data and settings: a compile followed by
     ``quantized_model`` of the same inputs (the golden reference of that very build, as the corpus
     report and the tests take it) calibrates once.  Keyed by content, so a changed model or sample
-    misses; a reader (``get_next``) is consumed as it is read and never remembered."""
-    if hasattr(calib, "get_next") or src.proto.ByteSize() >= 2**31:
+    misses; data other than arrays (a reader, consumed as it is read) is never remembered."""
+    feeds = _feeds_digest(calib)
+    if feeds is None or src.proto.ByteSize() >= 2**31:
         return quantize.quantize(src.proto, calib, config, where=src.path, shapes=shapes, calib_where=calib_where)
-    key = (hashlib.sha256(src.proto.SerializeToString()).hexdigest(), latency.digest_feeds(calib), repr(config),
-           repr(shapes), src.path)
+    key = (hashlib.sha256(src.proto.SerializeToString()).hexdigest(), feeds, repr(config), repr(shapes), src.path)
     if key not in _LAST_QUANTIZATION:
         proto, report = quantize.quantize(src.proto, calib, config, where=src.path, shapes=shapes,
                                           calib_where=calib_where)
@@ -180,6 +182,19 @@ def _quantize(src: frontend.OnnxModel, calib, config: quantize.QuantConfig, shap
         _LAST_QUANTIZATION[key] = (proto.SerializeToString(), report)
     raw, report = _LAST_QUANTIZATION[key]
     return onnx.load_from_string(raw), report
+
+
+def _feeds_digest(calib) -> str | None:
+    """The calibration data's identity (names, shapes, types and values): one array (a single-input
+    model's samples) or a dict of arrays; None for anything else (a reader, which reading consumes)."""
+    arrays = {"": calib} if isinstance(calib, np.ndarray) else calib if isinstance(calib, Mapping) else None
+    if arrays is None or not all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in arrays.items()):
+        return None
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(repr((name, a.shape, a.dtype.str)).encode() + a.tobytes())
+    return h.hexdigest()
 
 
 def lower(mod, src: frontend.OnnxModel, variants, backend: Backend, target: dict, integer_only: bool):
