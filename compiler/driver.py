@@ -12,13 +12,10 @@ What differs between targets is asked of the backend (codegen/backend.py); this 
 
 from __future__ import annotations
 
-import hashlib
 import os
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 from codegen.backend import Backend, Build, BuildContext
@@ -40,9 +37,25 @@ def compile(model: str | os.PathLike | onnx.ModelProto, target: str = "llvm", *,
     """Compile an ONNX model.  Raises ``UserError`` for problems with the model or options.
     ``remote`` (runtime/remote.Remote, a tracker): where ``--tune`` measures."""
     opts = options or CompileOptions(target=target, input_shapes=dict(input_shapes or {}))
-    config = opts.quant_config() if opts.calib is not None else None      # bad --bits fail before any work
-    with native_stderr_to_debug(), steps(6 if opts.weight_bits == "mixed" else 5, "compiling"):
-        return _compile(model, opts, config, remote)
+    return compile_with_reference(model, opts, remote)[0]
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The ONNX model a build lowered (the QDQ model calibration made, or a quantized model as it
+    was loaded) and its softmax / GELU variants: what runtime/golden.run_qdq reads as the reference
+    of that very build."""
+    model: onnx.ModelProto
+    variants: dict | str
+
+
+def compile_with_reference(model: str | os.PathLike | onnx.ModelProto, options: CompileOptions,
+                           remote=None) -> tuple[Artifact, Reference]:
+    """``compile``, also returning the build's golden reference, so that checking a calibrated build
+    against golden does not calibrate a second time (``quantized_model`` would)."""
+    config = options.quant_config() if options.calib is not None else None   # bad --bits fail before any work
+    with native_stderr_to_debug(), steps(6 if options.weight_bits == "mixed" else 5, "compiling"):
+        return _compile(model, options, config, remote)
 
 
 @dataclass(frozen=True)
@@ -64,7 +77,7 @@ class Calibrated:
     sensitivity: str
 
 
-def _compile(model, opts: CompileOptions, config, remote=None) -> Artifact:
+def _compile(model, opts: CompileOptions, config, remote=None) -> tuple[Artifact, Reference]:
     backend = opts.backend
     backend.require()                       # a missing toolchain fails before any work
     target = backend.target(opts)
@@ -74,6 +87,7 @@ def _compile(model, opts: CompileOptions, config, remote=None) -> Artifact:
     if config is not None:
         src, inputs, calibrated = calibrate(loaded, opts, config)
     frontend.check_qdq_params(src)
+    reference = Reference(src.proto, calibrated.report.variants() if calibrated else "auto")
     with stage("import to Relax"):
         mod = frontend.to_relax(src, inputs)
         limits.check_relax(mod, src.path)
@@ -102,7 +116,7 @@ def _compile(model, opts: CompileOptions, config, remote=None) -> Artifact:
         kernel_ops=build.kernel_ops, kernels_unfused=build.kernels_unfused, kernel_launches=len(build.launch_sequence),
         launch_sequence=build.launch_sequence, tuning=build.tuning, unscheduled=build.unscheduled,
         build=build.summary, files=sorted(build.files), library=build.library)
-    return Artifact(manifest, build.executable, files=build.files, fcompile=build.fcompile)
+    return Artifact(manifest, build.executable, files=build.files, fcompile=build.fcompile), reference
 
 
 def load(model, opts: CompileOptions, backend: Backend) -> Loaded:
@@ -157,44 +171,10 @@ def calibrate(loaded: Loaded, opts: CompileOptions, config: quantize.QuantConfig
             bit_plan, _ = plan_bits(src, calib, opts, shapes)
             config = opts.quant_config(bit_plan.bits)
     with stage("calibrate + quantize"):
-        proto, report = _quantize(src, calib, config, shapes,
-                                  calib_where=os.fspath(opts.calib) if is_file else "calibration data")
+        proto, report = quantize.quantize(src.proto, calib, config, where=src.path, shapes=shapes,
+                                          calib_where=os.fspath(opts.calib) if is_file else "calibration data")
     return frontend.OnnxModel(proto, src.path, src.sha256), inputs, Calibrated(report, config, bit_plan,
                                                                                  opts.sensitivity)
-
-
-_LAST_QUANTIZATION: dict[tuple, tuple[bytes, quantize.QuantReport]] = {}
-
-
-def _quantize(src: frontend.OnnxModel, calib, config: quantize.QuantConfig, shapes, calib_where: str):
-    """``quantize.quantize``, remembered for the last model, data and settings: a compile followed by
-    ``quantized_model`` of the same inputs (the golden reference of that very build, as the corpus
-    report and the tests take it) calibrates once.  Keyed by content, so a changed model or sample
-    misses; data other than arrays (a reader, consumed as it is read) is never remembered."""
-    feeds = _feeds_digest(calib)
-    if feeds is None or src.proto.ByteSize() >= 2**31:
-        return quantize.quantize(src.proto, calib, config, where=src.path, shapes=shapes, calib_where=calib_where)
-    key = (hashlib.sha256(src.proto.SerializeToString()).hexdigest(), feeds, repr(config), repr(shapes), src.path)
-    if key not in _LAST_QUANTIZATION:
-        proto, report = quantize.quantize(src.proto, calib, config, where=src.path, shapes=shapes,
-                                          calib_where=calib_where)
-        _LAST_QUANTIZATION.clear()
-        _LAST_QUANTIZATION[key] = (proto.SerializeToString(), report)
-    raw, report = _LAST_QUANTIZATION[key]
-    return onnx.load_from_string(raw), report
-
-
-def _feeds_digest(calib) -> str | None:
-    """The calibration data's identity (names, shapes, types and values): one array (a single-input
-    model's samples) or a dict of arrays; None for anything else (a reader, which reading consumes)."""
-    arrays = {"": calib} if isinstance(calib, np.ndarray) else calib if isinstance(calib, Mapping) else None
-    if arrays is None or not all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in arrays.items()):
-        return None
-    h = hashlib.sha256()
-    for name in sorted(arrays):
-        a = np.ascontiguousarray(arrays[name])
-        h.update(repr((name, a.shape, a.dtype.str)).encode() + a.tobytes())
-    return h.hexdigest()
 
 
 def lower(mod, src: frontend.OnnxModel, variants, backend: Backend, target: dict, integer_only: bool):
@@ -333,7 +313,7 @@ def latency_table(src: frontend.OnnxModel, calib, opts: CompileOptions, layers) 
         at = replace(opts, weight_bits=bits, size_budget=None, bops_budget=None, latency_budget=None,
                      sensitivity="perturb", pin=False, calib=calib)
         with steps(5, f"latency table: {bits}-bit build"):
-            builds[bits] = _compile(src, at, at.quant_config())
+            builds[bits] = _compile(src, at, at.quant_config())[0]
         return builds[bits]
 
     def compute():

@@ -64,6 +64,16 @@ def mlp_path(tmp_path) -> Path:
     return p
 
 
+def compile_with_golden(model, **options):
+    """A build and its golden reference: (Artifact, the QDQ model its compile lowered, its softmax /
+    GELU variants), from one calibration."""
+    from compiler import driver
+    from compiler.options import CompileOptions
+
+    art, ref = driver.compile_with_reference(model, CompileOptions(**options))
+    return art, ref.model, ref.variants
+
+
 def golden_model(onnx_path, calib) -> tuple[onnx.ModelProto, dict]:
     """The QDQ model lowbit's quantizer makes of an FP32 model, with its softmax / GELU variants:
     what runtime/golden.run_qdq interprets as the reference."""
@@ -73,12 +83,11 @@ def golden_model(onnx_path, calib) -> tuple[onnx.ModelProto, dict]:
     return driver.quantized_model(onnx_path, CompileOptions(calib=calib))
 
 
-def assert_golden_per_sample(art, onnx_path, calib, x) -> None:
-    """``art`` (a zoo model's build) bit-exact with the golden interpreter, sample by sample."""
+def assert_golden_per_sample(art, qdq, variants, x) -> None:
+    """``art`` (a zoo model's build) bit-exact with the golden interpreter on its reference, sample by sample."""
     from models import zoo
     from runtime import golden
 
-    qdq, variants = golden_model(onnx_path, calib)
     for i in range(len(x)):
         feeds = {zoo.INPUT: x[i:i + 1]}
         np.testing.assert_array_equal(art.run(feeds)[zoo.OUTPUT], golden.run_qdq(qdq, feeds, variants)[zoo.OUTPUT])

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from conftest import ROOT, assert_golden_per_sample, run_cli
+from conftest import ROOT, assert_golden_per_sample, compile_with_golden, run_cli
 
 import compiler
 from codegen.cuda import build as cuda
@@ -95,13 +95,13 @@ def test_dp4a_layouts_compute_the_golden_integers(name, monkeypatch):
     calib = files.calibration()
     real = lowering.lower_qdq
     monkeypatch.setattr(driver, "lower_qdq", lambda mod, variants, **_: real(mod, variants, units=cuda_units()))
-    art = compiler.compile(files.onnx, options=CompileOptions(calib=calib))
+    art, qdq, variants = compile_with_golden(files.onnx, calib=calib)
     assert art.manifest.integer_only
     # the dp4a layout is the one built: the first convolution's 1 or 3 input channels stored as 4
     first = art.manifest.quantization["weights"][0]
     out_channels, channels, kh, kw = first["shape"]
     assert first["op"] == "conv2d" and channels in (1, 3) and first["bytes"] == out_channels * kh * kw * 4
-    assert_golden_per_sample(art, files.onnx, calib, zoo.get(name).samples(3, seed=5))
+    assert_golden_per_sample(art, qdq, variants, zoo.get(name).samples(3, seed=5))
 
 
 def test_without_nvcc_the_library_keeps_the_source_and_warns(mlp_path, tmp_path):

@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import golden_model, runnable_cpus
+from conftest import compile_with_golden, runnable_cpus
 from fuzzing import check_integer, examples
 from hypothesis import HealthCheck, given, settings
 
-import compiler
-from compiler import CompileOptions
 from models import zoo
 from runtime import golden
 
@@ -30,12 +28,14 @@ def test_zoo_models_are_bit_identical_on_every_isa_path(name):
     files = zoo.ensure(name)
     calib = files.calibration()
     x = extreme_inputs(calib[zoo.INPUT])
-    qdq, variants = golden_model(files.onnx, calib)
-    want = np.concatenate([golden.run_qdq(qdq, {zoo.INPUT: x[i:i + 1]}, variants)[zoo.OUTPUT] for i in range(len(x))])
     print(f"ISA paths run here: {CPUS}")
+    want = None
     for cpu in CPUS:
-        art = compiler.compile(files.onnx, options=CompileOptions(target_options={"mcpu": cpu}, calib=calib))
+        art, qdq, variants = compile_with_golden(files.onnx, target_options={"mcpu": cpu}, calib=calib)
         assert art.manifest.integer_only, art.manifest.integer_region
+        if want is None:        # one reference: every path must give the first one's answer, golden's
+            want = np.concatenate([golden.run_qdq(qdq, {zoo.INPUT: x[i:i + 1]}, variants)[zoo.OUTPUT]
+                                   for i in range(len(x))])
         np.testing.assert_array_equal(art.run({zoo.INPUT: x})[zoo.OUTPUT], want, err_msg=f"{name} on {cpu}")
 
 

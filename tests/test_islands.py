@@ -10,7 +10,7 @@ import logging
 import numpy as np
 import onnx
 import pytest
-from conftest import golden_model, make_model, one_line_error, run_cli
+from conftest import compile_with_golden, make_model, one_line_error, run_cli
 from onnx import TensorProto, helper, numpy_helper
 
 import compiler
@@ -40,7 +40,7 @@ def test_an_op_without_integer_form_is_a_named_island(tmp_path, caplog):
     path = tmp_path / "m.onnx"
     onnx.save(_sandwich(), path)
     with caplog.at_level(logging.WARNING, logger="lowbit"):
-        art = compiler.compile(path, options=CompileOptions(calib=_calib()))
+        art, qdq, variants = compile_with_golden(path, calib=_calib())
     m = art.manifest
     assert m.precision == "int8" and not m.integer_only
     assert [(i["op"], i["node"]) for i in m.islands] == [("relax.nn.softmax", "odd_one")]
@@ -50,7 +50,6 @@ def test_an_op_without_integer_form_is_a_named_island(tmp_path, caplog):
     assert [w["op"] for w in m.quantization["weights"]] == ["matmul", "matmul"]
     # the integer layers are bit-exact; only the island's float softmax may round differently from
     # numpy's, so an output may move by one step of the next quantize, times fc2's weights
-    qdq, variants = golden_model(path, _calib())
     x = {"x": np.random.default_rng(5).normal(size=(64, 8)).astype(np.float32) * 2}
     got, want = art.run(x)["y"], golden.run_qdq(qdq, x, variants)["y"]
     assert np.mean(got == want) >= 0.99
@@ -114,8 +113,7 @@ def test_embedding_sum_is_integer_only(tmp_path):
     onnx.save(_embedding_model(), path)
     rng = np.random.default_rng(4)
     calib = {"ids": rng.integers(0, 50, (16, 8)).astype(np.int64)}
-    art = compiler.compile(str(path), options=CompileOptions(calib=calib))
+    art, qdq, variants = compile_with_golden(str(path), calib=calib)
     assert art.manifest.integer_only and not art.manifest.islands
-    qdq, variants = golden_model(str(path), calib)
     x = {"ids": rng.integers(0, 50, (1, 8)).astype(np.int64)}
     np.testing.assert_array_equal(art.run(x)["y"], golden.run_qdq(qdq, x, variants)["y"])

@@ -13,12 +13,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from conftest import golden_model, make_model
+from conftest import compile_with_golden, make_model
 from onnx import TensorProto, helper, numpy_helper
 
-import compiler
-from compiler import driver
-from compiler.options import CompileOptions
 from passes import lower_qdq
 from runtime import golden
 
@@ -204,11 +201,9 @@ def _shape(model) -> list[int]:
 def _compile_and_compare(model, path, calib, monkeypatch) -> set[str]:
     seen = _recording(monkeypatch)
     onnx.save(model, path)
-    art = compiler.compile(path, options=CompileOptions(calib=calib))
-    assert art.manifest.precision == "int8" and art.manifest.integer_only, art.manifest.integer_region
     # a given QDQ model's reference: the model as the compile loads it (constant subgraphs folded)
-    qdq, variants = golden_model(path, calib) if calib is not None else \
-        driver.quantized_model(str(path), CompileOptions())
+    art, qdq, variants = compile_with_golden(path, calib=calib)
+    assert art.manifest.precision == "int8" and art.manifest.integer_only, art.manifest.integer_region
     x = {"x": np.random.default_rng(1).normal(size=_shape(model)).astype(np.float32) * 3}
     np.testing.assert_array_equal(art.run(x)["y"], golden.run_qdq(qdq, x, variants)["y"])
     return seen

@@ -8,7 +8,7 @@ import logging
 import numpy as np
 import onnx
 import pytest
-from conftest import concat_cnn, golden_model, make_model, mlp_model
+from conftest import compile_with_golden, concat_cnn, make_model, mlp_model
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 from test_qoperator import _residual_cnn
@@ -111,9 +111,8 @@ def test_a_float_op_of_one_8bit_tensor_is_a_table(op, tmp_path):
     path = tmp_path / "m.onnx"
     onnx.save(_conv_then(op), path)
     calib = {"x": _rand(8, 3, 6, 6)}
-    art = compiler.compile(path, options=CompileOptions(calib=calib))
+    art, qdq, variants = compile_with_golden(path, calib=calib)
     assert art.manifest.integer_only, art.manifest.integer_region
-    qdq, variants = golden_model(path, calib)
     x = {"x": _rand(2, 3, 6, 6) * 50}
     np.testing.assert_array_equal(art.run(x)["y"], golden.run_qdq(qdq, x, variants)["y"])
 

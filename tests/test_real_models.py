@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 import real_models
-from conftest import ISA_PATHS, golden_model, runnable_cpus
+from conftest import ISA_PATHS, compile_with_golden, golden_model, runnable_cpus
 
 import compiler
 import runtime
@@ -149,10 +149,9 @@ def test_dynamo_vit_with_calibration(files):
     """The timm-style ViT (dynamo, opset 18, symbolic batch) with --calib: no Q/DQ on its shape
     arithmetic, integer-only, bit-exact with golden."""
     calib = {"input": files["tiny_vit_calib"]}
-    art = compiler.compile(files["tiny_vit"], options=CompileOptions(calib=calib))
+    art, qdq, variants = compile_with_golden(files["tiny_vit"], calib=calib)
     assert art.manifest.integer_only, art.manifest.integer_region
     x = files["tiny_vit_calib"][:2]
-    qdq, variants = golden_model(files["tiny_vit"], calib)
     n = art.manifest.inputs[0].shape[0]
     got = np.concatenate([art.run({"input": x[i:i + n]})["output"] for i in range(0, len(x), n)])
     want = np.concatenate([golden.run_qdq(qdq, {"input": x[i:i + 1]}, variants)["output"] for i in range(len(x))])

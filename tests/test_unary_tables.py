@@ -15,12 +15,10 @@ import numpy as np
 import onnx
 import pytest
 import tvm
-from conftest import golden_model, make_model
+from conftest import compile_with_golden, make_model
 from onnx import TensorProto, helper, numpy_helper
 
-import compiler
 from codegen import cpu_schedule
-from compiler.options import CompileOptions
 from runtime import golden
 
 IMAGE = (2, 4, 6, 6)
@@ -68,9 +66,8 @@ def _compare(model, tmp_path, calib=None):
     path = tmp_path / "m.onnx"
     onnx.save(model, path)
     calib = calib or {"x": np.random.default_rng(0).normal(size=(16, *IMAGE[1:])).astype(np.float32)}
-    art = compiler.compile(path, options=CompileOptions(calib=calib))
+    art, qdq, variants = compile_with_golden(path, calib=calib)
     assert art.manifest.integer_only and not art.manifest.islands, art.manifest.integer_region
-    qdq, variants = golden_model(path, calib)
     x = {"x": np.random.default_rng(1).normal(size=IMAGE).astype(np.float32) * 3}
     np.testing.assert_array_equal(art.run(x)["y"], golden.run_qdq(qdq, x, variants)["y"])
     return art, qdq
@@ -131,9 +128,8 @@ def test_a_padded_attention_mask_is_an_integer_select(low, tmp_path):
     onnx.save(m, path)
     mask = (np.arange(6)[None] < rng.integers(2, 7, size=(16, 1))).astype(np.int64)
     calib = {"x": rng.normal(size=(16, 6, 8)).astype(np.float32), "mask": mask}
-    art = compiler.compile(path, options=CompileOptions(calib=calib))
+    art, qdq, variants = compile_with_golden(path, calib=calib)
     assert art.manifest.integer_only and not art.manifest.islands, art.manifest.integer_region
-    qdq, variants = golden_model(path, calib)
     x = {"x": rng.normal(size=(2, 6, 8)).astype(np.float32) * 3, "mask": np.array([[1, 1, 1, 0, 0, 0], [1] * 6])}
     got, want = art.run(x)["y"], golden.run_qdq(qdq, x, variants)["y"]
     np.testing.assert_array_equal(got, want)

@@ -36,13 +36,13 @@ from typing import Literal
 import numpy as np
 import onnx
 
-import compiler
 from compiler import driver
 from compiler.options import CompileOptions
 from compiler.tools.ort import OrtRunner
 from compiler.tools.ort import quantize as ort_quantize
 from models import corpus
 from runtime import golden
+from runtime.artifact import Artifact
 from runtime.errors import UserError
 from runtime.io import cache_root
 
@@ -195,31 +195,30 @@ def measure(v: corpus.Variant, quantized: bool = True) -> ModelResult:
     ref = OrtRunner("ort-fp32", str(f.onnx), 2)
     want = _rows([_first(ref(x)) for x in evals])
 
-    def golden_check(art, qdq: onnx.ModelProto, variants, out: Outcome) -> None:
-        out.bit_exact = all(np.array_equal(_first(art.run(x)), _first(golden.run_qdq(qdq, x, variants)))
+    def golden_check(art: Artifact, ref: driver.Reference, out: Outcome) -> None:
+        out.bit_exact = all(np.array_equal(_first(art.run(x)), _first(golden.run_qdq(ref.model, x, ref.variants)))
                             for x in evals[:GOLDEN_SAMPLES])
 
-    def build(path: Path, out: Outcome, **options):
+    def build(path: Path, out: Outcome, **options) -> tuple[Artifact, driver.Reference]:
         t0 = time.perf_counter()
-        art = compiler.compile(str(path), options=CompileOptions(**options))
+        art, reference = driver.compile_with_reference(str(path), CompileOptions(**options))
         out.compile_s = round(time.perf_counter() - t0, 2)
         m = art.manifest
         out.integer_only, out.launches = m.integer_only, m.kernel_launches
         out.islands = [f"{i['op']} ({i['node']})" for i in m.islands]
-        return art
+        return art, reference
 
     def fp32(out: Outcome) -> None:
-        art = build(f.onnx, out)
+        art, _ = build(f.onnx, out)
         got = _rows([_first(art.run(x)) for x in evals[:FP32_SAMPLES]])
         out.max_rel_err = float(np.abs(got - want[:FP32_SAMPLES]).max() / np.abs(want[:FP32_SAMPLES]).max())
 
     def int8(out: Outcome) -> None:
-        art = build(f.onnx, out, calib=calib)
+        # golden's reference is the QDQ model this very compile lowered (a quantization of the raw FP32
+        # file, without the driver's canonicalization, can differ)
+        art, reference = build(f.onnx, out, calib=calib)
         _fidelity(_rows([_first(art.run(x)) for x in evals]), want, out)
-        # the reference of this very build: the QDQ model its compile lowered, loaded as the compile loads
-        # it (a quantization of the raw FP32 file, without the driver's canonicalization, can differ)
-        qdq, variants = driver.quantized_model(str(f.onnx), CompileOptions(calib=calib))
-        golden_check(art, qdq, variants, out)
+        golden_check(art, reference, out)
 
     def ort_int8(variant: str):
         def run(out: Outcome) -> None:
@@ -232,11 +231,11 @@ def measure(v: corpus.Variant, quantized: bool = True) -> ModelResult:
     def given(quantizer: Quantizer):
         def run(out: Outcome) -> None:
             path = quantized_file(f, quantizer)
-            art = build(path, out)
+            # golden reads the model as the compile loaded it (QOperator nodes as QDQ, the batch fixed), not
+            # canonicalized: the compile does not canonicalize a quantized model (a fused GELU reads differently)
+            art, reference = build(path, out)
             _fidelity(_rows([_first(art.run(x)) for x in evals]), want, out)
-            # the model as the compile loads it (QOperator nodes as QDQ, the batch fixed), not canonicalized:
-            # the compile does not canonicalize a quantized model (a fused GELU would read differently)
-            golden_check(art, *driver.quantized_model(str(path), CompileOptions()), out)
+            golden_check(art, reference, out)
         return run
 
     r = v.recipe

@@ -5,10 +5,8 @@ fatbin).  Skips, saying why, on a machine without a GPU."""
 from __future__ import annotations
 
 import pytest
-from conftest import assert_golden_per_sample
+from conftest import assert_golden_per_sample, compile_with_golden
 
-import compiler
-from compiler.options import CompileOptions
 from models import zoo
 
 
@@ -29,9 +27,9 @@ def test_zoo_model_bit_exact_on_the_gpu(name, gpu_arch, tmp_path, monkeypatch):
 
     files = zoo.ensure(name)
     calib = files.calibration()
-    compiler.compile(files.onnx, options=CompileOptions(target="cuda", target_options={"arch": gpu_arch}, calib=calib)).save(
-        tmp_path / "a")
+    built, qdq, variants = compile_with_golden(files.onnx, target="cuda", target_options={"arch": gpu_arch}, calib=calib)
+    built.save(tmp_path / "a")
     # loading must not compile: the fatbin built here is what runs
     monkeypatch.setenv("TVM_CUDA_COMPILE_MODE", "none-expected")
     art = runtime.load(tmp_path / "a")
-    assert_golden_per_sample(art, files.onnx, calib, zoo.get(name).samples(4, seed=21))
+    assert_golden_per_sample(art, qdq, variants, zoo.get(name).samples(4, seed=21))
