@@ -44,8 +44,9 @@ demo: setup
 lint: setup
 	$(BIN)/ruff check .
 
+# one worker per core, each taking whole test files (a module's fixtures are built once)
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n logical --dist loadfile
 
 # ONNX's backend node tests (onnx 1.23, generated in memory) through lowbit's onnx.backend Backend:
 # pass / fail / unsupported per op beside ONNX Runtime's passes (compiler/tools/conformance.py); fails when a

@@ -31,7 +31,7 @@ import numpy as np
 
 from models import data as zdata
 from runtime.errors import UserError
-from runtime.io import cache_root
+from runtime.io import cache_lock, cache_root
 from runtime.progress import log, stage
 
 FORMAT = 1                      # bump when the export code changes what it writes
@@ -196,8 +196,9 @@ def ensure(v: Variant) -> CorpusFiles:
     f = files(v)
     if f.info.exists():
         return f
-    f.dir.parent.mkdir(parents=True, exist_ok=True)
-    with stage(f"corpus build {v.name}"), tempfile.TemporaryDirectory(dir=f.dir.parent) as tmp:
+    with cache_lock(f.dir), stage(f"corpus build {v.name}"), tempfile.TemporaryDirectory(dir=f.dir.parent) as tmp:
+        if f.info.exists():         # built by another process while this one waited
+            return f
         _build(v, Path(tmp))
         os.replace(tmp, f.dir)
         os.mkdir(tmp)               # TemporaryDirectory removes its (now empty) directory on exit

@@ -24,7 +24,7 @@ from models import data as zdata
 from models import nets
 from models.train import TrainConfig, calibrate_batchnorm, train_classifier
 from runtime.errors import UserError
-from runtime.io import cache_root
+from runtime.io import cache_lock, cache_root
 from runtime.progress import log, stage
 
 FORMAT = 1              # bump when _export changes what it writes
@@ -135,11 +135,12 @@ def files(name: str) -> ZooFiles:
 def ensure(name: str) -> ZooFiles:
     """Return the cached model files, building them first if needed (atomically)."""
     f = files(name)
-    if f.onnx.exists() and f.calib.exists() and f.info.exists():
+    if f.info.exists():
         return f
     e = get(name)
-    f.onnx.parent.mkdir(parents=True, exist_ok=True)
-    with stage(f"zoo build {name}"), tempfile.TemporaryDirectory(dir=f.onnx.parent) as tmp:
+    with cache_lock(f.onnx), stage(f"zoo build {name}"), tempfile.TemporaryDirectory(dir=f.onnx.parent) as tmp:
+        if f.info.exists():         # built by another process while this one waited
+            return f
         info = _build(e, Path(tmp) / "model.onnx", Path(tmp) / "calib.npz")
         (Path(tmp) / "info.json").write_text(json.dumps(info, indent=2))
         # the .json is renamed last: its presence marks a complete entry

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import ml_dtypes  # noqa: F401  (registers int4, float8_e4m3fn, ... as numpy dtype names)
@@ -20,6 +22,21 @@ LIMIT = "lowbit's limit of 2 GiB per tensor"
 def cache_root() -> Path:
     """Where models built from recipes and measured tables are kept ($LOWBIT_CACHE)."""
     return Path(os.environ.get("LOWBIT_CACHE") or Path.home() / ".cache" / "lowbit")
+
+
+@contextmanager
+def cache_lock(path: Path) -> Iterator[None]:
+    """Hold the cache entry ``path`` exclusively: two processes filling one entry (two test workers, or
+    a report beside a compile) build it once; the second waits, then finds it complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    locks = cache_root() / "locks"          # beside the entries, not among them
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{path.parent.name}-{path.name}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def read_tensors(path: str | os.PathLike, specs: list[TensorSpec]) -> dict[str, np.ndarray]:

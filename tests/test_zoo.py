@@ -3,6 +3,9 @@ and the trained digits models reach their accuracy."""
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -70,3 +73,22 @@ def test_perturbed_set_is_fixed_and_harder():
     clean = data.digits("test")
     assert a.x.shape == clean.x.shape and (a.y == clean.y).all()
     assert np.abs(a.x - clean.x).mean() > 0.1
+
+
+def test_concurrent_builds_of_one_entry_build_it_once(monkeypatch, tmp_path):
+    """Two processes (test workers, a report beside a compile) asking for one entry: the second waits
+    on the first's lock and takes its files, instead of training again or failing its rename."""
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path))
+    calls = []
+
+    def slow_build(e, onnx_path, calib_path):
+        calls.append(e.name)
+        time.sleep(0.5)         # long enough that the other thread arrives while this one builds
+        onnx_path.write_bytes(b"model")
+        calib_path.write_bytes(b"calib")
+        return {"name": e.name}
+
+    monkeypatch.setattr(zoo, "_build", slow_build)
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(lambda _: zoo.ensure("fc_autoencoder"), range(2)))
+    assert calls == ["fc_autoencoder"] and got[0] == got[1] and got[0].onnx.read_bytes() == b"model"
