@@ -476,7 +476,8 @@ def cmd_corpus_build(args) -> int:
 def cmd_corpus_report(args) -> int:
     from compiler.tools import corpus as report
 
-    results = report.report(args.names, Path(args.output), args.timeout, progress=lambda m: _say(args, m))
+    results = report.report(args.names, Path(args.output), args.timeout, progress=lambda m: _say(args, m),
+                            jobs=args.jobs)
     _say(args, report.summary(results))
     _say(args, f"wrote {args.output}/corpus.md and corpus.json")
     return 0
@@ -617,6 +618,8 @@ def build_parser() -> argparse.ArgumentParser:
     cr.add_argument("names", nargs="*", metavar="NAME", help="a model (resnet18) or one file (resnet18.dynamo)")
     cr.add_argument("-o", "--output", default="bench/results", metavar="DIR", help="where corpus.{md,json} go")
     cr.add_argument("--timeout", type=_positive(float), default=3600.0, metavar="S", help="per model")
+    cr.add_argument("--jobs", type=_positive(int), default=1, metavar="N",
+                    help="models measured at a time (their compile times then share the machine)")
     cr.set_defaults(func=cmd_corpus_report)
     return p
 

@@ -1781,21 +1781,32 @@ def lower_qdq(mod: tvm.IRModule, variants="auto",
     with bb.function("main", list(func.params), attrs=attrs):
         with bb.dataflow():
             low = _Lowering(bb, variants, units)
-            outputs = set()
+            # the graph's outputs: the result, or each field of a result tuple (a model with several outputs,
+            # one of which other ops may also read)
+            outputs, fields = set(), None
             for block in func.body.blocks:
                 for b in block.bindings:
                     if b.var.same_as(func.body.body) or not isinstance(b.var, relax.DataflowVar):
                         outputs.add(b.var)
-            result = None
+                        if isinstance(b.value, relax.Tuple) and all(isinstance(f, relax.Var) for f in b.value.fields):
+                            fields = b
+                            outputs.update(b.value.fields)
+            result, boundary = None, {}
             for block in func.body.blocks:
                 for b in block.bindings:
                     if b.var in outputs and _name(b.value) == "relax.dequantize":
                         src = low.val(b.value.args[0])
                         if not isinstance(src, _Int):
                             raise QDQLoweringError("the output dequantize must follow a quantize")
-                        low.env[b.var] = bb.emit(relax.Call(b.value.op, [src.expr, *b.value.args[1:]],
-                                                            b.value.attrs))
-                        result = low.env[b.var]
+                        boundary[b.var] = result = bb.emit(relax.Call(b.value.op, [src.expr, *b.value.args[1:]],
+                                                                      b.value.attrs))
+                        # ops that also read the output read its integers
+                        low.env[b.var] = low.lower(b.value) if fields is not None else result
+                        continue
+                    if fields is not None and b.var.same_as(fields.var):
+                        result = low.env[b.var] = bb.emit(relax.Tuple(
+                            [boundary[f] if f in boundary else low.float_output(low.env.get(f))
+                             for f in b.value.fields]))
                         continue
                     try:
                         low.env[b.var] = low.lower(b.value)

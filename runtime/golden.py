@@ -589,6 +589,7 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
         return v[1]
 
     outputs = {o.name for o in g.output}
+    boundary: dict[str, np.ndarray] = {}        # the outputs' dequantizes
     count: dict[str, int] = {}
 
     def variant(kind: str) -> str:
@@ -672,13 +673,12 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
                 qv = _Q(src[1].q, scale, zero, a.get("axis", 1), src[2])
             else:                                               # an initializer (weights, bias)
                 qv = _Q(src, scale, zero, a.get("axis", 1))
-            if n.output[0] in outputs:
+            if n.output[0] in outputs:      # the float boundary; an op that also reads it reads the integers
                 shape = [1] * qv.q.ndim
                 if qv.scale.size > 1:
                     shape[qv.axis % qv.q.ndim] = -1
-                env[n.output[0]] = (qv.centered() * qv.scale.reshape(shape)).astype(np.float32)
-            else:
-                env[n.output[0]] = ("deq", qv)
+                boundary[n.output[0]] = (qv.centered() * qv.scale.reshape(shape)).astype(np.float32)
+            env[n.output[0]] = ("deq", qv)
         elif op == "MatMul" and isinstance(ins[0], _Pending) and ins[0].probabilities:
             # P.V of a softmax no quantize follows: P's own integers times V (on its 16-bit grid)
             p, v = ins[0], deq_of(on_wide_grid(ins[1]))
@@ -1115,5 +1115,5 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
             else:
                 env.update(zip(n.output, _island(n, ins, exc), strict=False))
     # an output left at its accumulator (no output quantize: NNCF's classifier) is dequantized at s_x*s_w
-    return {o.name: _real(env[o.name], QDQUnsupported(o.name)) if isinstance(env[o.name], _Pending) else env[o.name]
-            for o in g.output}
+    return {o.name: boundary[o.name] if o.name in boundary else _real(env[o.name], QDQUnsupported(o.name))
+            if isinstance(env[o.name], _Pending) else env[o.name] for o in g.output}

@@ -11,6 +11,8 @@ its logits must follow ORT FP32's.
 from __future__ import annotations
 
 import functools
+import json
+import time
 
 import pytest
 
@@ -54,11 +56,41 @@ def test_corpus_model_is_integer_only_and_bit_exact(name):
 
 
 # EfficientNet-B0 with seeded weights was 0.921 under minmax ranges against ORT static INT8's 0.925; the
-# "auto" observer (MSE ranges for a CNN's features) gives 0.931
+# "auto" observer (MSE ranges for a CNN's features) gives 0.931.  The issue's bar also asks 0.99 where ORT's
+# is lower, which this model misses (the report's "fidelity bar" column): what CI holds is no worse than ORT
 @pytest.mark.slow
 @pytest.mark.parametrize("name", CI_SUBSET)
-def test_corpus_model_fidelity_meets_the_bar(name):
-    """The acceptance bar: logit cosine against FP32 at least ORT static INT8's on the same
-    calibration, or 0.99 where ORT's is lower."""
+def test_corpus_model_fidelity_at_least_ort_static(name):
+    """Logit cosine against FP32 at least ORT static INT8's on the same calibration, and the report's
+    bar computed from it."""
     r = _row(name)
-    assert r.int8.cosine >= min(0.99, r.ort_static.cosine), (r.int8.cosine, r.ort_static.cosine)
+    assert r.int8.cosine >= r.ort_static.cosine, (r.int8.cosine, r.ort_static.cosine)
+    assert r.fidelity_bar() == max(report.FIDELITY_FLOOR, r.ort_static.cosine)
+    assert r.meets_fidelity_bar() == (r.int8.cosine >= r.fidelity_bar())
+
+
+def test_report_keeps_corpus_order_with_several_jobs_and_marks_the_fidelity_bar(tmp_path, monkeypatch):
+    """The table from measured rows (stand-ins here): rows in corpus order whichever child finishes
+    first, the bar max(0.99, ORT static) per row, and the summary's counts."""
+    names = ["resnet18.dynamo", "regnet_y_400mf.dynamo", "swin_t.dynamo"]
+    cosines = {"resnet18.dynamo": (0.9991, 0.9984), "regnet_y_400mf.dynamo": (0.95, 0.85),
+               "swin_t.dynamo": (0.9980, 0.9992)}
+
+    def measured(v, src, timeout):
+        time.sleep(0.2 if v.name == names[0] else 0.0)      # the first row finishes last
+        ours, ort = cosines[v.name]
+        ok = report.Outcome(ok=True, integer_only=True, bit_exact=True, cosine=ours, top1=1.0, max_rel_err=1e-6)
+        return report.ModelResult(v.name, v.recipe.family, v.recipe.kind, v.exporter, "1", ok, ok,
+                                  report.Outcome(ok=True, cosine=ort, top1=1.0), report.Outcome(ok=True))
+
+    monkeypatch.setattr(report, "run_one", measured)
+    results = report.report(names, tmp_path, jobs=2, progress=lambda _: None)
+    assert [r.name for r in results] == names
+    assert [r.meets_fidelity_bar() for r in results] == [True, False, False]
+    table = (tmp_path / "corpus.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| resnet18") or line.startswith("| regnet")
+            or line.startswith("| swin")]
+    assert [r.split(" | ")[0] for r in rows] == ["| resnet18", "| regnet_y_400mf", "| swin_t"]
+    assert "| met (0.9984) |" in table and "**missed** (0.9900)" in table and "**missed** (0.9992)" in table
+    assert "at or above ORT static INT8's 2/3, fidelity bar (that, and at least 0.99) met 1/3" in table
+    assert json.loads((tmp_path / "corpus.json").read_text())["models"][1]["name"] == names[1]

@@ -231,3 +231,19 @@ def test_linear_bound_holds_for_every_input():
         np.testing.assert_array_equal(got.correction, -zx * w.sum(axis=0))
     assert accumulators.accumulator_dtype(2**31 - 1) == "int32" and accumulators.accumulator_dtype(2**31) == "int64"
     assert accumulators.activation_matmul(64, "uint8", 0, "int8", 0) == 64 * 255 * 128
+
+
+@pytest.mark.parametrize("output", ["h2", "h0"])
+def test_an_output_that_other_ops_also_read_stays_integer(output):
+    """A model with several outputs, one an intermediate that later layers also read (a hidden state
+    beside the logits): each output is its own dequantize, the readers take the integers, and the
+    model lowers integer-only, bit-exact with golden (it was fake-quant as a whole)."""
+    m = mlp_model(batch=1)
+    m.graph.output.append(helper.make_tensor_value_info(output, TensorProto.FLOAT, [1, 16]))
+    calib = {"x": np.random.default_rng(0).normal(size=(16, 8)).astype(np.float32)}
+    art, qdq, variants = compile_with_golden(m, calib=calib)
+    assert art.manifest.integer_only, art.manifest.integer_region
+    x = {"x": calib["x"][:1] * 3}
+    got, want = art.run(x), golden.run_qdq(qdq, x, variants)
+    for name in ("y", output):
+        np.testing.assert_array_equal(got[name], want[name])
