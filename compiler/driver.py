@@ -52,7 +52,7 @@ class Reference:
 def compile_with_reference(model: str | os.PathLike | onnx.ModelProto, options: CompileOptions,
                            remote=None) -> tuple[Artifact, Reference]:
     """``compile``, also returning the build's golden reference, so that checking a calibrated build
-    against golden does not calibrate a second time (``quantized_model`` would)."""
+    against golden takes the QDQ model that very compile lowered, from its one calibration."""
     config = options.quant_config() if options.calib is not None else None   # bad --bits fail before any work
     with native_stderr_to_debug(), steps(6 if options.weight_bits == "mixed" else 5, "compiling"):
         return _compile(model, options, config, remote)
@@ -215,18 +215,6 @@ def _island_line(island) -> str:
 
 def _more(islands) -> str:
     return f" and {len(islands) - 1} more" if len(islands) > 1 else ""
-
-
-def quantized_model(model, opts: CompileOptions) -> tuple[onnx.ModelProto, dict | str]:
-    """The QDQ model a compile with ``opts`` (and ``opts.calib``) lowers, and its softmax / GELU
-    variants: what runtime/golden.run_qdq reads as that build's reference.  Loaded and quantized
-    exactly as ``compile`` does (an FP32 model at static shapes is canonicalized first; a model
-    quantized elsewhere is read as it is loaded, its variants chosen per op: "auto")."""
-    loaded = load(model, opts, opts.backend)
-    if loaded.given_quantized:
-        return loaded.src.proto, "auto"
-    src, _, calibrated = calibrate(loaded, opts, opts.quant_config())
-    return src.proto, calibrated.report.variants()
 
 
 def build_for(backend: Backend, mod, target: dict, ctx: BuildContext) -> Build:

@@ -74,15 +74,6 @@ def compile_with_golden(model, **options):
     return art, ref.model, ref.variants
 
 
-def golden_model(onnx_path, calib) -> tuple[onnx.ModelProto, dict]:
-    """The QDQ model lowbit's quantizer makes of an FP32 model, with its softmax / GELU variants:
-    what runtime/golden.run_qdq interprets as the reference."""
-    from compiler import driver
-    from compiler.options import CompileOptions
-
-    return driver.quantized_model(onnx_path, CompileOptions(calib=calib))
-
-
 def assert_golden_per_sample(art, qdq, variants, x) -> None:
     """``art`` (a zoo model's build) bit-exact with the golden interpreter on its reference, sample by sample."""
     from models import zoo

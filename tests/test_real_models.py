@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 import real_models
-from conftest import ISA_PATHS, compile_with_golden, golden_model, runnable_cpus
+from conftest import ISA_PATHS, compile_with_golden, runnable_cpus
 
 import compiler
 import runtime
@@ -98,12 +98,12 @@ def test_static_batch_cnn_on_every_isa_path(files, cpu):
     ISA path, integer-only, and where this machine runs the path, it is bit-exact with golden."""
     x = files["digits_cnn_calib"][:8].copy()
     x[-1] *= 1000.0             # far outside the calibrated range
-    art = compiler.compile(files["digits_cnn"], options=CompileOptions(
-        target_options={"mcpu": cpu}, input_shapes={"input": (8, 1, 32, 32)}, calib={"input": files["digits_cnn_calib"]}))
+    art, qdq, variants = compile_with_golden(files["digits_cnn"], target_options={"mcpu": cpu},
+                                             input_shapes={"input": (8, 1, 32, 32)},
+                                             calib={"input": files["digits_cnn_calib"]})
     assert art.manifest.integer_only, art.manifest.integer_region
     if cpu not in runnable_cpus():
         return
-    qdq, variants = golden_model(files["digits_cnn"], {"input": files["digits_cnn_calib"]})
     np.testing.assert_array_equal(art.run({"input": x})["output"], golden.run_qdq(qdq, {"input": x}, variants)["output"])
 
 
