@@ -41,16 +41,20 @@ MS_DOMAIN = "com.microsoft"
 
 
 def canonicalize(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None) -> onnx.ModelProto:
-    """A copy of ``model`` with the rewrites above; shape arithmetic is folded only when
-    ``shapes`` fixes every input's shape."""
+    """A copy of ``model`` with the rewrites above.  ``shapes`` fixes the inputs' shapes first, so
+    that the shape arithmetic folds; without them only what does not depend on a symbolic
+    dimension folds, and constant-only subgraphs always do (TorchScript writes a ReLU6's bounds as
+    ``Constant`` nodes: left unfolded, the quantizer saw no constant bounds, quantized each
+    convolution's output before its Clip as well as after it, and a dynamic-batch MobileNetV2 lost
+    0.008 of cosine to FP32 against its static-batch export)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     if shapes:
         _fix_input_shapes(m, shapes)
-        for _ in range(64):                 # folding exposes x * 0 and new static shapes, which fold further
-            folded = _fold_constants(m)
-            if not _zero_products(m) and not folded:
-                break
+    for _ in range(64):                     # folding exposes x * 0 and new static shapes, which fold further
+        folded = _fold_constants(m)
+        if not _zero_products(m) and not folded:
+            break
     _fuse_gelu(m)
     _fuse_layernorm(m)
     _gather_to_slice(m)

@@ -11,7 +11,9 @@ user can open it in any ONNX tool.
     4. rewrite: Q/DQ on activations, per-channel int8 weights, int32 biases
 
 The plan quantizes every tensor an integer kernel reads or writes: graph
-inputs, the inputs of Conv/Gemm/MatMul, residual-Add operands, pooling and
+inputs, the inputs of Conv/Gemm/MatMul, residual-Add operands (in a
+transformer at the stream's 16 bits, with an 8-bit copy for any other reader:
+``_fork_narrow_reads``), pooling and
 Concat operands, and each kernel's output *after* its bias, ReLU and Clip (so
 those fold into the requantize clamp).  Max-pool and shape views keep their
 operand's parameters and get no pair of their own.  Shape arithmetic never gets
@@ -185,7 +187,32 @@ def prepare(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = 
     folded = fold_batchnorm(model)
     n_bn = sum(n.op_type == "BatchNormalization" for n in model.graph.node) - \
         sum(n.op_type == "BatchNormalization" for n in folded.graph.node)
-    return folded, _plan(folded), n_bn
+    plan = _plan(folded)
+    if plan.forks:
+        folded = _fork_narrow_reads(folded, plan.forks)
+        plan = _plan(folded, set(plan.forks.values()))
+    return folded, plan, n_bn
+
+
+STREAM_READERS = ("Add", "LayerNormalization")      # read a residual stream tensor at the stream's width
+
+
+def _fork_narrow_reads(m: onnx.ModelProto, forks: dict[str, str]) -> onnx.ModelProto:
+    """A residual-stream tensor that other ops also read (BERT's LayerNorm output, which the next
+    sum and the Q, K, V projections read) gets an 8-bit copy for them: ``t -> Identity -> t_narrow``,
+    quantized on its own 8-bit grid (in the QDQ model a requantize of the stream's 16-bit integers).
+    The sum keeps 16 bits; each matmul keeps its 8-bit operand and its VNNI/AMX kernel."""
+    g = m.graph
+    nodes = []
+    for n in g.node:
+        for k, i in enumerate(n.input):
+            if i in forks and n.op_type not in STREAM_READERS:
+                n.input[k] = forks[i]
+        nodes.append(n)
+        nodes += [helper.make_node("Identity", [o], [forks[o]], name=forks[o]) for o in n.output if o in forks]
+    del g.node[:]
+    g.node.extend(nodes)
+    return m
 
 
 # ---- 2. plan ---------------------------------------------------------------------------
@@ -201,6 +228,7 @@ class _Plan:
     residual: set[str]                      # a transformer's residual sums: the stream LayerNorm reads
     softmax: set[str]                       # softmax outputs (attention probabilities)
     rectified: set[str]                     # outputs of a layer's ReLU (or Clip from >= 0): u4 candidates
+    forks: dict[str, str] = field(default_factory=dict)    # a stream tensor others read -> its 8-bit copy
 
 
 FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
@@ -250,7 +278,8 @@ def shape_tensors(m: onnx.ModelProto) -> set[str]:
     return shape
 
 
-def _plan(m: onnx.ModelProto) -> _Plan:
+def _plan(m: onnx.ModelProto, narrow: set[str] = frozenset()) -> _Plan:
+    """``narrow``: the outputs of ``_fork_narrow_reads``'s Identity nodes (each an activation of its own)."""
     g = m.graph
     inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
     consumers: dict[str, list[onnx.NodeProto]] = {}
@@ -321,7 +350,10 @@ def _plan(m: onnx.ModelProto) -> _Plan:
         if id(n) in skip or not n.output or n.output[0] in shapes:     # shape arithmetic stays as it is
             continue
         op = n.op_type
-        if op in LINEAR and (axis := _weight_axis(n, inits)) is not None:
+        if op == "Identity" and n.output[0] in narrow:
+            need(n.input[0])
+            need(n.output[0])
+        elif op in LINEAR and (axis := _weight_axis(n, inits)) is not None:
             need(n.input[0])
             plan.weights[n.input[1]] = axis
             plan.layers[layer_name(n)] = n.input[1]
@@ -337,11 +369,16 @@ def _plan(m: onnx.ModelProto) -> _Plan:
             need(n.input[1])
             need(out := chain_end(n))
             if transformer:
-                # the stream's width for the sum and for a term that only joins it (an attention projection's
-                # or an MLP's output): no matmul reads such a term, so 16 bits cost no kernel an 8-bit operand
-                # and halve the error the stream takes in (DeiT-tiny's cosine to FP32 0.9986 -> 0.9990)
-                plan.residual.update(t for t in n.input[:2] if t not in outputs and t not in graph_inputs
-                                     and all(c.op_type == "Add" for c in consumers[t]))
+                # the stream's width for the sum and for each of its operands: a term that only joins it (an
+                # attention projection's or an MLP's output) halves the error the stream takes in (DeiT-tiny's
+                # cosine to FP32 0.9986 -> 0.9990); an operand that a matmul also reads (BERT's LayerNorm
+                # output, ViT's embeddings) keeps 16 bits for the sum and gives the matmul an 8-bit copy
+                for t in n.input[:2]:
+                    if t in outputs or t in graph_inputs:
+                        continue
+                    plan.residual.add(t)
+                    if any(c.op_type not in STREAM_READERS and c.output[0] not in narrow for c in consumers[t]):
+                        plan.forks[t] = t + "_narrow"
                 plan.residual.add(out)
         elif op in ELEMENTWISE_BINARY and not any(i in constant or i in shapes for i in n.input) \
                 and root(n.input[0]) != root(n.input[1]):

@@ -1091,6 +1091,12 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
 
     for n in g.node:
         ins = [env.get(i) if i else None for i in n.input]
+        if n.op_type == "Identity":
+            # the same value, whatever its kind, as TVM's importer reads it: a quantize after
+            # DQ -> Identity requantizes the integers (run as floats, it rounded ties to even where
+            # the compiled requantize rounds half up)
+            env[n.output[0]] = ins[0]
+            continue
         a = attrs(n)
         pf = _pending_fn(n.op_type, a, ins, lambda n=n, ins=ins: _island(n, ins, QDQUnsupported(n.name))[0])
         if n.op_type == "Mul" and pf is None and (gained := _fn_gain(ins, lambda n=n, ins=ins: _island(

@@ -141,3 +141,25 @@ def test_the_bias_grid_is_the_same_in_both(channels):
     node = helper.make_node("Add", ["a", "b"], ["c"], name="bias")
     np.testing.assert_array_equal(lowered, golden._bias(golden._Q(q, scale, zero), num, node))
     assert np.abs(lowered).max() > 1000        # a real re-grid, not a no-op
+
+
+def test_a_quantize_after_an_identity_requantizes_the_integers():
+    """DQ -> Identity -> Q is the requantize DQ -> Q is (TVM imports Identity as its input): at the
+    ratio 1/2, every odd q is a tie, which the dyadic requantize rounds half up in the compiled
+    model and in golden alike (a float QuantizeLinear would round it to even)."""
+    import compiler
+    from compiler.options import CompileOptions
+
+    consts = [numpy_helper.from_array(np.array(v, t), n) for n, v, t in (
+        ("s16", 1.0, np.float32), ("z16", 0, np.int16), ("s8", 2.0, np.float32), ("z8", 0, np.int8))]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s16", "z16"], ["q16"]),
+             helper.make_node("DequantizeLinear", ["q16", "s16", "z16"], ["d16"]),
+             helper.make_node("Identity", ["d16"], ["i"]),
+             helper.make_node("QuantizeLinear", ["i", "s8", "z8"], ["q8"]),
+             helper.make_node("DequantizeLinear", ["q8", "s8", "z8"], ["y"])]
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 8]) for n in ("x", "y")]
+    model = make_model(nodes, io[:1], io[1:], consts, opset=21)
+    x = {"x": np.array([[-5, -3, -1, 1, 3, 5, 7, 9]], np.float32)}
+    want = golden.run_qdq(model, x)["y"]
+    np.testing.assert_array_equal(want, 2 * np.floor(x["x"] / 2 + 0.5))
+    np.testing.assert_array_equal(compiler.compile(model, options=CompileOptions()).run(x)["y"], want)

@@ -305,6 +305,37 @@ def test_residual_stream_width_bit_exact(bits):
     np.testing.assert_array_equal(art.run({"x": x})["y"], golden.run_qdq(qdq, {"x": x})["y"])
 
 
+def post_norm_model(c=16, t=5):
+    """A post-norm residual branch (BERT's): n = LN(x); y = LN(n + n W)."""
+    rng = np.random.default_rng(5)
+    nodes = [helper.make_node("LayerNormalization", ["x", "g1", "b1"], ["n"], axis=-1),
+             helper.make_node("MatMul", ["n", "w"], ["h"]), helper.make_node("Add", ["n", "h"], ["r"]),
+             helper.make_node("LayerNormalization", ["r", "g2", "b2"], ["y"], axis=-1)]
+    return make_model(nodes, [_io("x", (1, t, c))], [_io("y", (1, t, c))],
+                      [_init("g1", rng.uniform(0.5, 1.5, c)), _init("b1", rng.normal(0, 0.2, c)),
+                       _init("w", _rand(c, c, seed=7, scale=0.3)),
+                       _init("g2", rng.uniform(0.5, 1.5, c)), _init("b2", rng.normal(0, 0.2, c))])
+
+
+def test_a_stream_operand_a_matmul_also_reads_forks_an_8_bit_copy():
+    """BERT's LayerNorm output joins the next sum and feeds the projections: the sum reads it at the
+    stream's 16 bits, the MatMul reads an 8-bit copy (a requantize of those integers), so its kernel
+    keeps an 8-bit operand; integer-only and bit-exact with golden."""
+    model, calib = post_norm_model(), {"x": _rand(8, 5, 16, seed=4, scale=2.0)}
+    qdq, report = quantize.quantize(model, calib)
+    inits = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer}
+    assert inits["n_zero_point"].dtype == np.int16 and inits["n_narrow_zero_point"].dtype == np.uint8
+    matmul = next(n for n in qdq.graph.node if n.op_type == "MatMul")
+    add = next(n for n in qdq.graph.node if n.op_type == "Add")
+    assert matmul.input[0] == "n_narrow" and "n" in add.input
+    assert report.residual == 3                                     # n, h and their sum r
+    art = compiler.compile(model, options=CompileOptions(calib=calib))
+    assert art.manifest.integer_only
+    for seed in range(3):
+        x = _rand(1, 5, 16, seed=10 + seed, scale=2.0)
+        np.testing.assert_array_equal(art.run({"x": x})["y"], golden.run_qdq(qdq, {"x": x}, report.variants())["y"])
+
+
 def test_residual_stream_over_many_channels_is_read_coarser_by_layernorm():
     """16-bit input over 2048 channels: C * (C * 65535)^2 >= 2^62, so I-LayerNorm's variance could
     overflow int64; the LayerNorm reads q - z two bits coarser (C * (C * 2^14)^2 < 2^62) and stays
