@@ -16,7 +16,8 @@ max(|min|, |max|) of its type, and |q - z| <= span(q) = max(|min - z|, |max - z|
     q_a . q_b       |sum_k (q_a - z_a)(q_b - z_b)| <= K span(a) span(b)        (attention's Q.K^T, P.V)
     q_a * q_b       |q_a - z_a| |q_b - z_b| < 2^bits_a 2^bits_b                 (an elementwise product)
     requantize      |acc| m + 2^(e-1) < 2^63 with the dyadic multiplier m (passes/dyadic.py): checked
-                    as bound * max(m) < 2^62
+                    as bound * max(m) < 2^62; past that (a convolution of 16-bit activations), the
+                    product split at 2^20 for any bound < 2^51 (dyadic.rescale_wide)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np
 
 INT32_LIMIT = 2**31         # |acc| below this: int32
 REQUANTIZE_LIMIT = 2**62    # bound * multiplier below this: the requantize's int64 product cannot overflow
+WIDE_REQUANTIZE_LIMIT = 2**51   # bound below this: the product split at 2^20 (dyadic.rescale_wide) is exact
 
 
 def accumulator_dtype(bound: int) -> str:
@@ -92,6 +94,11 @@ def product(a_dtype: str, b_dtype: str) -> int:
 def requantize_fits(bound: int, multiplier: int) -> bool:
     """Whether acc * m + 2^(e-1) stays inside int64 for every |acc| <= bound."""
     return bound * multiplier < REQUANTIZE_LIMIT
+
+
+def wide_requantize_fits(bound: int) -> bool:
+    """Whether the split requantize (passes/dyadic.rescale_wide) is exact for every |acc| <= bound."""
+    return bound < WIDE_REQUANTIZE_LIMIT
 
 
 def layer_norm_fits(channels: int, dtype: str) -> bool:

@@ -111,6 +111,42 @@ def rescale(x: relax.Expr, d: Dyadic, axis: int = -1) -> relax.Expr:
     return op.right_shift(op.add(op.multiply(op.astype(x, "int64"), m), h), e)
 
 
+WIDE_SPLIT = 20             # rescale_wide's low part: x = a1 * 2^20 + a0
+
+
+def rescale_wide(x: relax.Expr, d: Dyadic, axis: int = -1) -> relax.Expr | None:
+    """``rescale`` for an int64 ``x`` whose product ``x * m`` may pass int64 (|x| >= 2^62 / m: a
+    convolution over 16-bit activations), exact for |x| < 2^51 and every shift e > 20.  With
+    ``x = a1 * 2^20 + a0`` (a1 = x >> 20, arithmetic; a0 = x & (2^20 - 1) in [0, 2^20)):
+
+        x * m + 2^(e-1)  =  (a1 * m + 2^(e-21)) * 2^20 + a0 * m
+
+    and with ``a0 * m = q * 2^20 + r`` (0 <= r < 2^20) the remainder r never carries past the floor:
+
+        (x * m + 2^(e-1)) >> e  ==  (a1 * m + 2^(e-21) + ((a0 * m) >> 20)) >> (e - 20)
+
+    |a1 * m| < 2^31 * 2^31 and a0 * m < 2^51 keep every term inside int64.  Returns the same int64
+    value as the exact formula (runtime/golden.py computes it with unbounded integers), or None when
+    a shift is 20 or less (the ratio is then >= 2^10; no requantize of a wide sum has one).
+    """
+    if not np.all(d.e > WIDE_SPLIT):
+        return None
+    op = relax.op
+    if d.m.size == 1:
+        m, e, h = (relax.const(int(v.reshape(-1)[0]), "int64")
+                   for v in (d.m, d.e - WIDE_SPLIT, np.left_shift(1, d.e - WIDE_SPLIT - 1)))
+    else:
+        shape = [1] * x.ty.ndim
+        shape[axis] = d.m.size
+        m, e, h = (relax.const(v.reshape(shape).astype(np.int64), "int64")
+                   for v in (d.m, d.e - WIDE_SPLIT, np.left_shift(1, d.e - WIDE_SPLIT - 1)))
+    split = relax.const(WIDE_SPLIT, "int64")
+    x = op.astype(x, "int64")
+    high = op.multiply(op.right_shift(x, split), m)
+    low = op.right_shift(op.multiply(op.bitwise_and(x, relax.const((1 << WIDE_SPLIT) - 1, "int64")), m), split)
+    return op.right_shift(op.add(op.add(high, h), low), e)
+
+
 def rescale_high(x: relax.Expr, d: Dyadic, axis: int = -1) -> relax.Expr | None:
     """``rescale`` for an int32 ``x`` on a 32-bit core, when every shift is e >= 33: with
     ``x * m = hi * 2^32 + lo`` and ``s = e - 32 >= 1``, the rounding constant 2^(e-1) only adds

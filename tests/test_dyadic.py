@@ -149,3 +149,34 @@ def test_high_word_rescale_is_the_same_integer(per_channel):
     ex, _, _ = llvm.build(high, llvm.host_target())
     got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
     np.testing.assert_array_equal(got, golden.requantize(x, d.m, d.e, -128, 127, axis=1))
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_wide_rescale_is_the_exact_integer_past_int64_products(per_channel):
+    """passes/dyadic.rescale_wide: accumulators up to 2^51 (a convolution over 16-bit activations),
+    whose product with a 31-bit multiplier passes int64, split at 2^20: equal to the exact rational
+    round-half-up at the extremes, on exact ties and at random, as golden's unbounded integers."""
+    from passes.dyadic import rescale_wide
+
+    rng = np.random.default_rng(3)
+    channels = 6
+    ratios = rng.uniform(1e-9, 1e-3, size=channels if per_channel else 1)
+    ratios[0] = 2.0**-24                                 # exact ties below
+    d = dyadic_from_ratio(ratios)
+    x = rng.integers(-(2**51) + 1, 2**51, size=(6, channels), dtype=np.int64)
+    x[1, :], x[2, :] = 2**51 - 1, -(2**51) + 1
+    x[3, :] = (np.arange(channels) * 2 + 1) << 23        # odd multiples of 2^23: ties at 2^-24
+    x[4, :] = -x[3, :]
+    assert int(np.abs(x).max()) * int(d.m.max()) >= 2**63      # rescale's int64 product would wrap
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType(x.shape, "int64"))
+    with bb.function("main", [xv]):
+        with bb.dataflow():
+            y = bb.emit_output(rescale_wide(xv, d, axis=1))
+        bb.emit_func_output(y)
+    ex, _, _ = llvm.build(bb.get(), llvm.host_target())
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    m, e = np.broadcast_to(d.m, (channels,)), np.broadcast_to(d.e, (channels,))
+    want = np.array([[_round_half_up(int(v) * int(m[c]), 1 << int(e[c])) for c, v in enumerate(row)] for row in x])
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got, golden.requantize(x, d.m, d.e, -(2**62), 2**62, axis=1, dtype=np.int64))

@@ -247,3 +247,32 @@ def test_an_output_that_other_ops_also_read_stays_integer(output):
     got, want = art.run(x), golden.run_qdq(qdq, x, variants)
     for name in ("y", output):
         np.testing.assert_array_equal(got[name], want[name])
+
+
+def test_a_matmul_over_16_bit_activations_requantizes_past_int64_products():
+    """int16 activations times int8 weights over K = 1024: the accumulator bound 1024 * 127 * 32768
+    (~2^32) times a 31-bit multiplier passes 2^62, which was a float island; the requantize splits
+    the product (passes/dyadic.rescale_wide) and stays integer-only, bit-exact with golden at the
+    input's extremes."""
+    k, n = 1024, 8
+    rng = np.random.default_rng(4)
+    w = np.where(rng.random((k, n)) < 0.5, -127, 127).astype(np.int8)
+    consts = [numpy_helper.from_array(np.array(0.001, np.float32), "sx"), numpy_helper.from_array(np.array(0, np.int16), "zx"),
+              numpy_helper.from_array(w, "wq"), numpy_helper.from_array(np.full(n, 0.01, np.float32), "sw"),
+              numpy_helper.from_array(np.zeros(n, np.int8), "zw"),
+              numpy_helper.from_array(np.array(40.0, np.float32), "sy"), numpy_helper.from_array(np.array(0, np.int8), "zy")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["wd"], axis=1),
+             helper.make_node("MatMul", ["xd", "wd"], ["acc"]),
+             helper.make_node("QuantizeLinear", ["acc", "sy", "zy"], ["yq"]),
+             helper.make_node("DequantizeLinear", ["yq", "sy", "zy"], ["y"])]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, k])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, n])], consts, opset=21)
+    art = compiler.compile(model, options=CompileOptions())
+    assert art.manifest.integer_only and not art.manifest.islands
+    x = rng.uniform(-33, 33, (3, k)).astype(np.float32)
+    x[1] = np.sign(w[:, 0]) * 33.0                       # every product at the bound for channel 0
+    want = golden.run_qdq(model, {"x": x})["y"]
+    np.testing.assert_array_equal(art.run({"x": x})["y"], want)
+    assert np.abs(want[1, 0]) > 100                      # a value the narrow grid still resolves
