@@ -50,7 +50,7 @@ from tvm import relax
 from passes import accumulators, fine_grid, integer_nonlinear, subbyte, wide_grid
 from passes.analysis import digest
 from passes.contraction import ACTIVATION_MATMUL, CONV2D, MATMUL, Contraction, ContractionUnit, Operand, first_fit
-from passes.dyadic import WIDE_SPLIT, dyadic_from_ratio, fine_offset, rescale, rescale_wide, saturate
+from passes.dyadic import dyadic_from_ratio, fine_offset, rescale, rescale_wide, saturate
 
 op = relax.op
 VIEWS = {"relax.reshape", "relax.permute_dims", "relax.flatten", "relax.squeeze", "relax.expand_dims", "relax.take",
@@ -983,9 +983,9 @@ class _Lowering:
             ratio = num.astype(np.float32).astype(np.float64) / scale.astype(np.float64)
             d = dyadic_from_ratio(ratio)
             wide = not accumulators.requantize_fits(src.bound, int(d.m.max()))     # x * m + 2^(e-1) past int64
-            if wide and not (accumulators.wide_requantize_fits(src.bound) and np.all(d.e > WIDE_SPLIT)):
-                raise QDQLoweringError(f"requantize: accumulator bound {src.bound} times multiplier "
-                                       f"{int(d.m.max())} may overflow int64")
+            overflow = f"requantize: accumulator bound {src.bound} times multiplier {int(d.m.max())} may overflow int64"
+            if wide and not accumulators.wide_requantize_fits(src.bound):
+                raise QDQLoweringError(overflow)
             if src.table is not None and len(src.terms) == 1 and axis is None:
                 values, index = src.table
                 out = integer_nonlinear.tabulate(lambda t, d=d: saturate(rescale(t, d), z_out, int(lo[0]), int(hi[0]),
@@ -993,6 +993,8 @@ class _Lowering:
                 y = op.astype(op.take(relax.const(out.astype(np.int32), "int32"), index, axis=0), dtype)
                 return _Int(self.bb.emit(y), scale, zero, dtype, src.channels_last)
             term = (rescale_wide if wide else rescale)(acc, d, axis if axis is not None else -1)
+            if term is None:                # a shift of 20 or less: the split product does not apply
+                raise QDQLoweringError(overflow)
             total = term if total is None else op.add(total, term)
         y = saturate(self.plus_zero(total, zero, channel, 4), 0, int(lo.min()), int(hi.max()), dtype)
         if per and (np.any(lo != lo.min()) or np.any(hi != hi.max())):     # ReLU6's top differs per channel
