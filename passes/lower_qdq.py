@@ -76,6 +76,12 @@ class _Int:
     # so that a chain reading both (ELU: -a relu(1 - exp(x)) + relu(x)) is still one table of x
     of: _Unary | None = None
 
+    def on_grid(self, scale, zero, dtype: str) -> bool:
+        """Whether this tensor is already quantized at (scale, zero, dtype): a quantize to them is the
+        identity.  Compared as values, whatever the shapes (ONNX's scalar () and the lowering's (1,))."""
+        return self.dtype == dtype and np.array_equal(np.ravel(self.scale), np.ravel(scale)) and \
+            np.array_equal(np.ravel(self.zero), np.ravel(zero))
+
 
 @dataclass
 class _Deq:
@@ -727,8 +733,7 @@ class _Lowering:
         parts = [self.const_int(v) if isinstance(v := self.val(f), _ConstDeq) else self.deq(v, "relax.concat")
                  for f in fields]
         first = parts[0]
-        if all(p.scale.size == 1 and p.dtype == first.dtype and np.array_equal(p.scale, first.scale)
-               and np.array_equal(p.zero, first.zero) for p in parts):
+        if all(p.scale.size == 1 and p.on_grid(first.scale, first.zero, first.dtype) for p in parts):
             # one grid (NNCF unifies a concat's input scales and quantizes after its readers): the
             # integers concatenated are the dequantized concat's integers, exactly
             joined = self.bb.emit(op.concat([p.expr for p in parts], axis=int(call.attrs.axis)))
@@ -949,7 +954,7 @@ class _Lowering:
             return _Int(expr, scale, zero, dtype)
         if isinstance(src, _Deq):
             x = src.value
-            if np.array_equal(x.scale, scale) and np.array_equal(x.zero, zero) and x.dtype == dtype:
+            if x.on_grid(scale, zero, dtype):
                 return x                                           # Q(DQ(q)) with the same params
             src = _Pending([(self.centered(x), x.scale.astype(np.float64), None)], channels_last=x.channels_last)
         if isinstance(src, _Concat) and scale.size == 1:
@@ -1355,7 +1360,7 @@ class _Lowering:
 
     def quantize_like(self, x: _Int, scale, zero, dtype) -> relax.Expr:
         """``x`` requantized to (scale, zero, dtype); as is when it already has them."""
-        if np.array_equal(x.scale, scale) and np.array_equal(x.zero, zero) and x.dtype == dtype:
+        if x.on_grid(scale, zero, dtype):
             return x.expr
         d = dyadic_from_ratio(x.scale.astype(np.float64) / np.float64(np.float32(scale.reshape(-1)[0])))
         info = np.iinfo(dtype)

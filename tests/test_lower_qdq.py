@@ -276,3 +276,38 @@ def test_a_matmul_over_16_bit_activations_requantizes_past_int64_products():
     want = golden.run_qdq(model, {"x": x})["y"]
     np.testing.assert_array_equal(art.run({"x": x})["y"], want)
     assert np.abs(want[1, 0]) > 100                      # a value the narrow grid still resolves
+
+
+def test_a_quantize_to_the_grid_its_operand_is_on_is_the_identity():
+    """ORT writes Q -> DQ around every view (Reshape, Transpose, Swin's roll as Slice + Concat), each
+    quantize at the scale its operand already has, as its own scalar initializer.  Such a quantize
+    is the identity on the integers, whatever shape its scale has (the lowering keeps a requantized
+    result's scale as (1,), ONNX as ()): no requantize is emitted.  Swin-T's ORT file nested five of
+    them per window shift, and its build took 164 s instead of 50."""
+    rng = np.random.default_rng(5)
+    consts = [numpy_helper.from_array(np.array(0.05, np.float32), "sx"), numpy_helper.from_array(np.array(3, np.uint8), "zx"),
+              numpy_helper.from_array(rng.integers(-127, 128, (8, 6)).astype(np.int8), "wq"),
+              numpy_helper.from_array(np.full(6, 0.01, np.float32), "sw"),
+              numpy_helper.from_array(np.zeros(6, np.int8), "zw"), numpy_helper.from_array(np.array([2, 3], np.int64), "shape")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["wd"], axis=1),
+             helper.make_node("MatMul", ["xd", "wd"], ["acc"])]
+    value = "acc"
+    for i, (op, extra) in enumerate([("Reshape", ["shape"]), ("Transpose", []), ("Reshape", ["shape"])]):
+        # each quantize's parameters are its own initializers, equal in value (as ORT writes them)
+        consts += [numpy_helper.from_array(np.array(0.07, np.float32), f"s{i}"),
+                   numpy_helper.from_array(np.array(120, np.uint8), f"z{i}")]
+        nodes += [helper.make_node("QuantizeLinear", [value, f"s{i}", f"z{i}"], [f"q{i}"]),
+                  helper.make_node("DequantizeLinear", [f"q{i}", f"s{i}", f"z{i}"], [f"d{i}"]),
+                  helper.make_node(op, [f"d{i}", *extra], [f"v{i}"])]
+        value = f"v{i}"
+    nodes += [helper.make_node("QuantizeLinear", [value, "s0", "z0"], ["yq"]),
+              helper.make_node("DequantizeLinear", ["yq", "s0", "z0"], ["y"])]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], consts)
+    art = compiler.compile(model, options=CompileOptions())
+    m = art.manifest
+    assert m.integer_only and m.op_histogram["relax.right_shift"] == 1, m.op_histogram     # the matmul's alone
+    x = rng.uniform(-6, 6, (1, 8)).astype(np.float32)
+    np.testing.assert_array_equal(art.run({"x": x})["y"], golden.run_qdq(model, {"x": x})["y"])
