@@ -315,7 +315,8 @@ def test_all_zero_calibration_gets_a_usable_scale_and_a_warning(caplog):
     assert np.isfinite(scale) and scale == pytest.approx(2 / 255)
     assert np.isfinite(art.run({"x": X})["y"]).all()
     want = ort.InferenceSession(mlp_model().SerializeToString()).run(None, {"x": zeros[:2]})[0]
-    np.testing.assert_allclose(art.run({"x": zeros[:2]})["y"], want, atol=2 * art.manifest.quant["y"].scale)
+    # within 1% of the output's range: the 8-bit hidden layer's and the weights' rounding
+    np.testing.assert_allclose(art.run({"x": zeros[:2]})["y"], want, atol=0.01 * np.abs(want).max())
 
 
 def test_zero_or_non_finite_scale_in_a_given_qdq_model_is_refused():
