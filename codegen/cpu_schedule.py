@@ -94,16 +94,28 @@ def _inline_read_once(sch: s_tir.Schedule, blocks, keep=None) -> list:
     return kept
 
 
+def _executions(sch: s_tir.Schedule, block) -> int | None:
+    """How many times ``block``'s body runs: the product of its loops' extents (None: symbolic)."""
+    extents = [_const(sch.get(lp).extent) for lp in sch.get_loops(block)]
+    return None if None in extents else int(np.prod(extents, dtype=np.int64))
+
+
 def _under_rows(sch: s_tir.Schedule, blocks, out) -> tuple[s_tir.Schedule, int | None]:
-    """``blocks`` computed at the output's row loops, as deep as a loop takes them all: (the
-    schedule, the number of row loops), or (``sch``, None) when none does."""
+    """``blocks`` computed at the output's row loops, as deep as a loop takes them all without
+    computing any of them twice: (the schedule, the number of row loops), or (``sch``, None) when
+    none does.  A loop of the output that is not a row of its producers (the channels of a pool
+    after a LayerNorm, Swin-T's head) would recompute a GEMM's whole row block per channel."""
     loops = sch.get_loops(out)
+    before = [_executions(sch, b.block_rv) for b in blocks]
     for depth in range(len(loops) - 1, 0, -1):
         trial = sch.copy()
         try:
             for b in reversed(blocks):
                 trial.compute_at(b.block_rv, trial.get_loops(out)[depth - 1], preserve_unit_loops=True)
         except ScheduleError:
+            continue
+        after = [_executions(trial, b.block_rv) for b in blocks]
+        if any(n is not None and m is not None and m > n for n, m in zip(before, after, strict=True)):
             continue
         return trial, depth
     return sch, None

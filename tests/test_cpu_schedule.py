@@ -9,7 +9,7 @@ import pytest
 import tvm
 from conftest import make_model
 from onnx import TensorProto, helper, numpy_helper
-from tvm import tirx
+from tvm import s_tir, te, tirx
 from tvm.relax.backend.cpu_generic import pipeline as cpu
 from tvm.s_tir import dlight as dl
 
@@ -99,3 +99,37 @@ def test_kernels_no_rule_schedules_are_recorded(monkeypatch):
     monkeypatch.setattr(CPUDefault, "schedule", lambda self, sch, target: None)
     art = compiler.compile(model)
     assert art.manifest.unscheduled and set(art.manifest.unscheduled) == set(art.manifest.kernels)
+
+
+def test_a_pool_after_a_row_wise_kernel_does_not_recompute_its_gemm():
+    """GEMM -> a row-wise step (a sum along each row, as LayerNorm's) -> a pool over the rows (Swin-T's
+    head as ORT quantizes it: the norm's output pooled before its quantize, all one kernel).  The
+    pool's loops run over the channels, not the GEMM's rows: computed under them, the GEMM's whole
+    row block ran once per channel (Swin-T's ORT file: 100 s per inference).  Each block runs
+    exactly as often as it did unscheduled."""
+    rows, k, cols = 7, 64, 48
+    a, w = te.placeholder((rows, k), "int8", "a"), te.placeholder((k, cols), "int8", "w")
+    kk, cc, rr = te.reduce_axis((0, k)), te.reduce_axis((0, cols)), te.reduce_axis((0, rows))
+    mm = te.compute((rows, cols), lambda i, j: te.sum(a[i, kk].astype("int32") * w[kk, j].astype("int32"), axis=kk),
+                    name="matmul")
+    total = te.compute((rows,), lambda i: te.sum(mm[i, cc], axis=cc), name="row_sum")
+    centered = te.compute((rows, cols), lambda i, j: mm[i, j] * cols - total[i], name="centered")
+    pool = te.compute((cols,), lambda j: te.sum(centered[rr, j], axis=rr), name="pool")
+    func = te.create_prim_func([a, w, pool])
+    def executions(sch, name):          # how many times the block's body runs
+        return int(np.prod([int(sch.get(lp).extent) for lp in sch.get_loops(sch.get_sblock(name))]))
+
+    plain = s_tir.Schedule(func)
+    runs = {name: executions(plain, name) for name in ("matmul", "row_sum")}
+    sch = CPUDefault().schedule(s_tir.Schedule(func), tvm.target.Target({"kind": "llvm"}))
+    assert sch is not None
+    for name, n in runs.items():
+        assert executions(sch, name) == n, name
+    built = tvm.compile(sch.mod, target="llvm")
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(-128, 128, (rows, k)).astype(np.int8), rng.integers(-128, 128, (k, cols)).astype(np.int8)
+    m = x.astype(np.int64) @ y.astype(np.int64)
+    want = (m * cols - m.sum(1, keepdims=True)).sum(0).astype(np.int32)
+    out = tvm.runtime.tensor(np.zeros(cols, np.int32))
+    built(tvm.runtime.tensor(x), tvm.runtime.tensor(y), out)
+    np.testing.assert_array_equal(out.numpy(), want)
