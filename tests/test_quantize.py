@@ -354,8 +354,9 @@ def test_the_logits_leave_on_a_16_bit_grid():
     """One output grid serves every input.  Where the logits' scale varies between inputs (RegNetY's
     over photo crops: a standard deviation from 0.25 to 2.75), an 8-bit grid wide enough for the
     loud inputs rounds the quiet inputs' logits mostly to zero.  The graph's output is quantized to
-    int16 (the accumulator's precision, one requantize): here a feature that is off in most inputs
-    and drives the logits 100x when on; the quiet inputs keep their logits, bit-exact with golden."""
+    int16 (the accumulator's precision, one requantize): here a feature that is off in all inputs but
+    one drives one logit to ~900 against the others' few units; the quiet inputs keep their logits,
+    bit-exact with golden."""
     rng = np.random.default_rng(3)
     w = rng.normal(size=(8, 4)).astype(np.float32)
     w[0], w[:, 0] = 0, 0
