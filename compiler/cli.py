@@ -67,9 +67,11 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=_bits, metavar="{8,4,2,mixed}",
                    help="weight bit-width (default 8), or mixed: per layer by ILP within a budget")
     _add_plan_args(p)
-    p.add_argument("--observer", default="auto", choices=["auto", "minmax", "percentile", "mse"],
+    p.add_argument("--observer", default="auto", choices=["auto", "minmax", "percentile", "mse", "mean-minmax"],
                    help="activation range estimator: auto (default) is minmax (ORT's) for tensors a MatMul, Gemm, "
-                        "Softmax, LayerNorm or GELU reads and mse elsewhere")
+                        "Softmax, LayerNorm or GELU reads and mse elsewhere, or mean-minmax (the mean of each "
+                        "sample's range) for the whole model where that leaves its outputs closer to FP32 on the "
+                        "calibration samples")
     p.add_argument("--nonlinear", default="auto", choices=["shift", "poly", "auto"],
                    help="softmax / GELU: I-ViT shift, I-BERT poly, or per layer the lower error (default)")
     p.add_argument("--residual-bits", type=int, default=16, choices=[8, 16],

@@ -252,6 +252,8 @@ def quantization(given_quantized: bool, calibrated: Calibrated | None, lowering:
             out["activations_u4"] = f"{r.narrow} ReLU outputs on the u4 grid [0, 15]"
         if r.softmax:
             out["softmax_output"] = f"{r.softmax} tensors in uint{c.softmax_bits}"
+        if r.ranges:
+            out["ranges"] = asdict(r.ranges)
         if r.nonlinear:
             out["nonlinear"] = [asdict(n) for n in r.nonlinear]
     if lowering is not None:

@@ -123,15 +123,3 @@ def concat_cnn(c=4, seed=0) -> onnx.ModelProto:
     ]
     return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c, 6, 6])],
                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", c, 6, 6])], inits)
-
-
-def ort_runnable(qdq: onnx.ModelProto) -> onnx.ModelProto:
-    """lowbit's QDQ model as ONNX Runtime takes it: the graph's outputs leave on a 16-bit grid, and ONNX
-    types QuantizeLinear to int16 from opset 21 on (the test models' ops mean the same at 17 and 21)."""
-    m = onnx.ModelProto()
-    m.CopyFrom(qdq)
-    for o in m.opset_import:
-        if o.domain in ("", "ai.onnx"):
-            o.version = max(o.version, 21)
-    m.ir_version = max(m.ir_version, 10)
-    return m

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from conftest import concat_cnn, mlp_model, ort_runnable, run_cli
+from conftest import concat_cnn, mlp_model, run_cli
 from onnx import numpy_helper
 
 import compiler
@@ -146,7 +146,7 @@ def test_u4_activations_stay_on_the_grid_and_bit_exact():
     x = 3 * _rand(4, 4, 6, 6, seed=5)
     np.testing.assert_array_equal(art.run({"x": x})["y"], golden.run_qdq(qdq, {"x": x})["y"])
     qdq.graph.output.extend([helper.make_empty_tensor_value_info(t) for t in ("a_quantized", "b_quantized")])
-    a, b = ort.InferenceSession(ort_runnable(qdq).SerializeToString()).run(["a_quantized", "b_quantized"], {"x": x})
+    a, b = ort.InferenceSession(quantize.ort_loadable(qdq).SerializeToString()).run(["a_quantized", "b_quantized"], {"x": x})
     assert a.min() == 0 and a.max() == 15 and b.max() > 15
     fc1, fc2 = sensitivity.measure(mlp_model(), {"x": _rand(64, 8)}, activation_bits=4)
     assert (fc1.activation_bits, fc2.activation_bits) == (8, 4)         # fc2 reads fc1's ReLU output

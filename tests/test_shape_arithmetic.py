@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import make_model, ort_runnable
+from conftest import make_model
 from onnx import TensorProto, helper, numpy_helper
 
 import compiler
@@ -83,9 +83,9 @@ def test_no_quantize_on_shape_tensors(shapes):
             assert n.output[0] not in SHAPE_NAMES
     x = _calib(3, seed=5)
     if shapes is None:                          # the QDQ model keeps its symbolic batch
-        want, got = _ort(model, x), _ort(ort_runnable(qdq), x)
+        want, got = _ort(model, x), _ort(quantize.ort_loadable(qdq), x)
     else:
-        want, got = _ort(model, x[:2]), _ort(ort_runnable(qdq), x[:2])
+        want, got = _ort(model, x[:2]), _ort(quantize.ort_loadable(qdq), x[:2])
     assert np.abs(got - want).max() < 0.1 * np.abs(want).max()
 
 
