@@ -17,6 +17,26 @@ def test_minmax_is_independent_of_batching():
     assert whole.range() == chunks.range() == (float(x.min()), float(x.max()))
 
 
+def test_mean_minmax_averages_each_samples_range_whatever_the_batching():
+    """Each sample's min and max count once, so one loud sample moves the range by 1/n of its excess;
+    a batch's rows are its samples, and a tensor whose first axis is not the batch's is one sample."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(12, 4, 5)).astype(np.float32)
+    x[3] *= 100
+    want = (float(x.reshape(12, -1).min(axis=1).astype(np.float64).mean()),
+            float(x.reshape(12, -1).max(axis=1).astype(np.float64).mean()))
+    whole, chunks = cal.MeanMinMaxObserver(), cal.MeanMinMaxObserver()
+    whole.update(x, samples=12)
+    for i in range(0, 12, 5):
+        chunks.update(x[i : i + 5], samples=len(x[i : i + 5]))
+    np.testing.assert_allclose(whole.range(), want, rtol=1e-12)
+    np.testing.assert_allclose(chunks.range(), want, rtol=1e-12)
+    assert whole.range()[1] < float(x.max()) / 8                # the loud sample's max is 1/12 of the mean
+    heads = cal.MeanMinMaxObserver()                            # [heads, ...] of one sample: one range
+    heads.update(x, samples=1)
+    assert heads.range() == (float(x.min()), float(x.max()))
+
+
 def test_reservoir_is_bounded_and_uniform(monkeypatch):
     monkeypatch.setattr(cal, "RESERVOIR", 1000)
     obs = cal.PercentileObserver()

@@ -422,3 +422,59 @@ def test_the_class_token_joins_the_stream_at_its_width():
         want = _ort(model, feed).ravel()
         cos = float(got @ want / (np.linalg.norm(got) * np.linalg.norm(want)))
         assert cos > 0.999, (i, cos)
+
+
+def _loud_sample_mlp(rng) -> onnx.ModelProto:
+    """relu(x W1 + g W_g) W2: a gate input g (0 or 1) lifts every hidden unit by ~1000, as one photo crop
+    lifts RegNetY's last stage (by ~100 there, through 20 more layers)."""
+    w1 = rng.normal(0, 8 ** -0.5, (8, 64)).astype(np.float32)
+    wg = rng.uniform(900, 1100, (1, 64)).astype(np.float32)
+    w2 = rng.normal(0, 64 ** -0.5, (64, 32)).astype(np.float32)
+    return make_model([helper.make_node("MatMul", ["x", "w1"], ["a"], name="fc1"),
+                       helper.make_node("MatMul", ["g", "wg"], ["b"], name="gate"),
+                       helper.make_node("Add", ["a", "b"], ["h"], name="add"),
+                       helper.make_node("Relu", ["h"], ["r"], name="relu"),
+                       helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")],
+                      [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8]),
+                       helper.make_tensor_value_info("g", TensorProto.FLOAT, [1, 1])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])],
+                      [numpy_helper.from_array(w, n) for n, w in (("w1", w1), ("wg", wg), ("w2", w2))])
+
+
+def test_one_loud_calibration_sample_does_not_set_every_grid():
+    """RegNetY's case: one calibration sample runs a hidden layer 1000x louder than the others.  The pooled
+    range covers it and leaves the quiet samples a step or two; the mean of each sample's range is ~1/16
+    of it.  ``observer="auto"`` weighs both by the QDQ model's output error on the calibration samples and
+    takes the mean-minmax ranges here (at least 10% less error), pooled ones where no sample stands out;
+    a named observer is used as it is.  The build is integer-only and bit-exact with golden; on the
+    quiet samples its mean cosine to FP32 is > 0.98, the pooled minmax ranges' < 0.8."""
+    rng = np.random.default_rng(11)
+    model = _loud_sample_mlp(rng)
+    calib = {"x": rng.normal(size=(16, 8)).astype(np.float32), "g": np.zeros((16, 1), np.float32)}
+    calib["g"][0] = 1                                       # the one loud sample
+    _, report = quantize.quantize(model, calib)
+    assert report.ranges.chosen == "mean-minmax", report.ranges
+    assert report.ranges.error["mean-minmax"] < quantize.RANGE_MARGIN * report.ranges.error["pooled"]
+    assert report.ranges.samples == 16
+    quiet_calib = {k: v[1:] for k, v in calib.items()}      # no loud sample: nothing to gain, pooled stays
+    assert quantize.quantize(model, quiet_calib)[1].ranges.chosen == "pooled"
+    assert quantize.quantize(model, calib, quantize.QuantConfig(observer="minmax"))[1].ranges is None
+
+    art, ref = driver.compile_with_reference(model, CompileOptions(calib=calib))
+    assert art.manifest.integer_only and art.manifest.quantization["ranges"]["chosen"] == "mean-minmax"
+    minmax, _ = quantize.quantize(model, calib, quantize.QuantConfig(observer="minmax"))   # pooled exact ranges
+
+    def cos(a, b):
+        norms = np.linalg.norm(a) * np.linalg.norm(b)
+        return float(a @ b / norms) if norms else 0.0       # an all-zero output: nothing of b
+
+    ours, theirs = [], []
+    for i in range(1, 16):                                  # the quiet samples, as most inputs are
+        feed = {k: v[i : i + 1] for k, v in calib.items()}
+        got = art.run(feed)["y"].ravel()
+        np.testing.assert_array_equal(got, golden.run_qdq(ref.model, feed, ref.variants)["y"].ravel())
+        want = _ort(model, feed).ravel()
+        ours.append(cos(got, want))
+        theirs.append(cos(golden.run_qdq(minmax, feed)["y"].ravel(), want))
+    # mean-minmax clips each sample's own extremes of the tensors no sample inflates (a = x W1), hence < 1
+    assert np.mean(ours) > 0.98 and np.mean(theirs) < 0.8, (np.mean(ours), np.mean(theirs))
