@@ -16,7 +16,7 @@ setup: $(STAMP) toolchain
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@# -qq: errors only; pip configs that name absent index folders warn once per package
-	$(BIN)/python -m pip install -qq --disable-pip-version-check -e ".[dev,zoo]"
+	$(BIN)/python -m pip install -qq --disable-pip-version-check -e ".[dev,zoo,bench]"
 	@rm -f $(VENV)/.installed-* && touch $@
 
 toolchain:
@@ -63,18 +63,28 @@ FUZZ_EXAMPLES ?= 1000
 fuzz: setup
 	LOWBIT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q tests/test_fuzz.py
 
-# ResNet-18, DeiT-tiny and the four MLPerf Tiny models: each at batch 1 and 8, 1 and 2 threads, lowbit
-# INT8 and FP32 against ORT FP32 and INT8, interleaved (compiler/tools/bench.py); JSON per model, then the
-# README's table
-BENCH_MODELS := resnet18 deit_tiny ds_cnn resnet8 mobilenet_v1_025 fc_autoencoder
+# Real exports from the corpus (models/corpus.py: batch 1 from the static dynamo export, batch 8 from the
+# dynamic-batch one where the corpus has it), then the MLPerf Tiny models and the digits models at batch 1
+# and 8; 1 and 2 threads each.  lowbit INT8 and FP32 against ORT FP32/INT8 and OpenVINO FP32/INT8 (NNCF),
+# interleaved (compiler/tools/bench.py); JSON per model, then the README's table
+BENCH_CORPUS  := resnet18 resnet50 mobilenet_v2 mobilenet_v3_large efficientnet_b0 deit_tiny bert_base
+BENCH_BATCH8  := resnet18 mobilenet_v2 deit_tiny bert_base
+BENCH_ZOO     := digits_cnn digits_vit ds_cnn resnet8 mobilenet_v1_025 fc_autoencoder
+BENCH_JSON    := $(addsuffix .json,$(BENCH_CORPUS) $(addsuffix .batch8,$(BENCH_BATCH8)) $(BENCH_ZOO))
 
 bench: setup
 	@mkdir -p bench/results
-	for m in $(BENCH_MODELS); do \
+	for m in $(BENCH_CORPUS); do \
+		$(BIN)/lowbit bench $$m.dynamo --threads 1,2 --seconds 8 -q --json bench/results/$$m.json || exit 1; \
+	done
+	for m in $(BENCH_BATCH8); do \
+		$(BIN)/lowbit bench $$m.dynamo.dynbatch --batch 8 --threads 1,2 --seconds 8 -q \
+			--json bench/results/$$m.batch8.json || exit 1; \
+	done
+	for m in $(BENCH_ZOO); do \
 		$(BIN)/lowbit bench $$m --batch 1,8 --threads 1,2 --seconds 8 -q --json bench/results/$$m.json || exit 1; \
 	done
-	$(BIN)/python -m compiler.tools.bench $(addprefix bench/results/,$(addsuffix .json,$(BENCH_MODELS))) \
-		| tee bench/results/table.md
+	$(BIN)/python -m compiler.tools.bench $(addprefix bench/results/,$(BENCH_JSON)) | tee bench/results/table.md
 
 # on a CUDA GPU (the device tool's machines): lowbit INT8 against lowbit FP32, TVM FP16 and ORT CUDA for
 # DeiT-tiny and ResNet-18 at batch 1 and 8, interleaved (compiler/tools/bench_gpu.py); exits 2, measuring

@@ -34,6 +34,16 @@ def _counts(text: str) -> tuple[int, ...]:
     return values
 
 
+def _engines(text: str) -> tuple[str, ...]:
+    """--vs: baseline runtimes (compiler/tools/bench.BASELINES) separated by commas."""
+    values = tuple(dict.fromkeys(t.strip() for t in text.split(",")))
+    if not values or any(v not in ("ort", "openvino") for v in values):
+        raise argparse.ArgumentTypeError(f"expected ort, openvino or both separated by a comma, got {text}")
+    if "ort" not in values:
+        raise argparse.ArgumentTypeError("ORT FP32 is every table's reference: --vs ort, or ort,openvino")
+    return values
+
+
 def _bits(text: str):
     if text == "mixed":
         return text
@@ -276,7 +286,7 @@ def cmd_bench(args) -> int:
 
     results = bench.sweep(args.model, args.calib, target=args.target, target_options=_target_options(args),
                           batch_sizes=args.batch, threads=args.threads, seconds=args.seconds,
-                          samples=args.eval_samples, shapes=_shapes(args), remote=_remote(args),
+                          samples=args.eval_samples, shapes=_shapes(args), remote=_remote(args), vs=args.vs,
                           report=lambda r: print(r.table(), flush=True))
     if args.json:
         _write_text(args.json, bench.results_json(results))
@@ -550,8 +560,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=cmd_profile)
 
     b = sub.add_parser("bench", parents=[common], help="time lowbit against ONNX Runtime, interleaved")
-    b.add_argument("model", metavar="MODEL.onnx", help="an ONNX file or a zoo model name")
-    b.add_argument("--vs", choices=["ort"], default="ort", help="baseline runtime (default: ort)")
+    b.add_argument("model", metavar="MODEL.onnx", help="an ONNX file, a zoo model name, or a corpus file (resnet18.dynamo)")
+    b.add_argument("--vs", type=_engines, default=("ort", "openvino"), metavar="ort,openvino",
+                   help="baseline runtimes timed interleaved with lowbit: ort (its FP32 is the reference) or "
+                        "ort,openvino (the default; OpenVINO needs the openvino and nncf packages, which make "
+                        "bench installs)")
     b.add_argument("--threads", type=_counts, default=(os.cpu_count() or 1,), metavar="T1,T2,...",
                    help="threads for every runtime; several are measured one after another (default: all cores)")
     b.add_argument("--batch", type=_counts, default=(1,), metavar="B1,B2,...",

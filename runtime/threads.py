@@ -24,5 +24,10 @@ def set_tvm_threads(threads: int) -> None:
     """Re-size TVM's thread pool in a running process (bench measures several thread counts)."""
     import tvm
 
+    cores = os.sched_getaffinity(0)
     tvm.get_global_func("runtime.config_threadpool")(0, threads)
+    # TVM pins the calling thread to one core as its worker 0, and a later call for more threads leaves
+    # it there; OpenVINO sizes its pool by the calling thread's mask, so after a 1-thread round its
+    # "2 threads" ran on one core.  The mask goes back; TVM's own workers keep theirs.
+    os.sched_setaffinity(0, cores)
     os.environ["TVM_NUM_THREADS"] = str(threads)

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import onnx
+import pytest
 from conftest import make_model, mlp_model
 from onnx import TensorProto, helper, numpy_helper
 
 from compiler.cli import main
-from compiler.tools import bench, ort
+from compiler.tools import bench, ort, ov
+from runtime.threads import set_tvm_threads
 
 
 def test_time_interleaved_rotates_and_samples_every_runner():
@@ -112,7 +115,8 @@ def test_bench_of_a_quantized_model_labels_lowbit_int8(tmp_path, capsys):
                  "--json", str(tmp_path / "b.json")]) == 0
     rows = {r["name"]: r for r in json.loads((tmp_path / "b.json").read_text())[0]["rows"]}
     assert rows["lowbit-int8"]["time_vs_lowbit"] == 1.0
-    assert rows["ort-as-given"]["speedup_vs_reference"] == 1.0 and set(rows) == {"lowbit-int8", "ort-as-given"}
+    assert rows["ort-as-given"]["speedup_vs_reference"] == 1.0
+    assert set(rows) == {"lowbit-int8", "ort-as-given"} | ({"ov-as-given"} if ov.available() else set())
     q = onnx.load(qdq)
     out_dq = next(n for n in q.graph.node if q.graph.output[0].name in n.output)
     lsb = float(next(numpy_helper.to_array(t) for t in q.graph.initializer if t.name == out_dq.input[1]))
@@ -131,4 +135,70 @@ def test_best_int8_is_the_fastest_faithful_variant_else_the_fastest():
     assert bench.best_int8(result(row("ort-int8", 2.0, 0.9), row("ort-int8-dyn", 1.0, 0.8))).name == "ort-int8-dyn"
     assert bench.best_int8(result()) is None
     table = bench.markdown([faithful])
-    assert "| m | 1 | 1 | 5 (5-5) | ort-int8-dyn 3 (3-3) |" in table and "| 1.67x |" in table
+    assert "| m | 1 | 1 | 5 (5-5) | - | ort-int8-dyn 3 (3-3) |" in table and "| - | 1.67x | - |" in table
+    with_ov = result(row("ov-int8", 4.0, 0.998), row("ort-int8", 10.0, 0.999), row("lowbit-fp32", 20.0, 1.0),
+                     row("ort-fp32", 16.0, 1.0))
+    # lowbit INT8 / OpenVINO INT8, / ORT INT8, lowbit FP32 / ORT FP32, and the two INT8 cosines
+    assert "| 1.25x | 0.50x | 1.25x | 0.9990 / 0.9980 |" in bench.markdown([with_ov])
+
+
+OV = pytest.mark.skipif(not ov.available(), reason="openvino and nncf are not installed (make setup installs them)")
+
+
+@OV
+def test_openvino_baselines(tmp_path):
+    """ov-fp32 is FP32 (told f32; OpenVINO would take bf16 on AMX) and matches ORT FP32; ov-int8 is NNCF's
+    int8 of the same model on the same calibration samples; a QDQ file runs as given; every runner is
+    compiled for latency with one stream and the thread count it is given."""
+    rng = np.random.default_rng(2)
+    path = tmp_path / "m.onnx"
+    onnx.save(mlp_model(), path)
+    x = rng.normal(size=(16, 8)).astype(np.float32)
+    models = ov.variants(str(path), {"x": x})
+    assert [name for name, _, _ in models] == ["ov-fp32", "ov-int8"]
+    assert any(op.get_type_name() == "FakeQuantize" for op in models[1][1].get_ops())
+    runners = ov.baselines(models, threads=2)
+    ref = ort.OrtRunner("ort-fp32", str(path), 1)
+    for r in runners:
+        assert r.config == {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "INFERENCE_NUM_THREADS": 2,
+                            **({"INFERENCE_PRECISION_HINT": "f32"} if r.name == "ov-fp32" else {})}
+        assert int(r.compiled.get_property("INFERENCE_NUM_THREADS")) == 2
+        got, want = r({"x": x})["y"].ravel(), ref({"x": x})["y"].ravel()
+        if r.name == "ov-fp32":
+            assert np.abs(got - want).max() < 1e-5 * np.abs(want).max()
+        else:                                               # int8: close, and not the float model
+            assert 0.97 < got @ want / (np.linalg.norm(got) * np.linalg.norm(want)) < 1 - 1e-6
+    assert runners[0].ran_at == "f32"
+
+    qdq = ort.quantize(str(path), {"x": x}, str(tmp_path / "q.onnx"), "static")
+    (name, _, _), = given = ov.variants(qdq, {"x": x})
+    assert name == ov.AS_GIVEN
+    got, want = ov.baselines(given, 1)[0]({"x": x})["y"], ort.OrtRunner("q", qdq, 1)({"x": x})["y"]
+    step = float(numpy_helper.to_array(next(t for t in onnx.load(qdq).graph.initializer
+                                            if t.name == next(n for n in onnx.load(qdq).graph.node
+                                                              if "y" in n.output).input[1])))
+    assert np.abs(got - want).max() <= step * (1 + 1e-5)   # the same QDQ graph in int8: one output step at most
+
+
+@OV
+def test_bench_times_openvino_beside_ort_unless_told_not_to(tmp_path, capsys):
+    path = tmp_path / "m.onnx"
+    onnx.save(mlp_model(), path)
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).normal(size=(16, 8)).astype(np.float32))
+    common = [str(path), "--threads", "1", "--calib", str(tmp_path / "calib.npz"), "--seconds", "0.3", "--json"]
+    assert main(["bench", *common, str(tmp_path / "both.json")]) == 0
+    res, = json.loads((tmp_path / "both.json").read_text())
+    assert {"ov-fp32", "ov-int8"} <= {r["name"] for r in res["rows"]}
+    assert res["env"]["ov-fp32 precision"] == "f32" and "openvino" in res["env"]
+    assert main(["bench", *common, str(tmp_path / "ort.json"), "--vs", "ort"]) == 0
+    res, = json.loads((tmp_path / "ort.json").read_text())
+    assert not any(r["name"].startswith("ov-") for r in res["rows"])
+
+
+def test_resizing_tvms_pool_leaves_the_callers_cores():
+    """TVM pins the calling thread to one core for a 1-thread pool and leaves it there; the bench's next
+    round (2 threads) then sized OpenVINO's pool by that one core."""
+    cores = os.sched_getaffinity(0)
+    for t in (1, 2, 1):
+        set_tvm_threads(t)
+        assert os.sched_getaffinity(0) == cores

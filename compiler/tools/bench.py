@@ -1,4 +1,4 @@
-"""Side-by-side latency and fidelity of lowbit and ONNX Runtime variants.
+"""Side-by-side latency and fidelity of lowbit, ONNX Runtime and OpenVINO variants.
 
 The machine is shared and noisy, so runners are timed *interleaved* in one
 process: after a warm-up, each round times every runner once, in a rotating
@@ -23,8 +23,8 @@ from codegen import registry
 from compiler.frontend import input_specs, load
 from compiler.options import CompileOptions
 from compiler.quantize import is_quantized
-from compiler.tools import ort
-from models import zoo
+from compiler.tools import ort, ov
+from models import corpus, zoo
 from runtime.errors import UserError
 from runtime.io import read_tensors
 from runtime.progress import bar, log, stage
@@ -158,8 +158,10 @@ def machine() -> dict[str, str]:
             cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
     except OSError:
         pass
-    return {"cpu": cpu, "cores": str(os.cpu_count()), "onnxruntime": md.version("onnxruntime"),
-            "apache-tvm": md.version("apache-tvm")}
+    versions = {"onnxruntime": md.version("onnxruntime"), "apache-tvm": md.version("apache-tvm")}
+    if ov.available():
+        versions |= {"openvino": md.version("openvino"), "nncf": md.version("nncf")}
+    return {"cpu": cpu, "cores": str(os.cpu_count()), **versions}
 
 
 def batches(samples: list[Mapping[str, np.ndarray]], batch: int, count: int, specs, where: str
@@ -174,14 +176,20 @@ def batches(samples: list[Mapping[str, np.ndarray]], batch: int, count: int, spe
 
 
 def inputs(model: str, calib_path: str | None, count: int):
-    """(model path, calibration dict, ``count`` evaluation samples of batch 1) for a file or a zoo
-    name; a file's samples come from its calibration data, as many as it has.  With no data at all,
-    random normal inputs, with a warning: ORT INT8's fidelity numbers then mean little."""
+    """(model path, calibration dict, ``count`` evaluation samples of batch 1) for a file, a zoo name or
+    a corpus file's name (resnet18.dynamo: its calibration crops, and evaluation crops it was not
+    calibrated on); a file's samples come from its calibration data, as many as it has.  With no data
+    at all, random normal inputs, with a warning: ORT INT8's fidelity numbers then mean little."""
     if not os.path.exists(model) and model in zoo.ENTRIES:
         files = zoo.ensure(model)
         entry = zoo.get(model)
         samples = entry.samples(count, seed=entry.seed + 3)
         return str(files.onnx), files.calibration(), [{zoo.INPUT: samples[i : i + 1]} for i in range(len(samples))]
+    if not os.path.exists(model) and (variant := {v.name: v for v in corpus.variants()}.get(model)):
+        files = corpus.ensure(variant)
+        held_out = files.evaluation()
+        n = min(count, len(next(iter(held_out.values()))))
+        return str(files.onnx), files.calibration(), [{k: v[i : i + 1] for k, v in held_out.items()} for i in range(n)]
     specs = input_specs(load(model))
     if calib_path:
         calib = read_tensors(calib_path, specs)
@@ -199,16 +207,23 @@ def inputs(model: str, calib_path: str | None, count: int):
     return model, calib, [{k: v[i : i + 1] for k, v in calib.items()} for i in range(n)]
 
 
+BASELINES = ("ort", "openvino")
+
+
 def sweep(model: str, calib_path: str | None, *, target: str, target_options: Mapping, batch_sizes: list[int],
           threads: list[int], seconds: float, samples: int, shapes: Mapping, remote=None,
+          vs: tuple[str, ...] = BASELINES,
           report: Callable[[BenchResult], None] = lambda r: None) -> list[BenchResult]:
-    """``lowbit bench``: lowbit INT8 (for an FP32 model) and FP32 against the ORT baselines, each
-    batch size compiled once, each thread count timed interleaved; with ``remote`` lowbit runs on
-    the board and its own FP32 is the reference.  ``report`` sees each result as it comes."""
+    """``lowbit bench``: lowbit INT8 (for an FP32 model) and FP32 against the ORT and OpenVINO
+    baselines (``vs``), each batch size compiled once, each thread count timed interleaved; with
+    ``remote`` lowbit runs on the board and its own FP32 is the reference.  ``report`` sees each
+    result as it comes."""
     backend = CompileOptions(target=target, target_options=target_options).backend
     if not (registry.runner(target).remote if remote else backend.measures_latency):
         raise UserError(f"bench times wall-clock latency on this machine or a board over TVM RPC, and a {target} "
                         "build runs on neither (an rv32 build's exact instruction counts: `lowbit profile OUTDIR`)")
+    if "openvino" in vs and not remote:
+        ov.require()
     if remote and len(threads) > 1:
         raise UserError("--threads sets this machine's runtimes; a board's thread count is its rpc_server's "
                         "TVM_NUM_THREADS: give one --threads value with --rpc/--tracker")
@@ -217,9 +232,13 @@ def sweep(model: str, calib_path: str | None, *, target: str, target_options: Ma
     quantized = is_quantized(load(model_path).proto)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
+        ov_models = []
         if not remote:
             with stage("ORT baselines (quantize)"):
                 ort_models = ort.variants(model_path, calib, tmp)
+            if "openvino" in vs:
+                with stage("OpenVINO baselines (NNCF)"):
+                    ov_models = ov.variants(model_path, calib)
         for batch in batch_sizes:
             feeds = batches(picked, batch, samples, specs, where=model)
             fixed = {**{k: v.shape for k, v in feeds[0].items()}, **shapes}
@@ -236,10 +255,12 @@ def sweep(model: str, calib_path: str | None, *, target: str, target_options: Ma
                 else:
                     set_tvm_threads(t)
                     baselines = ort.baselines(model_path, calib, t, tmp, ort_models)
-                    runners.update((r.name, r) for r in baselines)
+                    runners.update((r.name, r) for r in [*baselines, *ov.baselines(ov_models, t)])
                     reference = baselines[0].name
                 result = compare(os.path.basename(model), runners, feeds[0], feeds, t, seconds, reference=reference,
                                  batch=batch, where=remote.describe() if remote else "this machine")
+                # the precision OpenVINO ran each model at (ov-int8's float remainder: bf16 on AMX)
+                result.env |= {f"{n} precision": r.ran_at for n, r in runners.items() if isinstance(r, ov.OvRunner)}
                 report(result)
                 results.append(result)
     return results
@@ -249,34 +270,42 @@ def results_json(results: list[BenchResult]) -> str:
     return json.dumps([asdict(r) for r in results], indent=2)
 
 
-def best_int8(result: BenchResult, min_cosine: float = 0.99) -> Row | None:
-    """The fastest ORT INT8 variant whose output keeps ``min_cosine`` with FP32 (the fair bar),
-    else the fastest of them all."""
-    int8 = [r for r in result.rows if r.name.startswith("ort-int8")]
+def best_int8(result: BenchResult, min_cosine: float = 0.99, engine: str = "ort") -> Row | None:
+    """The fastest INT8 variant of ``engine`` ("ort" or "ov") whose output keeps ``min_cosine`` with
+    FP32 (the fair bar), else the fastest of them all."""
+    int8 = [r for r in result.rows if r.name.startswith(f"{engine}-int8") or r.name == f"{engine}-as-given"]
     ok = [r for r in int8 if r.cosine >= min_cosine] or int8
     return min(ok, key=lambda r: r.median_ms, default=None)
 
 
 def markdown(results: list[BenchResult]) -> str:
-    """One row per model, batch and thread count: medians (p10-p90) and lowbit's ratios."""
-    cols = ["model", "batch", "threads", "lowbit INT8 ms", "ORT INT8 ms (fastest with cos >= 0.99, else fastest)",
-            "ORT FP32 ms",
-            "lowbit FP32 ms", "lowbit INT8 / ORT INT8", "lowbit INT8 / ORT FP32", "lowbit INT8 cosine"]
+    """One row per model, batch and thread count: medians (p10-p90), lowbit's ratios to OpenVINO INT8,
+    ORT INT8 and (FP32) ORT FP32, and the INT8 cosines to FP32."""
+    cols = ["model", "batch", "threads", "lowbit INT8 ms", "OpenVINO INT8 ms",
+            "ORT INT8 ms (fastest with cos >= 0.99, else fastest)", "lowbit FP32 ms", "ORT FP32 ms",
+            "lowbit INT8 / OpenVINO INT8", "lowbit INT8 / ORT INT8", "lowbit FP32 / ORT FP32",
+            "cosine lowbit INT8 / OpenVINO INT8"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
 
     def cell(row: Row | None) -> str:
         return "-" if row is None else f"{row.median_ms:.3g} ({row.p10_ms:.3g}-{row.p90_ms:.3g})"
 
+    def named(row: Row | None) -> str:
+        return "" if row is None else f"{row.name} " + (f"(cos {row.cosine:.3f}) " if row.cosine < 0.99 else "")
+
     def ratio(low: Row | None, other: Row | None) -> str:
         return f"{low.median_ms / other.median_ms:.2f}x" if low and other else "-"
 
+    def cos(row: Row | None) -> str:
+        return f"{row.cosine:.4f}" if row else "-"
+
     for r in results:
         by = {row.name: row for row in r.rows}
-        low, ort8, fp32 = by.get("lowbit-int8"), best_int8(r), by.get("ort-fp32")
-        named = "" if ort8 is None else f"{ort8.name} " + (f"(cos {ort8.cosine:.3f}) " if ort8.cosine < 0.99 else "")
-        cells = [r.model, str(r.batch), str(r.threads), cell(low), named + cell(ort8),
-                 cell(fp32), cell(by.get("lowbit-fp32")), ratio(low, ort8), ratio(low, fp32),
-                 f"{low.cosine:.4f}" if low else "-"]
+        low, low32, ov8, ort8, ort32 = (by.get("lowbit-int8"), by.get("lowbit-fp32"), best_int8(r, engine="ov"),
+                                        best_int8(r), by.get("ort-fp32"))
+        cells = [r.model, str(r.batch), str(r.threads), cell(low), named(ov8) + cell(ov8), named(ort8) + cell(ort8),
+                 cell(low32), cell(ort32), ratio(low, ov8), ratio(low, ort8), ratio(low32, ort32),
+                 f"{cos(low)} / {cos(ov8)}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
