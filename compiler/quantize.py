@@ -347,6 +347,12 @@ def _plan(m: onnx.ModelProto, narrow: set[str] = frozenset()) -> _Plan:
         if all(i in constant for i in n.input if i) and n.op_type not in ("RandomNormal", "RandomUniform"):
             constant.update(n.output)
 
+    def on_stream(t: str) -> None:
+        """``t`` at the stream's width; a reader other than the stream's gets an 8-bit copy."""
+        plan.residual.add(t)
+        if any(c.op_type not in STREAM_READERS and c.output[0] not in narrow for c in consumers[t]):
+            plan.forks[t] = t + "_narrow"
+
     def root(t: str) -> str:
         """The tensor a chain of elementwise functions of one tensor (and constants) starts from:
         x for x * sigmoid(x), x * x * x, Softplus, GELU spelled out."""
@@ -388,11 +394,8 @@ def _plan(m: onnx.ModelProto, narrow: set[str] = frozenset()) -> _Plan:
                 # cosine to FP32 0.9986 -> 0.9990); an operand that a matmul also reads (BERT's LayerNorm
                 # output, ViT's embeddings) keeps 16 bits for the sum and gives the matmul an 8-bit copy
                 for t in n.input[:2]:
-                    if t in outputs or t in graph_inputs:
-                        continue
-                    plan.residual.add(t)
-                    if any(c.op_type not in STREAM_READERS and c.output[0] not in narrow for c in consumers[t]):
-                        plan.forks[t] = t + "_narrow"
+                    if t not in outputs and t not in graph_inputs:
+                        on_stream(t)
                 plan.residual.add(out)
         elif op in ELEMENTWISE_BINARY and not any(i in constant or i in shapes for i in n.input) \
                 and root(n.input[0]) != root(n.input[1]):
@@ -431,9 +434,7 @@ def _plan(m: onnx.ModelProto, narrow: set[str] = frozenset()) -> _Plan:
             if n.op_type == "Add" and n.output[0] in plan.residual and \
                     sum(i in inits for i in n.input) == 1 and (x := next(i for i in n.input if i not in inits)) \
                     in plan.root and x not in graph_inputs:
-                plan.residual.add(x)
-                if any(c.op_type not in STREAM_READERS and c.output[0] not in narrow for c in consumers[x]):
-                    plan.forks[x] = x + "_narrow"
+                on_stream(x)
     for o in g.output:
         if o.name not in plan.act and o.name not in shapes:     # the output dequantize must follow a quantize
             plan.act.append(o.name)
