@@ -53,6 +53,15 @@ def _bits(text: str):
         raise argparse.ArgumentTypeError(f"expected 8, 4, 2 or mixed, got {text}") from None
 
 
+def _fidelity(text: str):
+    if text == "off":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a cosine such as 0.99, or off; got {text}") from None
+
+
 SENSITIVITY = ("perturb", "hessian")          # compiler/sensitivity.METHODS, without importing it here
 
 
@@ -90,6 +99,13 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
                    help="bits of softmax outputs, the attention probabilities (default 8)")
     p.add_argument("--act-bits", type=int, default=8, choices=[8, 4],
                    help="bits of each layer's ReLU output, the next layer's input: 8 (default) or 4 (u4)")
+    p.add_argument("--fidelity", type=_fidelity, metavar="COSINE|off",
+                   help="raise 8-bit activations to 16 bits, the fewest that bring the output cosine to FP32 on "
+                        "the calibration samples to COSINE (default 0.99, compiler.quantize.FIDELITY); off: "
+                        "every activation stays 8-bit")
+    p.add_argument("--rounding", default="optq", choices=["optq", "nearest"],
+                   help="weight rounding: optq (default) minds each layer's output on the calibration inputs; "
+                        "nearest rounds each weight alone")
 
 
 def _add_plan_args(p: argparse.ArgumentParser) -> None:
@@ -111,7 +127,8 @@ def _quant_options(args) -> dict:
     """The CompileOptions fields _add_quant_args sets."""
     return {"weight_bits": args.bits, "observer": args.observer, "nonlinear": args.nonlinear,
             "residual_bits": args.residual_bits, "softmax_bits": args.softmax_bits,
-            "activation_bits": args.act_bits, **_plan_options(args)}
+            "activation_bits": args.act_bits, "rounding": args.rounding, **_plan_options(args),
+            **({} if args.fidelity is None else {"fidelity": None if args.fidelity == "off" else args.fidelity})}
 
 
 def _plan_options(args) -> dict:
@@ -164,6 +181,11 @@ def cmd_compile(args) -> int:
     m = art.manifest
     if m.tuning:
         _say(args, f"tuning: {tune_summary(m.tuning)}")
+    if (w := (m.quantization or {}).get("widened")) and w["tensors"]:
+        e = w["error"]
+        _say(args, f"fidelity: {len(w['tensors'])} of {w['candidates']} activations at 16 bits for output cosine "
+                   f"{1 - e['chosen']:.4f} on {w['samples']} calibration samples (all 8-bit: {1 - e['8-bit']:.4f}; "
+                   f"target {w['target']}; --fidelity off keeps 8)")
     for line in opts.backend.summary_lines(m.build) if m.build else []:
         _say(args, line)
     files = [m.library] if m.library else m.files
@@ -381,8 +403,13 @@ def cmd_inspect(args) -> int:
         print(line)
     print(f"versions   {', '.join(f'{k} {v}' for k, v in m.versions.items())}")
     if m.quantization:
-        q = {k: v for k, v in m.quantization.items() if k not in ("nonlinear", "weights", "bit_plan")}
+        q = {k: v for k, v in m.quantization.items() if k not in ("nonlinear", "weights", "bit_plan", "widened")}
         print("quantized  " + ", ".join(f"{k} {v}" for k, v in q.items()))
+        if w := m.quantization.get("widened"):
+            errors = ", ".join(f"{k} {1 - v:.4f}" for k, v in w["error"].items())
+            print(f"  fidelity target {w['target']}: {len(w['tensors'])} of {w['candidates']} activations at 16 bits "
+                  f"(output cosine on {w['samples']} calibration samples: {errors})"
+                  + (f": {', '.join(w['tensors'])}" if w["tensors"] else ""))
         rows = m.quantization.get("weights", [])
         plan = list((m.quantization.get("bit_plan") or {}).items())
         # the plan names layers in graph order, the lowering counts them in the same order; names are

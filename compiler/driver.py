@@ -254,6 +254,9 @@ def quantization(given_quantized: bool, calibrated: Calibrated | None, lowering:
             out["softmax_output"] = f"{r.softmax} tensors in uint{c.softmax_bits}"
         if r.ranges:
             out["ranges"] = asdict(r.ranges)
+        out["rounding"] = c.rounding
+        if r.widened:
+            out["widened"] = asdict(r.widened)
         if r.nonlinear:
             out["nonlinear"] = [asdict(n) for n in r.nonlinear]
     if lowering is not None:
@@ -317,7 +320,7 @@ def latency_table(src: frontend.OnnxModel, calib, opts: CompileOptions, layers) 
     key = {"model": src.sha256, "target": opts.backend.target(opts), "shapes": opts.input_shapes,
            "calibration": latency.digest_feeds(calib), "layers": [layer.name for layer in layers],
            "quantization": [opts.observer, opts.nonlinear, opts.residual_bits, opts.softmax_bits,
-                            opts.activation_bits]}
+                            opts.activation_bits, opts.fidelity, opts.rounding]}
     return latency.cached(key, compute)
 
 

@@ -13,7 +13,7 @@ from codegen import registry
 from codegen.backend import Backend
 from compiler.planning.bitplan import Budget
 from compiler.planning.sensitivity import METHODS
-from compiler.quantize import QuantConfig, check_nonlinear
+from compiler.quantize import FIDELITY, QuantConfig, Rounding, check_nonlinear
 from runtime.errors import UserError
 
 
@@ -39,6 +39,8 @@ class CompileOptions:
     residual_bits: int = 16                 # with calib: a transformer's residual stream in 16 or 8 bits
     softmax_bits: int = 8                   # with calib: softmax outputs (attention probabilities) in 8 or 16 bits
     activation_bits: int = 8                # with calib: 4 puts each layer's ReLU output on the u4 grid
+    fidelity: float | None = FIDELITY       # with calib: 16-bit activations where 8 miss this cosine; None: off
+    rounding: Rounding = "optq"             # with calib: weights rounded by OPTQ, or to nearest
     integer_only: bool = False              # an op with no integer form is an error, not a float island
 
     def __post_init__(self):
@@ -73,9 +75,10 @@ class CompileOptions:
                             "add --bits mixed")
         if self.calib is None and (self.weight_bits is not None or self.observer != "auto"
                                    or self.residual_bits != 16 or self.softmax_bits != 8
-                                   or self.activation_bits != 8):
-            raise UserError("--bits, --act-bits, --observer, --residual-bits and --softmax-bits choose how an FP32 "
-                            "model is quantized; add --calib DATA.npz")
+                                   or self.activation_bits != 8 or self.fidelity != FIDELITY
+                                   or self.rounding != "optq"):
+            raise UserError("--bits, --act-bits, --observer, --residual-bits, --softmax-bits, --fidelity and "
+                            "--rounding choose how an FP32 model is quantized; add --calib DATA.npz")
 
     @property
     def backend(self) -> Backend:
@@ -91,7 +94,8 @@ class CompileOptions:
         return QuantConfig(activations=self.backend.activations, weight_bits=uniform, pin_ends=self.pin,
                            layer_bits=dict(layer_bits or {}),
                            observer=self.observer, nonlinear=self.nonlinear, residual_bits=self.residual_bits,
-                           softmax_bits=self.softmax_bits, activation_bits=self.activation_bits)
+                           softmax_bits=self.softmax_bits, activation_bits=self.activation_bits,
+                           fidelity=self.fidelity, rounding=self.rounding)
 
 
 def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:

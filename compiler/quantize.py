@@ -30,13 +30,13 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol, get_args
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from compiler import calibration
+from compiler import calibration, rounding
 from compiler.canonicalize import canonicalize
 from compiler.fold_batchnorm import fold_batchnorm, output_axis
 from passes.integer_nonlinear import FAMILIES
@@ -48,12 +48,20 @@ from runtime.progress import log
 from runtime.types import QuantParams
 
 WEIGHT_BITS = (8, 4, 2)
+Rounding = Literal["nearest", "optq"]
 OBSERVERS = {"minmax": calibration.MinMaxObserver, "percentile": calibration.PercentileObserver,
              "mse": calibration.MSEObserver, "mean-minmax": calibration.MeanMinMaxObserver}
 # "auto": per tensor, the exact range where a MatMul, Softmax, LayerNorm or GELU reads it, MSE elsewhere
 # (see _exact_range_tensors); or, per model, every 8-bit range from "mean-minmax" where that leaves the
 # outputs measurably closer to FP32 on the calibration samples (_choose_ranges)
 OBSERVER_CHOICES = ("auto", *OBSERVERS)
+
+FIDELITY = 0.99         # the default target: mean output cosine to FP32 on the trial samples
+HEADROOM = 4.0          # a widened tensor's grid spans 4x its calibration range: 14 of its 16 bits still resolve
+SPARE = 0.5             # of the error the target allows beyond all-16-bit's, the 8-bit tensors may take half
+SMALL = 64              # tensors of at most 1/64 of the largest activation's elements are widened, cost or not
+LOSS_STEP = 0.01        # narrowing losses are compared in steps of 1% of the error allowed
+
 LINEAR = ("Conv", "Gemm", "MatMul")
 VIEWS = ("MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Gather", "Slice", "Pad")
 NONLINEAR_OPS = {"Softmax": "softmax", "Gelu": "gelu", "LayerNormalization": "layernorm"}
@@ -83,11 +91,17 @@ class QuantConfig:
     layer_bits: Mapping[str, int] = field(default_factory=dict)     # node name -> weight bits (a BitPlan)
     pin_ends: bool = True           # below 8 bits, the first and last weighted layers stay at 8 (HAWQ)
     per_channel: bool = True        # weights: one scale per output channel, or one per tensor
+    rounding: Rounding = "optq"     # weights: OPTQ on the calibration inputs (compiler/rounding.py), or nearest
+    fidelity: float | None = FIDELITY   # output cosine to FP32 the activations are widened to 16 bits for (_widen)
 
     def __post_init__(self):
         for bits in (self.weight_bits, *self.layer_bits.values()):
             if bits not in WEIGHT_BITS:
                 raise UserError(f"--bits {bits}: weights can be quantized to 8, 4 or 2 bits; choose one of those")
+        if self.fidelity is not None and not 0 < self.fidelity < 1:
+            raise UserError(f"--fidelity {self.fidelity}: a cosine between 0 and 1 (e.g. 0.99), or off")
+        if self.rounding not in get_args(Rounding):
+            raise UserError(f"--rounding {self.rounding}: choose one of {', '.join(get_args(Rounding))}")
         if self.observer not in OBSERVER_CHOICES:
             raise UserError(f"unknown observer {self.observer!r}; choose one of: {', '.join(OBSERVER_CHOICES)}")
         check_nonlinear(self.nonlinear)
@@ -135,6 +149,17 @@ class RangeChoice:
 
 
 @dataclass(frozen=True)
+class Widening:
+    """The 8-bit activations raised to 16 bits to meet ``QuantConfig.fidelity``, and the output error
+    (1 - cosine to FP32 on the calibration trial samples) with none, all and these widened."""
+    target: float
+    tensors: tuple[str, ...]
+    candidates: int
+    error: dict[str, float]
+    samples: int
+
+
+@dataclass(frozen=True)
 class QuantReport:
     samples: int
     tensors: int                    # activation tensors with a Q/DQ pair
@@ -145,6 +170,7 @@ class QuantReport:
     softmax: int = 0                # softmax outputs, at config.softmax_bits
     narrow: int = 0                 # ReLU outputs at config.activation_bits = 4
     ranges: RangeChoice | None = None
+    widened: Widening | None = None
 
     def variants(self) -> dict[str, list[str]]:
         """Per op kind, the chosen variant of each node in graph order (what the lowering takes)."""
@@ -185,12 +211,14 @@ def quantize(model: onnx.ModelProto, calib: Mapping[str, np.ndarray] | Calibrati
     batches = iter(calib.get_next, None) if hasattr(calib, "get_next") else \
         _batches(folded, calib, config.batch, where, calib_where)
     cal = _calibrate(folded, plan, batches, config, where, calib_where)
-    params, ranges = _choose_ranges(folded, plan, config, cal)
+    weights = _quantize_weights(folded, plan, config, cal.grams)
+    params, ranges = _choose_ranges(folded, plan, config, cal, weights)
+    params, widened = _widen(folded, plan, config, cal, weights, params)
     choices = _choose_nonlinear(folded, plan, params, cal.seen, config.nonlinear)
-    qdq = _rewrite(folded, plan, params, config)
+    qdq = _rewrite(folded, plan, params, config, weights)
     narrow = sum(activation_bits(t, plan, config) < 8 for t in plan.act)
     return qdq, QuantReport(cal.samples, len(plan.act), n_bn, config, tuple(choices), len(plan.residual),
-                            len(plan.softmax), narrow, ranges)
+                            len(plan.softmax), narrow, ranges, widened)
 
 
 def prepare(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None):
@@ -517,7 +545,8 @@ def _check_finite_weights(m: onnx.ModelProto, plan: _Plan, where: str) -> None:
                             "Inf value(s); quantizing needs finite weights, a NaN or Inf has no scale: fix the model")
 
 
-TRIAL_SAMPLES = 16         # calibration samples kept to weigh the candidate ranges (_choose_ranges)
+TRIAL_SAMPLES = 32         # calibration samples kept to weigh choices by the outputs' error (_choose_ranges, _widen)
+RANGE_SAMPLES = 16         # of those, the ones that weigh the candidate ranges
 
 
 @dataclass
@@ -527,6 +556,30 @@ class _Calibration:
     seen: dict[str, np.ndarray]             # the first batch's inputs of softmax / GELU / LayerNorm
     alternative: dict[str, QuantParams]     # "mean-minmax" ranges of the 8-bit tensors, under "auto"
     trial: list[tuple[dict, dict]]          # (feeds, FP32 outputs) of the first TRIAL_SAMPLES samples
+    grams: dict[str, rounding.GramObserver] = field(default_factory=dict)   # weight -> its layer's X^T X
+    extent: dict[str, tuple[float, float]] = field(default_factory=dict)    # every value's min and max
+    size: dict[str, int] = field(default_factory=dict)                      # elements per sample
+
+
+def _gram_observers(m: onnx.ModelProto, plan: _Plan) -> dict[str, tuple[str, rounding.GramObserver]]:
+    """weight -> (the layer's input tensor, an observer of its X^T X) for OPTQ rounding, for the
+    layers whose input rows it knows: 2-D convolutions with explicit padding, Gemm and MatMul, with
+    at most rounding.MAX_COLUMNS inputs per output."""
+    inits = {t.name: t for t in m.graph.initializer}
+    out = {}
+    for n in m.graph.node:
+        if n.op_type not in LINEAR or len(n.input) < 2 or n.input[1] not in plan.weights:
+            continue
+        shape = tuple(inits[n.input[1]].dims)
+        a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
+        conv = n.op_type == "Conv"
+        k = int(np.prod(shape[1:])) if conv else shape[1] if n.op_type == "Gemm" and a.get("transB", 0) else shape[0]
+        if k > rounding.MAX_COLUMNS or conv and (len(shape) != 4 or a.get("auto_pad", b"NOTSET") != b"NOTSET"):
+            continue
+        out[n.input[1]] = (n.input[0], rounding.GramObserver(k, a.get("group", 1), shape[2:], a.get("strides", (1, 1)),
+                                                             a.get("pads", (0, 0, 0, 0)), a.get("dilations", (1, 1)))
+                           if conv else rounding.GramObserver(k))
+    return out
 
 
 def _calibrate(m: onnx.ModelProto, plan: _Plan, batches, config: QuantConfig, where: str,
@@ -537,9 +590,11 @@ def _calibrate(m: onnx.ModelProto, plan: _Plan, batches, config: QuantConfig, wh
     probe.CopyFrom(m)
     inputs = {i.name for i in m.graph.input}
     have = {o.name for o in probe.graph.output}
-    for t in plan.act:
+    grams = _gram_observers(m, plan) if config.rounding == "optq" else {}
+    for t in [*plan.act, *(x for x, _ in grams.values())]:
         if t not in inputs and t not in have:
             probe.graph.output.append(helper.make_empty_tensor_value_info(t))
+            have.add(t)
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL   # keep every tensor observable
@@ -573,6 +628,7 @@ def _calibrate(m: onnx.ModelProto, plan: _Plan, batches, config: QuantConfig, wh
     samples = 0
     nonlinear_inputs = {n.input[0] for n in m.graph.node if n.op_type in NONLINEAR_OPS}
     seen: dict[str, np.ndarray] = {}            # the first batch's inputs of softmax / GELU / LayerNorm
+    size: dict[str, int] = {}                   # elements per sample
     for feeds in batches:
         count = len(next(iter(feeds.values())))
         try:
@@ -590,6 +646,7 @@ def _calibrate(m: onnx.ModelProto, plan: _Plan, batches, config: QuantConfig, wh
                     # grid's minimum whatever the range (passes/lower_qdq.py: the mask is a select)
                     v = v[~masked]
                 obs.update(v, count)
+                size.setdefault(t, v.size // count if v.ndim and v.shape[0] == count else v.size)
                 if t in alternative:
                     alternative[t].update(v, count)
             except calibration.NonFinite:
@@ -601,6 +658,8 @@ def _calibrate(m: onnx.ModelProto, plan: _Plan, batches, config: QuantConfig, wh
                                 "and the calibration data") from None
             if t in nonlinear_inputs and t not in seen:
                 seen[t] = values[t]
+        for x, gram in grams.values():
+            gram.update(values[x])
         samples += count
     if not samples:
         raise UserError("calibration data is empty")
@@ -628,33 +687,48 @@ def _calibrate(m: onnx.ModelProto, plan: _Plan, batches, config: QuantConfig, wh
         log.warning("%s: %d tensor(s) were zero on every calibration sample (%s%s); their range is taken as "
                     "[%g, %g]: calibrate on data that exercises them", calib_where, len(zeros), ", ".join(zeros[:5]),
                     ", ..." if len(zeros) > 5 else "", *calibration.ZERO_RANGE_FALLBACK)
-    return _Calibration(params, samples, seen, alt, trial)
+    extent = {t: calibration.MinMaxObserver.range(obs) for t, obs in observers.items()}
+    return _Calibration(params, samples, seen, alt, trial, {w: g for w, (_, g) in grams.items()}, extent, size)
+
+
+def _count(trial: list[tuple[dict, dict]]) -> int:
+    return sum(len(next(iter(feeds.values()))) for feeds, _ in trial)
+
+
+def _first(trial: list[tuple[dict, dict]], samples: int) -> list[tuple[dict, dict]]:
+    """The trial batches that hold the first ``samples`` samples."""
+    out = []
+    while len(out) < len(trial) and _count(out) < samples:
+        out.append(trial[len(out)])
+    return out
 
 
 RANGE_MARGIN = 0.9      # the alternative ranges must cut the output error by 10% to be taken
 
 
-def _choose_ranges(m: onnx.ModelProto, plan: _Plan, config: QuantConfig,
-                   cal: _Calibration) -> tuple[dict[str, QuantParams], RangeChoice | None]:
+def _choose_ranges(m: onnx.ModelProto, plan: _Plan, config: QuantConfig, cal: _Calibration,
+                   weights: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> tuple[dict[str, QuantParams],
+                                                                                  RangeChoice | None]:
     """Under ``observer="auto"``, one choice per model between the pooled ranges (exact or MSE per tensor,
     over every value seen) and the mean over samples of each sample's range, for every 8-bit tensor.
     Neither wins everywhere (lowbit's QDQ as fake-quant in ORT, cosine to FP32 on 32 photo crops):
     RegNetY-400MF 0.913 pooled, 0.979 mean-minmax, as one of its crops runs its last stage 100x louder
     than the rest; EfficientNet-B0 0.929 pooled, 0.889 mean-minmax.  Each candidate's QDQ model runs as
     fake-quant (ORT, graph optimizations off: float arithmetic on the quantized grids) on the first
-    TRIAL_SAMPLES calibration samples; the error is the mean of 1 - cosine to the FP32 outputs.  The
+    RANGE_SAMPLES calibration samples; the error is the mean of 1 - cosine to the FP32 outputs.  The
     alternative is taken only where its error is below RANGE_MARGIN times the pooled one, so float
     rounding differences between machines cannot flip a near tie."""
     if not cal.alternative or not cal.trial:
         return cal.params, None
     candidates = {"pooled": cal.params, "mean-minmax": cal.params | cal.alternative}
     error = {}
+    trial = _first(cal.trial, RANGE_SAMPLES)
     for name, params in candidates.items():
-        if (e := _fake_quant_error(m, plan, params, config, cal.trial)) is None:
+        if (e := _fake_quant_error(m, plan, params, config, weights, trial)) is None:
             return cal.params, None
         error[name] = e
     chosen = "mean-minmax" if error["mean-minmax"] < RANGE_MARGIN * error["pooled"] else "pooled"
-    samples = sum(len(next(iter(feeds.values()))) for feeds, _ in cal.trial)
+    samples = _count(trial)
     log.info("calibration ranges: %s (output 1 - cosine on %d calibration samples: pooled %.2e, mean-minmax %.2e)",
              chosen, samples, error["pooled"], error["mean-minmax"])
     return candidates[chosen], RangeChoice(chosen, error, samples)
@@ -674,6 +748,7 @@ def ort_loadable(qdq: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _fake_quant_error(m: onnx.ModelProto, plan: _Plan, params: dict[str, QuantParams], config: QuantConfig,
+                      weights: Mapping[str, tuple[np.ndarray, np.ndarray]],
                       trial: list[tuple[dict, dict]]) -> float | None:
     """Mean over samples of 1 - cosine between the QDQ model's outputs (ORT, as fake-quant) and the FP32
     ones; None where ORT cannot run the QDQ model (the choice then keeps the pooled ranges)."""
@@ -681,7 +756,7 @@ def _fake_quant_error(m: onnx.ModelProto, plan: _Plan, params: dict[str, QuantPa
 
     model = onnx.ModelProto()
     model.CopyFrom(m)
-    qdq = ort_loadable(_rewrite(model, plan, params, config))
+    qdq = ort_loadable(_rewrite(model, plan, params, config, weights))
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL   # float math on the grids
@@ -690,15 +765,141 @@ def _fake_quant_error(m: onnx.ModelProto, plan: _Plan, params: dict[str, QuantPa
         names = [o.name for o in sess.get_outputs()]
         errors = []
         for feeds, want in trial:
-            got = dict(zip(names, sess.run(None, feeds), strict=True))
-            a = np.concatenate([got[o].reshape(len(got[o]), -1) for o in names], axis=1).astype(np.float64)
-            b = np.concatenate([want[o].reshape(len(want[o]), -1) for o in names], axis=1).astype(np.float64)
-            norm = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-            errors += (1 - (a * b).sum(axis=1) / np.maximum(norm, 1e-30)).tolist()
+            errors += _output_error(names, sess.run(None, feeds), want)
     except Exception as exc:                                        # noqa: BLE001 - ORT raises its own types
         log.debug("fake-quant trial skipped: %s", str(exc).splitlines()[0])
         return None
     return float(np.mean(errors))
+
+
+def _output_error(names: list[str], got: list[np.ndarray], want: dict) -> list[float]:
+    """Per sample, 1 - cosine between the outputs (all of them, concatenated) and the FP32 ones."""
+    a = np.concatenate([x.reshape(len(x), -1) for x in got], axis=1).astype(np.float64)
+    b = np.concatenate([want[o].reshape(len(want[o]), -1) for o in names], axis=1).astype(np.float64)
+    norm = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return (1 - (a * b).sum(axis=1) / np.maximum(norm, 1e-30)).tolist()
+
+
+class _GridTrial:
+    """One ORT session of the QDQ model (fake-quant, graph optimizations off) in which the grids of
+    ``tensors`` are inputs, so that any choice of 8- or 16-bit grid for each of them is scored
+    without building a model per choice (``_widen`` scores hundreds)."""
+
+    def __init__(self, m: onnx.ModelProto, plan: _Plan, params: dict[str, QuantParams], config: QuantConfig,
+                 weights: Mapping[str, tuple[np.ndarray, np.ndarray]], trial: list[tuple[dict, dict]],
+                 tensors: list[str]):
+        import onnxruntime as ort
+
+        model = onnx.ModelProto()
+        model.CopyFrom(m)
+        qdq = ort_loadable(_rewrite(model, plan, params, config, weights, frozenset(tensors)))
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        self.sess = ort.InferenceSession(qdq.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        self.names = [o.name for o in self.sess.get_outputs()]
+        self.params, self.tensors, self.trial = params, tensors, trial
+
+    def error(self, grids: Mapping[str, QuantParams], batches: list[tuple[dict, dict]]) -> float:
+        """Mean 1 - cosine to FP32 over the samples of ``batches`` (some of the trial's), each tensor
+        on ``grids``'s grid where it names one, else on its own."""
+        feeds = {}
+        for t in self.tensors:
+            p = grids.get(t, self.params[t])
+            bits = 16 if p.dtype.endswith("16") else 8
+            lo, hi = (0, (1 << bits) - 1) if p.dtype.startswith("u") else (-(1 << (bits - 1)), (1 << (bits - 1)) - 1)
+            feeds |= {t + "_lo": np.array((lo - p.zero_point) * p.scale, np.float32),
+                      t + "_hi": np.array((hi - p.zero_point) * p.scale, np.float32),
+                      t + "_scale": np.array(p.scale, np.float32),
+                      t + "_zero_point": np.array(p.zero_point, np.uint16 if p.dtype.startswith("u") else np.int16)}
+        errors: list[float] = []
+        for x, want in batches:
+            errors += _output_error(self.names, self.sess.run(None, x | feeds), want)
+        return float(np.mean(errors))
+
+
+def _wide_params(extent: tuple[float, float], scheme: str) -> QuantParams:
+    lo, hi = extent
+    return calibration.activation_params(lo * HEADROOM, hi * HEADROOM, scheme="u16" if scheme == "u8" else "s16")
+
+
+def _widen(m: onnx.ModelProto, plan: _Plan, config: QuantConfig, cal: _Calibration,
+           weights: Mapping[str, tuple[np.ndarray, np.ndarray]],
+           params: dict[str, QuantParams]) -> tuple[dict[str, QuantParams], Widening | None]:
+    """Activations at 16 bits where 8 cost the fidelity target, and only there.
+
+    A randomly initialized CNN amplifies small perturbations, and its 8-bit activation errors add up
+    over many tensors: EfficientNet-B0's logit cosine to FP32 is 0.929 with every activation at 8 bits
+    and 0.997 with every one at 16 (lowbit's QDQ as fake-quant in ORT, 32 photo crops).  Ranking the
+    tensors by what widening one alone buys fails, as the gains do not add (MobileNetV2: the 48 tensors
+    that buy most alone reach 0.988, all 65 0.993).  So this starts from every candidate at 16 bits
+    and narrows back: each tensor's loss when it alone returns to 8 bits, measured on the first quarter
+    of the trial samples, then the longest prefix of the cheapest that keeps the error on the second
+    half within the target (binary search).  The 8-bit tensors left may take SPARE of the error the
+    target allows beyond all-16-bit's; where all-16-bit misses the target too, the weights limit the
+    model and nothing is widened.  Tensors of at most 1/SMALL of the largest activation's elements (a
+    squeeze-excitation's pooled vectors and gates, a classifier's input) go to 16 bits whatever the
+    trial says: they cost nothing, and their 8-bit grids are what an input louder than the calibration
+    set's saturates first (EfficientNet-B0: one evaluation crop drives its SE vectors to 4.5x their
+    calibration maximum, and its cosine was 0.105 with those at 8 bits, 0.966 at 16).
+
+    A widened tensor's grid covers HEADROOM times its calibration extent (min, max): no clipping, as a
+    clipped 16-bit grid forfeits what it buys (EfficientNet-B0, every activation at 16 bits: 0.967 on
+    the calibration ranges, 0.997 with 4x), and inputs louder than the calibration set's are common.
+    Losses are compared in steps of LOSS_STEP of the error allowed (ties in graph order), so float
+    differences between machines cannot reorder near ties."""
+    if config.fidelity is None or not cal.trial:
+        return params, None
+    candidates = [t for t in plan.act if params[t].dtype in ("uint8", "int8") and t in cal.extent
+                  and activation_bits(t, plan, config) == 8]
+    if not candidates:
+        return params, None
+    try:
+        trial = _GridTrial(m, plan, params, config, weights, cal.trial, candidates)
+    except Exception as exc:                                        # noqa: BLE001 - ORT raises its own types
+        log.debug("fidelity trial skipped: %s", str(exc).splitlines()[0])
+        return params, None
+    # ranked on some samples and checked on others, so that picking the tensors does not fit the samples
+    # that judge the pick (EfficientNet-B0, both on the same 16: 0.993 there, 0.963 on other crops)
+    rank, check = cal.trial[:max(1, len(cal.trial) // 4)], cal.trial[len(cal.trial) // 2:] or cal.trial
+    samples = _count(check)
+    wide = {t: _wide_params(cal.extent[t], config.activations) for t in candidates}
+    largest = max(cal.size.get(t, 0) for t in candidates)
+    small = {t: wide[t] for t in candidates if cal.size.get(t, largest) * SMALL <= largest}
+    error = {"8-bit": trial.error({}, check), "16-bit": trial.error(wide, check)}
+    order = [t for t in candidates if t not in small]
+
+    def narrowed(k: int) -> dict[str, QuantParams]:
+        """The small tensors and the large ones but the first ``k`` of ``order`` at 16 bits."""
+        return small | {t: wide[t] for t in order[k:]}
+
+    allowed = error["16-bit"] + SPARE * (1 - config.fidelity - error["16-bit"])
+    lo = hi = len(order)                    # narrowing the first lo keeps the target
+    if error["16-bit"] >= 1 - config.fidelity:
+        if error["8-bit"] > 1 - config.fidelity:
+            log.info("activations: 8 bits but for %d small tensors; at 16 bits they would all still miss the %.3f "
+                     "fidelity target (output 1 - cosine on %d calibration samples: 8-bit %.2e, 16-bit %.2e): the "
+                     "weights limit it", len(small), config.fidelity, samples, error["8-bit"], error["16-bit"])
+    elif trial.error(narrowed(hi), check) > allowed:
+        base = trial.error(wide, rank)
+        step = LOSS_STEP * allowed
+        loss = {t: round((trial.error({u: p for u, p in wide.items() if u != t}, rank) - base) / step)
+                for t in order}
+        order.sort(key=lambda t: loss[t])   # stable: graph order among equal steps
+        lo = 0
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if trial.error(narrowed(mid), check) <= allowed:
+                lo = mid
+            else:
+                hi = mid
+    chosen = narrowed(lo)
+    error["chosen"] = trial.error(chosen, check)
+    widened = tuple(t for t in candidates if t in chosen)
+    log.info("activations: %d of %d at 16 bits for a %.3f fidelity target (output 1 - cosine on %d calibration "
+             "samples: 8-bit %.2e, all 16-bit %.2e, chosen %.2e)", len(widened), len(candidates), config.fidelity,
+             samples, error["8-bit"], error["16-bit"], error["chosen"])
+    return params | chosen, Widening(config.fidelity, widened, len(candidates), error, samples)
 
 
 EXACT_RANGE_READERS = ("MatMul", "Gemm", "Softmax", "LayerNormalization", "Gelu")
@@ -798,7 +999,29 @@ def _gelu(x: np.ndarray, tanh: bool) -> np.ndarray:
 
 # ---- 4. rewrite ------------------------------------------------------------------------
 
-def _rewrite(m: onnx.ModelProto, plan: _Plan, params: dict[str, QuantParams], config: QuantConfig):
+def _quantize_weights(m: onnx.ModelProto, plan: _Plan, config: QuantConfig,
+                      grams: Mapping[str, rounding.GramObserver]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """weight -> (integers, scales): symmetric at the layer's bits, per output channel unless
+    ``config.per_channel`` is off; rounded by OPTQ where calibration observed the layer's inputs
+    (``config.rounding``), else to nearest."""
+    inits = {t.name: t for t in m.graph.initializer}
+    ends = set(list(plan.layers)[:1] + list(plan.layers)[-1:]) if config.pin_ends else set()
+    bits_of = {w: config.layer_bits.get(layer, 8 if layer in ends else config.weight_bits)
+               for layer, w in plan.layers.items()}
+    out = {}
+    for w_name, axis in plan.weights.items():
+        w = numpy_helper.to_array(inits[w_name])
+        q, scale = calibration.weight_params(w, axis=axis if config.per_channel else None, bits=bits_of[w_name])
+        if w_name in grams and grams[w_name].rows:
+            q = rounding.round_layer(w, scale, axis, grams[w_name], bits_of[w_name])
+        out[w_name] = (q, scale)
+    return out
+
+
+def _rewrite(m: onnx.ModelProto, plan: _Plan, params: dict[str, QuantParams], config: QuantConfig,
+             weights: Mapping[str, tuple[np.ndarray, np.ndarray]], fed: frozenset[str] = frozenset()):
+    """The QDQ model.  ``fed``: tensors whose grid is a graph input instead (``_GridTrial``): a Clip to
+    [t_lo, t_hi], then a 16-bit QuantizeLinear at t_scale and t_zero, which is any 8- or 16-bit grid."""
     g = m.graph
     inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
     new_inits: list[onnx.TensorProto] = []
@@ -809,16 +1032,12 @@ def _rewrite(m: onnx.ModelProto, plan: _Plan, params: dict[str, QuantParams], co
         return name
 
     weight_scales = {}
-    ends = set(list(plan.layers)[:1] + list(plan.layers)[-1:]) if config.pin_ends else set()
-    bits_of = {w: config.layer_bits.get(layer, 8 if layer in ends else config.weight_bits)
-               for layer, w in plan.layers.items()}
 
     def per_axis(axis: int) -> dict:
         return {"axis": axis} if config.per_channel else {}
 
     for w_name, axis in plan.weights.items():
-        q, scale = calibration.weight_params(inits[w_name], axis=axis if config.per_channel else None,
-                                             bits=bits_of[w_name])
+        q, scale = weights[w_name]
         weight_scales[w_name] = scale
         dq_consts.append(helper.make_node(
             "DequantizeLinear", [const(w_name + "_quantized", q), const(w_name + "_scale", scale),
@@ -844,7 +1063,20 @@ def _rewrite(m: onnx.ModelProto, plan: _Plan, params: dict[str, QuantParams], co
                                  const(c_name + "_zero_point", np.array(0, np.int8))],
             [c_name], name=c_name + "_DequantizeLinear"))
 
+    def fed_qdq(t: str, src: str, dst: str) -> list[onnx.NodeProto]:
+        names = [t + "_lo", t + "_hi", t + "_scale", t + "_zero_point"]
+        zero_type = TensorProto.UINT16 if params[t].dtype.startswith("u") else TensorProto.INT16
+        for name, kind in zip(names, [TensorProto.FLOAT] * 3 + [zero_type], strict=True):
+            g.input.append(helper.make_tensor_value_info(name, kind, []))
+        return [helper.make_node("Clip", [src, *names[:2]], [t + "_clipped"], name=t + "_Clip"),
+                helper.make_node("QuantizeLinear", [t + "_clipped", *names[2:]], [t + "_quantized"],
+                                 name=t + "_QuantizeLinear"),
+                helper.make_node("DequantizeLinear", [t + "_quantized", *names[2:]], [dst],
+                                 name=t + "_DequantizeLinear")]
+
     def qdq(t: str, src: str, dst: str) -> list[onnx.NodeProto]:
+        if t in fed:
+            return fed_qdq(t, src, dst)
         p = params[t]
         zero = np.array(p.zero_point, np.dtype(p.dtype))
         s, z = const(t + "_scale", np.array(p.scale, np.float32)), const(t + "_zero_point", zero)

@@ -98,9 +98,9 @@ class _ConstDeq:
 
 @dataclass
 class _Unary:
-    """A float function of one 8-bit integer tensor (float ops between a dequantize and a
+    """A float function of one 8- or 16-bit integer tensor (float ops between a dequantize and a
     quantize, with only constants beside it: GELU's x / sqrt(2) -> Erf as ORT leaves it),
-    awaiting the quantize that turns it into a 256-entry table of the integers."""
+    awaiting the quantize that turns it into a table of the integers (256 or 65,536 entries)."""
     x: _Int
     fn: Callable[[np.ndarray], np.ndarray]     # the integers (int64) -> the float32 values
 
@@ -1242,15 +1242,15 @@ class _Lowering:
             if u is not None and isinstance(k, tvm.ir.GenericConst) and _np(k).size == 1:
                 return _Unary(u.x, _composed(FLOAT_BINARY[name], u.fn, _np(k).reshape(()), first))
         raise QDQLoweringError(f"{name}: only a positive scalar scale of a linear result, a product of "
-                               "activations, or a float op of one 8-bit tensor and a scalar is supported")
+                               "activations, or a float op of one 8- or 16-bit tensor and a scalar is supported")
 
     def as_unary(self, v) -> _Unary | None:
-        """``v`` as a float function of one 8-bit tensor's integers, where it is one."""
+        """``v`` as a float function of one 8- or 16-bit tensor's integers, where it is one."""
         if isinstance(v, _Unary):
             return v
         if isinstance(v, _Deq) and v.value.of is not None:
             return v.value.of
-        if isinstance(v, _Deq) and v.value.scale.size == 1 and np.iinfo(v.value.dtype).bits == 8:
+        if isinstance(v, _Deq) and v.value.scale.size == 1 and np.iinfo(v.value.dtype).bits in (8, 16):
             x = v.value
             s, z = np.float32(x.scale.reshape(-1)[0]), int(x.zero.reshape(-1)[0])
             return _Unary(x, lambda q: ((q - z).astype(np.float32) * s).astype(np.float32))
@@ -1430,12 +1430,13 @@ class _Lowering:
                       relax.const(zero.reshape(shape).astype(np.int64), "int64"))
 
     def tabulate(self, u: _Unary, s: float, z: int, dtype: str) -> _Int:
-        """q_y = T[q_x]: the float function at each of the 256 integers, quantized as
-        QuantizeLinear does (float32 division, ties to even, saturated; NaN to the maximum)."""
+        """q_y = T[q_x]: the float function at each of the 256 (or, of a 16-bit tensor, 65,536)
+        integers, quantized as QuantizeLinear does (float32 division, ties to even, saturated; NaN to
+        the maximum), stored in the output's type."""
         info, src = np.iinfo(dtype), np.iinfo(u.x.dtype)
-        table = _host_quantize(u.fn(np.arange(src.min, src.max + 1, dtype=np.int64)), s, z, info).astype(np.int32)
+        table = _host_quantize(u.fn(np.arange(src.min, src.max + 1, dtype=np.int64)), s, z, info).astype(dtype)
         index = op.subtract(op.astype(u.x.expr, "int32"), relax.const(int(src.min), "int32"))
-        y = op.astype(op.take(relax.const(table, "int32"), index, axis=0), dtype)
+        y = op.take(relax.const(table, dtype), index, axis=0)
         return _Int(self.bb.emit(y), np.float32([s]), np.array([z]), dtype, u.x.channels_last)
 
     def pending_view(self, call, p: _Pending) -> _Pending:

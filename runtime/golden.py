@@ -290,7 +290,8 @@ def _island(node, ins, reason: QDQUnsupported) -> list:
     values = [_real(v, reason) for v in ins]
     names = [f"in{i}" if v is not None else "" for i, v in enumerate(values)]
     single = _onnx_node(node, names)
-    return onnx_reference.evaluator(single, [MsGelu]).run(None, {k: v for k, v in zip(names, values, strict=True) if k})
+    return onnx_reference.evaluator(single, [MsGelu, *IMPORTED_FORMS]).run(
+        None, {k: v for k, v in zip(names, values, strict=True) if k})
 
 
 def _onnx_node(node, inputs: list[str]):
@@ -369,6 +370,29 @@ FLOAT_UNARY = {"Erf": _f32(erf), "Tanh": _f32(np.tanh), "Exp": _f32(np.exp), "Sq
                "Sigmoid": _f32(lambda x: 1.0 / (1.0 + np.exp(-x))), "Neg": _f32(np.negative), "Abs": _f32(np.abs)}
 FLOAT_BINARY = {"Add": _f32(np.add), "Sub": _f32(np.subtract), "Mul": _f32(np.multiply), "Div": _f32(np.divide),
                 "Pow": _f32(np.power)}
+
+
+def _imported_form(name: str, fn):
+    """An ONNX op as the compiled program defines it, for the float islands' reference evaluator."""
+    from onnx.reference.op_run import OpRun
+
+    return type(name, (OpRun,), {"_run": lambda self, x: (fn(np.asarray(x, np.float32)),)})
+
+
+def _f32_ops(*ops):
+    return [_f32(op) for op in ops]
+
+
+_add, _mul, _div, _max, _log, _exp, _tanh, _neg, _abs = _f32_ops(
+    np.add, np.multiply, np.divide, np.maximum, np.log, np.exp, np.tanh, np.negative, np.abs)
+# ONNX functions TVM's importer writes as a composition of float32 ops (tvm/relax/frontend/onnx), which is what
+# the compiled table tabulates: ONNX's reference formulas round differently at a few of a 16-bit tensor's
+# 65,536 values, where a tie to the output grid falls
+IMPORTED_FORMS = [
+    _imported_form("HardSwish", lambda x: _mul(x, _div(np.clip(_add(x, 3.0), 0, 6).astype(np.float32), 6.0))),
+    _imported_form("Softplus", lambda x: _add(_max(x, 0.0), _log(_add(1.0, _exp(_neg(_abs(x))))))),
+    _imported_form("Mish", lambda x: _mul(x, _tanh(_log(_add(1.0, _exp(x)))))),
+]
 
 
 def _attr64(a: dict, key: str, default: float) -> np.float64:
@@ -450,10 +474,13 @@ def _zeros_like_other(x, zero) -> bool:
     return shape is not None and np.broadcast_shapes(shape, zero.shape) == tuple(shape)
 
 
-def _channel_factor(ins) -> tuple | None:
+def _channel_factor(ins, constant: list[bool]) -> tuple | None:
     """(x, c per channel, axis) for a dequantized per-tensor x times a float constant c that varies
-    along one axis of x."""
-    for x, c in (ins, ins[::-1]):
+    along one axis of x.  ``constant``: which operands are constants (a float function of an
+    activation, a squeeze-excitation's sigmoid gate, varies along the channels too, but is not one)."""
+    for (x, c), is_constant in zip((ins, ins[::-1]), constant[::-1], strict=True):
+        if not is_constant:
+            continue
         # a constant quantized per channel, or per tensor (ORT's LayerScale): an initializer has no stored type
         if isinstance(c, tuple) and c[0] == "deq" and (c[1].scale.size > 1 or c[1].dtype is None):
             c = _float(c)
@@ -534,6 +561,11 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
 
     g = model.graph
     env: dict = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    # initializers and what is computed from them alone (a DequantizeLinear of a weight, Constant nodes)
+    constant = {t.name for t in g.initializer}
+    for n in g.node:
+        if all(i in constant for i in n.input if i):
+            constant.update(n.output)
     env.update({k: np.asarray(v) for k, v in feeds.items()})
 
     def attrs(n):
@@ -750,7 +782,7 @@ def run_qdq(model, feeds: dict, nonlinear="auto") -> dict:
             env[n.output[0]] = NEVER_NAN        # s (q - z) is a number whatever q is
         elif op == "Where" and ins[0] is NEVER_NAN:
             env[n.output[0]] = ins[2]
-        elif op == "Mul" and (k := _channel_factor(ins)) is not None:
+        elif op == "Mul" and (k := _channel_factor(ins, [i in constant for i in n.input])) is not None:
             x, c, axis = k                      # LayerScale: sign(c) (q - z) at ratio s |c| per channel
             shape = [1] * x.q.ndim
             shape[axis] = -1

@@ -136,3 +136,38 @@ def test_a_padded_attention_mask_is_an_integer_select(low, tmp_path):
     # the masked scores sit at the grid's minimum, exp of which is not quite 0: on the output's 16-bit grid
     # the masked probabilities are below 2^-10 (on an 8-bit one they rounded to 0)
     assert np.all(got[0, :, 3:] < 2.0**-10) and np.allclose(got[0, :, :3].sum(-1), 1, atol=0.05)
+
+
+def _wide_qdq_model(tail: list, inits: list, out_dtype: int, shape: list[int]) -> onnx.ModelProto:
+    """x -> Q(u16) -> DQ -> c -> ``tail`` -> y -> Q(``out_dtype``) -> DQ: a 16-bit activation, as the
+    fidelity target widens one (compiler/quantize._widen), read by a chain of float functions."""
+    zero16 = numpy_helper.from_array(np.array(20000, np.uint16), "xz")
+    zero_out = numpy_helper.from_array(np.array(0 if out_dtype == TensorProto.INT16 else 30,
+                                                helper.tensor_dtype_to_np_dtype(out_dtype)), "yz")
+    nodes = [_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]), _node("DequantizeLinear", ["xq", "xs", "xz"], ["c"]),
+             *tail, _node("QuantizeLinear", ["y", "ys", "yz"], ["yq"]), _node("DequantizeLinear", ["yq", "ys", "yz"],
+                                                                            ["out"])]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                      [helper.make_tensor_value_info("out", TensorProto.FLOAT, shape)],
+                      [_const("xs", 2e-4), zero16, _const("ys", 0.03 if out_dtype == TensorProto.UINT8 else 4e-4),
+                       zero_out, *inits], opset=21)
+
+
+@pytest.mark.parametrize("shape", [[1, 256, 256], [1, 1 << 16, 1, 1]], ids=["map", "vector"])
+@pytest.mark.parametrize("out_dtype", [TensorProto.UINT8, TensorProto.INT16])
+@pytest.mark.parametrize("name", sorted(CHAINS))
+def test_a_function_of_a_16_bit_tensor_is_a_table_of_all_its_integers(name, out_dtype, shape):
+    """The table covers all 65,536 input integers; fed every one of them, the build agrees with the
+    golden interpreter bit for bit (8- and 16-bit results), with no float island.  "vector" is a
+    squeeze-excitation's shape, (1, C, 1, 1): there the golden interpreter once took SiLU's sigmoid(x),
+    which varies along the channels only, for a constant per-channel factor of x (LayerScale's form)."""
+    from compiler import driver
+    from compiler.options import CompileOptions
+
+    nodes, inits = CHAINS[name]
+    model = _wide_qdq_model(nodes, inits, out_dtype, shape)
+    art, ref = driver.compile_with_reference(model, CompileOptions())
+    assert art.manifest.integer_only and not art.manifest.islands, art.manifest.integer_region
+    x = {"x": ((np.arange(1 << 16) - 20000) * np.float32(2e-4)).astype(np.float32).reshape(shape)}
+    got, want = art.run(x)["out"], golden.run_qdq(ref.model, x, ref.variants)["out"]
+    np.testing.assert_array_equal(got, want, err_msg=f"{np.sum(got != want)} of 65536 differ")
