@@ -243,7 +243,9 @@ def sweep(model: str, calib_path: str | None, *, target: str, target_options: Ma
             feeds = batches(picked, batch, samples, specs, where=model)
             fixed = {**{k: v.shape for k, v in feeds[0].items()}, **shapes}
             common = {"target": target, "target_options": target_options, "input_shapes": fixed}
-            arts = [] if quantized else [compiler.compile(model_path, options=CompileOptions(calib=calib, **common))]
+            # every activation on 8 bits (no fidelity target): the program an int8 engine is timed against
+            int8 = CompileOptions(calib=calib, fidelity=None, **common)
+            arts = [] if quantized else [compiler.compile(model_path, options=int8)]
             arts.append(compiler.compile(model_path, options=CompileOptions(**common)))
             # first: the row t/lowbit refers to
             session = remote.connect() if remote else None
