@@ -30,6 +30,7 @@ from passes.fusion_report import CountKernels, FusionReport, RecordFusion, Recor
 from passes.merge_kernels import MergeKernels
 from passes.narrow_constants import NarrowConstants
 from passes.reduce_epilogue import ReduceEpilogue
+from passes.shape_heap import after_shape_lowering
 from runtime.errors import UserError
 
 
@@ -133,7 +134,7 @@ def lowering(target: tvm.target.Target, report: FusionReport) -> tvm.transform.P
     """Our schedules for every kernel not scheduled yet (dlight skips tuned ones), the kernels left
     unscheduled recorded, then TVM's lowering to the VM."""
     stages = ([dl.ApplyDefaultSchedule(CPUDefault()), RecordUnscheduled(report)] + cpu.dataflow_lower_passes(target)
-              + cpu.finalize_passes(target))
+              + after_shape_lowering(cpu.finalize_passes(target)))
     return tvm.transform.Sequential(stages, name="lowbit_lowering")
 
 

@@ -38,6 +38,7 @@ from codegen.cuda.dp4a import Dp4a
 from codegen.cuda.loader import source_hash
 from codegen.cuda.rows import Rows, Separate
 from passes.fusion_report import FusionReport, RecordUnscheduled
+from passes.shape_heap import after_shape_lowering
 
 SOURCE, PTX, FATBIN = "kernels.cu", "kernels.ptx", "kernels.fatbin"
 
@@ -132,7 +133,7 @@ def build(mod: tvm.IRModule, target: dict) -> Build:
         scheduled = tvm.transform.Sequential([dl.ApplyDefaultSchedule(*RULES), RecordUnscheduled(report)])(fused)
         called = _called(scheduled)
         lowered = tvm.transform.Sequential(cuda_pipeline.dataflow_lower_passes(tgt)
-                                           + cuda_pipeline.finalize_passes(tgt))(scheduled)
+                                           + after_shape_lowering(cuda_pipeline.finalize_passes(tgt)))(scheduled)
     with nvcc.compiling_for_tvm(target["arch"]) as built:
         executable = tvm.compile(lowered, target=tgt, relax_pipeline=None)
     source = device_module(executable).inspect_source()
