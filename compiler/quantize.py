@@ -752,24 +752,11 @@ def _fake_quant_error(m: onnx.ModelProto, plan: _Plan, params: dict[str, QuantPa
                       trial: list[tuple[dict, dict]]) -> float | None:
     """Mean over samples of 1 - cosine between the QDQ model's outputs (ORT, as fake-quant) and the FP32
     ones; None where ORT cannot run the QDQ model (the choice then keeps the pooled ranges)."""
-    import onnxruntime as ort
-
-    model = onnx.ModelProto()
-    model.CopyFrom(m)
-    qdq = ort_loadable(_rewrite(model, plan, params, config, weights))
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL   # float math on the grids
     try:
-        sess = ort.InferenceSession(qdq.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        names = [o.name for o in sess.get_outputs()]
-        errors = []
-        for feeds, want in trial:
-            errors += _output_error(names, sess.run(None, feeds), want)
+        return _GridTrial(m, plan, params, config, weights, []).error({}, trial)
     except Exception as exc:                                        # noqa: BLE001 - ORT raises its own types
         log.debug("fake-quant trial skipped: %s", str(exc).splitlines()[0])
         return None
-    return float(np.mean(errors))
 
 
 def _output_error(names: list[str], got: list[np.ndarray], want: dict) -> list[float]:
@@ -786,8 +773,7 @@ class _GridTrial:
     without building a model per choice (``_widen`` scores hundreds)."""
 
     def __init__(self, m: onnx.ModelProto, plan: _Plan, params: dict[str, QuantParams], config: QuantConfig,
-                 weights: Mapping[str, tuple[np.ndarray, np.ndarray]], trial: list[tuple[dict, dict]],
-                 tensors: list[str]):
+                 weights: Mapping[str, tuple[np.ndarray, np.ndarray]], tensors: list[str]):
         import onnxruntime as ort
 
         model = onnx.ModelProto()
@@ -798,7 +784,7 @@ class _GridTrial:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         self.sess = ort.InferenceSession(qdq.SerializeToString(), so, providers=["CPUExecutionProvider"])
         self.names = [o.name for o in self.sess.get_outputs()]
-        self.params, self.tensors, self.trial = params, tensors, trial
+        self.params, self.tensors = params, tensors
 
     def error(self, grids: Mapping[str, QuantParams], batches: list[tuple[dict, dict]]) -> float:
         """Mean 1 - cosine to FP32 over the samples of ``batches`` (some of the trial's), each tensor
@@ -855,7 +841,7 @@ def _widen(m: onnx.ModelProto, plan: _Plan, config: QuantConfig, cal: _Calibrati
     if not candidates:
         return params, None
     try:
-        trial = _GridTrial(m, plan, params, config, weights, cal.trial, candidates)
+        trial = _GridTrial(m, plan, params, config, weights, candidates)
     except Exception as exc:                                        # noqa: BLE001 - ORT raises its own types
         log.debug("fidelity trial skipped: %s", str(exc).splitlines()[0])
         return params, None
