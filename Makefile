@@ -16,7 +16,7 @@ setup: $(STAMP) toolchain
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@# -qq: errors only; pip configs that name absent index folders warn once per package
-	$(BIN)/python -m pip install -qq --disable-pip-version-check -e ".[dev,zoo,bench]"
+	$(BIN)/python -m pip install -qq --disable-pip-version-check -e ".[dev,zoo,bench,tosa]"
 	@rm -f $(VENV)/.installed-* && touch $@
 
 toolchain:

@@ -53,6 +53,10 @@ TARGETS: dict[str, Entry] = {
                           "--codegen llvm)"),
                    Option("codegen", "kernels as C compiled by gcc (c, default) or an LLVM object (llvm)"),
                    Option("ram_limit", "fail unless the arena fits, e.g. 64K", metavar="BYTES"))),
+    "tosa": Entry("codegen.tosa.backend:BACKEND", "codegen.tosa.runner:RUNNER", "TOSA MLIR for IREE (the integer "
+                  "region as model.tosa.mlir, compiled by iree-compile into model.vmfb and run by IREE's runtime)",
+                  (Option("iree_target", "the CPU IREE compiles for: host (default) or an LLVM target triple, "
+                          "e.g. aarch64-linux-gnu", metavar="TRIPLE"),)),
 }
 
 

@@ -1349,9 +1349,16 @@ class _Lowering:
             raise QDQLoweringError(f"avg_pool2d: the window counts' common multiple {lcm} overflows int32")
         channels = int(x.expr.ty.shape.values[1])
         zx = int(x.zero.reshape(-1)[0])
-        ones = relax.const(np.ones((channels, 1, *k), np.int8), "int8")
-        total = self.bb.emit_te(_conv_zero_padded, x.expr, ones, strides, padding, [1, 1], channels, zx, "int32",
-                                primfunc_name_hint="sum_pool")
+        ones = np.ones((channels, 1, *k), np.int8)
+        # a window sum is a depthwise convolution: a target's unit may run it (TOSA's is tosa.depthwise_conv2d)
+        c = Contraction(CONV2D, Operand.of(x.expr, x.dtype, x.zero), "int32", ones, groups=channels,
+                        strides=tuple(strides), padding=tuple(padding))
+        unit = first_fit(self.units, c)
+        if unit is not None and not unit.channels_last:
+            total = unit.emit(self.bb, c, x.expr, relax.const(unit.pack(c))).expr
+        else:
+            total = self.bb.emit_te(_conv_zero_padded, x.expr, relax.const(ones, "int8"), strides, padding, [1, 1],
+                                    channels, zx, "int32", primfunc_name_hint="sum_pool")
         if zx:
             total = self.bb.emit(op.subtract(total, relax.const(zx * k[0] * k[1], "int32")))
         if np.any(count != lcm):

@@ -103,6 +103,16 @@ def rv32_toolchain():
         pytest.skip(f"{why}: `make test` installs {toolchain.PACKAGES} with apt-get; that was impossible here")
 
 
+@pytest.fixture(scope="session")
+def iree_wheels():
+    """Skip, saying why, where IREE's wheels are absent: `make setup` installs them from the pins."""
+    import importlib.util
+
+    if importlib.util.find_spec("iree.compiler") is None or importlib.util.find_spec("iree.runtime") is None:
+        pytest.skip("iree-base-compiler / iree-base-runtime 3.13 are not installed: `make setup` installs them "
+                    "from the pins (pyproject.toml, the tosa extra)")
+
+
 def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
     """The real console entry point in a subprocess: exit codes and stderr as a user sees them."""
     return subprocess.run([sys.executable, "-m", "compiler.cli", *map(str, args)], capture_output=True,

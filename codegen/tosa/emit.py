@@ -1,0 +1,690 @@
+"""The integer region of a lowered model as TOSA 1.0 MLIR text, for the pinned IREE (3.13).
+
+One handler per Relax op (``HANDLERS``), over the bindings in order.  Every op is written in MLIR's
+generic form (``"tosa.op"(operands) <{properties}> : (types) -> type``), which is what IREE 3.13
+parses for every TOSA op alike (the pretty forms differ per op and between versions).
+
+Types.  TOSA 1.0's integer profiles have int8, int16 and int32 tensors (and 48-bit accumulators
+inside conv, matmul and rescale).  The lowered graph computes requantize products and I-ViT's
+arithmetic in int64; each int64 tensor whose values provably fit int32 (passes/value_ranges.py) is
+an i32 tensor here.  The 64-bit product of a requantize, ``(x * m + 2^(e-1)) >> e``
+(passes/dyadic.py), is exactly ``tosa.rescale``'s SINGLE_ROUND arithmetic (TOSA 1.0 spec,
+apply_scale_32): that pattern becomes one rescale and the product is never materialized.  What
+still needs 64 bits (I-LayerNorm's sum of squares, up to 2^54, and its integer square root) is
+written on i64 tensors, which MLIR's TOSA dialect and IREE take; the manifest counts those ops.
+
+Elementwise arithmetic runs on i32 (TOSA 1.0's ADD, SUB, MAXIMUM and the comparisons take i32 only),
+or i64 where an operand or the result needs it: narrower operands are cast up first, and a narrower
+result is cast back; the casts are exact, as the ranges prove the values fit.  Layout: the graph is NCHW, TOSA's convolutions and pools are
+NHWC, so each one is wrapped in two transposes (IREE's transpose propagation folds the pairs).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from passes.value_ranges import Ranges, dtype_range
+
+I32 = dtype_range("int32")
+ELEMENT = {"int8": "i8", "int16": "i16", "int32": "i32", "int64": "i32", "bool": "i1"}
+NUMPY = {"i8": np.int8, "i16": np.int16, "i32": np.int32, "i48": np.int64, "i64": np.int64, "i1": np.bool_}
+RANGE = {"i8": "int8", "i16": "int16", "i32": "int32", "i48": "int64", "i64": "int64", "i1": "bool"}
+SHIFT_LIMIT = {"i32": 31, "i64": 63}        # TOSA's arithmetic_right_shift takes shifts below the width
+
+
+class TosaError(ValueError):
+    """The model has something TOSA cannot express (yet); the message names the op."""
+
+
+@dataclass(frozen=True)
+class T:
+    """A TOSA tensor type."""
+    shape: tuple[int, ...]
+    elem: str
+
+    def __str__(self) -> str:
+        return f"tensor<{''.join(f'{d}x' for d in self.shape)}{self.elem}>"
+
+    def like(self, elem: str | None = None, shape: tuple[int, ...] | None = None) -> T:
+        return T(self.shape if shape is None else tuple(shape), elem or self.elem)
+
+
+@dataclass(frozen=True)
+class ShapeT:
+    """TOSA 1.0's shape operand type (reshape, slice, pad take their shapes as values)."""
+    rank: int
+
+    def __str__(self) -> str:
+        return f"!tosa.shape<{self.rank}>"
+
+
+@dataclass(frozen=True)
+class V:
+    """An SSA value and its type."""
+    name: str
+    type: T | ShapeT
+
+
+def _op_name(expr) -> str | None:
+    return expr.op.name if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) else None
+
+
+def _static(expr) -> tuple[int, ...]:
+    shape = expr.ty.shape
+    try:
+        return tuple(int(d) for d in shape.values)
+    except (TypeError, AttributeError):
+        raise TosaError(f"{_op_name(expr) or 'a value'} has a symbolic shape; fix it with --input-shape") from None
+
+
+def _dense(a: np.ndarray, elem: str) -> str:
+    t = T(a.shape, elem)
+    if a.size == 1 or (a.size and np.all(a == a.reshape(-1)[0])):
+        v = a.reshape(-1)[0]
+        return f"dense<{'true' if (elem == 'i1' and v) else 'false' if elem == 'i1' else int(v)}> : {t}"
+    return f'dense<"0x{np.ascontiguousarray(a.astype(NUMPY[elem])).tobytes().hex().upper()}"> : {t}'
+
+
+class Emitter:
+    """Writes one ``func.func @main`` for ``func`` (the integer region: int params, int results)."""
+
+    def __init__(self, func: relax.Function):
+        self.func = func
+        self.ranges = Ranges(func)
+        self.lines: list[str] = []
+        self.values: dict = {}
+        self.bound: dict = {}           # var -> its binding's value (the rescale pattern looks through)
+        self.ops: Counter = Counter()
+        self.wide: Counter = Counter()  # ops on i64 tensors
+        self.folded: set = set()        # the product and sum inside a requantize that becomes one rescale
+        self.count = 0
+
+    # ---- writing ----------------------------------------------------------------------------------
+
+    def _fresh(self) -> str:
+        self.count += 1
+        return f"%v{self.count}"
+
+    def op(self, name: str, args: list[V], out: T, props: str = "") -> V:
+        v = V(self._fresh(), out)
+        names = ", ".join(a.name for a in args)
+        types = ", ".join(str(a.type) for a in args)
+        props = f" <{{{props}}}>" if props else ""
+        self.lines.append(f'    {v.name} = "tosa.{name}"({names}){props} : ({types}) -> {out}')
+        self.ops[f"tosa.{name}"] += 1
+        if isinstance(out, T) and out.elem == "i64":
+            self.wide[f"tosa.{name}"] += 1
+        return v
+
+    def const(self, a, elem: str) -> V:
+        a = np.asarray(a)
+        lo, hi = dtype_range(RANGE[elem])
+        if a.size and (int(a.min()) < lo or int(a.max()) > hi):
+            raise TosaError(f"a constant in [{int(a.min())}, {int(a.max())}] does not fit {elem}")
+        v = V(self._fresh(), T(a.shape, elem))
+        self.lines.append(f'    {v.name} = "tosa.const"() <{{values = {_dense(a, elem)}}}> : () -> {v.type}')
+        return v
+
+    def shape(self, dims) -> V:
+        dims = [int(d) for d in dims]
+        v = V(self._fresh(), ShapeT(len(dims)))
+        text = f"dense<[{', '.join(map(str, dims))}]> : tensor<{len(dims)}xindex>" if dims else "dense<> : tensor<0xindex>"
+        self.lines.append(f'    {v.name} = "tosa.const_shape"() <{{values = {text}}}> : () -> {v.type}')
+        return v
+
+    # ---- values -----------------------------------------------------------------------------------
+
+    def elem(self, expr) -> str:
+        """The TOSA element type of a Relax integer value (int64 only where it fits int32)."""
+        dtype = str(expr.ty.dtype)
+        if dtype not in ELEMENT:
+            raise TosaError(f"{dtype} tensors have no TOSA integer form")
+        if dtype == "int64":
+            lo, hi = self.ranges.of(expr)
+            if lo < I32[0] or hi > I32[1]:
+                return "i64"
+        return ELEMENT[dtype]
+
+    def get(self, expr, rank: int | None = None) -> V:
+        """The TOSA value of a Relax expression: a bound variable's, or a constant written here (at
+        ``rank`` dimensions, leading ones added, for broadcasting)."""
+        if isinstance(expr, tvm.ir.GenericConst):
+            a = expr.value.numpy()
+            if a.dtype == np.int64:
+                a = a.astype(np.int64)
+            if rank is not None and a.ndim < rank:
+                a = a.reshape((1,) * (rank - a.ndim) + a.shape)
+            if a.dtype == np.bool_:
+                return self.const(a, "i1")
+            if a.dtype == np.int64 and a.size and (int(a.min()) < I32[0] or int(a.max()) > I32[1]):
+                return self.const(a, "i64")
+            return self.const(a, ELEMENT.get(str(a.dtype), "i32"))
+        v = self.values.get(expr)
+        if v is None:
+            raise TosaError(f"a value of unsupported form ({type(expr).__name__})")
+        return v
+
+    def cast(self, v: V, elem: str) -> V:
+        return v if v.type.elem == elem else self.op("cast", [v], v.type.like(elem))
+
+    def elem_of(self, expr) -> str:
+        """The element type ``get(expr)`` has (for a constant, without writing it)."""
+        if isinstance(expr, tvm.ir.GenericConst):
+            a = expr.value.numpy()
+            if a.dtype == np.bool_:
+                return "i1"
+            wide = a.dtype == np.int64 and a.size and (int(a.min()) < I32[0] or int(a.max()) > I32[1])
+            return "i64" if wide else ELEMENT.get(str(a.dtype), "i32")
+        return self.get(expr).type.elem
+
+    def work(self, var, *args) -> str:
+        """The type an elementwise op computes in: i64 where the result or an operand needs it."""
+        return "i64" if "i64" in [self.elem(var), *(self.elem_of(a) for a in args)] else "i32"
+
+    def wide_as(self, expr, work: str, rank: int | None = None) -> V:
+        """``expr`` on ``work`` (i32 or i64)."""
+        return self.cast(self.get(expr, rank), work)
+
+    def lookup(self, expr):
+        """The binding a variable stands for (None for parameters and constants)."""
+        return self.bound.get(expr) if isinstance(expr, relax.Var) else None
+
+    # ---- the function -----------------------------------------------------------------------------
+
+    def run(self) -> str:
+        params = []
+        for i, p in enumerate(self.func.params):
+            t = T(_static(p), ELEMENT[str(p.ty.dtype)])
+            self.values[p] = V(f"%arg{i}", t)
+            params.append(f"%arg{i}: {t}")
+        bindings = [b for block in self.func.body.blocks for b in block.bindings]
+        self.bound = {b.var: b.value for b in bindings}
+        self.folded = _fold(self)
+        for b in bindings:
+            self.values[b.var] = self.binding(b.var, b.value)
+        body = self.func.body.body
+        results = list(body.fields) if isinstance(body, relax.Tuple) else [body]
+        outs = [self.get(r) for r in results]
+        head = f"  func.func @main({', '.join(params)}) -> ({', '.join(str(o.type) for o in outs)}) {{"
+        ret = f"    return {', '.join(o.name for o in outs)} : {', '.join(str(o.type) for o in outs)}"
+        return "\n".join(["module {", head, *self.lines, ret, "  }", "}", ""])
+
+    def binding(self, var, value):
+        if isinstance(value, relax.Var):
+            return self.values[value]
+        name = _op_name(value)
+        handler = HANDLERS.get(name)
+        if handler is None:
+            raise TosaError(f"{name or type(value).__name__}: no TOSA form yet")
+        if var in self.folded:
+            return None                 # read through by the rescale that consumes it
+        return handler(self, value, var)
+
+
+# ---- handlers ---------------------------------------------------------------------------------------
+
+Handler = Callable[[Emitter, relax.Call, relax.Var], V]
+HANDLERS: dict[str, Handler] = {}
+
+
+def handles(*names: str):
+    def register(f):
+        for n in names:
+            HANDLERS[n] = f
+        return f
+    return register
+
+
+def _out(em: Emitter, var) -> T:
+    return T(_static(var), em.elem(var))
+
+
+def _narrow(em: Emitter, v: V, var) -> V:
+    """``v`` (i32) as ``var``'s own element type."""
+    return em.cast(v, em.elem(var))
+
+
+@handles("relax.astype")
+def _astype(em: Emitter, call, var) -> V:
+    return em.cast(em.get(call.args[0]), em.elem(var))
+
+
+def _elementwise(tosa: str) -> Handler:
+    def handler(em: Emitter, call, var) -> V:
+        rank, w = len(_static(var)), em.work(var, *call.args[:2])
+        a, b = em.wide_as(call.args[0], w, rank), em.wide_as(call.args[1], w, rank)
+        extra = [em.const(np.zeros(1), "i8")] if tosa == "mul" else []
+        return _narrow(em, em.op(tosa, [a, b, *extra], _out(em, var).like(w)), var)
+    return handler
+
+
+for _relax, _tosa in (("add", "add"), ("subtract", "sub"), ("multiply", "mul"), ("maximum", "maximum"),
+                      ("minimum", "minimum"), ("bitwise_and", "bitwise_and"), ("left_shift", "logical_left_shift")):
+    HANDLERS[f"relax.{_relax}"] = _elementwise(_tosa)
+
+
+@handles("relax.right_shift")
+def _right_shift(em: Emitter, call, var) -> V:
+    rescaled = _rescale(em, call, var)
+    if rescaled is not None:
+        return rescaled
+    rank, w = len(_static(var)), em.work(var, *call.args[:2])
+    lo, hi = em.ranges.of(call.args[1])
+    if lo < 0:
+        raise TosaError("right_shift by a negative amount")
+    shift, limit = call.args[1], SHIFT_LIMIT[w]
+    a = em.wide_as(call.args[0], w, rank)
+    if isinstance(shift, tvm.ir.GenericConst):
+        # a value shifted by its width less one or more is its sign: TOSA takes shifts below the width
+        e = shift.value.numpy()
+        s = em.const(np.minimum(e, limit).reshape((1,) * (rank - e.ndim) + e.shape), w)
+    else:
+        s = em.wide_as(shift, w, rank)
+        if hi > limit:
+            s = em.op("minimum", [s, em.const(np.full((1,) * rank, limit), w)], s.type)
+    return _narrow(em, em.op("arithmetic_right_shift", [a, s], _out(em, var).like(w), "round = false"), var)
+
+
+def _compare(tosa: str, swap: bool = False) -> Handler:
+    def handler(em: Emitter, call, var) -> V:
+        rank, w = len(_static(var)), em.work(call.args[0], *call.args[:2])
+        a, b = em.wide_as(call.args[0], w, rank), em.wide_as(call.args[1], w, rank)
+        if swap:
+            a, b = b, a
+        return em.op(tosa, [a, b], _out(em, var).like("i1"))
+    return handler
+
+
+HANDLERS.update({"relax.equal": _compare("equal"), "relax.greater": _compare("greater"),
+                 "relax.greater_equal": _compare("greater_equal"), "relax.less": _compare("greater", True),
+                 "relax.less_equal": _compare("greater_equal", True)})
+
+
+@handles("relax.floor_divide")
+def _floor_divide(em: Emitter, call, var) -> V:
+    """TOSA's INTDIV truncates; floor(a / b) = trunc(a / b) - 1 where the remainder is nonzero and
+    the signs differ.  Where a >= 0 and b > 0 (the ranges say so) the two agree."""
+    rank, w = len(_static(var)), em.work(var, *call.args[:2])
+    a, b = em.wide_as(call.args[0], w, rank), em.wide_as(call.args[1], w, rank)
+    out = _out(em, var).like(w)
+    q = em.op("intdiv", [a, b], out)
+    (alo, _), (blo, _) = em.ranges.of(call.args[0]), em.ranges.of(call.args[1])
+    if alo >= 0 and blo > 0:
+        return _narrow(em, q, var)
+    zero8 = em.const(np.zeros(1), "i8")
+    r = em.op("sub", [a, em.op("mul", [q, b, zero8], out)], out)
+    zero = em.const(np.zeros((1,) * rank), w)
+    inexact = em.op("logical_not", [em.op("equal", [r, zero], out.like("i1"))], out.like("i1"))
+    signs = em.op("logical_xor", [em.op("greater", [zero, a], a.type.like("i1")),
+                                  em.op("greater", [zero, b], b.type.like("i1"))], out.like("i1"))
+    adjust = em.op("cast", [em.op("logical_and", [inexact, signs], out.like("i1"))], out)
+    return _narrow(em, em.op("sub", [q, adjust], out), var)
+
+
+@handles("relax.clip")
+def _clip(em: Emitter, call, var) -> V:
+    """As maximum then minimum on i32 or i64 (TOSA 1.0's CLAMP takes i8 and i16 only)."""
+    rank, w = len(_static(var)), em.work(var, call.args[0])
+    lo, hi = (int(v.value) for v in call.args[1:3])
+    x = em.wide_as(call.args[0], w)
+    full = dtype_range(RANGE[w])
+    lo_c = em.const(np.full((1,) * rank, max(lo, full[0])), w)
+    hi_c = em.const(np.full((1,) * rank, min(hi, full[1])), w)
+    return _narrow(em, em.op("minimum", [em.op("maximum", [x, lo_c], x.type), hi_c], x.type), var)
+
+
+@handles("relax.where")
+def _where(em: Emitter, call, var) -> V:
+    rank, w = len(_static(var)), em.work(var, *call.args[1:3])
+    c = em.cast(em.get(call.args[0], rank), "i1")
+    a, b = em.wide_as(call.args[1], w, rank), em.wide_as(call.args[2], w, rank)
+    return _narrow(em, em.op("select", [c, a, b], _out(em, var).like(w)), var)
+
+
+def _reduce(tosa: str) -> Handler:
+    def handler(em: Emitter, call, var) -> V:
+        x = em.wide_as(call.args[0], em.work(var, call.args[0]))
+        shape = list(x.type.shape)
+        axes = range(len(shape)) if call.attrs.axis is None else sorted(int(a) % len(shape) for a in call.attrs.axis)
+        for ax in axes:
+            shape[ax] = 1
+            x = em.op(tosa, [x], x.type.like(shape=tuple(shape)), f"axis = {ax} : i32")
+        out = _static(var)
+        if tuple(shape) != out:
+            x = em.op("reshape", [x, em.shape(out)], x.type.like(shape=out))
+        return _narrow(em, x, var)
+    return handler
+
+
+HANDLERS.update({"relax.sum": _reduce("reduce_sum"), "relax.max": _reduce("reduce_max"),
+                 "relax.min": _reduce("reduce_min")})
+
+
+@handles("relax.reshape", "relax.squeeze", "relax.expand_dims", "relax.flatten")
+def _reshape(em: Emitter, call, var) -> V:
+    x, out = em.get(call.args[0]), _static(var)
+    return x if x.type.shape == out else em.op("reshape", [x, em.shape(out)], x.type.like(shape=out))
+
+
+@handles("relax.permute_dims")
+def _transpose(em: Emitter, call, var) -> V:
+    x = em.get(call.args[0])
+    axes = call.attrs.axes
+    perm = [int(a) for a in axes] if axes is not None else list(reversed(range(len(x.type.shape))))
+    return _permute(em, x, perm)
+
+
+def _permute(em: Emitter, x: V, perm: list[int]) -> V:
+    if perm == sorted(perm):
+        return x
+    shape = tuple(x.type.shape[p] for p in perm)
+    return em.op("transpose", [x], x.type.like(shape=shape), f"perms = array<i32: {', '.join(map(str, perm))}>")
+
+
+def _ints(t) -> list[int]:
+    """A tuple of integers (a Relax Tuple of PrimValues or a ShapeExpr)."""
+    return [int(v.value) for v in t.fields] if isinstance(t, relax.Tuple) else [int(v) for v in t.values]
+
+
+@handles("relax.strided_slice")
+def _slice(em: Emitter, call, var) -> V:
+    x = em.get(call.args[0])
+    shape = x.type.shape
+    start, size = [0] * len(shape), list(shape)
+    axes, begin, end = (call.args[i] for i in (1, 2, 3))
+    strides = call.args[4] if len(call.args) > 4 else None
+    axes, begin, end = (_ints(a) for a in (axes, begin, end))
+    steps = _ints(strides) if strides is not None else [1] * len(axes)
+    if any(s != 1 for s in steps):
+        raise TosaError("strided_slice with a step other than 1: no TOSA form yet")
+    out = _static(var)
+    for ax, b in zip(axes, begin, strict=True):
+        ax %= len(shape)
+        start[ax] = b + shape[ax] if b < 0 else min(b, shape[ax])
+        size[ax] = out[ax]
+    return em.op("slice", [x, em.shape(start), em.shape(size)], x.type.like(shape=out))
+
+
+@handles("relax.concat")
+def _concat(em: Emitter, call, var) -> V:
+    out = _out(em, var)
+    parts = [em.cast(em.get(f), out.elem) for f in call.args[0].fields]
+    return em.op("concat", parts, out, f"axis = {int(call.attrs.axis) % len(out.shape)} : i32")
+
+
+@handles("relax.nn.pad")
+def _pad(em: Emitter, call, var) -> V:
+    x = em.get(call.args[0])
+    widths = [int(v) for v in call.attrs.pad_width]
+    value = call.args[1] if len(call.args) > 1 else None
+    fill = int(value.value.numpy()) if isinstance(value, tvm.ir.GenericConst) else int(getattr(call.attrs, "pad_value", 0))
+    return em.op("pad", [x, em.shape(widths), em.const(np.array([fill]), x.type.elem)], _out(em, var))
+
+
+@handles("relax.take")
+def _take(em: Emitter, call, var) -> V:
+    """A lookup: ``tosa.gather`` of the table's entries (values [1, K, 1]) at the indices [1, W]."""
+    table, idx = call.args[0], em.wide_as(call.args[1], "i32")
+    if not isinstance(table, tvm.ir.GenericConst) or table.value.numpy().ndim != 1:
+        raise TosaError("take from a non-constant or multi-dimensional tensor: no TOSA form yet")
+    if call.attrs.axis is not None and int(call.attrs.axis) != 0:
+        raise TosaError("take along an axis other than 0")
+    lo, hi = em.ranges.of(call.args[1])
+    entries = table.value.numpy()
+    if lo < 0 or hi >= entries.size:
+        raise TosaError(f"take at indices {lo}..{hi} of a {entries.size}-entry table")
+    out = _out(em, var)
+    values = em.const(entries.reshape(1, -1, 1), out.elem)
+    n = int(np.prod(idx.type.shape))
+    flat = em.op("reshape", [idx, em.shape([1, n])], idx.type.like(shape=(1, n)))
+    got = em.op("gather", [values, flat], T((1, n, 1), out.elem))
+    return em.op("reshape", [got, em.shape(out.shape)], out)
+
+
+def _operand(em: Emitter, expr) -> tuple[V, int]:
+    """A contraction operand as an 8- or 16-bit tensor and its zero point: such a tensor as it is;
+    ``astype(q, int) - z`` (a centered activation) as q with zero point z; any value whose range fits
+    int8 (else int16), cast."""
+    v = em.get(expr)
+    if v.type.elem in ("i8", "i16"):
+        return v, 0
+    sub = em.lookup(expr)
+    if _op_name(sub) == "relax.subtract" and isinstance(sub.args[1], tvm.ir.GenericConst) \
+            and sub.args[1].value.numpy().size == 1:
+        src = em.lookup(sub.args[0])
+        z = int(sub.args[1].value.numpy().reshape(-1)[0])
+        if _op_name(src) == "relax.astype" and str(src.args[0].ty.dtype) in ("int8", "int16") \
+                and dtype_range(str(src.args[0].ty.dtype))[0] <= z <= dtype_range(str(src.args[0].ty.dtype))[1]:
+            return em.get(src.args[0]), z
+    lo, hi = em.ranges.of(expr)
+    for elem in ("i8", "i16"):
+        if dtype_range(RANGE[elem])[0] <= lo and hi <= dtype_range(RANGE[elem])[1]:
+            return em.cast(v, elem), 0
+    raise TosaError(f"a contraction operand in [{lo}, {hi}] is not an 8- or 16-bit tensor")
+
+
+def _common(em: Emitter, *vs: V) -> tuple[str, list[V]]:
+    """TOSA contracts int8 x int8 into i32 and int16 x int16 (or int16 x int8 weights, for conv)
+    into i48: the operands on one width, and the accumulator type."""
+    elem = "i16" if any(v.type.elem == "i16" for v in vs) else "i8"
+    return ("i48" if elem == "i16" else "i32"), [em.cast(v, elem) for v in vs]
+
+
+def _to_i32(em: Emitter, acc: V) -> V:
+    """An i48 accumulator whose values fit int32 (the lowering's range analysis put it in int32) as
+    i32: a rescale by 2^30 / 2^30, exact (TOSA has no cast from i48)."""
+    if acc.type.elem == "i32":
+        return acc
+    return em.op("rescale", [acc, em.const(np.array([1 << 30]), "i32"), em.const(np.array([30]), "i8"),
+                             em.const(np.zeros(1), "i48"), em.const(np.zeros(1), "i32")], acc.type.like("i32"),
+                 "scale32 = true, rounding_mode = #tosa<rounding_mode<SINGLE_ROUND>>, per_channel = false, "
+                 "input_unsigned = false, output_unsigned = false")
+
+
+@handles("relax.matmul")
+def _matmul(em: Emitter, call, var) -> V:
+    """``tosa.matmul`` is [N, H, C] x [N, C, W] -> [N, H, W]: leading axes flattened into N (or, for
+    constant weights, the rows of x into H with N = 1)."""
+    a, za = _operand(em, call.args[0])
+    out = _out(em, var)
+    if out.elem != "i32":
+        raise TosaError("a matmul that accumulates beyond int32: no TOSA form yet")
+    w = call.args[1]
+    if isinstance(w, tvm.ir.GenericConst):
+        wv = w.value.numpy()
+        if wv.ndim != 2:
+            raise TosaError("a matmul by a constant of more than two dimensions")
+        k, n = wv.shape
+        rows = int(np.prod(a.type.shape[:-1]))
+        acc_type, (a,) = _common(em, a)
+        b, zb = em.const(wv.reshape(1, k, n), a.type.elem), 0
+        a3 = em.op("reshape", [a, em.shape([1, rows, k])], a.type.like(shape=(1, rows, k)))
+        shape3 = (1, rows, n)
+    else:
+        b, zb = _operand(em, w)
+        acc_type, (a, b) = _common(em, a, b)
+        if a.type.shape[:-2] != b.type.shape[:-2]:
+            raise TosaError("a matmul whose operands' batch axes differ (broadcast): no TOSA form yet")
+        batch = int(np.prod(a.type.shape[:-2]))
+        (h, k), (_, n) = a.type.shape[-2:], b.type.shape[-2:]
+        a3 = em.op("reshape", [a, em.shape([batch, h, k])], a.type.like(shape=(batch, h, k)))
+        b = em.op("reshape", [b, em.shape([batch, k, n])], b.type.like(shape=(batch, k, n)))
+        shape3 = (batch, h, n)
+    zeros = [em.const(np.array([z]), a.type.elem) for z in (za, zb)]
+    acc = _to_i32(em, em.op("matmul", [a3, b, *zeros], T(shape3, acc_type)))
+    return em.op("reshape", [acc, em.shape(out.shape)], out)
+
+
+NHWC, NCHW = [0, 2, 3, 1], [0, 3, 1, 2]
+
+
+def _crop(em: Emitter, xh: V, extent: list[int]) -> V:
+    """An NHWC input cut to the rows and columns its windows read: TOSA wants the last window to end
+    at the input's edge, where ONNX and Relax drop what a stride leaves over."""
+    n, h, w, c = xh.type.shape
+    if [h, w] == extent:
+        return xh
+    return em.op("slice", [xh, em.shape([0, 0, 0, 0]), em.shape([n, *extent, c])], xh.type.like(shape=(n, *extent, c)))
+
+
+@handles("relax.nn.conv2d")
+def _conv2d(em: Emitter, call, var) -> V:
+    """NCHW / OIHW in, as TOSA's NHWC: groups == 1 is ``tosa.conv2d`` (weights OHWI), groups == input
+    channels is ``tosa.depthwise_conv2d`` (weights [KH, KW, C, M]), other groups one conv2d per group."""
+    a = call.attrs
+    if str(a.data_layout) != "NCHW" or str(a.kernel_layout) != "OIHW" or any(int(p) for p in a.padding):
+        raise TosaError("conv2d other than NCHW/OIHW without padding (the unit pads first)")
+    x, zx = _operand(em, call.args[0])
+    acc_type = "i48" if x.type.elem == "i16" else "i32"
+    w = call.args[1]
+    if not isinstance(w, tvm.ir.GenericConst):
+        raise TosaError("conv2d with runtime weights")
+    w = w.value.numpy()
+    out = _out(em, var)
+    if out.elem != "i32":
+        raise TosaError("a conv2d that accumulates beyond int32: no TOSA form yet")
+    groups, (o, i, kh, kw) = int(a.groups), w.shape
+    channels = x.type.shape[1]
+    geometry = (f"dilation = array<i64: {', '.join(str(int(d)) for d in a.dilation)}>, pad = array<i64: 0, 0, 0, 0>, "
+                f"stride = array<i64: {', '.join(str(int(s)) for s in a.strides)}>")
+    n, ho, wo = out.shape[0], out.shape[2], out.shape[3]
+    extent = [(o_ - 1) * int(st) + (k - 1) * int(d) + 1
+              for o_, st, k, d in zip((ho, wo), a.strides, (kh, kw), a.dilation, strict=True)]
+    xh = _crop(em, _permute(em, x, NHWC), extent)
+    # int16 activations take int8 weights and a 48-bit accumulator and bias (TOSA 1.0, conv2d)
+    zeros = [em.const(np.array([zx]), x.type.elem), em.const(np.zeros(1), "i8")]
+    bias = "i48" if acc_type == "i48" else "i32"
+    geometry = f"acc_type = {acc_type}, {geometry}"
+    if groups == 1:
+        acc = em.op("conv2d", [xh, em.const(w.transpose(0, 2, 3, 1), "i8"), em.const(np.zeros(o), bias), *zeros],
+                    T((n, ho, wo, o), acc_type), geometry)
+    elif groups == channels and o % channels == 0 and i == 1:
+        m = o // channels
+        hwcm = w.reshape(channels, m, kh, kw).transpose(2, 3, 0, 1)
+        acc = em.op("depthwise_conv2d", [xh, em.const(hwcm, "i8"), em.const(np.zeros(o), bias), *zeros],
+                    T((n, ho, wo, o), acc_type), geometry)
+    else:
+        per, og = channels // groups, o // groups
+        parts = []
+        for g in range(groups):
+            xg = em.op("slice", [xh, em.shape([0, 0, 0, g * per]), em.shape([*xh.type.shape[:3], per])],
+                       xh.type.like(shape=(*xh.type.shape[:3], per)))
+            wg = w[g * og:(g + 1) * og].transpose(0, 2, 3, 1)
+            parts.append(em.op("conv2d", [xg, em.const(wg, "i8"), em.const(np.zeros(og), bias), *zeros],
+                               T((n, ho, wo, og), acc_type), geometry))
+        acc = em.op("concat", parts, T((n, ho, wo, o), acc_type), "axis = 3 : i32")
+    return _permute(em, _to_i32(em, acc), NCHW)
+
+
+@handles("relax.nn.max_pool2d")
+def _max_pool(em: Emitter, call, var) -> V:
+    a = call.attrs
+    if str(a.layout) != "NCHW" or any(int(d) != 1 for d in a.dilation):
+        raise TosaError("max_pool2d other than NCHW without dilation")
+    x = em.get(call.args[0])
+    out = _out(em, var)
+    top, left, bottom, right = (int(p) for p in a.padding)
+    k, s = [int(v) for v in a.pool_size], [int(v) for v in a.strides]
+    # the windows end exactly at the padded input's edge: a ceil-mode window past the end gets more
+    # padding there (TOSA pads a max pool with the type's minimum), rows no window reads are cut
+    xh = _permute(em, x, NHWC)
+    pads = []
+    for ax, before in enumerate((top, left)):
+        need = (out.shape[2 + ax] - 1) * s[ax] + k[ax] - before - x.type.shape[2 + ax]
+        pads.append((before, max(need, 0)))
+    xh = _crop(em, xh, [min(x.type.shape[2 + ax], (out.shape[2 + ax] - 1) * s[ax] + k[ax] - pads[ax][0])
+                        for ax in (0, 1)])
+    (top, bottom), (left, right) = pads
+    props = (f"kernel = array<i64: {k[0]}, {k[1]}>, pad = array<i64: {top}, {bottom}, {left}, {right}>, "
+             f"stride = array<i64: {s[0]}, {s[1]}>")
+    pooled = em.op("max_pool2d", [xh], T((out.shape[0], out.shape[2], out.shape[3], out.shape[1]), x.type.elem), props)
+    return _permute(em, pooled, NCHW)
+
+
+# ---- the requantize: tosa.rescale --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Requantize:
+    """A matched ``(astype(x, int64) * m + 2^(e-1)) >> e``: its input, its constants, and the
+    variables of its product and sum."""
+    x: relax.Expr
+    m: np.ndarray
+    e: np.ndarray
+    inner: tuple
+
+
+def _match_rescale(em: Emitter, call) -> _Requantize | None:
+    """``call`` (a right_shift) as passes/dyadic.rescale builds it, with a multiplier and shift
+    tosa.rescale takes (0 <= m < 2^31, 2 <= e <= 62, per tensor or along one axis) and an input of
+    at most 32 bits; else None."""
+    e = call.args[1]
+    add = em.lookup(call.args[0])
+    if not isinstance(e, tvm.ir.GenericConst) or _op_name(add) != "relax.add" \
+            or not isinstance(add.args[1], tvm.ir.GenericConst):
+        return None
+    mul = em.lookup(add.args[0])
+    if _op_name(mul) != "relax.multiply" or not isinstance(mul.args[1], tvm.ir.GenericConst):
+        return None
+    cast = em.lookup(mul.args[0])
+    if _op_name(cast) != "relax.astype" or str(cast.args[0].ty.dtype) not in ("int8", "int16", "int32"):
+        return None
+    m, h, e = (c.value.numpy().astype(np.int64) for c in (mul.args[1], add.args[1], e))
+    if m.shape != e.shape or not np.array_equal(h, np.where(e > 0, np.left_shift(1, np.maximum(e, 1) - 1), 0)):
+        return None
+    if e.min() < 2 or e.max() > 62 or m.min() < 0 or m.max() > I32[1] or sum(d > 1 for d in m.shape) > 1:
+        return None
+    return _Requantize(cast.args[0], m, e, (call.args[0], add.args[0]))
+
+
+def _rescale(em: Emitter, call, var) -> V | None:
+    """The requantize ``call`` closes as one ``tosa.rescale`` (SINGLE_ROUND, scale32: ``(x * m +
+    2^(e-1)) >> e`` in 64 bits, TOSA 1.0 apply_scale_32), per channel where m is; None where it is
+    not that form."""
+    r = _match_rescale(em, call)
+    if r is None:
+        return None
+    x = em.get(r.x)
+    out = _out(em, var)
+    if out.elem == "i64":
+        raise TosaError(f"a requantize whose result needs more than 32 bits (range {em.ranges.of(var)})")
+    rank = len(x.type.shape)
+    channels = [i for i, d in enumerate((1,) * (rank - r.m.ndim) + r.m.shape) if d > 1]
+    perm = None
+    if channels and channels[0] != rank - 1:        # TOSA rescales per channel along the innermost axis
+        perm = [i for i in range(rank) if i != channels[0]] + [channels[0]]
+        x = _permute(em, x, perm)
+    mv, sv = r.m.reshape(-1), r.e.reshape(-1)
+    zin, zout = em.const(np.zeros(1), x.type.elem), em.const(np.zeros(1), "i32")
+    v = em.op("rescale", [x, em.const(mv, "i32"), em.const(sv, "i8"), zin, zout], x.type.like("i32"),
+              "scale32 = true, rounding_mode = #tosa<rounding_mode<SINGLE_ROUND>>, "
+              f"per_channel = {'true' if mv.size > 1 else 'false'}, input_unsigned = false, output_unsigned = false")
+    if perm is not None:
+        v = _permute(em, v, [perm.index(i) for i in range(rank)])
+    return v
+
+
+def _fold(em: Emitter) -> set:
+    """The products and sums of requantizes that become rescales and that nothing else reads."""
+    uses: Counter = Counter()
+    for value in em.bound.values():
+        relax.analysis.post_order_visit(value, lambda e: uses.update([e]) if isinstance(e, relax.Var) else None)
+    body = em.func.body.body
+    relax.analysis.post_order_visit(body, lambda e: uses.update([e]) if isinstance(e, relax.Var) else None)
+    folded = set()
+    for value in em.bound.values():
+        if _op_name(value) == "relax.right_shift" and (r := _match_rescale(em, value)) is not None:
+            folded.update(v for v in r.inner if uses[v] == 1)
+    return folded
+
+
+def module(func: relax.Function) -> tuple[str, dict[str, int], dict[str, int]]:
+    """(the TOSA MLIR text of ``func``, its op histogram, the ops of it on i64 tensors)."""
+    em = Emitter(func)
+    text = em.run()
+    return text, dict(sorted(em.ops.items())), dict(sorted(em.wide.items()))

@@ -1,0 +1,55 @@
+"""Running a TOSA artifact: its ``.vmfb`` on IREE's runtime (local-task), the host quantizing the
+inputs and dequantizing the outputs with the boundary parameters in the manifest."""
+
+from __future__ import annotations
+
+import weakref
+from pathlib import Path
+
+import numpy as np
+
+from runtime.errors import UserError
+from runtime.runner import Runner
+from runtime.types import BoundaryTensor
+
+
+class Iree(Runner):
+    def __init__(self):
+        self._contexts = weakref.WeakKeyDictionary()    # a fresh build's module, loaded once
+
+    def load(self, directory: Path, manifest):
+        import iree.runtime as rt
+
+        ctx = rt.SystemContext(config=rt.Config("local-task"))
+        ctx.add_vm_module(rt.VmModule.copy_buffer(ctx.instance, (directory / manifest.build["module"]).read_bytes()))
+        return ctx
+
+    def run_int(self, artifact, qs: list[np.ndarray]) -> list[np.ndarray]:
+        """The integer outputs for the integer inputs (one call per sample of the build's batch)."""
+        ctx = artifact._module
+        if ctx is None:
+            if artifact not in self._contexts:
+                self._contexts[artifact] = self.load(artifact.directory(), artifact.manifest)
+            ctx = self._contexts[artifact]
+        out = ctx.modules.module.main(*qs)
+        outs = out if isinstance(out, (list, tuple)) else [out]
+        return [np.asarray(o.to_host()) for o in outs]
+
+    def run(self, artifact, feeds: list[np.ndarray]) -> list[np.ndarray]:
+        block = artifact.manifest.build
+        ins = [BoundaryTensor.from_dict(d) for d in block["inputs"]]
+        outs = [BoundaryTensor.from_dict(d) for d in block["outputs"]]
+        qs = []
+        for t, x in zip(ins, feeds, strict=True):
+            x = np.asarray(x)
+            if x.shape[1:] != t.shape[1:] or x.shape[0] % t.shape[0]:
+                raise UserError(f"input {t.name!r}: shape {x.shape}, the TOSA build takes {t.shape} (any multiple "
+                                "of its batch)")
+            qs.append(t.quantize(x))
+        # the module takes the batch it was compiled for: the samples go through it that many at a time
+        step = ins[0].shape[0]
+        got = [self.run_int(artifact, [q[i:i + step] for q in qs]) for i in range(0, len(qs[0]), step)]
+        return [t.dequantize(np.concatenate([g[k] for g in got])) for k, t in enumerate(outs)]
+
+
+RUNNER = Iree()

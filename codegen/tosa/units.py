@@ -1,0 +1,59 @@
+"""The contraction units of the TOSA target (passes/contraction.py): each contraction as the plain
+Relax op TOSA has a counterpart for, so that codegen/tosa/emit.py maps it one to one.
+
+A convolution reads the raw 8-bit input padded with its zero point (``nn.pad`` with that value:
+``tosa.pad``'s constant), then ``nn.conv2d`` with no padding into int32 (``tosa.conv2d`` or
+``tosa.depthwise_conv2d`` with zero points 0); a matmul is ``matmul`` into int32 (``tosa.matmul``).
+Both keep the raw accumulator the lowering expects, which adds -z_x sum(w) itself.  Sub-byte weights
+are stored unpacked, as int8 constants: TOSA has no 4- or 2-bit operand."""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm import relax
+
+from passes.contraction import CONV2D, MATMUL, Accumulator, Contraction
+
+
+def _int8(c: Contraction) -> bool:
+    """An int8 (or int16) input times int8-valued weights, summed within int32: TOSA's int8 profile
+    (int16's accumulates in 48 bits, which the emitter narrows back)."""
+    w = c.weights
+    return (c.x.dtype in ("int8", "int16") and c.acc_dtype == "int32" and c.x.static and w is not None
+            and int(w.min()) >= -128 and int(w.max()) <= 127)
+
+
+class ConvUnit:
+    name = "conv2d"
+    channels_last = False
+
+    def fits(self, c: Contraction) -> bool:
+        return c.kind == CONV2D and _int8(c)
+
+    def pack(self, c: Contraction) -> np.ndarray:
+        return c.weights.astype(np.int8)
+
+    def emit(self, bb, c: Contraction, x, w) -> Accumulator:
+        top, left, bottom, right = c.padding
+        if any(c.padding):
+            x = bb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, top, bottom, left, right], pad_value=float(c.x.zero or 0)))
+        acc = bb.emit(relax.op.nn.conv2d(x, w, strides=c.strides, dilation=c.dilation, groups=c.groups,
+                                         out_dtype="int32"))
+        return Accumulator(acc, 1)
+
+
+class MatmulUnit:
+    name = "matmul"
+    channels_last = False
+
+    def fits(self, c: Contraction) -> bool:
+        return c.kind == MATMUL and _int8(c) and c.weights.ndim == 2
+
+    def pack(self, c: Contraction) -> np.ndarray:
+        return c.weights.astype(np.int8)
+
+    def emit(self, bb, c: Contraction, x, w) -> Accumulator:
+        return Accumulator(bb.emit(relax.op.matmul(x, w, out_dtype="int32")), -1)
+
+
+UNITS = (ConvUnit(), MatmulUnit())

@@ -1,0 +1,153 @@
+"""The TOSA target (codegen/tosa): the integer region as TOSA 1.0 MLIR, compiled by IREE and run by
+its runtime, bit-exact with the golden interpreter and with lowbit's own CPU build of the same
+integer program.  Each handler of the emitter that does more than rename an op (floor division
+from TOSA's truncating one, shifts past the width, lookups, 64-bit values) is checked against numpy
+on inputs that reach its corner cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from conftest import assert_golden_per_sample, compile_with_golden, mlp_model, one_line_error, run_cli
+from tvm import relax
+
+from codegen.tosa import emit, iree
+from compiler import driver
+from compiler.options import CompileOptions
+from models import zoo
+from passes.value_ranges import Ranges
+
+pytestmark = pytest.mark.usefixtures("iree_wheels")
+
+
+def _run(func: relax.Function, *xs: np.ndarray) -> list[np.ndarray]:
+    """``func`` as TOSA, through iree-compile and IREE's runtime."""
+    import iree.runtime as rt
+
+    text, _, wide = emit.module(func)
+    ctx = rt.SystemContext(config=rt.Config("local-task"))
+    ctx.add_vm_module(rt.VmModule.copy_buffer(ctx.instance, iree.compile_tosa(text, iree.HOST, "test")))
+    out = ctx.modules.module.main(*xs)
+    return [np.asarray(o.to_host()) for o in (out if isinstance(out, (list, tuple)) else [out])]
+
+
+def _function(build, *params: tuple[tuple[int, ...], str]) -> relax.Function:
+    bb = relax.BlockBuilder()
+    vs = [relax.Var(f"x{i}", relax.TensorType(shape, dtype)) for i, (shape, dtype) in enumerate(params)]
+    with bb.function("main", vs):
+        with bb.dataflow():
+            out = bb.emit_output(build(bb, *vs))
+        bb.emit_func_output(out)
+    return bb.get()["main"]
+
+
+def test_floor_division_of_signed_values_is_numpys():
+    """TOSA's INTDIV truncates toward zero; Relax's floor_divide floors: the emitter corrects where
+    the remainder is nonzero and the signs differ."""
+    func = _function(lambda bb, a, b: relax.op.floor_divide(a, b), ((64,), "int32"), ((64,), "int32"))
+    rng = np.random.default_rng(0)
+    a = rng.integers(-1000, 1000, 64).astype(np.int32)
+    b = rng.choice([-7, -3, -1, 1, 2, 5, 9], 64).astype(np.int32)
+    (got,) = _run(func, a, b)
+    np.testing.assert_array_equal(got, a // b)
+
+
+def test_a_shift_past_the_width_is_the_sign_and_64_bit_values_stay_exact():
+    """``x >> 40`` of int32 values is 0 or -1 (TOSA takes shifts below the width, so it is clamped);
+    int64 products beyond int32 are written on i64 tensors and counted."""
+    def build(bb, a):
+        wide = bb.emit(relax.op.multiply(relax.op.astype(a, "int64"), relax.const(3_000_000_000, "int64")))
+        return relax.op.add(relax.op.right_shift(wide, relax.const(33, "int64")),
+                            relax.op.astype(relax.op.right_shift(a, relax.const(40, "int32")), "int64"))
+    func = _function(build, ((32,), "int32"))
+    a = np.random.default_rng(1).integers(-2**31, 2**31 - 1, 32).astype(np.int32)
+    (got,) = _run(func, a)
+    want = ((a.astype(np.int64) * 3_000_000_000) >> 33) + (a >> 31)
+    np.testing.assert_array_equal(got, want)
+    assert emit.module(func)[2], "the 64-bit product was not counted as an i64 op"
+
+
+def test_a_lookup_is_a_gather_of_the_table():
+    table = np.random.default_rng(2).integers(-30000, 30000, 256).astype(np.int16)
+    func = _function(lambda bb, q: relax.op.take(relax.const(table), relax.op.add(relax.op.astype(q, "int32"),
+                                                                                     relax.const(128, "int32")), axis=0),
+                     ((2, 16), "int8"))
+    q = np.arange(-128, -96, dtype=np.int8).reshape(2, 16)
+    (got,) = _run(func, q)
+    np.testing.assert_array_equal(got, table[q.astype(np.int32) + 128])
+
+
+def test_ranges_bound_every_value_for_every_input():
+    """passes/value_ranges on a requantize and a row-max difference: the intervals hold on random
+    inputs, and max(x) - x is known to be nonnegative."""
+    def build(bb, q):
+        x = bb.emit(relax.op.astype(q, "int32"))
+        d = bb.emit(relax.op.subtract(relax.op.max(x, axis=-1, keepdims=True), x))
+        y = bb.emit(relax.op.right_shift(relax.op.add(relax.op.multiply(relax.op.astype(d, "int64"),
+                                                                         relax.const(1518500250, "int64")),
+                                                       relax.const(1 << 31, "int64")), relax.const(32, "int64")))
+        return relax.op.clip(y, -128, 127)
+    func = _function(build, ((4, 8), "int8"))
+    ranges = Ranges(func)
+    bindings = [b for block in func.body.blocks for b in block.bindings]
+    (difference,) = [b.var for b in bindings if b.value.op.name == "relax.subtract"]
+    assert ranges.of(difference) == (0, 255)
+    mod = tvm.IRModule({"main": func})
+    exe = tvm.compile(mod, target="llvm")
+    vm = relax.VirtualMachine(exe, tvm.cpu())
+    for seed in range(5):
+        q = np.random.default_rng(seed).integers(-128, 128, (4, 8)).astype(np.int8)
+        (got,) = _run(func, q)
+        np.testing.assert_array_equal(got, vm["main"](tvm.runtime.tensor(q)).numpy())
+        d = q.astype(np.int64).max(-1, keepdims=True) - q
+        lo, hi = ranges.of(bindings[-2].var)
+        y = (d * 1518500250 + (1 << 31)) >> 32
+        assert lo <= y.min() and y.max() <= hi
+
+
+@pytest.mark.parametrize("bits", ["4", "mixed"])
+def test_sub_byte_and_mixed_plans_run_bit_exact(bits):
+    """4-bit and mixed plans: the packed weights are stored unpacked, as int8 constants."""
+    files = zoo.ensure("digits_cnn")
+    extra = {"size_budget": 0.5} if bits == "mixed" else {}
+    art, qdq, variants = compile_with_golden(files.onnx, calib=files.calibration(), target="tosa",
+                                             weight_bits=bits, **extra)
+    assert any(w["bits"] < 8 for w in art.manifest.quantization["weights"]) or bits == "mixed"
+    assert_golden_per_sample(art, qdq, variants, zoo.get("digits_cnn").samples(3, seed=6))
+
+
+def test_cli_writes_tosa_and_a_vmfb_runs_and_inspects(tmp_path):
+    files = zoo.ensure("digits_cnn")
+    out = tmp_path / "art"
+    r = run_cli("compile", files.onnx, "--calib", files.calib, "--target", "tosa", "-o", out)
+    assert r.returncode == 0, r.stderr
+    text = (out / "model.tosa.mlir").read_text()
+    assert '"tosa.conv2d"' in text and '"tosa.rescale"' in text and "f32" not in text
+    assert (out / "model.vmfb").stat().st_size > 0
+    x = zoo.get("digits_cnn").samples(2, seed=1)
+    np.save(tmp_path / "x.npy", x)
+    r = run_cli("run", out, "--input", tmp_path / "x.npy", "-o", tmp_path / "y.npz")
+    assert r.returncode == 0, r.stderr
+    assert np.load(tmp_path / "y.npz")[zoo.OUTPUT].shape[0] == 2
+    r = run_cli("inspect", out)
+    assert r.returncode == 0 and "tosa " in r.stdout and "conv2d" in r.stdout
+
+
+def test_a_float_model_and_a_bad_triple_are_one_line_errors(tmp_path, mlp_path):
+    r = run_cli("compile", mlp_path, "--target", "tosa", "--input-shape", "x=1,8", "-o", tmp_path / "a")
+    assert r.returncode == 2 and "not integer-only" in one_line_error(r.stderr)
+    assert not (tmp_path / "a").exists()
+    calib = tmp_path / "c.npz"
+    np.savez(calib, x=np.random.default_rng(0).normal(size=(8, 8)).astype(np.float32))
+    r = run_cli("compile", mlp_path, "--calib", calib, "--target", "tosa", "--iree-target", "arm", "--input-shape", "x=1,8",
+                "-o", tmp_path / "b")
+    assert r.returncode == 2 and "--iree-target arm" in one_line_error(r.stderr)
+
+
+def test_an_mlp_compiles_for_another_triple_without_running_here(tmp_path):
+    """--iree-target aarch64-linux-gnu: cross-compiled by IREE's llvm-cpu backend."""
+    calib = {"x": np.random.default_rng(0).normal(size=(8, 8)).astype(np.float32)}
+    art = driver.compile(mlp_model(), options=CompileOptions(target="tosa", calib=calib,
+                                                            target_options={"iree_target": "aarch64-linux-gnu"}))
+    assert art.manifest.build["iree_target"] == "aarch64-linux-gnu"
