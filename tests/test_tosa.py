@@ -151,3 +151,16 @@ def test_an_mlp_compiles_for_another_triple_without_running_here(tmp_path):
     art = driver.compile(mlp_model(), options=CompileOptions(target="tosa", calib=calib,
                                                             target_options={"iree_target": "aarch64-linux-gnu"}))
     assert art.manifest.build["iree_target"] == "aarch64-linux-gnu"
+
+
+def test_a_u8_qdq_file_runs_on_signed_views(tmp_path):
+    """ORT's static QDQ (u8 activations, s8 weights) of digits_cnn: every uint8 tensor crosses TOSA as
+    its signed view (value - 128, the offset folded into the convolutions' zero points), bit-exact
+    with golden, and the boundary's uint8 integers are what IREE's module reads and writes."""
+    from compiler.tools import ort
+
+    files = zoo.ensure("digits_cnn")
+    qdq = ort.quantize(str(files.onnx), files.calibration(), str(tmp_path / "q.onnx"), "static")
+    art, model, variants = compile_with_golden(qdq, target="tosa")
+    assert art.manifest.integer_only and art.manifest.build["inputs"][0]["dtype"] == "uint8"
+    assert_golden_per_sample(art, model, variants, zoo.get("digits_cnn").samples(3, seed=7))

@@ -13,6 +13,12 @@ apply_scale_32): that pattern becomes one rescale and the product is never mater
 still needs 64 bits (I-LayerNorm's sum of squares, up to 2^54, and its integer square root) is
 written on i64 tensors, which MLIR's TOSA dialect and IREE take; the manifest counts those ops.
 
+Unsigned tensors (u8 activations from other quantizers, u16 probabilities and nonnegative outputs)
+are carried as signed views, ``stored = value - 2^(bits-1)``: TOSA's convolutions and matmuls take no
+uint8, and a view is what they read, with the offset folded into the zero point operand
+(sum (stored - (z - 2^(b-1))) w = sum (value - z) w).  Views pass through reshapes, transposes,
+slices, pads and max pools unchanged; arithmetic first widens a view (cast, then + 2^(b-1)).
+
 Elementwise arithmetic runs on i32 (TOSA 1.0's ADD, SUB, MAXIMUM and the comparisons take i32 only),
 or i64 where an operand or the result needs it: narrower operands are cast up first, and a narrower
 result is cast back; the casts are exact, as the ranges prove the values fit.  Layout: the graph is NCHW, TOSA's convolutions and pools are
@@ -23,16 +29,18 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import tvm
 from tvm import relax
 
+from codegen.tosa.runner import SIGNED_VIEW
 from passes.value_ranges import Ranges, dtype_range
 
 I32 = dtype_range("int32")
-ELEMENT = {"int8": "i8", "int16": "i16", "int32": "i32", "int64": "i32", "bool": "i1"}
+ELEMENT = {"int8": "i8", "int16": "i16", "int32": "i32", "int64": "i32", "bool": "i1", "uint8": "i8", "uint16": "i16"}
+OFFSET = {u: off for u, (_, off) in SIGNED_VIEW.items()}   # an unsigned tensor's view: stored = value - offset
 NUMPY = {"i8": np.int8, "i16": np.int16, "i32": np.int32, "i48": np.int64, "i64": np.int64, "i1": np.bool_}
 RANGE = {"i8": "int8", "i16": "int16", "i32": "int32", "i48": "int64", "i64": "int64", "i1": "bool"}
 SHIFT_LIMIT = {"i32": 31, "i64": 63}        # TOSA's arithmetic_right_shift takes shifts below the width
@@ -66,9 +74,10 @@ class ShapeT:
 
 @dataclass(frozen=True)
 class V:
-    """An SSA value and its type."""
+    """An SSA value and its type; ``offset``: the value is stored + offset (an unsigned view)."""
     name: str
     type: T | ShapeT
+    offset: int = 0
 
 
 def _op_name(expr) -> str | None:
@@ -164,6 +173,9 @@ class Emitter:
                 return self.const(a, "i1")
             if a.dtype == np.int64 and a.size and (int(a.min()) < I32[0] or int(a.max()) > I32[1]):
                 return self.const(a, "i64")
+            if str(a.dtype) in OFFSET:
+                off = OFFSET[str(a.dtype)]
+                return replace(self.const(a.astype(np.int64) - off, ELEMENT[str(a.dtype)]), offset=off)
             return self.const(a, ELEMENT.get(str(a.dtype), "i32"))
         v = self.values.get(expr)
         if v is None:
@@ -171,7 +183,26 @@ class Emitter:
         return v
 
     def cast(self, v: V, elem: str) -> V:
-        return v if v.type.elem == elem else self.op("cast", [v], v.type.like(elem))
+        """``v`` as ``elem``: a view widened to i32 or i64 gets its offset back (its value); any other
+        cast keeps the stored integers (and the view)."""
+        out = v if v.type.elem == elem else replace(self.op("cast", [v], v.type.like(elem)), offset=v.offset)
+        if out.offset and elem in ("i32", "i64"):
+            shift = self.const(np.full((1,) * len(out.type.shape), out.offset), elem)
+            out = self.op("add", [out, shift], out.type)
+        return out
+
+    def to_var(self, v: V, var) -> V:
+        """An i32 / i64 value (no offset) in ``var``'s representation: its element type, and for an
+        unsigned ``var`` its view (the offset taken off before narrowing)."""
+        elem, off = self.elem(var), OFFSET.get(str(var.ty.dtype), 0)
+        if off:
+            v = self.op("sub", [v, self.const(np.full((1,) * len(v.type.shape), off), v.type.elem)], v.type)
+            return replace(self.cast(v, elem), offset=off)
+        return self.cast(v, elem)
+
+    def view_of(self, v: V, src: V) -> V:
+        """``v``, computed from ``src`` by data movement alone, with ``src``'s offset."""
+        return replace(v, offset=src.offset)
 
     def elem_of(self, expr) -> str:
         """The element type ``get(expr)`` has (for a constant, without writing it)."""
@@ -200,8 +231,8 @@ class Emitter:
     def run(self) -> str:
         params = []
         for i, p in enumerate(self.func.params):
-            t = T(_static(p), ELEMENT[str(p.ty.dtype)])
-            self.values[p] = V(f"%arg{i}", t)
+            t = T(_static(p), self.elem(p))
+            self.values[p] = V(f"%arg{i}", t, OFFSET.get(str(p.ty.dtype), 0))
             params.append(f"%arg{i}: {t}")
         bindings = [b for block in self.func.body.blocks for b in block.bindings]
         self.bound = {b.var: b.value for b in bindings}
@@ -224,7 +255,12 @@ class Emitter:
             raise TosaError(f"{name or type(value).__name__}: no TOSA form yet")
         if var in self.folded:
             return None                 # read through by the rescale that consumes it
-        return handler(self, value, var)
+        try:
+            return handler(self, value, var)
+        except TosaError as exc:
+            if str(exc).startswith(name):
+                raise
+            raise TosaError(f"{name}: {exc}") from None
 
 
 # ---- handlers ---------------------------------------------------------------------------------------
@@ -246,13 +282,16 @@ def _out(em: Emitter, var) -> T:
 
 
 def _narrow(em: Emitter, v: V, var) -> V:
-    """``v`` (i32) as ``var``'s own element type."""
-    return em.cast(v, em.elem(var))
+    """``v`` (i32 or i64) in ``var``'s own representation."""
+    return em.to_var(v, var)
 
 
 @handles("relax.astype")
 def _astype(em: Emitter, call, var) -> V:
-    return em.cast(em.get(call.args[0]), em.elem(var))
+    x = em.get(call.args[0])
+    if x.type.elem == em.elem(var) and x.offset == OFFSET.get(str(var.ty.dtype), 0):
+        return x
+    return em.to_var(em.cast(x, "i64" if x.type.elem == "i64" else "i32"), var)
 
 
 def _elementwise(tosa: str) -> Handler:
@@ -369,7 +408,7 @@ HANDLERS.update({"relax.sum": _reduce("reduce_sum"), "relax.max": _reduce("reduc
 @handles("relax.reshape", "relax.squeeze", "relax.expand_dims", "relax.flatten")
 def _reshape(em: Emitter, call, var) -> V:
     x, out = em.get(call.args[0]), _static(var)
-    return x if x.type.shape == out else em.op("reshape", [x, em.shape(out)], x.type.like(shape=out))
+    return x if x.type.shape == out else em.view_of(em.op("reshape", [x, em.shape(out)], x.type.like(shape=out)), x)
 
 
 @handles("relax.permute_dims")
@@ -384,7 +423,8 @@ def _permute(em: Emitter, x: V, perm: list[int]) -> V:
     if perm == sorted(perm):
         return x
     shape = tuple(x.type.shape[p] for p in perm)
-    return em.op("transpose", [x], x.type.like(shape=shape), f"perms = array<i32: {', '.join(map(str, perm))}>")
+    return em.view_of(em.op("transpose", [x], x.type.like(shape=shape),
+                             f"perms = array<i32: {', '.join(map(str, perm))}>"), x)
 
 
 def _ints(t) -> list[int]:
@@ -408,14 +448,18 @@ def _slice(em: Emitter, call, var) -> V:
         ax %= len(shape)
         start[ax] = b + shape[ax] if b < 0 else min(b, shape[ax])
         size[ax] = out[ax]
-    return em.op("slice", [x, em.shape(start), em.shape(size)], x.type.like(shape=out))
+    return em.view_of(em.op("slice", [x, em.shape(start), em.shape(size)], x.type.like(shape=out)), x)
 
 
 @handles("relax.concat")
 def _concat(em: Emitter, call, var) -> V:
     out = _out(em, var)
-    parts = [em.cast(em.get(f), out.elem) for f in call.args[0].fields]
-    return em.op("concat", parts, out, f"axis = {int(call.attrs.axis) % len(out.shape)} : i32")
+    parts = [em.get(f) for f in call.args[0].fields]
+    axis = f"axis = {int(call.attrs.axis) % len(out.shape)} : i32"
+    if all(p.type.elem == out.elem and p.offset == parts[0].offset for p in parts):
+        return em.view_of(em.op("concat", parts, out, axis), parts[0])
+    w = em.work(var, *call.args[0].fields)
+    return em.to_var(em.op("concat", [em.cast(p, w) for p in parts], out.like(w), axis), var)
 
 
 @handles("relax.nn.pad")
@@ -424,7 +468,8 @@ def _pad(em: Emitter, call, var) -> V:
     widths = [int(v) for v in call.attrs.pad_width]
     value = call.args[1] if len(call.args) > 1 else None
     fill = int(value.value.numpy()) if isinstance(value, tvm.ir.GenericConst) else int(getattr(call.attrs, "pad_value", 0))
-    return em.op("pad", [x, em.shape(widths), em.const(np.array([fill]), x.type.elem)], _out(em, var))
+    pad = em.const(np.array([fill - x.offset]), x.type.elem)
+    return em.view_of(em.op("pad", [x, em.shape(widths), pad], _out(em, var)), x)
 
 
 @handles("relax.take")
@@ -440,11 +485,12 @@ def _take(em: Emitter, call, var) -> V:
     if lo < 0 or hi >= entries.size:
         raise TosaError(f"take at indices {lo}..{hi} of a {entries.size}-entry table")
     out = _out(em, var)
-    values = em.const(entries.reshape(1, -1, 1), out.elem)
+    off = OFFSET.get(str(var.ty.dtype), 0)
+    values = em.const(entries.reshape(1, -1, 1).astype(np.int64) - off, out.elem)
     n = int(np.prod(idx.type.shape))
     flat = em.op("reshape", [idx, em.shape([1, n])], idx.type.like(shape=(1, n)))
     got = em.op("gather", [values, flat], T((1, n, 1), out.elem))
-    return em.op("reshape", [got, em.shape(out.shape)], out)
+    return replace(em.op("reshape", [got, em.shape(out.shape)], out), offset=off)
 
 
 def _operand(em: Emitter, expr) -> tuple[V, int]:
@@ -453,15 +499,17 @@ def _operand(em: Emitter, expr) -> tuple[V, int]:
     int8 (else int16), cast."""
     v = em.get(expr)
     if v.type.elem in ("i8", "i16"):
-        return v, 0
+        return v, -v.offset             # a view's offset is part of its zero point
     sub = em.lookup(expr)
     if _op_name(sub) == "relax.subtract" and isinstance(sub.args[1], tvm.ir.GenericConst) \
             and sub.args[1].value.numpy().size == 1:
         src = em.lookup(sub.args[0])
         z = int(sub.args[1].value.numpy().reshape(-1)[0])
-        if _op_name(src) == "relax.astype" and str(src.args[0].ty.dtype) in ("int8", "int16") \
-                and dtype_range(str(src.args[0].ty.dtype))[0] <= z <= dtype_range(str(src.args[0].ty.dtype))[1]:
-            return em.get(src.args[0]), z
+        if _op_name(src) == "relax.astype" and str(src.args[0].ty.dtype) in ("int8", "int16", "uint8", "uint16"):
+            q = em.get(src.args[0])
+            lo, hi = dtype_range(RANGE[q.type.elem])
+            if lo <= z - q.offset <= hi:
+                return q, z - q.offset
     lo, hi = em.ranges.of(expr)
     for elem in ("i8", "i16"):
         if dtype_range(RANGE[elem])[0] <= lo and hi <= dtype_range(RANGE[elem])[1]:
@@ -530,7 +578,8 @@ def _crop(em: Emitter, xh: V, extent: list[int]) -> V:
     n, h, w, c = xh.type.shape
     if [h, w] == extent:
         return xh
-    return em.op("slice", [xh, em.shape([0, 0, 0, 0]), em.shape([n, *extent, c])], xh.type.like(shape=(n, *extent, c)))
+    return em.view_of(em.op("slice", [xh, em.shape([0, 0, 0, 0]), em.shape([n, *extent, c])],
+                            xh.type.like(shape=(n, *extent, c))), xh)
 
 
 @handles("relax.nn.conv2d")
@@ -603,7 +652,8 @@ def _max_pool(em: Emitter, call, var) -> V:
     (top, bottom), (left, right) = pads
     props = (f"kernel = array<i64: {k[0]}, {k[1]}>, pad = array<i64: {top}, {bottom}, {left}, {right}>, "
              f"stride = array<i64: {s[0]}, {s[1]}>")
-    pooled = em.op("max_pool2d", [xh], T((out.shape[0], out.shape[2], out.shape[3], out.shape[1]), x.type.elem), props)
+    pooled = em.view_of(em.op("max_pool2d", [xh], T((out.shape[0], out.shape[2], out.shape[3], out.shape[1]),
+                                                    x.type.elem), props), x)
     return _permute(em, pooled, NCHW)
 
 
@@ -632,7 +682,8 @@ def _match_rescale(em: Emitter, call) -> _Requantize | None:
     if _op_name(mul) != "relax.multiply" or not isinstance(mul.args[1], tvm.ir.GenericConst):
         return None
     cast = em.lookup(mul.args[0])
-    if _op_name(cast) != "relax.astype" or str(cast.args[0].ty.dtype) not in ("int8", "int16", "int32"):
+    if _op_name(cast) != "relax.astype" or str(cast.args[0].ty.dtype) not in ("int8", "int16", "int32", "uint8",
+                                                                              "uint16"):
         return None
     m, h, e = (c.value.numpy().astype(np.int64) for c in (mul.args[1], add.args[1], e))
     if m.shape != e.shape or not np.array_equal(h, np.where(e > 0, np.left_shift(1, np.maximum(e, 1) - 1), 0)):
@@ -650,6 +701,8 @@ def _rescale(em: Emitter, call, var) -> V | None:
     if r is None:
         return None
     x = em.get(r.x)
+    if x.offset:
+        x = em.cast(x, "i32")
     out = _out(em, var)
     if out.elem == "i64":
         raise TosaError(f"a requantize whose result needs more than 32 bits (range {em.ranges.of(var)})")

@@ -12,6 +12,19 @@ from runtime.errors import UserError
 from runtime.runner import Runner
 from runtime.types import BoundaryTensor
 
+# TOSA's integer tensors are signed: an unsigned boundary tensor crosses as its signed view, value - 2^(b-1)
+SIGNED_VIEW = {"uint8": ("int8", 128), "uint16": ("int16", 32768)}
+
+
+def to_view(q: np.ndarray) -> np.ndarray:
+    signed, off = SIGNED_VIEW.get(str(q.dtype), (None, 0))
+    return q if signed is None else (q.astype(np.int32) - off).astype(signed)
+
+
+def from_view(q: np.ndarray, dtype: str) -> np.ndarray:
+    _, off = SIGNED_VIEW.get(dtype, (None, 0))
+    return q if not off else (q.astype(np.int32) + off).astype(dtype)
+
 
 class Iree(Runner):
     def __init__(self):
@@ -45,11 +58,11 @@ class Iree(Runner):
             if x.shape[1:] != t.shape[1:] or x.shape[0] % t.shape[0]:
                 raise UserError(f"input {t.name!r}: shape {x.shape}, the TOSA build takes {t.shape} (any multiple "
                                 "of its batch)")
-            qs.append(t.quantize(x))
+            qs.append(to_view(t.quantize(x)))
         # the module takes the batch it was compiled for: the samples go through it that many at a time
         step = ins[0].shape[0]
         got = [self.run_int(artifact, [q[i:i + step] for q in qs]) for i in range(0, len(qs[0]), step)]
-        return [t.dequantize(np.concatenate([g[k] for g in got])) for k, t in enumerate(outs)]
+        return [t.dequantize(from_view(np.concatenate([g[k] for g in got]), t.dtype)) for k, t in enumerate(outs)]
 
 
 RUNNER = Iree()

@@ -16,11 +16,12 @@ from passes.contraction import CONV2D, MATMUL, Accumulator, Contraction
 
 
 def _int8(c: Contraction) -> bool:
-    """An int8 (or int16) input times int8-valued weights, summed within int32: TOSA's int8 profile
-    (int16's accumulates in 48 bits, which the emitter narrows back)."""
+    """An 8- or 16-bit input (unsigned ones as signed views, codegen/tosa/emit.py) times int8-valued
+    weights, summed within int32: TOSA's int8 profile (int16's accumulates in 48 bits, which the
+    emitter narrows back)."""
     w = c.weights
-    return (c.x.dtype in ("int8", "int16") and c.acc_dtype == "int32" and c.x.static and w is not None
-            and int(w.min()) >= -128 and int(w.max()) <= 127)
+    return (c.x.dtype in ("int8", "int16", "uint8", "uint16") and c.acc_dtype == "int32" and c.x.static
+            and w is not None and int(w.min()) >= -128 and int(w.max()) <= 127)
 
 
 class ConvUnit:
