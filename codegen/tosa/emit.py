@@ -178,7 +178,7 @@ class Emitter:
                 return replace(self.const(a.astype(np.int64) - off, ELEMENT[str(a.dtype)]), offset=off)
             return self.const(a, ELEMENT.get(str(a.dtype), "i32"))
         v = self.values.get(expr)
-        if v is None:
+        if v is None or isinstance(v.type, ShapeT):
             raise TosaError(f"a value of unsupported form ({type(expr).__name__})")
         return v
 
@@ -405,6 +405,29 @@ HANDLERS.update({"relax.sum": _reduce("reduce_sum"), "relax.max": _reduce("reduc
                  "relax.min": _reduce("reduce_min")})
 
 
+@handles("relax.shape_of")
+def _shape_of(em: Emitter, call, var) -> V:
+    """A static tensor's shape: the views that read it take their shapes from their own static
+    types, so nothing is written; a tensor operand made of it fails in ``get``."""
+    _static(call.args[0])
+    return V("%shape_of_a_static_tensor", ShapeT(len(_static(call.args[0]))))
+
+
+@handles("relax.shape_to_tensor")
+def _shape_to_tensor(em: Emitter, call, var) -> V:
+    """A static shape as the constant tensor of its dimensions."""
+    shape = em.lookup(call.args[0])
+    if _op_name(shape) != "relax.shape_of":
+        raise TosaError("a shape computed at run time")
+    return em.const(np.array(_static(shape.args[0])), em.elem(var))
+
+
+@handles("relax.tensor_to_shape")
+def _tensor_to_shape(em: Emitter, call, var) -> V:
+    """A shape for a view, which takes its static output type instead (see ``_shape_of``)."""
+    return V("%shape_of_a_static_tensor", ShapeT(0))
+
+
 @handles("relax.reshape", "relax.squeeze", "relax.expand_dims", "relax.flatten")
 def _reshape(em: Emitter, call, var) -> V:
     x, out = em.get(call.args[0]), _static(var)
@@ -488,6 +511,7 @@ def _take(em: Emitter, call, var) -> V:
     off = OFFSET.get(str(var.ty.dtype), 0)
     values = em.const(entries.reshape(1, -1, 1).astype(np.int64) - off, out.elem)
     n = int(np.prod(idx.type.shape))
+    idx = em.cast(idx, "i64" if out.elem == "i64" else "i32")      # TOSA gathers i64 values at i64 indices
     flat = em.op("reshape", [idx, em.shape([1, n])], idx.type.like(shape=(1, n)))
     got = em.op("gather", [values, flat], T((1, n, 1), out.elem))
     return replace(em.op("reshape", [got, em.shape(out.shape)], out), offset=off)
