@@ -736,14 +736,21 @@ def _choose_ranges(m: onnx.ModelProto, plan: _Plan, config: QuantConfig, cal: _C
 
 def ort_loadable(qdq: onnx.ModelProto) -> onnx.ModelProto:
     """A QDQ model as ONNX Runtime takes it: lowbit quantizes some tensors to int16 (the graph's
-    outputs, a transformer's stream), and ONNX types QuantizeLinear to int16 from opset 21 on (the ops a
-    quantizer's plan reads mean the same at 17 and 21)."""
+    outputs, a transformer's stream, widened activations), which ONNX's QuantizeLinear types from
+    opset 21 on.  Below 21 the Q/DQ nodes become ORT's com.microsoft QuantizeLinear /
+    DequantizeLinear (int8/uint8/int16/uint16, per tensor or per axis: the same arithmetic) and the
+    model keeps its opset: raising it would change what other ops mean (ReduceMean's axes is an
+    attribute up to opset 17 and an input from 18, so a TorchScript export's ReduceMean would not load)."""
     out = onnx.ModelProto()
     out.CopyFrom(qdq)
-    for o in out.opset_import:
-        if o.domain in ("", "ai.onnx"):
-            o.version = max(o.version, 21)
-    out.ir_version = max(out.ir_version, 10)
+    opset = next((o.version for o in out.opset_import if o.domain in ("", "ai.onnx")), 21)
+    if opset >= 21:
+        return out
+    for n in out.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.domain in ("", "ai.onnx"):
+            n.domain = "com.microsoft"
+    if not any(o.domain == "com.microsoft" for o in out.opset_import):
+        out.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     return out
 
 
@@ -843,7 +850,9 @@ def _widen(m: onnx.ModelProto, plan: _Plan, config: QuantConfig, cal: _Calibrati
     try:
         trial = _GridTrial(m, plan, params, config, weights, candidates)
     except Exception as exc:                                        # noqa: BLE001 - ORT raises its own types
-        log.debug("fidelity trial skipped: %s", str(exc).splitlines()[0])
+        # the user asked for a fidelity target: say that it was not pursued, and why
+        log.warning("the %.3f fidelity target was not pursued (ONNX Runtime could not run the fake-quant trial: %s); "
+                    "activations stay at 8 bits", config.fidelity, str(exc).splitlines()[0])
         return params, None
     # ranked on some samples and checked on others, so that picking the tensors does not fit the samples
     # that judge the pick (EfficientNet-B0, both on the same 16: 0.993 there, 0.963 on other crops)

@@ -141,3 +141,22 @@ def test_the_fidelity_target_widens_the_tensor_that_needs_it_and_no_other(tmp_pa
     assert "widened" not in json.loads((tmp_path / "narrow" / "manifest.json").read_text())["quantization"]
     r = run_cli("compile", path, "--fidelity", "0.999", "-o", tmp_path / "x")
     assert r.returncode == 2 and "add --calib" in r.stderr
+
+
+def test_an_opset_17_model_with_reduce_mean_gets_its_fidelity_trial():
+    """The trial runs lowbit's QDQ model in ORT with 16-bit grids.  TorchScript exports are opset 17,
+    where ReduceMean's axes is an attribute (an input from 18): raising the opset to type int16
+    QuantizeLinear made ORT refuse the model, and the target was silently dropped (ShuffleNetV2's
+    TorchScript export: 0.980 where its dynamo twin reached 0.994).  The 16-bit Q/DQ are ORT's
+    com.microsoft ones below opset 21, and the buried-signal MLP followed by a ReduceMean still
+    widens h."""
+    rng = np.random.default_rng(2)
+    model = _buried_signal_mlp(rng)
+    model.graph.node[-1].output[0] = "y0"
+    model.graph.node.append(helper.make_node("ReduceMean", ["y0"], ["y"], axes=[0], keepdims=1, name="mean"))
+    onnx.checker.check_model(model)
+    calib = {"x": rng.normal(size=(32, 16)).astype(np.float32)}
+    qdq, report = quantize.quantize(model, calib)
+    assert report.widened is not None and "h" in report.widened.tensors, report.widened
+    loadable = quantize.ort_loadable(qdq)
+    assert [o.version for o in loadable.opset_import if o.domain in ("", "ai.onnx")] == [17]
