@@ -10,6 +10,7 @@ the bindings the output does not depend on are dropped.
 
 from __future__ import annotations
 
+import numpy as np
 import tvm
 from tvm import relax
 
@@ -32,6 +33,20 @@ def _scalar(expr, what: str):
     return expr.value.numpy().reshape(()).item()
 
 
+def _output(name: str, value, per_axis: bool) -> BoundaryTensor:
+    """The boundary of an output dequantize; per-axis parameters only where the target's host side
+    takes them (``per_axis``)."""
+    q, scale, zero = value.args
+    what = f"output {name!r}"
+    shape, dtype = _static_shape(q.ty, what), str(q.ty.dtype)
+    consts = all(isinstance(e, tvm.ir.GenericConst) for e in (scale, zero))
+    if per_axis and consts and max(scale.value.numpy().size, zero.value.numpy().size) > 1:
+        axis = int(value.attrs.axis) % len(shape)
+        s, z = (np.broadcast_to(e.value.numpy().reshape(-1), (shape[axis],)) for e in (scale, zero))
+        return BoundaryTensor(name, shape, dtype, tuple(float(v) for v in s), tuple(int(v) for v in z), axis)
+    return BoundaryTensor(name, shape, dtype, float(_scalar(scale, what)), int(_scalar(zero, what)))
+
+
 def _static_shape(ty, what: str) -> tuple[int, ...]:
     try:
         return tuple(int(d) for d in ty.shape.values)
@@ -39,10 +54,11 @@ def _static_shape(ty, what: str) -> tuple[int, ...]:
         raise RegionError(f"the {what} has a symbolic shape; fix it with --input-shape NAME=D1,D2,...") from None
 
 
-def extract(mod: tvm.IRModule, input_names: list[str], output_names: list[str]
+def extract(mod: tvm.IRModule, input_names: list[str], output_names: list[str], per_axis_outputs: bool = False
             ) -> tuple[tvm.IRModule, list[BoundaryTensor], list[BoundaryTensor]]:
     """(integer-only module, its inputs, its outputs).  Raises RegionError when the model's inputs
-    are not quantized directly or its outputs are not dequantized at the end."""
+    are not quantized directly or its outputs are not dequantized at the end, or (unless
+    ``per_axis_outputs``) dequantized per channel."""
     func = mod["main"]
     bindings = [b for block in func.body.blocks for b in block.bindings]
     by_var = {b.var: b.value for b in bindings}
@@ -75,11 +91,8 @@ def extract(mod: tvm.IRModule, input_names: list[str], output_names: list[str]
         if _op(value) != DEQUANTIZE:
             raise RegionError(f"output {name!r} is not dequantized at the end (it is {_op(value) or 'an input'}); "
                               "the microcontroller code ends at the output dequantize")
-        q = value.args[0]
-        outputs.append(BoundaryTensor(name, _static_shape(q.ty, f"output {name!r}"), str(q.ty.dtype),
-                                      float(_scalar(value.args[1], f"output {name!r}")),
-                                      int(_scalar(value.args[2], f"output {name!r}"))))
-        ends.append(q)
+        outputs.append(_output(name, value, per_axis_outputs))
+        ends.append(value.args[0])
 
     needed: set = set()
     stack = list(ends)

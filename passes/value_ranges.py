@@ -198,7 +198,7 @@ def _conv_k(call) -> int | None:
 
 def _pad(r: Ranges, call) -> Interval:
     lo, hi = r.of(call.args[0])
-    v = int(call.attrs.pad_value) if hasattr(call.attrs, "pad_value") else 0
+    v = int(call.attrs.pad_value)
     return min(lo, v), max(hi, v)
 
 

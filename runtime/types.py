@@ -30,28 +30,45 @@ class QuantParams:
 
 @dataclass(frozen=True)
 class BoundaryTensor:
-    """A graph input or output at the edge of the integer region: real = scale * (q - zero_point)."""
+    """A graph input or output at the edge of the integer region: real = scale * (q - zero_point),
+    with one scale and zero point, or (``axis`` set) one per index along that axis (a last layer
+    whose accumulator leaves at s_x * s_w[c], as NNCF's classifiers do)."""
     name: str                       # the ONNX tensor name
     shape: tuple[int, ...]
     dtype: str                      # the integer type the integer program passes
-    scale: float
-    zero_point: int
+    scale: float | tuple[float, ...]
+    zero_point: int | tuple[int, ...]
+    axis: int | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> BoundaryTensor:
-        return cls(d["name"], tuple(d["shape"]), d["dtype"], d["scale"], d["zero_point"])
+        per_axis = d.get("axis") is not None
+        return cls(d["name"], tuple(d["shape"]), d["dtype"], tuple(d["scale"]) if per_axis else d["scale"],
+                   tuple(d["zero_point"]) if per_axis else d["zero_point"], d.get("axis"))
+
+    def _along(self, v, dtype) -> np.ndarray:
+        """A parameter broadcast against the tensor: a scalar, or a vector along ``axis``."""
+        a = np.asarray(v, dtype)
+        if self.axis is None:
+            return a
+        shape = [1] * len(self.shape)
+        shape[self.axis] = -1
+        return a.reshape(shape)
 
     def quantize(self, x: np.ndarray) -> np.ndarray:
         """The host side of the input quantize (ONNX QuantizeLinear: round half to even, saturate;
         NaN to the maximum, as the compiled quantize does: passes/defined_semantics.py)."""
         info = np.iinfo(self.dtype)
         with np.errstate(invalid="ignore"):
-            q = np.clip(np.round(np.asarray(x, np.float32) / np.float32(self.scale)) + self.zero_point,
-                        info.min, info.max)
+            q = np.clip(np.round(np.asarray(x, np.float32) / self._along(self.scale, np.float32))
+                        + self._along(self.zero_point, np.int64), info.min, info.max)
         return np.where(np.isnan(q), info.max, q).astype(self.dtype)
 
     def dequantize(self, q: np.ndarray) -> np.ndarray:
-        return (np.asarray(q).astype(np.int32) - self.zero_point).astype(np.float32) * np.float32(self.scale)
+        """As the compiled dequantize computes it (TVM's legalization): (q - z) on int32, then
+        float32 times the float32 scale."""
+        centered = np.asarray(q).astype(np.int32) - self._along(self.zero_point, np.int32)
+        return centered.astype(np.float32) * self._along(self.scale, np.float32)
 
 
 # narrow types (ONNX INT4/UINT4/INT2/UINT2, FLOAT8/FLOAT4) by numpy dtype name -> the byte type that

@@ -166,3 +166,34 @@ def test_region_runs_bit_exact_with_the_whole_model():
     assert got.dtype == np.int8 and {127, -128} <= set(q.reshape(-1).tolist())
     np.testing.assert_array_equal(got, want_q)
     np.testing.assert_array_equal(tout.dequantize(got), _vm(Model)(tvm.runtime.tensor(x)).numpy())
+
+
+@I.ir_module
+class PerChannelAccumulator:
+    """A last layer's int32 accumulator leaves at s_x * s_w[c] (NNCF's float classifier)."""
+
+    @R.function
+    def main(x: R.Tensor((2, 3), "float32")) -> R.Tensor((2, 3), "float32"):
+        with R.dataflow():
+            q = R.quantize(x, R.const(0.5, "float32"), R.const(0, "int8"), axis=-1, out_dtype="int8")
+            acc = R.multiply(R.astype(q, "int32"), R.const(np.array([1, 200003, -3]), "int32"))
+            f = R.dequantize(acc, R.const(np.array([0.5, 3e-4, 0.1]), "float32"), R.const(np.zeros(3), "int32"),
+                             axis=1, out_dtype="float32")
+            R.output(f)
+        return f
+
+
+def test_a_per_channel_output_is_taken_where_the_target_dequantizes_on_the_host():
+    """With ``per_axis_outputs`` the boundary carries one scale and zero point per channel, survives
+    the manifest's dict, and the host dequantize equals the compiled one bit for bit (accumulators
+    past 2^24, where the order of int32 and float32 steps matters)."""
+    region, (tin,), (tout,) = extract(PerChannelAccumulator, ["x"], ["y"], per_axis_outputs=True)
+    assert tout == BoundaryTensor("y", (2, 3), "int32", tuple(float(np.float32(s)) for s in (0.5, 3e-4, 0.1)),
+                                  (0, 0, 0), 1)
+    assert BoundaryTensor.from_dict(vars(tout)) == tout
+    x = np.array([[63.5, 63.5, -64.0], [-0.5, 41.0, 17.5]], np.float32)
+    got = _vm(region)(tvm.runtime.tensor(tin.quantize(x))).numpy()
+    assert np.abs(got).max() > 1 << 24
+    np.testing.assert_array_equal(tout.dequantize(got), _vm(PerChannelAccumulator)(tvm.runtime.tensor(x)).numpy())
+    with pytest.raises(RegionError, match="per-channel"):
+        extract(PerChannelAccumulator, ["x"], ["y"])

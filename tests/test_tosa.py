@@ -78,6 +78,89 @@ def test_a_lookup_is_a_gather_of_the_table():
     np.testing.assert_array_equal(got, table[q.astype(np.int32) + 128])
 
 
+def test_a_computed_divisor_is_kept_off_zero_and_the_quotient_is_numpys():
+    """I-ViT's 2^40 // sum(exp): a divisor computed by a reduction is guarded (max(d, 1) where the
+    ranges prove d >= 1, else 0 -> 1), as IREE divides on a reduction tile's padding too, where the
+    divisor reads 0 and x86 traps; on every real element the quotient is the floor division's."""
+    def build(bb, x, d):
+        s = bb.emit(relax.op.sum(relax.op.add(relax.op.astype(x, "int64"), relax.const(200, "int64")),
+                                 axis=[-1], keepdims=True))
+        return relax.op.add(relax.op.floor_divide(relax.const(1 << 40, "int64"), s),
+                            relax.op.astype(relax.op.floor_divide(relax.op.astype(x, "int32"), d), "int64"))
+    func = _function(build, ((5, 33), "int8"), ((5, 1), "int32"))
+    text, ops, _ = emit.module(func)
+    assert ops["tosa.maximum"] == 1 and ops["tosa.select"] == 1     # one divisor proven >= 1, one not
+    x = np.random.default_rng(4).integers(-128, 128, (5, 33)).astype(np.int8)
+    d = np.array([[-7], [3], [1], [-1], [250]], np.int32)
+    (got,) = _run(func, x, d)
+    s = (x.astype(np.int64) + 200).sum(-1, keepdims=True)
+    np.testing.assert_array_equal(got, (1 << 40) // s + x.astype(np.int64) // d)
+
+
+def test_a_requantize_past_32_bits_stays_64_bit_arithmetic():
+    """(x * m + 2^(e-1)) >> e whose result does not fit int32 (a ratio above one on a wide value,
+    bounded only by the clip after it) is not a tosa.rescale, which IREE truncates to 32 bits."""
+    def build(bb, x):
+        r = bb.emit(relax.op.right_shift(relax.op.add(relax.op.multiply(relax.op.astype(x, "int64"),
+                                                                        relax.const(1 << 30, "int64")),
+                                                      relax.const(1 << 27, "int64")), relax.const(28, "int64")))
+        return relax.op.astype(relax.op.clip(r, -32768, 32767), "int16")
+    func = _function(build, ((64,), "int32"))
+    assert "tosa.rescale" not in emit.module(func)[1]
+    x = np.random.default_rng(5).integers(-2**31, 2**31 - 1, 64).astype(np.int32)
+    x[:4] = [0, 5000, -5000, 8191]
+    (got,) = _run(func, x)
+    want = np.clip(((x.astype(np.int64) << 30) + (1 << 27)) >> 28, -32768, 32767)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_constant_indices_into_a_tensor_and_lower_rank_operands():
+    """ONNX Gather of a class token (take at a constant index along an axis: slices), negative
+    indices from the end, and a computed rank-0 value added to a matrix (TOSA broadcasts between
+    equal ranks only: reshaped)."""
+    def build(bb, x):
+        head = bb.emit(relax.op.take(x, relax.const(0, "int64"), axis=1))
+        both = bb.emit(relax.op.take(x, relax.const(np.array([-1, 1]), "int64"), axis=1))
+        top = bb.emit(relax.op.max(relax.op.astype(head, "int32")))
+        return relax.op.add(relax.op.astype(both, "int32"), top)
+    func = _function(build, ((2, 5, 3), "int8"))
+    x = np.random.default_rng(6).integers(-128, 128, (2, 5, 3)).astype(np.int8)
+    (got,) = _run(func, x)
+    np.testing.assert_array_equal(got, x[:, [-1, 1]].astype(np.int32) + x[:, 0].astype(np.int32).max())
+
+
+def test_a_16_bit_operand_with_a_zero_point_is_centered():
+    """TOSA 1.0 takes a 16-bit matmul's zero points as 0 only: int16 activations minus their zero
+    point (their range proves the difference fits int16) times centered int8 values."""
+    def build(bb, x, w):
+        x16 = bb.emit(relax.op.astype(relax.op.clip(relax.op.astype(x, "int32"), -1000, 1000), "int16"))
+        a = bb.emit(relax.op.subtract(relax.op.astype(x16, "int32"), relax.const(100, "int32")))
+        b = bb.emit(relax.op.subtract(relax.op.astype(w, "int32"), relax.const(3, "int32")))
+        return relax.op.matmul(a, b, out_dtype="int32")
+    func = _function(build, ((2, 4, 8), "int16"), ((2, 8, 3), "int8"))
+    rng = np.random.default_rng(7)
+    x = rng.integers(-2000, 2000, (2, 4, 8)).astype(np.int16)
+    w = rng.integers(-128, 128, (2, 8, 3)).astype(np.int8)
+    (got,) = _run(func, x, w)
+    np.testing.assert_array_equal(got, (np.clip(x.astype(np.int64), -1000, 1000) - 100) @ (w.astype(np.int64) - 3))
+
+
+@pytest.mark.parametrize("dtype", ["int8", "uint8"])
+def test_an_8_bit_lookup_is_a_table_over_the_window_its_indices_reach(dtype):
+    """Indices 172..427 of a 1024-entry table: one ``tosa.table`` over that window (TOSA reads
+    ``table[x + 128]``); a uint8 table's result comes back as its signed view."""
+    info = np.iinfo(dtype)
+    table = np.random.default_rng(3).integers(info.min, info.max + 1, 1024).astype(dtype)
+    func = _function(lambda bb, q: relax.op.take(relax.const(table), relax.op.add(relax.op.astype(q, "int32"),
+                                                                                     relax.const(300, "int32")), axis=0),
+                     ((4, 64), "int8"))
+    assert emit.module(func)[1]["tosa.table"] == 1
+    q = np.arange(-128, 128, dtype=np.int8).reshape(4, 64)
+    (got,) = _run(func, q)
+    offset = emit.OFFSET.get(dtype, 0)
+    np.testing.assert_array_equal(got.astype(np.int64) + offset, table[q.astype(np.int32) + 300])
+
+
 def test_ranges_bound_every_value_for_every_input():
     """passes/value_ranges on a requantize and a row-max difference: the intervals hold on random
     inputs, and max(x) - x is known to be nonnegative."""

@@ -5,6 +5,7 @@ compiled by IREE into a ``.vmfb`` for its llvm-cpu backend; runs go through IREE
 from __future__ import annotations
 
 import tvm
+from tvm import relax
 
 from codegen import integer_region
 from codegen.backend import Backend, Build, BuildContext
@@ -42,8 +43,12 @@ class Tosa(Backend):
 
     def build(self, mod: tvm.IRModule, target: dict, ctx: BuildContext) -> Build:
         try:
-            region, ins, outs = integer_region.extract(mod, [s.name for s in ctx.inputs], [s.name for s in ctx.outputs])
-            text, ops, wide = emit.module(region["main"])
+            # the host dequantizes the outputs: a per-channel scale (NNCF's float classifier) is no harder
+            region, ins, outs = integer_region.extract(mod, [s.name for s in ctx.inputs], [s.name for s in ctx.outputs],
+                                                       per_axis_outputs=True)
+            # a static model's shape arithmetic (shape_of -> take -> where, as an exporter spells a
+            # Gather's index) folds to constants: TOSA has no shape values
+            text, ops, wide = emit.module(relax.transform.FoldConstant()(region)["main"])
         except (integer_region.RegionError, emit.TosaError) as exc:
             raise UserError(f"{ctx.source}: {exc}; the tosa target cannot compile this model yet") from None
         vmfb = iree.compile_tosa(text, target["iree_target"], ctx.source)

@@ -39,6 +39,7 @@ from codegen.tosa.runner import SIGNED_VIEW
 from passes.value_ranges import Ranges, dtype_range
 
 I32 = dtype_range("int32")
+I16 = dtype_range("int16")
 ELEMENT = {"int8": "i8", "int16": "i16", "int32": "i32", "int64": "i32", "bool": "i1", "uint8": "i8", "uint16": "i16"}
 OFFSET = {u: off for u, (_, off) in SIGNED_VIEW.items()}   # an unsigned tensor's view: stored = value - offset
 NUMPY = {"i8": np.int8, "i16": np.int16, "i32": np.int32, "i48": np.int64, "i64": np.int64, "i1": np.bool_}
@@ -180,6 +181,9 @@ class Emitter:
         v = self.values.get(expr)
         if v is None or isinstance(v.type, ShapeT):
             raise TosaError(f"a value of unsupported form ({type(expr).__name__})")
+        if rank is not None and len(v.type.shape) < rank:     # TOSA broadcasts between equal ranks only
+            shape = (1,) * (rank - len(v.type.shape)) + v.type.shape
+            v = self.view_of(self.op("reshape", [v, self.shape(shape)], v.type.like(shape=shape)), v)
         return v
 
     def cast(self, v: V, elem: str) -> V:
@@ -345,6 +349,19 @@ HANDLERS.update({"relax.equal": _compare("equal"), "relax.greater": _compare("gr
                  "relax.less_equal": _compare("greater_equal", True)})
 
 
+def _nonzero(em: Emitter, b: V, lo: int) -> V:
+    """A computed divisor with no zero in it, the same on every element where it is nonzero:
+    IREE 3.13 evaluates a division fused behind a reduction (I-ViT's 2^62 / sum(exp)) on the
+    tile's padding too, where the divisor reads 0, and x86 traps (SIGFPE; DeiT-tiny's NNCF file).
+    max(b, 1) where the ranges prove b >= 1, else 0 replaced by 1 (a zero divisor has no answer
+    anyway)."""
+    one = em.const(np.ones((1,) * len(b.type.shape)), b.type.elem)
+    if lo >= 1:
+        return em.op("maximum", [b, one], b.type)
+    zero = em.const(np.zeros((1,) * len(b.type.shape)), b.type.elem)
+    return em.op("select", [em.op("equal", [b, zero], b.type.like("i1")), one, b], b.type)
+
+
 @handles("relax.floor_divide")
 def _floor_divide(em: Emitter, call, var) -> V:
     """TOSA's INTDIV truncates; floor(a / b) = trunc(a / b) - 1 where the remainder is nonzero and
@@ -352,8 +369,10 @@ def _floor_divide(em: Emitter, call, var) -> V:
     rank, w = len(_static(var)), em.work(var, *call.args[:2])
     a, b = em.wide_as(call.args[0], w, rank), em.wide_as(call.args[1], w, rank)
     out = _out(em, var).like(w)
-    q = em.op("intdiv", [a, b], out)
     (alo, _), (blo, _) = em.ranges.of(call.args[0]), em.ranges.of(call.args[1])
+    if not isinstance(call.args[1], tvm.ir.GenericConst):
+        b = _nonzero(em, b, blo)
+    q = em.op("intdiv", [a, b], out)
     if alo >= 0 and blo > 0:
         return _narrow(em, q, var)
     zero8 = em.const(np.zeros(1), "i8")
@@ -489,18 +508,50 @@ def _concat(em: Emitter, call, var) -> V:
 def _pad(em: Emitter, call, var) -> V:
     x = em.get(call.args[0])
     widths = [int(v) for v in call.attrs.pad_width]
-    value = call.args[1] if len(call.args) > 1 else None
-    fill = int(value.value.numpy()) if isinstance(value, tvm.ir.GenericConst) else int(getattr(call.attrs, "pad_value", 0))
-    pad = em.const(np.array([fill - x.offset]), x.type.elem)
+    pad = em.const(np.array([int(call.attrs.pad_value) - x.offset]), x.type.elem)
     return em.view_of(em.op("pad", [x, em.shape(widths), pad], _out(em, var)), x)
+
+
+def _table(em: Emitter, idx: V, window: np.ndarray, lo: int, out: T) -> V:
+    """An 8-bit lookup as ``tosa.table``: TOSA reads ``table[x + 128]`` for an i8 ``x``, so the
+    indices ``lo..lo+255`` are moved onto i8 (``x = i - lo - 128``, exact: the range proves the
+    span) and the 256 entries are the window of the table they reach (the tail repeats its last
+    entry, never read)."""
+    table = np.concatenate([window, np.full(256 - window.size, window[-1])])
+    moved = em.op("sub", [idx, em.const(np.full((1,) * len(idx.type.shape), lo + 128), idx.type.elem)], idx.type)
+    return em.op("table", [em.cast(moved, "i8"), em.const(table, "i8")], out)
+
+
+def _pick(em: Emitter, call, var) -> V:
+    """``take(x, I, axis)`` at constant indices (ONNX Gather of a class token, a head): one slice per
+    index along the axis (negative ones from the end, as Gather reads them), joined and reshaped to
+    the result."""
+    x = em.get(call.args[0])
+    shape = x.type.shape
+    axis = int(call.attrs.axis) % len(shape) if call.attrs.axis is not None else None
+    if axis is None:
+        raise TosaError("take without an axis from a computed tensor")
+    picks = [int(i) % shape[axis] for i in call.args[1].value.numpy().reshape(-1)]
+    size = list(shape)
+    size[axis] = 1
+    parts = [em.op("slice", [x, em.shape([i if d == axis else 0 for d in range(len(shape))]), em.shape(size)],
+                   x.type.like(shape=size)) for i in picks]
+    joined = parts[0] if len(parts) == 1 else em.op(
+        "concat", parts, x.type.like(shape=[len(picks) if d == axis else n for d, n in enumerate(shape)]),
+        f"axis = {axis} : i32")
+    return em.view_of(em.op("reshape", [joined, em.shape(_static(var))], x.type.like(shape=_static(var))), x)
 
 
 @handles("relax.take")
 def _take(em: Emitter, call, var) -> V:
-    """A lookup: ``tosa.gather`` of the table's entries (values [1, K, 1]) at the indices [1, W]."""
-    table, idx = call.args[0], em.wide_as(call.args[1], "i32")
+    """A lookup: ``tosa.table`` where the result is 8-bit and the indices span at most 256 entries,
+    else ``tosa.gather`` of the table's entries (values [1, K, 1]) at the indices [1, W]."""
+    table = call.args[0]
+    if isinstance(call.args[1], tvm.ir.GenericConst) and not isinstance(table, tvm.ir.GenericConst):
+        return _pick(em, call, var)
+    idx = em.wide_as(call.args[1], "i32")
     if not isinstance(table, tvm.ir.GenericConst) or table.value.numpy().ndim != 1:
-        raise TosaError("take from a non-constant or multi-dimensional tensor: no TOSA form yet")
+        raise TosaError("take from a non-constant or multi-dimensional tensor at computed indices: no TOSA form yet")
     if call.attrs.axis is not None and int(call.attrs.axis) != 0:
         raise TosaError("take along an axis other than 0")
     lo, hi = em.ranges.of(call.args[1])
@@ -509,6 +560,8 @@ def _take(em: Emitter, call, var) -> V:
         raise TosaError(f"take at indices {lo}..{hi} of a {entries.size}-entry table")
     out = _out(em, var)
     off = OFFSET.get(str(var.ty.dtype), 0)
+    if out.elem == "i8" and hi - lo < 256:
+        return replace(_table(em, idx, entries[lo:hi + 1].astype(np.int64) - off, lo, out), offset=off)
     values = em.const(entries.reshape(1, -1, 1).astype(np.int64) - off, out.elem)
     n = int(np.prod(idx.type.shape))
     idx = em.cast(idx, "i64" if out.elem == "i64" else "i32")      # TOSA gathers i64 values at i64 indices
@@ -519,26 +572,39 @@ def _take(em: Emitter, call, var) -> V:
 
 def _operand(em: Emitter, expr) -> tuple[V, int]:
     """A contraction operand as an 8- or 16-bit tensor and its zero point: such a tensor as it is;
-    ``astype(q, int) - z`` (a centered activation) as q with zero point z; any value whose range fits
-    int8 (else int16), cast."""
+    ``astype(q, int) - z`` (a centered activation) or ``astype(q, int)`` as q with zero point z (or 0);
+    any value whose range fits int8 (else int16), cast."""
     v = em.get(expr)
     if v.type.elem in ("i8", "i16"):
         return v, -v.offset             # a view's offset is part of its zero point
-    sub = em.lookup(expr)
-    if _op_name(sub) == "relax.subtract" and isinstance(sub.args[1], tvm.ir.GenericConst) \
-            and sub.args[1].value.numpy().size == 1:
-        src = em.lookup(sub.args[0])
-        z = int(sub.args[1].value.numpy().reshape(-1)[0])
-        if _op_name(src) == "relax.astype" and str(src.args[0].ty.dtype) in ("int8", "int16", "uint8", "uint16"):
-            q = em.get(src.args[0])
-            lo, hi = dtype_range(RANGE[q.type.elem])
-            if lo <= z - q.offset <= hi:
-                return q, z - q.offset
+    src, z = em.lookup(expr), 0
+    if _op_name(src) == "relax.subtract" and isinstance(src.args[1], tvm.ir.GenericConst) \
+            and src.args[1].value.numpy().size == 1:
+        src, z = em.lookup(src.args[0]), int(src.args[1].value.numpy().reshape(-1)[0])
+    if _op_name(src) == "relax.astype" and str(src.args[0].ty.dtype) in ("int8", "int16", "uint8", "uint16"):
+        q = em.get(src.args[0])
+        lo, hi = dtype_range(RANGE[q.type.elem])
+        if lo <= z - q.offset <= hi:
+            return q, z - q.offset
     lo, hi = em.ranges.of(expr)
     for elem in ("i8", "i16"):
         if dtype_range(RANGE[elem])[0] <= lo and hi <= dtype_range(RANGE[elem])[1]:
             return em.cast(v, elem), 0
     raise TosaError(f"a contraction operand in [{lo}, {hi}] is not an 8- or 16-bit tensor")
+
+
+def _centered(em: Emitter, v: V, z: int, expr) -> tuple[V, int]:
+    """A 16-bit operand with zero point ``z`` as the int16 tensor of ``stored - z`` and zero point 0:
+    TOSA 1.0 takes a 16-bit matmul's or convolution's zero points as 0 only (ORT's u16 softmax
+    probabilities, as views, carry 32768).  ``expr``'s range is that difference's."""
+    if z == 0 or v.type.elem != "i16":
+        return v, z
+    lo, hi = em.ranges.of(expr)
+    if lo < I16[0] or hi > I16[1]:
+        raise TosaError(f"a 16-bit contraction operand whose centered values [{lo}, {hi}] do not fit int16")
+    wide = em.op("cast", [v], v.type.like("i32"))
+    d = em.op("sub", [wide, em.const(np.full((1,) * len(v.type.shape), z), "i32")], wide.type)
+    return em.op("cast", [d], v.type), 0
 
 
 def _common(em: Emitter, *vs: V) -> tuple[str, list[V]]:
@@ -575,12 +641,14 @@ def _matmul(em: Emitter, call, var) -> V:
         k, n = wv.shape
         rows = int(np.prod(a.type.shape[:-1]))
         acc_type, (a,) = _common(em, a)
+        a, za = _centered(em, a, za, call.args[0])
         b, zb = em.const(wv.reshape(1, k, n), a.type.elem), 0
         a3 = em.op("reshape", [a, em.shape([1, rows, k])], a.type.like(shape=(1, rows, k)))
         shape3 = (1, rows, n)
     else:
         b, zb = _operand(em, w)
         acc_type, (a, b) = _common(em, a, b)
+        (a, za), (b, zb) = _centered(em, a, za, call.args[0]), _centered(em, b, zb, w)
         if a.type.shape[:-2] != b.type.shape[:-2]:
             raise TosaError("a matmul whose operands' batch axes differ (broadcast): no TOSA form yet")
         batch = int(np.prod(a.type.shape[:-2]))
@@ -613,7 +681,7 @@ def _conv2d(em: Emitter, call, var) -> V:
     a = call.attrs
     if str(a.data_layout) != "NCHW" or str(a.kernel_layout) != "OIHW" or any(int(p) for p in a.padding):
         raise TosaError("conv2d other than NCHW/OIHW without padding (the unit pads first)")
-    x, zx = _operand(em, call.args[0])
+    x, zx = _centered(em, *_operand(em, call.args[0]), call.args[0])
     acc_type = "i48" if x.type.elem == "i16" else "i32"
     w = call.args[1]
     if not isinstance(w, tvm.ir.GenericConst):
@@ -693,11 +761,16 @@ class _Requantize:
     inner: tuple
 
 
-def _match_rescale(em: Emitter, call) -> _Requantize | None:
-    """``call`` (a right_shift) as passes/dyadic.rescale builds it, with a multiplier and shift
-    tosa.rescale takes (0 <= m < 2^31, 2 <= e <= 62, per tensor or along one axis) and an input of
-    at most 32 bits; else None."""
+def _match_rescale(em: Emitter, call, var) -> _Requantize | None:
+    """``call`` (a right_shift, bound to ``var``) as passes/dyadic.rescale builds it, with a
+    multiplier and shift tosa.rescale takes (0 <= m < 2^31, 2 <= e <= 62, per tensor or along one
+    axis), an input of at most 32 bits and a result that fits 32 bits; else None.  (A result past 32
+    bits, a ratio above one on a wide accumulator that a clip then bounds, would wrap in IREE's
+    rescale, which truncates apply_scale_32's 64-bit result: that requantize stays 64-bit
+    arithmetic.)"""
     e = call.args[1]
+    if em.elem(var) == "i64":
+        return None
     add = em.lookup(call.args[0])
     if not isinstance(e, tvm.ir.GenericConst) or _op_name(add) != "relax.add" \
             or not isinstance(add.args[1], tvm.ir.GenericConst):
@@ -721,15 +794,12 @@ def _rescale(em: Emitter, call, var) -> V | None:
     """The requantize ``call`` closes as one ``tosa.rescale`` (SINGLE_ROUND, scale32: ``(x * m +
     2^(e-1)) >> e`` in 64 bits, TOSA 1.0 apply_scale_32), per channel where m is; None where it is
     not that form."""
-    r = _match_rescale(em, call)
+    r = _match_rescale(em, call, var)
     if r is None:
         return None
     x = em.get(r.x)
     if x.offset:
         x = em.cast(x, "i32")
-    out = _out(em, var)
-    if out.elem == "i64":
-        raise TosaError(f"a requantize whose result needs more than 32 bits (range {em.ranges.of(var)})")
     rank = len(x.type.shape)
     channels = [i for i, d in enumerate((1,) * (rank - r.m.ndim) + r.m.shape) if d > 1]
     perm = None
@@ -754,8 +824,8 @@ def _fold(em: Emitter) -> set:
     body = em.func.body.body
     relax.analysis.post_order_visit(body, lambda e: uses.update([e]) if isinstance(e, relax.Var) else None)
     folded = set()
-    for value in em.bound.values():
-        if _op_name(value) == "relax.right_shift" and (r := _match_rescale(em, value)) is not None:
+    for var, value in em.bound.items():
+        if _op_name(value) == "relax.right_shift" and (r := _match_rescale(em, value, var)) is not None:
             folded.update(v for v in r.inner if uses[v] == 1)
     return folded
 
