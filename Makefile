@@ -66,8 +66,10 @@ fuzz: setup
 # Real exports from the corpus (models/corpus.py: batch 1 from the static dynamo export, batch 8 from the
 # dynamic-batch one where the corpus has it), then the MLPerf Tiny models and the digits models at batch 1
 # and 8; 1 and 2 threads each.  lowbit INT8 and FP32 against ORT FP32/INT8 and OpenVINO FP32/INT8 (NNCF),
-# interleaved (compiler/tools/bench.py); JSON per model, then the README's table
+# interleaved (compiler/tools/bench.py); JSON per model, then the README's table.  BENCH_IREE's batch-1
+# runs also time IREE on lowbit's own integer program (--target tosa: an iree-int8 row)
 BENCH_CORPUS  := resnet18 resnet50 mobilenet_v2 mobilenet_v3_large efficientnet_b0 deit_tiny bert_base
+BENCH_IREE    := resnet18 deit_tiny
 BENCH_BATCH8  := resnet18 mobilenet_v2 deit_tiny bert_base
 BENCH_ZOO     := digits_cnn digits_vit ds_cnn resnet8 mobilenet_v1_025 fc_autoencoder
 BENCH_JSON    := $(addsuffix .json,$(BENCH_CORPUS) $(addsuffix .batch8,$(BENCH_BATCH8)) $(BENCH_ZOO))
@@ -75,7 +77,8 @@ BENCH_JSON    := $(addsuffix .json,$(BENCH_CORPUS) $(addsuffix .batch8,$(BENCH_B
 bench: setup
 	@mkdir -p bench/results
 	for m in $(BENCH_CORPUS); do \
-		$(BIN)/lowbit bench $$m.dynamo --threads 1,2 --seconds 8 -q --json bench/results/$$m.json || exit 1; \
+		case " $(BENCH_IREE) " in *" $$m "*) peer="--target tosa";; *) peer="";; esac; \
+		$(BIN)/lowbit bench $$m.dynamo $$peer --threads 1,2 --seconds 8 -q --json bench/results/$$m.json || exit 1; \
 	done
 	for m in $(BENCH_BATCH8); do \
 		$(BIN)/lowbit bench $$m.dynamo.dynbatch --batch 8 --threads 1,2 --seconds 8 -q \

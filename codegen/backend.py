@@ -61,6 +61,8 @@ class Backend:
     one_sample: str | None = None   # why its program takes one sample at a time (None: it takes a batch)
     tunes = False               # --tune: meta_schedule can measure its kernels on this machine
     measures_latency = False    # --latency-budget: its kernels can be timed on this machine
+    bench_peer: str | None = None   # `lowbit bench --target T` times this engine (a --vs name) running T's
+                                    # build beside lowbit's own build for this machine
 
     def validate(self, opts) -> None:
         """Refuse, in one line, options this target cannot honour (its own and the shared ones)."""

@@ -34,11 +34,14 @@ def _counts(text: str) -> tuple[int, ...]:
     return values
 
 
+ENGINES = ("ort", "openvino", "iree")      # compiler/tools/bench.sweep's peers (imported lazily: heavy)
+
+
 def _engines(text: str) -> tuple[str, ...]:
     """--vs: baseline runtimes (compiler/tools/bench.BASELINES) separated by commas."""
     values = tuple(dict.fromkeys(t.strip() for t in text.split(",")))
-    if not values or any(v not in ("ort", "openvino") for v in values):
-        raise argparse.ArgumentTypeError(f"expected ort, openvino or both separated by a comma, got {text}")
+    if not values or any(v not in ENGINES for v in values):
+        raise argparse.ArgumentTypeError(f"expected some of {', '.join(ENGINES)} separated by commas, got {text}")
     if "ort" not in values:
         raise argparse.ArgumentTypeError("ORT FP32 is every table's reference: --vs ort, or ort,openvino")
     return values
@@ -516,9 +519,10 @@ def cmd_corpus_report(args) -> int:
     from compiler.tools import corpus as report
 
     results = report.report(args.names, Path(args.output), args.timeout, progress=lambda m: _say(args, m),
-                            jobs=args.jobs)
+                            jobs=args.jobs, target=args.target)
     _say(args, report.summary(results))
-    _say(args, f"wrote {args.output}/corpus.md and corpus.json")
+    stem = report.report_name(args.target)
+    _say(args, f"wrote {args.output}/{stem}.md and {stem}.json")
     return 0
 
 
@@ -589,9 +593,10 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", parents=[common], help="time lowbit against ONNX Runtime, interleaved")
     b.add_argument("model", metavar="MODEL.onnx", help="an ONNX file, a zoo model name, or a corpus file (resnet18.dynamo)")
     b.add_argument("--vs", type=_engines, default=("ort", "openvino"), metavar="ort,openvino",
-                   help="baseline runtimes timed interleaved with lowbit: ort (its FP32 is the reference) or "
-                        "ort,openvino (the default; OpenVINO needs the openvino and nncf packages, which make "
-                        "bench installs)")
+                   help="baseline runtimes timed interleaved with lowbit: ort (its FP32 is the reference), "
+                        "openvino (with ort, the default; it needs the openvino and nncf packages, which make "
+                        "bench installs) and iree (IREE running lowbit's own integer program as TOSA: "
+                        "--target tosa adds it)")
     b.add_argument("--threads", type=_counts, default=(os.cpu_count() or 1,), metavar="T1,T2,...",
                    help="threads for every runtime; several are measured one after another (default: all cores)")
     b.add_argument("--batch", type=_counts, default=(1,), metavar="B1,B2,...",
@@ -662,6 +667,9 @@ def build_parser() -> argparse.ArgumentParser:
     cr.add_argument("--timeout", type=_positive(float), default=3600.0, metavar="S", help="per model")
     cr.add_argument("--jobs", type=_positive(int), default=1, metavar="N",
                     help="models measured at a time (their compile times then share the machine)")
+    cr.add_argument("--target", default="llvm", choices=("llvm", "tosa"),
+                    help="the builds' target: llvm (this machine's CPU; FP32 and INT8) or tosa (IREE running the "
+                         "integer program; INT8 only) -> corpus-tosa.{md,json}")
     cr.set_defaults(func=cmd_corpus_report)
     return p
 

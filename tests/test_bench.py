@@ -105,6 +105,25 @@ def test_bench_cli_writes_table_and_json(tmp_path, capsys):
     assert res["rounds"] >= 10 and res["threads"] == 1 and res["batch"] == 1
 
 
+@pytest.mark.usefixtures("iree_wheels")
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_bench_target_tosa_times_iree_on_the_same_integer_program(tmp_path, capsys, threads):
+    """``--target tosa``: lowbit's own rows are its build for this machine, and an iree-int8 row runs
+    the same integer program compiled by IREE (local-sync on one thread, local-task on more).  The
+    two are bit-exact, so their differences to ORT FP32 are the same numbers."""
+    path = tmp_path / "m.onnx"
+    onnx.save(mlp_model(batch=1), path)
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).normal(size=(16, 8)).astype(np.float32))
+    assert main(["bench", str(path), "--target", "tosa", "--vs", "ort", "--threads", threads, "--calib",
+                 str(tmp_path / "calib.npz"), "--seconds", "0.3", "--json", str(tmp_path / "b.json")]) == 0
+    res, = json.loads((tmp_path / "b.json").read_text())
+    rows = {r["name"]: r for r in res["rows"]}
+    assert {"lowbit-int8", "lowbit-fp32", "iree-int8", "ort-fp32"} <= set(rows)
+    assert rows["iree-int8"]["max_abs_diff"] == rows["lowbit-int8"]["max_abs_diff"]
+    assert rows["iree-int8"]["cosine"] == rows["lowbit-int8"]["cosine"]
+    assert "iree-int8" in bench.markdown([bench.BenchResult(**{**res, "rows": [bench.Row(**r) for r in res["rows"]]})])
+
+
 def test_bench_of_a_quantized_model_labels_lowbit_int8(tmp_path, capsys):
     fp32 = tmp_path / "m.onnx"
     onnx.save(mlp_model(), fp32)

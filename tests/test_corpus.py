@@ -76,7 +76,7 @@ def test_report_keeps_corpus_order_with_several_jobs_and_marks_the_fidelity_bar(
     cosines = {"resnet18.dynamo": (0.9991, 0.9984), "regnet_y_400mf.dynamo": (0.95, 0.85),
                "swin_t.dynamo": (0.9980, 0.9992)}
 
-    def measured(v, src, timeout):
+    def measured(v, src, timeout, target):
         time.sleep(0.2 if v.name == names[0] else 0.0)      # the first row finishes last
         ours, ort = cosines[v.name]
         ok = report.Outcome(ok=True, integer_only=True, bit_exact=True, cosine=ours, top1=1.0, max_rel_err=1e-6)
@@ -94,3 +94,30 @@ def test_report_keeps_corpus_order_with_several_jobs_and_marks_the_fidelity_bar(
     assert "| met (0.9984) |" in table and "**missed** (0.9900)" in table and "**missed** (0.9992)" in table
     assert "at or above ORT static INT8's 2/3, fidelity bar (that, and at least 0.99) met 1/3" in table
     assert json.loads((tmp_path / "corpus.json").read_text())["models"][1]["name"] == names[1]
+
+
+def test_a_report_for_the_tosa_target_has_no_fp32_build_and_its_own_files(tmp_path, monkeypatch):
+    """``corpus report --target tosa``: each child builds for that target (cached apart from the CPU
+    rows), the FP32 column is a dash, the summary counts integer-only and bit-exact builds, and the
+    files are corpus-tosa.{md,json}."""
+    seen = []
+
+    def measured(v, src, timeout, target):
+        seen.append(target)
+        ok = report.Outcome(ok=True, integer_only=True, bit_exact=True, cosine=0.999, top1=1.0)
+        given = report.Outcome(ok=True, integer_only=True, bit_exact=v.name != "deit_tiny.dynamo", cosine=0.99)
+        r = report.ModelResult(v.name, v.recipe.family, v.recipe.kind, v.exporter, "1",
+                               report.Outcome(error=report.NO_FP32), ok, report.Outcome(ok=True, cosine=0.99),
+                               report.Outcome(ok=True))
+        r.quantized = {q: given for q in report.QUANTIZERS}
+        return r
+
+    monkeypatch.setattr(report, "run_one", measured)
+    v = corpus.find(["resnet18.dynamo"])[0]
+    assert report.result_path(v, "abc", "tosa") != report.result_path(v, "abc")
+    report.report(["resnet18.dynamo", "deit_tiny.dynamo"], tmp_path, progress=lambda _: None, target="tosa")
+    assert seen == ["tosa", "tosa"] and not (tmp_path / "corpus.md").exists()
+    table = (tmp_path / "corpus-tosa.md").read_text()
+    assert "| resnet18 | dynamo | 1 | – | integer-only | yes |" in table
+    assert ("2 models, built for an integer-only target: 2/2 integer-only from --calib, 2/2 bit-exact with golden; "
+            "quantized inputs: 6/6 integer-only, 3/6 bit-exact.") in table

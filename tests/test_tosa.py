@@ -145,6 +145,36 @@ def test_a_16_bit_operand_with_a_zero_point_is_centered():
     np.testing.assert_array_equal(got, (np.clip(x.astype(np.int64), -1000, 1000) - 100) @ (w.astype(np.int64) - 3))
 
 
+def test_a_u16_operand_over_its_full_span_times_constant_weights():
+    """value - 5 of a uint16 tensor spans [-5, 65530], no int16: the matmul reads the stored view
+    (value - 32768) with zero point 0, and 32763 times each column's weight sum is added after."""
+    w = np.random.default_rng(8).integers(-128, 128, (8, 3)).astype(np.int8)
+    func = _function(lambda bb, x: relax.op.matmul(relax.op.subtract(relax.op.astype(x, "int32"), relax.const(5, "int32")),
+                                                   relax.const(w.astype(np.int32)), out_dtype="int32"),
+                     ((4, 8), "uint16"))
+    x = np.random.default_rng(9).integers(0, 65536, (4, 8)).astype(np.uint16)
+    x[0] = 65535
+    x[1] = 0
+    (got,) = _run(func, (x.astype(np.int32) - 32768).astype(np.int16))     # the boundary crosses as the view
+    np.testing.assert_array_equal(got, (x.astype(np.int64) - 5) @ w.astype(np.int64))
+
+
+def test_a_matmul_whose_sums_need_64_bits_is_two_byte_matmuls():
+    """A uint16 vector (a pooled feature map on its 16-bit grid) times 600 int8 weights per output
+    passes int32; TOSA's matmul accumulates in 32 bits, so each byte of x is its own int8 matmul and
+    256 acc_high + acc_low is joined in int64, exactly."""
+    w = np.random.default_rng(10).integers(64, 128, (600, 5)).astype(np.int8)
+    func = _function(lambda bb, x: relax.op.matmul(relax.op.astype(x, "int32"), relax.const(w.astype(np.int32)),
+                                                   out_dtype="int64"), ((2, 600), "uint16"))
+    assert emit.module(func)[1]["tosa.matmul"] == 2
+    x = np.random.default_rng(11).integers(0, 65536, (2, 600)).astype(np.uint16)
+    x[0] = 65535
+    (got,) = _run(func, (x.astype(np.int32) - 32768).astype(np.int16))
+    want = x.astype(np.int64) @ w.astype(np.int64)
+    assert np.abs(want).max() > 2**31
+    np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("dtype", ["int8", "uint8"])
 def test_an_8_bit_lookup_is_a_table_over_the_window_its_indices_reach(dtype):
     """Indices 172..427 of a 1024-entry table: one ``tosa.table`` over that window (TOSA reads

@@ -18,9 +18,12 @@ SOURCE, MODULE = "model.tosa.mlir", "model.vmfb"
 
 class Tosa(Backend):
     name = "tosa"
-    activations = "s8"          # TOSA's convolutions and matmuls take int8 (no uint8 operands)
+    # u8 as on x86, so that IREE runs the very integer program lowbit's CPU build runs: TOSA takes
+    # no uint8, and a u8 tensor is carried as its signed view (codegen/tosa/emit.py)
+    activations = "u8"
     integer_only = True
     one_sample = "the TOSA module is compiled for static shapes, one sample per call"
+    bench_peer = "iree"         # IREE is a peer compiler timed on lowbit's very integer program
 
     def defaults(self):
         return {"iree_target": iree.HOST}

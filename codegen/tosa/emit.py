@@ -593,18 +593,40 @@ def _operand(em: Emitter, expr) -> tuple[V, int]:
     raise TosaError(f"a contraction operand in [{lo}, {hi}] is not an 8- or 16-bit tensor")
 
 
-def _centered(em: Emitter, v: V, z: int, expr) -> tuple[V, int]:
-    """A 16-bit operand with zero point ``z`` as the int16 tensor of ``stored - z`` and zero point 0:
-    TOSA 1.0 takes a 16-bit matmul's or convolution's zero points as 0 only (ORT's u16 softmax
-    probabilities, as views, carry 32768).  ``expr``'s range is that difference's."""
+def _centered(em: Emitter, v: V, z: int, expr, weights: np.ndarray | None = None) -> tuple[V, int, int]:
+    """A 16-bit operand with zero point ``z`` as ``(v', 0, d)`` with ``stored - z = v' + d``: TOSA 1.0
+    takes a 16-bit matmul's or convolution's zero points as 0 only (ORT's u16 softmax probabilities,
+    as views, carry 32768).  ``expr``'s range is that difference's.  Where it fits int16, v' is it
+    and d = 0; else (a u16 activation's full span) v' is the stored view itself and d = -z, which
+    the caller adds as d * (the sum of each output's constant ``weights``) to the accumulator."""
     if z == 0 or v.type.elem != "i16":
-        return v, z
+        return v, z, 0
     lo, hi = em.ranges.of(expr)
-    if lo < I16[0] or hi > I16[1]:
-        raise TosaError(f"a 16-bit contraction operand whose centered values [{lo}, {hi}] do not fit int16")
-    wide = em.op("cast", [v], v.type.like("i32"))
-    d = em.op("sub", [wide, em.const(np.full((1,) * len(v.type.shape), z), "i32")], wide.type)
-    return em.op("cast", [d], v.type), 0
+    if I16[0] <= lo and hi <= I16[1]:
+        wide = em.op("cast", [v], v.type.like("i32"))
+        d = em.op("sub", [wide, em.const(np.full((1,) * len(v.type.shape), z), "i32")], wide.type)
+        return em.op("cast", [d], v.type), 0, 0
+    if weights is None:
+        raise TosaError(f"a 16-bit contraction operand whose centered values [{lo}, {hi}] do not fit int16, "
+                        "times a computed tensor")
+    return v, 0, -z
+
+
+def _split_sum(em: Emitter, acc: V, d: int, sums: np.ndarray, axis: int) -> V:
+    """``acc + d * sums`` along ``axis`` (the correction _centered's d asks for); the partial
+    accumulator it completes must fit int32 (checked by the caller's bound)."""
+    if d == 0:
+        return acc
+    shape = [1] * len(acc.type.shape)
+    shape[axis] = -1
+    return em.op("add", [acc, em.const((d * sums.astype(np.int64)).reshape(shape), "i32")], acc.type)
+
+
+def _partial_bound(weights_abs_sum: np.ndarray) -> None:
+    """A 16-bit operand's stored values times int8 weights, before _split_sum's correction: it
+    passes through int32 (TOSA has no i48 add), so its bound must fit."""
+    if (1 << 15) * int(weights_abs_sum.max(initial=0)) > I32[1]:
+        raise TosaError("a 16-bit contraction whose partial sums may pass int32")
 
 
 def _common(em: Emitter, *vs: V) -> tuple[str, list[V]]:
@@ -631,9 +653,11 @@ def _matmul(em: Emitter, call, var) -> V:
     constant weights, the rows of x into H with N = 1)."""
     a, za = _operand(em, call.args[0])
     out = _out(em, var)
+    w = call.args[1]
+    if out.elem == "i64":
+        return _wide_matmul(em, call, a, za, out)
     if out.elem != "i32":
         raise TosaError("a matmul that accumulates beyond int32: no TOSA form yet")
-    w = call.args[1]
     if isinstance(w, tvm.ir.GenericConst):
         wv = w.value.numpy()
         if wv.ndim != 2:
@@ -641,14 +665,16 @@ def _matmul(em: Emitter, call, var) -> V:
         k, n = wv.shape
         rows = int(np.prod(a.type.shape[:-1]))
         acc_type, (a,) = _common(em, a)
-        a, za = _centered(em, a, za, call.args[0])
+        a, za, da = _centered(em, a, za, call.args[0], wv)
+        if da:
+            _partial_bound(np.abs(wv.astype(np.int64)).sum(0))
         b, zb = em.const(wv.reshape(1, k, n), a.type.elem), 0
         a3 = em.op("reshape", [a, em.shape([1, rows, k])], a.type.like(shape=(1, rows, k)))
         shape3 = (1, rows, n)
     else:
         b, zb = _operand(em, w)
         acc_type, (a, b) = _common(em, a, b)
-        (a, za), (b, zb) = _centered(em, a, za, call.args[0]), _centered(em, b, zb, w)
+        (a, za, da), (b, zb, _) = _centered(em, a, za, call.args[0]), _centered(em, b, zb, w)
         if a.type.shape[:-2] != b.type.shape[:-2]:
             raise TosaError("a matmul whose operands' batch axes differ (broadcast): no TOSA form yet")
         batch = int(np.prod(a.type.shape[:-2]))
@@ -658,7 +684,52 @@ def _matmul(em: Emitter, call, var) -> V:
         shape3 = (batch, h, n)
     zeros = [em.const(np.array([z]), a.type.elem) for z in (za, zb)]
     acc = _to_i32(em, em.op("matmul", [a3, b, *zeros], T(shape3, acc_type)))
+    if da:
+        acc = _split_sum(em, acc, da, w.value.numpy().astype(np.int64).sum(0), 2)
     return em.op("reshape", [acc, em.shape(out.shape)], out)
+
+
+def _bytes(em: Emitter, v: V, z: int, expr, weight_abs_sum: int) -> list[tuple[V, int, int]]:
+    """A 16-bit operand's values ``stored - z`` (``expr``'s range) as two int8 operands, [(high byte,
+    its zero point, 256), (low byte, its zero point, 1)]: value = 256 high + low, so a contraction
+    whose sum needs 64 bits is two whose sums fit int32 (each byte at most 255 in size, times the
+    weights' absolute sum), joined in int64."""
+    lo, hi = em.ranges.of(expr)
+    if (hi >> 8) - (lo >> 8) > 255 or 255 * weight_abs_sum > I32[1]:
+        raise TosaError(f"a contraction of a [{lo}, {hi}] operand whose byte halves' sums pass int32")
+    rank = len(v.type.shape)
+    i32 = v.type.like("i32")
+
+    def c(value: int) -> V:
+        return em.const(np.full((1,) * rank, value), "i32")
+
+    x = em.op("sub", [em.op("cast", [v], i32), c(z)], i32)
+    low = em.op("bitwise_and", [x, c(255)], i32)
+    high = em.op("arithmetic_right_shift", [x, c(8)], i32, "round = false")
+    top = (lo >> 8) + 128                   # high - top fits int8
+    return [(em.op("cast", [em.op("sub", [high, c(top)], i32)], v.type.like("i8")), -top, 256),
+            (em.op("cast", [em.op("sub", [low, c(128)], i32)], v.type.like("i8")), -128, 1)]
+
+
+def _wide_matmul(em: Emitter, call, a: V, za: int, out: T) -> V:
+    """x W with constant int8 W whose sums need 64 bits (a 16-bit pooled vector into a classifier):
+    one int8 matmul per byte of x (_bytes), 256 acc_high + acc_low in int64."""
+    w = call.args[1]
+    if not isinstance(w, tvm.ir.GenericConst) or a.type.elem != "i16" or w.value.numpy().ndim != 2:
+        raise TosaError("a matmul that accumulates beyond int32 other than a 16-bit tensor times constant weights")
+    wv = w.value.numpy().astype(np.int64)
+    (k, n), rows = wv.shape, int(np.prod(a.type.shape[:-1]))
+    total = None
+    for part, zp, scale in _bytes(em, a, za, call.args[0], int(np.abs(wv).sum(0).max())):
+        a3 = em.op("reshape", [part, em.shape([1, rows, k])], part.type.like(shape=(1, rows, k)))
+        acc = em.op("matmul", [a3, em.const(wv.reshape(1, k, n), "i8"), em.const(np.array([zp]), "i8"),
+                               em.const(np.zeros(1), "i8")], T((1, rows, n), "i32"))
+        acc = em.op("cast", [acc], acc.type.like("i64"))
+        if scale != 1:
+            acc = em.op("mul", [acc, em.const(np.full((1, 1, 1), scale), "i64"), em.const(np.zeros(1), "i8")],
+                        acc.type)
+        total = acc if total is None else em.op("add", [total, acc], acc.type)
+    return em.op("reshape", [total, em.shape(out.shape)], out)
 
 
 NHWC, NCHW = [0, 2, 3, 1], [0, 3, 1, 2]
@@ -681,12 +752,14 @@ def _conv2d(em: Emitter, call, var) -> V:
     a = call.attrs
     if str(a.data_layout) != "NCHW" or str(a.kernel_layout) != "OIHW" or any(int(p) for p in a.padding):
         raise TosaError("conv2d other than NCHW/OIHW without padding (the unit pads first)")
-    x, zx = _centered(em, *_operand(em, call.args[0]), call.args[0])
-    acc_type = "i48" if x.type.elem == "i16" else "i32"
     w = call.args[1]
     if not isinstance(w, tvm.ir.GenericConst):
         raise TosaError("conv2d with runtime weights")
     w = w.value.numpy()
+    x, zx, dx = _centered(em, *_operand(em, call.args[0]), call.args[0], w)
+    if dx:          # the unit padded with the zero point, so every tap reads (x - z): one sum per output
+        _partial_bound(np.abs(w.astype(np.int64)).reshape(w.shape[0], -1).sum(1))
+    acc_type = "i48" if x.type.elem == "i16" else "i32"
     out = _out(em, var)
     if out.elem != "i32":
         raise TosaError("a conv2d that accumulates beyond int32: no TOSA form yet")
@@ -720,7 +793,7 @@ def _conv2d(em: Emitter, call, var) -> V:
             parts.append(em.op("conv2d", [xg, em.const(wg, "i8"), em.const(np.zeros(og), bias), *zeros],
                                T((n, ho, wo, og), acc_type), geometry))
         acc = em.op("concat", parts, T((n, ho, wo, o), acc_type), "axis = 3 : i32")
-    return _permute(em, _to_i32(em, acc), NCHW)
+    return _permute(em, _split_sum(em, _to_i32(em, acc), dx, w.astype(np.int64).reshape(o, -1).sum(1), 3), NCHW)
 
 
 @handles("relax.nn.max_pool2d")

@@ -30,26 +30,27 @@ class Iree(Runner):
     def __init__(self):
         self._contexts = weakref.WeakKeyDictionary()    # a fresh build's module, loaded once
 
-    def load(self, directory: Path, manifest):
+    def load(self, directory: Path, manifest, driver: str = "local-task"):
         import iree.runtime as rt
 
-        ctx = rt.SystemContext(config=rt.Config("local-task"))
+        ctx = rt.SystemContext(config=rt.Config(driver))
         ctx.add_vm_module(rt.VmModule.copy_buffer(ctx.instance, (directory / manifest.build["module"]).read_bytes()))
         return ctx
 
-    def run_int(self, artifact, qs: list[np.ndarray]) -> list[np.ndarray]:
-        """The integer outputs for the integer inputs (one call per sample of the build's batch)."""
-        ctx = artifact._module
-        if ctx is None:
-            if artifact not in self._contexts:
-                self._contexts[artifact] = self.load(artifact.directory(), artifact.manifest)
-            ctx = self._contexts[artifact]
-        out = ctx.modules.module.main(*qs)
-        outs = out if isinstance(out, (list, tuple)) else [out]
-        return [np.asarray(o.to_host()) for o in outs]
+    def context(self, artifact):
+        if artifact._module is not None:
+            return artifact._module
+        if artifact not in self._contexts:
+            self._contexts[artifact] = self.load(artifact.directory(), artifact.manifest)
+        return self._contexts[artifact]
 
     def run(self, artifact, feeds: list[np.ndarray]) -> list[np.ndarray]:
-        block = artifact.manifest.build
+        return self.run_on(self.context(artifact), artifact.manifest, feeds)
+
+    def run_on(self, ctx, manifest, feeds: list[np.ndarray]) -> list[np.ndarray]:
+        """Quantize ``feeds``, run the module in ``ctx`` (one call per sample of the build's batch),
+        dequantize the outputs."""
+        block = manifest.build
         ins = [BoundaryTensor.from_dict(d) for d in block["inputs"]]
         outs = [BoundaryTensor.from_dict(d) for d in block["outputs"]]
         qs = []
@@ -61,8 +62,24 @@ class Iree(Runner):
             qs.append(to_view(t.quantize(x)))
         # the module takes the batch it was compiled for: the samples go through it that many at a time
         step = ins[0].shape[0]
-        got = [self.run_int(artifact, [q[i:i + step] for q in qs]) for i in range(0, len(qs[0]), step)]
+        got = [_call(ctx, [q[i:i + step] for q in qs]) for i in range(0, len(qs[0]), step)]
         return [t.dequantize(from_view(np.concatenate([g[k] for g in got]), t.dtype)) for k, t in enumerate(outs)]
+
+
+def _call(ctx, qs: list[np.ndarray]) -> list[np.ndarray]:
+    out = ctx.modules.module.main(*qs)
+    return [np.asarray(o.to_host()) for o in (out if isinstance(out, (list, tuple)) else [out])]
+
+
+def timing_runner(artifact, threads: int):
+    """``feeds -> outputs`` on a context of its own for ``lowbit bench``: IREE's local-sync driver
+    (the caller's thread) for one thread, local-task (a worker per core; IREE fixes its task
+    topology when the driver is first made, once per process) for more."""
+    m = artifact.manifest
+    ctx = RUNNER.load(artifact.directory(), m, "local-sync" if threads == 1 else "local-task")
+    names = [s.name for s in m.inputs]
+    return lambda feeds: dict(zip([s.name for s in m.outputs], RUNNER.run_on(ctx, m, [feeds[n] for n in names]),
+                                  strict=True))
 
 
 RUNNER = Iree()

@@ -20,6 +20,7 @@ import numpy as np
 
 import compiler
 from codegen import registry
+from codegen.tosa.runner import timing_runner
 from compiler.frontend import input_specs, load
 from compiler.options import CompileOptions
 from compiler.quantize import is_quantized
@@ -208,6 +209,7 @@ def inputs(model: str, calib_path: str | None, count: int):
 
 
 BASELINES = ("ort", "openvino")
+HOST = "llvm"       # the build lowbit's own rows time when the target is another engine's (bench_peer)
 
 
 def sweep(model: str, calib_path: str | None, *, target: str, target_options: Mapping, batch_sizes: list[int],
@@ -219,6 +221,10 @@ def sweep(model: str, calib_path: str | None, *, target: str, target_options: Ma
     ``remote`` lowbit runs on the board and its own FP32 is the reference.  ``report`` sees each
     result as it comes."""
     backend = CompileOptions(target=target, target_options=target_options).backend
+    peer_options: Mapping = {}
+    if backend.bench_peer:      # e.g. tosa: IREE runs that build, beside lowbit's own for this machine
+        vs, peer_options, target, target_options = (*vs, backend.bench_peer), target_options, HOST, {}
+        backend = CompileOptions(target=target).backend
     if not (registry.runner(target).remote if remote else backend.measures_latency):
         raise UserError(f"bench times wall-clock latency on this machine or a board over TVM RPC, and a {target} "
                         "build runs on neither (an rv32 build's exact instruction counts: `lowbit profile OUTDIR`)")
@@ -247,6 +253,10 @@ def sweep(model: str, calib_path: str | None, *, target: str, target_options: Ma
             int8 = CompileOptions(calib=calib, fidelity=None, **common)
             arts = [] if quantized else [compiler.compile(model_path, options=int8)]
             arts.append(compiler.compile(model_path, options=CompileOptions(**common)))
+            # IREE on the integer program lowbit's int8 row runs, as TOSA (the given one for a quantized model)
+            tosa = compiler.compile(model_path, options=CompileOptions(
+                calib=None if quantized else calib, fidelity=None, target="tosa", target_options=peer_options,
+                input_shapes=fixed)) if "iree" in vs and not remote else None
             # first: the row t/lowbit refers to
             session = remote.connect() if remote else None
             lowbit = {f"lowbit-{a.manifest.precision}": (remote.load(a, session) if remote else a) for a in arts}
@@ -258,6 +268,8 @@ def sweep(model: str, calib_path: str | None, *, target: str, target_options: Ma
                     set_tvm_threads(t)
                     baselines = ort.baselines(model_path, calib, t, tmp, ort_models)
                     runners.update((r.name, r) for r in [*baselines, *ov.baselines(ov_models, t)])
+                    if tosa is not None:
+                        runners["iree-int8"] = timing_runner(tosa, t)
                     reference = baselines[0].name
                 result = compare(os.path.basename(model), runners, feeds[0], feeds, t, seconds, reference=reference,
                                  batch=batch, where=remote.describe() if remote else "this machine")
@@ -287,6 +299,9 @@ def markdown(results: list[BenchResult]) -> str:
             "ORT INT8 ms (fastest with cos >= 0.99, else fastest)", "lowbit FP32 ms", "ORT FP32 ms",
             "lowbit INT8 / OpenVINO INT8", "lowbit INT8 / ORT INT8", "lowbit FP32 / ORT FP32",
             "cosine lowbit INT8 / OpenVINO INT8"]
+    peers = any(row.name == "iree-int8" for r in results for row in r.rows)
+    if peers:                       # IREE on lowbit's integer program (bench --target tosa)
+        cols += ["iree-int8 ms (lowbit's program)", "lowbit INT8 / iree-int8"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
 
     def cell(row: Row | None) -> str:
@@ -308,6 +323,8 @@ def markdown(results: list[BenchResult]) -> str:
         cells = [r.model, str(r.batch), str(r.threads), cell(low), named(ov8) + cell(ov8), named(ort8) + cell(ort8),
                  cell(low32), cell(ort32), ratio(low, ov8), ratio(low, ort8), ratio(low32, ort32),
                  f"{cos(low)} / {cos(ov8)}"]
+        if peers:
+            cells += [cell(by.get("iree-int8")), ratio(low, by.get("iree-int8"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -54,6 +54,12 @@ GOLDEN_SAMPLES = 2
 FIDELITY_FLOOR = 0.99
 FP32_SAMPLES = 4
 TIMEOUT_S = 3600
+HOST = "llvm"
+NO_FP32 = "not built: the target is integer-only"
+
+
+def report_name(target: str) -> str:
+    return "corpus" if target == HOST else f"corpus-{target}"
 
 
 @dataclass
@@ -199,9 +205,11 @@ def _first(outs: dict) -> np.ndarray:
     return next(iter(outs.values()))
 
 
-def measure(v: corpus.Variant, quantized: bool = True) -> ModelResult:
-    """``v``'s row of the report; ``quantized``: also the other tools' quantized versions."""
+def measure(v: corpus.Variant, quantized: bool = True, target: str = HOST) -> ModelResult:
+    """``v``'s row of the report; ``quantized``: also the other tools' quantized versions; ``target``:
+    the target every lowbit build is for (an integer-only one, such as tosa, has no FP32 build)."""
     f = corpus.ensure(v)
+    integer_only = CompileOptions(target=target).backend.integer_only
     calib, evals = f.calibration(), _samples(f.evaluation(), corpus.EVAL_SAMPLES)
     ref = OrtRunner("ort-fp32", str(f.onnx), 2)
     want = _rows([_first(ref(x)) for x in evals])
@@ -212,7 +220,7 @@ def measure(v: corpus.Variant, quantized: bool = True) -> ModelResult:
 
     def build(path: Path, out: Outcome, **options) -> tuple[Artifact, driver.Reference]:
         t0 = time.perf_counter()
-        art, reference = driver.compile_with_reference(str(path), CompileOptions(**options))
+        art, reference = driver.compile_with_reference(str(path), CompileOptions(target=target, **options))
         out.compile_s = round(time.perf_counter() - t0, 2)
         m = art.manifest
         out.integer_only, out.launches = m.integer_only, m.kernel_launches
@@ -251,7 +259,8 @@ def measure(v: corpus.Variant, quantized: bool = True) -> ModelResult:
 
     r = v.recipe
     result = ModelResult(v.name, r.family, r.kind, v.exporter, "dynamic" if v.dynamic else "1",
-                         _measure(fp32, Outcome()), _measure(int8, Outcome()),
+                         Outcome(error=NO_FP32) if integer_only else _measure(fp32, Outcome()),
+                         _measure(int8, Outcome()),
                          _measure(ort_int8("static"), Outcome()), _measure(ort_int8("dynamic"), Outcome()))
     if quantized and v.name in quantized_bases([v]):
         result.quantized = {q: _measure(given(q), Outcome()) for q in QUANTIZERS}
@@ -260,8 +269,8 @@ def measure(v: corpus.Variant, quantized: bool = True) -> ModelResult:
 
 # --- the report ----------------------------------------------------------------------------------------------
 
-def result_path(v: corpus.Variant, src: str) -> Path:
-    return cache_root() / "corpus-results" / f"{v.name}-{v.hash()}-{src}.json"
+def result_path(v: corpus.Variant, src: str, target: str = HOST) -> Path:
+    return cache_root() / "corpus-results" / f"{v.name}-{v.hash()}-{src}{'' if target == HOST else '-' + target}.json"
 
 
 def _from_json(d: dict) -> ModelResult:
@@ -269,12 +278,12 @@ def _from_json(d: dict) -> ModelResult:
     return ModelResult(**{**d, **outs, "quantized": {q: Outcome(**o) for q, o in d["quantized"].items()}})
 
 
-def run_one(v: corpus.Variant, src: str, timeout: float) -> ModelResult:
+def run_one(v: corpus.Variant, src: str, timeout: float, target: str = HOST) -> ModelResult:
     """``v``'s result, measured in a child process unless cached for this source."""
-    path = result_path(v, src)
+    path = result_path(v, src, target)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "compiler.tools.corpus", "--one", v.name, "--json", str(path)]
+        cmd = [sys.executable, "-m", "compiler.tools.corpus", "--one", v.name, "--json", str(path), "--target", target]
         try:
             # in a scratch directory: ORT's quantizer leaves shape-inference and external-data files in the cwd
             with tempfile.TemporaryDirectory() as scratch:
@@ -296,6 +305,8 @@ def _f(x: float | None, digits: int = 4) -> str:
 
 
 def _verdict(o: Outcome) -> str:
+    if o.error == NO_FP32:
+        return "–"
     if not o.ok:
         return "fails: " + (o.error or "?").replace("|", "/")
     if o.integer_only:
@@ -338,6 +349,13 @@ def markdown(results: list[ModelResult]) -> str:
 
 def summary(results: list[ModelResult]) -> str:
     n = len(results)
+    if all(r.fp32.error == NO_FP32 for r in results) and n:
+        integer = sum(bool(r.int8.ok and r.int8.integer_only) for r in results)
+        given = [o for r in results for o in r.quantized.values()]
+        return (f"{n} models, built for an integer-only target: {integer}/{n} integer-only from --calib, "
+                f"{sum(bool(r.int8.bit_exact) for r in results)}/{n} bit-exact with golden; quantized inputs: "
+                f"{sum(bool(o.integer_only) for o in given)}/{len(given)} integer-only, "
+                f"{sum(bool(o.bit_exact) for o in given)}/{len(given)} bit-exact.")
     fp32 = sum(r.fp32.ok and (r.fp32.max_rel_err or 0) <= 1e-4 for r in results)
     integer = sum(bool(r.int8.ok and r.int8.integer_only) for r in results)
     exact = sum(bool(r.int8.bit_exact) for r in results if r.int8.ok)
@@ -354,17 +372,17 @@ def summary(results: list[ModelResult]) -> str:
 
 
 def report(names: list[str] | None, out_dir: Path, timeout: float = TIMEOUT_S, progress=print,
-           jobs: int = 1) -> list[ModelResult]:
-    """Measure the named corpus models (all by default) and write ``corpus.md`` and ``corpus.json``.
-    ``jobs`` children at a time (each compile is mostly one thread; compile times then include the
-    neighbour's load)."""
+           jobs: int = 1, target: str = HOST) -> list[ModelResult]:
+    """Measure the named corpus models (all by default) and write ``corpus.md`` and ``corpus.json``
+    (``corpus-TARGET.*`` for another target than the host's).  ``jobs`` children at a time (each
+    compile is mostly one thread; compile times then include the neighbour's load)."""
     variants, src = corpus.find(names), source_hash()
     done = 0
 
     def one(v: corpus.Variant) -> ModelResult:
         nonlocal done
         t0 = time.perf_counter()
-        r = run_one(v, src, timeout)
+        r = run_one(v, src, timeout, target)
         done += 1
         progress(f"[{done}/{len(variants)}] {v.name}: fp32 {'ok' if r.fp32.ok else 'fails'}, int8 {_verdict(r.int8)}"
                  f", bit-exact {_exact(r.int8)} ({time.perf_counter() - t0:.0f} s)")
@@ -374,7 +392,8 @@ def report(names: list[str] | None, out_dir: Path, timeout: float = TIMEOUT_S, p
         results = list(pool.map(one, variants))
     out_dir.mkdir(parents=True, exist_ok=True)
     body = {"lowbit_source": src, "models": [asdict(r) for r in results], "summary": summary(results)}
-    for name, text in (("corpus.json", json.dumps(body, indent=1)), ("corpus.md", markdown(results))):
+    stem = report_name(target)
+    for name, text in ((f"{stem}.json", json.dumps(body, indent=1)), (f"{stem}.md", markdown(results))):
         tmp = out_dir / f".{name}.tmp"
         tmp.write_text(text)
         os.replace(tmp, out_dir / name)
@@ -385,8 +404,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m compiler.tools.corpus")
     p.add_argument("--one", help="measure one corpus model in this process (the report's child)")
     p.add_argument("--json")
+    p.add_argument("--target", default=HOST)
     a = p.parse_args(argv)
-    result = measure(corpus.find([a.one])[0])
+    result = measure(corpus.find([a.one])[0], target=a.target)
     tmp = Path(a.json).with_suffix(".tmp")
     tmp.write_text(json.dumps(asdict(result), indent=1))
     os.replace(tmp, a.json)
