@@ -81,6 +81,12 @@ class Ranges:
         if not dtype or dtype.startswith("float") or dtype == "void":
             return 0, 0
         full = dtype_range(dtype)
+        if isinstance(value, relax.TupleGetItem):   # a part of a split holds values of what was split
+            split = self.bound.get(value.tuple_value)
+            if isinstance(split, relax.Call) and split.op.name == "relax.split":
+                lo, hi = self.of(split.args[0])
+                return max(lo, full[0]), min(hi, full[1])
+            return full
         rule = TRANSFER.get(value.op.name) if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) else None
         if rule is None:
             return full

@@ -277,3 +277,21 @@ def test_a_u8_qdq_file_runs_on_signed_views(tmp_path):
     art, model, variants = compile_with_golden(qdq, target="tosa")
     assert art.manifest.integer_only and art.manifest.build["inputs"][0]["dtype"] == "uint8"
     assert_golden_per_sample(art, model, variants, zoo.get("digits_cnn").samples(3, seed=7))
+
+
+def test_a_split_is_one_slice_per_part():
+    """ShuffleNetV2's channel split, as quantized files keep it: relax.split's parts are slices, each
+    read through its tuple field, and the parts keep the range of what was split."""
+    def build(bb, x):
+        parts = bb.emit(relax.op.split(x, [2, 5], axis=1))
+        a, b, c = (bb.emit(relax.TupleGetItem(parts, i)) for i in range(3))
+        return relax.op.concat([relax.op.astype(c, "int32"), relax.op.add(relax.op.astype(a, "int32"),
+                                                                             relax.op.strided_slice(relax.op.astype(b, "int32"), [1], [0], [2]))],
+                               axis=1)
+    func = _function(build, ((2, 7, 3), "uint8"))
+    x = np.random.default_rng(12).integers(0, 256, (2, 7, 3)).astype(np.uint8)
+    (got,) = _run(func, (x.astype(np.int32) - 128).astype(np.int8))
+    xi = x.astype(np.int32)
+    np.testing.assert_array_equal(got, np.concatenate([xi[:, 5:], xi[:, :2] + xi[:, 2:4]], axis=1))
+    assert Ranges(func).of(next(b.var for blk in func.body.blocks for b in blk.bindings
+                                if isinstance(b.value, relax.TupleGetItem))) == (0, 255)

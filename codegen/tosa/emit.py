@@ -253,6 +253,8 @@ class Emitter:
     def binding(self, var, value):
         if isinstance(value, relax.Var):
             return self.values[value]
+        if isinstance(value, relax.TupleGetItem):      # a field of a split's tuple of values
+            return self.values[value.tuple_value][int(value.index)]
         name = _op_name(value)
         handler = HANDLERS.get(name)
         if handler is None:
@@ -491,6 +493,20 @@ def _slice(em: Emitter, call, var) -> V:
         start[ax] = b + shape[ax] if b < 0 else min(b, shape[ax])
         size[ax] = out[ax]
     return em.view_of(em.op("slice", [x, em.shape(start), em.shape(size)], x.type.like(shape=out)), x)
+
+
+@handles("relax.split")
+def _split(em: Emitter, call, var) -> tuple[V, ...]:
+    """One slice per part along the axis (ShuffleNetV2's channel split, as ORT's and NNCF's files
+    keep it): the parts' static shapes give their sizes."""
+    x = em.get(call.args[0])
+    axis, start, parts = int(call.attrs.axis) % len(x.type.shape), 0, []
+    for field in var.ty.fields:
+        size = tuple(int(d) for d in field.shape.values)
+        begin = [start if d == axis else 0 for d in range(len(size))]
+        parts.append(em.view_of(em.op("slice", [x, em.shape(begin), em.shape(size)], x.type.like(shape=size)), x))
+        start += size[axis]
+    return tuple(parts)
 
 
 @handles("relax.concat")
