@@ -667,9 +667,9 @@ def build_parser() -> argparse.ArgumentParser:
     cr.add_argument("--timeout", type=_positive(float), default=3600.0, metavar="S", help="per model")
     cr.add_argument("--jobs", type=_positive(int), default=1, metavar="N",
                     help="models measured at a time (their compile times then share the machine)")
-    cr.add_argument("--target", default="llvm", choices=("llvm", "tosa"),
-                    help="the builds' target: llvm (this machine's CPU; FP32 and INT8) or tosa (IREE running the "
-                         "integer program; INT8 only) -> corpus-tosa.{md,json}")
+    cr.add_argument("--target", default="llvm",
+                    help="the builds' target, one that runs here: llvm (this machine's CPU; FP32 and INT8) or an "
+                         "integer-only one such as tosa (IREE; INT8 only) -> corpus-TARGET.{md,json}")
     cr.set_defaults(func=cmd_corpus_report)
     return p
 
