@@ -27,6 +27,8 @@ class Rewriter:
         self.inits = {t.name: t for t in model.graph.initializer}
         self.new_inits: list[onnx.TensorProto] = []
         self.ids = itertools.count()
+        self.types = {vi.name: vi.type.tensor_type.elem_type
+                      for vi in [*model.graph.input, *model.graph.value_info, *model.graph.output]}
 
     def name(self, base: str) -> str:
         return f"{base}__qdq{next(self.ids)}"
@@ -39,9 +41,29 @@ class Rewriter:
     def array(self, name: str) -> np.ndarray | None:
         return numpy_helper.to_array(self.inits[name]) if name in self.inits else None
 
+    def scale_type(self, scale: str) -> int:
+        s = self.array(scale)
+        return helper.np_dtype_to_tensor_dtype(s.dtype) if s is not None else self.types.get(scale, TensorProto.FLOAT)
+
+    def f32(self, out_nodes, scale: str) -> str:
+        """``scale`` as float32.  A float16 scale would make the op between DQ and Q float16 arithmetic
+        (a MatMul's sum rounded to 11 bits, and rounded differently where a CPU has native float16),
+        where the QLinear specs compute the real-valued result and round once, at the quantize."""
+        if self.scale_type(scale) == TensorProto.FLOAT:
+            return scale
+        if (s := self.array(scale)) is not None:
+            return self.const(scale + "_f32", s.astype(np.float32))
+        y = self.name(scale + "_f32")
+        out_nodes.append(helper.make_node("Cast", [scale], [y], to=TensorProto.FLOAT, name=self.name(scale)))
+        return y
+
+    def q(self, out_nodes, x, scale, zp, y, base="q") -> None:
+        inputs = [x, self.f32(out_nodes, scale)] + ([zp] if zp else [])
+        out_nodes.append(helper.make_node("QuantizeLinear", inputs, [y], name=self.name(base)))
+
     def dq(self, out_nodes, x, scale, zp, axis=None, base="dq") -> str:
         y = self.name(base)
-        inputs = [x, scale] + ([zp] if zp else [])
+        inputs = [x, self.f32(out_nodes, scale)] + ([zp] if zp else [])
         kw = {"axis": axis} if axis is not None else {}
         out_nodes.append(helper.make_node("DequantizeLinear", inputs, [y], name=self.name(base), **kw))
         return y
@@ -56,7 +78,8 @@ class Rewriter:
         if sa is not None and sb is not None:
             return self.const(base + "_bias_scale", (sa.astype(np.float32) * sb.astype(np.float32)).reshape(-1))
         y = self.name(base + "_bias_scale")
-        out_nodes.append(helper.make_node("Mul", [a_scale, b_scale], [y], name=self.name(base)))
+        out_nodes.append(helper.make_node("Mul", [self.f32(out_nodes, a_scale), self.f32(out_nodes, b_scale)], [y],
+                                          name=self.name(base)))
         return y
 
 
@@ -75,7 +98,7 @@ def _qlinear_conv(rw: Rewriter, n: onnx.NodeProto, out: list) -> None:
                             base=n.name + "_b"))
     yf = rw.name(n.name + "_y")
     out.append(helper.make_node("Conv", inputs, [yf], name=rw.name(n.name), **attrs(n)))
-    out.append(helper.make_node("QuantizeLinear", [yf, ys, yz], [n.output[0]], name=rw.name(n.name + "_q")))
+    rw.q(out, yf, ys, yz, n.output[0], n.name + "_q")
 
 
 def _qlinear_binary(op: str):
@@ -86,7 +109,7 @@ def _qlinear_binary(op: str):
         bf = rw.dq(out, b, bs, bz, axis=b_axis, base=n.name + "_b")
         yf = rw.name(n.name + "_y")
         out.append(helper.make_node(op, [af, bf], [yf], name=rw.name(n.name)))
-        out.append(helper.make_node("QuantizeLinear", [yf, ys, yz], [n.output[0]], name=rw.name(n.name + "_q")))
+        rw.q(out, yf, ys, yz, n.output[0], n.name + "_q")
     return rewrite
 
 
@@ -103,7 +126,7 @@ def _qlinear_unary(op: str, drop: tuple[str, ...] = ()):
         xf = rw.dq(out, x, xs, xz, base=n.name + "_x")
         yf = rw.name(n.name + "_y")
         out.append(helper.make_node(op, [xf], [yf], name=rw.name(n.name), **kw))
-        out.append(helper.make_node("QuantizeLinear", [yf, ys, yz], [n.output[0]], name=rw.name(n.name + "_q")))
+        rw.q(out, yf, ys, yz, n.output[0], n.name + "_q")
     return rewrite
 
 
@@ -113,7 +136,7 @@ def _qlinear_concat(rw: Rewriter, n: onnx.NodeProto, out: list) -> None:
     parts = [rw.dq(out, *n.input[i:i + 3], base=n.name + "_x") for i in range(2, len(n.input), 3)]
     yf = rw.name(n.name + "_y")
     out.append(helper.make_node("Concat", parts, [yf], name=rw.name(n.name), axis=attrs(n)["axis"]))
-    out.append(helper.make_node("QuantizeLinear", [yf, ys, yz], [n.output[0]], name=rw.name(n.name + "_q")))
+    rw.q(out, yf, ys, yz, n.output[0], n.name + "_q")
 
 
 def _qgemm(rw: Rewriter, n: onnx.NodeProto, out: list) -> None:
@@ -134,8 +157,7 @@ def _qgemm(rw: Rewriter, n: onnx.NodeProto, out: list) -> None:
     out.append(helper.make_node("Gemm", inputs, [yf], name=rw.name(n.name), **gemm_attrs))
     if quantized_out:
         yz = n.input[8] if len(n.input) > 8 else ""
-        out.append(helper.make_node("QuantizeLinear", [yf, n.input[7]] + ([yz] if yz else []), [n.output[0]],
-                                    name=rw.name(n.name + "_q")))
+        rw.q(out, yf, n.input[7], yz, n.output[0], n.name + "_q")
 
 
 def _conv_integer(rw: Rewriter, n: onnx.NodeProto, out: list) -> None:

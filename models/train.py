@@ -35,7 +35,18 @@ def _augment(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torch.T
 
 
 def train_classifier(model: nn.Module, data: LabeledSet, cfg: TrainConfig, seed: int, desc: str) -> nn.Module:
-    """AdamW with a one-cycle schedule; deterministic for a given seed and thread count."""
+    """AdamW with a one-cycle schedule, on one thread: torch's reductions split by thread count, so
+    the weights would differ from machine to machine (and pytest's parallel workers would contend
+    for the cores); the models are small enough that threads gain little."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train(model, data, cfg, seed, desc)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(model: nn.Module, data: LabeledSet, cfg: TrainConfig, seed: int, desc: str) -> nn.Module:
     gen = torch.Generator().manual_seed(seed)
     x, y = torch.from_numpy(data.x), torch.from_numpy(data.y)
     steps_per_epoch = (len(x) + cfg.batch - 1) // cfg.batch

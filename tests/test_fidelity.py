@@ -75,6 +75,19 @@ def test_optq_rounding_beats_nearest_on_the_layer_output():
     assert (q1 != q0).any()
 
 
+def test_the_upper_cholesky_factor_of_the_inverse_is_the_one_optq_reads():
+    """OPTQ's U (U^T U = H^-1, upper) from one factorization of the reversed H equals the textbook
+    cholesky(inv(H))^T to float64 rounding, on a damped Gram matrix of correlated inputs."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(300, 200)) @ rng.normal(size=(200, 200))
+    h = x.T @ x
+    h += 0.01 * np.mean(np.diag(h)) * np.eye(len(h))
+    u = rounding._upper_cholesky_of_inverse(h)
+    assert np.array_equal(u, np.triu(u))
+    want = np.linalg.cholesky(np.linalg.inv(h)).T
+    assert np.abs(u - want).max() <= 1e-9 * np.abs(want).max()
+
+
 def _buried_signal_mlp(rng) -> onnx.ModelProto:
     """y = (x W1) W2: the hidden layer h carries the signal in 8 units at ~1/100 of the other 56,
     which W2 ignores.  One 8-bit grid for h spends its steps on the loud units and rounds the signal to

@@ -122,3 +122,25 @@ def test_conv_integer_matches_ort(tmp_path):
     got = compiler.compile(path).run({"x": x})["y"]
     # ConvInteger itself is exact; the float epilogue (scale multiply, bias) may differ in the last bits
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_float16_scales_round_once_like_the_spec():
+    """QLinearMatMul with float16 scales at opset 21, both operands at run time: the spec's result is
+    the real-valued product rounded once, at the quantize.  Dequantized to float16, the sum and the
+    division by y_scale would round to 11 bits first (254.58 became 254.5, then 254, in ONNX's own
+    case); the rewrite computes in float32, which gives the exact value's rounding on these values."""
+    rng = np.random.default_rng(11)
+    a = rng.integers(0, 256, (32, 64), dtype=np.uint8)
+    b = rng.integers(0, 256, (64, 32), dtype=np.uint8)
+    sa, sb, sy = (np.array([s], np.float16) for s in (0.0066, 0.00705, 0.0856))
+    za, zb, zy = (np.array([z], np.uint8) for z in (113, 114, 118))
+    inits = [numpy_helper.from_array(v, k) for k, v in dict(sa=sa, za=za, sb=sb, zb=zb, sy=sy, zy=zy).items()]
+    node = helper.make_node("QLinearMatMul", ["a", "sa", "za", "b", "sb", "zb", "sy", "zy"], ["y"], name="qmm")
+    model = make_model([node], [helper.make_tensor_value_info("a", TensorProto.UINT8, [32, 64]),
+                                helper.make_tensor_value_info("b", TensorProto.UINT8, [64, 32])],
+                       [helper.make_tensor_value_info("y", TensorProto.UINT8, [32, 32])], inits, opset=21)
+    acc = (a.astype(np.int64) - int(za[0])) @ (b.astype(np.int64) - int(zb[0]))
+    real = acc * (np.float64(sa[0]) * np.float64(sb[0]) / np.float64(sy[0]))
+    assert np.abs(np.abs(real - np.floor(real)) - 0.5).min() > 1e-4, "a near-tie: float32 may round it otherwise"
+    want = np.clip(np.round(real) + int(zy[0]), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(compiler.compile(model).run({"a": a, "b": b})["y"], want)

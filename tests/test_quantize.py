@@ -57,13 +57,14 @@ def basic_block(c=16, hw=8, seed=0) -> onnx.ModelProto:
 
 def _compile_and_check(model, calib, x, config=None, **opts):
     """Compile FP32 + calibration through the public API; bit-exact against golden on the
-    QDQ model the quantizer produces; returns (artifact, qdq model)."""
+    QDQ model that compile's calibration produced; returns (artifact, qdq model)."""
     config = config or quantize.QuantConfig()
-    qdq, _ = quantize.quantize(model, calib, config)
     if config.activations == "u8":
-        art = compiler.compile(model, options=CompileOptions(calib=calib, weight_bits=config.weight_bits,
-                                                             observer=config.observer, pin=config.pin_ends, **opts))
+        art, ref = driver.compile_with_reference(model, CompileOptions(
+            calib=calib, weight_bits=config.weight_bits, observer=config.observer, pin=config.pin_ends, **opts))
+        qdq = ref.model
     else:                                   # no CPU target picks s8 yet: compile the QDQ model directly
+        qdq, _ = quantize.quantize(model, calib, config)
         art = compiler.compile(qdq, options=CompileOptions(**opts))
     m = art.manifest
     assert m.precision == "int8" and m.integer_only, m.integer_region

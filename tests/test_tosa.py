@@ -175,6 +175,31 @@ def test_a_matmul_whose_sums_need_64_bits_is_two_byte_matmuls():
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+def test_a_convolution_whose_sums_need_64_bits_is_two_byte_convolutions(groups):
+    """The same for a uint16 feature map, padded with its zero point, into a 3x3 convolution (as
+    codegen/tosa/units.py writes it): each byte of the padded input is an int8 convolution."""
+    w = np.random.default_rng(12).integers(64, 128, (8, 128 // groups, 3, 3)).astype(np.int8)
+
+    def build(bb, x):
+        xp = bb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, 1, 1, 1, 1], pad_value=40000.0))
+        return relax.op.nn.conv2d(xp, relax.const(w), groups=groups, out_dtype="int64")
+    func = _function(build, ((1, 128, 5, 5), "uint16"))
+    assert emit.module(func)[1]["tosa.conv2d"] == 2 * groups
+    x = np.random.default_rng(13).integers(0, 65536, (1, 128, 5, 5)).astype(np.uint16)
+    x[0, :, 2] = 65535
+    (got,) = _run(func, (x.astype(np.int32) - 32768).astype(np.int16))
+    xp = np.pad(x.astype(np.int64), [(0, 0), (0, 0), (1, 1), (1, 1)], constant_values=40000)
+    per = 128 // groups
+    want = np.zeros((1, 8, 5, 5), np.int64)
+    for o in range(8):
+        g = o // (8 // groups)
+        for i, j in np.ndindex(5, 5):
+            want[0, o, i, j] = (xp[0, g * per:(g + 1) * per, i:i + 3, j:j + 3] * w[o]).sum()
+    assert np.abs(want).max() > 2**31
+    np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("dtype", ["int8", "uint8"])
 def test_an_8_bit_lookup_is_a_table_over_the_window_its_indices_reach(dtype):
     """Indices 172..427 of a 1024-entry table: one ``tosa.table`` over that window (TOSA reads

@@ -281,7 +281,7 @@ def main_c(prog: Program) -> str:
 /* input.S: .incbin of the input file, any number of inputs back to back */
 extern const {CTYPES[inp.dtype]} lowbit_input[], lowbit_input_end[];
 static uint8_t arena[LOWBIT_{up}_ARENA_BYTES] __attribute__((aligned(8)));
-static {CTYPES[out.dtype]} output[LOWBIT_{up}_OUTPUT_BYTES];
+static {CTYPES[out.dtype]} output[LOWBIT_{up}_OUTPUT_BYTES / sizeof({CTYPES[out.dtype]})];
 
 #ifdef LOWBIT_RVV
 /* the vector unit is off at reset: set mstatus.VS before the first vector instruction */
@@ -300,12 +300,14 @@ static uint32_t __attribute__((noinline)) stack_depth(int paint) {{
 #endif
 
 int main(void) {{
-  uint32_t count = (uint32_t)(lowbit_input_end - lowbit_input) / LOWBIT_{up}_INPUT_BYTES;
+  /* in bytes: the input's elements may be wider than one (a 16-bit input) */
+  const uint8_t *first = (const uint8_t *)lowbit_input;
+  uint32_t count = (uint32_t)((const uint8_t *)lowbit_input_end - first) / LOWBIT_{up}_INPUT_BYTES;
   for (uint32_t n = 0; n < count; ++n) {{
 #ifdef LOWBIT_PROFILE
     if (n == 0) stack_depth(1);
 #endif
-    int rc = lowbit_{prog.name}_run(lowbit_input + n * LOWBIT_{up}_INPUT_BYTES, output, arena);
+    int rc = lowbit_{prog.name}_run((const {CTYPES[inp.dtype]} *)(first + n * LOWBIT_{up}_INPUT_BYTES), output, arena);
     if (rc != 0) return rc;
 #ifdef LOWBIT_PROFILE
     if (n == 0) {{

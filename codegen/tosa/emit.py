@@ -764,7 +764,9 @@ def _crop(em: Emitter, xh: V, extent: list[int]) -> V:
 @handles("relax.nn.conv2d")
 def _conv2d(em: Emitter, call, var) -> V:
     """NCHW / OIHW in, as TOSA's NHWC: groups == 1 is ``tosa.conv2d`` (weights OHWI), groups == input
-    channels is ``tosa.depthwise_conv2d`` (weights [KH, KW, C, M]), other groups one conv2d per group."""
+    channels is ``tosa.depthwise_conv2d`` (weights [KH, KW, C, M]), other groups one conv2d per group.
+    A convolution whose sums need 64 bits (a 16-bit input, the range analysis' int64 accumulator) is
+    one int8 convolution per byte of the input (_bytes), 256 acc_high + acc_low in int64."""
     a = call.attrs
     if str(a.data_layout) != "NCHW" or str(a.kernel_layout) != "OIHW" or any(int(p) for p in a.padding):
         raise TosaError("conv2d other than NCHW/OIHW without padding (the unit pads first)")
@@ -772,13 +774,37 @@ def _conv2d(em: Emitter, call, var) -> V:
     if not isinstance(w, tvm.ir.GenericConst):
         raise TosaError("conv2d with runtime weights")
     w = w.value.numpy()
+    out = _out(em, var)
+    if out.elem == "i64":
+        x, zx = _operand(em, call.args[0])
+        if x.type.elem != "i16":
+            raise TosaError("a conv2d that accumulates beyond int32 other than a 16-bit input times int8 weights")
+        total = None
+        for part, zp, scale in _bytes(em, x, zx, call.args[0], int(np.abs(w.astype(np.int64)).reshape(w.shape[0], -1)
+                                                                    .sum(1).max())):
+            acc = em.op("cast", [_conv_nhwc(em, a, part, zp, w, out)], T(_nhwc(out.shape), "i64"))
+            if scale != 1:
+                acc = em.op("mul", [acc, em.const(np.full((1, 1, 1, 1), scale), "i64"), em.const(np.zeros(1), "i8")],
+                            acc.type)
+            total = acc if total is None else em.op("add", [total, acc], acc.type)
+        return _permute(em, total, NCHW)
+    if out.elem != "i32":
+        raise TosaError(f"a conv2d into {out.elem}: no TOSA form")
     x, zx, dx = _centered(em, *_operand(em, call.args[0]), call.args[0], w)
     if dx:          # the unit padded with the zero point, so every tap reads (x - z): one sum per output
         _partial_bound(np.abs(w.astype(np.int64)).reshape(w.shape[0], -1).sum(1))
+    acc = _to_i32(em, _conv_nhwc(em, a, x, zx, w, out))
+    return _permute(em, _split_sum(em, acc, dx, w.astype(np.int64).reshape(w.shape[0], -1).sum(1), 3), NCHW)
+
+
+def _nhwc(shape) -> tuple[int, ...]:
+    return tuple(shape[i] for i in NHWC)
+
+
+def _conv_nhwc(em: Emitter, a, x: V, zx: int, w: np.ndarray, out: T) -> V:
+    """The TOSA convolution(s) of the NCHW 8- or 16-bit ``x`` (zero point ``zx``) by the OIHW ``w``
+    with attributes ``a``, into an NHWC accumulator: i32, or i48 for a 16-bit ``x``."""
     acc_type = "i48" if x.type.elem == "i16" else "i32"
-    out = _out(em, var)
-    if out.elem != "i32":
-        raise TosaError("a conv2d that accumulates beyond int32: no TOSA form yet")
     groups, (o, i, kh, kw) = int(a.groups), w.shape
     channels = x.type.shape[1]
     geometry = (f"dilation = array<i64: {', '.join(str(int(d)) for d in a.dilation)}>, pad = array<i64: 0, 0, 0, 0>, "
@@ -792,24 +818,22 @@ def _conv2d(em: Emitter, call, var) -> V:
     bias = "i48" if acc_type == "i48" else "i32"
     geometry = f"acc_type = {acc_type}, {geometry}"
     if groups == 1:
-        acc = em.op("conv2d", [xh, em.const(w.transpose(0, 2, 3, 1), "i8"), em.const(np.zeros(o), bias), *zeros],
-                    T((n, ho, wo, o), acc_type), geometry)
-    elif groups == channels and o % channels == 0 and i == 1:
+        return em.op("conv2d", [xh, em.const(w.transpose(0, 2, 3, 1), "i8"), em.const(np.zeros(o), bias), *zeros],
+                     T((n, ho, wo, o), acc_type), geometry)
+    if groups == channels and o % channels == 0 and i == 1:
         m = o // channels
         hwcm = w.reshape(channels, m, kh, kw).transpose(2, 3, 0, 1)
-        acc = em.op("depthwise_conv2d", [xh, em.const(hwcm, "i8"), em.const(np.zeros(o), bias), *zeros],
-                    T((n, ho, wo, o), acc_type), geometry)
-    else:
-        per, og = channels // groups, o // groups
-        parts = []
-        for g in range(groups):
-            xg = em.op("slice", [xh, em.shape([0, 0, 0, g * per]), em.shape([*xh.type.shape[:3], per])],
-                       xh.type.like(shape=(*xh.type.shape[:3], per)))
-            wg = w[g * og:(g + 1) * og].transpose(0, 2, 3, 1)
-            parts.append(em.op("conv2d", [xg, em.const(wg, "i8"), em.const(np.zeros(og), bias), *zeros],
-                               T((n, ho, wo, og), acc_type), geometry))
-        acc = em.op("concat", parts, T((n, ho, wo, o), acc_type), "axis = 3 : i32")
-    return _permute(em, _split_sum(em, _to_i32(em, acc), dx, w.astype(np.int64).reshape(o, -1).sum(1), 3), NCHW)
+        return em.op("depthwise_conv2d", [xh, em.const(hwcm, "i8"), em.const(np.zeros(o), bias), *zeros],
+                     T((n, ho, wo, o), acc_type), geometry)
+    per, og = channels // groups, o // groups
+    parts = []
+    for g in range(groups):
+        xg = em.op("slice", [xh, em.shape([0, 0, 0, g * per]), em.shape([*xh.type.shape[:3], per])],
+                   xh.type.like(shape=(*xh.type.shape[:3], per)))
+        wg = w[g * og:(g + 1) * og].transpose(0, 2, 3, 1)
+        parts.append(em.op("conv2d", [xg, em.const(wg, "i8"), em.const(np.zeros(og), bias), *zeros],
+                           T((n, ho, wo, og), acc_type), geometry))
+    return em.op("concat", parts, T((n, ho, wo, o), acc_type), "axis = 3 : i32")
 
 
 @handles("relax.nn.max_pool2d")
