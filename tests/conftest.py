@@ -34,6 +34,19 @@ def runnable_cpus() -> list[str]:
     return runnable
 
 
+# the zoo's 224x224 models: a test that checks a build's structure or its bit-exactness, not its fidelity,
+# calibrates them on the first LARGE_CALIB of their 32 samples (calibration is most of such a test's time)
+LARGE = ("resnet18", "deit_tiny")
+LARGE_CALIB = 8
+
+
+def zoo_calibration(name: str) -> dict[str, np.ndarray]:
+    from models import zoo
+
+    calib = zoo.ensure(name).calibration()
+    return {k: v[:LARGE_CALIB] for k, v in calib.items()} if name in LARGE else calib
+
+
 def make_model(nodes, inputs, outputs, inits=(), opset=17, name="test") -> onnx.ModelProto:
     graph = helper.make_graph(nodes, name, inputs, outputs, initializer=list(inits))
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])

@@ -39,8 +39,10 @@ def _row(name: str) -> report.ModelResult:
     return report.measure(corpus.find([name])[0], quantized=False)
 
 
-# within make test's budget: the SDPA forms of the dynamo DeiT run in tests/test_lower_handlers.py
-CI_SUBSET = ["efficientnet_b0.torchscript"]
+# within make test's budget (EfficientNet-B0, 5 minutes of the suite's CPU, made way for it): MobileNetV3-Large
+# has Hardswish, squeeze-excitation with HardSigmoid, depthwise convolutions and 16-bit widening; the SDPA
+# forms of the dynamo DeiT run in tests/test_lower_handlers.py, every family in `lowbit corpus report`
+CI_SUBSET = ["mobilenet_v3_large.torchscript"]
 
 
 @pytest.mark.slow
@@ -55,9 +57,8 @@ def test_corpus_model_is_integer_only_and_bit_exact(name):
         assert (corpus.files(v).dir / "model.onnx.data").exists()
 
 
-# EfficientNet-B0 with seeded weights was 0.921 under minmax ranges against ORT static INT8's 0.925; the
-# "auto" observer (MSE ranges for a CNN's features) gives 0.931.  The issue's bar also asks 0.99 where ORT's
-# is lower, which this model misses (the report's "fidelity bar" column): what CI holds is no worse than ORT
+# MobileNetV3-Large: 0.9942 against ORT static INT8's 0.9468 (bench/results/corpus.md); what CI holds is no
+# worse than ORT, and that the report's bar column is computed from it
 @pytest.mark.slow
 @pytest.mark.parametrize("name", CI_SUBSET)
 def test_corpus_model_fidelity_at_least_ort_static(name):

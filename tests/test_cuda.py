@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from conftest import ROOT, assert_golden_per_sample, compile_with_golden, run_cli
+from conftest import ROOT, assert_golden_per_sample, compile_with_golden, run_cli, zoo_calibration
 
 import compiler
 from codegen.cuda import build as cuda
@@ -60,7 +60,7 @@ def test_zoo_model_builds_assembles_and_runs_int8_on_dp4a(name, arch, cuda_toolk
     # every activation on 8 bits: a layer whose input the fidelity target widens to 16 bits (FC-AE's 8-wide
     # bottleneck, a small tensor) is an int16 x int8 kernel, which dp4a does not take
     art = compiler.compile(files.onnx, options=CompileOptions(target="cuda", target_options={"arch": arch},
-                                                              calib=files.calibration(), fidelity=None))
+                                                              calib=zoo_calibration(name), fidelity=None))
     outdir = tmp_path / "cuda"
     art.save(outdir)
     gpu = json.loads((outdir / "manifest.json").read_text())["build"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import assert_golden_per_sample, compile_with_golden
+from conftest import LARGE, assert_golden_per_sample, compile_with_golden, zoo_calibration
 
 from compiler import driver
 from compiler.options import CompileOptions
@@ -22,9 +22,9 @@ def test_iree_runs_every_zoo_model_bit_exact(name):
     sample by sample; where its nonlinear variants are one family (the CNNs: none), lowbit's CPU
     build of the same QDQ model too."""
     files = zoo.ensure(name)
-    art, qdq, variants = compile_with_golden(files.onnx, calib=files.calibration(), target="tosa")
+    art, qdq, variants = compile_with_golden(files.onnx, calib=zoo_calibration(name), target="tosa")
     assert art.manifest.integer_only and art.manifest.build["tosa_ops"]["tosa.rescale"] > 0
-    x = zoo.get(name).samples(3, seed=5)
+    x = zoo.get(name).samples(1 if name in LARGE else 3, seed=5)
     assert_golden_per_sample(art, qdq, variants, x)
     families = {v for vs in (variants.values() if isinstance(variants, dict) else []) for v in vs
                 if v in ("poly", "shift")}
