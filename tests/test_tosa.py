@@ -175,13 +175,16 @@ def test_a_matmul_whose_sums_need_64_bits_is_two_byte_matmuls():
     np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("groups", [1, 2])
-def test_a_convolution_whose_sums_need_64_bits_is_two_byte_convolutions(groups):
+@pytest.mark.parametrize("groups, floor", [(1, 0), (2, 0), (1, 40000)])
+def test_a_convolution_whose_sums_need_64_bits_is_two_byte_convolutions(groups, floor):
     """The same for a uint16 feature map, padded with its zero point, into a 3x3 convolution (as
-    codegen/tosa/units.py writes it): each byte of the padded input is an int8 convolution."""
+    codegen/tosa/units.py writes it): each byte of the padded input is an int8 convolution.  With a
+    floor, the values' high bytes start at 156, and their int8 offset's zero point stays in range."""
     w = np.random.default_rng(12).integers(64, 128, (8, 128 // groups, 3, 3)).astype(np.int8)
 
     def build(bb, x):
+        if floor:
+            x = bb.emit(relax.op.maximum(x, relax.const(floor, "uint16")))
         xp = bb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, 1, 1, 1, 1], pad_value=40000.0))
         return relax.op.nn.conv2d(xp, relax.const(w), groups=groups, out_dtype="int64")
     func = _function(build, ((1, 128, 5, 5), "uint16"))
@@ -189,7 +192,7 @@ def test_a_convolution_whose_sums_need_64_bits_is_two_byte_convolutions(groups):
     x = np.random.default_rng(13).integers(0, 65536, (1, 128, 5, 5)).astype(np.uint16)
     x[0, :, 2] = 65535
     (got,) = _run(func, (x.astype(np.int32) - 32768).astype(np.int16))
-    xp = np.pad(x.astype(np.int64), [(0, 0), (0, 0), (1, 1), (1, 1)], constant_values=40000)
+    xp = np.pad(np.maximum(x.astype(np.int64), floor), [(0, 0), (0, 0), (1, 1), (1, 1)], constant_values=40000)
     per = 128 // groups
     want = np.zeros((1, 8, 5, 5), np.int64)
     for o in range(8):

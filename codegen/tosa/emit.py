@@ -711,7 +711,10 @@ def _bytes(em: Emitter, v: V, z: int, expr, weight_abs_sum: int) -> list[tuple[V
     whose sum needs 64 bits is two whose sums fit int32 (each byte at most 255 in size, times the
     weights' absolute sum), joined in int64."""
     lo, hi = em.ranges.of(expr)
-    if (hi >> 8) - (lo >> 8) > 255 or 255 * weight_abs_sum > I32[1]:
+    # high - top must fit int8 and so must its zero point -top: high spans at most 256 values of
+    # [-128, 255] (a 16-bit value's high byte), so top in [max(hi_byte - 127, -127), min(lo_byte + 128, 128)]
+    top = min((lo >> 8) + 128, 128)
+    if (hi >> 8) - top > 127 or 255 * weight_abs_sum > I32[1]:
         raise TosaError(f"a contraction of a [{lo}, {hi}] operand whose byte halves' sums pass int32")
     rank = len(v.type.shape)
     i32 = v.type.like("i32")
@@ -722,7 +725,6 @@ def _bytes(em: Emitter, v: V, z: int, expr, weight_abs_sum: int) -> list[tuple[V
     x = em.op("sub", [em.op("cast", [v], i32), c(z)], i32)
     low = em.op("bitwise_and", [x, c(255)], i32)
     high = em.op("arithmetic_right_shift", [x, c(8)], i32, "round = false")
-    top = (lo >> 8) + 128                   # high - top fits int8
     return [(em.op("cast", [em.op("sub", [high, c(top)], i32)], v.type.like("i8")), -top, 256),
             (em.op("cast", [em.op("sub", [low, c(128)], i32)], v.type.like("i8")), -128, 1)]
 
