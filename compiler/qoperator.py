@@ -47,8 +47,9 @@ class Rewriter:
 
     def f32(self, out_nodes, scale: str) -> str:
         """``scale`` as float32.  A float16 scale would make the op between DQ and Q float16 arithmetic
-        (a MatMul's sum rounded to 11 bits, and rounded differently where a CPU has native float16),
-        where the QLinear specs compute the real-valued result and round once, at the quantize."""
+        (a MatMul's sum and the division by y_scale rounded to 11 bits: ONNX's own QLinearMatMul case
+        gave 254 for 254.58), where the QLinear specs compute the real-valued result and round once,
+        at the quantize."""
         if self.scale_type(scale) == TensorProto.FLOAT:
             return scale
         if (s := self.array(scale)) is not None:
