@@ -729,6 +729,20 @@ def _bytes(em: Emitter, v: V, z: int, expr, weight_abs_sum: int) -> list[tuple[V
             (em.op("cast", [em.op("sub", [low, c(128)], i32)], v.type.like("i8")), -128, 1)]
 
 
+def _by_bytes(em: Emitter, v: V, z: int, expr, weight_abs_sum: int, contract) -> V:
+    """A contraction of the 16-bit ``v`` whose sums need 64 bits: ``contract(part, zero_point)`` (an
+    int8 contraction into i32) on each byte of v (_bytes), joined as 256 acc_high + acc_low in int64."""
+    total = None
+    for part, zp, scale in _bytes(em, v, z, expr, weight_abs_sum):
+        acc = contract(part, zp)
+        acc = em.op("cast", [acc], acc.type.like("i64"))
+        if scale != 1:
+            acc = em.op("mul", [acc, em.const(np.full((1,) * len(acc.type.shape), scale), "i64"),
+                                em.const(np.zeros(1), "i8")], acc.type)
+        total = acc if total is None else em.op("add", [total, acc], acc.type)
+    return total
+
+
 def _wide_matmul(em: Emitter, call, a: V, za: int, out: T) -> V:
     """x W with constant int8 W whose sums need 64 bits (a 16-bit pooled vector into a classifier):
     one int8 matmul per byte of x (_bytes), 256 acc_high + acc_low in int64."""
@@ -737,16 +751,13 @@ def _wide_matmul(em: Emitter, call, a: V, za: int, out: T) -> V:
         raise TosaError("a matmul that accumulates beyond int32 other than a 16-bit tensor times constant weights")
     wv = w.value.numpy().astype(np.int64)
     (k, n), rows = wv.shape, int(np.prod(a.type.shape[:-1]))
-    total = None
-    for part, zp, scale in _bytes(em, a, za, call.args[0], int(np.abs(wv).sum(0).max())):
+    w8 = em.const(wv.reshape(1, k, n), "i8")
+
+    def contract(part: V, zp: int) -> V:
         a3 = em.op("reshape", [part, em.shape([1, rows, k])], part.type.like(shape=(1, rows, k)))
-        acc = em.op("matmul", [a3, em.const(wv.reshape(1, k, n), "i8"), em.const(np.array([zp]), "i8"),
-                               em.const(np.zeros(1), "i8")], T((1, rows, n), "i32"))
-        acc = em.op("cast", [acc], acc.type.like("i64"))
-        if scale != 1:
-            acc = em.op("mul", [acc, em.const(np.full((1, 1, 1), scale), "i64"), em.const(np.zeros(1), "i8")],
-                        acc.type)
-        total = acc if total is None else em.op("add", [total, acc], acc.type)
+        return em.op("matmul", [a3, w8, em.const(np.array([zp]), "i8"), em.const(np.zeros(1), "i8")],
+                     T((1, rows, n), "i32"))
+    total = _by_bytes(em, a, za, call.args[0], int(np.abs(wv).sum(0).max()), contract)
     return em.op("reshape", [total, em.shape(out.shape)], out)
 
 
@@ -781,14 +792,8 @@ def _conv2d(em: Emitter, call, var) -> V:
         x, zx = _operand(em, call.args[0])
         if x.type.elem != "i16":
             raise TosaError("a conv2d that accumulates beyond int32 other than a 16-bit input times int8 weights")
-        total = None
-        for part, zp, scale in _bytes(em, x, zx, call.args[0], int(np.abs(w.astype(np.int64)).reshape(w.shape[0], -1)
-                                                                    .sum(1).max())):
-            acc = em.op("cast", [_conv_nhwc(em, a, part, zp, w, out)], T(_nhwc(out.shape), "i64"))
-            if scale != 1:
-                acc = em.op("mul", [acc, em.const(np.full((1, 1, 1, 1), scale), "i64"), em.const(np.zeros(1), "i8")],
-                            acc.type)
-            total = acc if total is None else em.op("add", [total, acc], acc.type)
+        total = _by_bytes(em, x, zx, call.args[0], int(np.abs(w.astype(np.int64)).reshape(w.shape[0], -1).sum(1).max()),
+                          lambda part, zp: _conv_nhwc(em, a, part, zp, w, out))
         return _permute(em, total, NCHW)
     if out.elem != "i32":
         raise TosaError(f"a conv2d into {out.elem}: no TOSA form")
@@ -797,10 +802,6 @@ def _conv2d(em: Emitter, call, var) -> V:
         _partial_bound(np.abs(w.astype(np.int64)).reshape(w.shape[0], -1).sum(1))
     acc = _to_i32(em, _conv_nhwc(em, a, x, zx, w, out))
     return _permute(em, _split_sum(em, acc, dx, w.astype(np.int64).reshape(w.shape[0], -1).sum(1), 3), NCHW)
-
-
-def _nhwc(shape) -> tuple[int, ...]:
-    return tuple(shape[i] for i in NHWC)
 
 
 def _conv_nhwc(em: Emitter, a, x: V, zx: int, w: np.ndarray, out: T) -> V:
