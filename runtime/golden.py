@@ -373,22 +373,34 @@ FLOAT_BINARY = {"Add": _f32(np.add), "Sub": _f32(np.subtract), "Mul": _f32(np.mu
 
 
 def _imported_form(name: str, fn):
-    """An ONNX op as the compiled program defines it, for the float islands' reference evaluator."""
+    """An ONNX op as the compiled program defines it, for the float islands' reference evaluator;
+    ``fn(x, **attributes)`` gets the node's attributes (the schema's defaults filled in)."""
     from onnx.reference.op_run import OpRun
 
-    return type(name, (OpRun,), {"_run": lambda self, x: (fn(np.asarray(x, np.float32)),)})
+    return type(name, (OpRun,), {"_run": lambda self, x, **a: (fn(np.asarray(x, np.float32), **a),)})
 
 
 def _f32_ops(*ops):
     return [_f32(op) for op in ops]
 
 
-_add, _mul, _div, _max, _log, _exp, _tanh, _neg, _abs = _f32_ops(
-    np.add, np.multiply, np.divide, np.maximum, np.log, np.exp, np.tanh, np.negative, np.abs)
+_add, _sub, _mul, _div, _max, _log, _exp, _tanh, _neg, _abs = _f32_ops(
+    np.add, np.subtract, np.multiply, np.divide, np.maximum, np.log, np.exp, np.tanh, np.negative, np.abs)
+
+
+def _elu(x, alpha):
+    """TVM's Elu: -alpha * relu(1 - exp(x)) + relu(x), alpha a float32 constant."""
+    return _add(_mul(np.float32(-alpha), _max(_sub(1.0, _exp(x)), 0.0)), _max(x, 0.0))
+
+
 # ONNX functions TVM's importer writes as a composition of float32 ops (tvm/relax/frontend/onnx), which is what
 # the compiled table tabulates: ONNX's reference formulas round differently at a few of a 16-bit tensor's
-# 65,536 values, where a tie to the output grid falls
+# 65,536 values, where a tie to the output grid falls.  Elu's reference, alpha * (exp(x) - 1) in float32,
+# also rests on numpy's float32 exp, whose SIMD kernels differ by instruction set (AVX2 against AVX-512):
+# one table entry of 65,536 differed between the machines
 IMPORTED_FORMS = [
+    _imported_form("Elu", lambda x, alpha=1.0: _elu(x, alpha)),
+    _imported_form("Selu", lambda x, alpha=1.6732632, gamma=1.050701: _mul(np.float32(gamma), _elu(x, alpha))),
     _imported_form("HardSwish", lambda x: _mul(x, _div(np.clip(_add(x, 3.0), 0, 6).astype(np.float32), 6.0))),
     _imported_form("Softplus", lambda x: _add(_max(x, 0.0), _log(_add(1.0, _exp(_neg(_abs(x))))))),
     _imported_form("Mish", lambda x: _mul(x, _tanh(_log(_add(1.0, _exp(x)))))),

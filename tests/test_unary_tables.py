@@ -49,6 +49,7 @@ CHAINS = {
     "mish": ([_node("Mish", ["c"], ["y"])], []),
     "softplus": ([_node("Softplus", ["c"], ["y"])], []),
     "elu": ([_node("Elu", ["c"], ["y"], alpha=0.7)], []),
+    "selu": ([_node("Selu", ["c"], ["y"])], []),
     "leaky_relu": ([_node("LeakyRelu", ["c"], ["y"], alpha=0.1)], []),
     "tanh_gelu": ([_node("Mul", ["c", "c"], ["c2"]), _node("Mul", ["c2", "c"], ["c3"]),
                    _node("Mul", ["c3", "k"], ["t"]), _node("Add", ["c", "t"], ["u"]), _node("Mul", ["u", "r"], ["v"]),
