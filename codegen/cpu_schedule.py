@@ -185,6 +185,29 @@ def _covered(sch: s_tir.Schedule, block) -> bool:
     return loops >= domain
 
 
+def _write_order(sch: s_tir.Schedule, block, loops: list) -> list:
+    """``block``'s loops with the one along its output's innermost axis moved innermost.  A
+    block TE generated iterates in its output's axis order already; one whose output layout a
+    schedule transformed (``transform_layout``: a depthwise convolution's channels-last padding)
+    would otherwise store a vector with a stride.  Its iterators bind one loop each (but those
+    of extent 1), in order."""
+    stmt = sch.get(block)
+    bound = [iv.var for iv in stmt.iter_vars if _const(iv.dom.extent) != 1]
+    if not stmt.writes or len(bound) != len(loops):
+        return loops
+    at = [k for k, v in enumerate(bound) if v.same_as(stmt.writes[0].region[-1].min)]
+    if not at or at[0] == len(loops) - 1:
+        return loops
+    k = at[0]
+    sch.reorder(*loops[:k], *loops[k + 1:], loops[k])
+    return sch.get_loops(block)
+
+
+def _axis_last(d: int):
+    """The index map that moves axis ``d`` innermost."""
+    return lambda *ax: (*ax[:d], *ax[d + 1:], ax[d])
+
+
 def _vector_lanes(sch: s_tir.Schedule, block) -> int:
     bits = max((tvm.DataType(str(w.source.dtype)).bits for w in sch.get(block).writes), default=32)
     return max(1, VECTOR_BYTES * 8 // bits)
@@ -558,10 +581,35 @@ class CPUDefault(dl.ScheduleRule):
             users = [p for p, v in enumerate(spatial) if _uses(mins[0], v)]
             if len(users) != 1 or not isinstance(mins[0], tirx.Var):
                 continue
+            self._channels_last_input(sch, red.block_rv, mins[0], last)
             cache = sch.cache_read(red.block_rv, i, "global")
             sch.transform_layout(cache, ("write", 0), lambda *ax: (*ax[1:], ax[0]))
             return users[0]
         return None
+
+    @staticmethod
+    def _channels_last_input(sch: s_tir.Schedule, block, channel, width) -> None:
+        """A depthwise convolution reads its input at the very output channel it computes, so
+        with channels in the lanes an NCHW input is a gather: 16 loads, each C x H x W bytes
+        from the next, for every multiply-add (MobileNetV2's stride-2 depthwise layers were half
+        its time).  The input's producer (the padding, or a copy of a parameter) writes it
+        channels-last instead (``_injective`` then runs its vector along the channels, the axis
+        it writes contiguously): once per element rather than once per multiply-add.  A channel
+        multiplier's input (``o // m``) keeps its layout."""
+        stmt = sch.get(block)
+        for i, region in enumerate(stmt.reads):
+            mins = [rng.min for rng in region.region]
+            dims = [d for d, m in enumerate(mins) if isinstance(m, tirx.Var) and m.same_as(channel)]
+            if len(dims) != 1 or not any(_uses(m, width) for m in mins):       # the weights; not depthwise
+                continue
+            d = dims[0]
+            buffer = region.source
+            try:                            # a buffer of this kernel (the padding)
+                producer = next(p for p in sch.get_producers(block) if sch.get(p).writes[0].source.same_as(buffer))
+            except StopIteration:           # a parameter: a channels-last copy
+                producer = sch.cache_read(block, i, "global")
+            sch.transform_layout(producer, ("write", 0), _axis_last(d))
+            return
 
     def is_target_available(self, target) -> bool:
         return target is not None and target.kind.name == "llvm"
@@ -574,6 +622,7 @@ class CPUDefault(dl.ScheduleRule):
         if not loops:
             return
         stmt = sch.get(block)
+        loops = _write_order(sch, block, loops)
         written = [str(r.min) for r in stmt.writes[0].region] if stmt.writes else []
         # a padding test (v < 197) reads its axis too: flattened, that is a division per lane
         moves = (any([str(r.min) for r in read.region] != written for read in stmt.reads)
