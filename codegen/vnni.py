@@ -156,6 +156,11 @@ def u8s8(c: Contraction) -> bool:
     return c.int8_weights and c.x.dtype == "uint8" and c.acc_dtype == "int32"
 
 
+def static_u8s8_conv(c: Contraction) -> bool:
+    """A convolution of a static image with the operands ``vpdpbusd`` and ``tdpbusd`` multiply."""
+    return c.kind == CONV2D and u8s8(c) and all(d is not None for d in c.x.shape[1:])
+
+
 class MatmulUnit:
     """x[..., K] @ W[K, N] with W packed (``pack``), its columns padded (``padded_columns``)."""
     name = BLOCK
@@ -186,8 +191,7 @@ class ConvUnit:
     channels_last = False
 
     def fits(self, c: Contraction) -> bool:
-        return (c.kind == CONV2D and u8s8(c) and conv_fits(c.weights.shape[0], c.groups)
-                and all(d is not None for d in c.x.shape[1:]))
+        return static_u8s8_conv(c) and conv_fits(c.weights.shape[0], c.groups)
 
     def pack(self, c: Contraction) -> np.ndarray:
         return pack_conv(c.weights)

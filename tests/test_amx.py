@@ -28,6 +28,8 @@ GEOMETRIES = [      # channels, height, width, out channels, kernel, stride, pad
     (128, 6, 7, 32, (3, 3), 1, (2, 2, 2, 2), (2, 2)),       # dilation: taps two pixels apart
     (64, 5, 5, 32, (3, 1), 2, (1, 0, 1, 0), (1, 1)),        # 3 x 1 kernel, stride 2
     (3, 32, 48, 32, (16, 16), 16, (0, 0, 0, 0), (1, 1)),    # a ViT's patches: 1024-byte pixels
+    (96, 7, 9, 24, (1, 1), 1, (0, 0, 0, 0), (1, 1)),        # MobileNetV2's projection: 96 -> 128 bytes, 24 -> 32
+    (40, 6, 6, 40, (3, 3), 2, (1, 1, 1, 1), (1, 1)),        # 40 channels in and out: 64 bytes, 64 sums
 ]
 
 
@@ -67,11 +69,12 @@ def test_steps_and_packing_compute_the_convolution(geometry):
     x = rng.integers(0, 256, (2, g.channels, g.height, g.width)).astype(np.uint8)
     w = rng.integers(-128, 128, (g.out_channels, g.channels, *g.kernel)).astype(np.int8)
     rows, tiles, offsets = _flatten(x, g, 7), g.pack(w), g.offsets()
-    b_tiles = tiles.transpose(1, 2, 4, 0, 3).reshape(len(g.steps), amx.DEPTH, g.out_channels).astype(np.int64)
+    b_tiles = tiles.transpose(1, 2, 4, 0, 3).reshape(len(g.steps), amx.DEPTH, g.out_block).astype(np.int64)
     start = np.arange(g.pixels)[:, None] * g.depth + np.arange(amx.DEPTH)[None]
     acc = sum(rows[:, start + off].astype(np.int64) @ b for off, b in zip(offsets, b_tiles, strict=True))
     valid = acc[:, : g.out_height * g.pitch].reshape(2, g.out_height, g.pitch, -1)[:, :, : g.out_width]
-    np.testing.assert_array_equal(valid.transpose(0, 3, 1, 2), _direct(x, w, g, 7))
+    np.testing.assert_array_equal(valid[..., : g.out_channels].transpose(0, 3, 1, 2), _direct(x, w, g, 7))
+    assert not valid[..., g.out_channels:].any()        # the padding channels' weights are zero
     assert rows.shape[1] >= g.pixels * g.depth + offsets.max() + amx.DEPTH     # no read past the rows
 
 
@@ -115,6 +118,29 @@ def test_network_on_amx_is_bit_exact():
     for batch in (1, 3):
         x = rng.normal(size=(batch, 3, 22, 19)).astype(np.float32)
         np.testing.assert_array_equal(art.run({"x": x})["y"], golden.run_qdq(qdq, {"x": x})["y"])
+
+
+def test_channels_no_tile_block_divides_run_on_amx_bit_exact():
+    """96 input channels (flattened to 128 bytes a pixel) into 24 and 40 outputs (computed as 32 and
+    64, the padding sums never read): neither VNNI's 16-lane blocks nor whole tile blocks fit, and
+    before, such a conv ran on the plain int32 schedule (MobileNetV2's projections)."""
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.2, s).astype(np.float32), n)
+             for n, s in {"w1": (24, 96, 1, 1), "w2": (40, 24, 3, 3)}.items()]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="project"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu"),
+             helper.make_node("Conv", ["r1", "w2"], ["y"], name="conv", pads=[1, 1, 1, 1], strides=[2, 2])]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 96, 9, 9])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 40, 5, 5])], inits)
+    calib = {"x": rng.normal(size=(16, 96, 9, 9)).astype(np.float32)}
+    opts = CompileOptions(calib=calib, target_options={"mcpu": "sapphirerapids"})
+    art = compiler.compile(model, options=opts)
+    assert sum("conv2d_amx" in k for k in art.manifest.kernels) == 2, art.manifest.kernels
+    if missing_cpu_features({**host_target(), "mcpu": "sapphirerapids"}):
+        pytest.skip("this machine has no AMX: the kernels are built, running them is not possible")
+    qdq, _ = quantize.quantize(model, calib, opts.quant_config())
+    x = rng.normal(size=(2, 96, 9, 9)).astype(np.float32)
+    np.testing.assert_array_equal(art.run({"x": x})["y"], golden.run_qdq(qdq, {"x": x})["y"])
 
 
 def test_without_amx_the_vnni_kernels_remain():
