@@ -46,6 +46,7 @@ CASES = {
     "depthwise": _conv_model(24, 24, 11, 3, 1, 1, 24, 1),
     "grouped": _conv_model(8, 12, 6, 3, 2, 1, 4, 1),
     "depthwise-s2-wide": _conv_model(32, 32, 40, 3, 2, 1, 32, 1),     # channels in the lanes, input too
+    "depthwise-wide": _conv_model(32, 32, 20, 3, 1, 1, 32, 1),        # the same at stride 1
     "conv-dynamic-batch": _conv_model(4, 8, 10, 3, 1, 1, 1, "N"),
     "matmul-197": _matmul_model(197, 64, 96, 1),      # prime rows: predicated register tile
     "matmul-odd": _matmul_model(5, 7, 13, 3),
@@ -92,18 +93,23 @@ def test_reduction_kernels_are_parallel_and_vectorized(name, padded, channels_la
         assert ("_global" in script) == channels_last          # the transposed weight copy
 
 
-def test_a_strided_depthwise_convolution_reads_its_input_channels_last():
-    """Vectorized over channels (stride 2, 20 wide), a depthwise convolution reads its input at the
-    very channel each lane computes: the padding writes it channels-last (1, 42, 42, 32), its
-    vector along the channels, so the multiply-adds load whole vectors instead of gathering."""
-    (script,) = [s for n, s in _scheduled_kernels(CASES["depthwise-s2-wide"]).items() if "conv2d" in n]
-    assert "pad_temp = T.sblock_alloc_buffer((T.int64(1), T.int64(42), T.int64(42), T.int64(32))" in script
+@pytest.mark.parametrize("name, padded", [("depthwise-s2-wide", 42), ("depthwise-wide", 22)])
+def test_a_depthwise_convolution_reads_its_input_channels_last(name, padded):
+    """Vectorized over channels (20 wide and more, any stride), a depthwise convolution reads its
+    input at the very channel each lane computes: the padding writes it channels-last, its vector
+    along the channels, so the multiply-adds load whole vectors instead of gathering or
+    broadcasting; the epilogue (ReLU) stores each NCHW row of the 4-wide tile as one vector."""
+    (script,) = [s for n, s in _scheduled_kernels(CASES[name]).items() if "conv2d" in n]
+    assert f"pad_temp = T.sblock_alloc_buffer((T.int64(1), T.int64({padded}), T.int64({padded}), T.int64(32))" \
+        in script
     head, pad = script.split('T.sblock("pad_temp")')
     pad = pad[:pad.index("T.sblock")]
     # the copy's vector is the channel axis (32 = 2 x 16 lanes), and it stores channels innermost
     assert head.rstrip().endswith("for ax0_1 in T.vectorized(T.int64(16)):\n            with"), head[-300:]
     assert "v0 = T.axis.spatial(T.int64(32), ax0_0 * T.int64(16) + ax0_1)" in pad
     assert "pad_temp[T.int64(0), v1, v2, v0] = " in pad
+    relu = script.split('T.sblock("compute")')[0]
+    assert relu.rstrip().endswith("for ax1 in T.vectorized(T.int64(4)):\n                with"), relu[-300:]
 
 
 def test_kernels_no_rule_schedules_are_recorded(monkeypatch):
