@@ -47,6 +47,7 @@ CASES = {
     "grouped": _conv_model(8, 12, 6, 3, 2, 1, 4, 1),
     "depthwise-s2-wide": _conv_model(32, 32, 40, 3, 2, 1, 32, 1),     # channels in the lanes, input too
     "depthwise-wide": _conv_model(32, 32, 20, 3, 1, 1, 32, 1),        # the same at stride 1
+    "depthwise-narrow": _conv_model(32, 32, 10, 3, 1, 1, 32, 1),      # and 10 wide (DS-CNN's)
     "conv-dynamic-batch": _conv_model(4, 8, 10, 3, 1, 1, 1, "N"),
     "matmul-197": _matmul_model(197, 64, 96, 1),      # prime rows: predicated register tile
     "matmul-odd": _matmul_model(5, 7, 13, 3),
@@ -76,7 +77,7 @@ def _scheduled_kernels(model) -> dict[str, str]:
 
 @pytest.mark.parametrize("name, padded, channels_last, parallel", [
     ("conv3x3", False, False, True),
-    ("depthwise", False, False, False),         # 26k MACs: cheaper than waking a worker
+    ("depthwise", False, True, False),          # 26k MACs: cheaper than waking a worker; channels in the lanes
     ("conv-dynamic-batch", False, False, True),  # unknown work: parallel
     ("matmul-197", True, False, True),          # 197 rows: padded to whole row tiles, no predicated tail
     ("conv3x3-s2-wide", False, True, True),     # stride 2, 32 wide: weights copied channels-last
@@ -93,9 +94,9 @@ def test_reduction_kernels_are_parallel_and_vectorized(name, padded, channels_la
         assert ("_global" in script) == channels_last          # the transposed weight copy
 
 
-@pytest.mark.parametrize("name, padded", [("depthwise-s2-wide", 42), ("depthwise-wide", 22)])
+@pytest.mark.parametrize("name, padded", [("depthwise-s2-wide", 42), ("depthwise-wide", 22), ("depthwise-narrow", 12)])
 def test_a_depthwise_convolution_reads_its_input_channels_last(name, padded):
-    """Vectorized over channels (20 wide and more, any stride), a depthwise convolution reads its
+    """Vectorized over channels (at any width and stride), a depthwise convolution reads its
     input at the very channel each lane computes: the padding writes it channels-last, its vector
     along the channels, so the multiply-adds load whole vectors instead of gathering or
     broadcasting; the epilogue (ReLU) stores each NCHW row of the 4-wide tile as one vector."""
