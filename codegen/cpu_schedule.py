@@ -273,6 +273,43 @@ def _epilogues_at(sch: s_tir.Schedule, epilogues, anchor, lanes: int) -> list:
 GENERIC = tvm.target.Target({"kind": "llvm"})
 
 
+def _moves(stmt) -> bool:
+    """Whether a block reads at other points than it writes (padding, a layout copy, a gather)."""
+    written = [str(r.min) for r in stmt.writes[0].region] if stmt.writes else []
+    return any([str(r.min) for r in read.region] != written for read in stmt.reads)
+
+
+def _lane_tested(stmt, axes: int) -> bool:
+    """Whether an if_then_else in ``stmt`` tests the iterator of one of the output's last ``axes``
+    axes, those in the vector (the stem's space-to-depth copy: the padding channel and the phase's
+    border depend on the byte)."""
+    names = {x.min.name for x in stmt.writes[0].region[-axes:] if isinstance(x.min, tirx.Var)}
+    text = stmt.body.script()
+    for m in re.finditer(r"T\.if_then_else\(", text):
+        depth, k = 0, m.end()
+        while k < len(text) and not (depth == 0 and text[k] == ","):
+            depth += text[k] in "([" and 1 or -(text[k] in ")]")
+            k += 1
+        if any(re.search(rf"\b{re.escape(n)}\b", text[m.end():k]) for n in names):
+            return True
+    return False
+
+
+def _quantizes_for_gather(sch: s_tir.Schedule, block) -> bool:
+    """A float -> integer quantize (a division and a rounding per element) read by a block that
+    moves data.  Inlined into the stem's space-to-depth copy (16 bytes per pixel from 4 phases of
+    3 channels), each byte divides and rounds on its own: the lane-dependent padding test leaves
+    the copy scalar.  Kept, it runs once per input element as a contiguous vector loop, and the
+    copy moves bytes."""
+    stmt = sch.get(block)
+    if len(stmt.writes) != 1 or not isinstance(stmt.body, tirx.BufferStore) or _moves(stmt):
+        return False
+    if not str(stmt.writes[0].source.dtype).startswith(("int", "uint")) or \
+            not any(str(r.source.dtype).startswith("float") for r in stmt.reads):
+        return False
+    return any(_moves(sch.get(c)) for c in sch.get_consumers(block))
+
+
 class CPUDefault(dl.ScheduleRule):
     def apply(self, func, target, tunable):
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
@@ -302,7 +339,8 @@ class CPUDefault(dl.ScheduleRule):
             # exponentially
             return self._rowwise(sch, blocks, reductions[0] if reductions else None, vnni.isa(target))
         if not reductions:
-            blocks = dl.try_inline_contiguous_spatial(sch, blocks)
+            kept = [b for b in blocks if _quantizes_for_gather(sch, b.block_rv)]
+            blocks = kept + dl.try_inline_contiguous_spatial(sch, [b for b in blocks if b not in kept])
             for b in blocks:
                 self._injective(sch, b.block_rv)
             return sch
@@ -657,7 +695,15 @@ class CPUDefault(dl.ScheduleRule):
             tail = sch.fuse(*loops[-inner:]) if inner > 1 else loops[-1]
             lanes = _divisor_at_most(int(np.prod(extents[-inner:])), _vector_lanes(sch, block))
             if lanes > 1:
-                sch.vectorize(sch.split(tail, [None, lanes])[1])
+                lane_loop = sch.split(tail, [None, lanes])[1]
+                # TVM's vectorizer runs a loop whose if_then_else tests the lane one lane at a time
+                # (the load it guards may be out of bounds); unrolled, each lane's test folds to
+                # constants and leaves the pixel's border test (the stem's space-to-depth copy:
+                # 216 -> 79 us with its quantize)
+                if _lane_tested(stmt, inner):
+                    sch.unroll(lane_loop)
+                else:
+                    sch.vectorize(lane_loop)
             loops = loops[:-inner] + [tail]
             outer = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
             if None in extents or int(np.prod(extents, dtype=np.int64)) >= MIN_PARALLEL_WORK:
@@ -666,6 +712,12 @@ class CPUDefault(dl.ScheduleRule):
         fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
         extent = _const(sch.get(fused).extent)
         lanes = _divisor_at_most(extent, _vector_lanes(sch, block))
+        # a vector inside one innermost row is a ramp in every index; one that crosses rows is a
+        # gather per lane (TVM 0.27 does not fold the fused index (f // HW) * HW + ... back to f):
+        # a float NCHW input's 224-wide rows take 56 lanes, not 64
+        row = _divisor_at_most(extents[-1], lanes)
+        if row >= 8 and len([e for e in extents if e != 1]) > 1:
+            lanes = row
         if lanes > 1:
             outer, inner = sch.split(fused, [None, lanes])
             sch.vectorize(inner)

@@ -3,6 +3,8 @@ and scheduling changes no result (checked against ORT over awkward shapes)."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -155,3 +157,38 @@ def test_a_pool_after_a_row_wise_kernel_does_not_recompute_its_gemm():
     out = tvm.runtime.tensor(np.zeros(cols, np.int32))
     built(tvm.runtime.tensor(x), tvm.runtime.tensor(y), out)
     np.testing.assert_array_equal(out.numpy(), want)
+
+
+def test_a_stems_quantize_runs_once_per_input_element_before_its_space_to_depth_copy():
+    """The float input's quantize feeds the AMX stem's space-to-depth copy (16 bytes per pixel:
+    2 x 2 phases of 3 channels and a zero padding channel).  Inlined, each copied byte divided and
+    rounded on its own, one lane at a time (TVM's vectorizer runs a lane-tested if_then_else
+    lane by lane): ResNet-18's stem quantize took 306 us.  Kept, the quantize is one vector loop
+    over the input whose vectors stay inside a row (a ramp, not a gather), and the copy's bytes
+    are unrolled so each lane's test folds (83 us).  The values are the unscheduled kernel's."""
+    from codegen.amx import ConvGeometry, flatten
+
+    g = ConvGeometry(3, 40, 40, 8, (7, 7), 2, (3, 3, 3, 3), (1, 1))
+    x = te.placeholder((1, 3, 40, 40), "float32", "x")
+    q = te.compute(x.shape, lambda *i: tirx.Cast("uint8", tirx.max(tirx.min(
+        tirx.round(x(*i) / tirx.const(0.0187, "float32")) + tirx.const(114.0, "float32"),
+        tirx.const(255.0, "float32")), tirx.const(0.0, "float32"))), name="quantized")
+    rows = flatten(q, g, 114)
+    func = te.create_prim_func([x, rows])
+    sch = CPUDefault().schedule(s_tir.Schedule(func), tvm.target.Target({"kind": "llvm"}))
+    assert sch is not None
+    script = sch.mod["main"].script()
+    head, copy = script.split('T.sblock("amx_rows")')
+    quantize = head.split('T.sblock("quantized")')[0]
+    # the quantize's vectors are 40-wide rows; the copy's 16 bytes unrolled, not vectorized
+    assert re.search(r"in T\.vectorized\(40\):\s*with$", quantize.rstrip()), quantize[-200:]
+    assert re.search(rf"in T\.unroll\({g.depth}\):\s*with$", head.rstrip()), head[-200:]
+    rng = np.random.default_rng(0)
+    data = tvm.runtime.tensor(rng.normal(size=(1, 3, 40, 40)).astype(np.float32))
+    outs = []
+    for mod in (tvm.IRModule({"main": func}), sch.mod):
+        out = tvm.runtime.tensor(np.zeros([int(d) for d in rows.shape], np.uint8))
+        tvm.compile(mod, target="llvm")(data, out)
+        outs.append(out.numpy())
+    np.testing.assert_array_equal(outs[1], outs[0])
+    assert len(np.unique(outs[0])) > 50          # real pixels, not only the border's zero point
