@@ -147,6 +147,13 @@ def _inline_casts(sch: s_tir.Schedule, blocks) -> list:
     return kept
 
 
+def _widens_a_load(stmt) -> bool:
+    """Whether a block only casts what it loads (``astype(int32 constant, "int64")``)."""
+    body = stmt.body
+    return isinstance(body, tirx.BufferStore) and isinstance(body.value, tirx.Cast) and \
+        isinstance(body.value.value, tvm.ir.expr.TensorLoad)
+
+
 def _broadcast(sch: s_tir.Schedule, block) -> bool:
     """Whether a reader covers at least twice the points the block writes (a row's sum or its
     reciprocal, read by every element of the row): inlined, each value would be computed that
@@ -331,6 +338,14 @@ class CPUDefault(dl.ScheduleRule):
         blocks = dl.analysis.normalize_prim_func(sch)
         if blocks is None:
             return None
+        # a constant's widening cast (int32 multipliers: passes/narrow_constants.py) joins its
+        # reader first, so the kernel has the structure the rules below expect
+        loaded = [b for b in blocks if not b.is_reduction() and not sch.get_producers(b.block_rv)
+                  and sch.get_consumers(b.block_rv) and _widens_a_load(sch.get(b.block_rv))]
+        if len(_inline_casts(sch, loaded)) < len(loaded):
+            blocks = dl.analysis.normalize_prim_func(sch)
+            if blocks is None:
+                return None
         reductions = [b for b in blocks if b.is_reduction()]
         after = blocks[blocks.index(reductions[0]) + 1:] if reductions else blocks
         if len(reductions) > 1 or not all(_read_once(sch, b.block_rv) for b in after[:-1]):

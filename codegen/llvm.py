@@ -26,6 +26,7 @@ from tvm.target.codegen import target_has_features
 from codegen import amx
 from codegen.cpu_schedule import CPUDefault
 from passes.defined_semantics import DefinedSemantics
+from passes.fold_offsets import FoldOffsets
 from passes.fusion_report import CountKernels, FusionReport, RecordFusion, RecordUnscheduled
 from passes.merge_kernels import MergeKernels
 from passes.narrow_constants import NarrowConstants
@@ -115,7 +116,8 @@ def fusion(target: tvm.target.Target, report: FusionReport, narrow: bool = False
            row_contractions: bool = True) -> tvm.transform.Pass:
     """TVM's CPU legalization and fusion (relax.backend.cpu_generic), recorded for ``lowbit inspect``:
     the result's kernels are the unscheduled PrimFuncs that tuning and our schedules work on.
-    ``narrow``: int64 constants that fit store as int32 (passes/narrow_constants.py; 32-bit cores).
+    ``narrow``: int64 constants that fit store as int32 (passes/narrow_constants.py): a 32-bit core's
+    ``mulh`` + ``mul``, and on x86 with FoldOffsets a requantize's ``vpmuldq`` instead of ``vpmullq``.
     ``row_contractions``: a GEMM may join the softmax / LayerNorm after it (passes/merge_kernels.py)."""
     legalize = []
     for p in cpu.legalize_passes(target):
@@ -125,9 +127,10 @@ def fusion(target: tvm.target.Target, report: FusionReport, narrow: bool = False
         legalize.append(p)
         if p.info.name == "FuseOps":
             legalize += [MergeKernels(row_contractions), RecordFusion(report)]
-    # conversions and shifts made total first, so no backend compiles undefined behaviour
-    return tvm.transform.Sequential([DefinedSemantics(), *cpu.library_dispatch_passes(target), *legalize],
-                                    name="lowbit_fusion")
+    # conversions and shifts made total first, so no backend compiles undefined behaviour; the
+    # offsets folded while the requantizes are still Relax ops
+    return tvm.transform.Sequential([DefinedSemantics(), FoldOffsets(), *cpu.library_dispatch_passes(target),
+                                     *legalize], name="lowbit_fusion")
 
 
 def lowering(target: tvm.target.Target, report: FusionReport) -> tvm.transform.Pass:
@@ -144,7 +147,7 @@ def build(mod: tvm.IRModule, target: dict, schedule=None):
     tgt = tvm.target.Target(target)
     report = FusionReport()
     with tgt:
-        fused = fusion(tgt, report)(mod)
+        fused = fusion(tgt, report, narrow=True)(mod)
         if schedule is not None:
             fused = schedule(fused, target)
         lowered = lowering(tgt, report)(fused)

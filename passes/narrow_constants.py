@@ -5,7 +5,8 @@ Per-channel requantize multipliers ``m`` (HAWQ-V3's dyadic ``m * 2^-e``, ``m < 2
 ``FoldConstant`` folds any widening cast of a constant back into an int64 constant, so each kernel
 reads 8-byte values it cannot know are sign-extended 32-bit ones: on a 32-bit core ``x * m`` is
 then a 64 x 64-bit multiply (four ``mul``s) where ``mulh`` + ``mul`` would do, and flash holds twice
-the bytes.  After ``FoldConstant`` and before ``FuseOps``, each such constant operand becomes
+the bytes; on x86 a 64 x 64-bit ``vpmullq`` (three uops) where ``vpmuldq`` (one) would do.  After
+``FoldConstant`` and before ``FuseOps``, each such constant operand becomes
 ``astype(int32 constant, "int64")``; fusion puts the cast inside the consumer's kernel, which then
 takes the int32 array.  Values and results are unchanged (the cast is exact).
 """
