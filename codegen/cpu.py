@@ -9,7 +9,7 @@ from functools import partial
 
 import tvm
 
-from codegen import amx, llvm, tune, vnni
+from codegen import amx, depthwise, llvm, tune, vnni
 from codegen.backend import Backend, Build, BuildContext
 from passes.contraction import ContractionUnit
 from runtime.errors import UserError
@@ -26,7 +26,8 @@ def cpu_units(target: dict) -> tuple[ContractionUnit, ...]:
         return ()
     units = (vnni.MatmulUnit(), vnni.ConvUnit(), vnni.ActivationMatmulUnit())
     if amx.available(t):
-        units = (amx.ConvUnit(), amx.TokenMatmulUnit(), *units)
+        # the depthwise unit keeps the tiles' NHWC between them (it fits channels-last inputs only)
+        units = (amx.ConvUnit(), amx.TokenMatmulUnit(), depthwise.DepthwiseUnit(), *units)
     return units
 
 

@@ -167,3 +167,42 @@ def test_token_matmuls_on_amx_are_bit_exact():
     for batch in (1, 2):
         x = rng.normal(size=(batch, 40, 128)).astype(np.float32)
         np.testing.assert_array_equal(art.run({"x": x})["y"], golden.run_qdq(qdq, {"x": x})["y"])
+
+
+def _inverted_residual(seed=4):
+    """MobileNetV2's block twice: 1x1 24 -> 144 (ReLU6), depthwise 3x3 at stride 1, then at stride 2
+    with padding on one side only, 1x1 144 -> 24; x[N, 24, 11, 10]."""
+    rng = np.random.default_rng(seed)
+    shapes = {"we": (144, 24, 1, 1), "be": (144,), "wd": (144, 1, 3, 3), "bd": (144,), "wd2": (144, 1, 3, 3),
+              "wp": (24, 144, 1, 1)}
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, s).astype(np.float32), n) for n, s in shapes.items()]
+    inits += [numpy_helper.from_array(np.float32(0.0), "lo"), numpy_helper.from_array(np.float32(6.0), "hi")]
+    node = helper.make_node
+    nodes = [node("Conv", ["x", "we", "be"], ["e"], name="expand"),
+             node("Clip", ["e", "lo", "hi"], ["e6"], name="relu6"),
+             node("Conv", ["e6", "wd", "bd"], ["d"], name="depthwise", group=144, pads=[1, 1, 1, 1]),
+             node("Relu", ["d"], ["dr"], name="relu"),
+             node("Conv", ["dr", "wd2"], ["d2"], name="depthwise_s2", group=144, strides=[2, 2], pads=[0, 0, 1, 1]),
+             node("Conv", ["d2", "wp"], ["y"], name="project")]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 24, 11, 10])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 24, 6, 5])], inits)
+
+
+def test_depthwise_layers_between_tiles_stay_channels_last_bit_exact():
+    """Between AMX convolutions (NHWC in and out) the depthwise layers read and write NHWC too
+    (codegen/depthwise.py): no transpose before or after them, and the 144-channel expansion runs
+    on the tiles (VNNI's NCHW kernel would need both transposes).  Bit-exact against golden."""
+    model = _inverted_residual()
+    rng = np.random.default_rng(5)
+    calib = {"x": rng.normal(size=(16, 24, 11, 10)).astype(np.float32)}
+    opts = CompileOptions(calib=calib, target_options={"mcpu": "sapphirerapids"})
+    art = compiler.compile(model, options=opts)
+    launches = art.manifest.launch_sequence
+    assert sum(k.startswith("conv2d_amx") for k in launches) == 2, launches
+    assert sum("depthwise" in k for k in launches) == 2, launches
+    assert not any("transpose" in k for k in launches[:-1]), launches      # the NCHW output's only
+    if missing_cpu_features({**host_target(), "mcpu": "sapphirerapids"}):
+        pytest.skip("this machine has no AMX: the kernels are built, running them is not possible")
+    qdq, _ = quantize.quantize(model, calib, opts.quant_config())
+    x = rng.normal(size=(2, 24, 11, 10)).astype(np.float32)
+    np.testing.assert_array_equal(art.run({"x": x})["y"], golden.run_qdq(qdq, {"x": x})["y"])

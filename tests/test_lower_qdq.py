@@ -181,8 +181,8 @@ def _unit_names(units) -> list[str]:
     ({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]}, []),
     ({"kind": "llvm", "mcpu": "alderlake"}, ["vnni.MatmulUnit", "vnni.ConvUnit", "vnni.ActivationMatmulUnit"]),
     ({"kind": "llvm", "mcpu": "icelake-server"}, ["vnni.MatmulUnit", "vnni.ConvUnit", "vnni.ActivationMatmulUnit"]),
-    ({"kind": "llvm", "mcpu": "sapphirerapids"}, ["amx.ConvUnit", "amx.TokenMatmulUnit", "vnni.MatmulUnit",
-                                                  "vnni.ConvUnit", "vnni.ActivationMatmulUnit"]),
+    ({"kind": "llvm", "mcpu": "sapphirerapids"}, ["amx.ConvUnit", "amx.TokenMatmulUnit", "depthwise.DepthwiseUnit",
+                                                  "vnni.MatmulUnit", "vnni.ConvUnit", "vnni.ActivationMatmulUnit"]),
 ], ids=["avx2", "aarch64", "avx_vnni", "avx512_vnni", "amx"])
 def test_cpu_units_follow_the_isa(target, names):
     from codegen.cpu import cpu_units
