@@ -30,6 +30,7 @@ from passes.fold_offsets import FoldOffsets
 from passes.fusion_report import CountKernels, FusionReport, RecordFusion, RecordUnscheduled
 from passes.merge_kernels import MergeKernels
 from passes.narrow_constants import NarrowConstants
+from passes.pool_first import PoolFirst
 from passes.reduce_epilogue import ReduceEpilogue
 from passes.shape_heap import after_shape_lowering
 from runtime.errors import UserError
@@ -127,10 +128,10 @@ def fusion(target: tvm.target.Target, report: FusionReport, narrow: bool = False
         legalize.append(p)
         if p.info.name == "FuseOps":
             legalize += [MergeKernels(row_contractions), RecordFusion(report)]
-    # conversions and shifts made total first, so no backend compiles undefined behaviour; the
-    # offsets folded while the requantizes are still Relax ops
-    return tvm.transform.Sequential([DefinedSemantics(), FoldOffsets(), *cpu.library_dispatch_passes(target),
-                                     *legalize], name="lowbit_fusion")
+    # conversions and shifts made total first, so no backend compiles undefined behaviour; pools
+    # moved and offsets folded while the requantizes are still Relax ops
+    return tvm.transform.Sequential([DefinedSemantics(), PoolFirst(), FoldOffsets(),
+                                     *cpu.library_dispatch_passes(target), *legalize], name="lowbit_fusion")
 
 
 def lowering(target: tvm.target.Target, report: FusionReport) -> tvm.transform.Pass:
