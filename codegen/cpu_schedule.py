@@ -123,6 +123,12 @@ def _under_rows(sch: s_tir.Schedule, blocks, out) -> tuple[s_tir.Schedule, int |
     return sch, None
 
 
+def _moves(stmt) -> bool:
+    """Whether a block reads at other points than it writes (padding, a layout copy, a gather)."""
+    written = [str(r.min) for r in stmt.writes[0].region] if stmt.writes else []
+    return any([str(r.min) for r in read.region] != written for read in stmt.reads)
+
+
 def _pointwise(sch: s_tir.Schedule, block) -> bool:
     """A cheap elementwise step (a cast, a shift by a constant): it reads every input at the point
     it writes, and divides nothing, so copying it into each reader costs less than a pass over
@@ -130,9 +136,7 @@ def _pointwise(sch: s_tir.Schedule, block) -> bool:
     stmt = sch.get(block)
     if len(stmt.writes) != 1 or not isinstance(stmt.body, tirx.BufferStore):
         return False
-    written = [str(r.min) for r in stmt.writes[0].region]
-    return (all([str(r.min) for r in read.region] == written for read in stmt.reads)
-            and not re.search(r"//|%|T\.truncdiv|T\.floordiv", stmt.body.script()))
+    return not _moves(stmt) and not re.search(r"//|%|T\.truncdiv|T\.floordiv", stmt.body.script())
 
 
 def _inline_casts(sch: s_tir.Schedule, blocks) -> list:
@@ -280,12 +284,6 @@ def _epilogues_at(sch: s_tir.Schedule, epilogues, anchor, lanes: int) -> list:
 
 
 GENERIC = tvm.target.Target({"kind": "llvm"})
-
-
-def _moves(stmt) -> bool:
-    """Whether a block reads at other points than it writes (padding, a layout copy, a gather)."""
-    written = [str(r.min) for r in stmt.writes[0].region] if stmt.writes else []
-    return any([str(r.min) for r in read.region] != written for read in stmt.reads)
 
 
 def _lane_tested(stmt, axes: int) -> bool:
@@ -702,10 +700,8 @@ class CPUDefault(dl.ScheduleRule):
             return
         stmt = sch.get(block)
         loops = _write_order(sch, block, loops)
-        written = [str(r.min) for r in stmt.writes[0].region] if stmt.writes else []
         # a padding test (v < 197) reads its axis too: flattened, that is a division per lane
-        moves = (any([str(r.min) for r in read.region] != written for read in stmt.reads)
-                 or re.search(r"if_then_else|T\.Select", stmt.body.script()) is not None)
+        moves = _moves(stmt) or re.search(r"if_then_else|T\.Select", stmt.body.script()) is not None
         extents = [_const(sch.get(lp).extent) for lp in loops]
         inner = 1                   # trailing axes fused into the vector: at least 8 lanes (4 x 16 packing)
         while inner < len(loops) - 1 and extents[-inner] and int(np.prod(extents[-inner:])) < 8:

@@ -47,10 +47,10 @@ class DepthwiseUnit:
     channels_last = True
 
     def fits(self, c: Contraction) -> bool:
-        if c.kind != CONV2D or not c.x.channels_last or None in c.x.shape[1:] or c.x.zero is None or c.bits:
+        if c.kind != CONV2D or not c.int8_weights or not c.x.channels_last or None in c.x.shape[1:] or c.x.zero is None:
             return False
         out_channels, per_group = c.weights.shape[:2]
-        return per_group == 1 and c.groups == c.x.shape[1] == out_channels and c.weights.dtype == np.int8
+        return per_group == 1 and c.groups == c.x.shape[1] == out_channels
 
     def pack(self, c: Contraction) -> np.ndarray:
         return np.ascontiguousarray(c.weights[:, 0].transpose(1, 2, 0))

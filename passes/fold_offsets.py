@@ -20,52 +20,33 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from passes.rewrite import each_function
-
-
-def _const(expr) -> np.ndarray | None:
-    return expr.value.numpy() if isinstance(expr, tvm.ir.GenericConst) else None
-
-
-def _is(expr, name: str) -> bool:
-    return isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == name
+from passes.rewrite import bound, constant, each_function, is_op
 
 
 @relax.expr_functor.mutator
 class _Fold(relax.PyExprMutator):
-    def _value(self, expr):
-        """The expression a dataflow variable is bound to (the lowering binds every op)."""
-        while isinstance(expr, relax.Var):
-            bound = self.lookup_binding(expr)
-            if bound is None:
-                return expr
-            expr = bound
-        return expr
-
     def visit_call_(self, call):
         call = self.visit_expr_post_order(call)
         # ((int64) (acc + b...) * m + h) >> e, with m, h, e constants
-        if not _is(call, "relax.right_shift") or _const(call.args[1]) is None:
+        if not is_op(call, "relax.right_shift") or constant(call.args[1]) is None:
             return call
-        add = self._value(call.args[0])
-        if not _is(add, "relax.add") or (h := _const(add.args[1])) is None:
+        add = bound(self, call.args[0])
+        if not is_op(add, "relax.add") or (h := constant(add.args[1])) is None:
             return call
-        mul = self._value(add.args[0])
-        if not _is(mul, "relax.multiply") or (m := _const(mul.args[1])) is None or m.dtype != np.int64:
+        mul = bound(self, add.args[0])
+        if not is_op(mul, "relax.multiply") or (m := constant(mul.args[1])) is None or m.dtype != np.int64:
             return call
-        cast = self._value(mul.args[0])
-        if not _is(cast, "relax.astype") or str(cast.args[0].ty.dtype) != "int32":
+        cast = bound(self, mul.args[0])
+        if not is_op(cast, "relax.astype") or str(cast.args[0].ty.dtype) != "int32":
             return call
-        acc, offset = cast.args[0], np.zeros((), np.int64)
-        while _is(total := self._value(acc), "relax.add") and (b := _const(total.args[1])) is not None:
-            acc, offset = total.args[0], offset + b.astype(np.int64)
-        if not offset.shape and not offset:
-            return call
+        acc, offsets = cast.args[0], []
+        while is_op(total := bound(self, acc), "relax.add") and (b := constant(total.args[1])) is not None:
+            acc, offsets = total.args[0], [*offsets, b.astype(np.int64)]
         ndim = call.ty.ndim
-        folded = h.astype(np.int64) + offset * m
-        folded = folded.reshape((1,) * (ndim - folded.ndim) + folded.shape)
-        if folded.ndim != ndim or tvm.DataType(str(acc.ty.dtype)).bits != 32:
+        folded = h.astype(np.int64) + sum(offsets) * m
+        if not offsets or folded.ndim > ndim:
             return call
+        folded = folded.reshape((1,) * (ndim - folded.ndim) + folded.shape)
         product = self.builder_.emit(relax.op.multiply(self.builder_.emit(relax.op.astype(acc, "int64")), mul.args[1]))
         total = self.builder_.emit(relax.op.add(product, relax.const(folded, "int64")))
         return self.builder_.normalize(relax.op.right_shift(total, call.args[1]))

@@ -14,15 +14,7 @@ import tvm
 from tvm import relax
 
 from passes.dyadic import Dyadic, rescale_high
-from passes.rewrite import each_function
-
-
-def _const(expr) -> np.ndarray | None:
-    return expr.value.numpy() if isinstance(expr, tvm.ir.GenericConst) else None
-
-
-def _is(expr, name: str) -> bool:
-    return isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == name
+from passes.rewrite import bound, constant, each_function, is_op
 
 
 @relax.expr_functor.mutator
@@ -31,39 +23,30 @@ class _HighWord(relax.PyExprMutator):
         super().__init__(mod)
         self._high: list[relax.Expr] = []   # the int32 results of the rescales rewritten here
 
-    def _value(self, expr):
-        """The expression a dataflow variable is bound to (the lowering binds every op)."""
-        while isinstance(expr, relax.Var):
-            bound = self.lookup_binding(expr)
-            if bound is None:
-                return expr
-            expr = bound
-        return expr
-
     def visit_call_(self, call):
         call = self.visit_expr_post_order(call)
-        if _is(call, "relax.astype"):
+        if is_op(call, "relax.astype"):
             return self._saturate(call)
-        if not _is(call, "relax.right_shift") or (e := _const(call.args[1])) is None:
+        if not is_op(call, "relax.right_shift") or (e := constant(call.args[1])) is None:
             return call
-        add = self._value(call.args[0])
-        if not _is(add, "relax.add") or _const(add.args[1]) is None:
+        add = bound(self, call.args[0])
+        if not is_op(add, "relax.add") or constant(add.args[1]) is None:
             return call
-        mul = self._value(add.args[0])
-        if not _is(mul, "relax.multiply") or (m := _const(mul.args[1])) is None or m.dtype != np.int64:
+        mul = bound(self, add.args[0])
+        if not is_op(mul, "relax.multiply") or (m := constant(mul.args[1])) is None or m.dtype != np.int64:
             return call
-        cast = self._value(mul.args[0])
-        if not _is(cast, "relax.astype") or str(cast.args[0].ty.dtype) != "int32" or m.shape != e.shape:
+        cast = bound(self, mul.args[0])
+        if not is_op(cast, "relax.astype") or str(cast.args[0].ty.dtype) != "int32" or m.shape != e.shape:
             return call
         x = cast.args[0]
         axis = next((i for i, n in enumerate(m.shape) if n > 1), -1)
         high = rescale_high(x, Dyadic(m.reshape(-1), e.reshape(-1)), axis)
         # the rounding constant is part of the pattern: only the form dyadic.rescale builds
-        half = _const(add.args[1])
+        half = constant(add.args[1])
         if high is None or not np.array_equal(half, np.left_shift(1, np.maximum(e, 1) - 1) * (e > 0)):
             return call
         high = self.builder_.normalize(high)
-        self._high.append(self._value(high.args[0]))    # astype(int32 result, int64): |result| < 2^30
+        self._high.append(bound(self, high.args[0]))    # astype(int32 result, int64): |result| < 2^30
         return high
 
     def _saturate(self, call):
@@ -72,16 +55,16 @@ class _HighWord(relax.PyExprMutator):
         other int32 ``v`` may be near 2^31, so its sum stays in int64."""
         if tvm.DataType(str(call.ty.dtype)).bits > 32:
             return call
-        clip = self._value(call.args[0])
-        if not _is(clip, "relax.clip"):
+        clip = bound(self, call.args[0])
+        if not is_op(clip, "relax.clip"):
             return call
-        total, zero = self._value(clip.args[0]), 0
-        if _is(total, "relax.add") and (z := _const(total.args[1])) is not None and z.size == 1:
-            total, zero = self._value(total.args[0]), int(z.reshape(-1)[0])
-        if not _is(total, "relax.astype") or str(total.args[0].ty.dtype) != "int32":
+        total, zero = bound(self, clip.args[0]), 0
+        if is_op(total, "relax.add") and (z := constant(total.args[1])) is not None and z.size == 1:
+            total, zero = bound(self, total.args[0]), int(z.reshape(-1)[0])
+        if not is_op(total, "relax.astype") or str(total.args[0].ty.dtype) != "int32":
             return call
         v = total.args[0]
-        if not any(self._value(v).same_as(h) for h in self._high):
+        if not any(bound(self, v).same_as(h) for h in self._high):
             return call
         lo, hi = (int(b.value) for b in clip.args[1:3])
         if zero:

@@ -21,11 +21,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from passes.rewrite import each_function
-
-
-def _const(expr) -> np.ndarray | None:
-    return expr.value.numpy() if isinstance(expr, tvm.ir.GenericConst) else None
+from passes.rewrite import constant, each_function, is_op
 
 
 def _range(dtype: str) -> tuple[int, int]:
@@ -39,7 +35,7 @@ def _always(call, _operand) -> bool:
 
 def _non_negative(call, _operand) -> bool:
     """x * c, x >> c: non-decreasing in x where every c >= 0 (a shift is arithmetic: a floor)."""
-    return bool(np.all(_const(call.args[1]) >= 0))
+    return bool(np.all(constant(call.args[1]) >= 0))
 
 
 def _astype(call, operand) -> bool:
@@ -50,8 +46,7 @@ def _astype(call, operand) -> bool:
     lo, hi = _range(dst)
     if lo <= _range(src)[0] and _range(src)[1] <= hi:
         return True
-    return isinstance(operand, relax.Call) and operand.op.name == "relax.clip" and \
-        lo <= int(operand.args[1].value) and int(operand.args[2].value) <= hi
+    return is_op(operand, "relax.clip") and lo <= int(operand.args[1].value) and int(operand.args[2].value) <= hi
 
 
 # the non-decreasing steps of a requantize, and when each one is (its first argument the value)
@@ -87,9 +82,9 @@ class _PoolFirst(relax.PyExprMutator):
         steps = []
         while isinstance(value, relax.Var) and self._uses.get(value, 0) == 1:
             call = self.lookup_binding(value)
-            if not (isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op) and call.op.name in MONOTONE):
+            if not any(is_op(call, name) for name in MONOTONE):
                 break
-            consts = [_const(a) for a in call.args[1:] if not isinstance(a, tvm.tirx.IntImm)]   # clip bounds
+            consts = [constant(a) for a in call.args[1:] if not isinstance(a, tvm.tirx.IntImm)]   # clip bounds
             # every constant the same at each pixel: per channel or per tensor
             if any(c is None or c.ndim > 4 or max(((1,) * (4 - c.ndim) + c.shape)[a] for a in spatial) > 1
                    for c in consts):
@@ -104,7 +99,7 @@ class _PoolFirst(relax.PyExprMutator):
 
     def visit_call_(self, call):
         call = self.visit_expr_post_order(call)
-        if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.max_pool2d"):
+        if not is_op(call, "relax.nn.max_pool2d"):
             return call
         layout = str(call.attrs.layout)
         steps, source = self._chain(call.args[0], (layout.index("H"), layout.index("W")))

@@ -88,8 +88,12 @@ def test_folded_requantize_is_bit_exact_on_the_accumulators_extremes():
     b = (B1 + B2).astype(np.int64)
     lo, hi = -(2**31) - b.min(), 2**31 - 1 - b.max()
     rng = np.random.default_rng(3)
-    ties = (np.left_shift(1, E - 1) // np.gcd(M, np.left_shift(1, E))).astype(np.int64) - b   # x * m ends in 2^(e-1)
-    acc = np.concatenate([np.array([[lo] * 3, [hi] * 3, [0] * 3, [-1] * 3]), ties, -ties - 2 * b,
+    # ties: (acc + b) m = 2^(e-1) mod 2^e, reachable in int32 on channel 1 (m = 2^30, e = 38) at +-128
+    ties = np.zeros((2, 3), np.int64)
+    ties[:, 1] = np.array([128, -128]) - b[0, 1]
+    m1, e1 = int(M[0, 1]), int(E[0, 1])
+    assert all((int(t) + int(b[0, 1])) * m1 % (1 << e1) == 1 << (e1 - 1) for t in ties[:, 1])
+    acc = np.concatenate([np.array([[lo] * 3, [hi] * 3, [0] * 3, [-1] * 3]), ties,
                           rng.integers(lo, hi, size=(16, 3), endpoint=True)]).astype(np.int32)
     got = _run(FoldOffsets()(Before), acc)
     np.testing.assert_array_equal(got, _run(Before, acc))
