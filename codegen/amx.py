@@ -24,7 +24,8 @@ The ``Wq - OW`` columns per output row past the image's right edge read wrapped-
 they are computed and never read (2 of 9 for a 7-wide output).  The sum runs over the steps for
 2 x 2 tiles (32 pixels x 32 output channels) held in four tile registers next to their two A and
 two B operands, then stored as int32 [N, P, OC]; a separate elementwise kernel picks the valid
-pixels and applies the epilogue.
+pixels and applies the epilogue, or, where codegen/tile_epilogue.py proves the layout, the
+epilogue runs on each block as the tiles store it.
 
 Linux grants AMX's 8 KiB of tile state per process, on request (``arch_prctl``); each kernel
 call asks, which costs one syscall, so that the library needs no set-up call from its host.
@@ -45,6 +46,7 @@ import numpy as np
 
 from codegen import vnni
 from passes.contraction import Accumulator, Contraction
+from passes.merge_kernels import TILE_EPILOGUE
 
 ROWS = 16                   # pixels per tile, and output channels per B tile (16 x 4 bytes)
 DEPTH = 64                  # bytes per tile row
@@ -94,6 +96,16 @@ class ConvGeometry:
     stride: int
     padding: tuple[int, int, int, int]      # top, left, bottom, right
     dilation: tuple[int, int]
+
+    def ints(self) -> list[int]:
+        """The fields as a flat list of ints (a PrimFunc attribute); ``from_ints`` inverts it."""
+        return [self.channels, self.height, self.width, self.out_channels, *self.kernel, self.stride,
+                *self.padding, *self.dilation]
+
+    @classmethod
+    def from_ints(cls, v) -> ConvGeometry:
+        v = [int(i) for i in v]
+        return cls(v[0], v[1], v[2], v[3], (v[4], v[5]), v[6], tuple(v[7:11]), (v[11], v[12]))
 
     @property
     def channel_bytes(self) -> int:
@@ -265,11 +277,22 @@ def unflatten(acc, g: ConvGeometry):
                       lambda b, y, x, o: acc[b, y * g.pitch + x, o], name="amx_valid")
 
 
-def conv_kernel(g: ConvGeometry):
-    """The TIR kernel: acc[N, P, OC] = sum over steps of rows[N, offset + depth * p : +64] . B[step]."""
+GEOMETRY_ATTR = "lowbit.amx_geometry"      # a kernel's ConvGeometry, as the ints of ``ConvGeometry.ints``
+
+
+def conv_kernel(g: ConvGeometry, epilogue=None):
+    """The TIR kernel: acc[N, P, OC] = sum over steps of rows[N, offset + depth * p : +64] . B[step].
+
+    ``epilogue(b, p, o0, j, value)``: each 32 x 32 block is stored to a stack buffer instead, and for
+    each valid pixel p and channel o0 + j (o0 the block's first, a multiple of 32) ``epilogue`` emits
+    the store of its result, after ``epilogue.border()`` emitted whatever no pixel maps to (codegen/tile_epilogue.py:
+    the requantize reads the sums from L1); ``acc`` is then left unwritten, and the caller makes the
+    epilogue's buffers the kernel's parameters in its place."""
     from tvm.script import tirx as T
 
     oc, depth, pixels, n_steps, row_bytes = g.out_block, g.depth, g.pixels, len(g.steps), g.row_bytes
+    out_h, out_w, out_c = g.out_height, g.out_width, g.out_channels
+    staged = epilogue is not None
     planes, plane_height, pitch = len(g.planes), g.plane_height, g.pitch
     p_blocks, o_blocks = pixels // BLOCK, oc // BLOCK
     blocks, c_stride = p_blocks * o_blocks, oc * 4
@@ -281,17 +304,20 @@ def conv_kernel(g: ConvGeometry):
     def amx(name, *args):
         return T.call_llvm_intrin("void", f"llvm.x86.{name}", *args)
 
-    @T.prim_func
+    @T.prim_func(check_well_formed=not staged)      # staged: the epilogue's buffers are not parameters yet
     def kernel(x_h: T.handle, w: T.Buffer((oc // ROWS, n_steps, ROWS, ROWS, 4), "int8"),
                offsets: T.Buffer((n_steps,), "int32"), acc_h: T.handle):
         # opaque (op_pattern 8): fusion leaves it whole, and the epilogue joins the unflatten step
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8, GEOMETRY_ATTR: g.ints(),
+                     TILE_EPILOGUE: True})
         n = T.int64()
         x = T.match_buffer(x_h, (n, planes, plane_height, pitch, depth), "uint8")
         acc = T.match_buffer(acc_h, (n, pixels, oc), "int32")
         rows = T.decl_buffer((n * row_bytes,), "uint8", data=x.data)       # the same bytes, flat
         T.evaluate(T.call_extern("int64", "syscall", T.int64(_ARCH_PRCTL), T.int64(_ARCH_REQ_XCOMP_PERM),
                                  T.int64(_XFEATURE_XTILEDATA)))
+        if staged:
+            epilogue.border()
         for part in T.parallel(n * parts):
             # tile configuration (per thread: it is register state): palette 1, eight 16 x 64-byte
             # tiles; set once per run of blocks, as setting it costs as much as a small block
@@ -303,6 +329,7 @@ def conv_kernel(g: ConvGeometry):
                 cfg[16 + 2 * t] = T.uint8(64)
                 cfg[48 + t] = T.uint8(ROWS)
             T.evaluate(amx("ldtilecfg", T.address_of(cfg[0])))
+            tile = T.alloc_buffer((BLOCK, BLOCK), "int32", scope="local")
             b = part // parts
             for block in range(part % parts * blocks // parts, (part % parts + 1) * blocks // parts):
                 if weights_first:
@@ -327,11 +354,33 @@ def conv_kernel(g: ConvGeometry):
                     T.evaluate(amx("tdpbusd", T.int8(1), T.int8(4), T.int8(7)))
                     T.evaluate(amx("tdpbusd", T.int8(2), T.int8(5), T.int8(6)))
                     T.evaluate(amx("tdpbusd", T.int8(3), T.int8(5), T.int8(7)))
-                T.evaluate(amx("tilestored64", T.int8(0), T.address_of(acc[b, p0, o0]), T.int64(c_stride)))
-                T.evaluate(amx("tilestored64", T.int8(1), T.address_of(acc[b, p0, o0 + ROWS]), T.int64(c_stride)))
-                T.evaluate(amx("tilestored64", T.int8(2), T.address_of(acc[b, p0 + ROWS, o0]), T.int64(c_stride)))
-                T.evaluate(amx("tilestored64", T.int8(3), T.address_of(acc[b, p0 + ROWS, o0 + ROWS]),
-                               T.int64(c_stride)))
+                if staged:
+                    T.evaluate(amx("tilestored64", T.int8(0), T.address_of(tile[0, 0]), T.int64(BLOCK * 4)))
+                    T.evaluate(amx("tilestored64", T.int8(1), T.address_of(tile[0, ROWS]), T.int64(BLOCK * 4)))
+                    T.evaluate(amx("tilestored64", T.int8(2), T.address_of(tile[ROWS, 0]), T.int64(BLOCK * 4)))
+                    T.evaluate(amx("tilestored64", T.int8(3), T.address_of(tile[ROWS, ROWS]), T.int64(BLOCK * 4)))
+                    for i in range(BLOCK):
+                        if (p0 + i) % pitch < out_w and (p0 + i) // pitch < out_h:
+                            if out_c % BLOCK == 0:
+                                for j in T.vectorized(BLOCK):
+                                    epilogue(b, p0 + i, o0, j, tile[i, j])
+                            else:       # the last block's padding channels: whole 16-lane halves or lane by lane
+                                for h in range(BLOCK // ROWS):
+                                    if o0 + h * ROWS + ROWS <= out_c:
+                                        for j in T.vectorized(ROWS):
+                                            epilogue(b, p0 + i, o0, h * ROWS + j, tile[i, h * ROWS + j])
+                                    else:
+                                        for j in range(ROWS):
+                                            if o0 + h * ROWS + j < out_c:
+                                                epilogue(b, p0 + i, o0, h * ROWS + j, tile[i, h * ROWS + j])
+                else:
+                    T.evaluate(amx("tilestored64", T.int8(0), T.address_of(acc[b, p0, o0]), T.int64(c_stride)))
+                    T.evaluate(amx("tilestored64", T.int8(1), T.address_of(acc[b, p0, o0 + ROWS]),
+                                   T.int64(c_stride)))
+                    T.evaluate(amx("tilestored64", T.int8(2), T.address_of(acc[b, p0 + ROWS, o0]),
+                                   T.int64(c_stride)))
+                    T.evaluate(amx("tilestored64", T.int8(3), T.address_of(acc[b, p0 + ROWS, o0 + ROWS]),
+                                   T.int64(c_stride)))
             T.evaluate(amx("tilerelease"))
 
     return kernel

@@ -25,6 +25,7 @@ from tvm.target.codegen import target_has_features
 
 from codegen import amx
 from codegen.cpu_schedule import CPUDefault
+from codegen.tile_epilogue import FuseTileEpilogue
 from passes.defined_semantics import DefinedSemantics
 from passes.fold_offsets import FoldOffsets
 from passes.fusion_report import CountKernels, FusionReport, RecordFusion, RecordUnscheduled
@@ -128,6 +129,8 @@ def fusion(target: tvm.target.Target, report: FusionReport, narrow: bool = False
         legalize.append(p)
         if p.info.name == "FuseOps":
             legalize += [MergeKernels(row_contractions), RecordFusion(report)]
+        if p.info.name == "FuseTIR":
+            legalize.append(FuseTileEpilogue(report))
     # conversions and shifts made total first, so no backend compiles undefined behaviour; pools
     # moved and offsets folded while the requantizes are still Relax ops
     return tvm.transform.Sequential([DefinedSemantics(), PoolFirst(), FoldOffsets(),

@@ -36,6 +36,9 @@ from tvm import relax, s_tir, tirx
 COMM_REDUCE = 2                 # tirx.IterVar.CommReduce
 MAX_NAME_OPS = 6                # a kernel is named after its first distinct ops (FuseOps: all of them)
 INJECTIVE = 2                   # OpPatternKind: reshape, transpose, slice (elementwise math is 0 or 1)
+# a hand-written kernel's attribute: the elementwise kernel reading its result is fused into its tiles
+# later (codegen/tile_epilogue.py), so that kernel stays whole here, not a contraction's prologue
+TILE_EPILOGUE = "lowbit.tile_epilogue"
 
 
 def _block_kinds(func: tirx.PrimFunc) -> tuple[int, bool, bool]:
@@ -106,8 +109,10 @@ def _vars_in(expr) -> list:
     return found
 
 
-def _plan(kernels: dict[int, _Kernel], bindings, output, row_contractions: bool = True) -> dict[int, set[int]]:
-    """Groups of binding positions, keyed by the position whose result leaves the group."""
+def _plan(kernels: dict[int, _Kernel], bindings, output, row_contractions: bool = True,
+          tiled: frozenset = frozenset()) -> dict[int, set[int]]:
+    """Groups of binding positions, keyed by the position whose result leaves the group; a kernel
+    reading a value in ``tiled`` (a TILE_EPILOGUE kernel's result) joins no other."""
     producer = {kernels[i].var: i for i in kernels}
     readers: dict[int, set[object]] = {i: set() for i in kernels}
     for pos, b in enumerate(bindings):
@@ -131,7 +136,7 @@ def _plan(kernels: dict[int, _Kernel], bindings, output, row_contractions: bool 
         return all(kernels[m].layout for m in groups[root])
 
     for p in sorted(kernels, reverse=True):
-        if p not in groups or "escape" in readers[p]:
+        if p not in groups or "escape" in readers[p] or any(a in tiled for a in kernels[p].inputs):
             continue
         users = set().union(*(owners[r] for r in readers[p])) if readers[p] else set()
         if not users or p in users:
@@ -197,7 +202,9 @@ class MergeKernels:
         kinds: dict = {}
         kernels = {i: k for i, b in enumerate(bindings) if (k := _kernel(mod, b, kinds)) is not None}
         # every group is emitted afresh, FuseOps' one-group kernels too: all get short names
-        groups = {r: g for r, g in _plan(kernels, bindings, main.body.body, self.row_contractions).items()
+        tiled = frozenset(b.var for b in bindings if _is_call_tir(b.value) and (attrs := mod[b.value.args[0]].attrs)
+                          is not None and attrs.get(TILE_EPILOGUE, False))
+        groups = {r: g for r, g in _plan(kernels, bindings, main.body.body, self.row_contractions, tiled).items()
                   if len(g) > 1 or kernels[r].bind}
         if not groups:
             return mod

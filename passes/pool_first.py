@@ -120,4 +120,7 @@ class _PoolFirst(relax.PyExprMutator):
 @tvm.transform.module_pass(opt_level=0, name="lowbit.PoolFirst")
 class PoolFirst:
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        # dead readers first: the lowering's unused layout copies (a permute_dims of the requantized
+        # stem per NCHW consumer it replaced) would count as the chain's other readers
+        mod = relax.transform.DeadCodeElimination()(mod)
         return relax.transform.DeadCodeElimination()(each_function(_PoolFirst(mod, _uses(mod)), mod))

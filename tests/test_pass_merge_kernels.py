@@ -17,7 +17,7 @@ from tvm.script import ir as I
 from tvm.script import relax as R
 from tvm.script import tirx as T
 
-from passes.merge_kernels import MergeKernels
+from passes.merge_kernels import TILE_EPILOGUE, MergeKernels
 
 
 @I.ir_module
@@ -273,3 +273,55 @@ def test_merged_kernels_are_bit_exact():
         assert len(prims) == (1 if row_contractions else 2), prims
         vm = relax.VirtualMachine(tvm.compile(merged, target="llvm"), tvm.cpu())
         np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(x)).numpy(), want)
+
+
+def _tiled_then_contraction(tile_epilogue: bool) -> tvm.IRModule:
+    """A hand-written kernel's int32 result -> an elementwise kernel -> a matmul; the first kernel
+    marked TILE_EPILOGUE or not."""
+
+    @T.prim_func(private=True, s_tir=True)
+    def tiled(x: T.Buffer((T.int64(2), T.int64(4)), "int8"), acc: T.Buffer((T.int64(2), T.int64(4)), "int32")):
+        T.func_attr({"op_pattern": 8, "tirx.is_scheduled": True, "tirx.noalias": True})
+        for i, j in T.grid(T.int64(2), T.int64(4)):
+            acc[i, j] = T.Cast("int32", x[i, j]) * 3
+
+    @T.prim_func(private=True, s_tir=True)
+    def shift(acc: T.Buffer((T.int64(2), T.int64(4)), "int32"), out: T.Buffer((T.int64(2), T.int64(4)), "int32")):
+        T.func_attr({"op_pattern": 0, "tirx.noalias": True})
+        for i, j in T.grid(T.int64(2), T.int64(4)):
+            with T.sblock("shift"):
+                vi, vj = T.axis.remap("SS", [i, j])
+                out[vi, vj] = acc[vi, vj] >> 1
+
+    @T.prim_func(private=True, s_tir=True)
+    def matmul(a: T.Buffer((T.int64(2), T.int64(4)), "int32"), w: T.Buffer((T.int64(4), T.int64(2)), "int32"),
+               out: T.Buffer((T.int64(2), T.int64(2)), "int32")):
+        T.func_attr({"op_pattern": 4, "tirx.noalias": True})
+        for i, j, k in T.grid(T.int64(2), T.int64(2), T.int64(4)):
+            with T.sblock("matmul"):
+                vi, vj, vk = T.axis.remap("SSR", [i, j, k])
+                with T.init():
+                    out[vi, vj] = 0
+                out[vi, vj] = out[vi, vj] + a[vi, vk] * w[vk, vj]
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((2, 4), "int8"))
+    w = relax.Var("w", relax.TensorType((4, 2), "int32"))
+    kernel = tiled.with_attr(TILE_EPILOGUE, True) if tile_epilogue else tiled
+    with bb.function("main", [x, w]):
+        with bb.dataflow():
+            acc = bb.emit(relax.call_tir(bb.add_func(kernel, "tiled"), [x], relax.TensorType((2, 4), "int32")))
+            s = bb.emit(relax.call_tir(bb.add_func(shift, "shift"), [acc], relax.TensorType((2, 4), "int32")))
+            y = bb.emit_output(relax.call_tir(bb.add_func(matmul, "matmul"), [s, w], relax.TensorType((2, 2), "int32")))
+        bb.emit_func_output(y)
+    return bb.get()
+
+
+def test_a_tile_epilogue_stays_out_of_the_next_contraction():
+    """The elementwise kernel after a TILE_EPILOGUE kernel (codegen/amx.py) is left whole for
+    codegen/tile_epilogue.py to move into the tiles; after any other kernel it is the matmul's
+    prologue."""
+    marked = _tiled_then_contraction(True)
+    tvm.ir.assert_structural_equal(MergeKernels()(marked), marked)
+    merged = _kernels(MergeKernels()(_tiled_then_contraction(False)))
+    assert [ops for _, ops in merged] == [["tiled"], ["shift", "matmul"]], merged

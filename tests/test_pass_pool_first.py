@@ -56,6 +56,28 @@ class Expected:
 
 
 @I.ir_module
+class DeadReader:
+    """Before, with an unused layout copy of the requantized tensor (the lowering leaves one per NCHW
+    consumer it replaced): dead, it is not another reader."""
+
+    @R.function
+    def main(acc: R.Tensor((1, 9, 8, 3), "int32")) -> R.Tensor((1, 5, 4, 3), "uint8"):
+        with R.dataflow():
+            x = R.add(acc, R.const(B, "int32"))
+            wide = R.astype(x, "int64")
+            prod = R.multiply(wide, R.const(M, "int64"))
+            total = R.add(prod, R.const(H, "int64"))
+            shifted = R.right_shift(total, R.const(E, "int64"))
+            zp = R.add(shifted, R.const(-3, "int64"))
+            clipped = R.clip(zp, 0, 255)
+            q = R.astype(clipped, "uint8")
+            _unused = R.permute_dims(q, axes=[0, 3, 1, 2])
+            y = R.nn.max_pool2d(q, pool_size=[3, 3], strides=[2, 2], padding=[1, 1, 1, 1], layout="NHWC")
+            R.output(y)
+        return y
+
+
+@I.ir_module
 class NotApplicable:
     """Kept: a negative multiplier (decreasing), a constant that differs per pixel, and a requantized
     tensor another op also reads."""
@@ -77,6 +99,10 @@ class NotApplicable:
 
 def test_the_pool_moves_onto_the_accumulator():
     tvm.ir.assert_structural_equal(PoolFirst()(Before), Expected)
+
+
+def test_a_dead_reader_does_not_keep_the_pool():
+    tvm.ir.assert_structural_equal(PoolFirst()(DeadReader), Expected)
 
 
 def test_a_decreasing_step_a_per_pixel_constant_and_a_shared_value_keep_the_pool():
