@@ -124,6 +124,9 @@ def _layouts(g: amx.ConvGeometry, shape: tuple, b, y, x, o0, j) -> list[tuple[tu
             if oc % d == 0:
                 forms.setdefault((oc // d, ow, d), []).append(
                     ((b, tirx.floordiv(o0, d), x, tirx.floormod(o0, d) + j), None))
+                # a key matrix transposed per head (Q K^T's right operand): lanes a row apart
+                forms.setdefault((oc // d, d, ow), []).append(
+                    ((b, tirx.floordiv(o0, d), tirx.floormod(o0, d) + j, x), None))
     if len(dims) == 4 and dims[0] == 1 and dims[3] == oc:
         # the next convolution's input rows (codegen/amx.flatten: one plane, no padding channels),
         # this image at an offset inside a border
