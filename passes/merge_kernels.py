@@ -146,7 +146,9 @@ def _plan(kernels: dict[int, _Kernel], bindings, output, row_contractions: bool 
             if flag(p, "contract"):
                 ok = row_contractions and normalization(c)     # scores -> Shiftmax; not conv -> max-pool
             else:
-                ok = not (flag(c, "contract") and flag(p, "reduce"))      # no reductions in a GEMM prologue
+                # no reductions in a GEMM prologue; nor in a layout copy's (AMX's input rows, padded
+                # to whole tiles past the rows a LayerNorm computes: no row loop would hold both)
+                ok = not ((flag(c, "contract") or layout(c)) and flag(p, "reduce"))
         else:
             ok = layout(p)                                                # views: one copy per reader
         if not ok:

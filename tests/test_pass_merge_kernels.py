@@ -325,3 +325,37 @@ def test_a_tile_epilogue_stays_out_of_the_next_contraction():
     tvm.ir.assert_structural_equal(MergeKernels()(marked), marked)
     merged = _kernels(MergeKernels()(_tiled_then_contraction(False)))
     assert [ops for _, ops in merged] == [["tiled"], ["shift", "matmul"]], merged
+
+
+def test_a_row_reduction_does_not_join_a_layout_copy_of_more_rows():
+    """A row sum read only by a copy into rows padded to a tile (AMX's input rows): merged, no row
+    loop would hold both (3 rows computed, 4 written) and the kernel went unscheduled (DeiT-tiny's
+    I-LayerNorms, 52 us each); apart, the sum runs row-parallel and the copy is its own launch."""
+
+    @T.prim_func(private=True, s_tir=True)
+    def padded(s: T.Buffer((T.int64(3),), "int32"), rows: T.Buffer((T.int64(4),), "int32")):
+        T.func_attr({"op_pattern": 2, "tirx.noalias": True})
+        for i in range(T.int64(4)):
+            with T.sblock("rows"):
+                vi = T.axis.spatial(T.int64(4), i)
+                rows[vi] = T.if_then_else(vi < T.int64(3), s[T.min(vi, T.int64(2))], 0)
+
+    @T.prim_func(private=True, s_tir=True)
+    def row_sum(x: T.Buffer((T.int64(3), T.int64(4)), "int32"), x_red: T.Buffer((T.int64(3),), "int32")):
+        T.func_attr({"op_pattern": 3, "tirx.noalias": True})
+        for ax0, k1 in T.grid(T.int64(3), T.int64(4)):
+            with T.sblock("x_red"):
+                v_ax0, v_k1 = T.axis.remap("SR", [ax0, k1])
+                with T.init():
+                    x_red[v_ax0] = 0
+                x_red[v_ax0] = x_red[v_ax0] + x[v_ax0, v_k1]
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((3, 4), "int32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            s = bb.emit(relax.call_tir(bb.add_func(row_sum, "row_sum"), [x], relax.TensorType((3,), "int32")))
+            y = bb.emit_output(relax.call_tir(bb.add_func(padded, "padded"), [s], relax.TensorType((4,), "int32")))
+        bb.emit_func_output(y)
+    mod = bb.get()
+    tvm.ir.assert_structural_equal(MergeKernels()(mod), mod)
