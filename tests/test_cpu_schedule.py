@@ -216,3 +216,31 @@ def test_an_int32_max_pools_padding_is_tested_in_its_window_not_copied():
         tvm.compile(mod, target="llvm")(data, out)
         outs.append(out.numpy())
     np.testing.assert_array_equal(outs[1], outs[0])
+
+
+def test_an_nhwc_depthwise_tests_its_border_per_tap_not_in_a_padded_copy():
+    """Vectors of channels (an NHWC depthwise convolution): the border test is one per pixel and
+    tap, so the padding joins the window loop; MobileNetV2's layers no longer write and read a
+    padded copy of their input (1.25 MB at 112 x 112 x 96).  The values are the unscheduled kernel's."""
+    from tvm import topi
+
+    x = te.placeholder((1, 9, 8, 32), "uint8", "x")
+    w = te.placeholder((3, 3, 32), "int8", "w")
+    padded = topi.nn.pad(x, (0, 1, 1, 0), (0, 1, 1, 0), pad_value=7, name="pad_temp")
+    ry, rx = te.reduce_axis((0, 3), "ry"), te.reduce_axis((0, 3), "rx")
+    out = te.compute((1, 5, 4, 32), lambda n, y, xx, c: te.sum(
+        padded[n, 2 * y + ry, 2 * xx + rx, c].astype("int32") * w[ry, rx, c].astype("int32"), axis=[ry, rx]),
+        name="depthwise_nhwc")
+    func = te.create_prim_func([x, w, out])
+    sch = CPUDefault().schedule(s_tir.Schedule(func), tvm.target.Target({"kind": "llvm"}))
+    assert sch is not None
+    assert "pad_temp" not in sch.mod["main"].script()
+    rng = np.random.default_rng(2)
+    args = [tvm.runtime.tensor(rng.integers(0, 255, (1, 9, 8, 32)).astype(np.uint8)),
+            tvm.runtime.tensor(rng.integers(-128, 127, (3, 3, 32)).astype(np.int8))]
+    outs = []
+    for mod in (tvm.IRModule({"main": func}), sch.mod):
+        o = tvm.runtime.tensor(np.zeros((1, 5, 4, 32), np.int32))
+        tvm.compile(mod, target="llvm")(*args, o)
+        outs.append(o.numpy())
+    np.testing.assert_array_equal(outs[1], outs[0])
