@@ -1,27 +1,30 @@
-"""FuseTileEpilogue: an AMX convolution's requantize runs on each 32 x 32 block of sums as the tiles
-store it, not over an int32 tensor in memory afterwards.
+"""FuseTileEpilogue: an AMX convolution's elementwise epilogue runs on each 32 x 32 block of sums
+as the tiles store it, not over an int32 tensor in memory afterwards.
 
 codegen/amx.py's kernel computes acc[N, P, OC] (int32; P the flattened pixels ``p = y * Wq + x``,
-garbage columns ``x >= OW`` included) and FuseOps puts everything elementwise after it into one
-kernel E that reads acc once per output element:
+garbage columns ``x >= OW`` included); FuseOps puts the elementwise steps after it into one kernel E
+(MergeKernels keeps E out of the next contraction: passes/merge_kernels.TILE_EPILOGUE) that reads
+acc once per output element:
 
-    out[v] = f(acc[b(v), p(v), o(v)], other inputs at v)
+    out[v] = f(acc[b(v), y(v) * Wq + x(v), o(v)], other inputs at v)
 
-The int32 tensor is written and read back through memory: 4 bytes each way per output element,
-about as long as the convolution itself on ResNet's 56 x 56 layers.  After FuseTIR this pass
-inlines E's blocks into one (a chain of elementwise steps) and, where E reads acc only at an index
-it can invert, writes E into the kernel's store of each block (``conv_kernel(g, staged=True)``):
-for the block's sums ``tile[i, j]`` (pixel ``p0 + i``, channel ``o0 + j``, valid ones only)
+Written and read back, the int32 tensor costs 8 bytes of memory traffic per element, cold where
+the memory plan reuses a buffer last touched long before (DeiT-tiny's fc1: 688 KB; 17 us hot,
+57 us in the network).  After FuseTIR this pass inlines E's blocks into one and, where it proves
+the layout E writes, puts E into the kernel's store of each block (``amx.conv_kernel(g, epilogue)``):
+for the block's sums ``tile[i, j]`` (valid pixel ``p0 + i``, channel ``o0 + j``)
 
-    out[v(b, p0 + i, o0 + j)] = f(tile[i, j], other inputs at v)
+    out[v(b, y, x, o0, j)] = f(tile[i, j], other inputs at v),   y, x = divmod(p0 + i, Wq)
 
-with ``v`` one of the layouts E's output can have over the valid pixels (NHWC, tokens, flattened
-pixels).  The inversion is proved, not assumed: substituting ``v`` into E's index of acc must
-simplify to (b, p, o) for every valid pixel, else the kernels stay as they were (a max pool's
-window, the next convolution's bordered rows).  Each output element is written once: the layouts
-are one-to-one on the valid pixels and cover E's output exactly (same element count).
+with ``v`` one of the layouts E's output can have (``_layouts``: NHWC, tokens, heads, a key matrix
+transposed per head, the next convolution's input rows inside a border).  The layout is proved,
+not assumed: substituted into E's index of acc it must simplify to (b, y * Wq + x, o0 + j) for
+every valid pixel and channel, and stay inside E's output; else the kernels stay as they were (a
+max pool's window, a transpose, the next convolution's phases of stride 2).  A bordered layout's
+positions that no pixel maps to must hold a constant in E (a zero point: ``_border``), stored
+before the tiles run.  Each output element is then written once.
 
-Exact: the same integer expression per element, only its operand read from a stack buffer.
+Exact: the same integer expression per element, its operand read from a stack buffer.
 """
 
 from __future__ import annotations
@@ -117,6 +120,7 @@ def _layouts(g: amx.ConvGeometry, shape: tuple, b, y, x, o0, j) -> list[tuple[tu
     of j are one contiguous vector."""
     dims, oh, ow, oc = tuple(int(d) for d in shape[1:]), g.out_height, g.out_width, g.out_channels
     forms = {(oh, ow, oc): [((b, y, x, o0 + j), None)],              # NHWC
+             (oc, oh, ow): [((b, o0 + j, y, x), None)],              # NCHW (a layer on the NCHW path next)
              (oh * ow, oc): [((b, y * ow + x, o0 + j), None)]}       # flattened pixels (patch tokens)
     if oh == 1:                                         # a token matmul: its rows, or split into heads
         forms.setdefault((ow, oc), []).append(((b, x, o0 + j), None))

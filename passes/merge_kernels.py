@@ -111,8 +111,10 @@ def _vars_in(expr) -> list:
 
 def _plan(kernels: dict[int, _Kernel], bindings, output, row_contractions: bool = True,
           tiled: frozenset = frozenset()) -> dict[int, set[int]]:
-    """Groups of binding positions, keyed by the position whose result leaves the group; a kernel
-    reading a value in ``tiled`` (a TILE_EPILOGUE kernel's result) joins no other."""
+    """Groups of binding positions, keyed by the position whose result leaves the group.  A kernel
+    reading a value in ``tiled`` (a TILE_EPILOGUE kernel's result) joins no other; the elementwise
+    kernels after it (EfficientNet's SiLU table) join no contraction, whose prologue would rerun
+    them per tap or tile."""
     producer = {kernels[i].var: i for i in kernels}
     readers: dict[int, set[object]] = {i: set() for i in kernels}
     for pos, b in enumerate(bindings):
@@ -123,6 +125,11 @@ def _plan(kernels: dict[int, _Kernel], bindings, output, row_contractions: bool 
         if v in producer:
             readers[producer[v]].add("escape")
 
+    # the results of elementwise kernels fed, directly or through others, by a tile kernel
+    downstream = set(tiled)
+    for i in sorted(kernels):
+        if not kernels[i].reduce and any(a in downstream for a in kernels[i].inputs):
+            downstream.add(kernels[i].var)
     groups = {i: {i} for i in kernels}
     owners = {i: {i} for i in kernels}         # the groups a position belongs to (views: several)
 
@@ -138,6 +145,7 @@ def _plan(kernels: dict[int, _Kernel], bindings, output, row_contractions: bool 
     for p in sorted(kernels, reverse=True):
         if p not in groups or "escape" in readers[p] or any(a in tiled for a in kernels[p].inputs):
             continue
+        after_tiles = any(a in downstream for a in kernels[p].inputs)
         users = set().union(*(owners[r] for r in readers[p])) if readers[p] else set()
         if not users or p in users:
             continue
@@ -148,7 +156,8 @@ def _plan(kernels: dict[int, _Kernel], bindings, output, row_contractions: bool 
             else:
                 # no reductions in a GEMM prologue; nor in a layout copy's (AMX's input rows, padded
                 # to whole tiles past the rows a LayerNorm computes: no row loop would hold both)
-                ok = not ((flag(c, "contract") or layout(c)) and flag(p, "reduce"))
+                ok = not ((flag(c, "contract") or layout(c)) and flag(p, "reduce")) and \
+                    not (flag(c, "contract") and after_tiles)
         else:
             ok = layout(p)                                                # views: one copy per reader
         if not ok:

@@ -275,9 +275,9 @@ def test_merged_kernels_are_bit_exact():
         np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(x)).numpy(), want)
 
 
-def _tiled_then_contraction(tile_epilogue: bool) -> tvm.IRModule:
-    """A hand-written kernel's int32 result -> an elementwise kernel -> a matmul; the first kernel
-    marked TILE_EPILOGUE or not."""
+def _tiled_then_contraction(tile_epilogue: bool, steps: int = 1) -> tvm.IRModule:
+    """A hand-written kernel's int32 result -> ``steps`` elementwise kernels -> a matmul; the first
+    kernel marked TILE_EPILOGUE or not."""
 
     @T.prim_func(private=True, s_tir=True)
     def tiled(x: T.Buffer((T.int64(2), T.int64(4)), "int8"), acc: T.Buffer((T.int64(2), T.int64(4)), "int32")):
@@ -311,7 +311,9 @@ def _tiled_then_contraction(tile_epilogue: bool) -> tvm.IRModule:
     with bb.function("main", [x, w]):
         with bb.dataflow():
             acc = bb.emit(relax.call_tir(bb.add_func(kernel, "tiled"), [x], relax.TensorType((2, 4), "int32")))
-            s = bb.emit(relax.call_tir(bb.add_func(shift, "shift"), [acc], relax.TensorType((2, 4), "int32")))
+            s = acc
+            for _ in range(steps):
+                s = bb.emit(relax.call_tir(bb.add_func(shift, "shift"), [s], relax.TensorType((2, 4), "int32")))
             y = bb.emit_output(relax.call_tir(bb.add_func(matmul, "matmul"), [s, w], relax.TensorType((2, 2), "int32")))
         bb.emit_func_output(y)
     return bb.get()
@@ -325,6 +327,9 @@ def test_a_tile_epilogue_stays_out_of_the_next_contraction():
     tvm.ir.assert_structural_equal(MergeKernels()(marked), marked)
     merged = _kernels(MergeKernels()(_tiled_then_contraction(False)))
     assert [ops for _, ops in merged] == [["tiled"], ["shift", "matmul"]], merged
+    # a second elementwise step (EfficientNet's SiLU table) stays out of the matmul's prologue too
+    chain = _tiled_then_contraction(True, steps=2)
+    tvm.ir.assert_structural_equal(MergeKernels()(chain), chain)
 
 
 def test_a_row_reduction_does_not_join_a_layout_copy_of_more_rows():

@@ -39,6 +39,14 @@ def nhwc(acc: T.Buffer((I64(1), I64(32), I64(32)), "int32"), out: T.Buffer((I64(
 
 
 @T.prim_func(private=True, s_tir=True)
+def nchw(acc: T.Buffer((I64(1), I64(32), I64(32)), "int32"), out: T.Buffer((I64(1), I64(32), I64(4), I64(4)), "int8")):
+    for b, o, y, x in T.grid(I64(1), I64(32), I64(4), I64(4)):
+        with T.sblock("requantize"):
+            vb, vo, vy, vx = T.axis.remap("SSSS", [b, o, y, x])
+            out[vb, vo, vy, vx] = T.Cast("int8", T.max(T.min(acc[vb, vy * I64(6) + vx, vo] >> 4, 127), -128))
+
+
+@T.prim_func(private=True, s_tir=True)
 def transposed(acc: T.Buffer((I64(1), I64(32), I64(32)), "int32"),
                out: T.Buffer((I64(1), I64(4), I64(4), I64(32)), "int8")):
     for b, y, x, o in T.grid(I64(1), I64(4), I64(4), I64(32)):
@@ -80,11 +88,11 @@ def bordered_by_sums(acc: T.Buffer((I64(1), I64(32), I64(32)), "int32"),
                     vk] >> 4, 255), 0))
 
 
-@pytest.mark.parametrize("func, fuses", [(nhwc, True), (bordered, True), (transposed, False), (window, False),
-                                         (bordered_by_sums, False)],
-                         ids=["nhwc", "bordered", "transposed", "window", "border-of-sums"])
+@pytest.mark.parametrize("func, fuses", [(nhwc, True), (nchw, True), (bordered, True), (transposed, False),
+                                         (window, False), (bordered_by_sums, False)],
+                         ids=["nhwc", "nchw", "bordered", "transposed", "window", "border-of-sums"])
 def test_the_layout_is_proved_before_fusing(func, fuses):
-    """NHWC and the bordered rows invert; a transposed read of a square image (same shape as NHWC),
+    """NHWC, NCHW and the bordered rows invert; a transposed read of a square image (same shape as NHWC),
     two pixels per element, and a border that holds sums do not."""
     epi = _Epilogue(func, 0, G)
     assert epi.ok is fuses
@@ -116,11 +124,12 @@ def _fused(launches) -> list[str]:
 
 def test_convolution_chain_epilogues_run_in_the_tiles_bit_exact():
     """_net: the 32 -> 64 convolution's requantize writes the next convolution's bordered rows from
-    its tiles; the stem's sums go to the max pool (a window: not fused, the stem writes them NHWC
-    directly); the residual add and the NCHW output stay their own kernels."""
+    its tiles, the last one's dequantize the NCHW float output; the stem's sums go to the max pool
+    (a window: not fused, the stem writes them NHWC directly); the residual add that writes the
+    stride-2 convolution's phases stays its own kernel."""
     art, skip = _run_bit_exact(_net(), (1, 3, 22, 19), batches=(1, 3))
     launches = art.manifest.launch_sequence
-    assert len(_fused(launches)) == 2, launches
+    assert len(_fused(launches)) == 3 and "dequantize" in _fused(launches)[-1], launches
     assert "amx_valid" not in " ".join(k for k in launches if k.startswith("fused_max_pool")), launches
     if skip:
         pytest.skip(skip)
@@ -128,11 +137,12 @@ def test_convolution_chain_epilogues_run_in_the_tiles_bit_exact():
 
 def test_expansion_requantizes_in_its_tiles_before_the_depthwise_bit_exact():
     """MobileNetV2's block: the 1 x 1 expansion's requantize is not the depthwise kernel's prologue
-    (which would read the int32 sums) but the expansion's tile epilogue, writing uint8 NHWC."""
+    (which would read the int32 sums) but the expansion's tile epilogue, writing uint8 NHWC; the
+    projection's dequantize writes the NCHW float output from its tiles."""
     art, skip = _run_bit_exact(_inverted_residual(), (1, 24, 11, 10))
     launches = art.manifest.launch_sequence
     fused = _fused(launches)
-    assert len(fused) == 1 and launches.index(fused[0]) < next(
+    assert len(fused) == 2 and launches.index(fused[0]) < next(
         i for i, k in enumerate(launches) if "depthwise" in k), launches
     if skip:
         pytest.skip(skip)
