@@ -160,6 +160,18 @@ def test_a_pool_after_a_row_wise_kernel_does_not_recompute_its_gemm():
     np.testing.assert_array_equal(out.numpy(), want)
 
 
+def _same_as_unscheduled(func, sch, args, out) -> np.ndarray:
+    """Run the TE kernel ``func`` unscheduled and as ``sch`` scheduled it; assert the same output
+    (a te.Tensor: its shape and dtype), and return it."""
+    outs = []
+    for mod in (tvm.IRModule({"main": func}), sch.mod):
+        o = tvm.runtime.tensor(np.zeros([int(d) for d in out.shape], str(out.dtype)))
+        tvm.compile(mod, target="llvm")(*args, o)
+        outs.append(o.numpy())
+    np.testing.assert_array_equal(outs[1], outs[0])
+    return outs[0]
+
+
 def test_a_stems_quantize_runs_once_per_input_element_before_its_space_to_depth_copy():
     """The float input's quantize feeds the AMX stem's space-to-depth copy (16 bytes per pixel:
     2 x 2 phases of 3 channels and a zero padding channel).  Inlined, each copied byte divided and
@@ -186,13 +198,8 @@ def test_a_stems_quantize_runs_once_per_input_element_before_its_space_to_depth_
     assert re.search(rf"in T\.unroll\({g.depth}\):\s*with$", head.rstrip()), head[-200:]
     rng = np.random.default_rng(0)
     data = tvm.runtime.tensor(rng.normal(size=(1, 3, 40, 40)).astype(np.float32))
-    outs = []
-    for mod in (tvm.IRModule({"main": func}), sch.mod):
-        out = tvm.runtime.tensor(np.zeros([int(d) for d in rows.shape], np.uint8))
-        tvm.compile(mod, target="llvm")(data, out)
-        outs.append(out.numpy())
-    np.testing.assert_array_equal(outs[1], outs[0])
-    assert len(np.unique(outs[0])) > 50          # real pixels, not only the border's zero point
+    want = _same_as_unscheduled(func, sch, [data], rows)
+    assert len(np.unique(want)) > 50          # real pixels, not only the border's zero point
 
 
 def test_an_int32_max_pools_padding_is_tested_in_its_window_not_copied():
@@ -210,12 +217,7 @@ def test_an_int32_max_pools_padding_is_tested_in_its_window_not_copied():
     assert "pad_temp" not in script and "-2147483648" in script, script
     rng = np.random.default_rng(1)
     data = tvm.runtime.tensor(rng.integers(-2**31, 2**31 - 1, (1, 9, 8, 32), dtype=np.int64).astype(np.int32))
-    outs = []
-    for mod in (tvm.IRModule({"main": func}), sch.mod):
-        out = tvm.runtime.tensor(np.zeros([int(d) for d in pooled.shape], np.int32))
-        tvm.compile(mod, target="llvm")(data, out)
-        outs.append(out.numpy())
-    np.testing.assert_array_equal(outs[1], outs[0])
+    _same_as_unscheduled(func, sch, [data], pooled)
 
 
 def test_an_nhwc_depthwise_tests_its_border_per_tap_not_in_a_padded_copy():
@@ -238,9 +240,4 @@ def test_an_nhwc_depthwise_tests_its_border_per_tap_not_in_a_padded_copy():
     rng = np.random.default_rng(2)
     args = [tvm.runtime.tensor(rng.integers(0, 255, (1, 9, 8, 32)).astype(np.uint8)),
             tvm.runtime.tensor(rng.integers(-128, 127, (3, 3, 32)).astype(np.int8))]
-    outs = []
-    for mod in (tvm.IRModule({"main": func}), sch.mod):
-        o = tvm.runtime.tensor(np.zeros((1, 5, 4, 32), np.int32))
-        tvm.compile(mod, target="llvm")(*args, o)
-        outs.append(o.numpy())
-    np.testing.assert_array_equal(outs[1], outs[0])
+    _same_as_unscheduled(func, sch, args, out)
