@@ -91,6 +91,8 @@ def _channels_innermost(sch: s_tir.Schedule, red) -> bool:
     """Whether the reduction's input is read at its output's last (channel) axis as its own last
     index: channels-last, a vector of channels one contiguous load."""
     stmt = sch.get(red.block_rv)
+    if not stmt.writes[0].region:       # a scalar: a whole-tensor sum or max
+        return False
     last = stmt.writes[0].region[-1].min
     return isinstance(last, tirx.Var) and any(
         r.region[-1].min.same_as(last) for r in _inputs(sch, red.block_rv) if r.region)

@@ -241,3 +241,18 @@ def test_an_nhwc_depthwise_tests_its_border_per_tap_not_in_a_padded_copy():
     args = [tvm.runtime.tensor(rng.integers(0, 255, (1, 9, 8, 32)).astype(np.uint8)),
             tvm.runtime.tensor(rng.integers(-128, 127, (3, 3, 32)).astype(np.int8))]
     _same_as_unscheduled(func, sch, args, out)
+
+
+def test_a_reduction_to_a_scalar_is_scheduled():
+    """A dot product into a 0-d tensor (DynamicQuantizeLinear's and the Hessian trace's sums): the
+    channels-last test has no output axis to look at, and must not be asked for one."""
+    a = te.placeholder((64,), "int32", "a")
+    b = te.placeholder((64,), "int32", "b")
+    k = te.reduce_axis((0, 64), "k")
+    dot = te.compute((), lambda: te.sum(a[k] * b[k], axis=k), name="dot")
+    func = te.create_prim_func([a, b, dot])
+    sch = CPUDefault().schedule(s_tir.Schedule(func), tvm.target.Target({"kind": "llvm"}))
+    assert sch is not None
+    rng = np.random.default_rng(3)
+    args = [tvm.runtime.tensor(rng.integers(-1000, 1000, 64).astype(np.int32)) for _ in range(2)]
+    _same_as_unscheduled(func, sch, args, dot)
