@@ -103,18 +103,24 @@ def test_the_layout_is_proved_before_fusing(func, fuses):
         assert all(int(value) == 3 for _, value in epi.fill)
 
 
-def _run_bit_exact(model, shape, batches=(1, 2), seed=7):
+def _compile(model, shape, seed=7):
+    """The model on the AMX units, and a check of it against golden on random batches."""
     rng = np.random.default_rng(seed)
     calib = {"x": rng.normal(size=(16, *shape[1:])).astype(np.float32)}
     opts = CompileOptions(calib=calib, target_options={"mcpu": "sapphirerapids"})
     art = compiler.compile(model, options=opts)
-    if missing_cpu_features({**host_target(), "mcpu": "sapphirerapids"}):
-        return art, "this machine has no AMX: the kernels are built, running them is not possible"
-    qdq, _ = quantize.quantize(model, calib, opts.quant_config())
-    for batch in batches:
-        x = rng.normal(size=(batch, *shape[1:])).astype(np.float32)
-        np.testing.assert_array_equal(art.run({"x": x})["y"], golden.run_qdq(qdq, {"x": x})["y"])
-    return art, None
+
+    def bit_exact(batches=(1, 2)):
+        qdq, _ = quantize.quantize(model, calib, opts.quant_config())
+        for batch in batches:
+            x = rng.normal(size=(batch, *shape[1:])).astype(np.float32)
+            np.testing.assert_array_equal(art.run({"x": x})["y"], golden.run_qdq(qdq, {"x": x})["y"])
+
+    return art, bit_exact
+
+
+def _no_amx() -> bool:
+    return bool(missing_cpu_features({**host_target(), "mcpu": "sapphirerapids"}))
 
 
 def _fused(launches) -> list[str]:
@@ -127,25 +133,27 @@ def test_convolution_chain_epilogues_run_in_the_tiles_bit_exact():
     its tiles, the last one's dequantize the NCHW float output; the stem's sums go to the max pool
     (a window: not fused, the stem writes them NHWC directly); the residual add that writes the
     stride-2 convolution's phases stays its own kernel."""
-    art, skip = _run_bit_exact(_net(), (1, 3, 22, 19), batches=(1, 3))
+    art, bit_exact = _compile(_net(), (1, 3, 22, 19))
     launches = art.manifest.launch_sequence
     assert len(_fused(launches)) == 3 and "dequantize" in _fused(launches)[-1], launches
     assert "amx_valid" not in " ".join(k for k in launches if k.startswith("fused_max_pool")), launches
-    if skip:
-        pytest.skip(skip)
+    if _no_amx():
+        pytest.skip("this machine has no AMX: the kernels are built, running them is not possible")
+    bit_exact(batches=(1, 3))
 
 
 def test_expansion_requantizes_in_its_tiles_before_the_depthwise_bit_exact():
     """MobileNetV2's block: the 1 x 1 expansion's requantize is not the depthwise kernel's prologue
     (which would read the int32 sums) but the expansion's tile epilogue, writing uint8 NHWC; the
     projection's dequantize writes the NCHW float output from its tiles."""
-    art, skip = _run_bit_exact(_inverted_residual(), (1, 24, 11, 10))
+    art, bit_exact = _compile(_inverted_residual(), (1, 24, 11, 10))
     launches = art.manifest.launch_sequence
     fused = _fused(launches)
     assert len(fused) == 2 and launches.index(fused[0]) < next(
         i for i, k in enumerate(launches) if "depthwise" in k), launches
-    if skip:
-        pytest.skip(skip)
+    if _no_amx():
+        pytest.skip("this machine has no AMX: the kernels are built, running them is not possible")
+    bit_exact()
 
 
 def _token_mlp(tokens=40, seed=6):
@@ -162,8 +170,9 @@ def _token_mlp(tokens=40, seed=6):
 
 
 def test_token_matmul_epilogue_writes_the_next_rows_bit_exact():
-    art, skip = _run_bit_exact(_token_mlp(), (1, 40, 128), batches=(1,))
+    art, bit_exact = _compile(_token_mlp(), (1, 40, 128))
     launches = art.manifest.launch_sequence
     assert len(_fused(launches)) >= 1, launches
-    if skip:
-        pytest.skip(skip)
+    if _no_amx():
+        pytest.skip("this machine has no AMX: the kernels are built, running them is not possible")
+    bit_exact(batches=(1,))
